@@ -1,0 +1,15 @@
+"""surgery: declarative model surgery for PyTorch.
+
+    model = surgery.apply(model, "specs/houlsby.yaml")
+"""
+from surgery.api import apply, disable, plan, remove, set_active, trainable_parameters
+from surgery.errors import MatchError, RewriteError, SpecError, SurgeryError
+from surgery.match import Match
+from surgery.modules.registry import register as register_module
+from surgery.spec import Spec, load_spec
+
+__all__ = [
+    "apply", "plan", "disable", "remove", "set_active", "trainable_parameters", "load_spec", "Spec", "Match",
+    "register_module", "SurgeryError", "SpecError", "MatchError", "RewriteError",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,191 @@
+"""Patterns are matched by indexing candidates on role (or op) and checking the rest directly: linear in the
+graph size, with no neighbourhood search through shared hub nodes."""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+
+from torch import fx
+
+from surgery.analyze.roles import VIEW_LIKE, Analysis, Site, op_name
+from surgery.errors import MatchError
+from surgery.spec.models import Match as Pattern, Rule, Spec
+
+
+@dataclass
+class Match:
+    """One site a rule matched. `node` is the fx node name, `module` the qualified module it comes from."""
+
+    rule: str
+    node: str
+    module: str
+    role: str | None
+    layer: int | None
+    site: Site = field(repr=False)
+    source: Site | None = field(default=None, repr=False)   # parallel: the span's input
+    bindings: dict[str, fx.Node] = field(default_factory=dict, repr=False)
+
+    def as_row(self) -> dict:
+        return {"rule": self.rule, "layer": self.layer, "role": self.role, "module": self.module, "node": self.node}
+
+
+def resolve_layers(spec, num_layers: int) -> set[int] | None:
+    """None means no layer constraint."""
+    if spec is None:
+        return None
+    everything = list(range(num_layers))
+    if spec == "all":
+        return set(everything)
+    if isinstance(spec, int):
+        return {everything[spec]} if -num_layers <= spec < num_layers else set()
+    if isinstance(spec, list):
+        return {everything[i] for i in spec if -num_layers <= i < num_layers}
+    parts = [int(p) if p.strip() else None for p in spec.split(":")]
+    if len(parts) == 1:
+        return resolve_layers(parts[0], num_layers)
+    return set(everything[slice(*parts)])
+
+
+def _as_list(value) -> list:
+    return [value] if isinstance(value, str) else list(value or [])
+
+
+def _node_ok(site: Site, pattern: Pattern, analysis: Analysis, layers: set[int] | None, bindings: dict) -> bool:
+    if pattern.role is not None and site.role not in _as_list(pattern.role):
+        return False
+    if pattern.op is not None and site.op not in _as_list(pattern.op):
+        return False
+    if layers is not None and site.layer not in layers:
+        return False
+    if pattern.module is not None and not any(fnmatchcase(site.module, g) for g in _as_list(pattern.module)):
+        return False
+    if pattern.bind:
+        if pattern.bind in bindings and bindings[pattern.bind] is not site.node:
+            return False
+        bindings[pattern.bind] = site.node
+    if pattern.inputs:
+        args = [a for a in site.node.args if isinstance(a, fx.Node)]
+        if len(pattern.inputs) > len(args):
+            return False
+        for sub, arg in zip(pattern.inputs, args):
+            if not _input_ok(arg, sub, analysis, bindings):
+                return False
+    return True
+
+
+def _input_ok(node: fx.Node, pattern: Pattern, analysis: Analysis, bindings: dict) -> bool:
+    layers = resolve_layers(pattern.layers, analysis.num_layers)
+    chain = [node]
+    if pattern.through:
+        while op_name(chain[-1]) in VIEW_LIKE and chain[-1].all_input_nodes:
+            chain.append(chain[-1].all_input_nodes[0])
+    for candidate in chain:
+        for site in _sites_of(candidate, analysis):
+            trial = dict(bindings)
+            if _node_ok(site, pattern, analysis, layers, trial):
+                bindings.update(trial)
+                return True
+    return False
+
+
+def _sites_of(node: fx.Node, analysis: Analysis) -> list[Site]:
+    index = getattr(analysis, "_sites_by_node", None)
+    if index is None:
+        index = {}
+        for s in analysis.sites:
+            index.setdefault(s.node, []).append(s)
+        analysis._sites_by_node = index
+    return index.get(node, [])
+
+
+def _candidates(pattern: Pattern, analysis: Analysis) -> list[Site]:
+    if pattern.role is not None:
+        return [s for r in _as_list(pattern.role) for s in analysis.by_role.get(r, [])]
+    if pattern.op is not None:
+        return [s for o in _as_list(pattern.op) for s in analysis.by_op.get(o, [])]
+    return [s for sites in analysis.by_op.values() for s in sites]
+
+
+def find(pattern: Pattern, analysis: Analysis, *, restrict_layer: int | None = None) -> list[tuple[Site, dict]]:
+    layers = resolve_layers(pattern.layers, analysis.num_layers)
+    if restrict_layer is not None:
+        layers = {restrict_layer} if layers is None or restrict_layer in layers else set()
+    found = []
+    for site in _candidates(pattern, analysis):
+        bindings: dict = {}
+        if _node_ok(site, pattern, analysis, layers, bindings):
+            found.append((site, bindings))
+    return found
+
+
+def _describe(pattern: Pattern) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in pattern.model_dump(exclude_none=True, exclude_defaults=True).items())
+
+
+def _nearest(pattern: Pattern, analysis: Analysis) -> str:
+    """What the pattern would match with one constraint dropped, or the closest roles/modules."""
+    hints = []
+    for drop in ("layers", "module", "op", "inputs"):
+        if getattr(pattern, drop) is not None:
+            relaxed = pattern.model_copy(update={drop: None})
+            sites = find(relaxed, analysis)
+            if sites:
+                sample = ", ".join(f"{s.module or '<root>'} ({s.role or s.op}, layer {s.layer})" for s, _ in sites[:4])
+                hints.append(f"without `{drop}` it matches {len(sites)} site(s), e.g. {sample}")
+    if pattern.module is not None:
+        modules = sorted({s.module for s in analysis.sites if s.module})
+        for glob in _as_list(pattern.module):
+            near = difflib.get_close_matches(glob.replace("*", ""), modules, n=3, cutoff=0.5)
+            if near:
+                hints.append(f"modules near {glob!r}: {', '.join(near)}")
+    if not hints:
+        present = sorted(r for r in analysis.by_role)
+        hints.append(f"roles present in this model: {', '.join(present)}")
+    return "; ".join(hints)
+
+
+def match_rule(rule: Rule, index: int, analysis: Analysis, spec_name: str | None = None) -> list[Match]:
+    name = rule.name or f"rule{index}"
+    found = find(rule.match, analysis)
+    seen, matches = set(), []
+    for site, bindings in found:
+        key = (site.node, site.role, site.extra.get("packed"))
+        if key in seen:
+            continue
+        seen.add(key)
+        source = None
+        if rule.from_ is not None:
+            sources = find(rule.from_, analysis, restrict_layer=site.layer)
+            if not sources:
+                raise MatchError(f"rule {name!r}: `from` ({_describe(rule.from_)}) matches nothing in layer "
+                                 f"{site.layer} for the site {site.module} ({site.node.name})")
+            source = sources[0][0]
+        matches.append(Match(rule=name, node=site.node.name, module=site.module, role=site.role,
+                             layer=site.layer, site=site, source=source, bindings=bindings))
+    _check_expect(rule, name, matches, analysis, spec_name)
+    return matches
+
+
+def _check_expect(rule: Rule, name: str, matches: list[Match], analysis: Analysis, spec_name: str | None):
+    where = f" in spec {spec_name!r}" if spec_name else ""
+    expect = rule.expect
+    if expect == "any":
+        return
+    if not matches:
+        raise MatchError(f"rule {name!r}{where} matched no site: pattern ({_describe(rule.match)}). "
+                         f"Nearest: {_nearest(rule.match, analysis)}")
+    if expect == "every_layer":
+        wanted = resolve_layers(rule.match.layers, analysis.num_layers) or set(range(analysis.num_layers))
+        missing = sorted(wanted - {m.layer for m in matches})
+        if missing:
+            raise MatchError(f"rule {name!r}{where} expects a site in every layer but matched none in layers "
+                             f"{missing}: pattern ({_describe(rule.match)})")
+    elif isinstance(expect, int) and len(matches) != expect:
+        raise MatchError(f"rule {name!r}{where} expects {expect} site(s) but matched {len(matches)}: "
+                         f"pattern ({_describe(rule.match)}); matched layers "
+                         f"{sorted({m.layer for m in matches if m.layer is not None})}")
+
+
+def match_spec(spec: Spec, analysis: Analysis) -> list[list[Match]]:
+    return [match_rule(rule, i, analysis, spec.name) for i, rule in enumerate(spec.rules)]

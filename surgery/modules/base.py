@@ -1,0 +1,52 @@
+"""What every adapter module is told about its site, and the small protocols the rewrite stage calls."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclass
+class SiteContext:
+    """Facts about one matched site that a module needs to build itself."""
+
+    dim: int | None                    # last dimension of the value at the site (hidden size for most sites)
+    layer: int | None
+    role: str | None
+    module: str                        # qualified name of the host module the site comes from
+    num_layers: int
+    dtype: torch.dtype = torch.float32
+    device: torch.device = torch.device("cpu")
+    in_features: int | None = None     # wrap: the weight-bearing op's input and output sizes
+    out_features: int | None = None
+    weight: torch.Tensor | None = None  # wrap: the base weight in (out, in) layout (read-only; DoRA init)
+    host: nn.Module | None = None       # the host module at the site (replace/attend)
+    source_dim: int | None = None       # parallel: last dimension of the span's input
+    model: nn.Module | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class WeightAdapter(nn.Module):
+    """A module that changes what a weight-bearing op computes (action `wrap`).
+
+    Two realizations must agree: on activations (`adapt_input` before the op, `forward(x, y)` after it, x the
+    op's input and y its output) and on the weight (`transform_weight`/`transform_bias`, in (out, in) layout),
+    which is also what merging folds into the base.
+    """
+
+    mergeable: bool = True
+    adapts_input: bool = False   # True when adapt_input is not the identity
+
+    def adapt_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # noqa: D401
+        raise NotImplementedError
+
+    def transform_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def transform_bias(self, bias: torch.Tensor) -> torch.Tensor:
+        return bias

@@ -1,0 +1,52 @@
+"""The registry of module kinds a spec may name. Specs are data: a kind is looked up here, never imported."""
+from __future__ import annotations
+
+import difflib
+from typing import ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+_REGISTRY: dict[str, type] = {}
+
+
+class Options(BaseModel):
+    """Base of every module's spec options. Subclasses declare `kind: Literal[...]` and their knobs."""
+
+    model_config = ConfigDict(extra="forbid")
+    supported_actions: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def actions(cls) -> set[str]:
+        return set(cls.supported_actions)
+
+
+def register(cls):
+    """Class decorator: make a module class available to specs under its Options' `kind`."""
+    kind = cls.Options.model_fields["kind"].default
+    if kind in _REGISTRY and _REGISTRY[kind] is not cls:
+        raise ValueError(f"module kind {kind!r} is already registered to {_REGISTRY[kind].__name__}")
+    _REGISTRY[kind] = cls
+    return cls
+
+
+def module_class(kind: str):
+    _ensure_builtins()
+    try:
+        return _REGISTRY[kind]
+    except KeyError:
+        near = difflib.get_close_matches(str(kind), _REGISTRY, n=1)
+        hint = f" (did you mean {near[0]!r}?)" if near else ""
+        raise ValueError(f"unknown module kind {kind!r}{hint}; known kinds: {', '.join(sorted(_REGISTRY))}") from None
+
+
+def options_model(kind: str) -> type[Options]:
+    return module_class(kind).Options
+
+
+def kinds() -> dict[str, type]:
+    _ensure_builtins()
+    return dict(_REGISTRY)
+
+
+def _ensure_builtins():
+    import surgery.modules  # noqa: F401  (registers the built-in kinds)

@@ -1,0 +1,198 @@
+"""The rewrite vocabulary: insert_after, insert_before, parallel, wrap, replace, train.
+
+Each action turns a matched site into a change on the host model (see host.py), recorded so that it can be
+undone. Modules come from the registry; nothing here knows any particular method.
+"""
+from __future__ import annotations
+
+import re
+import types
+
+import torch
+from torch import fx, nn
+
+from surgery.analyze.roles import Analysis, Site, op_name
+from surgery.errors import RewriteError
+from surgery.match.pattern import Match
+from surgery.modules.base import SiteContext
+from surgery.modules.registry import module_class
+from surgery.rewrite.host import (AdapterStore, Record, capture_anchor, hook_capture, hook_value, input_anchor,
+                                  output_anchor, value_anchor, wrap_weight)
+from surgery.spec.models import Rule
+
+
+def site_key(match: Match) -> str:
+    """A stable, readable key for a site: its module path (and role when several roles share a module)."""
+    key = re.sub(r"[^0-9A-Za-z_]", "_", match.module or "root")
+    sliced = match.site.linear is not None and match.site.linear.rows is not None
+    if sliced or match.site.extra.get("packed") is not None or match.role in ("attention.residual", "ffn.residual"):
+        key += "__" + (match.role or "").replace(".", "_")
+    if match.site.linear is None and match.role is None:
+        key += "__" + match.node
+    return key
+
+
+def _dim(node) -> int | None:
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return int(val.shape[-1]) if isinstance(val, torch.Tensor) and val.dim() > 0 else None
+
+
+def _site_value(site: Site) -> fx.Node:
+    return site.linear.value if site.linear is not None else site.node
+
+
+def _through(value: fx.Node, ops: list[str]) -> fx.Node:
+    while ops:
+        users = list(value.users)
+        if len(users) == 1 and op_name(users[0]) in ops:
+            value = users[0]
+        else:
+            break
+    return value
+
+
+def _reference_tensor(model: nn.Module) -> torch.Tensor | None:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p
+    return None
+
+
+def _context(model: nn.Module, analysis: Analysis, match: Match, value: fx.Node, rule: Rule) -> SiteContext:
+    ref = _reference_tensor(model)
+    ctx = SiteContext(dim=_dim(value), layer=match.layer, role=match.role, module=match.module,
+                      num_layers=analysis.num_layers, dtype=ref.dtype if ref is not None else torch.float32,
+                      device=ref.device if ref is not None else torch.device("cpu"), model=model)
+    info = match.site.linear
+    if info is not None:
+        packed = match.site.extra.get("packed")
+        rows = info.rows or packed
+        ctx.in_features = info.in_features
+        ctx.out_features = (rows[1] - rows[0]) if rows else info.out_features
+        weight = model.get_parameter(info.weight) if _has_param(model, info.weight) else None
+        if weight is not None:
+            w = weight.t() if info.layout == "in_out" else weight
+            ctx.weight = w[rows[0]:rows[1]] if rows else w
+        ctx.dtype, ctx.device = (weight.dtype, weight.device) if weight is not None else (ctx.dtype, ctx.device)
+    try:
+        ctx.host = model.get_submodule(match.module) if match.module else model
+    except AttributeError:
+        ctx.host = None
+    if match.source is not None:
+        ctx.source_dim = _dim(_site_value(match.source))
+    return ctx
+
+
+def _has_param(model, name):
+    try:
+        model.get_parameter(name)
+        return True
+    except AttributeError:
+        return False
+
+
+def _params_of(model: nn.Module, site: Site, analysis: Analysis) -> dict[str, nn.Parameter]:
+    """The parameters a node reads: its direct parameter inputs, the resolved weight/bias of a linear op, and
+    the module's own parameters for a norm."""
+    names = set()
+    params = analysis.traced.params
+    for arg in site.node.all_input_nodes:
+        if arg.op == "placeholder" and arg.name in params:
+            names.add(params[arg.name])
+    if site.linear is not None:
+        names.add(site.linear.weight)
+        if site.linear.bias:
+            names.add(site.linear.bias)
+    if site.role == "norm" and site.module:
+        module = model.get_submodule(site.module)
+        names.update(f"{site.module}.{n}" for n, _ in module.named_parameters(recurse=False))
+    out = {}
+    for name in names:
+        try:
+            out[name] = model.get_parameter(name)
+        except AttributeError:
+            continue
+    return out
+
+
+def realize(model: nn.Module, analysis: Analysis, store: AdapterStore, record: Record, rule: Rule,
+            matches: list[Match]) -> None:
+    """Build the rule's module at every match and realize the action on the host."""
+    name = record.name
+    gate = (lambda: store.runtime.on(name))
+    if rule.action == "train":
+        for match in matches:
+            for pname, param in _params_of(model, match.site, analysis).items():
+                kind = "bias" if pname.rpartition(".")[2].startswith("bias") else "weight"
+                if "all" in rule.params or kind in rule.params:
+                    record.trained.append((param, param.requires_grad))
+        return
+    cls = module_class(rule.module.kind)
+    rule_name = matches[0].rule if matches else (rule.name or "rule")
+    modules = nn.ModuleDict()
+    per_adapter = store.adapters[name]
+    if rule_name in per_adapter:
+        raise RewriteError(f"two rules named {rule_name!r} in adapter {name!r}")
+    per_adapter[rule_name] = modules
+    record.undo.append(lambda: per_adapter.pop(rule_name))
+    for match in matches:
+        value = _through(_site_value(match.site), rule.through)
+        ctx = _context(model, analysis, match, value, rule)
+        module = cls.build(rule.module, ctx, rule.action)
+        if ctx.device.type != "meta":
+            module.to(device=ctx.device)
+        else:
+            module.to_empty(device="meta")
+        if ctx.dtype.is_floating_point:
+            module.to(dtype=ctx.dtype)
+        key = site_key(match)
+        if key in modules:
+            raise RewriteError(f"rule {rule_name!r} matched the site {key} twice")
+        modules[key] = module
+        _realize_one(model, analysis, store, record, rule, match, value, module, key, gate)
+
+
+def _realize_one(model, analysis, store, record, rule, match, value, module, key, gate):
+    action = rule.action
+    if action == "insert_after":
+        anchor = value_anchor(analysis, value)
+        record.undo.append(hook_value(model, anchor, module, gate))
+    elif action == "insert_before":
+        node = match.site.node
+        arg = node.all_input_nodes[0] if node.all_input_nodes else None
+        if match.site.linear is not None:
+            arg = match.site.linear.x
+        anchor = input_anchor(analysis, arg, users=[node]) if arg is not None else None
+        if anchor is None and arg is not None and list(arg.users) == [node]:
+            anchor = output_anchor(analysis, arg)
+        if anchor is None:
+            raise RewriteError(f"the input of {match.module} ({node.name}) is not at a module boundary used only "
+                               f"by it; it cannot be changed on the host model")
+        record.undo.append(hook_value(model, anchor, module, gate))
+    elif action == "parallel":
+        source = _site_value(match.source)
+        slot = f"{record.name}/{match.rule}/{key}"
+        slots = store.runtime.slots
+        record.undo.append(hook_capture(model, capture_anchor(analysis, source), slots, slot))
+        anchor = value_anchor(analysis, value)
+        record.undo.append(hook_value(model, anchor, lambda y: y + module(slots.pop(slot)), gate))
+    elif action == "wrap":
+        if match.site.linear is None:
+            raise RewriteError(f"rule {match.rule!r}: wrap needs a weight-bearing op, but {match.node} is "
+                               f"{match.site.op}")
+        site, undo = wrap_weight(model, analysis, match.site.linear, match.site.extra.get("packed"), module,
+                                 match.rule, key, gate, rule.realize)
+        record.weight_sites.append(site)
+        record.undo.extend(undo)
+    elif action == "replace":
+        host = model.get_submodule(match.module)
+        if "forward" in host.__dict__:
+            raise RewriteError(f"{match.module} is already replaced")
+        original = type(host).forward.__get__(host)
+
+        def forward(self, *args, **kwargs):
+            return module(*args, **kwargs) if gate() else original(*args, **kwargs)
+        host.forward = types.MethodType(forward, host)
+        record.undo.append(lambda: host.__dict__.pop("forward", None))
+    else:
+        raise RewriteError(f"action {action!r} is not available yet")

@@ -1,0 +1,324 @@
+"""Realizing rewrites on the host model: hooks at module boundaries and parametrizations of weights.
+
+The graph says *where*; this module finds, for each matched value, a module boundary that carries exactly that
+value (a module's output, or a module's input when every use of the value lies inside that module), and hooks
+there. Weight-bearing ops are adapted on activations when the op is its module's whole forward (nn.Linear,
+Conv1D), and on the weight through `torch.nn.utils.parametrize` otherwise (nn.MultiheadAttention reads
+`in_proj_weight` and `out_proj.weight` functionally). The host keeps its class, its forward signature,
+generate() and the KV cache; `torch.export` of the host gives the rewritten graph.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.nn.utils import parametrize
+
+from surgery.analyze.roles import Analysis, LinearInfo, op_name, stack_paths
+from surgery.errors import RewriteError
+from surgery.trace.export import Boundary
+
+STATE_ATTR = "surgery_adapters"
+
+
+class RuntimeState:
+    """What hooks read at run time: which adapters are active, and values captured earlier in this call."""
+
+    def __init__(self):
+        self.active: list[str] | None = None   # None: every adapter
+        self.disabled = False
+        self.slots: dict[str, torch.Tensor] = {}
+        self.call: dict = {}                    # the root call's keyword inputs (attention_mask, ...)
+
+    def on(self, name: str) -> bool:
+        return not self.disabled and (self.active is None or name in self.active)
+
+
+class AdapterStore(nn.Module):
+    """Holds every adapter module under `model.surgery_adapters[name][rule][site]`."""
+
+    def __init__(self):
+        super().__init__()
+        self.adapters = nn.ModuleDict()
+        self.runtime = RuntimeState()
+        self.records: dict[str, "Record"] = {}
+
+
+@dataclass
+class Record:
+    """What one named adapter set changed, to undo it (remove, or a failed apply)."""
+
+    name: str
+    undo: list[Callable[[], None]] = field(default_factory=list)
+    weight_sites: list["WeightSite"] = field(default_factory=list)
+    trained: list[tuple[nn.Parameter, bool]] = field(default_factory=list)
+    specs: list = field(default_factory=list)
+
+    def rollback(self):
+        while self.undo:
+            self.undo.pop()()
+
+
+@dataclass
+class WeightSite:
+    """A wrapped weight: where it lives, its layout and slice, and the adapter that transforms it."""
+
+    rule: str
+    key: str
+    owner: nn.Module
+    owner_path: str
+    weight_name: str
+    bias_name: str | None
+    layout: str
+    rows: tuple[int, int] | None
+    bias_rows: tuple[int, int] | None
+    adapter: nn.Module
+    realized: str      # "activation" or "weight"
+
+
+def store_of(model: nn.Module, create: bool = False) -> AdapterStore | None:
+    store = getattr(model, STATE_ATTR, None)
+    if store is None and create:
+        store = AdapterStore()
+        model.add_module(STATE_ATTR, store)
+    return store
+
+
+# ---------------------------------------------------------------- locating values on module boundaries
+
+def _inside(node: fx.Node, module: str) -> bool:
+    return module in stack_paths(node)
+
+
+def output_anchor(analysis: Analysis, value: fx.Node) -> Boundary | None:
+    for b in analysis.boundaries(value):
+        if b.side == "out" and analysis.calls(b.module) == 1:
+            return b
+    return None
+
+
+def input_anchor(analysis: Analysis, value: fx.Node, users: list[fx.Node] | None = None) -> Boundary | None:
+    """A module input carrying `value` such that every user (default: all users) lies inside that module."""
+    users = list(value.users) if users is None else users
+    for b in analysis.boundaries(value):
+        if b.side == "in" and analysis.calls(b.module) == 1 and all(_inside(u, b.module) for u in users):
+            others = [u for u in value.users if u not in users and _inside(u, b.module)]
+            if not others:
+                return b
+    return None
+
+
+TOKENWISE = {"view", "reshape", "_unsafe_view", "transpose", "permute", "contiguous", "clone", "alias"}
+
+
+def _keeps_last_dim(node: fx.Node) -> bool:
+    """A shape op that moves whole feature vectors around: a per-token module commutes with it."""
+    op = op_name(node)
+    src, out = node.args[0].meta.get("val"), node.meta.get("val")
+    if src is None or out is None or src.shape[-1] != out.shape[-1]:
+        return False
+    if op == "transpose":
+        dims = {d % src.dim() for d in node.args[1:3]}
+        return src.dim() - 1 not in dims
+    if op == "permute":
+        return node.args[1][-1] % src.dim() == src.dim() - 1
+    return True
+
+
+def tokenwise_chain(value: fx.Node) -> list[fx.Node]:
+    """`value` and the single-use shape ops after it that keep each feature vector whole."""
+    chain = [value]
+    while True:
+        users = list(chain[-1].users)
+        if len(users) != 1 or op_name(users[0]) not in TOKENWISE or not _keeps_last_dim(users[0]):
+            return chain
+        chain.append(users[0])
+
+
+def value_anchor(analysis: Analysis, value: fx.Node) -> Boundary:
+    """Where to change `value` for all its users. A per-token module may also act a few reshapes later."""
+    anchor = None
+    for candidate in tokenwise_chain(value):
+        anchor = output_anchor(analysis, candidate) or input_anchor(analysis, candidate)
+        if anchor is not None:
+            break
+    if anchor is None:
+        raise RewriteError(
+            f"the value of node {value.name} ({op_name(value)} in {stack_paths(value)[-1:] or ['<root>']}) is not "
+            f"the input or output of any module, so it cannot be changed on the host model; match a nearby "
+            f"module boundary instead (e.g. add `through: [dropout]` or choose the projection's output)")
+    return anchor
+
+
+def capture_anchor(analysis: Analysis, value: fx.Node) -> Boundary:
+    """Any boundary that sees the value (read-only)."""
+    for candidate in tokenwise_chain(value):
+        for b in analysis.boundaries(candidate):
+            if analysis.calls(b.module) == 1:
+                return b
+    raise RewriteError(f"the value of node {value.name} is not at any module boundary, so it cannot be read")
+
+
+# ---------------------------------------------------------------- hooks
+
+def _get(container, loc):
+    kind = loc[0] if loc else None
+    if kind is None:
+        return container
+    if kind == "item":
+        return container[loc[1]]
+    if kind == "key":
+        return container[loc[1]]
+    raise KeyError(loc)
+
+
+def _set(container, loc, value):
+    kind = loc[0] if loc else None
+    if kind is None:
+        return value
+    if kind == "item":
+        items = list(container)
+        items[loc[1]] = value
+        return type(container)(items) if type(container) is tuple else tuple(items)
+    if kind == "key":
+        container[loc[1]] = value
+        return container
+    raise KeyError(loc)
+
+
+def hook_value(model: nn.Module, anchor: Boundary, fn: Callable[[torch.Tensor], torch.Tensor],
+               gate: Callable[[], bool]) -> Callable[[], None]:
+    """Replace the value at `anchor` by fn(value) while gate() holds; return the undo."""
+    module = model.get_submodule(anchor.module)
+    if anchor.side == "out":
+        def post(mod, args, out):
+            if not gate():
+                return out
+            return _set(out, anchor.loc, fn(_get(out, anchor.loc)))
+        handle = module.register_forward_hook(post)
+    else:
+        kind, key = anchor.loc
+
+        def pre(mod, args, kwargs):
+            if not gate():
+                return None
+            if kind == "arg":
+                if key >= len(args):
+                    return None
+                args = args[:key] + (fn(args[key]),) + args[key + 1:]
+            else:
+                if key not in kwargs:
+                    return None
+                kwargs = {**kwargs, key: fn(kwargs[key])}
+            return args, kwargs
+        handle = module.register_forward_pre_hook(pre, with_kwargs=True)
+    return handle.remove
+
+
+def hook_capture(model: nn.Module, anchor: Boundary, slots: dict, key: str) -> Callable[[], None]:
+    module = model.get_submodule(anchor.module)
+    if anchor.side == "out":
+        def post(mod, args, out):
+            slots[key] = _get(out, anchor.loc)
+        handle = module.register_forward_hook(post)
+    else:
+        kind, k = anchor.loc
+
+        def pre(mod, args, kwargs):
+            if kind == "arg" and k < len(args):
+                slots[key] = args[k]
+            elif kind == "kwarg" and k in kwargs:
+                slots[key] = kwargs[k]
+        handle = module.register_forward_pre_hook(pre, with_kwargs=True)
+    return handle.remove
+
+
+# ---------------------------------------------------------------- weights
+
+class _WeightParam(nn.Module):
+    """A parametrization W -> adapter.transform(W) on the (rows of the) weight, in the weight's own layout."""
+
+    def __init__(self, site: WeightSite, gate: Callable[[], bool], bias: bool):
+        super().__init__()
+        self.site = [site]   # a list, so the adapter is not registered twice as a submodule
+        self.gate = gate
+        self.bias = bias
+
+    def forward(self, tensor):
+        site = self.site[0]
+        if not self.gate():
+            return tensor
+        return transformed(site, tensor, bias=self.bias)
+
+
+def transformed(site: WeightSite, tensor: torch.Tensor, *, bias: bool) -> torch.Tensor:
+    """Apply the adapter's weight (or bias) transform to the part of `tensor` the site covers."""
+    rows = site.bias_rows if bias else site.rows
+    transform = site.adapter.transform_bias if bias else site.adapter.transform_weight
+    if not bias and site.layout == "in_out":
+        tensor = tensor.t()
+    if rows is None:
+        out = transform(tensor)
+    else:
+        a, b = rows
+        out = torch.cat([tensor[:a], transform(tensor[a:b]), tensor[b:]], dim=0)
+    if not bias and site.layout == "in_out":
+        out = out.t()
+    return out
+
+
+def wrap_weight(model: nn.Module, analysis: Analysis, info: LinearInfo, packed: tuple[int, int] | None,
+                adapter: nn.Module, rule: str, key: str, gate: Callable[[], bool], realize: str) -> tuple[WeightSite, list]:
+    owner_path = info.owner
+    owner = model.get_submodule(owner_path)
+    weight_name = info.weight.rpartition(".")[2]
+    bias_name = info.bias.rpartition(".")[2] if info.bias and info.bias.rpartition(".")[0] == owner_path else None
+    rows = info.rows or packed
+    bias_rows = info.bias_rows or packed
+    whole_module = (info.rows is None and analysis.calls(owner_path) == 1 and any(
+        b.module == owner_path and b.side == "out" and b.loc == () for b in analysis.boundaries(info.value)))
+    mode = realize if realize != "auto" else ("activation" if whole_module else "weight")
+    if mode == "activation" and not whole_module:
+        raise RewriteError(f"{owner_path}: the op reads its weight without calling the module, so it can only be "
+                           f"adapted on the weight (realize: weight)")
+    site = WeightSite(rule, key, owner, owner_path, weight_name, bias_name, info.layout, rows, bias_rows, adapter, mode)
+    undo = []
+    if mode == "activation":
+        if adapter.adapts_input:
+            def pre(mod, args, kwargs):
+                if not gate():
+                    return None
+                return (adapter.adapt_input(args[0]),) + tuple(args[1:]), kwargs
+            undo.append(owner.register_forward_pre_hook(pre, with_kwargs=True).remove)
+
+        def post(mod, args, out):
+            if not gate():
+                return out
+            if packed is None:
+                return adapter(args[0], out)
+            a, b = packed
+            part = adapter(args[0], out[..., a:b])
+            return out + F.pad(part - out[..., a:b], (a, out.shape[-1] - b))
+        undo.append(owner.register_forward_hook(post).remove)
+    else:
+        if getattr(adapter, "dropout", None) is not None and isinstance(adapter.dropout, nn.Dropout) \
+                and adapter.dropout.p > 0:
+            raise RewriteError(f"{owner_path}: dropout on the adapter's input needs the activation path, "
+                               f"which this op does not allow; set dropout: 0")
+        names = [(weight_name, False)] + ([(bias_name, True)] if bias_name else [])
+        for name, is_bias in names:
+            parametrize.register_parametrization(owner, name, _WeightParam(site, gate, is_bias), unsafe=True)
+        undo.append(lambda: _remove_parametrizations(owner, [n for n, _ in names], site))
+    return site, undo
+
+
+def _remove_parametrizations(owner: nn.Module, names: list[str], site: WeightSite):
+    for name in names:
+        plist = owner.parametrizations[name]
+        keep = [p for p in plist if not (isinstance(p, _WeightParam) and p.site[0] is site)]
+        parametrize.remove_parametrizations(owner, name, leave_parametrized=False)
+        for p in keep:
+            parametrize.register_parametrization(owner, name, p, unsafe=True)

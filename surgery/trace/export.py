@@ -1,0 +1,159 @@
+"""The front end: `torch.export` (non-strict) of the model, with every module's tensor inputs and outputs marked.
+
+While exporting, temporary hooks wrap each module's top-level tensor inputs and outputs in an identity op
+`surgery::mark` tagged with the module path and position. After tracing the marks are folded away and remembered
+as `Boundary` records on the value nodes, so analysis knows exactly which graph value is which module's input or
+output. That is what lets a rewrite found on the graph be realized on the host model itself.
+"""
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx, nn
+
+from surgery.errors import SurgeryError
+
+
+@torch.library.custom_op("surgery::mark", mutates_args=())
+def _mark(x: torch.Tensor, tag: str) -> torch.Tensor:
+    return x.clone()
+
+
+@_mark.register_fake
+def _(x, tag):
+    return torch.empty_like(x)
+
+
+@dataclass(frozen=True)
+class Boundary:
+    """A value's place at a module boundary: `side` is "in" or "out"; `loc` says where in the call.
+
+    loc: ("arg", i) or ("kwarg", name) for inputs; () for a tensor output, ("item", i) for a tuple element,
+    ("key", name) for a dict/ModelOutput field.
+    """
+
+    module: str
+    side: str
+    loc: tuple
+
+
+@dataclass
+class Traced:
+    graph: fx.Graph
+    boundaries: dict[fx.Node, list[Boundary]]      # value node -> boundaries, innermost module first
+    params: dict[str, str]                          # placeholder name -> qualified parameter name
+    buffers: dict[str, str]
+    calls: dict[str, int]                           # module path -> how many times it was called
+    module_types: dict[str, type]
+    users: dict[fx.Node, list[fx.Node]] = field(default_factory=dict)
+
+
+def _is_marked(t) -> bool:
+    return isinstance(t, torch.Tensor) and t.is_floating_point()
+
+
+def _install_marks(model: nn.Module, calls: dict):
+    handles = []
+    for name, module in model.named_modules():
+        if not name:
+            continue
+
+        def pre(mod, args, kwargs, name=name):
+            calls[name] += 1
+            args = tuple(_mark(a, json.dumps([name, "in", ["arg", i]])) if _is_marked(a) else a
+                         for i, a in enumerate(args))
+            kwargs = {k: _mark(v, json.dumps([name, "in", ["kwarg", k]])) if _is_marked(v) else v
+                      for k, v in kwargs.items()}
+            return args, kwargs
+
+        def post(mod, args, out, name=name):
+            if _is_marked(out):
+                return _mark(out, json.dumps([name, "out", []]))
+            if isinstance(out, tuple) and not hasattr(out, "_fields"):
+                return tuple(_mark(o, json.dumps([name, "out", ["item", i]])) if _is_marked(o) else o
+                             for i, o in enumerate(out))
+            if isinstance(out, dict):
+                for k in list(out.keys()):
+                    if _is_marked(out[k]):
+                        out[k] = _mark(out[k], json.dumps([name, "out", ["key", k]]))
+            return out
+
+        handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+        handles.append(module.register_forward_hook(post))
+    return handles
+
+
+def default_example_inputs(model: nn.Module, batch: int = 2, seq: int = 8):
+    """Inputs for models that carry a transformers-style config; None when we cannot tell."""
+    config = getattr(model, "config", None)
+    vocab = getattr(config, "vocab_size", None)
+    if not vocab:
+        return None
+    try:
+        device = next(model.parameters()).device
+    except StopIteration:
+        device = torch.device("cpu")
+    ids = torch.randint(0, vocab, (batch, seq), device=device) if device.type != "meta" else \
+        torch.zeros(batch, seq, dtype=torch.long, device=device)
+    kwargs = {"input_ids": ids}
+    if getattr(config, "use_cache", None) is not None:
+        kwargs["use_cache"] = False
+    return kwargs
+
+
+def _split_inputs(example_inputs) -> tuple[tuple, dict]:
+    if isinstance(example_inputs, dict):
+        return (), dict(example_inputs)
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,), {}
+    if isinstance(example_inputs, (tuple, list)):
+        if len(example_inputs) == 2 and isinstance(example_inputs[0], (tuple, list)) and isinstance(example_inputs[1], dict):
+            return tuple(example_inputs[0]), dict(example_inputs[1])
+        return tuple(example_inputs), {}
+    raise SurgeryError(f"example_inputs must be a tensor, a tuple, a dict or (args, kwargs); got {type(example_inputs).__name__}")
+
+
+def trace(model: nn.Module, example_inputs=None) -> Traced:
+    """Export `model` with marks and return the canonical graph. The model is not changed."""
+    if example_inputs is None:
+        example_inputs = default_example_inputs(model)
+        if example_inputs is None:
+            raise SurgeryError("example_inputs are required for a model without a transformers config: "
+                               "pass a tensor, a tuple of args or a dict of kwargs that the model's forward takes")
+    args, kwargs = _split_inputs(example_inputs)
+    calls: dict[str, int] = defaultdict(int)
+    was_training = model.training
+    handles = _install_marks(model, calls)
+    try:
+        model.eval()
+        with torch.no_grad():
+            program = torch.export.export(model, args, kwargs, strict=False)
+    except Exception as exc:  # noqa: BLE001 - any tracer failure becomes one clear error
+        raise SurgeryError(f"torch.export could not trace {type(model).__name__}: {type(exc).__name__}: {exc}") from exc
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    graph = program.graph
+    signature = program.graph_signature
+    boundaries: dict[fx.Node, list[Boundary]] = defaultdict(list)
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target is torch.ops.surgery.mark.default:
+            value = node.args[0]
+            module, side, loc = json.loads(node.args[1])
+            boundaries[value].append(Boundary(module, side, tuple(loc)))
+            if node in boundaries:  # a mark of a mark: the same value
+                boundaries[value].extend(boundaries.pop(node))
+            node.replace_all_uses_with(value)
+            graph.erase_node(node)
+    for value, bs in boundaries.items():
+        # innermost first: a module nested in another has the longer path
+        bs.sort(key=lambda b: -len(b.module))
+    module_types = {name: type(m) for name, m in model.named_modules()}
+    traced = Traced(graph=graph, boundaries=dict(boundaries), params=dict(signature.inputs_to_parameters),
+                    buffers=dict(signature.inputs_to_buffers), calls=dict(calls), module_types=module_types)
+    traced.users = {n: list(n.users) for n in graph.nodes}
+    return traced
