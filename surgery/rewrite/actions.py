@@ -180,10 +180,10 @@ def _realize_one(model, analysis, store, record, rule, match, value, module, key
         if match.site.linear is None:
             raise RewriteError(f"rule {match.rule!r}: wrap needs a weight-bearing op, but {match.node} is "
                                f"{match.site.op}")
-        site, undo = wrap_weight(model, analysis, match.site.linear, match.site.extra.get("packed"), module,
-                                 match.rule, key, gate, rule.realize)
+        site = wrap_weight(model, analysis, match.site.linear, match.site.extra.get("packed"), module,
+                           match.rule, key, gate, rule.realize)
         record.weight_sites.append(site)
-        record.undo.extend(undo)
+        record.undo.append(site.detach)
     elif action == "replace":
         host = model.get_submodule(match.module)
         if "forward" in host.__dict__:

@@ -77,6 +77,15 @@ class WeightSite:
     bias_rows: tuple[int, int] | None
     adapter: nn.Module
     realized: str      # "activation" or "weight"
+    packed: tuple[int, int] | None = None
+    gate: Callable[[], bool] = lambda: True
+    undo: list = field(default_factory=list)
+    attached: bool = True
+
+    def detach(self) -> None:
+        while self.undo:
+            self.undo.pop()()
+        self.attached = False
 
 
 def store_of(model: nn.Module, create: bool = False) -> AdapterStore | None:
@@ -271,7 +280,9 @@ def transformed(site: WeightSite, tensor: torch.Tensor, *, bias: bool) -> torch.
 
 
 def wrap_weight(model: nn.Module, analysis: Analysis, info: LinearInfo, packed: tuple[int, int] | None,
-                adapter: nn.Module, rule: str, key: str, gate: Callable[[], bool], realize: str) -> tuple[WeightSite, list]:
+                adapter: nn.Module, rule: str, key: str, gate: Callable[[], bool], realize: str) -> WeightSite:
+    """Decide how a weight-bearing op is adapted and attach it. The site can be detached and attached again
+    (merge/unmerge) with `attach_weight_site` and `site.detach()`."""
     owner_path = info.owner
     owner = model.get_submodule(owner_path)
     weight_name = info.weight.rpartition(".")[2]
@@ -284,9 +295,20 @@ def wrap_weight(model: nn.Module, analysis: Analysis, info: LinearInfo, packed: 
     if mode == "activation" and not whole_module:
         raise RewriteError(f"{owner_path}: the op reads its weight without calling the module, so it can only be "
                            f"adapted on the weight (realize: weight)")
-    site = WeightSite(rule, key, owner, owner_path, weight_name, bias_name, info.layout, rows, bias_rows, adapter, mode)
+    if mode == "weight" and isinstance(getattr(adapter, "dropout", None), nn.Dropout) and adapter.dropout.p > 0:
+        raise RewriteError(f"{owner_path}: dropout on the adapter's input needs the activation path, "
+                           f"which this op does not allow; set dropout: 0")
+    site = WeightSite(rule, key, owner, owner_path, weight_name, bias_name, info.layout, rows, bias_rows, adapter,
+                      mode, packed=packed, gate=gate)
+    attach_weight_site(site)
+    return site
+
+
+def attach_weight_site(site: WeightSite) -> None:
+    """Realize the adapter of a weight site on the host (hooks or parametrizations); record how to detach."""
+    owner, adapter, gate, packed = site.owner, site.adapter, site.gate, site.packed
     undo = []
-    if mode == "activation":
+    if site.realized == "activation":
         if adapter.adapts_input:
             def pre(mod, args, kwargs):
                 if not gate():
@@ -304,15 +326,12 @@ def wrap_weight(model: nn.Module, analysis: Analysis, info: LinearInfo, packed: 
             return out + F.pad(part - out[..., a:b], (a, out.shape[-1] - b))
         undo.append(owner.register_forward_hook(post).remove)
     else:
-        if getattr(adapter, "dropout", None) is not None and isinstance(adapter.dropout, nn.Dropout) \
-                and adapter.dropout.p > 0:
-            raise RewriteError(f"{owner_path}: dropout on the adapter's input needs the activation path, "
-                               f"which this op does not allow; set dropout: 0")
-        names = [(weight_name, False)] + ([(bias_name, True)] if bias_name else [])
+        names = [(site.weight_name, False)] + ([(site.bias_name, True)] if site.bias_name else [])
         for name, is_bias in names:
             parametrize.register_parametrization(owner, name, _WeightParam(site, gate, is_bias), unsafe=True)
         undo.append(lambda: _remove_parametrizations(owner, [n for n, _ in names], site))
-    return site, undo
+    site.undo = undo
+    site.attached = True
 
 
 def _remove_parametrizations(owner: nn.Module, names: list[str], site: WeightSite):
