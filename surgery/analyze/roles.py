@@ -310,7 +310,12 @@ def analyze(traced: Traced) -> Analysis:
         if add_node is None:
             return
         residual = other_operand(add_node, branch_value)
-        add(add_node, f"{prefix}.residual_add", layer)
+        branch = add_node.args[1] if residual is add_node.args[0] else add_node.args[0]
+        norm = None
+        users = list(add_node.users)
+        if len(users) == 1 and op_name(users[0]) in NORM_OPS:
+            norm = users[0]
+        add(add_node, f"{prefix}.residual_add", layer, branch=branch, residual=residual, norm=norm)
         if isinstance(residual, fx.Node):
             add(residual, f"{prefix}.residual", layer, extra_of=add_node.name)
 

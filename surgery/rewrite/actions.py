@@ -22,14 +22,12 @@ from surgery.spec.models import Rule
 
 
 def site_key(match: Match) -> str:
-    """A stable, readable key for a site: its module path (and role when several roles share a module)."""
+    """A stable, readable key for a site: the module path of a weight-bearing op, else module path and role."""
     key = re.sub(r"[^0-9A-Za-z_]", "_", match.module or "root")
-    sliced = match.site.linear is not None and match.site.linear.rows is not None
-    if sliced or match.site.extra.get("packed") is not None or match.role in ("attention.residual", "ffn.residual"):
-        key += "__" + (match.role or "").replace(".", "_")
-    if match.site.linear is None and match.role is None:
-        key += "__" + match.node
-    return key
+    info = match.site.linear
+    if info is not None and info.rows is None and match.site.extra.get("packed") is None:
+        return key
+    return key + "__" + (match.role.replace(".", "_") if match.role else match.node)
 
 
 def _dim(node) -> int | None:
@@ -176,6 +174,8 @@ def _realize_one(model, analysis, store, record, rule, match, value, module, key
         record.undo.append(hook_capture(model, capture_anchor(analysis, source), slots, slot))
         anchor = value_anchor(analysis, value)
         record.undo.append(hook_value(model, anchor, lambda y: y + module(slots.pop(slot)), gate))
+    elif action == "sublayer":
+        _realize_sublayer(model, analysis, store, record, match, module, key, gate)
     elif action == "wrap":
         if match.site.linear is None:
             raise RewriteError(f"rule {match.rule!r}: wrap needs a weight-bearing op, but {match.node} is "
@@ -196,3 +196,41 @@ def _realize_one(model, analysis, store, record, rule, match, value, module, key
         record.undo.append(lambda: host.__dict__.pop("forward", None))
     else:
         raise RewriteError(f"action {action!r} is not available yet")
+
+
+def _realize_sublayer(model, analysis, store, record, match, module, key, gate):
+    """A residual sub-layer `out = norm(h + x)` (norm absent in pre-norm models) becomes `module(h, x, norm)`.
+
+    With a norm after the add, the norm's output is replaced; without one, the add's output if a module
+    boundary carries it, else the branch h is replaced by `module(h, x, None) - x` so that the model's own add
+    gives the module's result.
+    """
+    extra = match.site.extra
+    if "branch" not in extra:
+        raise RewriteError(f"rule {match.rule!r}: sublayer needs a residual add (roles attention.residual_add or "
+                           f"ffn.residual_add), not {match.role or match.site.op}")
+    branch, residual, norm_node = extra["branch"], extra["residual"], extra["norm"]
+    slots = store.runtime.slots
+    slot_h, slot_x = f"{record.name}/{match.rule}/{key}/h", f"{record.name}/{match.rule}/{key}/x"
+    record.undo.append(hook_capture(model, capture_anchor(analysis, residual), slots, slot_x))
+    if norm_node is not None:
+        norm_anchor = output_anchor(analysis, norm_node)
+        norm_input = input_anchor(analysis, match.site.node)
+        if norm_anchor is None or norm_input is None or norm_anchor.module != norm_input.module:
+            raise RewriteError(f"the norm after {match.node} is not a module of its own; cannot rewrite the sub-layer")
+        norm = model.get_submodule(norm_anchor.module).forward   # the bare forward: no hooks, no recursion
+        record.undo.append(hook_capture(model, capture_anchor(analysis, branch), slots, slot_h))
+        record.undo.append(hook_value(model, norm_anchor,
+                                      lambda out: module(slots.pop(slot_h), slots.pop(slot_x), norm), gate))
+        return
+    anchor = output_anchor(analysis, match.site.node)
+    if anchor is not None:
+        record.undo.append(hook_capture(model, capture_anchor(analysis, branch), slots, slot_h))
+        record.undo.append(hook_value(model, anchor, lambda u: module(slots.pop(slot_h), slots.pop(slot_x), None),
+                                      gate))
+        return
+
+    def branch_fn(h):
+        x = slots.pop(slot_x)
+        return module(h, x, None) - x
+    record.undo.append(hook_value(model, value_anchor(analysis, branch), branch_fn, gate))

@@ -31,7 +31,7 @@ ROLES = (
     "lm_head",              # the output projection to the vocabulary
 )
 
-ACTIONS = ("insert_after", "insert_before", "parallel", "wrap", "replace", "attend", "prepend", "train")
+ACTIONS = ("insert_after", "insert_before", "parallel", "sublayer", "wrap", "replace", "attend", "prepend", "train")
 
 Names = Union[str, list[str]]
 
