@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import math
-from typing import Literal, Union
+from typing import Annotated, Literal, Union
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from surgery.modules.base import SiteContext
@@ -20,13 +21,13 @@ ACTIVATIONS = {
 class BottleneckOptions(Options):
     kind: Literal["bottleneck"] = "bottleneck"
     supported_actions = ("insert_after", "insert_before", "parallel")
-    reduction_factor: float = 16
-    bottleneck_size: Union[int, None] = None
+    reduction_factor: float = Field(16, gt=0)
+    bottleneck_size: Union[Annotated[int, Field(ge=1)], None] = None
     non_linearity: Literal[tuple(ACTIVATIONS)] = "relu"  # type: ignore[valid-type]
     init_weights: Literal["bert", "houlsby", "mam", "lora", "zeros"] = "bert"
     residual: Union[bool, None] = None
     scaling: Union[float, Literal["learned", "channel"]] = 1.0
-    dropout: float = 0.0
+    dropout: float = Field(0.0, ge=0, lt=1)
     ln_before: bool = False
     ln_after: bool = False
     use_gating: bool = False

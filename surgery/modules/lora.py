@@ -5,6 +5,7 @@ import math
 from typing import Literal
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from surgery.modules.base import SiteContext, WeightAdapter
@@ -14,9 +15,9 @@ from surgery.modules.registry import Options, register
 class LoRAOptions(Options):
     kind: Literal["lora"] = "lora"
     supported_actions = ("wrap",)
-    r: int = 8
+    r: int = Field(8, ge=1)
     alpha: float = 8
-    dropout: float = 0.0
+    dropout: float = Field(0.0, ge=0, lt=1)
     use_rslora: bool = False
     init: Literal["kaiming", "gaussian", "zeros"] = "kaiming"
 
