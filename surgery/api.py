@@ -12,6 +12,7 @@ from surgery.analyze import Analysis, analyze
 from surgery.errors import RewriteError, SurgeryError
 from surgery.match import Match, match_spec
 from surgery.rewrite import Record, realize, store_of
+from surgery.rewrite.host import install_call_capture
 from surgery.spec import Spec, spec_from
 from surgery.trace import trace
 
@@ -58,6 +59,8 @@ def apply(model: nn.Module, spec: Any, *, example_inputs=None, name: str | None 
     snapshot = _snapshot(model)
     created_store = store is None
     store = store_of(model, create=True)
+    if created_store:
+        store.uninstall = install_call_capture(model, store.runtime)
     record = Record(name=name, specs=[spec])
     try:
         store.adapters[name] = nn.ModuleDict()
@@ -70,6 +73,7 @@ def apply(model: nn.Module, spec: Any, *, example_inputs=None, name: str | None 
         record.rollback()
         _restore(model, snapshot)
         if created_store:
+            store.uninstall()
             delattr(model, "surgery_adapters")
         if isinstance(exc, SurgeryError):
             raise
@@ -139,6 +143,7 @@ def remove(model: nn.Module, name: str = "default") -> nn.Module:
     for p, flag in record.trained:
         p.requires_grad_(flag)
     if not store.records:
+        store.uninstall()
         delattr(model, "surgery_adapters")
     return model
 

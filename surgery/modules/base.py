@@ -25,6 +25,8 @@ class SiteContext:
     host: nn.Module | None = None       # the host module at the site (replace/attend)
     source_dim: int | None = None       # parallel: last dimension of the span's input
     model: nn.Module | None = None
+    shared: nn.ModuleDict | None = None  # one per rule: modules shared by all its sites (e.g. a prefix MLP)
+    runtime: Any = None                  # the run-time state: `runtime.call` holds the root call's inputs
     extra: dict[str, Any] = field(default_factory=dict)
 
 

@@ -16,6 +16,7 @@ from surgery.errors import RewriteError
 from surgery.match.pattern import Match
 from surgery.modules.base import SiteContext
 from surgery.modules.registry import module_class
+from surgery.rewrite.attention import attach_intercept, attach_registry, registry_of
 from surgery.rewrite.host import (AdapterStore, Record, capture_anchor, hook_capture, hook_value, input_anchor,
                                   output_anchor, value_anchor, wrap_weight)
 from surgery.spec.models import Rule
@@ -78,7 +79,78 @@ def _context(model: nn.Module, analysis: Analysis, match: Match, value: fx.Node,
         ctx.host = None
     if match.source is not None:
         ctx.source_dim = _dim(_site_value(match.source))
+    if match.role == "attention.op":
+        ctx.extra.update(_attention_facts(model, analysis, match))
+    if rule.action == "prepend":
+        ctx.extra["embed_text"] = _text_embedder(model, analysis)
     return ctx
+
+
+def _attention_facts(model, analysis: Analysis, match: Match) -> dict:
+    """Heads, head size, KV heads and the k/v projection modules of one attention op."""
+    q = match.site.node.args[0]
+    q_shape = q.meta["val"].shape
+    heads, head_dim = int(q_shape[1]), int(q_shape[-1])
+    facts = {"heads": heads, "head_dim": head_dim, "kv_heads": heads, "hidden": analysis.hidden_size,
+             "k_proj": None, "v_proj": None}
+    for role in ("attention.k", "attention.v"):
+        for site in analysis.by_role.get(role, []):
+            if site.layer == match.layer and site.linear is not None:
+                info = site.linear
+                facts[role[-1] + "_proj"] = _projection(model, info, site.extra.get("packed"))
+                if role == "attention.k":
+                    width = (info.rows[1] - info.rows[0]) if info.rows else (
+                        site.extra["packed"][1] - site.extra["packed"][0] if site.extra.get("packed") else info.out_features)
+                    facts["kv_heads"] = width // head_dim
+    return facts
+
+
+def _projection(model, info, packed):
+    """A callable computing one (slice of a) weight-bearing op on new inputs, with the live base weights."""
+    rows = info.rows or packed
+    if rows is None:
+        return model.get_submodule(info.owner)
+
+    def project(x):
+        owner = model.get_submodule(info.owner)
+        weight = getattr(owner, info.weight.rpartition(".")[2])
+        bias = getattr(model.get_submodule(info.bias.rpartition(".")[0]), info.bias.rpartition(".")[2]) if info.bias else None
+        a, b = rows
+        if info.layout == "in_out":
+            out = x @ weight[:, a:b]
+        else:
+            out = x @ weight[a:b].t()
+        if bias is not None:
+            brows = info.bias_rows or packed or rows
+            out = out + bias[brows[0]:brows[1]]
+        return out
+    return project
+
+
+def _text_embedder(model, analysis: Analysis):
+    """For prompt init from text: token ids (given, or from the model's own tokenizer) through the model's
+    token embedding table, repeated to the prompt length."""
+    table = None
+    for site in analysis.by_role.get("embedding", []):
+        weight = site.node.args[0]
+        if weight.op == "placeholder" and weight.name in analysis.traced.params:
+            table = model.get_parameter(analysis.traced.params[weight.name])
+            break
+
+    def embed(init: dict, length: int) -> torch.Tensor:
+        ids = init.get("ids")
+        if ids is None:
+            source = init.get("tokenizer") or getattr(getattr(model, "config", None), "_name_or_path", None)
+            try:
+                from transformers import AutoTokenizer
+                tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+            except Exception as exc:  # noqa: BLE001
+                raise RewriteError(f"prompt init from text needs a tokenizer ({exc}); pass init: {{ids: [...]}}") from None
+            ids = tokenizer(init["text"], add_special_tokens=False)["input_ids"]
+        ids = torch.tensor(ids, dtype=torch.long)
+        ids = ids.repeat(length // len(ids) + 1)[:length]
+        return table.detach()[ids.to(table.device)].clone()
+    return embed
 
 
 def _has_param(model, name):
@@ -128,6 +200,7 @@ def realize(model: nn.Module, analysis: Analysis, store: AdapterStore, record: R
     cls = module_class(rule.module.kind)
     rule_name = matches[0].rule if matches else (rule.name or "rule")
     modules = nn.ModuleDict()
+    shared = nn.ModuleDict()
     per_adapter = store.adapters[name]
     if rule_name in per_adapter:
         raise RewriteError(f"two rules named {rule_name!r} in adapter {name!r}")
@@ -136,6 +209,7 @@ def realize(model: nn.Module, analysis: Analysis, store: AdapterStore, record: R
     for match in matches:
         value = _through(_site_value(match.site), rule.through)
         ctx = _context(model, analysis, match, value, rule)
+        ctx.shared, ctx.runtime = shared, store.runtime
         module = cls.build(rule.module, ctx, rule.action)
         if ctx.device.type != "meta":
             module.to(device=ctx.device)
@@ -148,6 +222,11 @@ def realize(model: nn.Module, analysis: Analysis, store: AdapterStore, record: R
             raise RewriteError(f"rule {rule_name!r} matched the site {key} twice")
         modules[key] = module
         _realize_one(model, analysis, store, record, rule, match, value, module, key, gate)
+    if len(shared):
+        ref = _reference_tensor(model)
+        if ref is not None and ref.device.type != "meta":
+            shared.to(device=ref.device, dtype=ref.dtype)
+        modules["shared"] = shared
 
 
 def _realize_one(model, analysis, store, record, rule, match, value, module, key, gate):
@@ -194,8 +273,19 @@ def _realize_one(model, analysis, store, record, rule, match, value, module, key
             return module(*args, **kwargs) if gate() else original(*args, **kwargs)
         host.forward = types.MethodType(forward, host)
         record.undo.append(lambda: host.__dict__.pop("forward", None))
+    elif action == "attend":
+        if match.role != "attention.op":
+            raise RewriteError(f"rule {match.rule!r}: attend needs the attention op (role attention.op)")
+        host = model.get_submodule(match.module)
+        registry = registry_of(model)
+        if registry is not None:
+            record.undo.append(attach_registry(model, registry, host, module, gate))
+        else:
+            record.undo.append(attach_intercept(host, module, gate))
+    elif action == "prepend":
+        _realize_prepend(model, analysis, store, record, match, value, module, gate)
     else:
-        raise RewriteError(f"action {action!r} is not available yet")
+        raise RewriteError(f"action {action!r} is not available")
 
 
 def _realize_sublayer(model, analysis, store, record, match, module, key, gate):
@@ -234,3 +324,49 @@ def _realize_sublayer(model, analysis, store, record, match, module, key, gate):
         x = slots.pop(slot_x)
         return module(h, x, None) - x
     record.undo.append(hook_value(model, value_anchor(analysis, branch), branch_fn, gate))
+
+
+def _realize_prepend(model, analysis, store, record, match, value, module, gate):
+    """Positions prepended to the sequence at `value` (the embedding output), visible to every later token.
+
+    The root call's attention mask (and explicit position ids) are extended to cover them; the last block's
+    output drops them again, so the model's outputs keep the shape the user expects. With a KV cache the
+    positions are prepended on the first call only (they are in the cache afterwards).
+    """
+    runtime = store.runtime
+    length = module.length
+    last = [s for s in analysis.by_role.get("block.output", []) if s.layer == analysis.num_layers - 1]
+    if not last:
+        raise RewriteError("prepend needs the model's last block output to drop the added positions again")
+    flag = f"{record.name}/{match.rule}/prepended"
+
+    def prepend(hidden):
+        if runtime.call.get("cached"):
+            return hidden
+        runtime.call[flag] = True
+        return module(hidden)
+
+    def strip(hidden):
+        if runtime.call.pop(flag, False):
+            return hidden[:, length:]
+        return hidden
+
+    def root(mod, args, kwargs):
+        if not gate():
+            return None
+        kwargs = dict(kwargs)
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+            kwargs["attention_mask"] = torch.cat([mask.new_ones(mask.shape[0], length), mask], dim=1)
+        positions = kwargs.get("position_ids")
+        if isinstance(positions, torch.Tensor):
+            shifted = positions + length
+            if not runtime.call.get("cached"):
+                lead = torch.arange(length, device=positions.device).expand(positions.shape[0], -1)
+                shifted = torch.cat([lead, shifted], dim=1)
+            kwargs["position_ids"] = shifted
+        return args, kwargs
+
+    record.undo.append(hook_value(model, value_anchor(analysis, value), prepend, gate))
+    record.undo.append(hook_value(model, value_anchor(analysis, _site_value(last[0])), strip, gate))
+    record.undo.append(model.register_forward_pre_hook(root, with_kwargs=True).remove)

@@ -341,3 +341,25 @@ def _remove_parametrizations(owner: nn.Module, names: list[str], site: WeightSit
         parametrize.remove_parametrizations(owner, name, leave_parametrized=False)
         for p in keep:
             parametrize.register_parametrization(owner, name, p, unsafe=True)
+
+
+def install_call_capture(model: nn.Module, runtime: RuntimeState) -> Callable[[], None]:
+    """Record the root call's inputs (attention mask, whether a KV cache already holds positions) for
+    modules that depend on them (prompts, interventions at token positions)."""
+
+    def capture(mod, args, kwargs):
+        call = {"attention_mask": kwargs.get("attention_mask")}
+        past = kwargs.get("past_key_values")
+        cached = False
+        if past is not None:
+            length = getattr(past, "get_seq_length", None)
+            cached = bool(length() > 0) if callable(length) else bool(len(past))
+        call["cached"] = cached
+        first = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+        call["input"] = first if isinstance(first, torch.Tensor) else None
+        runtime.call = call
+        runtime.slots.clear()
+        return None
+
+    handle = model.register_forward_pre_hook(capture, with_kwargs=True, prepend=True)
+    return handle.remove

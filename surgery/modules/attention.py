@@ -1,0 +1,177 @@
+"""Modules that change what attention sees: prefix tuning (Li & Liang 2021), LLaMA-Adapter's gated adaption
+prompts (Zhang et al. 2023), and prompt tuning (Lester et al. 2021).
+
+An attention module (action `attend`) is called as `module(query, key, value, attend)` with q/k/v laid out
+[batch, heads, seq, head_dim] (keys/values may have fewer heads under GQA) and `attend(q, k, v, prefix=0)`
+the model's own attention, which sees `prefix` extra key columns at the front as visible to every query.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+
+from surgery.modules.base import SiteContext
+from surgery.modules.registry import Options, register
+
+
+def _as_heads(flat: torch.Tensor, heads: int, head_dim: int, like: torch.Tensor) -> torch.Tensor:
+    """[P, heads*head_dim] -> [batch, heads_of(like), P, head_dim], repeating heads for expanded GQA keys."""
+    prefix = flat.view(flat.shape[0], heads, head_dim).transpose(0, 1).unsqueeze(0)
+    if like.shape[1] != heads:
+        prefix = prefix.repeat_interleave(like.shape[1] // heads, dim=1)
+    return prefix.expand(like.shape[0], -1, -1, -1).to(like.dtype)
+
+
+class PrefixOptions(Options):
+    kind: Literal["prefix"] = "prefix"
+    supported_actions = ("attend",)
+    prefix_length: int = 30
+    flat: bool = False
+    bottleneck_size: int = 512
+    non_linearity: Literal["tanh", "relu", "gelu"] = "tanh"
+    dropout: float = 0.0
+    use_gating: bool = False
+
+
+class PrefixMLP(nn.Module):
+    """AdapterHub's reparameterization, shared by all layers: Embedding(P, d) -> Linear -> tanh -> Linear(2·L·Hkv·hd)."""
+
+    def __init__(self, length, dim, bottleneck, out, act):
+        super().__init__()
+        self.wte = nn.Embedding(length, dim)
+        self.control_trans = nn.Sequential(nn.Linear(dim, bottleneck), act, nn.Linear(bottleneck, out))
+
+    def forward(self) -> torch.Tensor:
+        return self.control_trans(self.wte.weight)
+
+
+@register
+class PrefixTuning(nn.Module):
+    """Trainable key/value prefixes for one layer, concatenated before that layer's keys and values."""
+
+    Options = PrefixOptions
+
+    def __init__(self, length, kv_heads, head_dim, layer, *, mlp: PrefixMLP | None = None, dropout=0.0, gate_dim=None):
+        super().__init__()
+        self.length, self.kv_heads, self.head_dim, self.layer = length, kv_heads, head_dim, layer
+        width = kv_heads * head_dim
+        if mlp is None:
+            self.prefix = nn.Parameter(torch.randn(length, 2 * width))
+        self._mlp = [mlp]          # shared with the other layers; registered once under the rule
+        self.dropout = nn.Dropout(dropout)
+        self.gate = nn.Linear(gate_dim, 1) if gate_dim else None
+
+    @classmethod
+    def build(cls, options: PrefixOptions, site: SiteContext, action: str) -> "PrefixTuning":
+        heads, head_dim, kv_heads = site.extra["heads"], site.extra["head_dim"], site.extra["kv_heads"]
+        mlp = None
+        if not options.flat:
+            act = {"tanh": nn.Tanh, "relu": nn.ReLU, "gelu": nn.GELU}[options.non_linearity]()
+            if "prefix_mlp" not in site.shared:
+                site.shared["prefix_mlp"] = PrefixMLP(options.prefix_length, site.extra["hidden"],
+                                                      options.bottleneck_size,
+                                                      2 * site.num_layers * kv_heads * head_dim, act)
+            mlp = site.shared["prefix_mlp"]
+        return cls(options.prefix_length, kv_heads, head_dim, site.layer, mlp=mlp, dropout=options.dropout,
+                   gate_dim=site.extra["hidden"] if options.use_gating else None)
+
+    def prefixes(self) -> torch.Tensor:
+        """[P, 2·Hkv·hd] for this layer, from the flat parameter or the shared MLP."""
+        if self._mlp[0] is None:
+            return self.prefix
+        width = 2 * self.kv_heads * self.head_dim
+        return self._mlp[0]()[:, self.layer * width:(self.layer + 1) * width]
+
+    def forward(self, query, key, value, attend):
+        flat = self.dropout(self.prefixes())
+        width = self.kv_heads * self.head_dim
+        pk = _as_heads(flat[:, :width], self.kv_heads, self.head_dim, key)
+        pv = _as_heads(flat[:, width:], self.kv_heads, self.head_dim, value)
+        return attend(query, torch.cat([pk, key], dim=2), torch.cat([pv, value], dim=2), prefix=self.length)
+
+    @torch.no_grad()
+    def eject(self) -> None:
+        """Replace the shared MLP by the flat prefixes it produces (same outputs, fewer parameters)."""
+        if self._mlp[0] is not None:
+            self.prefix = nn.Parameter(self.prefixes().detach().clone())
+            self._mlp = [None]
+
+
+class AdaptionPromptOptions(Options):
+    kind: Literal["adaption_prompt"] = "adaption_prompt"
+    supported_actions = ("attend",)
+    adapter_len: int = 10
+
+
+@register
+class AdaptionPrompt(nn.Module):
+    """LLaMA-Adapter: learned prompts projected by the layer's own (frozen) k/v projections, attended through
+    their own softmax and added with a zero-initialized gate, so the model equals the base at init."""
+
+    Options = AdaptionPromptOptions
+
+    def __init__(self, length, dim, kv_heads, head_dim, k_proj, v_proj):
+        super().__init__()
+        self.adaption_prompt = nn.Parameter(torch.empty(length, dim).normal_())
+        self.adaption_gate = nn.Parameter(torch.zeros(1))
+        self.kv_heads, self.head_dim = kv_heads, head_dim
+        self._proj = [k_proj, v_proj]   # the host's projections: used, not owned
+
+    @classmethod
+    def build(cls, options: AdaptionPromptOptions, site: SiteContext, action: str) -> "AdaptionPrompt":
+        if site.extra.get("k_proj") is None or site.extra.get("v_proj") is None:
+            raise ValueError("adaption prompts need separate key and value projections at this attention op")
+        return cls(options.adapter_len, site.extra["hidden"], site.extra["kv_heads"], site.extra["head_dim"],
+                   site.extra["k_proj"], site.extra["v_proj"])
+
+    def forward(self, query, key, value, attend):
+        out = attend(query, key, value)
+        k_proj, v_proj = self._proj
+        prompt = self.adaption_prompt.to(query.dtype)
+        pk = _as_heads(k_proj(prompt), self.kv_heads, self.head_dim, key)
+        pv = _as_heads(v_proj(prompt), self.kv_heads, self.head_dim, value)
+        extra = attend(query, pk, pv, prefix=pk.shape[2])
+        return out + self.adaption_gate.to(out.dtype) * extra
+
+
+class PromptOptions(Options):
+    kind: Literal["prompt"] = "prompt"
+    supported_actions = ("prepend",)
+    prompt_length: int = 10
+    init: Literal["random_uniform", "normal"] | dict = "random_uniform"
+    random_uniform_scale: float = 0.5
+
+
+@register
+class PromptTuning(nn.Module):
+    """Soft prompts prepended to the embedding output (action `prepend`)."""
+
+    Options = PromptOptions
+
+    def __init__(self, length: int, dim: int):
+        super().__init__()
+        self.length = length
+        self.prompt_embedding = nn.Parameter(torch.zeros(length, dim))
+
+    @classmethod
+    def build(cls, options: PromptOptions, site: SiteContext, action: str) -> "PromptTuning":
+        module = cls(options.prompt_length, site.dim)
+        with torch.no_grad():
+            if isinstance(options.init, dict):
+                text = options.init.get("text")
+                init = site.extra.get("embed_text")
+                if not text or init is None:
+                    raise ValueError("init: {text: ...} needs text and a model with a tokenizer-free id list; "
+                                     "pass init: {text: ..., ids: [...]} or use random init")
+                module.prompt_embedding.copy_(init(options.init, options.prompt_length))
+            elif options.init == "normal":
+                module.prompt_embedding.normal_()
+            else:
+                module.prompt_embedding.uniform_(-options.random_uniform_scale, options.random_uniform_scale)
+        return module
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        prompt = self.prompt_embedding.to(hidden.dtype).unsqueeze(0).expand(hidden.shape[0], -1, -1)
+        return torch.cat([prompt, hidden], dim=1)

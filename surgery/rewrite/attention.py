@@ -1,0 +1,162 @@
+"""Realizing `attend` (change what one attention op sees) and `prepend` (positions added to the sequence).
+
+The attention op is reached where the host calls it: a transformers model routes every attention call through
+its attention-function registry, so surgery registers one function there that runs the adapters of the calling
+module around the model's own implementation (this keeps the KV cache, generate() and torch.compile). Any
+other module whose forward calls `F.scaled_dot_product_attention` (nn.MultiheadAttention, hand-written models)
+has that call intercepted, during that module's forward only, by a TorchFunctionMode.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from surgery.errors import RewriteError
+
+
+def extend_mask(mask, prefix: int, query: torch.Tensor, key: torch.Tensor, causal: bool):
+    """The mask for keys [prefix columns, original keys]: the prefix is visible to every query.
+
+    `mask` is None (then causal or full over the original keys), a bool mask (True = attend) or an additive
+    float mask, broadcastable to [batch, heads, q, k_original].
+    """
+    q_len, k_len = query.shape[-2], key.shape[-2] - prefix
+    if k_len == 0:   # attention over the added keys alone
+        return torch.ones(1, 1, q_len, prefix, dtype=torch.bool, device=query.device)
+    if mask is None:
+        if causal and q_len > 1:
+            offset = k_len - q_len
+            rows = torch.arange(q_len, device=query.device)[:, None]
+            cols = torch.arange(k_len, device=query.device)[None, :]
+            body = cols <= rows + offset
+        else:
+            body = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device)
+        mask = body[None, None]
+    if mask.dtype == torch.bool:
+        pad = torch.ones(*mask.shape[:-1], prefix, dtype=torch.bool, device=mask.device)
+    else:
+        pad = torch.zeros(*mask.shape[:-1], prefix, dtype=mask.dtype, device=mask.device)
+    return torch.cat([pad, mask], dim=-1)
+
+
+def chain(adapters: list, base: Callable) -> Callable:
+    """Compose several attention adapters at one op: each sees the next one's attention as its own."""
+    attend = base
+    for adapter in adapters:
+        attend = (lambda a, inner: (lambda q, k, v, prefix=0: a(q, k, v, _with_prefix(inner, prefix))))(adapter, attend)
+    return attend
+
+
+def _with_prefix(inner: Callable, outer_prefix: int) -> Callable:
+    return lambda q, k, v, prefix=0: inner(q, k, v, prefix=prefix + outer_prefix)
+
+
+# ---------------------------------------------------------------- transformers' attention registry
+
+class RegistryAttention:
+    """One attention function registered with transformers, dispatching on the calling module."""
+
+    def __init__(self, original: str):
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+        self.original = original
+        self.name = f"surgery_{original}"
+        if original == "eager":
+            raise RewriteError("attention adapters need an attention function from the registry; "
+                               "load the model with attn_implementation='sdpa'")
+        self.base = ALL_ATTENTION_FUNCTIONS[original]
+        self.sites: dict[int, list[tuple[nn.Module, Callable[[], bool]]]] = {}
+        AttentionInterface.register(self.name, self)
+        AttentionMaskInterface.register(self.name, AttentionMaskInterface._global_mapping[original])
+
+    def __call__(self, module, query, key, value, attention_mask, **kwargs):
+        adapters = [a for a, gate in self.sites.get(id(module), ()) if gate()]
+        if not adapters:
+            return self.base(module, query, key, value, attention_mask, **kwargs)
+        causal = kwargs.get("is_causal")
+        causal = getattr(module, "is_causal", True) if causal is None else causal
+
+        def attend(q, k, v, prefix=0):
+            mask = extend_mask(attention_mask, prefix, q, k, causal) if prefix else attention_mask
+            out, _ = self.base(module, q, k, v, mask, **{**kwargs, "is_causal": False if prefix else kwargs.get("is_causal")})
+            return out
+        return chain(adapters, attend)(query, key, value), None
+
+
+def registry_of(model: nn.Module) -> RegistryAttention | None:
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(model, "set_attn_implementation"):
+        return None
+    current = getattr(config, "_attn_implementation", None) or "sdpa"
+    existing = model.__dict__.get("_surgery_attention")
+    if existing is not None:
+        return existing
+    registry = RegistryAttention(current.removeprefix("surgery_"))
+    model.__dict__["_surgery_attention"] = registry
+    return registry
+
+
+def attach_registry(model: nn.Module, registry: RegistryAttention, module: nn.Module, adapter: nn.Module,
+                    gate: Callable[[], bool]) -> Callable[[], None]:
+    entry = (adapter, gate)
+    registry.sites.setdefault(id(module), []).append(entry)
+    if model.config._attn_implementation != registry.name:
+        model.set_attn_implementation(registry.name)
+
+    def undo():
+        entries = registry.sites.get(id(module), [])
+        if entry in entries:
+            entries.remove(entry)
+        if not any(registry.sites.values()):
+            model.set_attn_implementation(registry.original)
+            model.__dict__.pop("_surgery_attention", None)
+    return undo
+
+
+# ---------------------------------------------------------------- F.scaled_dot_product_attention in a module
+
+def _intercepting(original: Callable, adapters: list) -> Callable:
+    """F.scaled_dot_product_attention with the adapters around it."""
+    names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale")
+
+    def sdpa(*args, **kwargs):
+        bound = dict(zip(names, args))
+        bound.update(kwargs)
+        mask, causal = bound.get("attn_mask"), bool(bound.get("is_causal", False))
+        rest = {k: v for k, v in bound.items() if k in ("dropout_p", "scale", "enable_gqa")}
+
+        def attend(q, k, v, prefix=0):
+            if prefix:
+                return original(q, k, v, attn_mask=extend_mask(mask, prefix, q, k, causal), is_causal=False, **rest)
+            return original(q, k, v, attn_mask=mask, is_causal=causal, **rest)
+        return chain(adapters, attend)(bound["query"], bound["key"], bound["value"])
+    return sdpa
+
+
+def attach_intercept(module: nn.Module, adapter: nn.Module, gate: Callable[[], bool]) -> Callable[[], None]:
+    """While `module` runs, its calls of F.scaled_dot_product_attention go through the adapter (and
+    nn.MultiheadAttention is kept off its fused fast path, which does not call that function)."""
+    saved = []
+
+    def pre(mod, args, kwargs):
+        if not gate():
+            return None
+        saved.append((F.scaled_dot_product_attention, torch.backends.mha.get_fastpath_enabled()))
+        torch.backends.mha.set_fastpath_enabled(False)
+        F.scaled_dot_product_attention = _intercepting(saved[-1][0], [adapter])
+        return None
+
+    def post(mod, args, out):
+        if saved:
+            original, fast = saved.pop()
+            F.scaled_dot_product_attention = original
+            torch.backends.mha.set_fastpath_enabled(fast)
+        return None
+
+    h1 = module.register_forward_pre_hook(pre, with_kwargs=True)
+    h2 = module.register_forward_hook(post, always_call=True)
+    return lambda: (h1.remove(), h2.remove())
