@@ -7,9 +7,10 @@ from surgery.errors import MatchError, RewriteError, SpecError, SurgeryError
 from surgery.match import Match
 from surgery.modules.registry import register as register_module
 from surgery.spec import Spec, load_spec
+from surgery.merge import MergeReport, merge, unmerge  # noqa: E402
 
 __all__ = [
     "apply", "plan", "disable", "remove", "set_active", "trainable_parameters", "load_spec", "Spec", "Match",
     "register_module", "SurgeryError", "SpecError", "MatchError", "RewriteError",
-]
+] + ["merge", "unmerge", "MergeReport"]
 __version__ = "0.1.0"

@@ -1,9 +1,15 @@
-"""IA3 (Liu et al. 2022): a learned vector, initialized to ones, rescales an op's output (k, v) or input (FFN)."""
+"""IA3 (Liu et al. 2022): a learned vector, initialized to ones, rescales an op's output (k, v) or input (FFN).
+
+Scaling the output multiplies the weight's rows (and the bias); scaling the input multiplies its columns. Both
+fold into the weight; unmerging divides again, which is exact only up to rounding and impossible where an
+entry is zero, so `inverse_weight` returns None then and merge keeps what it needs (see surgery/merge.py).
+"""
 from __future__ import annotations
 
 from typing import Literal
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from surgery.modules.base import SiteContext, WeightAdapter
@@ -13,7 +19,8 @@ from surgery.modules.registry import Options, register
 class IA3Options(Options):
     kind: Literal["ia3"] = "ia3"
     supported_actions = ("wrap",)
-    scale: Literal["output", "input", "auto"] = "auto"
+    scale: Literal["output", "input", "auto"] = Field(
+        "auto", description="Which side the vector scales; auto: the input for ffn.out, the output otherwise.")
 
 
 @register
@@ -46,3 +53,17 @@ class IA3(WeightAdapter):
 
     def transform_bias(self, bias):
         return bias if self.scale_input else bias * self.ia3_l.to(bias.dtype)
+
+    def _invertible(self) -> bool:
+        return bool((self.ia3_l != 0).all())
+
+    def inverse_weight(self, merged):
+        if not self._invertible():
+            return None
+        l = self.ia3_l.to(merged.dtype)
+        return merged / l if self.scale_input else merged / l[:, None]
+
+    def inverse_bias(self, merged):
+        if self.scale_input:
+            return merged
+        return merged / self.ia3_l.to(merged.dtype) if self._invertible() else None

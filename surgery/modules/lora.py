@@ -1,4 +1,9 @@
-"""LoRA (Hu et al. 2021): W + (alpha/r) B A, with rsLoRA scaling (alpha/sqrt(r)) as an option."""
+"""LoRA (Hu et al. 2021): W + s·B·A with s = alpha/r, or alpha/√r with rsLoRA (Kalajdzievski 2023).
+
+B starts at zero, so the adapted op equals the base op at init; A is kaiming-uniform (as PEFT and the paper's
+code) or Gaussian with std 1/r (PEFT's "gaussian"). The delta is additive, so merging folds it
+into the base weight and unmerging subtracts it again (`inverse_weight`).
+"""
 from __future__ import annotations
 
 import math
@@ -15,11 +20,12 @@ from surgery.modules.registry import Options, register
 class LoRAOptions(Options):
     kind: Literal["lora"] = "lora"
     supported_actions = ("wrap",)
-    r: int = Field(8, ge=1)
-    alpha: float = 8
-    dropout: float = Field(0.0, ge=0, lt=1)
-    use_rslora: bool = False
-    init: Literal["kaiming", "gaussian", "zeros"] = "kaiming"
+    r: int = Field(8, ge=1, description="Rank of the update B·A.")
+    alpha: float = Field(8, gt=0, description="Scaling numerator: s = alpha/r (alpha/sqrt(r) with use_rslora).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the op's input before A (activation path only).")
+    use_rslora: bool = Field(False, description="Rank-stabilized scaling alpha/sqrt(r).")
+    init: Literal["kaiming", "gaussian"] = Field(
+        "kaiming", description="A's init (B is always zero): kaiming-uniform(a=√5) or Gaussian with std 1/r.")
 
 
 @register
@@ -30,6 +36,8 @@ class LoRA(WeightAdapter):
                  use_rslora: bool = False, init: str = "kaiming"):
         super().__init__()
         self.r = r
+        self.alpha = alpha
+        self.use_rslora = use_rslora
         self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
         self.lora_A = nn.Parameter(torch.empty(r, in_features))
         self.lora_B = nn.Parameter(torch.empty(out_features, r))
@@ -57,3 +65,7 @@ class LoRA(WeightAdapter):
 
     def transform_weight(self, weight):
         return weight + self.delta_weight().to(weight.dtype)
+
+    def inverse_weight(self, merged):
+        """The base weight from a merged one (merge/unmerge)."""
+        return merged - self.delta_weight().to(merged.dtype)

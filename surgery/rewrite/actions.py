@@ -193,7 +193,7 @@ def realize(model: nn.Module, analysis: Analysis, store: AdapterStore, record: R
     if rule.action == "train":
         for match in matches:
             for pname, param in _params_of(model, match.site, analysis).items():
-                kind = "bias" if pname.rpartition(".")[2].startswith("bias") else "weight"
+                kind = "bias" if "bias" in pname.rpartition(".")[2].split("_") else "weight"  # in_proj_bias too
                 if "all" in rule.params or kind in rule.params:
                     record.trained.append((param, param.requires_grad))
         return
