@@ -42,12 +42,15 @@ def plan(model: nn.Module, spec: Any, *, example_inputs=None) -> list[Match]:
     return [m for matches in match_spec(spec, analysis) for m in matches]
 
 
-def apply(model: nn.Module, spec: Any, *, example_inputs=None, name: str | None = None) -> nn.Module:
+def apply(model: nn.Module, spec: Any, *, example_inputs=None, name: str | None = None,
+          calibration: Any = None) -> nn.Module:
     """Rewrite `model` in place as the spec says and return it.
 
     Base parameters are frozen; the new modules (and what `train` rules select) train. The model keeps its
     class, its forward signature and its parameters (shared, never copied). On any error the model is left
-    exactly as it was.
+    exactly as it was. `calibration`: data for modules that choose their structure from the model's
+    gradients (sparse `select: gradient`): batches the model takes whose outputs carry a loss, or a callable
+    model -> iterable of scalar losses.
     """
     spec = spec_from(spec)
     name = name or "default"
@@ -62,11 +65,13 @@ def apply(model: nn.Module, spec: Any, *, example_inputs=None, name: str | None 
     if created_store:
         store.uninstall = install_call_capture(model, store.runtime)
     record = Record(name=name, specs=[spec])
+    # one dict for every site of this call: modules compute per-call statistics once (`apply_cache`)
+    site_extra = {"calibration": calibration, "apply_cache": {}}
     try:
         store.adapters[name] = nn.ModuleDict()
         record.undo.append(lambda: store.adapters.pop(name))
         for rule, matches in zip(spec.rules, all_matches):
-            realize(model, analysis, store, record, rule, matches)
+            realize(model, analysis, store, record, rule, matches, site_extra)
         _set_trainable(model, store, record)
         store.records[name] = record
     except Exception as exc:

@@ -3,5 +3,6 @@ from surgery.modules.base import SiteContext, WeightAdapter
 from surgery.modules.registry import Options, kinds, module_class, register
 from surgery.modules import attention, bottleneck, ia3, lora  # noqa: F401  (register the built-in kinds)
 from surgery.modules import krona  # noqa: F401
+from surgery.modules import dora, said, sparse  # noqa: F401
 
 __all__ = ["Options", "SiteContext", "WeightAdapter", "kinds", "module_class", "register"]

@@ -186,8 +186,9 @@ def _params_of(model: nn.Module, site: Site, analysis: Analysis) -> dict[str, nn
 
 
 def realize(model: nn.Module, analysis: Analysis, store: AdapterStore, record: Record, rule: Rule,
-            matches: list[Match]) -> None:
-    """Build the rule's module at every match and realize the action on the host."""
+            matches: list[Match], extra: dict | None = None) -> None:
+    """Build the rule's module at every match and realize the action on the host. `extra` (the same dict
+    for every site of one apply call) is passed to each module in `SiteContext.extra`."""
     name = record.name
     gate = (lambda: store.runtime.on(name))
     if rule.action == "train":
@@ -209,6 +210,7 @@ def realize(model: nn.Module, analysis: Analysis, store: AdapterStore, record: R
     for match in matches:
         value = _through(_site_value(match.site), rule.through)
         ctx = _context(model, analysis, match, value, rule)
+        ctx.extra.update(extra or {})
         ctx.shared, ctx.runtime = shared, store.runtime
         module = cls.build(rule.module, ctx, rule.action)
         if ctx.device.type != "meta":

@@ -1,0 +1,118 @@
+"""Intrinsic SAID (Aghajanyan et al. 2021): every selected weight moves in one random d-dimensional subspace,
+θ_t = θ₀_t + λ_t · P_t(θ_d), with one learned scale λ_t per weight tensor (the structure-aware part).
+
+P_t is a Fastfood projection (Le et al. 2013, as Li et al. 2018 and the SAID code use it):
+P_t(θ) = (H G Π H B pad(θ))[:D_t] / √(D_t · ΣG²), with H the (unnormalized) Walsh–Hadamard transform of size
+n_t = 2^⌈log₂ max(D_t, d)⌉, B random signs, Π a random permutation, G Gaussian. H is applied by the fast
+transform, so a tensor of D_t entries costs O(D_t) memory and O(D_t log D_t) time, never a D_t×d matrix.
+
+θ_d is one vector shared by all sites of a rule: it lives in the rule's shared modules (`SiteContext.shared`,
+saved and counted once), and every site's adapter holds an unregistered reference to it.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from surgery.errors import RewriteError
+from surgery.modules.base import SiteContext, WeightAdapter
+from surgery.modules.registry import Options, register
+from surgery.modules.sparse import site_seed
+
+
+def fwht(x: torch.Tensor) -> torch.Tensor:
+    """Unnormalized fast Walsh–Hadamard transform over the last dimension (a power of two): x ↦ H x."""
+    n = x.shape[-1]
+    if n & (n - 1):
+        raise ValueError(f"fwht needs a power-of-two length, got {n}")
+    lead = x.shape[:-1]
+    h = 1
+    while h < n:
+        pairs = x.reshape(*lead, n // (2 * h), 2, h)
+        a, b = pairs[..., 0, :], pairs[..., 1, :]
+        x = torch.stack((a + b, a - b), dim=-2).reshape(*lead, n)
+        h *= 2
+    return x
+
+
+class Fastfood(nn.Module):
+    """P: R^d → R^D by the Fastfood transform; its randomness is O(D) and regenerated from the seed (not saved)."""
+
+    def __init__(self, d: int, size: int, seed: int):
+        super().__init__()
+        self.d, self.size = d, size
+        self.n = 1 << (max(size, d) - 1).bit_length()   # the next power of two ≥ max(D, d)
+        g = torch.Generator().manual_seed(seed)
+        self.register_buffer("signs", torch.randint(0, 2, (self.n,), generator=g).float() * 2 - 1, persistent=False)
+        self.register_buffer("permutation", torch.randperm(self.n, generator=g), persistent=False)
+        gauss = torch.randn(self.n, generator=g)
+        self.register_buffer("gauss", gauss, persistent=False)
+        self.register_buffer("normalizer", (size * gauss.pow(2).sum()).rsqrt(), persistent=False)
+
+    def forward(self, theta: torch.Tensor) -> torch.Tensor:
+        x = F.pad(theta, (0, self.n - self.d)) * self.signs
+        x = fwht(x)[self.permutation] * self.gauss
+        return fwht(x)[: self.size] * self.normalizer
+
+
+class Subspace(nn.Module):
+    """θ_d, the shared point in the intrinsic subspace; zero at init, so the model starts as the base."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.theta = nn.Parameter(torch.zeros(d))
+
+
+class SAIDOptions(Options):
+    kind: Literal["said"] = "said"
+    supported_actions = ("wrap",)
+    d: int = Field(1000, ge=1, description="Dimension of the shared subspace.")
+    seed: int = Field(0, description="Seed of the random projections (regenerated, never saved).")
+
+
+@register
+class IntrinsicSAID(WeightAdapter):
+    Options = SAIDOptions
+
+    def __init__(self, out_features: int, in_features: int, subspace: Subspace, seed: int):
+        super().__init__()
+        self.out_features, self.in_features = out_features, in_features
+        self._subspace = [subspace]   # unregistered: the rule's shared modules hold (and save) it once
+        self.projection = Fastfood(subspace.theta.numel(), out_features * in_features, seed)
+        self.scale = nn.Parameter(torch.ones(()))
+
+    @classmethod
+    def build(cls, options: SAIDOptions, site: SiteContext, action: str) -> "IntrinsicSAID":
+        if site.shared is None:
+            raise RewriteError("said couples all sites of a rule through one subspace: it needs the rule's "
+                               "shared modules (SiteContext.shared)")
+        if "subspace" not in site.shared:
+            site.shared["subspace"] = Subspace(options.d)
+        return cls(site.out_features, site.in_features, site.shared["subspace"], site_seed(options.seed, site))
+
+    @property
+    def theta(self) -> nn.Parameter:
+        return self._subspace[0].theta
+
+    def reset_parameters(self):
+        nn.init.ones_(self.scale)
+        with torch.no_grad():
+            self.theta.zero_()
+
+    def delta_weight(self) -> torch.Tensor:
+        theta = self.theta.to(self.projection.gauss.dtype)
+        return (self.scale * self.projection(theta)).view(self.out_features, self.in_features)
+
+    def forward(self, x, y):
+        return y + F.linear(x, self.delta_weight().to(x.dtype))
+
+    def transform_weight(self, weight):
+        return weight + self.delta_weight().to(weight.dtype)
+
+    def inverse_weight(self, merged):
+        """The base weight from a merged one (unmerge)."""
+        return merged - self.delta_weight().to(merged.dtype)
