@@ -1,35 +1,59 @@
-"""The `surgery` command line: inspect, demo (more subcommands register here)."""
+"""The `surgery` command line: validate, schema, inspect, apply, export, demo.
+
+A user error (a bad spec, a model that cannot be loaded, a rule that matches nothing) prints one line per
+problem and exits with 1; no traceback. Spec problems read `file:line:col: key.path: message`.
+"""
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from pathlib import Path
 
-import torch
+from surgery.errors import MatchError, SpecError, SurgeryError
 
-from surgery.errors import SurgeryError
+MODEL_HELP = "package.module:factory_or_class (called with no arguments) or a transformers model directory"
 
 
 def load_model(ref: str):
-    """`package.module:factory_or_class` (called with no arguments) or a directory transformers can load offline."""
+    """`package.module:factory_or_class` (called with no arguments) or a directory transformers can load offline.
+
+    Returns (model, example_inputs); the example comes from the model's `example_inputs()` when it has one.
+    """
     if ":" in ref and not Path(ref).exists():
         module_name, _, attr = ref.partition(":")
+        if os.getcwd() not in sys.path and "" not in sys.path:
+            sys.path.insert(0, os.getcwd())   # `surgery` run as a script: find the user's own packages
         try:
             factory = getattr(importlib.import_module(module_name), attr)
         except (ImportError, AttributeError) as exc:
             raise SurgeryError(f"cannot load model {ref!r}: {exc}") from None
-        model = factory()
-        example = model.example_inputs() if hasattr(model, "example_inputs") else None
+        try:
+            model = factory()
+        except Exception as exc:  # the user's factory: report, do not crash
+            raise SurgeryError(f"cannot load model {ref!r}: {attr}() raised {type(exc).__name__}: {exc}") from None
+        example = model.example_inputs() if callable(getattr(model, "example_inputs", None)) else None
         return model, example
     path = Path(ref)
     if path.is_dir():
-        try:
-            from transformers import AutoModel
-        except ImportError:
-            raise SurgeryError("loading a model directory needs transformers (pip install surgery[transformers])") from None
-        return AutoModel.from_pretrained(str(path), local_files_only=True), None
-    raise SurgeryError(f"MODEL must be package.module:factory or a model directory, not {ref!r}")
+        return _load_pretrained(path), None
+    raise SurgeryError(f"MODEL must be package.module:factory_or_class or a model directory, not {ref!r}")
+
+
+def _load_pretrained(path: Path):
+    """The class the directory was saved from (its config's `architectures`), else AutoModel; offline only."""
+    try:
+        import transformers
+    except ImportError:
+        raise SurgeryError("loading a model directory needs transformers (pip install surgery[transformers])") from None
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
+        architectures = getattr(config, "architectures", None) or []
+        cls = getattr(transformers, architectures[0], None) if architectures else None
+        return (cls or transformers.AutoModel).from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise SurgeryError(f"cannot load the model directory {path}: {exc}") from None
 
 
 def format_table(rows: list[dict], columns: list[str]) -> str:
@@ -39,20 +63,124 @@ def format_table(rows: list[dict], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
-def cmd_inspect(args) -> int:
+def _problems(exc: SpecError) -> list[SpecError]:
+    return exc.problems or [exc]
+
+
+def cmd_validate(args) -> int:
+    """Every problem of every file, one line each; with --model also every rule's matches and the rewrite."""
+    from surgery.spec.load import load_spec_with_origins
+    problems: list[SpecError] = []
+    failed: set[str] = set()
+    loaded = []
+    for file in args.files:
+        try:
+            loaded.append((file, *load_spec_with_origins(file)))
+        except SpecError as exc:
+            problems.extend(_problems(exc))
+            failed.add(file)
+    if args.model and loaded:
+        model, example = load_model(args.model)
+        for file, spec, origins in loaded:
+            found = _check_on_model(model, example, spec, origins, args.model)
+            example = None   # traced once: later checks reuse the analysis cached on the model
+            problems.extend(found)
+            if found:
+                failed.add(file)
+    for problem in problems:
+        print(problem.render())
+    for file, spec, _ in loaded:
+        if file not in failed:
+            on = f" on {args.model}" if args.model else ""
+            print(f"{file}: ok ({len(spec.rules)} rule{'s' if len(spec.rules) != 1 else ''}{on})")
+    if problems:
+        print(f"{len(problems)} problem{'s' if len(problems) != 1 else ''} in {len(failed)} "
+              f"file{'s' if len(failed) != 1 else ''}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _check_on_model(model, example, spec, origins, model_ref: str) -> list[SpecError]:
+    """Each rule must match on the model (problems point at the rule's `match`); then the whole spec must apply."""
+    import surgery
+    problems = []
+    surgery.plan(model, spec.model_copy(update={"rules": []}), example_inputs=example)   # trace and analyze once
+    for i, (rule, origin) in enumerate(zip(spec.rules, origins)):
+        single = spec.model_copy(update={"rules": [rule.model_copy(update={"name": spec.rule_name(i)})]})
+        try:
+            surgery.plan(model, single)
+        except MatchError as exc:
+            problems.append(origin.error(f"{exc} (on {model_ref})", "match"))
+    if problems:
+        return problems
+    name = "surgery-validate"
+    try:
+        surgery.apply(model, spec, name=name)
+    except SpecError as exc:
+        return _problems(exc)
+    except SurgeryError as exc:
+        origin = next((o for r, o in zip(spec.rules, origins) if r.name and repr(r.name) in str(exc)), origins[0])
+        return [origin.error(f"cannot apply on {model_ref}: {exc}")]
+    surgery.remove(model, name)
+    return []
+
+
+def cmd_schema(args) -> int:
+    from surgery.spec.schema import render_schema
+    sys.stdout.write(render_schema())
+    return 0
+
+
+def _summary(model, matches) -> str:
+    import surgery
+    trainable, total = surgery.trainable_parameters(model)
+    return (f"{len(matches)} site(s); trainable parameters: {trainable:,} of {total:,} "
+            f"({100 * trainable / max(total, 1):.3f}%)")
+
+
+def _applied(args):
+    """Load MODEL, apply SPEC, print the sites; returns (model, example_inputs)."""
     import surgery
     model, example = load_model(args.model)
     matches = surgery.plan(model, args.spec, example_inputs=example)
     print(format_table([m.as_row() for m in matches], ["rule", "layer", "role", "module", "node"]))
-    base_trainable, total = surgery.trainable_parameters(model)
-    surgery.apply(model, args.spec, example_inputs=example)
-    trainable, total = surgery.trainable_parameters(model)
-    print(f"\n{len(matches)} site(s); trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
+    surgery.apply(model, args.spec, name=getattr(args, "name", None) or None)
+    print(f"\n{_summary(model, matches)}")
+    return model, example
+
+
+def cmd_inspect(args) -> int:
+    _applied(args)
+    return 0
+
+
+def cmd_apply(args) -> int:
+    import surgery
+    save = getattr(surgery, "save", None)
+    if save is None:
+        raise SurgeryError("`surgery apply` saves the adapters with surgery.save, which this installation lacks")
+    model, _ = _applied(args)
+    out = save(model, args.out)
+    written = sorted(p.name for p in Path(out or args.out).iterdir()) if Path(out or args.out).is_dir() else []
+    print(f"saved the adapters to {out or args.out}" + (f": {', '.join(written)}" if written else ""))
+    return 0
+
+
+def cmd_export(args) -> int:
+    import surgery
+    export = getattr(surgery, "export", None)
+    if export is None:
+        raise SurgeryError("`surgery export` needs surgery.export, which this installation lacks")
+    model, example = _applied(args)
+    result = export(model, args.out, example_inputs=example, format=args.format, merge=not args.no_merge)
+    print(f"exported ({args.format}) to {result or args.out}")
     return 0
 
 
 def cmd_demo(args) -> int:
     """The quick start: Houlsby adapters on the seed's MiniGPT, a few training steps on a copy task."""
+    import torch
+
     import surgery
     from surgery.example_models import minigpt
     spec = args.spec or str(Path(__file__).resolve().parent.parent / "specs" / "houlsby.yaml")
@@ -82,10 +210,37 @@ def cmd_demo(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="surgery", description="Declarative model surgery for PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("validate", help="check spec files (schema and semantics; with --model, that every rule "
+                                        "matches and the spec applies)",
+                       description="Print every problem as file:line:col: key.path: message; exit 1 on any.")
+    p.add_argument("files", nargs="+", metavar="FILE", help="YAML or JSON spec files")
+    p.add_argument("--model", help=MODEL_HELP)
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("schema", help="print the JSON Schema of the spec format (as in surgery.schema.json)")
+    p.set_defaults(func=cmd_schema)
+
     p = sub.add_parser("inspect", help="print the sites a spec matches and the trainable parameter count")
-    p.add_argument("model", help="package.module:factory or a transformers model directory")
+    p.add_argument("model", help=MODEL_HELP)
     p.add_argument("--spec", required=True)
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("apply", help="apply a spec to a model and save the adapters (surgery.save)")
+    p.add_argument("model", help=MODEL_HELP)
+    p.add_argument("--spec", required=True)
+    p.add_argument("--out", required=True, metavar="DIR", help="directory for the adapter files")
+    p.add_argument("--name", default=None, help="adapter name (default: default)")
+    p.set_defaults(func=cmd_apply)
+
+    p = sub.add_parser("export", help="apply a spec and export the rewritten model (surgery.export)")
+    p.add_argument("model", help=MODEL_HELP)
+    p.add_argument("--spec", required=True)
+    p.add_argument("--format", default="onnx", choices=["onnx", "torchscript", "pt2"])
+    p.add_argument("--out", required=True, metavar="FILE")
+    p.add_argument("--no-merge", action="store_true", help="keep foldable rewrites unmerged")
+    p.set_defaults(func=cmd_export)
+
     p = sub.add_parser("demo", help="apply a spec to the built-in MiniGPT and train a few steps")
     p.add_argument("--spec", default=None)
     p.add_argument("--steps", type=int, default=20)
@@ -97,9 +252,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except SpecError as exc:
+        for problem in _problems(exc):
+            print(problem.render(), file=sys.stderr)
+        return 1
     except SurgeryError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":

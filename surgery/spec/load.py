@@ -2,48 +2,99 @@
 from __future__ import annotations
 
 import difflib
+import os
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from surgery.errors import SpecError
 from surgery.modules.registry import options_model
-from surgery.spec.models import Spec
+from surgery.spec.models import (KeyProblem, Match, OptionsProblem, Rule, Spec, duplicate_rule_names,
+                                 rule_problems)
 
 Positions = dict[tuple, tuple[int, int]]
 
+# Plain data only: any other tag (`!!python/object/apply:...`, `!!binary`, local `!tags`) is refused.
+_DATA_TAGS = {f"tag:yaml.org,2002:{t}" for t in ("map", "seq", "str", "int", "float", "bool", "null")}
+_MAX_VALUES = 100_000   # bounds alias expansion ("billion laughs")
 
-def _compose(text: str, file: str) -> tuple[Any, Positions]:
-    """Parse with the safe loader, keeping each key's (line, column)."""
+
+def _short_tag(tag: str) -> str:
+    return "!!" + tag.removeprefix("tag:yaml.org,2002:") if tag.startswith("tag:yaml.org,2002:") else tag
+
+
+def _compose(text: str, file: str) -> tuple[Any, Positions, list[SpecError]]:
+    """Parse with the safe composer, keeping each key's (line, column); constructs plain data only.
+
+    Returns the data, the positions, and the problems found while building it (duplicate keys). Refused tags
+    and YAML syntax errors raise: nothing after them can be trusted.
+    """
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        raise SpecError(f"YAML syntax error: {getattr(exc, 'problem', exc)}", file=file,
+        raise SpecError(f"YAML syntax error: {getattr(exc, 'problem', None) or exc}", file=file,
                         line=mark.line + 1 if mark else None, column=mark.column + 1 if mark else None) from None
     positions: Positions = {}
+    problems: list[SpecError] = []
+    refused: list[SpecError] = []
+    constructor = yaml.SafeLoader("")
+    count = 0
+    building: set[int] = set()
+
+    def at(node) -> dict:
+        return dict(file=file, line=node.start_mark.line + 1, column=node.start_mark.column + 1)
 
     def build(node, path):
+        nonlocal count
+        count += 1
+        if count > _MAX_VALUES:
+            raise SpecError(f"spec too large: more than {_MAX_VALUES} values (aliases expanding?)", **at(node))
+        if id(node) in building:
+            raise SpecError("recursive YAML alias: a value contains itself", **at(node))
         positions.setdefault(path, (node.start_mark.line + 1, node.start_mark.column + 1))
-        if isinstance(node, yaml.MappingNode):
-            out = {}
-            for key_node, value_node in node.value:
-                key = build(key_node, path + ("<key>",))
-                positions[path + (key,)] = (key_node.start_mark.line + 1, key_node.start_mark.column + 1)
-                out[key] = build(value_node, path + (key,))
-            return out
-        if isinstance(node, yaml.SequenceNode):
-            return [build(child, path + (i,)) for i, child in enumerate(node.value)]
+        if node.tag not in _DATA_TAGS:
+            refused.append(SpecError(f"refused YAML tag {_short_tag(node.tag)!r}: specs are plain data (mappings, "
+                                     f"lists, strings, numbers, booleans) and cannot construct Python objects",
+                                     key=_dotted(path), **at(node)))
+            return None
+        building.add(id(node))
         try:
-            return yaml.SafeLoader(" ").construct_object(node)  # scalars only; unsafe tags raise here
-        except yaml.constructor.ConstructorError as exc:
-            raise SpecError(f"refused YAML tag {node.tag!r}: specs are data and cannot construct Python objects",
-                            file=file, line=node.start_mark.line + 1, column=node.start_mark.column + 1) from None
+            if isinstance(node, yaml.MappingNode):
+                constructor.flatten_mapping(node)   # `<<: *defaults` merge keys
+                out = {}
+                for key_node, value_node in node.value:
+                    key = build(key_node, path + ("<key>",))
+                    if not isinstance(key, (str, int, float, bool)) and key is not None:
+                        problems.append(SpecError("keys are plain strings", key=_dotted(path), **at(key_node)))
+                        continue
+                    if key in out:
+                        problems.append(SpecError(f"duplicate key {key!r} (an earlier one is overridden)",
+                                                  key=_dotted(path + (key,)), **at(key_node)))
+                    positions[path + (key,)] = (key_node.start_mark.line + 1, key_node.start_mark.column + 1)
+                    out[key] = build(value_node, path + (key,))
+                return out
+            if isinstance(node, yaml.SequenceNode):
+                return [build(child, path + (i,)) for i, child in enumerate(node.value)]
+            return constructor.construct_object(node)
+        except (yaml.YAMLError, ValueError) as exc:
+            raise SpecError(f"cannot read this value: {getattr(exc, 'problem', None) or exc}", key=_dotted(path),
+                            **at(node)) from None
+        finally:
+            building.discard(id(node))
 
     data = build(root, ()) if root is not None else {}
-    return data, positions
+    if refused:
+        raise SpecError("refused YAML tags", problems=refused)
+    return data, positions, problems
+
+
+def _dotted(path: tuple) -> str | None:
+    return ".".join(str(p) for p in path) or None
 
 
 def _where(positions: Positions, path: tuple) -> tuple[int | None, int | None]:
@@ -54,110 +105,256 @@ def _where(positions: Positions, path: tuple) -> tuple[int | None, int | None]:
     return positions.get((), (None, None))
 
 
-def _message(err: dict, data: Any) -> str:
-    msg = err["msg"]
-    if err["type"] == "extra_forbidden":
-        msg = f"unknown key {err['loc'][-1]!r}"
-    if err["type"] == "value_error":
-        msg = msg.removeprefix("Value error, ")
-    return msg
+def _data_path(loc: tuple, data: Any) -> tuple:
+    """The part of a pydantic error location that exists in the data (the rest names union members)."""
+    path, node = (), data
+    for part in loc:
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+            node = node[part]
+        else:
+            break
+        path += (part,)
+    return path
 
 
-def _suggest(err: dict, model_fields: list[str]) -> str:
-    if err["type"] != "extra_forbidden":
-        return ""
-    near = difflib.get_close_matches(str(err["loc"][-1]), model_fields, n=1)
+def _model_at(path: tuple, data: Any) -> type[BaseModel] | None:
+    """The pydantic model that validates the mapping at `path`, for 'did you mean' hints."""
+    model, node = Spec, data
+    for part in path:
+        node = node[part] if isinstance(node, (dict, list)) and _has(node, part) else None
+        if isinstance(part, int):
+            continue
+        if model is Spec and part == "rules":
+            model = Rule
+        elif (model is Rule and part in ("match", "from")) or (model is Match and part == "inputs"):
+            model = Match
+        elif model is Rule and part == "module":
+            try:
+                model = options_model(node.get("kind") if isinstance(node, dict) else None)
+            except ValueError:
+                return None
+        else:
+            return None
+    return model
+
+
+def _has(node, part) -> bool:
+    return part in node if isinstance(node, dict) else isinstance(part, int) and 0 <= part < len(node)
+
+
+def _near(word: Any, choices) -> str:
+    near = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1)
     return f" (did you mean {near[0]!r}?)" if near else ""
 
 
-def _fields_at(path: tuple) -> list[str]:
-    """Field names valid at a location, for 'did you mean' hints."""
-    from surgery.spec.models import Match, Rule
-    parent = [p for p in path[:-1] if not isinstance(p, int)]
-    if not parent:
-        return list(Spec.model_fields)
-    if parent[-1] in ("match", "from", "inputs"):
-        return list(Match.model_fields)
-    if parent[-1] == "rules":
-        return [f.alias or n for n, f in Rule.model_fields.items()]
-    return []
+_TYPE_ERRORS = re.compile(r"(_type|_parsing|int_from_float|bool_parsing|missing)$")
+
+
+def _is_type_mismatch(err: dict) -> bool:
+    """True when the value has the wrong type for this alternative (rather than a wrong value of the right type)."""
+    if err["type"] == "literal_error":
+        expected = err.get("ctx", {}).get("expected", "")
+        return not (isinstance(err.get("input"), str) and "'" in expected)
+    return bool(_TYPE_ERRORS.search(err["type"]))
+
+
+def _message(err: dict, data: Any, path: tuple) -> str:
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        key = path[-1] if path else err["loc"][-1]
+        model = _model_at(path[:-1], data)
+        fields = [f.alias or n for n, f in model.model_fields.items()] if model else []
+        return f"unknown key {key!r}" + _near(key, fields)
+    if kind == "missing":
+        return f"missing required key {err['loc'][-1]!r}"
+    msg = err["msg"].removeprefix("Value error, ").replace("Input should", "input should")
+    if kind == "literal_error" and isinstance(err.get("input"), str):
+        msg = f"{err['input']!r} is not allowed: {msg}"
+        msg += _near(err["input"], re.findall(r"'([^']*)'", err["ctx"]["expected"]))
+    return msg
+
+
+def _union_message(errors: list[dict]) -> str:
+    """One message for a value that fits none of a union's alternatives."""
+    kinds = []
+    for err in errors:
+        text = err["msg"].removeprefix("Input should be ").split(",")[0]
+        if text not in kinds:
+            kinds.append(text)
+    got = errors[0].get("input")
+    return f"input should be {' or '.join(kinds)} (got {got!r})"
+
+
+def _problems_from(exc: ValidationError, data: Any, base: tuple = ()) -> list[tuple[tuple, str]]:
+    """(path, message) per problem; the alternatives of one union value are merged into one problem."""
+    groups: dict[tuple, list[dict]] = {}
+    for err in exc.errors():
+        loc = base + tuple(err["loc"])
+        error = err.get("ctx", {}).get("error")
+        if isinstance(error, OptionsProblem):
+            continue   # a module's options: validated on their own first, each error at its own key
+        if isinstance(error, KeyProblem):
+            loc += tuple(error.path)
+        path = _data_path(loc, data)
+        if err["type"] in ("missing", "extra_forbidden") and len(loc) > len(path):
+            path = loc[:len(path) + 1]
+        groups.setdefault(path, []).append(err)
+    out = []
+    for path, errors in groups.items():
+        specific = [e for e in errors if not _is_type_mismatch(e)] if len(errors) > 1 else errors
+        if specific:
+            out.extend((path, _message(e, data, path)) for e in specific)
+        else:
+            out.append((path, _union_message(errors)))
+    return out
 
 
 def validate_data(data: Any, *, file: str = "<spec>", positions: Positions | None = None) -> Spec:
     """Validate parsed spec data; raise one SpecError listing every problem with its source position."""
-    positions = positions or {}
-    problems: list[SpecError] = []
+    return _validate(data, file, positions or {}, [])
+
+
+def _validate(data: Any, file: str, positions: Positions, problems: list[SpecError]) -> Spec:
+    problems = list(problems)
+    reported: set[str | None] = set()
 
     def add(path: tuple, message: str):
+        if _dotted(path) in reported:
+            return   # one problem per key: the first found is the most specific
+        reported.add(_dotted(path))
         line, col = _where(positions, path)
-        key = ".".join(str(p) for p in path) or None
-        problems.append(SpecError(message, file=file, line=line, column=col, key=key))
+        problems.append(SpecError(message, file=file, line=line, column=col, key=_dotted(path)))
+
+    def fail():
+        problems.sort(key=lambda p: (p.line or 0, p.column or 0))
+        return SpecError("invalid spec", problems=problems)
 
     if not isinstance(data, dict):
         add((), "a spec is a mapping with a `rules` list")
-        raise SpecError("invalid spec", problems=problems)
+        raise fail()
+    rules = data.get("rules") if isinstance(data.get("rules"), list) else []
 
-    module_checked: set[int] = set()
-    for i, rule in enumerate(data.get("rules") or []):
+    # Module options first: a rule's `module` is checked against its kind's Options, with paths into it.
+    for i, rule in enumerate(rules):
         module = rule.get("module") if isinstance(rule, dict) else None
         if not isinstance(module, dict):
             continue
-        module_checked.add(i)
         try:
             model = options_model(module.get("kind"))
         except ValueError as exc:
-            add(("rules", i, "module", "kind"), str(exc))
+            add(("rules", i, "module", "kind") if "kind" in module else ("rules", i, "module"), str(exc))
             continue
         try:
             model.model_validate(module)
         except ValidationError as exc:
-            for err in exc.errors():
-                path = ("rules", i, "module") + tuple(err["loc"])
-                hint = ""
-                if err["type"] == "extra_forbidden":
-                    near = difflib.get_close_matches(str(err["loc"][-1]), list(model.model_fields), n=1)
-                    hint = f" (did you mean {near[0]!r}?)" if near else ""
-                add(path, _message(err, data) + hint)
+            for path, message in _problems_from(exc, data, ("rules", i, "module")):
+                add(path, message)
 
     try:
         spec = Spec.model_validate(data)
     except ValidationError as exc:
-        for err in exc.errors():
-            path = tuple(err["loc"])
-            if len(path) >= 2 and path[0] == "rules" and path[1] in module_checked and (
-                    len(path) == 2 or path[2] == "module"):
-                if any(p.key and p.key.startswith(f"rules.{path[1]}.module") for p in problems):
-                    continue
-            add(path, _message(err, data) + _suggest(err, _fields_at(path)))
-        raise SpecError("invalid spec", problems=problems) from None
+        for path, message in _problems_from(exc, data):
+            add(path, message)
+        # Pydantic stops at a rule's field errors; the combination checks still apply to what was written.
+        for i, rule in enumerate(rules):
+            for problem in rule_problems(rule) if isinstance(rule, dict) else []:
+                add(("rules", i) + problem.path, str(problem))
+        for problem in duplicate_rule_names(rules):
+            add(problem.path, str(problem))
+        raise fail() from None
     if problems:
-        raise SpecError("invalid spec", problems=problems)
+        raise fail()
     return spec
 
 
+@dataclass(frozen=True)
+class RuleOrigin:
+    """Where a rule of a loaded spec was written: its file and index there (includes resolved)."""
+
+    file: str
+    index: int
+    positions: Positions = field(repr=False, compare=False, default_factory=dict)
+
+    def error(self, message: str, *key: str | int) -> SpecError:
+        """A SpecError pointing at this rule (or at `key` inside it)."""
+        path = ("rules", self.index) + key
+        line, col = _where(self.positions, path)
+        return SpecError(message, file=self.file, line=line, column=col, key=_dotted(path))
+
+
 def load_spec(path: str | Path) -> Spec:
-    """Read a YAML or JSON spec file (safe loading only), resolving `include`s relative to it."""
-    path = Path(path)
+    """Read a YAML or JSON spec file (safe loading only), resolving `include`s relative to it.
+
+    A dict or a Spec is accepted too (as by `spec_from`)."""
+    if not isinstance(path, (str, os.PathLike)):
+        return spec_from(path)
+    return load_spec_with_origins(path)[0]
+
+
+def load_spec_with_origins(path: str | Path) -> tuple[Spec, list[RuleOrigin]]:
+    """`load_spec`, plus where each rule of the result was written (for errors found later, e.g. on a model)."""
+    return _load(Path(path), seen=frozenset())
+
+
+def _read(path: Path) -> str:
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise SpecError(f"cannot read spec: {exc.strerror}", file=str(path)) from None
-    data, positions = _compose(text, str(path))
-    spec = validate_data(data, file=str(path), positions=positions)
-    return _resolve_includes(spec, path.parent, seen={path.resolve()})
+        raise SpecError(f"cannot read spec: {exc.strerror or exc}", file=str(path)) from None
+    except UnicodeDecodeError as exc:
+        raise SpecError(f"not UTF-8 text: {exc.reason} at byte {exc.start}", file=str(path)) from None
+    if path.suffix.lower() == ".json":
+        text = text.replace("\t", " ")   # JSON whitespace; JSON strings cannot hold a raw tab
+    return text
 
 
-def _resolve_includes(spec: Spec, base: Path, seen: set) -> Spec:
+def _load(path: Path, seen: frozenset) -> tuple[Spec, list[RuleOrigin]]:
+    file = str(path)
+    data, positions, problems = _compose(_read(path), file)
+    spec = _validate(data, file, positions, problems)
+    return _resolve(spec, file, positions, path.parent, seen | {path.resolve()})
+
+
+def _resolve(spec: Spec, file: str, positions: Positions, base: Path,
+             seen: frozenset) -> tuple[Spec, list[RuleOrigin]]:
+    """Included specs' rules come first; problems in any of them are reported together."""
+    own = [RuleOrigin(file, i, positions) for i in range(len(spec.rules))]
     if not spec.include:
-        return spec
-    rules = []
-    for rel in spec.include:
-        target = (base / rel).resolve()
-        if target in seen:
-            raise SpecError(f"include cycle through {rel}", file=str(base / rel))
-        included = _resolve_includes(load_spec(target), target.parent, seen | {target})
+        return spec, own
+    rules, origins, problems = [], [], []
+    for j, rel in enumerate(spec.include):
+        target = Path(os.path.normpath(base / rel))
+        line, col = _where(positions, ("include", j))
+        if target.resolve() in seen:
+            problems.append(SpecError(f"include cycle through {rel}", file=file, line=line, column=col,
+                                      key=f"include.{j}"))
+            continue
+        if not target.is_file():
+            problems.append(SpecError(f"included spec {rel!r} not found (looked at {target})", file=file,
+                                      line=line, column=col, key=f"include.{j}"))
+            continue
+        try:
+            included, included_origins = _load(target, seen)
+        except SpecError as exc:
+            problems.extend(exc.problems or [exc])
+            continue
         rules.extend(included.rules)
-    return spec.model_copy(update={"rules": rules + list(spec.rules), "include": []})
+        origins.extend(included_origins)
+    rules.extend(spec.rules)
+    origins.extend(own)
+    names: dict[str, RuleOrigin] = {}
+    for i, (rule, origin) in enumerate(zip(rules, origins)):
+        name = rule.name or f"rule{i}"
+        if name in names:
+            earlier = names[name]
+            problems.append(origin.error(f"a rule named {name!r} comes earlier ({earlier.file}, rule {earlier.index}); "
+                                         f"rule names must be unique after includes", *(("name",) if rule.name else ())))
+        names[name] = origin
+    if problems:
+        raise SpecError("invalid spec", problems=problems)
+    return spec.model_copy(update={"rules": rules, "include": []}), origins
 
 
 def spec_from(spec: Any, *, base: Path | None = None) -> Spec:
@@ -165,7 +362,7 @@ def spec_from(spec: Any, *, base: Path | None = None) -> Spec:
     if isinstance(spec, Spec):
         return spec
     if isinstance(spec, dict):
-        return _resolve_includes(validate_data(spec), base or Path.cwd(), seen=set())
+        return _resolve(validate_data(spec), "<spec>", {}, base or Path.cwd(), frozenset())[0]
     if isinstance(spec, (str, Path)):
         return load_spec(spec)
     raise SpecError(f"a spec is a path, a dict or a surgery.Spec, not {type(spec).__name__}")

@@ -5,9 +5,11 @@ Module options are validated against the option model that each registered modul
 """
 from __future__ import annotations
 
-from typing import Any, Literal, Union
+import re
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, field_validator,
+                      model_validator)
 
 from surgery.modules.registry import options_model
 
@@ -33,7 +35,50 @@ ROLES = (
 
 ACTIONS = ("insert_after", "insert_before", "parallel", "sublayer", "wrap", "replace", "attend", "prepend", "train")
 
+# What each action does, for docs/spec.md and the JSON Schema (a test checks every action has an entry).
+ACTION_DOCS = {
+    "insert_after": "the matched value v becomes `module(v)` for all its users; `through: [dropout]` first moves "
+                    "past those ops",
+    "insert_before": "the matched op's input x becomes `module(x)` for that op only",
+    "parallel": "the matched value y becomes `y + module(x)`, with x the value matched by `from` in the same layer",
+    "sublayer": "a residual sub-layer `out = norm(h + x)`, matched at its residual add, becomes `module(h, x, norm)`",
+    "wrap": "a weight-bearing op (linear, Conv1D, packed q/k/v slices) is adapted: `realize: activation` (hooks), "
+            "`weight` (a parametrization), or `auto`",
+    "replace": "the matched module's forward is replaced by the module",
+    "attend": "the module runs at the attention op (role `attention.op`) with its q, k, v and the model's own "
+              "attention, e.g. to add learned key/value prefixes",
+    "prepend": "the module prepends learned vectors to the sequence at the matched value (soft prompts)",
+    "train": "no new module: the parameters the matched nodes read train (`params: [weight, bias, all]`)",
+}
+
 Names = Union[str, list[str]]
+
+# "all", an index ("3", "-1") or a Python slice ("-2:", "0:4", "::2"); the JSON Schema carries the same pattern.
+LAYER_SLICE = re.compile(r"^(all|\s*-?\d*\s*(:\s*-?\d*\s*){0,2})$")
+
+# Roles are validated by `Match._known_role` (with a "did you mean"); the schema lists them so editors complete them.
+RoleName = Annotated[str, WithJsonSchema({"type": "string", "enum": list(ROLES)})]
+LayerSlice = Annotated[str, WithJsonSchema({"type": "string", "pattern": LAYER_SLICE.pattern})]
+
+
+class KeyProblem(ValueError):
+    """A semantic error about one key of a model (e.g. `from` on a rule that is not parallel).
+
+    Raised from model validators; the loader appends `path` to the error's location, so the message points at
+    the offending key's line rather than at the start of the rule.
+    """
+
+    def __init__(self, path: tuple, message: str):
+        super().__init__(message)
+        self.path = path
+
+
+class OptionsProblem(KeyProblem):
+    """A module's options that its kind's Options model rejects (the loader reports each error at its own key)."""
+
+    def __init__(self, error: ValidationError):
+        details = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
+        super().__init__(("module",), f"invalid module options: {details}")
 
 
 class Match(BaseModel):
@@ -41,8 +86,8 @@ class Match(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    role: Names | None = Field(None, description="Semantic role(s) read from the graph, e.g. attention.output.")
-    layers: Union[int, list[int], str, None] = Field(
+    role: Union[RoleName, list[RoleName], None] = Field(None, description="Semantic role(s) read from the graph, e.g. attention.output.")
+    layers: Union[int, list[int], LayerSlice, None] = Field(
         None, description='Layer index, list, or Python slice such as "-2:" or "0:4"; "all" for every layer.')
     module: Names | None = Field(None, description="Glob(s) on the qualified module path the node comes from.")
     op: Names | None = Field(None, description="Op name(s): linear, addmm, add, layer_norm, scaled_dot_product_attention, ...")
@@ -64,10 +109,8 @@ class Match(BaseModel):
     @field_validator("layers")
     @classmethod
     def _layers_syntax(cls, value):
-        if isinstance(value, str) and value != "all":
-            parts = value.split(":")
-            if len(parts) > 3 or not all(p.strip().lstrip("-").isdigit() or p.strip() == "" for p in parts):
-                raise ValueError(f'layers {value!r} is neither "all", an index list nor a slice like "-2:"')
+        if isinstance(value, str) and not LAYER_SLICE.match(value):
+            raise ValueError(f'layers {value!r} is neither "all", an index list nor a slice like "-2:"')
         return value
 
 
@@ -77,35 +120,88 @@ class Rule(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     name: str | None = Field(None, description="Rule name; adapter parameters are named after it.")
-    match: Match
-    action: Literal[ACTIONS]  # type: ignore[valid-type]
+    match: Match = Field(description="Where: the pattern of the sites this rule rewrites.")
+    action: Literal[ACTIONS] = Field(description="What to do at each site (see Actions).")  # type: ignore[valid-type]
     module: Any = Field(None, description="The module to insert: `kind` plus that kind's options.")
     from_: Match | None = Field(None, alias="from", description="parallel: the span's input, searched in the same layer.")
     through: list[str] = Field(default_factory=list,
                                description="insert_after: move past these ops (e.g. dropout) before inserting.")
     params: list[Literal["weight", "bias", "all"]] = Field(
         default_factory=lambda: ["all"], description="train: which parameters of the matched nodes train.")
-    expect: Union[int, Literal["every_layer", "any"], None] = Field(
+    expect: Union[Annotated[int, Field(ge=0)], Literal["every_layer", "any"], None] = Field(
         None, description="How many sites the rule must match: a number, every_layer, or any (default: at least one).")
     realize: Literal["auto", "activation", "weight"] = Field(
         "auto", description="wrap: compute on activations (hooks) or on the weight (parametrization).")
 
     @model_validator(mode="after")
     def _consistent(self):
-        if self.action == "train":
-            if self.module is not None:
-                raise ValueError("action train selects parameters and takes no module")
-        elif self.module is None:
-            raise ValueError(f"action {self.action} needs a module")
-        if self.action == "parallel" and self.from_ is None:
-            raise ValueError("action parallel needs `from`: the pattern of the span's input")
+        given = {"action": self.action, "module": self.module, "from": self.from_, "realize": self.realize}
+        if "params" in self.model_fields_set:
+            given["params"] = self.params
+        problems = rule_problems(given)
+        if problems:
+            raise problems[0]
         if self.module is not None:
-            kind = self.module.get("kind")
-            model = options_model(kind)  # raises ValueError for unknown kinds
-            self.module = model.model_validate(self.module)
-            if self.action not in model.actions():
-                raise ValueError(f"module {kind!r} supports actions {sorted(model.actions())}, not {self.action!r}")
+            if isinstance(self.module, BaseModel):
+                self.module = self.module.model_dump()
+            try:
+                self.module = options_model(self.module.get("kind")).model_validate(self.module)
+            except ValidationError as exc:
+                raise OptionsProblem(exc) from None
         return self
+
+
+def rule_problems(rule: dict) -> list[KeyProblem]:
+    """Combinations the field types cannot express: which keys go with which action and module kind.
+
+    Works on a rule's raw data (keys as written, `from` not `from_`), so the loader can report these even for
+    a rule whose fields have other errors. Values that are themselves invalid are skipped here.
+    """
+    action = rule.get("action")
+    if action not in ACTIONS:
+        return []
+    module = rule.get("module")
+    problems = []
+    if action == "train" and module is not None:
+        problems.append(KeyProblem(("module",), "action train selects parameters and takes no module"))
+    if action != "train" and module is None:
+        problems.append(KeyProblem((), f"action {action} needs a module"))
+    if action == "parallel" and rule.get("from") is None:
+        problems.append(KeyProblem((), "action parallel needs `from`: the pattern of the span's input"))
+    if action != "parallel" and rule.get("from") is not None:
+        problems.append(KeyProblem(("from",), f"`from` is only for action parallel, not {action}"))
+    if action != "train" and rule.get("params") not in (None, ["all"]):
+        problems.append(KeyProblem(("params",), f"`params` is only for action train, not {action}"))
+    if action != "wrap" and rule.get("realize", "auto") not in ("auto", None):
+        problems.append(KeyProblem(("realize",), f"`realize` is only for action wrap, not {action}"))
+    if isinstance(module, BaseModel):
+        module = module.model_dump()
+    if module is not None and not isinstance(module, dict):
+        problems.append(KeyProblem(("module",), "a module is a mapping: `kind` plus that kind's options, "
+                                                "e.g. {kind: lora, r: 8}"))
+    elif module is not None:
+        try:
+            kind_actions = options_model(module.get("kind")).actions()
+        except ValueError as exc:
+            problems.append(KeyProblem(("module", "kind") if "kind" in module else ("module",), str(exc)))
+        else:
+            if action not in kind_actions and action != "train":
+                problems.append(KeyProblem(("action",), f"module {module.get('kind')!r} supports actions "
+                                                        f"{', '.join(sorted(kind_actions))}, not {action}"))
+    return problems
+
+
+def duplicate_rule_names(rules: list) -> list[KeyProblem]:
+    """Adapter parameters are named after their rule, so two rules of one spec cannot share a name."""
+    problems, seen = [], set()
+    for i, rule in enumerate(rules):
+        given = rule.get("name") if isinstance(rule, dict) else getattr(rule, "name", None)
+        name = given if isinstance(given, str) and given else f"rule{i}"
+        if name in seen:
+            where = ("rules", i, "name") if name == given else ("rules", i)
+            problems.append(KeyProblem(where, f"a rule named {name!r} comes earlier in this spec"))
+        seen.add(name)
+    return problems
 
 
 ModuleSpec = BaseModel
@@ -114,13 +210,22 @@ ModuleSpec = BaseModel
 class Spec(BaseModel):
     """A surgery spec: named rules applied in order."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
-    version: Literal[1] = 1
-    name: str | None = None
-    description: str | None = None
+    schema_: str | None = Field(None, alias="$schema",
+                                description="JSON Schema reference for editors (JSON specs); ignored by surgery.")
+    version: Literal[1] = Field(1, description="Format version.")
+    name: str | None = Field(None, description="Spec name, used in error messages.")
+    description: str | None = Field(None, description="Free text.")
     include: list[str] = Field(default_factory=list, description="Other spec files (relative paths) whose rules come first.")
-    rules: list[Rule] = Field(default_factory=list)
+    rules: list[Rule] = Field(default_factory=list, description="The rewrites, applied in order.")
+
+    @model_validator(mode="after")
+    def _unique_rule_names(self):
+        problems = duplicate_rule_names(self.rules)
+        if problems:
+            raise problems[0]
+        return self
 
     def rule_name(self, index: int) -> str:
         return self.rules[index].name or f"rule{index}"
