@@ -2,7 +2,7 @@
 
     model = surgery.apply(model, "specs/houlsby.yaml")
 """
-from surgery.api import apply, disable, plan, remove, set_active, trainable_parameters
+from surgery.api import apply, disable, eject, plan, remove, set_active, trainable_parameters
 from surgery.errors import MatchError, RewriteError, SpecError, SurgeryError
 from surgery.match import Match
 from surgery.modules.registry import register as register_module
@@ -11,8 +11,11 @@ from surgery.merge import MergeReport, merge, unmerge  # noqa: E402
 from surgery.quantize import dequantize_nf4, nf4_memory, quantize_nf4  # noqa: E402
 
 __all__ = [
-    "apply", "plan", "disable", "remove", "set_active", "trainable_parameters", "load_spec", "Spec", "Match",
+    "apply", "plan", "disable", "eject", "remove", "set_active", "trainable_parameters", "load_spec", "Spec", "Match",
     "register_module", "SurgeryError", "SpecError", "MatchError", "RewriteError",
 ] + ["merge", "unmerge", "MergeReport"]
 __all__ += ["quantize_nf4", "dequantize_nf4", "nf4_memory"]
 __version__ = "0.1.0"
+from surgery.io import load, save  # noqa: E402
+from surgery.export import draw, export  # noqa: E402
+__all__ += ["save", "load", "export", "draw"]

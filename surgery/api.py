@@ -153,6 +153,23 @@ def remove(model: nn.Module, name: str = "default") -> nn.Module:
     return model
 
 
+def eject(model: nn.Module, name: str | None = None) -> nn.Module:
+    """Replace reparameterizations used only for training (prefix tuning's MLP) by the values they produce:
+    same outputs, fewer parameters."""
+    store = store_of(model)
+    if store is None:
+        raise SurgeryError("this model has no adapters")
+    names = [name] if name else list(store.adapters.keys())
+    for adapter_name in names:
+        for rule_modules in store.adapters[adapter_name].values():
+            for key, module in list(rule_modules.items()):
+                if hasattr(module, "eject"):
+                    module.eject()
+            if "shared" in rule_modules and all(hasattr(m, "eject") for k, m in rule_modules.items() if k != "shared"):
+                del rule_modules["shared"]
+    return model
+
+
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts; tied parameters counted once."""
     seen, trainable, total = set(), 0, 0

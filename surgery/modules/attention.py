@@ -160,12 +160,11 @@ class PromptTuning(nn.Module):
         module = cls(options.prompt_length, site.dim)
         with torch.no_grad():
             if isinstance(options.init, dict):
-                text = options.init.get("text")
-                init = site.extra.get("embed_text")
-                if not text or init is None:
-                    raise ValueError("init: {text: ...} needs text and a model with a tokenizer-free id list; "
-                                     "pass init: {text: ..., ids: [...]} or use random init")
-                module.prompt_embedding.copy_(init(options.init, options.prompt_length))
+                embed = site.extra.get("embed_text")
+                if not (options.init.get("text") or options.init.get("ids")) or embed is None:
+                    raise ValueError("init from the embedding table takes {text: '...'} (tokenized with the model's "
+                                     "tokenizer, or `tokenizer: <dir>`) or {ids: [token ids]}")
+                module.prompt_embedding.copy_(embed(options.init, options.prompt_length))
             elif options.init == "normal":
                 module.prompt_embedding.normal_()
             else:

@@ -1,0 +1,98 @@
+"""ReFT (Wu et al. 2024): interventions h + Rᵀ(W h + b − R h) on hidden states at chosen token positions.
+
+LoReFT keeps R's rows orthonormal (torch's orthogonal parametrization), NoReFT leaves R free, DiReFT also drops
+the −R h term. Positions are the first `prefix_positions` and last `suffix_positions` real tokens of each
+sequence (padding read from the call's attention mask). With a KV cache the intervention acts on the prompt
+(the first call) only, as pyreft does.
+"""
+from __future__ import annotations
+
+from typing import Literal, Union
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrizations
+
+from surgery.modules.base import SiteContext
+from surgery.modules.registry import Options, register
+
+
+class ReftOptions(Options):
+    kind: Literal["reft"] = "reft"
+    supported_actions = ("insert_after",)
+    r: int = 1
+    prefix_positions: int = 3
+    suffix_positions: int = 0
+    orthogonal: bool = True
+    subtract_projection: bool = True
+    tied_weights: bool = False
+    dropout: float = 0.05
+    non_linearity: Union[Literal["identity", "tanh", "relu", "gelu"], None] = None
+
+
+class ReftUnit(nn.Module):
+    def __init__(self, dim: int, r: int, orthogonal: bool, subtract: bool, act: nn.Module, dropout: float):
+        super().__init__()
+        self.learned_source = nn.Linear(dim, r)
+        projection = nn.Linear(dim, r, bias=False)
+        self.projection = parametrizations.orthogonal(projection) if orthogonal else projection
+        self.subtract = subtract
+        self.act = act
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        R = self.projection.weight
+        delta = self.act(self.learned_source(h))
+        if self.subtract:
+            delta = delta - h @ R.t()
+        return self.dropout(h + delta @ R)
+
+
+@register
+class ReftIntervention(nn.Module):
+    Options = ReftOptions
+
+    def __init__(self, dim, options: ReftOptions, runtime):
+        super().__init__()
+        act = {"tanh": nn.Tanh, "relu": nn.ReLU, "gelu": nn.GELU}.get(options.non_linearity or "", nn.Identity)()
+        make = lambda: ReftUnit(dim, options.r, options.orthogonal, options.subtract_projection, act, options.dropout)
+        self.prefix_positions, self.suffix_positions = options.prefix_positions, options.suffix_positions
+        self.units = nn.ModuleList()
+        if self.prefix_positions:
+            self.units.append(make())
+        if self.suffix_positions and (not options.tied_weights or not self.prefix_positions):
+            self.units.append(make())
+        self.tied = options.tied_weights
+        self._runtime = [runtime]
+
+    @classmethod
+    def build(cls, options: ReftOptions, site: SiteContext, action: str) -> "ReftIntervention":
+        return cls(site.dim, options, site.runtime)
+
+    def _positions(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Bool [batch, seq] selections of the first and last real tokens."""
+        runtime = self._runtime[0]
+        call = runtime.call if runtime is not None else {}
+        mask = call.get("attention_mask")
+        batch, seq = hidden.shape[:2]
+        if not isinstance(mask, torch.Tensor) or mask.shape != (batch, seq):
+            mask = torch.ones(batch, seq, dtype=torch.long, device=hidden.device)
+        mask = mask.to(torch.long)
+        rank = mask.cumsum(1) - 1
+        real = mask.bool()
+        first = real & (rank < self.prefix_positions)
+        last = real & ((mask.sum(1, keepdim=True) - 1 - rank) < self.suffix_positions)
+        return first, last
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        runtime = self._runtime[0]
+        if runtime is not None and runtime.call.get("cached"):
+            return hidden
+        first, last = self._positions(hidden)
+        out = hidden
+        if self.prefix_positions:
+            out = torch.where(first[..., None], self.units[0](hidden), out)
+        if self.suffix_positions:
+            unit = self.units[0] if (self.tied and self.prefix_positions) else self.units[-1]
+            out = torch.where(last[..., None], unit(hidden), out)
+        return out
