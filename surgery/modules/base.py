@@ -27,6 +27,7 @@ class SiteContext:
     model: nn.Module | None = None
     shared: nn.ModuleDict | None = None  # one per rule: modules shared by all its sites (e.g. a prefix MLP)
     runtime: Any = None                  # the run-time state: `runtime.call` holds the root call's inputs
+    adapter: nn.ModuleDict | None = None  # this adapter set's modules built so far: rule name -> site key -> module
     extra: dict[str, Any] = field(default_factory=dict)
 
 

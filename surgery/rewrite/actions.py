@@ -211,7 +211,7 @@ def realize(model: nn.Module, analysis: Analysis, store: AdapterStore, record: R
         value = _through(_site_value(match.site), rule.through)
         ctx = _context(model, analysis, match, value, rule)
         ctx.extra.update(extra or {})
-        ctx.shared, ctx.runtime = shared, store.runtime
+        ctx.shared, ctx.runtime, ctx.adapter = shared, store.runtime, per_adapter
         module = cls.build(rule.module, ctx, rule.action)
         if ctx.device.type != "meta":
             module.to(device=ctx.device)
@@ -219,6 +219,7 @@ def realize(model: nn.Module, analysis: Analysis, store: AdapterStore, record: R
             module.to_empty(device="meta")
         if ctx.dtype.is_floating_point:
             module.to(dtype=ctx.dtype)
+        module.train(model.training)   # an adapter added to a model in eval mode must not run its dropout
         key = site_key(match)
         if key in modules:
             raise RewriteError(f"rule {rule_name!r} matched the site {key} twice")
