@@ -29,7 +29,7 @@ from surgery.api import plan
 from surgery.errors import SurgeryError
 
 NF4_MODULE = "torchao.quantization.quantize_.workflows.nf4.nf4_tensor"
-BLOCK_LINEARS = ["attention.q", "attention.k", "attention.v", "attention.qkv", "attention.output",
+BLOCK_LINEARS = ["attention.q", "attention.k", "attention.v", "attention.output",
                  "ffn.in", "ffn.gate", "ffn.out"]
 
 

@@ -8,11 +8,11 @@ import torch
 import torch.nn.functional as F
 
 import surgery
-from models import assert_same_state, make_bert, make_llama, perturb, run, state, token_ids
+from models import assert_same_state, make_bert, make_llama, make_minigpt, perturb, run, state, token_ids
 from surgery.modules.dora import DoRA
 from surgery.modules.said import Fastfood, fwht
 
-BLOCK_LINEARS = ["attention.q", "attention.k", "attention.v", "attention.qkv", "attention.output", "ffn.in",
+BLOCK_LINEARS = ["attention.q", "attention.k", "attention.v", "attention.output", "ffn.in",
                  "ffn.gate", "ffn.out"]
 
 
@@ -110,6 +110,25 @@ def test_dora_counts_identity_peft_parity_and_merge(name, specs_dir):
                                (module.magnitude, peft_layer.lora_magnitude_vector["default"].weight)):
             torch.testing.assert_close(ours_p.grad, theirs.grad, atol=1e-5, rtol=1e-4)
     assert_folds_exactly(model, "dora", ids, name)
+
+
+def test_dora_on_packed_multihead_attention_sees_each_slice_of_the_base_weight():
+    """MiniGPT's nn.MultiheadAttention packs q, k, v in one in_proj_weight, adapted on the weight: the v site is
+    built after the q site parametrized that weight, and must still start from the base rows."""
+    model = make_minigpt().eval()
+    ids = token_ids()
+    base = model(ids).detach()
+    surgery.apply(model, "specs/dora.yaml", example_inputs=model.example_inputs())
+    assert (model(ids) - base).abs().max() < 1e-5
+    d = 64
+    for layer in range(2):
+        weight = model.blocks[layer].attn.parametrizations.in_proj_weight.original.detach()
+        modules = modules_of(model, "dora")
+        q, v = (modules[f"blocks_{layer}_attn__attention_{role}"] for role in ("q", "v"))
+        torch.testing.assert_close(q.magnitude, weight[:d].norm(dim=1))
+        torch.testing.assert_close(v.magnitude, weight[2 * d:].norm(dim=1))
+    perturb(model, 0.1)
+    assert_folds_exactly(model, "dora", ids, "minigpt")
 
 
 # ---------------------------------------------------------------------------------------------- layer-wise

@@ -10,6 +10,7 @@ import types
 
 import torch
 from torch import fx, nn
+from torch.nn.utils import parametrize
 
 from surgery.analyze.roles import Analysis, Site, op_name
 from surgery.errors import RewriteError
@@ -17,7 +18,7 @@ from surgery.match.pattern import Match
 from surgery.modules.base import SiteContext
 from surgery.modules.registry import module_class
 from surgery.rewrite.attention import attach_intercept, attach_registry, registry_of
-from surgery.rewrite.host import (AdapterStore, Record, capture_anchor, hook_capture, hook_value, input_anchor,
+from surgery.rewrite.host import (AdapterStore, Gate, Record, capture_anchor, hook_capture, hook_value, input_anchor,
                                   output_anchor, value_anchor, wrap_weight)
 from surgery.spec.models import Rule
 
@@ -68,7 +69,7 @@ def _context(model: nn.Module, analysis: Analysis, match: Match, value: fx.Node,
         rows = info.rows or packed
         ctx.in_features = info.in_features
         ctx.out_features = (rows[1] - rows[0]) if rows else info.out_features
-        weight = model.get_parameter(info.weight) if _has_param(model, info.weight) else None
+        weight = _base_parameter(model, info.weight)
         if weight is not None:
             w = weight.t() if info.layout == "in_out" else weight
             ctx.weight = w[rows[0]:rows[1]] if rows else w
@@ -153,12 +154,18 @@ def _text_embedder(model, analysis: Analysis):
     return embed
 
 
-def _has_param(model, name):
+def _base_parameter(model: nn.Module, name: str) -> nn.Parameter | None:
+    """The parameter `name`; for a weight an earlier site parametrized (a packed q/k/v), its untransformed
+    original, so every site of a packed weight sees the base weight."""
+    owner_path, _, attr = name.rpartition(".")
     try:
-        model.get_parameter(name)
-        return True
+        owner = model.get_submodule(owner_path)
     except AttributeError:
-        return False
+        return None
+    if parametrize.is_parametrized(owner, attr):
+        return owner.parametrizations[attr].original
+    value = getattr(owner, attr, None)
+    return value if isinstance(value, nn.Parameter) else None
 
 
 def _params_of(model: nn.Module, site: Site, analysis: Analysis) -> dict[str, nn.Parameter]:
@@ -190,7 +197,7 @@ def realize(model: nn.Module, analysis: Analysis, store: AdapterStore, record: R
     """Build the rule's module at every match and realize the action on the host. `extra` (the same dict
     for every site of one apply call) is passed to each module in `SiteContext.extra`."""
     name = record.name
-    gate = (lambda: store.runtime.on(name))
+    gate = Gate(store.runtime, name)
     if rule.action == "train":
         for match in matches:
             for pname, param in _params_of(model, match.site, analysis).items():
