@@ -8,12 +8,13 @@ from surgery.match import Match
 from surgery.modules.registry import register as register_module
 from surgery.spec import Spec, load_spec
 from surgery.merge import MergeReport, merge, unmerge  # noqa: E402
+from surgery.io.peft import from_peft, to_peft  # noqa: E402
 from surgery.quantize import dequantize_nf4, nf4_memory, quantize_nf4  # noqa: E402
 
 __all__ = [
     "apply", "plan", "disable", "eject", "remove", "set_active", "trainable_parameters", "load_spec", "Spec", "Match",
     "register_module", "SurgeryError", "SpecError", "MatchError", "RewriteError",
-] + ["merge", "unmerge", "MergeReport"]
+] + ["merge", "unmerge", "MergeReport", "from_peft", "to_peft"]
 __all__ += ["quantize_nf4", "dequantize_nf4", "nf4_memory"]
 __version__ = "0.1.0"
 from surgery.io import load, save  # noqa: E402

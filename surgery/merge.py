@@ -267,7 +267,7 @@ def merge(model: nn.Module, name: str | None = None, *, exact: bool = True, stri
                 if id(module) not in wrapped:
                     report.not_merged[f"{n}/{rule}/{key}"] = (f"{type(module).__name__} is not a weight adapter: "
                                                              f"it stays in the forward")
-        report.in_place += [param_names.get(id(p), "<unnamed>") for p, _ in record.trained]
+        report.in_place += [param_names.get(id(p), "<unnamed>") for p in {id(p): p for p, _ in record.trained}.values()]
     if strict and report.not_merged:
         raise SurgeryError("these rewrites cannot be merged (strict=True, nothing changed):\n  " + "\n  ".join(
             f"{site}: {why}" for site, why in report.not_merged.items()))
