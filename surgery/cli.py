@@ -67,40 +67,60 @@ def _problems(exc: SpecError) -> list[SpecError]:
     return exc.problems or [exc]
 
 
+SPEC_SUFFIXES = (".yaml", ".yml", ".json")
+
+
+def _spec_files(arguments: list[str]) -> list[str]:
+    """The files named, with a directory standing for every YAML/JSON file under it."""
+    files = []
+    for argument in arguments:
+        path = Path(argument)
+        if path.is_dir():
+            files += sorted(str(p) for p in path.rglob("*") if p.suffix in SPEC_SUFFIXES and p.is_file())
+        else:
+            files.append(argument)
+    return files
+
+
 def cmd_validate(args) -> int:
     """Every problem of every file, one line each; with --model also every rule's matches and the rewrite."""
     from surgery.spec.load import load_spec_with_origins
     problems: list[SpecError] = []
     failed: set[str] = set()
     loaded = []
-    for file in args.files:
+    for file in _spec_files(args.files):
         try:
             loaded.append((file, *load_spec_with_origins(file)))
         except SpecError as exc:
             problems.extend(_problems(exc))
             failed.add(file)
+    model_error = None
     if args.model and loaded:
-        model, example = load_model(args.model)
-        for file, spec, origins in loaded:
-            found = _check_on_model(model, example, spec, origins, args.model)
-            example = None   # traced once: later checks reuse the analysis cached on the model
-            problems.extend(found)
-            if found:
-                failed.add(file)
+        try:
+            model, example = load_model(args.model)
+            for file, spec, origins in loaded:
+                found = _check_on_model(model, example, file, spec, origins, args.model)
+                example = None   # traced once: later checks reuse the analysis cached on the model
+                problems.extend(found)
+                if found:
+                    failed.add(file)
+        except SurgeryError as exc:   # the model, not a spec: no file line to point at
+            model_error = exc
     for problem in problems:
         print(problem.render())
     for file, spec, _ in loaded:
-        if file not in failed:
+        if file not in failed and model_error is None:
             on = f" on {args.model}" if args.model else ""
             print(f"{file}: ok ({len(spec.rules)} rule{'s' if len(spec.rules) != 1 else ''}{on})")
+    if model_error is not None:
+        print(f"error: {model_error}", file=sys.stderr)
     if problems:
         print(f"{len(problems)} problem{'s' if len(problems) != 1 else ''} in {len(failed)} "
               f"file{'s' if len(failed) != 1 else ''}", file=sys.stderr)
-        return 1
-    return 0
+    return 1 if problems or model_error else 0
 
 
-def _check_on_model(model, example, spec, origins, model_ref: str) -> list[SpecError]:
+def _check_on_model(model, example, file: str, spec, origins, model_ref: str) -> list[SpecError]:
     """Each rule must match on the model (problems point at the rule's `match`); then the whole spec must apply."""
     import surgery
     problems = []
@@ -119,10 +139,28 @@ def _check_on_model(model, example, spec, origins, model_ref: str) -> list[SpecE
     except SpecError as exc:
         return _problems(exc)
     except SurgeryError as exc:
-        origin = next((o for r, o in zip(spec.rules, origins) if r.name and repr(r.name) in str(exc)), origins[0])
-        return [origin.error(f"cannot apply on {model_ref}: {exc}")]
+        message = f"cannot apply on {model_ref}: {exc}"
+        culprit = _failing_rule(model, spec, origins, name)
+        if culprit is not None:
+            return [culprit.error(message)]
+        own = [o for o in origins if o.file == str(Path(file))]
+        line, column = own[0].positions.get(("rules",), (None, None)) if own else (None, None)
+        return [SpecError(message, file=file, line=line, column=column, key="rules")]
     surgery.remove(model, name)
     return []
+
+
+def _failing_rule(model, spec, origins, name: str):
+    """The first rule that fails to apply on its own (None when each applies alone)."""
+    import surgery
+    for i, (rule, origin) in enumerate(zip(spec.rules, origins)):
+        single = spec.model_copy(update={"rules": [rule.model_copy(update={"name": spec.rule_name(i)})]})
+        try:
+            surgery.apply(model, single, name=f"{name}-{i}")
+        except SurgeryError:
+            return origin
+        surgery.remove(model, f"{name}-{i}")
+    return None
 
 
 def cmd_schema(args) -> int:

@@ -165,9 +165,10 @@ def test_python_tags_are_refused_and_nothing_runs(tmp_path):
 def test_every_shipped_spec_validates():
     """What CI checks: every spec in specs/ and examples/ is valid."""
     assert any(p.parent.name == "specs" for p in SHIPPED)
-    result = run_cli("validate", *SHIPPED)
+    result = run_cli("validate", "specs", "examples")   # a directory stands for every YAML/JSON file in it
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.count(": ok (") == len(SHIPPED)
+    assert sorted(line.split(": ok (")[0] for line in result.stdout.splitlines()) == sorted(
+        str(p.relative_to(ROOT)) for p in SHIPPED)
 
 
 def test_validate_with_a_model_points_at_the_rule_that_matches_nothing(tmp_path):
@@ -188,17 +189,32 @@ rules:
     action: wrap
     module: {kind: lora}
 """)
-    result = run_cli("validate", "--model", "examples.models:minigpt", spec, ROOT / "specs" / "houlsby.yaml")
+    unrealizable = tmp_path / "act_lora.yaml"   # matches, but the site has no weight to wrap
+    unrealizable.write_text("""\
+rules:
+  - name: q_lora
+    match: {role: attention.q}
+    action: wrap
+    module: {kind: lora}
+  - name: act_lora
+    match: {role: ffn.act}
+    action: wrap
+    module: {kind: lora}
+""")
+    result = run_cli("validate", "--model", "examples.models:minigpt", spec, unrealizable,
+                     ROOT / "specs" / "houlsby.yaml")
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     out = result.stdout.splitlines()
-    assert len(out) == 3, result.stdout
+    assert len(out) == 4, result.stdout
     assert out[0].startswith(f"{spec}:9:5: rules.1.match: rule 'gate_lora' in spec 'gated' matched no site: "
                              "pattern (role='ffn.gate')")
     assert out[0].endswith("(on examples.models:minigpt)")
     assert out[1].startswith(f"{spec}:12:5: rules.2.match: rule 'rule2' in spec 'gated' matched no site: "
                              "pattern (role='attention.v', layers=7)")
-    assert out[2] == f"{ROOT / 'specs' / 'houlsby.yaml'}: ok (2 rules on examples.models:minigpt)"
+    assert out[2].startswith(f"{unrealizable}:6:5: rules.1: cannot apply on examples.models:minigpt: ")
+    assert out[3] == f"{ROOT / 'specs' / 'houlsby.yaml'}: ok (2 rules on examples.models:minigpt)"
+    assert "3 problems in 2 files" in result.stderr
 
 
 def test_validate_with_a_transformers_directory(tmp_path, capsys, monkeypatch):

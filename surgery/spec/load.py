@@ -12,8 +12,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from surgery.errors import SpecError
-from surgery.modules.registry import options_model
-from surgery.spec.models import (KeyProblem, Match, OptionsProblem, Rule, Spec, duplicate_rule_names,
+from surgery.spec.models import (KeyProblem, Match, OptionsProblem, Rule, Spec, duplicate_rule_names, kind_options,
                                  rule_problems)
 
 Positions = dict[tuple, tuple[int, int]]
@@ -37,7 +36,8 @@ def _compose(text: str, file: str) -> tuple[Any, Positions, list[SpecError]]:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        raise SpecError(f"YAML syntax error: {getattr(exc, 'problem', None) or exc}", file=file,
+        what = "; ".join(filter(None, (getattr(exc, "context", None), getattr(exc, "problem", None)))) or str(exc)
+        raise SpecError(f"YAML syntax error: {what}", file=file,
                         line=mark.line + 1 if mark else None, column=mark.column + 1 if mark else None) from None
     positions: Positions = {}
     problems: list[SpecError] = []
@@ -132,7 +132,7 @@ def _model_at(path: tuple, data: Any) -> type[BaseModel] | None:
             model = Match
         elif model is Rule and part == "module":
             try:
-                model = options_model(node.get("kind") if isinstance(node, dict) else None)
+                model = kind_options(node.get("kind") if isinstance(node, dict) else None)
             except ValueError:
                 return None
         else:
@@ -242,7 +242,7 @@ def _validate(data: Any, file: str, positions: Positions, problems: list[SpecErr
         if not isinstance(module, dict):
             continue
         try:
-            model = options_model(module.get("kind"))
+            model = kind_options(module.get("kind"))
         except ValueError as exc:
             add(("rules", i, "module", "kind") if "kind" in module else ("rules", i, "module"), str(exc))
             continue

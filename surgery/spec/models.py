@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import (BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, field_validator,
                       model_validator)
 
-from surgery.modules.registry import options_model
+from surgery.modules.registry import kinds as registered_kinds, options_model
 
 ROLES = (
     "embedding",            # an embedding lookup
@@ -71,6 +71,14 @@ class KeyProblem(ValueError):
     def __init__(self, path: tuple, message: str):
         super().__init__(message)
         self.path = path
+
+
+def kind_options(kind: Any):
+    """The Options model of a registered module kind; ValueError (with the known kinds) for anything else."""
+    if not isinstance(kind, str):
+        kinds = ", ".join(sorted(registered_kinds()))
+        raise ValueError(f"a module needs `kind`, the name of a registered module kind ({kinds}), not {kind!r}")
+    return options_model(kind)
 
 
 class OptionsProblem(KeyProblem):
@@ -145,7 +153,7 @@ class Rule(BaseModel):
             if isinstance(self.module, BaseModel):
                 self.module = self.module.model_dump()
             try:
-                self.module = options_model(self.module.get("kind")).model_validate(self.module)
+                self.module = kind_options(self.module.get("kind")).model_validate(self.module)
             except ValidationError as exc:
                 raise OptionsProblem(exc) from None
         return self
@@ -181,7 +189,7 @@ def rule_problems(rule: dict) -> list[KeyProblem]:
                                                 "e.g. {kind: lora, r: 8}"))
     elif module is not None:
         try:
-            kind_actions = options_model(module.get("kind")).actions()
+            kind_actions = kind_options(module.get("kind")).actions()
         except ValueError as exc:
             problems.append(KeyProblem(("module", "kind") if "kind" in module else ("module",), str(exc)))
         else:
