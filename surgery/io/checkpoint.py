@@ -1,0 +1,340 @@
+"""Saving and loading what a surgery added: adapter tensors as safetensors, the specs, and a manifest.
+
+A saved directory holds
+
+- `adapters.safetensors`: every tensor the surgery added (adapter parameters and persistent buffers) keyed
+  `<adapter>/<rule>/<site>/<tensor>` (e.g. `default/lora/model_layers_0_self_attn_q_proj/lora_A`), and every
+  base parameter a `train` rule selected keyed `<adapter>/trained/<parameter>` (e.g.
+  `default/trained/model.norm.weight`). No other base weight is written, and nothing is pickled.
+- `<adapter>.spec.yaml`: the spec applied under each adapter name (a spec file `surgery.load_spec` reads).
+- `manifest.json`: the format version, the adapters in the order they were applied, and a fingerprint of the
+  base model (its parameter names and shapes), so `load` can tell a base that does not fit before changing it.
+
+`load` re-applies each spec under its name and copies the tensors in; on any failure the model is left as it
+was (the adapters it applied are removed, trained base weights restored).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+
+from surgery.api import apply, remove, set_active
+from surgery.errors import SurgeryError
+from surgery.rewrite.host import STATE_ATTR, store_of
+from surgery.spec import Spec, load_spec
+from surgery.spec.load import validate_data
+
+FORMAT = "surgery.adapters"
+FORMAT_VERSION = 1
+ADAPTERS_FILE = "adapters.safetensors"
+MANIFEST_FILE = "manifest.json"
+TRAINED = "trained"
+
+_PARAMETRIZED = re.compile(r"\.parametrizations\.([^.]+)\.original\d*$")
+
+
+class CheckpointError(SurgeryError):
+    """A saved adapter directory that cannot be written, read, or applied to the given base model."""
+
+
+# ---------------------------------------------------------------- names
+
+def base_parameter_name(qualified: str) -> str:
+    """The name a base parameter has without surgery's parametrizations (`x.parametrizations.weight.original`
+    is `x.weight`), so it is the same whether or not a weight is currently wrapped."""
+    return _PARAMETRIZED.sub(r".\1", qualified)
+
+
+def _base_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """The base model's parameters (tied ones once, under their first name), without the adapters."""
+    prefix = STATE_ATTR + "."
+    return [(base_parameter_name(n), p) for n, p in model.named_parameters() if not n.startswith(prefix)]
+
+
+def fingerprint(model: nn.Module) -> dict:
+    """Parameter names and shapes of the base model: what adapters saved from it depend on."""
+    params = [[name, list(p.shape)] for name, p in _base_parameters(model)]
+    digest = hashlib.sha256(json.dumps(params).encode()).hexdigest()
+    numel = sum(p.numel() for _, p in _base_parameters(model))
+    return {"class": type(model).__name__, "parameters": params, "numel": numel, "sha256": digest}
+
+
+def _module_tensors(prefix: str, module: nn.Module):
+    """Tensors of one adapter's module tree: ModuleDict levels (rule, site) become `/`-separated names."""
+    if isinstance(module, nn.ModuleDict):
+        for key, child in module.items():
+            yield from _module_tensors(f"{prefix}/{key}", child)
+        return
+    for key, value in module.state_dict(keep_vars=True).items():
+        if not isinstance(value, torch.Tensor):
+            raise CheckpointError(f"{prefix}: the state entry {key!r} is not a tensor and cannot be saved as "
+                                  f"safetensors ({type(value).__name__})")
+        yield f"{prefix}/{key}", value
+
+
+def surgery_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every tensor the surgery added or trained, by its saved name; the live tensors of `model`."""
+    store = store_of(model)
+    if store is None or not store.records:
+        raise CheckpointError("this model has no adapters to save (apply a spec first)")
+    base_names = {}
+    for name, p in _base_parameters(model):
+        base_names.setdefault(id(p), name)
+    out: dict[str, torch.Tensor] = {}
+    for adapter in store.records:
+        out.update(_module_tensors(adapter, store.adapters[adapter]))
+        for param, _ in store.records[adapter].trained:
+            if id(param) not in base_names:
+                raise CheckpointError(f"adapter {adapter!r} trains a parameter that is not a base parameter")
+            out[f"{adapter}/{TRAINED}/{base_names[id(param)]}"] = param
+    return out
+
+
+def _dedupe(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """One copy per distinct tensor (tied or shared tensors are saved once); `aliases` maps the other names."""
+    unique: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    for key, t in tensors.items():
+        if t.device.type == "meta":
+            raise CheckpointError(f"{key} is on the meta device and has no values to save")
+        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        if ident in seen:
+            aliases[key] = seen[ident]
+            continue
+        seen[ident] = key
+        unique[key] = t.detach().to("cpu").contiguous().clone()
+    return unique, aliases
+
+
+# ---------------------------------------------------------------- specs
+
+def _spec_data(spec: Spec) -> dict:
+    """The spec as plain data, as the user wrote it (keys left at their defaults stay out, so rules that forbid
+    some keys in combination still validate); includes are already resolved into `rules`."""
+    data = spec.model_dump(mode="json", by_alias=True, exclude_unset=True)
+    data.pop("include", None)
+    return data
+
+
+def _combined_spec(specs: list[Spec]) -> Spec:
+    if len(specs) == 1:
+        return specs[0]
+    rules = [rule for spec in specs for rule in spec.rules]
+    return specs[0].model_copy(update={"rules": rules, "include": []})
+
+
+def _spec_filename(adapter: str, used: set[str]) -> str:
+    stem = re.sub(r"[^0-9A-Za-z_-]", "_", adapter) or "adapter"
+    name, i = f"{stem}.spec.yaml", 1
+    while name in used:
+        name, i = f"{stem}.{i}.spec.yaml", i + 1
+    used.add(name)
+    return name
+
+
+# ---------------------------------------------------------------- save
+
+def _write_atomic(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def save(model: nn.Module, directory: str | os.PathLike) -> Path:
+    """Write the model's adapters (and the base parameters its specs train) to `directory`; return it.
+
+    Only what the surgery added or trained is written, as safetensors; the base model's other weights never
+    are. Tied base weights (GPT-2's embedding and LM head) are one tensor and are saved once.
+    """
+    from safetensors.torch import save_file
+
+    store = store_of(model)
+    live = surgery_tensors(model)
+    tensors, aliases = _dedupe(live)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+
+    adapters, used = [], set()
+    for name, record in store.records.items():
+        spec = _combined_spec(list(record.specs))
+        data = _spec_data(spec)
+        try:
+            validate_data(json.loads(json.dumps(data)))
+        except SurgeryError as exc:
+            raise CheckpointError(f"the spec of adapter {name!r} does not survive a round trip through YAML: "
+                                  f"{exc}") from exc
+        filename = _spec_filename(name, used)
+        text = f"# spec of adapter {name!r}, written by surgery.save\n" + yaml.safe_dump(data, sort_keys=False)
+        _write_atomic(directory / filename, lambda p, text=text: p.write_text(text))
+        prefix = f"{name}/"
+        adapters.append({
+            "name": name,
+            "spec": filename,
+            "tensors": sum(1 for k in live if k.startswith(prefix)),
+            "trained": [k[len(prefix) + len(TRAINED) + 1:] for k in live if k.startswith(f"{prefix}{TRAINED}/")],
+        })
+
+    _write_atomic(directory / ADAPTERS_FILE,
+                  lambda p: save_file(tensors, str(p), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)}))
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "adapters": adapters,
+        "active": store.runtime.active,
+        "tensors": {"file": ADAPTERS_FILE, "count": len(tensors), "aliases": aliases,
+                    "numel": sum(t.numel() for t in tensors.values())},
+        "base": fingerprint(model),
+    }
+    _write_atomic(directory / MANIFEST_FILE, lambda p: p.write_text(json.dumps(manifest, indent=1) + "\n"))
+    return directory
+
+
+# ---------------------------------------------------------------- load
+
+def read_manifest(directory: str | os.PathLike) -> dict:
+    """The manifest of a saved directory, checked for a format this version reads."""
+    path = Path(directory) / MANIFEST_FILE
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{directory} has no {MANIFEST_FILE}: not a directory written by surgery.save") from None
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} is not readable JSON: {exc}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise CheckpointError(f"{path} is not a surgery adapter manifest (format {found!r}, expected {FORMAT!r})")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format_version {version!r} is not one this surgery reads "
+                              f"(it reads {FORMAT_VERSION}); save it again with a matching surgery version")
+    adapters = manifest.get("adapters")
+    if not isinstance(adapters, list) or not all(isinstance(a, dict) and "name" in a and "spec" in a for a in adapters):
+        raise CheckpointError(f"{path}: `adapters` must be a list of {{name, spec}} entries")
+    return manifest
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    try:
+        return load_file(str(path))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing") from None
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} is not a complete safetensors file (truncated or corrupt): {exc}") from None
+
+
+def check_fits(manifest: dict, model: nn.Module) -> None:
+    """Raise when the base model's parameter names and shapes differ from those the adapters were saved on."""
+    saved = {name: tuple(shape) for name, shape in manifest.get("base", {}).get("parameters", [])}
+    here = {name: tuple(p.shape) for name, p in _base_parameters(model)}
+    other_shape = [n for n in saved if n in here and saved[n] != here[n]]
+    missing = [n for n in saved if n not in here]
+    extra = [n for n in here if n not in saved]
+    if not (other_shape or missing or extra):
+        return
+    problems = []
+    if other_shape:
+        n = other_shape[0]
+        problems.append(f"{len(other_shape)} parameter(s) of another shape (first: {n} is {list(here[n])} here, "
+                        f"{list(saved[n])} in the saved base)")
+    if missing:
+        problems.append(f"{len(missing)} saved base parameter(s) missing here (first: {missing[0]})")
+    if extra:
+        problems.append(f"{len(extra)} parameter(s) here that the saved base lacks (first: {extra[0]})")
+    raise CheckpointError(f"the base model ({type(model).__name__}) does not fit the saved adapters (saved on "
+                          f"{manifest.get('base', {}).get('class', '?')}): " + "; ".join(problems)
+                          + ". Pass strict=False to skip this check and only require every saved tensor to fit.")
+
+
+def _match_tensors(saved: dict[str, torch.Tensor], aliases: dict[str, str],
+                   live: dict[str, torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor, str]]:
+    """Pair each live tensor of the re-applied surgery with its saved value; raise on any difference."""
+    resolved = {key: aliases.get(key, key) for key in live}
+    missing = [k for k, src in resolved.items() if src not in saved]
+    unexpected = sorted(set(saved) - set(resolved.values()))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} tensor(s) of the re-applied spec are not in the file (first: {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} saved tensor(s) have no place in this model (first: {unexpected[0]})")
+        raise CheckpointError("the saved adapters do not fit this model's sites: " + "; ".join(parts))
+    pairs = []
+    for key, target in live.items():
+        value = saved[resolved[key]]
+        if tuple(value.shape) != tuple(target.shape):
+            raise CheckpointError(f"{key}: saved shape {list(value.shape)} does not fit this model's "
+                                  f"{list(target.shape)}")
+        if value.dtype.is_floating_point != target.dtype.is_floating_point:
+            raise CheckpointError(f"{key}: saved dtype {value.dtype} does not fit this model's {target.dtype}")
+        pairs.append((target, value, key))
+    return pairs
+
+
+def load(base_model: nn.Module, directory: str | os.PathLike, example_inputs: Any = None, *,
+         strict: bool = True) -> nn.Module:
+    """Re-apply the saved specs to `base_model` under their adapter names, load the saved tensors, return it.
+
+    `example_inputs` are what `surgery.apply` needs for models without a transformers config. With `strict`
+    (the default) the base model must have the parameter names and shapes the adapters were saved on; with
+    `strict=False` only every saved tensor must fit the re-applied sites. On any error a `SurgeryError` is
+    raised and the model is left as it was.
+    """
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    specs = [(entry["name"], load_spec(directory / entry["spec"])) for entry in manifest["adapters"]]
+    saved = _read_tensors(directory / manifest.get("tensors", {}).get("file", ADAPTERS_FILE))
+    aliases = manifest.get("tensors", {}).get("aliases", {})
+    if strict:
+        check_fits(manifest, base_model)
+    store = store_of(base_model)
+    clash = [name for name, _ in specs if store is not None and name in store.records]
+    if clash:
+        raise CheckpointError(f"the model already has an adapter named {clash[0]!r}; remove it first")
+    created_store = store is None
+
+    applied: list[str] = []
+    restore: list[tuple[torch.Tensor, torch.Tensor]] = []
+    flags = [(p, p.requires_grad) for p in base_model.parameters()]
+    modes = [(m, m.training) for m in base_model.modules()]
+    try:
+        for name, spec in specs:
+            apply(base_model, spec, example_inputs=example_inputs, name=name)
+            applied.append(name)
+            store_of(base_model).adapters[name].train(base_model.training)   # new modules follow the model's mode
+        pairs = _match_tensors(saved, aliases, surgery_tensors(base_model))
+        with torch.no_grad():
+            for target, value, key in pairs:
+                if f"/{TRAINED}/" in key:
+                    restore.append((target, target.detach().clone()))
+                target.copy_(value)
+        if created_store and manifest.get("active") is not None:
+            set_active(base_model, manifest["active"])
+    except Exception as exc:
+        with torch.no_grad():
+            for target, original in restore:
+                target.copy_(original)
+        for name in reversed(applied):
+            remove(base_model, name)
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        for m, mode in modes:
+            m.training = mode
+        if isinstance(exc, SurgeryError):
+            raise
+        raise CheckpointError(f"loading {directory} failed: {type(exc).__name__}: {exc}") from exc
+    return base_model
