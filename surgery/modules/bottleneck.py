@@ -1,53 +1,178 @@
-"""Bottleneck adapters (Houlsby et al. 2019; Pfeiffer et al. 2020; He et al. 2021), as AdapterHub's BnConfig."""
+"""Bottleneck adapters (Houlsby et al. 2019; Pfeiffer et al. 2020; He et al. 2021; Steitz & Roth 2024; Compacter),
+with AdapterHub's BnConfig knobs under the same names and meanings.
+
+With the `sublayer` action the module computes AdapterHub's `bottleneck_layer_forward(h, x, norm)`: h is the
+sub-layer's branch output (after dense and dropout), x its residual input, norm the model's own post-sub-layer norm
+(None in pre-norm models). With `insert_after`/`insert_before` it is the adapter alone on one value, v -> A(v) + v;
+placed after the branch output (`through: [dropout]`), the model's own add and norm then give exactly BnConfig's
+default flags (original_ln_before false, original_ln_after true). With `parallel` it is the branch s·A(x) that the
+engine adds to the matched value.
+"""
 from __future__ import annotations
 
 import math
 from typing import Annotated, Literal, Union
 
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 from torch import nn
 
+from surgery.errors import RewriteError
 from surgery.modules.base import SiteContext
+from surgery.modules.phm import PHMLayer, PHMOptions, PHMRule
 from surgery.modules.registry import Options, register
 
+
+class QuickGELU(nn.Module):
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)
+
+
+# transformers' get_activation names, which AdapterHub resolves non_linearity with
 ACTIVATIONS = {
     "relu": nn.ReLU, "gelu": nn.GELU, "swish": nn.SiLU, "silu": nn.SiLU, "tanh": nn.Tanh,
-    "sigmoid": nn.Sigmoid, "gelu_new": lambda: nn.GELU(approximate="tanh"), "identity": nn.Identity,
-    "leakyrelu": nn.LeakyReLU,
+    "sigmoid": nn.Sigmoid, "gelu_new": lambda: nn.GELU(approximate="tanh"),
+    "gelu_pytorch_tanh": lambda: nn.GELU(approximate="tanh"), "quick_gelu": QuickGELU, "mish": nn.Mish,
+    "relu6": nn.ReLU6, "leakyrelu": nn.LeakyReLU, "identity": nn.Identity, "linear": nn.Identity,
 }
 
+PositiveFactor = Annotated[float, Field(gt=0)]
+Width = Annotated[int, Field(ge=1)]
 
-class BottleneckOptions(Options):
+
+def _per_layer(value, layer: int | None, what: str):
+    """A scalar, or AdapterHub's per-layer mapping {layer: value, ..., "default": value}."""
+    if not isinstance(value, dict):
+        return value
+    for key in (layer, str(layer)):
+        if key in value:
+            return value[key]
+    if "default" in value:
+        return value["default"]
+    raise RewriteError(f"{what} gives no value for layer {layer} and no 'default': {value}")
+
+
+class _BottleneckFields(Options):
     kind: Literal["bottleneck"] = "bottleneck"
-    supported_actions = ("insert_after", "insert_before", "parallel")
-    reduction_factor: float = Field(16, gt=0)
-    bottleneck_size: Union[Annotated[int, Field(ge=1)], None] = None
-    non_linearity: Literal[tuple(ACTIVATIONS)] = "relu"  # type: ignore[valid-type]
-    init_weights: Literal["bert", "houlsby", "mam", "lora", "zeros"] = "bert"
-    residual: Union[bool, None] = None
-    scaling: Union[float, Literal["learned", "channel"]] = 1.0
-    dropout: float = Field(0.0, ge=0, lt=1)
-    ln_before: bool = False
-    ln_after: bool = False
-    use_gating: bool = False
+    reduction_factor: Union[PositiveFactor, dict[Union[int, str], PositiveFactor]] = Field(
+        16, description="Bottleneck width = max(1, int(d // reduction_factor)); or {layer: factor, default: factor}.")
+    bottleneck_size: Union[Width, dict[Union[int, str], Width], None] = Field(
+        None, description="An explicit bottleneck width (or {layer: width, default: width}); overrides reduction_factor.")
+    non_linearity: Literal[tuple(ACTIVATIONS)] = Field(  # type: ignore[valid-type]
+        "relu", description="Activation between down and up projection (transformers' names: swish = silu).")
+    init_weights: Literal["bert", "houlsby", "mam", "mam_adapter", "lora", "zeros"] = Field(
+        "bert", description="bert: N(0, 0.02); houlsby: truncated N(0, 0.01) in ±0.02; mam/lora: kaiming down, zero "
+                            "up (identity at init); zeros: both zero.")
+    residual: Union[bool, None] = Field(
+        None, description="Add the adapter's input (insertions) or residual (sublayer) to its output; default yes "
+                          "except for action parallel.")
+    original_ln_before: bool = Field(
+        False, description="sublayer: apply the model's add and norm before the adapter, z = norm(h + x).")
+    original_ln_after: bool = Field(
+        True, description="sublayer: apply the model's add and norm after the adapter, norm(out + x).")
+    residual_before_ln: Union[bool, Literal["post_add"]] = Field(
+        True, description="sublayer: the adapter's residual is h (true), z (false) or h + x (post_add).")
+    adapter_residual_before_ln: bool = Field(
+        False, description="Add the residual before (true) or after (false) the adapter's own ln_after.")
+    is_parallel: Union[bool, None] = Field(
+        None, description="The adapter reads the sub-layer input x and is added to h (ParBn); implied by action "
+                          "parallel.")
+    scaling: Union[float, Literal["learned", "channel"]] = Field(
+        1.0, description="Multiplies the adapter output: a number, a learned scalar, or a learned vector per channel.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter output.")
+    stochastic_depth: float = Field(
+        0.0, ge=0, lt=1, description="Drop a sample's whole adapter output with this probability in training.")
+    ln_before: bool = Field(False, description="A new LayerNorm on the adapter input.")
+    ln_after: bool = Field(False, description="A new LayerNorm on the adapter output.")
+    use_gating: bool = Field(False, description="Scale the output by mean over tokens of sigmoid(Linear(d, 1)(input)).")
+    phm_layer: bool = Field(False, description="Down and up projections as PHM layers (Compacter); see phm_*.")
+
+    @field_validator("reduction_factor", "bottleneck_size")
+    @classmethod
+    def _layer_keys(cls, value):
+        if isinstance(value, dict):
+            bad = [k for k in value if not (isinstance(k, int) or k == "default" or str(k).lstrip("-").isdigit())]
+            if bad:
+                raise ValueError(f"per-layer keys are layer indices or 'default', not {bad}")
+        return value
+
+
+class BottleneckOptions(PHMOptions, _BottleneckFields):
+    """Bottleneck adapters with AdapterHub's BnConfig options (same names, meanings, defaults): Houlsby, Pfeiffer,
+    parallel, Adapter+, Compacter (PHM projections). Placement is the spec's `match`; `sublayer` gives the model's
+    own residual add and norm to the adapter."""
+
+    supported_actions = ("insert_after", "insert_before", "parallel", "sublayer")
+
+
+def site_width(site: SiteContext, action: str) -> int | None:
+    """The width of the value the module acts on: for insert_before that is the op's input (a linear's
+    in_features), where SiteContext.dim describes the op's output."""
+    if action == "insert_before" and site.in_features is not None:
+        return site.in_features
+    return site.dim
+
+
+def _sequential_needs_sublayer(o: BottleneckOptions) -> str | None:
+    if o.original_ln_before:
+        return "original_ln_before: true"
+    if not o.original_ln_after:
+        return "original_ln_after: false"
+    if o.residual_before_ln == "post_add":
+        return "residual_before_ln: post_add"
+    return None
+
+
+class StochasticDepth(nn.Module):
+    """Drops the whole adapter output of a sample with probability p in training (torchvision's mode "row")."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if not self.training or self.p == 0.0:
+            return x
+        keep = 1.0 - self.p
+        noise = torch.empty((x.shape[0],) + (1,) * (x.dim() - 1), dtype=x.dtype, device=x.device).bernoulli_(keep)
+        return x * noise.div_(keep)
 
 
 @register
 class BottleneckAdapter(nn.Module):
-    """z -> [z +] s * up(act(down(LN?(z)))). As an insertion it keeps the residual; as a parallel branch not."""
+    """A(z) = dropout(s · up(act(down(LN_before?(z))))) [· gate(z)], with the residual and LN_after as configured.
+
+    `mode` is how the engine calls it: "insert" (z -> A(z) [+ z]), "sublayer" ((h, x, norm) -> the sub-layer's
+    output), or "branch" (x -> A(x), the parallel action adds it).
+    """
 
     Options = BottleneckOptions
 
-    def __init__(self, dim: int, bottleneck: int, *, non_linearity="relu", init_weights="bert", residual=True,
-                 scaling=1.0, dropout=0.0, ln_before=False, ln_after=False, use_gating=False, in_dim=None):
+    def __init__(self, dim: int, bottleneck: int, *, in_dim: int | None = None, mode: str = "insert",
+                 non_linearity="relu", init_weights="bert", residual=True, original_ln_before=False,
+                 original_ln_after=True, residual_before_ln=True, adapter_residual_before_ln=False,
+                 is_parallel=False, scaling=1.0, dropout=0.0, stochastic_depth=0.0, ln_before=False,
+                 ln_after=False, use_gating=False, phm: PHMOptions | None = None, phm_rule: PHMRule | None = None):
         super().__init__()
         in_dim = in_dim or dim
-        self.residual = residual
+        self.mode, self.residual = mode, residual
+        self.original_ln_before, self.original_ln_after = original_ln_before, original_ln_after
+        self.residual_before_ln, self.adapter_residual_before_ln = residual_before_ln, adapter_residual_before_ln
+        self.is_parallel = is_parallel
         self.ln_before = nn.LayerNorm(in_dim) if ln_before else None
-        self.down = nn.Linear(in_dim, bottleneck)
+        if phm is not None:
+            if phm.shared_phm_rule and phm_rule is None:
+                self.phm_rule = phm_rule = PHMRule(phm.phm_dim, factorized=phm.factorized_phm_rule,
+                                                   c_init=phm.phm_c_init, init_range=phm.phm_init_range,
+                                                   learn=phm.learn_phm, shared=True)
+            shared = phm_rule if phm.shared_phm_rule else None
+            self.down = PHMLayer(in_dim, bottleneck, phm, rule=shared)
+            self.up = PHMLayer(bottleneck, dim, phm, rule=shared)
+        else:
+            self.down = nn.Linear(in_dim, bottleneck)
+            self.up = nn.Linear(bottleneck, dim)
         self.act = ACTIVATIONS[non_linearity]()
-        self.up = nn.Linear(bottleneck, dim)
+        self.drop_path = StochasticDepth(stochastic_depth) if stochastic_depth else None
         self.dropout = nn.Dropout(dropout) if dropout else None
         self.ln_after = nn.LayerNorm(dim) if ln_after else None
         self.gate = nn.Linear(in_dim, 1) if use_gating else None
@@ -60,47 +185,139 @@ class BottleneckAdapter(nn.Module):
         self.init_weights = init_weights
         self.reset_parameters()
 
+    @torch.no_grad()
     def reset_parameters(self):
+        """AdapterHub's inits. They touch nn.Linear projections only; PHM layers keep their own init, except that
+        the zero-output inits (mam, lora, zeros) zero the PHM up projection's output side too."""
         mode = self.init_weights
+        linears = [m for m in (self.down, self.up) if isinstance(m, nn.Linear)]
         if mode == "bert":
-            for lin in (self.down, self.up):
+            for lin in linears + ([self.gate] if self.gate is not None else []):
                 nn.init.normal_(lin.weight, std=0.02)
                 nn.init.zeros_(lin.bias)
         elif mode == "houlsby":
-            for lin in (self.down, self.up):
+            for lin in linears:
                 nn.init.trunc_normal_(lin.weight, std=1e-2, a=-2e-2, b=2e-2)
                 nn.init.zeros_(lin.bias)
-        elif mode in ("mam", "lora"):
-            nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
-            nn.init.zeros_(self.down.bias)
-            nn.init.zeros_(self.up.weight)
-            nn.init.zeros_(self.up.bias)
-        elif mode == "zeros":
-            for lin in (self.down, self.up):
-                nn.init.zeros_(lin.weight)
-                nn.init.zeros_(lin.bias)
+        elif mode in ("mam", "mam_adapter", "lora", "zeros"):
+            if isinstance(self.down, nn.Linear):
+                if mode == "zeros":
+                    nn.init.zeros_(self.down.weight)
+                else:
+                    nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
+                nn.init.zeros_(self.down.bias)
+            if isinstance(self.up, nn.Linear):
+                nn.init.zeros_(self.up.weight)
+                nn.init.zeros_(self.up.bias)
+            else:
+                self.up.zero_output()
+            if self.gate is not None:
+                nn.init.normal_(self.gate.weight, std=0.02)
+                nn.init.zeros_(self.gate.bias)
 
     @classmethod
     def build(cls, options: BottleneckOptions, site: SiteContext, action: str) -> "BottleneckAdapter":
-        dim = site.dim
-        in_dim = site.source_dim if action == "parallel" else dim
-        size = options.bottleneck_size or max(1, int(dim // options.reduction_factor))
-        residual = options.residual if options.residual is not None else action != "parallel"
-        return cls(dim, size, non_linearity=options.non_linearity, init_weights=options.init_weights,
-                   residual=residual, scaling=options.scaling, dropout=options.dropout,
-                   ln_before=options.ln_before, ln_after=options.ln_after, use_gating=options.use_gating,
-                   in_dim=in_dim)
+        mode = {"sublayer": "sublayer", "parallel": "branch"}.get(action, "insert")
+        is_parallel = options.is_parallel if options.is_parallel is not None else action == "parallel"
+        if mode == "insert":
+            problem = _sequential_needs_sublayer(options) or ("is_parallel: true" if is_parallel else None)
+            if problem:
+                raise RewriteError(f"bottleneck option {problem} needs the model's residual add and norm around the "
+                                   f"adapter: use action `sublayer` on role attention.residual_add/ffn.residual_add")
+        elif mode == "branch":
+            if not is_parallel or options.original_ln_before or not options.original_ln_after:
+                raise RewriteError("action parallel is BnConfig's is_parallel with original_ln_after: true; for other "
+                                   "flags use action `sublayer`")
+        elif not is_parallel and options.residual_before_ln == "post_add" and not options.original_ln_before:
+            raise RewriteError("residual_before_ln: post_add takes the residual after the model's add, which needs "
+                               "original_ln_before: true")
+        dim = site_width(site, action)
+        in_dim = site.source_dim if mode == "branch" else dim
+        size = _per_layer(options.bottleneck_size, site.layer, "bottleneck_size")
+        if size is None:
+            factor = _per_layer(options.reduction_factor, site.layer, "reduction_factor")
+            size = max(1, int(dim // factor))
+        residual = options.residual if options.residual is not None else mode != "branch"
+        phm, rule = None, None
+        if options.phm_layer:
+            phm = options
+            if options.shared_phm_rule:
+                rule = _shared_phm_rule(site, options)
+        try:
+            return cls(dim, size, in_dim=in_dim, mode=mode, non_linearity=options.non_linearity,
+                       init_weights=options.init_weights, residual=residual,
+                       original_ln_before=options.original_ln_before, original_ln_after=options.original_ln_after,
+                       residual_before_ln=options.residual_before_ln,
+                       adapter_residual_before_ln=options.adapter_residual_before_ln, is_parallel=is_parallel,
+                       scaling=options.scaling, dropout=options.dropout, stochastic_depth=options.stochastic_depth,
+                       ln_before=options.ln_before, ln_after=options.ln_after, use_gating=options.use_gating,
+                       phm=phm, phm_rule=rule)
+        except ValueError as exc:
+            raise RewriteError(f"bottleneck at {site.module}: {exc}") from None
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
+    # ------------------------------------------------------------------------------------------------ forward
+
+    def bottleneck(self, z: torch.Tensor) -> torch.Tensor:
+        """s · A(z), after stochastic depth, dropout and the gate: what AdapterHub adds to the residual."""
         h = self.ln_before(z) if self.ln_before is not None else z
         out = self.up(self.act(self.down(h)))
+        if self.drop_path is not None:
+            out = self.drop_path(out)
+        out = out * self.scaling
         if self.dropout is not None:
             out = self.dropout(out)
-        out = out * self.scaling
         if self.gate is not None:
-            out = out * torch.sigmoid(self.gate(h)).mean(dim=1, keepdim=True)
-        if self.residual:
-            out = out + z
+            out = out * torch.sigmoid(self.gate(z)).mean(dim=1, keepdim=True)
+        return out
+
+    def adapter(self, z: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        """AdapterHub's Adapter.forward: the bottleneck, the residual and the adapter's own LN_after."""
+        out = self.bottleneck(z)
+        if residual is not None and self.adapter_residual_before_ln:
+            out = out + residual
         if self.ln_after is not None:
             out = self.ln_after(out)
+        if residual is not None and not self.adapter_residual_before_ln:
+            out = out + residual
         return out
+
+    def forward(self, hidden: torch.Tensor, residual_input: torch.Tensor | None = None, norm=None) -> torch.Tensor:
+        if self.mode == "insert":
+            return self.adapter(hidden, hidden if self.residual else None)
+        if self.mode == "branch":
+            return self.adapter(hidden, None)
+        return self.sublayer(hidden, residual_input, norm)
+
+    def sublayer(self, h: torch.Tensor, x: torch.Tensor, norm) -> torch.Tensor:
+        """bottleneck_layer_forward(h, x, norm): pre_forward, the adapter, post_forward."""
+        if self.is_parallel:
+            out = self.adapter(x, None) + h
+        else:
+            residual = h
+            z = h
+            if self.original_ln_before:
+                z = h + x
+                if self.residual_before_ln == "post_add":
+                    residual = z
+                if norm is not None:
+                    z = norm(z)
+            if self.residual_before_ln is False:
+                residual = z
+            out = self.adapter(z, residual if self.residual else None)
+        if self.original_ln_after:
+            out = out + x
+            if norm is not None:
+                out = norm(out)
+        return out
+
+
+def _shared_phm_rule(site: SiteContext, options: BottleneckOptions) -> PHMRule | None:
+    """The PHM rule this adapter set already holds (AdapterHub keeps one per adapter, for all its PHM layers)."""
+    for module in (site.adapter.modules() if site.adapter is not None else ()):
+        rule = getattr(module, "phm_rule", None)
+        if isinstance(module, BottleneckAdapter) and isinstance(rule, PHMRule):
+            if rule.n != options.phm_dim or rule.factorized != options.factorized_phm_rule:
+                raise RewriteError(f"the adapter set already shares a PHM rule with phm_dim {rule.n} "
+                                   f"(factorized: {rule.factorized}); every shared-rule PHM adapter must agree")
+            return rule
+    return None
