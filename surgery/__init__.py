@@ -2,7 +2,8 @@
 
     model = surgery.apply(model, "specs/houlsby.yaml")
 """
-from surgery.api import apply, disable, eject, plan, remove, set_active, trainable_parameters
+from surgery.api import add_fusion, apply, disable, eject, plan, remove, set_active, trainable_parameters
+from surgery.rewrite.compose import Average, BatchSplit, Fuse, Parallel, Split, Stack
 from surgery.errors import MatchError, RewriteError, SpecError, SurgeryError
 from surgery.match import Match
 from surgery.modules.registry import register as register_module
@@ -12,7 +13,7 @@ from surgery.io.peft import from_peft, to_peft  # noqa: E402
 from surgery.quantize import dequantize_nf4, nf4_memory, quantize_nf4  # noqa: E402
 
 __all__ = [
-    "apply", "plan", "disable", "eject", "remove", "set_active", "trainable_parameters", "load_spec", "Spec", "Match",
+    "apply", "plan", "disable", "eject", "add_fusion", "Stack", "Average", "BatchSplit", "Split", "Parallel", "Fuse", "remove", "set_active", "trainable_parameters", "load_spec", "Spec", "Match",
     "register_module", "SurgeryError", "SpecError", "MatchError", "RewriteError",
 ] + ["merge", "unmerge", "MergeReport", "from_peft", "to_peft"]
 __all__ += ["quantize_nf4", "dequantize_nf4", "nf4_memory"]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -12,6 +13,7 @@ from surgery.analyze import Analysis, analyze
 from surgery.errors import RewriteError, SurgeryError
 from surgery.match import Match, match_spec
 from surgery.rewrite import Record, realize, store_of
+from surgery.rewrite.compose import Block, Fuse, Stack, block_from
 from surgery.rewrite.host import install_call_capture
 from surgery.spec import Spec, spec_from
 from surgery.trace import trace
@@ -55,6 +57,12 @@ def apply(model: nn.Module, spec: Any, *, example_inputs=None, name: str | None 
     spec = spec_from(spec)
     name = name or "default"
     store = store_of(model)
+    if spec.compose is not None and not spec.rules:
+        block = block_from(spec.compose)
+        if isinstance(block, Fuse):
+            return add_fusion(model, block.names(), name=name)
+        set_active(model, block)
+        return model
     if store is not None and name in store.records:
         raise SurgeryError(f"an adapter named {name!r} is already applied; remove it first or choose another name")
     analysis = _analysis(model, example_inputs)
@@ -74,6 +82,8 @@ def apply(model: nn.Module, spec: Any, *, example_inputs=None, name: str | None 
             realize(model, analysis, store, record, rule, matches, site_extra)
         _set_trainable(model, store, record)
         store.records[name] = record
+        if spec.compose is not None:
+            set_active(model, block_from(spec.compose))
     except Exception as exc:
         record.rollback()
         _restore(model, snapshot)
@@ -125,17 +135,85 @@ def disable(model: nn.Module):
         store.runtime.disabled = previous
 
 
-def set_active(model: nn.Module, names: str | Iterable[str] | None) -> None:
-    """Choose which named adapters run (None: all)."""
+def set_active(model: nn.Module, names: "str | Iterable[str] | Block | dict | None") -> None:
+    """Choose what runs: one adapter name, several (stacked in the order applied), a composition block
+    (Stack, Average, BatchSplit, Split, Parallel, Fuse), or None for every adapter."""
     store = store_of(model)
     if store is None:
         raise SurgeryError("this model has no adapters")
-    if names is not None:
+    block = None
+    if isinstance(names, (Block, dict)):
+        try:
+            block = block_from(names)
+        except ValueError as exc:
+            raise SurgeryError(str(exc)) from None
+        names = block.names() if isinstance(block, Block) else [block]
+        if isinstance(block, Block):
+            names += [n for n in _fusion_names(block) if n not in names]
+    elif names is not None:
         names = [names] if isinstance(names, str) else list(names)
+    if names is not None:
         unknown = [n for n in names if n not in store.records]
         if unknown:
             raise SurgeryError(f"no adapter named {unknown[0]!r}; adapters: {sorted(store.records)}")
+    if isinstance(block, Block) and not isinstance(block, Stack):
+        for n in block.names():
+            weight_sites = [s for s in store.records[n].weight_sites if s.realized == "weight"]
+            if weight_sites:
+                raise SurgeryError(f"{type(block).__name__} needs every adapter computed on activations, but "
+                                   f"adapter {n!r} adapts {weight_sites[0].owner_path} on its weight (a "
+                                   f"parametrization, which only adds up): use Stack, or realize: activation")
     store.runtime.active = names
+    store.runtime.composition = block if isinstance(block, Block) else None
+
+
+def _fusion_names(block) -> list[str]:
+    out = [block.name] if isinstance(block, Fuse) and block.name else []
+    for child in block.children:
+        if isinstance(child, Block):
+            out += _fusion_names(child)
+    return out
+
+
+def add_fusion(model: nn.Module, adapters: list[str], *, name: str, dropout: float = 0.1) -> nn.Module:
+    """AdapterFusion over `adapters` under the new adapter `name`: a fusion module at every site where all of
+    them act. Only the fusion modules train; the fused adapters are frozen. Activates Fuse(*adapters)."""
+    from surgery.modules.fusion import AdapterFusion
+    from surgery.rewrite.host import Gate, dispatch
+    store = store_of(model)
+    if store is None or any(a not in store.records for a in adapters):
+        raise SurgeryError(f"fusion needs applied adapters {adapters}; have {sorted(store.records) if store else []}")
+    if name in store.records:
+        raise SurgeryError(f"an adapter named {name!r} is already applied")
+    dim = _analysis(model, None).hidden_size
+    record = Record(name=name)
+    modules = nn.ModuleDict()
+    store.adapters[name] = nn.ModuleDict({"fusion": modules})
+    record.undo.append(lambda: store.adapters.pop(name))
+    gate = Gate(store.runtime, name)
+    for path, module in model.named_modules():
+        for (side, loc), dispatcher in list(module.__dict__.get("_surgery_dispatch", {}).items()):
+            present = {g.name for g, _ in dispatcher.entries}
+            if not set(adapters) <= present:
+                continue
+            key = re.sub(r"[^0-9A-Za-z_]", "_", f"{path}_{side}")
+            fusion = AdapterFusion(dim, dropout=dropout)
+            ref = next(model.parameters())
+            fusion.to(device=ref.device, dtype=ref.dtype)
+            modules[key] = fusion
+            record.undo.append(dispatch(module, side, loc, gate, fusion, fusion=True))
+    if not len(modules):
+        record.rollback()
+        raise SurgeryError(f"adapters {adapters} share no site to fuse at")
+    for a in adapters:
+        for p in store.adapters[a].parameters():
+            record.frozen.append((p, p.requires_grad))
+            p.requires_grad_(False)
+    for p in modules.parameters():
+        p.requires_grad_(True)
+    store.records[name] = record
+    set_active(model, Fuse(*adapters, name=name))
+    return model
 
 
 def remove(model: nn.Module, name: str = "default") -> nn.Module:
@@ -145,8 +223,10 @@ def remove(model: nn.Module, name: str = "default") -> nn.Module:
         raise SurgeryError(f"no adapter named {name!r}")
     record = store.records.pop(name)
     record.rollback()
-    for p, flag in record.trained:
+    for p, flag in record.trained + record.frozen:
         p.requires_grad_(flag)
+    if store.runtime.active and name in store.runtime.active:
+        store.runtime.active, store.runtime.composition = None, None
     if not store.records:
         store.uninstall()
         delattr(model, "surgery_adapters")

@@ -18,7 +18,7 @@ from surgery.match.pattern import Match
 from surgery.modules.base import SiteContext
 from surgery.modules.registry import module_class
 from surgery.rewrite.attention import attach_intercept, attach_registry, registry_of
-from surgery.rewrite.host import (AdapterStore, Record, capture_anchor, hook_capture, hook_value, input_anchor,
+from surgery.rewrite.host import (AdapterStore, Gate, Record, capture_anchor, hook_capture, hook_value, input_anchor,
                                   output_anchor, value_anchor, wrap_weight)
 from surgery.spec.models import Rule
 
@@ -197,7 +197,7 @@ def realize(model: nn.Module, analysis: Analysis, store: AdapterStore, record: R
     """Build the rule's module at every match and realize the action on the host. `extra` (the same dict
     for every site of one apply call) is passed to each module in `SiteContext.extra`."""
     name = record.name
-    gate = (lambda: store.runtime.on(name))
+    gate = Gate(store.runtime, name)
     if rule.action == "train":
         for match in matches:
             for pname, param in _params_of(model, match.site, analysis).items():

@@ -18,6 +18,7 @@ from torch import fx, nn
 from torch.nn.utils import parametrize
 
 from surgery.analyze.roles import Analysis, LinearInfo, op_name, stack_paths
+from surgery.rewrite import compose
 from surgery.errors import RewriteError
 from surgery.trace.export import Boundary
 
@@ -25,16 +26,91 @@ STATE_ATTR = "surgery_adapters"
 
 
 class RuntimeState:
-    """What hooks read at run time: which adapters are active, and values captured earlier in this call."""
+    """What hooks read at run time: which adapters are active (and how they compose), and values captured
+    earlier in this call."""
 
     def __init__(self):
         self.active: list[str] | None = None   # None: every adapter
+        self.composition = None                 # a compose.Block, or None: active adapters stacked
         self.disabled = False
         self.slots: dict[str, torch.Tensor] = {}
         self.call: dict = {}                    # the root call's keyword inputs (attention_mask, ...)
 
     def on(self, name: str) -> bool:
         return not self.disabled and (self.active is None or name in self.active)
+
+
+class Gate:
+    """Whether adapter `name` runs now; hooks also read the composition through it."""
+
+    def __init__(self, runtime: RuntimeState, name: str):
+        self.runtime, self.name = runtime, name
+
+    def __call__(self) -> bool:
+        return self.runtime.on(self.name)
+
+
+class Dispatcher:
+    """The one hook at a module boundary (a side and a location): runs the active adapters' functions there,
+    combined as the runtime's composition says."""
+
+    def __init__(self, module: nn.Module, side: str, loc: tuple):
+        self.entries: list[tuple[Gate, Callable]] = []
+        self.fusions: list[tuple[Gate, Callable]] = []
+        self.side, self.loc = side, loc
+        if side == "out":
+            self.handle = module.register_forward_hook(self._post)
+        elif side == "in":
+            self.handle = module.register_forward_pre_hook(self._pre, with_kwargs=True)
+        else:   # "call": a weight-bearing module's output given its input
+            self.handle = module.register_forward_hook(self._post)
+
+    def run(self, value, args):
+        live = [(g, fn) for g, fn in self.entries if g()]
+        if not live:
+            return value
+        by_name: dict[str, list] = {}
+        for g, fn in live:
+            by_name.setdefault(g.name, []).append(fn)
+        runtime = live[0][0].runtime
+        fusions = {g.name: fn for g, fn in self.fusions if g()}
+        return compose.run(runtime.composition, by_name, list(by_name), value, args, fusions)
+
+    def _post(self, mod, args, out):
+        return _set(out, self.loc, self.run(_get(out, self.loc), args))
+
+    def _pre(self, mod, args, kwargs):
+        kind, key = self.loc
+        if kind == "arg":
+            if key >= len(args):
+                return None
+            return args[:key] + (self.run(args[key], None),) + args[key + 1:], kwargs
+        if key not in kwargs:
+            return None
+        return args, {**kwargs, key: self.run(kwargs[key], None)}
+
+
+def dispatch(module: nn.Module, side: str, loc: tuple, gate: Gate, fn: Callable, *, fusion: bool = False
+             ) -> Callable[[], None]:
+    """Add fn(value, args) at a module boundary; return the undo."""
+    table = module.__dict__.setdefault("_surgery_dispatch", {})
+    key = (side, loc)
+    if key not in table:
+        table[key] = Dispatcher(module, side, loc)
+    dispatcher = table[key]
+    entry = (gate, fn)
+    (dispatcher.fusions if fusion else dispatcher.entries).append(entry)
+
+    def undo():
+        for entries in (dispatcher.entries, dispatcher.fusions):
+            if entry in entries:
+                entries.remove(entry)
+        if not dispatcher.entries and not dispatcher.fusions and table.get(key) is dispatcher:
+            dispatcher.handle.remove()
+            del table[key]
+            if not table:
+                module.__dict__.pop("_surgery_dispatch", None)
+    return undo
 
 
 class AdapterStore(nn.Module):
@@ -55,6 +131,7 @@ class Record:
     undo: list[Callable[[], None]] = field(default_factory=list)
     weight_sites: list["WeightSite"] = field(default_factory=list)
     trained: list[tuple[nn.Parameter, bool]] = field(default_factory=list)
+    frozen: list[tuple[nn.Parameter, bool]] = field(default_factory=list)   # other adapters this one froze
     specs: list = field(default_factory=list)
 
     def rollback(self):
@@ -199,32 +276,9 @@ def _set(container, loc, value):
 
 
 def hook_value(model: nn.Module, anchor: Boundary, fn: Callable[[torch.Tensor], torch.Tensor],
-               gate: Callable[[], bool]) -> Callable[[], None]:
-    """Replace the value at `anchor` by fn(value) while gate() holds; return the undo."""
-    module = model.get_submodule(anchor.module)
-    if anchor.side == "out":
-        def post(mod, args, out):
-            if not gate():
-                return out
-            return _set(out, anchor.loc, fn(_get(out, anchor.loc)))
-        handle = module.register_forward_hook(post)
-    else:
-        kind, key = anchor.loc
-
-        def pre(mod, args, kwargs):
-            if not gate():
-                return None
-            if kind == "arg":
-                if key >= len(args):
-                    return None
-                args = args[:key] + (fn(args[key]),) + args[key + 1:]
-            else:
-                if key not in kwargs:
-                    return None
-                kwargs = {**kwargs, key: fn(kwargs[key])}
-            return args, kwargs
-        handle = module.register_forward_pre_hook(pre, with_kwargs=True)
-    return handle.remove
+               gate: Gate) -> Callable[[], None]:
+    """Replace the value at `anchor` by fn(value) while the adapter is active; return the undo."""
+    return dispatch(model.get_submodule(anchor.module), anchor.side, anchor.loc, gate, lambda v, args: fn(v))
 
 
 def hook_capture(model: nn.Module, anchor: Boundary, slots: dict, key: str) -> Callable[[], None]:
@@ -310,21 +364,15 @@ def attach_weight_site(site: WeightSite) -> None:
     undo = []
     if site.realized == "activation":
         if adapter.adapts_input:
-            def pre(mod, args, kwargs):
-                if not gate():
-                    return None
-                return (adapter.adapt_input(args[0]),) + tuple(args[1:]), kwargs
-            undo.append(owner.register_forward_pre_hook(pre, with_kwargs=True).remove)
+            undo.append(dispatch(owner, "in", ("arg", 0), gate, lambda x, args: adapter.adapt_input(x)))
 
-        def post(mod, args, out):
-            if not gate():
-                return out
+        def post(out, args):
             if packed is None:
                 return adapter(args[0], out)
             a, b = packed
             part = adapter(args[0], out[..., a:b])
             return out + F.pad(part - out[..., a:b], (a, out.shape[-1] - b))
-        undo.append(owner.register_forward_hook(post).remove)
+        undo.append(dispatch(owner, "out", (), gate, post))
     else:
         names = [(site.weight_name, False)] + ([(site.bias_name, True)] if site.bias_name else [])
         for name, is_bias in names:
@@ -348,6 +396,10 @@ def install_call_capture(model: nn.Module, runtime: RuntimeState) -> Callable[[]
     modules that depend on them (prompts, interventions at token positions)."""
 
     def capture(mod, args, kwargs):
+        if isinstance(runtime.composition, compose.Parallel) and not runtime.disabled:
+            copies = len(runtime.composition.children)
+            args = tuple(_replicate(a, copies) for a in args)
+            kwargs = {k: _replicate(v, copies) for k, v in kwargs.items()}
         call = {"attention_mask": kwargs.get("attention_mask")}
         past = kwargs.get("past_key_values")
         cached = False
@@ -359,7 +411,12 @@ def install_call_capture(model: nn.Module, runtime: RuntimeState) -> Callable[[]
         call["input"] = first if isinstance(first, torch.Tensor) else None
         runtime.call = call
         runtime.slots.clear()
-        return None
+        return args, kwargs
 
     handle = model.register_forward_pre_hook(capture, with_kwargs=True, prepend=True)
     return handle.remove
+
+
+def _replicate(value, copies: int):
+    """Parallel composition: the batch repeated once per adapter (tensors with a batch dimension only)."""
+    return torch.cat([value] * copies, dim=0) if isinstance(value, torch.Tensor) and value.dim() >= 1 else value

@@ -33,6 +33,7 @@ ROLES = (
     "lm_head",              # the output projection to the vocabulary
 )
 
+BLOCKS = ("stack", "average", "batch_split", "split", "parallel", "fuse")   # composition blocks (rewrite/compose.py)
 ACTIONS = ("insert_after", "insert_before", "parallel", "sublayer", "wrap", "replace", "attend", "prepend", "train")
 
 # What each action does, for docs/spec.md and the JSON Schema (a test checks every action has an entry).
@@ -227,6 +228,18 @@ class Spec(BaseModel):
     description: str | None = Field(None, description="Free text.")
     include: list[str] = Field(default_factory=list, description="Other spec files (relative paths) whose rules come first.")
     rules: list[Rule] = Field(default_factory=list, description="The rewrites, applied in order.")
+    compose: Union[str, dict[str, Any], None] = Field(
+        None, description="How named adapters combine, e.g. {average: [a, b], weights: [0.5, 0.5]} or "
+                          "{fuse: [a, b]} (AdapterFusion); blocks: stack, average, batch_split, split, parallel, fuse.")
+
+    @field_validator("compose")
+    @classmethod
+    def _known_block(cls, value):
+        if isinstance(value, dict):
+            kinds = [k for k in value if k in BLOCKS]
+            if len(kinds) != 1:
+                raise ValueError(f"a composition names exactly one of {', '.join(BLOCKS)}")
+        return value
 
     @model_validator(mode="after")
     def _unique_rule_names(self):

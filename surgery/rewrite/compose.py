@@ -1,0 +1,140 @@
+"""Composition blocks (as AdapterHub defines them): how several named adapters combine at one site.
+
+`surgery.set_active(model, Average("a", "b", weights=[0.7, 0.3]))`. A block's children are adapter names or
+blocks. At every hooked site the active adapters' functions are combined by the block; with no block, the
+active adapters run one after another in the order they were applied (a Stack).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Union
+
+import torch
+
+Child = Union[str, "Block"]
+
+
+@dataclass(frozen=True)
+class Block:
+    children: tuple
+
+    def __init__(self, *children: Child, **options):
+        object.__setattr__(self, "children", tuple(children))
+        for key, value in options.items():
+            object.__setattr__(self, key, value)
+
+    def names(self) -> list[str]:
+        out = []
+        for child in self.children:
+            out += [child] if isinstance(child, str) else child.names()
+        return out
+
+
+class Stack(Block):
+    """Adapters in sequence at each site."""
+
+
+class Average(Block):
+    """The weighted mean of the adapters' outputs (weights default to equal)."""
+
+    def __init__(self, *children: Child, weights: list[float] | None = None):
+        super().__init__(*children, weights=tuple(weights) if weights else None)
+
+
+class BatchSplit(Block):
+    """Batch rows split between the adapters: `batch_sizes` rows to each, in order."""
+
+    def __init__(self, *children: Child, batch_sizes: list[int]):
+        super().__init__(*children, batch_sizes=tuple(batch_sizes))
+
+
+class Split(Block):
+    """The sequence split between the adapters: the first `splits[0]` positions to the first, and so on."""
+
+    def __init__(self, *children: Child, splits: list[int]):
+        super().__init__(*children, splits=tuple(splits))
+
+
+class Parallel(Block):
+    """The batch replicated once per adapter at the model's input; copy i runs through adapter i.
+    Outputs have (number of adapters) x batch rows, in the children's order."""
+
+
+class Fuse(Block):
+    """AdapterFusion: attention over the adapters' outputs, through the fusion modules of adapter `name`."""
+
+    def __init__(self, *children: Child, name: str | None = None):
+        super().__init__(*children, name=name)
+
+
+BLOCKS = {"stack": Stack, "average": Average, "batch_split": BatchSplit, "split": Split, "parallel": Parallel,
+          "fuse": Fuse}
+
+
+def block_from(data) -> Child:
+    """From spec data: a name, or {stack: [...]} / {average: [...], weights: [...]} / ... """
+    if isinstance(data, (str, Block)):
+        return data
+    if not isinstance(data, dict):
+        raise ValueError(f"a composition is an adapter name or a mapping like {{average: [a, b]}}, not {data!r}")
+    kinds = [k for k in data if k in BLOCKS]
+    if len(kinds) != 1:
+        raise ValueError(f"a composition names exactly one of {', '.join(BLOCKS)}; got {sorted(data)}")
+    kind = kinds[0]
+    options = {k: v for k, v in data.items() if k != kind}
+    children = [block_from(c) for c in data[kind]]
+    return BLOCKS[kind](*children, **options)
+
+
+def run(block: Child | None, by_name: dict[str, list], order: list[str], value: torch.Tensor, args,
+        fusions: dict) -> torch.Tensor:
+    """Combine the entries at one site. `by_name` maps adapter name -> its functions here (in order)."""
+    if block is None:
+        for name in order:
+            value = run(name, by_name, order, value, args, fusions)
+        return value
+    if isinstance(block, str):
+        for fn in by_name.get(block, ()):
+            value = fn(value, args)
+        return value
+    kids = block.children
+    if isinstance(block, Stack):
+        for child in kids:
+            value = run(child, by_name, order, value, args, fusions)
+        return value
+    if isinstance(block, Average):
+        weights = block.weights or [1.0 / len(kids)] * len(kids)
+        return sum(w * run(c, by_name, order, value, args, fusions) for w, c in zip(weights, kids))
+    if isinstance(block, (BatchSplit, Parallel)):
+        sizes = list(block.batch_sizes) if isinstance(block, BatchSplit) else [value.shape[0] // len(kids)] * len(kids)
+        if sum(sizes) != value.shape[0]:
+            raise ValueError(f"{type(block).__name__} splits {sum(sizes)} rows but the batch has {value.shape[0]}")
+        parts = torch.split(value, sizes, dim=0)
+        return torch.cat([run(c, by_name, order, p, _rows(args, sizes, i), fusions)
+                          for i, (c, p) in enumerate(zip(kids, parts))], dim=0)
+    if isinstance(block, Split):
+        sizes = list(block.splits) + [value.shape[1] - sum(block.splits)]
+        parts = torch.split(value, sizes, dim=1)
+        return torch.cat([run(c, by_name, order, p, _positions(args, sizes, i), fusions)
+                          for i, (c, p) in enumerate(zip(kids, parts))], dim=1)
+    if isinstance(block, Fuse):
+        outputs = [run(c, by_name, order, value, args, fusions) for c in kids]
+        fusion = fusions.get(block.name)
+        if fusion is None:   # no fusion module at this site (an adapter is missing here): average
+            return sum(outputs) / len(outputs)
+        return fusion(value, outputs)
+    raise TypeError(f"unknown composition block {block!r}")
+
+
+def _rows(args, sizes, i):
+    if not args:
+        return args
+    start = sum(sizes[:i])
+    return tuple(a[start:start + sizes[i]] if isinstance(a, torch.Tensor) and a.dim() > 1 else a for a in args)
+
+
+def _positions(args, sizes, i):
+    if not args:
+        return args
+    start = sum(sizes[:i])
+    return tuple(a[:, start:start + sizes[i]] if isinstance(a, torch.Tensor) and a.dim() > 2 else a for a in args)
