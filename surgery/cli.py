@@ -215,6 +215,21 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_draw(args) -> int:
+    """One layer of the rewritten graph before and after, the inserted modules highlighted (surgery.draw)."""
+    import surgery
+    if args.adapters:
+        model, example = load_model(args.model)
+        surgery.load(model, args.adapters, example_inputs=example)
+    elif args.spec:
+        model, example = _applied(args)
+    else:
+        raise SurgeryError("draw needs --spec SPEC or --adapters DIR (a directory written by surgery.save)")
+    path = surgery.draw(model, args.out, example_inputs=example, layer=args.layer, backend=args.backend)
+    print(f"drew layer {args.layer} before and after surgery to {path}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     """The quick start: Houlsby adapters on the seed's MiniGPT, a few training steps on a copy task."""
     import torch
@@ -278,6 +293,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="FILE")
     p.add_argument("--no-merge", action="store_true", help="keep foldable rewrites unmerged")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("draw", help="draw one layer before and after surgery, inserted modules highlighted")
+    p.add_argument("model", help=MODEL_HELP)
+    p.add_argument("--spec", help="spec to apply")
+    p.add_argument("--adapters", metavar="DIR", help="or: adapters saved by surgery.save / surgery apply")
+    p.add_argument("--out", default="surgery.svg", metavar="FILE", help="output file: .svg, .png or .pdf")
+    p.add_argument("--layer", type=int, default=0)
+    p.add_argument("--backend", default="auto", choices=["auto", "graphviz", "matplotlib"])
+    p.set_defaults(func=cmd_draw)
 
     p = sub.add_parser("demo", help="apply a spec to the built-in MiniGPT and train a few steps")
     p.add_argument("--spec", default=None)
