@@ -161,3 +161,50 @@ def test_weight_realized_adapters_refuse_non_additive_blocks():
     surgery.apply(model, LORA_QV, name="b", example_inputs=model.example_inputs())
     with pytest.raises(surgery.SurgeryError, match="parametrization"):
         surgery.set_active(model, surgery.Average("a", "b"))
+
+
+@pytest.mark.parametrize("spec,expected", [
+    # AdapterHub's figures for BERT-base (hidden 768, 12 layers, 12 heads, intermediate 3072)
+    ("specs/mam.yaml", 22_493_984),
+    ("specs/unipelt.yaml", 11_083_376),
+])
+def test_mam_and_unipelt_counts_equal_adapterhub_on_bert_base(spec, expected):
+    from transformers import BertConfig, BertModel
+    with torch.device("meta"):
+        model = BertModel(BertConfig())
+    surgery.apply(model, spec)
+    d, L, ff = 768, 12, 3072
+    if "mam" in spec:
+        P, B, N, m = 30, 800, 2 * L * d, d // 2
+        formula = P * d + (d * B + B) + (B * N + N) + L * (2 * d * m + m + d)
+    else:
+        P, B, N, m, r = 10, 512, 2 * L * d, d // 16, 8
+        formula = (P * d + (d * B + B) + (B * N + N) + L * (d + 1)      # prefix + its gates
+                   + L * (2 * d * m + m + d) + L * (d + 1)               # sequential adapter + gates
+                   + L * 2 * r * (d + d) + 2 * L * (d + 1))              # LoRA q, v + gates
+    assert formula == expected
+    assert surgery.trainable_parameters(model)[0] == expected
+    del ff
+
+
+@pytest.mark.parametrize("spec", ["specs/mam.yaml", "specs/unipelt.yaml"])
+def test_mam_and_unipelt_train_and_report_what_cannot_merge(spec):
+    model = make_llama()
+    surgery.apply(model, spec)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ids = token_ids(4, 10, seed=5)
+    losses = []
+    for _ in range(5):
+        loss = model(input_ids=ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    model.eval()
+    before = run("llama", model, ids).detach()
+    report = surgery.merge(model)
+    assert report.not_merged   # prefixes, bottleneck adapters and gated LoRA stay in the forward, by name
+    assert all("/" in key for key in report.not_merged)
+    torch.testing.assert_close(run("llama", model, ids), before, atol=1e-5, rtol=1e-5)
+    surgery.unmerge(model)

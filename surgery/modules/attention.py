@@ -84,11 +84,18 @@ class PrefixTuning(nn.Module):
         width = 2 * self.kv_heads * self.head_dim
         return self._mlp[0]()[:, self.layer * width:(self.layer + 1) * width]
 
-    def forward(self, query, key, value, attend):
+    @property
+    def needs_attention_input(self) -> bool:
+        return self.gate is not None
+
+    def forward(self, query, key, value, attend, attention_input=None):
         flat = self.dropout(self.prefixes())
         width = self.kv_heads * self.head_dim
         pk = _as_heads(flat[:, :width], self.kv_heads, self.head_dim, key)
         pv = _as_heads(flat[:, width:], self.kv_heads, self.head_dim, value)
+        if self.gate is not None:   # UniPELT: sigmoid(Linear(h)) averaged over the sequence scales K and V
+            g = torch.sigmoid(self.gate(attention_input)).mean(dim=1).to(pk.dtype)[:, :, None, None]
+            pk, pv = pk * g, pv * g
         return attend(query, torch.cat([pk, key], dim=2), torch.cat([pv, value], dim=2), prefix=self.length)
 
     @torch.no_grad()

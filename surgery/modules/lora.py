@@ -26,6 +26,8 @@ class LoRAOptions(Options):
     use_rslora: bool = Field(False, description="Rank-stabilized scaling alpha/sqrt(r).")
     init: Literal["kaiming", "gaussian"] = Field(
         "kaiming", description="A's init (B is always zero): kaiming-uniform(a=√5) or Gaussian with std 1/r.")
+    use_gating: bool = Field(False, description="UniPELT: a learned gate sigmoid(Linear(x)) averaged over the "
+                                                "sequence replaces the scaling (input-dependent, so not mergeable).")
 
 
 @register
@@ -33,8 +35,10 @@ class LoRA(WeightAdapter):
     Options = LoRAOptions
 
     def __init__(self, in_features: int, out_features: int, r: int = 8, alpha: float = 8, dropout: float = 0.0,
-                 use_rslora: bool = False, init: str = "kaiming"):
+                 use_rslora: bool = False, init: str = "kaiming", use_gating: bool = False):
         super().__init__()
+        self.gate = nn.Linear(in_features, 1) if use_gating else None
+        self.mergeable = not use_gating
         self.r = r
         self.alpha = alpha
         self.use_rslora = use_rslora
@@ -55,10 +59,13 @@ class LoRA(WeightAdapter):
     @classmethod
     def build(cls, options: LoRAOptions, site: SiteContext, action: str) -> "LoRA":
         return cls(site.in_features, site.out_features, r=options.r, alpha=options.alpha, dropout=options.dropout,
-                   use_rslora=options.use_rslora, init=options.init)
+                   use_rslora=options.use_rslora, init=options.init, use_gating=options.use_gating)
 
     def forward(self, x, y):
-        return y + (self.dropout(x) @ self.lora_A.t() @ self.lora_B.t()) * self.scaling
+        delta = self.dropout(x) @ self.lora_A.t() @ self.lora_B.t()
+        if self.gate is not None:
+            return y + delta * torch.sigmoid(self.gate(x)).mean(dim=-2, keepdim=True)
+        return y + delta * self.scaling
 
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B @ self.lora_A) * self.scaling

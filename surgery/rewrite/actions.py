@@ -287,11 +287,19 @@ def _realize_one(model, analysis, store, record, rule, match, value, module, key
         if match.role != "attention.op":
             raise RewriteError(f"rule {match.rule!r}: attend needs the attention op (role attention.op)")
         host = model.get_submodule(match.module)
+        adapter = module
+        if getattr(module, "needs_attention_input", False):
+            # the module reads the attention module's input (a gate): capture it for this call
+            slot = f"{record.name}/{match.rule}/{key}/input"
+            anchor = _module_input(analysis, match.module)
+            record.undo.append(hook_capture(model, anchor, store.runtime.slots, slot))
+            slots = store.runtime.slots
+            adapter = lambda q, k, v, attend: module(q, k, v, attend, attention_input=slots[slot])  # noqa: E731
         registry = registry_of(model)
         if registry is not None:
-            record.undo.append(attach_registry(model, registry, host, module, gate))
+            record.undo.append(attach_registry(model, registry, host, adapter, gate))
         else:
-            record.undo.append(attach_intercept(host, module, gate))
+            record.undo.append(attach_intercept(host, adapter, gate))
     elif action == "prepend":
         _realize_prepend(model, analysis, store, record, match, value, module, gate)
     else:
@@ -334,6 +342,16 @@ def _realize_sublayer(model, analysis, store, record, match, module, key, gate):
         x = slots.pop(slot_x)
         return module(h, x, None) - x
     record.undo.append(hook_value(model, value_anchor(analysis, branch), branch_fn, gate))
+
+
+def _module_input(analysis: Analysis, module: str):
+    """The first hidden-state input ([batch, seq, dim]) of a module."""
+    for value, bounds in analysis.traced.boundaries.items():
+        for b in bounds:
+            val = value.meta.get("val")
+            if b.module == module and b.side == "in" and isinstance(val, torch.Tensor) and val.dim() == 3:
+                return b
+    raise RewriteError(f"cannot find the hidden-state input of {module}")
 
 
 def _realize_prepend(model, analysis, store, record, match, value, module, gate):
