@@ -54,9 +54,10 @@ class Fastfood(nn.Module):
         self.register_buffer("normalizer", (size * gauss.pow(2).sum()).rsqrt(), persistent=False)
 
     def forward(self, theta: torch.Tensor) -> torch.Tensor:
-        x = F.pad(theta, (0, self.n - self.d)) * self.signs
-        x = fwht(x)[self.permutation] * self.gauss
-        return fwht(x)[: self.size] * self.normalizer
+        """P θ in float32 whatever the model's dtype: the transform sums n terms per entry."""
+        x = F.pad(theta.float(), (0, self.n - self.d)) * self.signs.float()
+        x = fwht(x)[self.permutation] * self.gauss.float()
+        return fwht(x)[: self.size] * self.normalizer.float()
 
 
 class Subspace(nn.Module):
@@ -104,8 +105,7 @@ class IntrinsicSAID(WeightAdapter):
             self.theta.zero_()
 
     def delta_weight(self) -> torch.Tensor:
-        theta = self.theta.to(self.projection.gauss.dtype)
-        return (self.scale * self.projection(theta)).view(self.out_features, self.in_features)
+        return (self.scale.float() * self.projection(self.theta)).view(self.out_features, self.in_features)
 
     def forward(self, x, y):
         return y + F.linear(x, self.delta_weight().to(x.dtype))

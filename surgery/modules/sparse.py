@@ -105,7 +105,7 @@ def _calibration_score(site: SiteContext) -> torch.Tensor:
         cache["squared_gradients"] = accumulated_squared_gradients(site.model, calibration)
     base = site.weight._base if site.weight._base is not None else site.weight
     grads = cache["squared_gradients"].get(id(base))
-    if grads is None:
+    if grads is None or not base.is_contiguous():
         raise RewriteError(f"{site.module}: the calibration pass gave no gradient for this weight")
     # the site's weight may be a transpose or a row slice of the parameter: read the same view of its gradient
     return grads.as_strided(site.weight.shape, site.weight.stride(),
