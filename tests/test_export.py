@@ -228,3 +228,16 @@ def test_draw_errors(llama_two_adapters, tmp_path):
         surgery.draw(llama_two_adapters, tmp_path / "x.svg", layer=5)
     with pytest.raises(surgery.SurgeryError, match="backend must be"):
         surgery.draw(llama_two_adapters, tmp_path / "x.svg", backend="ascii")
+
+
+def test_cli_draw(tmp_path, monkeypatch, capsys):
+    from conftest import ROOT
+    from surgery.cli import main
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "minigpt.svg"
+    assert main(["draw", "examples.models:minigpt", "--spec", "specs/lora.yaml", "--out", str(out), "--layer", "1",
+                 "--backend", "matplotlib"]) == 0
+    assert "<svg" in out.read_text()
+    assert "drew layer 1" in capsys.readouterr().out
+    assert main(["draw", "examples.models:minigpt", "--out", str(out)]) == 1
+    assert "--spec SPEC or --adapters DIR" in capsys.readouterr().err

@@ -167,7 +167,7 @@ def test_adapter_file_is_a_small_fraction_of_the_real_minilm(tmp_path):
     size = (tmp_path / ADAPTERS_FILE).stat().st_size
     d, layers, b = 384, 6, 384 // 16
     assert size >= 4 * 2 * layers * (2 * d * b + b + d)     # every adapter parameter, fp32
-    assert size < 0.02 * base_bytes                          # measured: 0.83%
+    assert size < 0.02 * base_bytes                          # measured: 1.00%
 
 
 # ---------------------------------------------------------------- bad input: clear errors, model unchanged
