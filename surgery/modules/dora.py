@@ -10,6 +10,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
 from surgery.errors import RewriteError
@@ -21,16 +22,18 @@ from surgery.modules.registry import Options, register
 class DoRAOptions(Options):
     kind: Literal["dora"] = "dora"
     supported_actions = ("wrap",)
-    r: int = 8
-    alpha: float = 8
-    dropout: float = 0.0
-    use_rslora: bool = False
-    init: Literal["kaiming", "gaussian", "zeros"] = "kaiming"
+    r: int = Field(8, ge=1, description="Rank of the direction update B·A.")
+    alpha: float = Field(8, gt=0, description="Scaling numerator: s = alpha/r (alpha/sqrt(r) with use_rslora).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the op's input (activation path only).")
+    use_rslora: bool = Field(False, description="Rank-stabilized scaling alpha/sqrt(r).")
+    init: Literal["kaiming", "gaussian"] = Field(
+        "kaiming", description="A's init (B is always zero): kaiming-uniform(a=√5) or Gaussian with std 1/r.")
 
 
 @register
 class DoRA(LoRA):
     Options = DoRAOptions
+    inverse_weight = None   # the row norms make W' non-invertible from W' alone: merge keeps a copy for unmerge
 
     def __init__(self, weight: torch.Tensor, r: int = 8, alpha: float = 8, dropout: float = 0.0,
                  use_rslora: bool = False, init: str = "kaiming"):
