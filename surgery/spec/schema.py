@@ -50,7 +50,7 @@ def spec_schema() -> dict:
         node["description"] = _kind_summary(cls)
     defs["Rule"]["properties"]["action"]["enumDescriptions"] = [ACTION_DOCS.get(a, "") for a in ACTIONS]
     defs["Rule"]["allOf"] = _rule_conditions(registered)
-    return {"$schema": "https://json-schema.org/draft/2020-12/schema", "title": "surgery spec", **schema}
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema, "title": "surgery spec"}
 
 
 def _discriminator_mapping(module_schema: dict, registered: dict) -> dict[str, str]:
@@ -73,11 +73,15 @@ def _kind_summary(cls) -> str:
     return f"{_kind_doc(cls)} Actions: {', '.join(sorted(cls.Options.actions()))}.".strip()
 
 
+def _is_action(*names: str) -> dict:
+    return {"properties": {"action": {"enum": list(names)}}, "required": ["action"]}
+
+
 def _rule_conditions(registered: dict) -> list[dict]:
-    """What `Rule._consistent` checks, as if/then clauses so editors flag the same combinations."""
-    is_action = lambda *names: {"properties": {"action": {"enum": list(names)}}, "required": ["action"]}  # noqa: E731
+    """What `rule_problems` checks, as if/then clauses so editors flag the same combinations."""
+    is_action = _is_action
     conditions = [
-        {"if": is_action("train"), "then": {"properties": {"module": {"type": "null"}, }},
+        {"if": is_action("train"), "then": {"properties": {"module": {"type": "null"}}},
          "else": {"required": ["module"], "properties": {"module": {"type": "object"}}}},
         {"if": is_action("parallel"), "then": {"required": ["from"], "properties": {"from": {"type": "object"}}},
          "else": {"properties": {"from": {"type": "null"}}}},
@@ -103,9 +107,11 @@ def render_schema() -> str:
 
 def _type_text(node: dict) -> str:
     """A short human description of a JSON Schema node: `int ≥ 1`, `relu | gelu`, `string or list of string`."""
+    if "discriminator" in node:
+        return "mapping: `kind` and its options (see [Module kinds](#module-kinds))"
     if "$ref" in node:
         name = node["$ref"].rsplit("/", 1)[1]
-        return {"Match": "pattern"}.get(name, name)
+        return {"Match": "pattern", "Rule": "rule (below)"}.get(name, name)
     for union in ("anyOf", "oneOf"):
         if union in node:
             parts = [p for p in node[union] if p.get("type") != "null"]
@@ -141,15 +147,12 @@ def _default_text(node: dict, required: bool) -> str:
     return f"`{json.dumps(value) if not isinstance(value, str) else value}`"
 
 
-def _key_table(definition: dict, describe: bool = True) -> list[str]:
+def _key_table(definition: dict, name: str = "key") -> list[str]:
     required = set(definition.get("required", []))
-    lines = ["| key | type | default | meaning |" if describe else "| option | type | default |",
-             "|---|---|---|---|" if describe else "|---|---|---|"]
+    lines = [f"| {name} | type | default | meaning |", "|---|---|---|---|"]
     for key, node in definition["properties"].items():
-        cells = [f"`{key}`", _type_text(node), _default_text(node, key in required)]
-        if describe:
-            cells.append(node.get("description", "").replace("|", "\\|"))
-        lines.append("| " + " | ".join(cells) + " |")
+        meaning = " ".join(node.get("description", "").split()).replace("|", "\\|")
+        lines.append(f"| `{key}` | {_type_text(node)} | {_default_text(node, key in required)} | {meaning} |")
     return lines
 
 
@@ -197,7 +200,7 @@ def generated_reference() -> str:
         out.append(f"| [`{kind}`](#kind-{kind}) | {', '.join(sorted(cls.Options.actions()))} | {doc} |")
     for kind, cls in registered.items():
         out += ["", f'<a id="kind-{kind}"></a>', f"#### `kind: {kind}`", ""]
-        out += _key_table(defs[refs[kind]], describe=False)
+        out += _key_table(defs[refs[kind]], name="option")
         users = [rel for rel, _, data in specs if any(
             isinstance(r, dict) and isinstance(r.get("module"), dict) and r["module"].get("kind") == kind
             for r in data.get("rules") or [])]
