@@ -5,6 +5,7 @@ undone. Modules come from the registry; nothing here knows any particular method
 """
 from __future__ import annotations
 
+import inspect
 import re
 import types
 
@@ -355,18 +356,28 @@ def _module_input(analysis: Analysis, module: str):
 
 
 def _realize_prepend(model, analysis, store, record, match, value, module, gate):
-    """Positions prepended to the sequence at `value` (the embedding output), visible to every later token.
+    """Positions prepended to the sequence, visible to every later token.
 
-    The root call's attention mask (and explicit position ids) are extended to cover them; the last block's
-    output drops them again, so the model's outputs keep the shape the user expects. With a KV cache the
-    positions are prepended on the first call only (they are in the cache afterwards).
+    A model whose forward takes `inputs_embeds` (the transformers convention) gets them where PEFT puts them:
+    the root call's token ids are embedded with the model's own table and the prompt goes in front, so the
+    model's own masks and position embeddings cover it (prompts take positions 0..P-1). Other models get them
+    at the matched value (the embedding output). The attention mask is extended; the LM head's input (else the
+    last block's output) drops the added positions again, so outputs keep the shape the user expects. With a
+    KV cache the positions are added on the first call only; later calls only extend the mask.
     """
     runtime = store.runtime
     length = module.length
-    last = [s for s in analysis.by_role.get("block.output", []) if s.layer == analysis.num_layers - 1]
-    if not last:
-        raise RewriteError("prepend needs the model's last block output to drop the added positions again")
+    heads = analysis.by_role.get("lm_head", [])
+    if heads:   # drop them at the LM head's input (the model may still reshape by its input length before it)
+        strip_anchor = input_anchor(analysis, heads[0].linear.x, users=[heads[0].node])
+    else:
+        last = [s for s in analysis.by_role.get("block.output", []) if s.layer == analysis.num_layers - 1]
+        strip_anchor = value_anchor(analysis, _site_value(last[0])) if last else None
+    if strip_anchor is None:
+        raise RewriteError("prepend needs the LM head's input or the last block's output to drop the added positions")
     flag = f"{record.name}/{match.rule}/prepended"
+    takes_embeds = "inputs_embeds" in inspect.signature(model.forward).parameters
+    table = _token_embedding(model, analysis) if takes_embeds else None
 
     def prepend(hidden):
         if runtime.call.get("cached"):
@@ -383,18 +394,40 @@ def _realize_prepend(model, analysis, store, record, match, value, module, gate)
         if not gate():
             return None
         kwargs = dict(kwargs)
+        if table is not None and not runtime.call.get("cached"):
+            ids = kwargs.pop("input_ids", None) if not args else None
+            embeds = kwargs.get("inputs_embeds")
+            if ids is not None:
+                embeds = table(ids)
+            if embeds is not None:
+                kwargs["inputs_embeds"] = prepend(embeds)
+                for key in ("position_ids", "token_type_ids"):
+                    extra = kwargs.get(key)
+                    if isinstance(extra, torch.Tensor) and extra.dim() == 2:
+                        lead = torch.arange(length, device=extra.device) if key == "position_ids" else \
+                            torch.zeros(length, dtype=extra.dtype, device=extra.device)
+                        kwargs[key] = torch.cat([lead.expand(extra.shape[0], -1),
+                                                 extra + (length if key == "position_ids" else 0)], dim=1)
+        elif runtime.call.get("cached") and isinstance(kwargs.get("position_ids"), torch.Tensor):
+            kwargs["position_ids"] = kwargs["position_ids"] + length
         mask = kwargs.get("attention_mask")
         if isinstance(mask, torch.Tensor) and mask.dim() == 2:
             kwargs["attention_mask"] = torch.cat([mask.new_ones(mask.shape[0], length), mask], dim=1)
-        positions = kwargs.get("position_ids")
-        if isinstance(positions, torch.Tensor):
-            shifted = positions + length
-            if not runtime.call.get("cached"):
-                lead = torch.arange(length, device=positions.device).expand(positions.shape[0], -1)
-                shifted = torch.cat([lead, shifted], dim=1)
-            kwargs["position_ids"] = shifted
         return args, kwargs
 
-    record.undo.append(hook_value(model, value_anchor(analysis, value), prepend, gate))
-    record.undo.append(hook_value(model, value_anchor(analysis, _site_value(last[0])), strip, gate))
+    if table is None:
+        record.undo.append(hook_value(model, value_anchor(analysis, value), prepend, gate))
+    record.undo.append(hook_value(model, strip_anchor, strip, gate))
     record.undo.append(model.register_forward_pre_hook(root, with_kwargs=True).remove)
+
+
+def _token_embedding(model, analysis: Analysis) -> nn.Module | None:
+    """The embedding module that looks up the model's first input (the token ids)."""
+    for site in analysis.by_role.get("embedding", []):
+        ids = site.node.args[1] if len(site.node.args) > 1 else None
+        while isinstance(ids, fx.Node) and ids.op == "call_function" and op_name(ids) in ("view", "reshape", "_unsafe_view"):
+            ids = ids.args[0]
+        if isinstance(ids, fx.Node) and ids.op == "placeholder" and ids.name not in analysis.traced.params \
+                and ids.name not in analysis.traced.buffers and site.module:
+            return model.get_submodule(site.module)
+    return None
