@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections import OrderedDict
 import re
 from pathlib import Path
 from typing import Any, Iterable
@@ -21,18 +22,54 @@ from surgery.trace import trace
 _ANALYSIS_CACHE_ATTR = "_surgery_analysis"
 
 
+_STRUCTURE_CACHE: "OrderedDict[tuple, Analysis]" = OrderedDict()
+
+
+def _fingerprint(model: nn.Module, example_inputs) -> tuple | None:
+    """What the traced graph depends on: the class, its config, the parameter/buffer names, shapes, dtypes and
+    device, the module tree, and the example inputs' structure. Two models equal in all of these (e.g. two fresh
+    instances of one architecture) have the same analysis: it names parameters, never holds them."""
+    try:
+        config = getattr(model, "config", None)
+        config_repr = config.to_json_string(use_diff=False) if hasattr(config, "to_json_string") else repr(config)
+        tensors = tuple((n, tuple(t.shape), str(t.dtype), t.device.type)
+                        for n, t in list(model.named_parameters()) + list(model.named_buffers()))
+        modules = tuple((n, type(m).__qualname__) for n, m in model.named_modules())
+
+        def shape(x):
+            if isinstance(x, torch.Tensor):
+                return ("T", tuple(x.shape), str(x.dtype))
+            if isinstance(x, dict):
+                return tuple((k, shape(v)) for k, v in x.items())
+            if isinstance(x, (list, tuple)):
+                return tuple(shape(v) for v in x)
+            return repr(x)
+        return (type(model).__module__, type(model).__qualname__, config_repr, tensors, modules, shape(example_inputs))
+    except Exception:  # noqa: BLE001 - an unhashable corner case only costs a re-trace
+        return None
+
+
 def _analysis(model: nn.Module, example_inputs) -> Analysis:
-    """Trace and analyze once per model (and per example inputs given); the cache lives on the model."""
+    """Trace and analyze once per model (and per example inputs given). Cached on the model, and per
+    structure for the process, so a second instance of one architecture is not traced again."""
     cached = model.__dict__.get(_ANALYSIS_CACHE_ATTR)
     if cached is not None and example_inputs is None:
         return cached
     store = store_of(model)
-    if store is not None:
+    key = _fingerprint(model, example_inputs) if store is None else None
+    if key is not None and key in _STRUCTURE_CACHE:
+        _STRUCTURE_CACHE.move_to_end(key)
+        result = _STRUCTURE_CACHE[key]
+    elif store is not None:
         # trace the base: adapters off while tracing, so analysis sees the user's model
         with disable(model):
             result = analyze(trace(model, example_inputs))
     else:
         result = analyze(trace(model, example_inputs))
+        if key is not None:
+            _STRUCTURE_CACHE[key] = result
+            while len(_STRUCTURE_CACHE) > 8:
+                _STRUCTURE_CACHE.popitem(last=False)
     model.__dict__[_ANALYSIS_CACHE_ATTR] = result
     return result
 

@@ -217,6 +217,9 @@ def realize(model: nn.Module, analysis: Analysis, store: AdapterStore, record: R
     record.undo.append(lambda: per_adapter.pop(rule_name))
     for match in matches:
         value = _through(_site_value(match.site), rule.through)
+        if rule.action == "wrap" and match.site.linear is None:
+            raise RewriteError(f"rule {match.rule!r}: wrap needs a weight-bearing op, but {match.node} "
+                               f"({match.role or match.site.op}) reads no weight")
         ctx = _context(model, analysis, match, value, rule)
         ctx.extra.update(extra or {})
         ctx.shared, ctx.runtime, ctx.adapter = shared, store.runtime, per_adapter
