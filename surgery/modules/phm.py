@@ -152,8 +152,14 @@ class PHMLayer(nn.Module):
         return costs
 
     def path(self, tokens: int) -> str:
+        """The rule folded into the output side when that saves work over the dense product: its last step is one
+        GEMM writing the output with the bias fused, which measures faster than the in-side variant even where
+        that one counts fewer multiply-adds (it writes an output-sized intermediate and adds the bias apart)."""
         costs = self._costs(tokens)
-        return min(costs, key=costs.get)
+        for path in ("out_side", "in_side"):
+            if path in costs and costs[path] < costs["dense"]:
+                return path
+        return "dense"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -167,7 +173,8 @@ class PHMLayer(nn.Module):
             left = self.W_left.permute(1, 0, 2).reshape(p, n * k)
             t = (x2.reshape(-1, p) @ left).reshape(-1, n * n * k)
             K = torch.einsum("iac,ike->aikce", self.phm_rule(), self.W_right).reshape(n * n * k, n * q)
-            y = t @ K
+            y = torch.addmm(self.b, t, K) if self.b is not None else t @ K
+            return y.reshape(*shape[:-1], self.out_features)
         else:
             # t = x · U with U[(a,b), (c,i,k)] = C_i[a,c] L_i[b,k] ; y_c = t_c · [R_1; …; R_n]
             U = torch.einsum("iac,ibk->abcik", self.phm_rule(), self.W_left).reshape(n * p, n * n * k)
