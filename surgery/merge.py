@@ -82,7 +82,7 @@ class _Folded:
     rows: tuple[int, int] | None
     mode: str                        # "inverse", "residual" or "copy"
     kept: torch.Tensor | _Residual | None   # the copy or the residual
-    adapter_state: dict | None       # the adapter's tensors when merged (for the inverse)
+    adapter_state: dict | None       # the adapter's tensors when merged (for the inverse, and to fold again)
 
 
 @dataclass
@@ -193,8 +193,7 @@ def _fold(site: WeightSite, is_bias: bool, exact: bool, adapter_state: dict) -> 
     except BaseException:
         part.copy_(orig)
         raise
-    return _Folded(site, is_bias, param, site.bias_rows if is_bias else site.rows, mode, kept,
-                   adapter_state if mode != "copy" else None)
+    return _Folded(site, is_bias, param, site.bias_rows if is_bias else site.rows, mode, kept, adapter_state)
 
 
 def _unfold(folded: _Folded) -> None:
@@ -212,6 +211,16 @@ def _unfold(folded: _Folded) -> None:
         restored = restored.contiguous()
         restored.view(-1)[residual.patch_index] = residual.patch_values
     part.copy_(restored)
+
+
+def _refold(folded: _Folded) -> None:
+    """Undo `_unfold` (a failed unmerge): fold the values that were merged into the restored base again."""
+    site = folded.site
+    part = _part(folded.param, site, folded.is_bias)
+    base = part.detach().clone()
+    with _adapter_values(site.adapter, folded.adapter_state):
+        new = site.adapter.transform_bias(base) if folded.is_bias else site.adapter.transform_weight(base)
+    part.copy_(new)
 
 
 def _nbytes(kept) -> int:
@@ -320,14 +329,28 @@ def unmerge(model: nn.Module, name: str | None = None) -> list[str]:
     if name is not None and name not in states:
         raise SurgeryError(f"adapter {name!r} is not merged; merged: {sorted(states)}")
     names = [name] if name is not None else list(states)
-    with torch.no_grad():
-        for n in reversed(names):
-            for folded in reversed(states[n].folded):
-                _unfold(folded)
+    unfolded: list[_Folded] = []
+    attached: list[WeightSite] = []
+    try:
+        with torch.no_grad():
+            for n in reversed(names):
+                for folded in reversed(states[n].folded):
+                    _unfold(folded)
+                    unfolded.append(folded)
+        for n in names:
+            for site in states[n].sites:
+                attach_weight_site(site)
+                attached.append(site)
+    except Exception as exc:
+        for site in reversed(attached):
+            site.detach()
+        with torch.no_grad():
+            for folded in reversed(unfolded):
+                _refold(folded)
+        raise SurgeryError(f"unmerge failed, the model is unchanged (still merged): {type(exc).__name__}: "
+                           f"{exc}") from exc
     for n in names:
         state = states.pop(n)
-        for site in state.sites:
-            attach_weight_site(site)
         for p, flag in state.flags:
             p.requires_grad_(flag)
     return names

@@ -316,7 +316,9 @@ def load(base_model: nn.Module, directory: str | os.PathLike, example_inputs: An
             apply(base_model, spec, example_inputs=example_inputs, name=name)
             applied.append(name)
             store_of(base_model).adapters[name].train(base_model.training)   # new modules follow the model's mode
-        pairs = _match_tensors(saved, aliases, surgery_tensors(base_model))
+        prefixes = tuple(f"{name}/" for name in applied)   # adapters the model had before are not in the file
+        live = {k: t for k, t in surgery_tensors(base_model).items() if k.startswith(prefixes)}
+        pairs = _match_tensors(saved, aliases, live)
         with torch.no_grad():
             for target, value, key in pairs:
                 if f"/{TRAINED}/" in key:

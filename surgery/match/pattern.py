@@ -182,9 +182,12 @@ def _check_expect(rule: Rule, name: str, matches: list[Match], analysis: Analysi
             raise MatchError(f"rule {name!r}{where} expects a site in every layer but matched none in layers "
                              f"{missing}: pattern ({_describe(rule.match)})")
     elif isinstance(expect, int) and len(matches) != expect:
+        matched = sorted({m.layer for m in matches if m.layer is not None})
+        wanted = resolve_layers(rule.match.layers, analysis.num_layers) or set(range(analysis.num_layers))
+        missing = sorted(wanted - set(matched)) if matched and len(matches) < expect else []
+        without = f"; no site in layers {missing}" if missing else ""
         raise MatchError(f"rule {name!r}{where} expects {expect} site(s) but matched {len(matches)}: "
-                         f"pattern ({_describe(rule.match)}); matched layers "
-                         f"{sorted({m.layer for m in matches if m.layer is not None})}")
+                         f"pattern ({_describe(rule.match)}); matched layers {matched}{without}")
 
 
 def match_spec(spec: Spec, analysis: Analysis) -> list[list[Match]]:

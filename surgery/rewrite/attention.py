@@ -8,6 +8,7 @@ has that call intercepted, during that module's forward only, by a TorchFunction
 """
 from __future__ import annotations
 
+import weakref
 from typing import Callable
 
 import torch
@@ -69,12 +70,15 @@ class RegistryAttention:
             raise RewriteError("attention adapters need an attention function from the registry; "
                                "load the model with attn_implementation='sdpa'")
         self.base = ALL_ATTENTION_FUNCTIONS[original]
-        self.sites: dict[int, list[tuple[nn.Module, Callable[[], bool]]]] = {}
+        # one registered function per implementation, shared by every model in the process (transformers'
+        # registry is global by name): adapters are found by the calling module, weakly held
+        self.sites: weakref.WeakKeyDictionary[nn.Module, list[tuple[nn.Module, Callable[[], bool]]]] = \
+            weakref.WeakKeyDictionary()
         AttentionInterface.register(self.name, self)
         AttentionMaskInterface.register(self.name, AttentionMaskInterface._global_mapping[original])
 
     def __call__(self, module, query, key, value, attention_mask, **kwargs):
-        adapters = [a for a, gate in self.sites.get(id(module), ()) if gate()]
+        adapters = [a for a, gate in self.sites.get(module, ()) if gate()]
         if not adapters:
             return self.base(module, query, key, value, attention_mask, **kwargs)
         causal = kwargs.get("is_causal")
@@ -87,6 +91,9 @@ class RegistryAttention:
         return chain(adapters, attend)(query, key, value), None
 
 
+_REGISTRIES: dict[str, RegistryAttention] = {}
+
+
 def registry_of(model: nn.Module) -> RegistryAttention | None:
     config = getattr(model, "config", None)
     if config is None or not hasattr(model, "set_attn_implementation"):
@@ -95,7 +102,10 @@ def registry_of(model: nn.Module) -> RegistryAttention | None:
     existing = model.__dict__.get("_surgery_attention")
     if existing is not None:
         return existing
-    registry = RegistryAttention(current.removeprefix("surgery_"))
+    original = current.removeprefix("surgery_")
+    registry = _REGISTRIES.get(original)
+    if registry is None:
+        registry = _REGISTRIES[original] = RegistryAttention(original)
     model.__dict__["_surgery_attention"] = registry
     return registry
 
@@ -103,15 +113,15 @@ def registry_of(model: nn.Module) -> RegistryAttention | None:
 def attach_registry(model: nn.Module, registry: RegistryAttention, module: nn.Module, adapter: nn.Module,
                     gate: Callable[[], bool]) -> Callable[[], None]:
     entry = (adapter, gate)
-    registry.sites.setdefault(id(module), []).append(entry)
+    registry.sites.setdefault(module, []).append(entry)
     if model.config._attn_implementation != registry.name:
         model.set_attn_implementation(registry.name)
 
     def undo():
-        entries = registry.sites.get(id(module), [])
+        entries = registry.sites.get(module, [])
         if entry in entries:
             entries.remove(entry)
-        if not any(registry.sites.values()):
+        if not any(registry.sites.get(m) for m in model.modules()):
             model.set_attn_implementation(registry.original)
             model.__dict__.pop("_surgery_attention", None)
     return undo
