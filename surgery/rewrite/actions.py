@@ -217,6 +217,9 @@ def realize(model: nn.Module, analysis: Analysis, store: AdapterStore, record: R
     record.undo.append(lambda: per_adapter.pop(rule_name))
     for match in matches:
         value = _through(_site_value(match.site), rule.through)
+        if rule.action == "insert_before":   # the module sees the op's input, so it is sized by it
+            inputs = match.site.node.all_input_nodes
+            value = match.site.linear.x if match.site.linear is not None else (inputs[0] if inputs else value)
         if rule.action == "wrap" and match.site.linear is None:
             raise RewriteError(f"rule {match.rule!r}: wrap needs a weight-bearing op, but {match.node} "
                                f"({match.role or match.site.op}) reads no weight")
