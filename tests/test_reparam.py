@@ -332,7 +332,7 @@ def test_lora_options_init_scaling_dropout_and_targets():
     store = model.surgery_adapters.adapters["default"]
     gaussian, kaiming = store["g"]["model_layers_0_self_attn_q_proj"], store["k"]["model_layers_0_self_attn_v_proj"]
     assert gaussian.scaling == 8 / math.sqrt(4) and kaiming.scaling == 8 / 16
-    assert abs(gaussian.lora_A.std().item() - 1 / 4) < 0.25 * (1 / 4)       # N(0, 1/r)
+    assert abs(gaussian.lora_A.std().item() - 1 / 4) < 0.25 * (1 / 4)       # std 1/r
     bound = 1 / math.sqrt(D)                                                   # kaiming_uniform(a=√5) on fan_in 64
     assert 0.9 * bound < kaiming.lora_A.abs().max().item() <= bound
     assert not gaussian.lora_B.any() and not kaiming.lora_B.any()
