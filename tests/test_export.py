@@ -77,7 +77,8 @@ def _houlsby_and_merged_lora_onnx(make, tmp_path, vocab=120):
 
 
 def test_onnx_houlsby_and_merged_lora_on_llama(tmp_path):
-    _houlsby_and_merged_lora_onnx(make_llama, tmp_path)
+    """LLaMA from a config with one layer: ONNX export time grows with the graph (two layers: twice the time)."""
+    _houlsby_and_merged_lora_onnx(lambda: make_llama(layers=1), tmp_path)
 
 
 @pytest.mark.slow
@@ -86,7 +87,7 @@ def test_onnx_houlsby_and_merged_lora_on_the_real_minilm(tmp_path):
 
 
 def test_onnx_prefix_tuning_on_llama(tmp_path):
-    model = make_llama().eval()
+    model = make_llama(layers=1).eval()
     surgery.apply(model, SPECS / "prefix.yaml")
     perturb(model, 0.1)
     path = surgery.export(model, tmp_path / "prefix.onnx", example_inputs=_kwargs(2, 8))
@@ -184,50 +185,51 @@ def test_bad_export_arguments(tmp_path):
 # ---------------------------------------------------------------- drawing
 
 @pytest.fixture(scope="module")
-def llama_two_adapters():
-    model = make_llama()
+def two_adapters():
+    """BERT with Houlsby adapters (inserted modules) and LoRA (wrapped weights) under two names."""
+    model = make_bert()
     surgery.apply(model, SPECS / "houlsby.yaml")
     surgery.apply(model, SPECS / "lora.yaml", name="lora")
     return model
 
 
-def test_layer_graphs_highlight_exactly_the_adapters(llama_two_adapters):
-    model = llama_two_adapters
+def test_layer_graphs_highlight_exactly_the_adapters(two_adapters):
+    model = two_adapters
     before, after, block = layer_graphs(model, layer=1)
-    assert block == "model.layers.1"
+    assert block == "encoder.layer.1"
     assert not any(d["surgery"] for _, d in before.nodes(data=True))
     sites = {d["site"] for _, d in after.nodes(data=True) if d["surgery"]}
     expected = {f"{name}.{rule}.{key}" for name, rules in model.surgery_adapters.adapters.items()
-                for rule, keys in rules.items() for key in keys if "layers_1_" in key}
+                for rule, keys in rules.items() for key in keys if key.startswith("encoder_layer_1_")}
     assert sites == expected and len(expected) == 4
     base_nodes = [d["label"] for _, d in after.nodes(data=True) if not d["surgery"]]
     assert sorted(base_nodes) == sorted(d["label"] for _, d in before.nodes(data=True))
 
 
-def test_draw_with_matplotlib(llama_two_adapters, tmp_path):
+def test_draw_with_matplotlib(two_adapters, tmp_path):
     pytest.importorskip("matplotlib")
-    path = surgery.draw(llama_two_adapters, tmp_path / "layer.svg", backend="matplotlib")
+    path = surgery.draw(two_adapters, tmp_path / "layer.svg", backend="matplotlib")
     text = path.read_text()
     assert text.lstrip().startswith("<?xml") and "<svg" in text
     assert "#f59e0b" in text      # the surgery's nodes are filled orange
 
 
 @pytest.mark.skipif(shutil.which("dot") is None, reason="the Graphviz `dot` program is not installed")
-def test_draw_with_graphviz(llama_two_adapters, tmp_path):
+def test_draw_with_graphviz(two_adapters, tmp_path):
     pytest.importorskip("graphviz")
-    path = surgery.draw(llama_two_adapters, tmp_path / "layer.svg", backend="graphviz", layer=0)
+    path = surgery.draw(two_adapters, tmp_path / "layer.svg", backend="graphviz", layer=0)
     text = path.read_text()
     assert "<svg" in text
     assert text.count('class="node surgery"') >= 4 * 3   # at least down/act/up of each adapter site
-    assert "lora.lora.model_layers_0_self_attn_q_proj" in text
+    assert "lora.lora.encoder_layer_0_attention_self_query" in text
     assert "before" in text and "after" in text
 
 
-def test_draw_errors(llama_two_adapters, tmp_path):
+def test_draw_errors(two_adapters, tmp_path):
     with pytest.raises(surgery.SurgeryError, match="out of range"):
-        surgery.draw(llama_two_adapters, tmp_path / "x.svg", layer=5)
+        surgery.draw(two_adapters, tmp_path / "x.svg", layer=5)
     with pytest.raises(surgery.SurgeryError, match="backend must be"):
-        surgery.draw(llama_two_adapters, tmp_path / "x.svg", backend="ascii")
+        surgery.draw(two_adapters, tmp_path / "x.svg", backend="ascii")
 
 
 def test_cli_draw(tmp_path, monkeypatch, capsys):

@@ -61,8 +61,8 @@ def _base_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
 
 def fingerprint(model: nn.Module) -> dict:
     """Parameter names and shapes of the base model: what adapters saved from it depend on."""
-    params = [[name, list(p.shape)] for name, p in _base_parameters(model)]
-    digest = hashlib.sha256(json.dumps(params).encode()).hexdigest()
+    params = {name: list(p.shape) for name, p in _base_parameters(model)}
+    digest = hashlib.sha256(json.dumps(list(params.items())).encode()).hexdigest()
     numel = sum(p.numel() for _, p in _base_parameters(model))
     return {"class": type(model).__name__, "parameters": params, "numel": numel, "sha256": digest}
 
@@ -167,7 +167,7 @@ def save(model: nn.Module, directory: str | os.PathLike) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
 
-    adapters, used = [], set()
+    adapters, used, spec_texts = [], set(), {}
     for name, record in store.records.items():
         spec = _combined_spec(list(record.specs))
         data = _spec_data(spec)
@@ -177,8 +177,8 @@ def save(model: nn.Module, directory: str | os.PathLike) -> Path:
             raise CheckpointError(f"the spec of adapter {name!r} does not survive a round trip through YAML: "
                                   f"{exc}") from exc
         filename = _spec_filename(name, used)
-        text = f"# spec of adapter {name!r}, written by surgery.save\n" + yaml.safe_dump(data, sort_keys=False)
-        _write_atomic(directory / filename, lambda p, text=text: p.write_text(text))
+        spec_texts[filename] = (f"# spec of adapter {name!r}, written by surgery.save\n"
+                                + yaml.safe_dump(data, sort_keys=False))
         prefix = f"{name}/"
         adapters.append({
             "name": name,
@@ -187,8 +187,11 @@ def save(model: nn.Module, directory: str | os.PathLike) -> Path:
             "trained": [k[len(prefix) + len(TRAINED) + 1:] for k in live if k.startswith(f"{prefix}{TRAINED}/")],
         })
 
+    # tensors first, then the specs, the manifest last: a directory whose manifest is new is complete
     _write_atomic(directory / ADAPTERS_FILE,
                   lambda p: save_file(tensors, str(p), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)}))
+    for filename, text in spec_texts.items():
+        _write_atomic(directory / filename, lambda p, text=text: p.write_text(text))
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -198,7 +201,8 @@ def save(model: nn.Module, directory: str | os.PathLike) -> Path:
                     "numel": sum(t.numel() for t in tensors.values())},
         "base": fingerprint(model),
     }
-    _write_atomic(directory / MANIFEST_FILE, lambda p: p.write_text(json.dumps(manifest, indent=1) + "\n"))
+    text = re.sub(r"\[[\d,\s]*\]", lambda m: json.dumps(json.loads(m.group())), json.dumps(manifest, indent=1))
+    _write_atomic(directory / MANIFEST_FILE, lambda p: p.write_text(text + "\n"))
     return directory
 
 
@@ -239,7 +243,7 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 def check_fits(manifest: dict, model: nn.Module) -> None:
     """Raise when the base model's parameter names and shapes differ from those the adapters were saved on."""
-    saved = {name: tuple(shape) for name, shape in manifest.get("base", {}).get("parameters", [])}
+    saved = {name: tuple(shape) for name, shape in dict(manifest.get("base", {}).get("parameters", {})).items()}
     here = {name: tuple(p.shape) for name, p in _base_parameters(model)}
     other_shape = [n for n in saved if n in here and saved[n] != here[n]]
     missing = [n for n in saved if n not in here]
