@@ -1,0 +1,232 @@
+"""Every benchmark group in one run, one table, one JSON file.
+
+    python -m benchmarks [--device cpu|cuda] [--groups apply,lora_train,...] [--out benchmarks.json]
+
+Groups (each module also runs alone: `python benchmarks/<module>.py --help`):
+  apply          trace + analyze + match + rewrite on the real MiniLM, a LLaMA-shaped model (hidden 512) and a
+                 LLaMA-7B-shaped model on the meta device with its peak RSS (apply_time.py; always on CPU)
+  lora_train     train step, LoRA q,v r=8: surgery vs PEFT, same model, inputs and dtype (lora_vs_peft.py)
+  houlsby_train  train step, Houlsby: surgery vs the hand-written eager model of tests/reference.py
+  inference      forward of the base, the unmerged and the merged model, LoRA and IA3 (inference_merge.py)
+  memory         peak memory of train steps, surgery vs PEFT, a fresh process per method (lora_vs_peft.py)
+  matcher        match_rule time per pattern on a 200-layer LLaMA-shaped graph on meta (matcher.py)
+
+Comparisons are interleaved and reported as the median of per-round ratios (benchmarks/common.py). Threads:
+one intra-op thread by default on CPU. On a 2-core machine shared with other jobs, two threads wait on each
+other at every op's barrier: a forward then takes 3-7x longer and varies 3x from run to run, which swamps the
+ratios; with one thread the ratios are stable. `--threads 2` on an idle machine.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+GROUPS = ("apply", "lora_train", "houlsby_train", "inference", "memory", "matcher")
+GOALS = {"train_vs_peft": 1.00, "houlsby_vs_reference": 1.05, "merged_vs_base": 1.02, "minilm_apply_s": 3.0,
+         "apply_7b_s": 10.0, "apply_7b_rss_mib": 1024.0, "matcher_ms": 50.0}
+
+
+def _verdict(value: float, goal: float, iqr=None) -> str:
+    """met: the median is within the goal. A ratio above it whose interquartile range still reaches the goal is
+    "within noise" (this run cannot tell); above it with the whole IQR: MISSED."""
+    if value <= goal:
+        return "met"
+    if iqr is not None and iqr[0] <= goal:
+        return "within noise"
+    return "MISSED"
+
+
+def _ratio_cell(seconds: dict, a: str, b: str, ratio: float, iqr) -> str:
+    return (f"{seconds[a] * 1e3:.1f} / {seconds[b] * 1e3:.1f} ms = {ratio:.3f}x "
+            f"[IQR {iqr[0]:.2f}-{iqr[1]:.2f}]")
+
+
+def _ops_cell(ops: dict) -> str:
+    """Aten op counts of one call each: equal, or the ops where they differ."""
+    if not ops["diff"]:
+        return f"same {ops['a_ops']} aten ops"
+    diff = ", ".join(f"{op.removeprefix('aten::')} {n:+d}" for op, n in ops["diff"].items())
+    return f"aten ops {ops['a_ops']} vs {ops['b_ops']}: {diff}"
+
+
+# ------------------------------------------------------------------------------------------------- groups
+# Each returns (raw results for the JSON, table rows: (group, case, figure, goal, verdict)).
+
+def group_apply(args):
+    from benchmarks.apply_time import apply_time, apply_time_7b
+    results = [apply_time("minilm", repeats=args.apply_repeats), apply_time("llama512", repeats=args.apply_repeats),
+               apply_time_7b(repeats=args.apply_7b_repeats)]
+    rows = []
+    for r, goal in zip(results, (GOALS["minilm_apply_s"], None, GOALS["apply_7b_s"])):
+        cpu, s = r["total"]["cpu"], r["stages"]
+        figure = (f"{cpu:.2f} s CPU ({r['total']['wall']:.2f} s wall); trace {s['trace']['cpu']:.2f}, "
+                  f"analyze {s['analyze']['cpu']:.2f}, match+rewrite {s['match_rewrite']['cpu']:.2f}")
+        rows.append(("apply", f"{r['model']}, houlsby ({r['sites']} sites)", figure,
+                     f"<= {goal:.0f} s" if goal else "", _verdict(cpu, goal) if goal else ""))
+    big = results[-1]
+    rows.append(("apply", "LLaMA-7B shape (meta): peak RSS of the process",
+                 f"{big['process_peak_rss_mib']:.0f} MiB (rise during apply {big['rss_rise_mib']:.0f} MiB)",
+                 "<= 1 GiB", _verdict(big["process_peak_rss_mib"], GOALS["apply_7b_rss_mib"])))
+    return results, rows
+
+
+def group_lora_train(args):
+    from benchmarks.lora_vs_peft import SHAPES, train_step
+    results = [train_step(m, warmup=args.warmup, repeats=args.train_repeats, device=args.device)
+               for m in ("minilm", "llama")]
+    rows = [("train step LoRA q,v r=8", f"{r['model']} {SHAPES[r['model']][0]}x{SHAPES[r['model']][1]}: surgery / PEFT",
+             _ratio_cell(r["seconds"], "surgery", "peft", r["ratio"], r["ratio_iqr"]) + "; " + _ops_cell(r["ops_per_step"]),
+             "<= 1.00x", _verdict(r["ratio"], GOALS["train_vs_peft"], r["ratio_iqr"])) for r in results]
+    return results, rows
+
+
+def group_houlsby_train(args):
+    from benchmarks.houlsby_vs_reference import houlsby_train_step
+    results = [houlsby_train_step("small", warmup=args.warmup, repeats=args.train_repeats * 5, device=args.device),
+               houlsby_train_step("medium", warmup=args.warmup, repeats=args.train_repeats, device=args.device)]
+    rows = [("train step Houlsby", f"MiniGPT {r['size']} (hidden {r['hidden_dim']}, {r['n_layers']} layers, "
+             f"{r['batch']}x{r['seq']}): surgery / hand-written",
+             _ratio_cell(r["seconds"], "surgery", "reference", r["ratio"], r["ratio_iqr"]) + "; "
+             + _ops_cell(r["ops_per_step"]),
+             "<= 1.05x", _verdict(r["ratio"], GOALS["houlsby_vs_reference"], r["ratio_iqr"])) for r in results]
+    return results, rows
+
+
+def group_inference(args):
+    from benchmarks.inference_merge import merged_inference
+    results = [merged_inference(m, k, warmup=args.warmup, repeats=args.infer_repeats, device=args.device)
+               for m in ("minilm", "llama") for k in ("lora", "ia3")]
+    rows = []
+    for r in results:
+        s = r["seconds"]
+        shape = "x".join(map(str, r["batch"]))
+        rows.append(("inference", f"{r['model']} {shape} {r['method']}: merged / base",
+                     _ratio_cell(s, "merged", "base", r["merged_vs_base"], r["merged_vs_base_iqr"]) + "; "
+                     + _ops_cell(r["merged_vs_base_ops"]),
+                     "<= 1.02x", _verdict(r["merged_vs_base"], GOALS["merged_vs_base"], r["merged_vs_base_iqr"])))
+        rows.append(("inference", f"{r['model']} {shape} {r['method']}: unmerged / base",
+                     f"{s['unmerged'] * 1e3:.1f} / {s['base'] * 1e3:.1f} ms = {r['unmerged_vs_base']:.3f}x",
+                     "", ""))
+    return results, rows
+
+
+def group_memory(args):
+    from benchmarks.lora_vs_peft import train_memory_both
+    results = [train_memory_both(m, steps=args.memory_steps, device=args.device) for m in ("minilm", "llama")]
+    rows = []
+    for r in results:
+        rss = (f"RSS rise over {r['steps']} steps {r['peak_mib']['surgery']:.1f} / {r['peak_mib']['peft']:.1f} MiB "
+               f"= {r['ratio']:.3f}x")
+        if "allocator_ratio" in r:
+            a = r["allocator_peak_mib"]
+            rows.append(("peak train memory", f"{r['model']} LoRA q,v: surgery / PEFT",
+                         f"torch allocator peak of a step {a['surgery']:.2f} / {a['peft']:.2f} MiB = "
+                         f"{r['allocator_ratio']:.3f}x; {rss}", "<= 1.00x", _verdict(r["allocator_ratio"], 1.0)))
+        else:
+            rows.append(("peak train memory", f"{r['model']} LoRA q,v: surgery / PEFT",
+                         f"max_memory_allocated {r['peak_mib']['surgery']:.1f} / {r['peak_mib']['peft']:.1f} MiB "
+                         f"= {r['ratio']:.3f}x", "<= 1.00x", _verdict(r["ratio"], 1.0)))
+    return results, rows
+
+
+def group_matcher(args):
+    from benchmarks.matcher import bench
+    result = bench(args.matcher_layers, args.matcher_repeats)
+    timed = [r for r in result["rows"] if "median_ms" in r]
+    worst = max(timed, key=lambda r: r["median_ms"])
+    rows = [("matcher", f"{result['layers']} layers ({result['graph_nodes']} nodes): {len(timed)} patterns, worst",
+             f"{worst['median_ms']:.2f} ms ({worst['pattern']}, {worst['sites']} sites); first call "
+             f"{result['first_call_ms']:.1f} ms", "<= 50 ms", _verdict(worst["median_ms"], GOALS["matcher_ms"]))]
+    rows += [("matcher", f"  {r['pattern']}", f"{r['median_ms']:.2f} ms, {r['sites']} sites" if "median_ms" in r
+              else f"error: {r['error']}", "", "") for r in result["rows"]]
+    return result, rows
+
+
+# ------------------------------------------------------------------------------------------------- main
+
+def machine(args) -> dict:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    info = {"cpu": cpu, "cores": os.cpu_count(), "threads": args.threads, "torch": torch.__version__,
+            "python": platform.python_version(), "device": args.device, "load_average_start": os.getloadavg()}
+    if args.device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name(torch.device(args.device))
+    try:
+        import peft
+        import transformers
+        info.update(transformers=transformers.__version__, peft=peft.__version__)
+    except ImportError:
+        pass
+    return info
+
+
+def format_table(rows: list[tuple]) -> str:
+    header = ("group", "case", "figure", "goal", "")
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["| " + " | ".join(str(c).ljust(w) for c, w in zip(header, widths)) + " |",
+             "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    lines += ["| " + " | ".join(str(c).ljust(w) for c, w in zip(row, widths)) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (train, inference and memory groups)")
+    parser.add_argument("--groups", default=",".join(GROUPS), help=f"comma-separated subset of {', '.join(GROUPS)}")
+    parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: 1 on CPU)")
+    parser.add_argument("--out", default=None, help="write every result, the table and the machine as JSON here")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--train-repeats", type=int, default=12, help="timed train steps per variant")
+    parser.add_argument("--infer-repeats", type=int, default=40, help="timed forwards per variant")
+    parser.add_argument("--memory-steps", type=int, default=2)
+    parser.add_argument("--apply-repeats", type=int, default=3)
+    parser.add_argument("--apply-7b-repeats", type=int, default=1)
+    parser.add_argument("--matcher-layers", type=int, default=200)
+    parser.add_argument("--matcher-repeats", type=int, default=5)
+    args = parser.parse_args(argv)
+    if args.threads is None:
+        args.threads = 1 if args.device == "cpu" else (os.cpu_count() or 1)
+    torch.set_num_threads(args.threads)
+    os.environ["BENCH_THREADS"] = str(args.threads)          # for the fresh processes of the memory group
+    groups = args.groups.split(",")
+    unknown = set(groups) - set(GROUPS)
+    if unknown:
+        parser.error(f"unknown group(s) {sorted(unknown)}; groups: {', '.join(GROUPS)}")
+    report = {"machine": machine(args), "goals": GOALS, "groups": {}, "rows": []}
+    started = time.perf_counter()
+    for name in groups:
+        group_started = time.perf_counter()
+        print(f"[{name}] ...", file=sys.stderr, flush=True)
+        try:
+            results, rows = globals()[f"group_{name}"](args)
+        except Exception as exc:  # noqa: BLE001 - one failing group must not lose the others' figures
+            traceback.print_exc()
+            results, rows = {"error": f"{type(exc).__name__}: {exc}"}, [(name, "failed", f"{type(exc).__name__}: {exc}", "", "")]
+        report["groups"][name] = {"seconds": round(time.perf_counter() - group_started, 1), "results": results}
+        report["rows"] += [list(r) for r in rows]
+        print(f"[{name}] {report['groups'][name]['seconds']} s", file=sys.stderr, flush=True)
+    report["machine"]["load_average_end"] = os.getloadavg()
+    report["seconds"] = round(time.perf_counter() - started, 1)
+    m = report["machine"]
+    print(f"{m['cpu']}, {m['cores']} cores, {m['threads']} thread(s), torch {m['torch']}, device {m['device']}; "
+          f"load average {m['load_average_start'][0]:.1f} at start, {m['load_average_end'][0]:.1f} at end; "
+          f"{report['seconds']} s")
+    print(format_table([tuple(r) for r in report["rows"]]))
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=2, default=str) + "\n")
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
