@@ -211,3 +211,12 @@ def test_remove_restores_base():
     torch.testing.assert_close(model(ids), base, atol=2e-6, rtol=0)
     after = state(model)
     assert after["hooks"] == before["hooks"] and after["modules"] == before["modules"]
+
+
+def test_leave_out_skips_layers_and_every_layer_respects_it():
+    model = make_minigpt(layers=4)
+    spec = {"rules": [{"match": {"role": "ffn.out", "leave_out": [0, -1]}, "action": "insert_after",
+                       "module": {"kind": "bottleneck"}, "expect": "every_layer"}]}
+    assert [m.layer for m in surgery.plan(model, spec, example_inputs=model.example_inputs())] == [1, 2]
+    spec["rules"][0]["match"]["layers"] = [0, 1]
+    assert [m.layer for m in surgery.plan(model, spec, example_inputs=model.example_inputs())] == [1]

@@ -30,6 +30,15 @@ class Match:
         return {"rule": self.rule, "layer": self.layer, "role": self.role, "module": self.module, "node": self.node}
 
 
+def pattern_layers(pattern: Pattern, num_layers: int) -> set[int] | None:
+    """The layers a pattern allows: `layers` (None: any) minus `leave_out`."""
+    layers = resolve_layers(pattern.layers, num_layers)
+    if pattern.leave_out:
+        skip = resolve_layers(list(pattern.leave_out), num_layers)
+        layers = (set(range(num_layers)) if layers is None else layers) - skip
+    return layers
+
+
 def resolve_layers(spec, num_layers: int) -> set[int] | None:
     """None means no layer constraint."""
     if spec is None:
@@ -75,7 +84,7 @@ def _node_ok(site: Site, pattern: Pattern, analysis: Analysis, layers: set[int] 
 
 
 def _input_ok(node: fx.Node, pattern: Pattern, analysis: Analysis, bindings: dict) -> bool:
-    layers = resolve_layers(pattern.layers, analysis.num_layers)
+    layers = pattern_layers(pattern, analysis.num_layers)
     chain = [node]
     if pattern.through:
         while op_name(chain[-1]) in VIEW_LIKE and chain[-1].all_input_nodes:
@@ -108,7 +117,7 @@ def _candidates(pattern: Pattern, analysis: Analysis) -> list[Site]:
 
 
 def find(pattern: Pattern, analysis: Analysis, *, restrict_layer: int | None = None) -> list[tuple[Site, dict]]:
-    layers = resolve_layers(pattern.layers, analysis.num_layers)
+    layers = pattern_layers(pattern, analysis.num_layers)
     if restrict_layer is not None:
         layers = {restrict_layer} if layers is None or restrict_layer in layers else set()
     found = []
@@ -176,14 +185,14 @@ def _check_expect(rule: Rule, name: str, matches: list[Match], analysis: Analysi
         raise MatchError(f"rule {name!r}{where} matched no site: pattern ({_describe(rule.match)}). "
                          f"Nearest: {_nearest(rule.match, analysis)}")
     if expect == "every_layer":
-        wanted = resolve_layers(rule.match.layers, analysis.num_layers) or set(range(analysis.num_layers))
+        wanted = pattern_layers(rule.match, analysis.num_layers) or set(range(analysis.num_layers))
         missing = sorted(wanted - {m.layer for m in matches})
         if missing:
             raise MatchError(f"rule {name!r}{where} expects a site in every layer but matched none in layers "
                              f"{missing}: pattern ({_describe(rule.match)})")
     elif isinstance(expect, int) and len(matches) != expect:
         matched = sorted({m.layer for m in matches if m.layer is not None})
-        wanted = resolve_layers(rule.match.layers, analysis.num_layers) or set(range(analysis.num_layers))
+        wanted = pattern_layers(rule.match, analysis.num_layers) or set(range(analysis.num_layers))
         missing = sorted(wanted - set(matched)) if matched and len(matches) < expect else []
         without = f"; no site in layers {missing}" if missing else ""
         raise MatchError(f"rule {name!r}{where} expects {expect} site(s) but matched {len(matches)}: "

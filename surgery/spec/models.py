@@ -98,6 +98,8 @@ class Match(BaseModel):
     role: Union[RoleName, list[RoleName], None] = Field(None, description="Semantic role(s) read from the graph, e.g. attention.output.")
     layers: Union[int, list[int], LayerSlice, None] = Field(
         None, description='Layer index, list, or Python slice such as "-2:" or "0:4"; "all" for every layer.')
+    leave_out: list[int] | None = Field(
+        None, description="Layers to skip (AdapterHub's leave_out); negative indices count from the last layer.")
     module: Names | None = Field(None, description="Glob(s) on the qualified module path the node comes from.")
     op: Names | None = Field(None, description="Op name(s): linear, addmm, add, layer_norm, scaled_dot_product_attention, ...")
     inputs: list[Match] | None = Field(None, description="Patterns for the node's tensor arguments, by position.")
