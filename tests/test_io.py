@@ -11,7 +11,7 @@ import surgery
 from conftest import SPECS
 from models import (ARCHS, assert_same_state, example_inputs, make_bert, make_gpt2, make_llama, make_minilm, perturb,
                     run, state, token_ids)
-from surgery.io import CheckpointError, load, read_manifest
+from surgery.io import CheckpointError, read_manifest
 from surgery.io.checkpoint import ADAPTERS_FILE, MANIFEST_FILE
 
 # The architectures tried for a spec, in order (fastest to trace first); the first the spec applies to, and that
