@@ -18,6 +18,6 @@ __all__ = [
 ] + ["merge", "unmerge", "MergeReport", "from_peft", "to_peft"]
 __all__ += ["quantize_nf4", "dequantize_nf4", "nf4_memory"]
 __version__ = "0.1.0"
-from surgery.io import load, save  # noqa: E402
-from surgery.export import draw, export  # noqa: E402
-__all__ += ["save", "load", "export", "draw"]
+from surgery.io import CheckpointError, load, save  # noqa: E402
+from surgery.export import ExportError, draw, export  # noqa: E402
+__all__ += ["save", "load", "export", "draw", "CheckpointError", "ExportError"]
