@@ -81,6 +81,8 @@ def test_round_trip_every_spec(spec_name, tmp_path):
         got = run(arch, fresh, token_ids(batch, seq, seed=seq))
         assert got.shape == want.shape
         assert (got - want).abs().max() <= 1e-6, f"{spec_name} on {arch}"
+    # and loading adapters into another model did not change the first one
+    assert (run(arch, model, token_ids(*shapes[0], seed=shapes[0][1])) - expected[0]).abs().max() <= 1e-6
     # the adapters are really in the loaded model's forward: without them the output differs
     ids = token_ids(2, 8, seed=8)
     with surgery.disable(fresh):
