@@ -109,6 +109,8 @@ def apply(model: nn.Module, spec: Any, *, example_inputs=None, name: str | None 
     store = store_of(model, create=True)
     if created_store:
         store.uninstall = install_call_capture(model, store.runtime)
+        # the user's own requires_grad flags, given back when the last adapter set is removed
+        store.base_flags = [(p, p.requires_grad) for p in model.parameters()]
     record = Record(name=name, specs=[spec])
     # one dict for every site of this call: modules compute per-call statistics once (`apply_cache`)
     site_extra = {"calibration": calibration, "apply_cache": {}}
@@ -266,6 +268,8 @@ def remove(model: nn.Module, name: str = "default") -> nn.Module:
         store.runtime.active, store.runtime.composition = None, None
     if not store.records:
         store.uninstall()
+        for p, flag in getattr(store, "base_flags", []):
+            p.requires_grad_(flag)
         delattr(model, "surgery_adapters")
     return model
 

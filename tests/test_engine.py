@@ -220,3 +220,15 @@ def test_leave_out_skips_layers_and_every_layer_respects_it():
     assert [m.layer for m in surgery.plan(model, spec, example_inputs=model.example_inputs())] == [1, 2]
     spec["rules"][0]["match"]["layers"] = [0, 1]
     assert [m.layer for m in surgery.plan(model, spec, example_inputs=model.example_inputs())] == [1]
+
+
+def test_removing_the_last_adapter_gives_back_the_users_flags():
+    model = make_minigpt()
+    model.head.weight.requires_grad_(False)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    surgery.apply(model, HOULSBY, example_inputs=model.example_inputs(), name="a")
+    surgery.apply(model, HOULSBY, example_inputs=model.example_inputs(), name="b")
+    surgery.remove(model, "a")
+    assert not model.embed.weight.requires_grad          # b is still applied: the base stays frozen
+    surgery.remove(model, "b")
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
