@@ -367,3 +367,26 @@ def test_bf16_merge_tolerance():
         surgery.merge(model)
     surgery.unmerge(model)
     assert all(torch.equal(p, base[n]) for n, p in _base_weights(model).items())
+
+
+def test_two_attention_adapters_at_one_op_run_together():
+    """LLaMA-Adapter's attention over its own prompt keys, inside prefix tuning's attention (found by fuzzing:
+    the prefix's key count was added to the prompt's, and the mask computation failed)."""
+    prefix = {"name": "prefix", "match": {"role": "attention.op"}, "action": "attend",
+              "module": {"kind": "prefix", "prefix_length": 5}}
+    prompt = {"name": "prompt", "match": {"role": "attention.op"}, "action": "attend",
+              "module": {"kind": "adaption_prompt", "adapter_len": 4}}
+    alone, both = make_llama().eval(), make_llama().eval()
+    torch.manual_seed(0)
+    surgery.apply(alone, {"rules": [prefix]})
+    torch.manual_seed(0)
+    surgery.apply(both, {"rules": [prefix, prompt]})
+    with torch.no_grad():
+        for name, p in alone.surgery_adapters.named_parameters():
+            both.surgery_adapters.get_parameter(name).copy_(p)
+    torch.testing.assert_close(logits(both), logits(alone), atol=1e-6, rtol=0)   # the prompt's gate starts at 0
+    with torch.no_grad():
+        for p in both.surgery_adapters.adapters.default.prompt.parameters():
+            if p.numel() == 1:
+                p.fill_(0.5)
+    assert (logits(both) - logits(alone)).abs().max() > 1e-3

@@ -25,8 +25,8 @@ def extend_mask(mask, prefix: int, query: torch.Tensor, key: torch.Tensor, causa
     float mask, broadcastable to [batch, heads, q, k_original].
     """
     q_len, k_len = query.shape[-2], key.shape[-2] - prefix
-    if k_len == 0:   # attention over the added keys alone
-        return torch.ones(1, 1, q_len, prefix, dtype=torch.bool, device=query.device)
+    if k_len <= 0:   # attention over added keys alone (with an outer adapter's prefix counted in: all visible)
+        return torch.ones(1, 1, q_len, key.shape[-2], dtype=torch.bool, device=query.device)
     if mask is None:
         if causal and q_len > 1:
             offset = k_len - q_len
