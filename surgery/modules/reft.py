@@ -1,6 +1,6 @@
 """ReFT (Wu et al. 2024): interventions h + Rᵀ(W h + b − R h) on hidden states at chosen token positions.
 
-LoReFT keeps R's rows orthonormal (torch's orthogonal parametrization), NoReFT leaves R free, DiReFT also drops
+LoReFT keeps R's rows orthonormal (a QR parametrization, see `Orthonormal`), NoReFT leaves R free, DiReFT also drops
 the −R h term. Positions are the first `prefix_positions` and last `suffix_positions` real tokens of each
 sequence (padding read from the call's attention mask). With a KV cache the intervention acts on the prompt
 (the first call) only, as pyreft does.
@@ -11,7 +11,7 @@ from typing import Literal, Union
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrizations
+from torch.nn.utils import parametrize
 
 from surgery.modules.base import SiteContext
 from surgery.modules.registry import Options, register
@@ -30,12 +30,30 @@ class ReftOptions(Options):
     non_linearity: Union[Literal["identity", "tanh", "relu", "gelu"], None] = None
 
 
+class Orthonormal(nn.Module):
+    """Parametrization R = rows of Q from the QR decomposition of the free matrix (signs fixed, so a matrix whose
+    rows are already orthonormal maps to itself). torch's `parametrizations.orthogonal` (householder map for
+    r x d) keeps ±1 signs in the free matrix's diagonal and truncates them with `.int()`: weight decay or any
+    update moving them off ±1 turns R into zero and silently removes the intervention. Here every free matrix of
+    full rank gives orthonormal rows, and scaling it (weight decay) changes nothing."""
+
+    def forward(self, free: torch.Tensor) -> torch.Tensor:
+        q, r = torch.linalg.qr(free.mT.float())   # QR has no half-precision kernels
+        sign = torch.where(torch.diagonal(r, dim1=-2, dim2=-1) < 0, -1.0, 1.0)
+        return (q * sign).mT.to(free.dtype)
+
+    def right_inverse(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight
+
+
 class ReftUnit(nn.Module):
     def __init__(self, dim: int, r: int, orthogonal: bool, subtract: bool, act: nn.Module, dropout: float):
         super().__init__()
         self.learned_source = nn.Linear(dim, r)
         projection = nn.Linear(dim, r, bias=False)
-        self.projection = parametrizations.orthogonal(projection) if orthogonal else projection
+        if orthogonal:
+            parametrize.register_parametrization(projection, "weight", Orthonormal())
+        self.projection = projection
         self.subtract = subtract
         self.act = act
         self.dropout = nn.Dropout(dropout)
