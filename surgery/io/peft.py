@@ -317,6 +317,10 @@ def to_peft(model: nn.Module, out_dir, *, name: str | None = None, example_input
     if others or record.trained:
         what = others + [f"{len(record.trained)} trained base parameter(s)"] * bool(record.trained)
         raise SurgeryError(f"adapter {name!r} has rewrites PEFT's LoRA/IA3 cannot express: {', '.join(what[:6])}")
+    gated = [s.owner_path for s in record.weight_sites if getattr(s.adapter, "gate", None) is not None]
+    if gated:
+        raise SurgeryError(f"adapter {name!r} has gated LoRA (UniPELT) on {', '.join(gated[:4])}: PEFT's LoRA has "
+                           f"no gate")
     kinds = {type(s.adapter) for s in record.weight_sites}
     if kinds == {LoRA}:
         peft_type = "LORA"
