@@ -14,7 +14,7 @@ from surgery.errors import MatchError
 from surgery.spec.models import Match as Pattern, Rule, Spec
 
 
-@dataclass
+@dataclass(slots=True)
 class Match:
     """One site a rule matched. `node` is the fx node name, `module` the qualified module it comes from."""
 
@@ -127,8 +127,12 @@ def find(pattern: Pattern, analysis: Analysis, *, restrict_layer: int | None = N
     layers = pattern_layers(pattern, analysis.num_layers)
     if restrict_layer is not None:
         layers = {restrict_layer} if layers is None or restrict_layer in layers else set()
+    candidates = _candidates(pattern, analysis)
+    if (layers is None and pattern.op is None and pattern.module is None and not pattern.bind
+            and not pattern.inputs):
+        return [(site, {}) for site in candidates]     # a role pattern (candidates are its sites) or `{}`
     found = []
-    for site in _candidates(pattern, analysis):
+    for site in candidates:
         bindings: dict = {}
         if _node_ok(site, pattern, analysis, layers, bindings):
             found.append((site, bindings))
