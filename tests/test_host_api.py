@@ -319,3 +319,33 @@ def test_inductor_fullgraph_equals_eager(spec_name):
     surgery.apply(model, SPECS / f"{spec_name}.yaml")
     perturb(model, 0.3)
     _compiled_vs_eager(model, "inductor")
+
+
+# ---------------------------------------------------------------- prefix MLP reuse while decoding
+
+def test_prefix_outputs_without_gradients_follow_every_parameter_change():
+    """Prefix tuning's MLP output is reused across calls without gradients (decoding): it must be recomputed
+    after an optimizer step, a load_state_dict, or a parameter replaced in place."""
+    model = make_llama(hidden=HIDDEN).eval()
+    surgery.apply(model, SPECS / "prefix.yaml")
+    perturb(model, 0.3)
+    ids = token_ids(1, 6, seed=25)
+
+    def both():
+        with torch.no_grad():
+            reused = model(input_ids=ids).logits
+        fresh = model(input_ids=ids).logits.detach()
+        _close(reused, fresh, "no-grad (reused prefixes) vs grad (recomputed)")
+        return reused
+    first = both()
+    mlp = model.surgery_adapters.adapters["default"]["prefix"]["shared"]["prefix_mlp"]
+    optimizer = torch.optim.SGD(mlp.parameters(), lr=0.5)
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    stepped = both()
+    assert (stepped - first).abs().max() > 1e-4
+    mlp.load_state_dict({k: v + 0.1 for k, v in mlp.state_dict().items()})
+    loaded = both()
+    assert (loaded - stepped).abs().max() > 1e-4
+    mlp.control_trans[0].weight = torch.nn.Parameter(mlp.control_trans[0].weight.detach() * 2)
+    assert (both() - loaded).abs().max() > 1e-4

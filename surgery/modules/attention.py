@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from surgery.modules.base import SiteContext
@@ -42,9 +43,24 @@ class PrefixMLP(nn.Module):
         super().__init__()
         self.wte = nn.Embedding(length, dim)
         self.control_trans = nn.Sequential(nn.Linear(dim, bottleneck), act, nn.Linear(bottleneck, out))
+        self._frozen: tuple | None = None   # (parameter versions, output) for calls without gradients
 
-    def forward(self) -> torch.Tensor:
-        return self.control_trans(self.wte.weight)
+    def forward(self, columns: tuple[int, int] | None = None) -> torch.Tensor:
+        """All layers' prefixes, or only `columns` of them. With gradients, a layer computes its own slice of the
+        last projection (L layers cost one pass of it per forward, not L). Without gradients (generation), the
+        output is computed once and reused until a parameter changes (in place or replaced), so decoding a token
+        costs no MLP at all."""
+        if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            key = tuple((p._version, p.data_ptr(), p.dtype, p.device) for p in self.parameters())
+            if self._frozen is None or self._frozen[0] != key:
+                self._frozen = (key, self.control_trans(self.wte.weight))
+            out = self._frozen[1]
+            return out if columns is None else out[:, columns[0]:columns[1]]
+        if columns is None:
+            return self.control_trans(self.wte.weight)
+        hidden = self.control_trans[:-1](self.wte.weight)
+        last, (a, b) = self.control_trans[-1], columns
+        return F.linear(hidden, last.weight[a:b], last.bias[a:b])
 
 
 @register
@@ -82,7 +98,7 @@ class PrefixTuning(nn.Module):
         if self._mlp[0] is None:
             return self.prefix
         width = 2 * self.kv_heads * self.head_dim
-        return self._mlp[0]()[:, self.layer * width:(self.layer + 1) * width]
+        return self._mlp[0]((self.layer * width, (self.layer + 1) * width))
 
     @property
     def needs_attention_input(self) -> bool:
