@@ -232,3 +232,12 @@ def test_removing_the_last_adapter_gives_back_the_users_flags():
     assert not model.embed.weight.requires_grad          # b is still applied: the base stays frozen
     surgery.remove(model, "b")
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+
+
+def test_a_train_rule_that_selects_nothing_is_an_error():
+    from models import make_llama
+    model = make_llama()           # LLaMA has no biases: BitFit would silently train nothing
+    before = state(model)
+    with pytest.raises(surgery.RewriteError, match="no bias parameters"):
+        surgery.apply(model, "specs/bitfit.yaml")
+    assert_same_state(before, state(model))

@@ -200,11 +200,16 @@ def realize(model: nn.Module, analysis: Analysis, store: AdapterStore, record: R
     name = record.name
     gate = Gate(store.runtime, name)
     if rule.action == "train":
+        before = len(record.trained)
         for match in matches:
             for pname, param in _params_of(model, match.site, analysis).items():
                 kind = "bias" if "bias" in pname.rpartition(".")[2].split("_") else "weight"  # in_proj_bias too
                 if "all" in rule.params or kind in rule.params:
                     record.trained.append((param, param.requires_grad))
+        if matches and len(record.trained) == before and rule.expect != "any":
+            raise RewriteError(f"rule {matches[0].rule!r} matched {len(matches)} site(s) but they read no "
+                               f"{'/'.join(rule.params)} parameters to train (e.g. a model without biases); "
+                               f"use expect: any to allow that")
         return
     cls = module_class(rule.module.kind)
     rule_name = matches[0].rule if matches else (rule.name or "rule")
