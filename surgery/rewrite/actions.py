@@ -379,8 +379,18 @@ def _realize_prepend(model, analysis, store, record, match, value, module, gate)
     runtime = store.runtime
     length = module.length
     heads = analysis.by_role.get("lm_head", [])
-    if heads:   # drop them at the LM head's input (the model may still reshape by its input length before it)
-        strip_anchor = input_anchor(analysis, heads[0].linear.x, users=[heads[0].node])
+    if heads:
+        # drop them where the value reaching the LM head leaves its module (before generate()'s logits_to_keep
+        # slice, after any reshape by the input length), else at the head's input
+        node, strip_anchor = heads[0].linear.x, None
+        while strip_anchor is None and isinstance(node, fx.Node):
+            strip_anchor = output_anchor(analysis, node)
+            if strip_anchor is None and op_name(node) in ("slice", "view", "reshape", "_unsafe_view", "alias") \
+                    and node.args:
+                node = node.args[0]
+            else:
+                break
+        strip_anchor = strip_anchor or input_anchor(analysis, heads[0].linear.x, users=[heads[0].node])
     else:
         last = [s for s in analysis.by_role.get("block.output", []) if s.layer == analysis.num_layers - 1]
         strip_anchor = value_anchor(analysis, _site_value(last[0])) if last else None
@@ -406,7 +416,10 @@ def _realize_prepend(model, analysis, store, record, match, value, module, gate)
             return None
         kwargs = dict(kwargs)
         if table is not None and not runtime.call.get("cached"):
-            ids = kwargs.pop("input_ids", None) if not args else None
+            if args and isinstance(args[0], torch.Tensor) and not args[0].is_floating_point():
+                ids, args = args[0], (None,) + tuple(args[1:])   # token ids given positionally
+            else:
+                ids = kwargs.pop("input_ids", None)
             embeds = kwargs.get("inputs_embeds")
             if ids is not None:
                 embeds = table(ids)
