@@ -30,29 +30,32 @@ from surgery.match.pattern import match_rule  # noqa: E402
 
 SPEC_FILES = ["lora", "ia3", "houlsby", "parallel", "unipelt", "loreft", "ln_tuning", "bitfit", "top_layers"]
 
-# (what it exercises, rule): written against LLaMA's module names and roles
-PATTERNS = [
-    ("layer slice", {"match": {"role": ["attention.q", "attention.v"], "layers": "-8:"}, "action": "wrap",
-                     "module": {"kind": "lora"}, "expect": "every_layer"}),
-    ("layer list", {"match": {"role": "ffn.out", "layers": [0, 50, 100, 199]}, "action": "wrap",
-                    "module": {"kind": "lora"}, "expect": 4}),
-    ("module glob", {"match": {"module": "model.layers.*.mlp.down_proj", "op": "linear"}, "action": "wrap",
-                     "module": {"kind": "lora"}}),
-    ("module glob ?_proj", {"match": {"module": "*.self_attn.[qkv]_proj", "op": "linear"}, "action": "wrap",
-                            "module": {"kind": "lora"}}),
-    ("module glob, no op", {"match": {"module": "*.mlp.*"}, "action": "wrap", "module": {"kind": "lora"},
-                            "expect": "any"}),
-    ("op + inputs", {"match": {"op": "add", "inputs": [{"role": "attention.residual"}, {"role": "attention.output"}]},
-                     "action": "insert_after", "module": {"kind": "bottleneck"}, "expect": "any"}),
-    ("op + inputs, op sub-pattern", {"match": {"op": "mul", "inputs": [{"op": "silu"}, {"role": "ffn.in"}]},
-                                     "action": "insert_after", "module": {"kind": "bottleneck"},
-                                     "expect": "every_layer"}),
-    ("op + inputs through + bind", {"match": {"op": "scaled_dot_product_attention",
-                                              "inputs": [{"op": "add", "bind": "q"}, {"op": "add", "through": True},
-                                                         {"role": "attention.v", "through": True}]},
-                                    "action": "insert_after", "module": {"kind": "bottleneck"},
-                                    "expect": "every_layer"}),
-]
+
+def _patterns(layers: int) -> list[tuple[str, dict]]:
+    """(what it exercises, rule), written against LLaMA's module names and roles."""
+    spread = sorted({0, layers // 4, layers // 2, layers - 1})
+    return [
+        ("layer slice", {"match": {"role": ["attention.q", "attention.v"], "layers": "-8:"}, "action": "wrap",
+                         "module": {"kind": "lora"}, "expect": "every_layer"}),
+        ("layer list", {"match": {"role": "ffn.out", "layers": spread}, "action": "wrap",
+                        "module": {"kind": "lora"}, "expect": len(spread)}),
+        ("module glob", {"match": {"module": "model.layers.*.mlp.down_proj", "op": "linear"}, "action": "wrap",
+                         "module": {"kind": "lora"}}),
+        ("module glob ?_proj", {"match": {"module": "*.self_attn.[qkv]_proj", "op": "linear"}, "action": "wrap",
+                                "module": {"kind": "lora"}}),
+        ("module glob, no op", {"match": {"module": "*.mlp.*"}, "action": "wrap", "module": {"kind": "lora"},
+                                "expect": "any"}),
+        ("op + inputs", {"match": {"op": "add", "inputs": [{"role": "attention.residual"}, {"role": "attention.output"}]},
+                         "action": "insert_after", "module": {"kind": "bottleneck"}, "expect": "any"}),
+        ("op + inputs, op sub-pattern", {"match": {"op": "mul", "inputs": [{"op": "silu"}, {"role": "ffn.in"}]},
+                                         "action": "insert_after", "module": {"kind": "bottleneck"},
+                                         "expect": "every_layer"}),
+        ("op + inputs through + bind", {"match": {"op": "scaled_dot_product_attention",
+                                                  "inputs": [{"op": "add", "bind": "q"}, {"op": "add", "through": True},
+                                                             {"role": "attention.v", "through": True}]},
+                                        "action": "insert_after", "module": {"kind": "bottleneck"},
+                                        "expect": "every_layer"}),
+    ]
 
 
 def llama_meta(layers: int) -> torch.nn.Module:
@@ -63,12 +66,12 @@ def llama_meta(layers: int) -> torch.nn.Module:
         return LlamaForCausalLM(config)
 
 
-def _rules():
+def _rules(layers: int):
     for name in SPEC_FILES:
         spec = surgery.load_spec(ROOT / "specs" / f"{name}.yaml")
         for i, rule in enumerate(spec.rules):
             yield f"{name}.yaml: {rule.name or i}", rule, i, spec.name
-    for label, rule in PATTERNS:
+    for label, rule in _patterns(layers):
         yield label, surgery.Spec.model_validate({"rules": [rule]}).rules[0], 0, None
 
 
@@ -94,7 +97,7 @@ def bench(layers: int = 200, repeats: int = 5) -> dict:
     with stopwatch() as trace_time:
         analysis = surgery.api._analysis(model, None)
     rows, first = [], None
-    for label, rule, index, spec_name in _rules():
+    for label, rule, index, spec_name in _rules(layers):
         if first is None:
             start = time.perf_counter()
             match_rule(rule, index, analysis, spec_name)

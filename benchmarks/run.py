@@ -10,6 +10,7 @@ Groups (each module also runs alone: `python benchmarks/<module>.py --help`):
   inference      forward of the base, the unmerged and the merged model, LoRA and IA3 (inference_merge.py)
   memory         peak memory of train steps, surgery vs PEFT, a fresh process per method (lora_vs_peft.py)
   matcher        match_rule time per pattern on a 200-layer LLaMA-shaped graph on meta (matcher.py)
+  decode         time per generated token with the KV cache, base and a few specs (decode.py, run as a script)
 
 Comparisons are interleaved and reported as the median of per-round ratios (benchmarks/common.py). Threads:
 one intra-op thread by default on CPU. On a 2-core machine shared with other jobs, two threads wait on each
@@ -22,6 +23,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import sys
 import time
 import traceback
@@ -31,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-GROUPS = ("apply", "lora_train", "houlsby_train", "inference", "memory", "matcher")
+GROUPS = ("apply", "lora_train", "houlsby_train", "inference", "memory", "matcher", "decode")
 GOALS = {"train_vs_peft": 1.00, "houlsby_vs_reference": 1.05, "merged_vs_base": 1.02, "minilm_apply_s": 3.0,
          "apply_7b_s": 10.0, "apply_7b_rss_mib": 1024.0, "matcher_ms": 50.0}
 
@@ -82,8 +84,8 @@ def group_apply(args):
 
 def group_lora_train(args):
     from benchmarks.lora_vs_peft import SHAPES, train_step
-    results = [train_step(m, warmup=args.warmup, repeats=args.train_repeats, device=args.device)
-               for m in ("minilm", "llama")]
+    results = [train_step(m, warmup=args.warmup, repeats=args.train_repeats * rounds, device=args.device)
+               for m, rounds in (("minilm", 1), ("llama", 2))]      # the LLaMA step is 4x cheaper: more rounds
     rows = [("train step LoRA q,v r=8", f"{r['model']} {SHAPES[r['model']][0]}x{SHAPES[r['model']][1]}: surgery / PEFT",
              _ratio_cell(r["seconds"], "surgery", "peft", r["ratio"], r["ratio_iqr"]) + "; " + _ops_cell(r["ops_per_step"]),
              "<= 1.00x", _verdict(r["ratio"], GOALS["train_vs_peft"], r["ratio_iqr"])) for r in results]
@@ -92,7 +94,7 @@ def group_lora_train(args):
 
 def group_houlsby_train(args):
     from benchmarks.houlsby_vs_reference import houlsby_train_step
-    results = [houlsby_train_step("small", warmup=args.warmup, repeats=args.train_repeats * 5, device=args.device),
+    results = [houlsby_train_step("small", warmup=args.warmup, repeats=args.train_repeats * 10, device=args.device),
                houlsby_train_step("medium", warmup=args.warmup, repeats=args.train_repeats, device=args.device)]
     rows = [("train step Houlsby", f"MiniGPT {r['size']} (hidden {r['hidden_dim']}, {r['n_layers']} layers, "
              f"{r['batch']}x{r['seq']}): surgery / hand-written",
@@ -152,6 +154,27 @@ def group_matcher(args):
     return result, rows
 
 
+def group_decode(args):
+    """benchmarks/decode.py (its own script) in a subprocess, a few specs; its printed rows parsed."""
+    import re
+    import subprocess
+    command = [sys.executable, str(Path(__file__).with_name("decode.py")), "--specs", *args.decode_specs.split(","),
+               "--new-tokens", "32", "--rounds", "3", "--threads", str(args.threads)]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
+    pattern = re.compile(r"^(\S+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)x\s+(flat|GROWS)(.*)$")
+    parsed = [m.groups() for m in map(pattern.match, done.stdout.splitlines()) if m]
+    if not parsed:
+        raise RuntimeError(f"decode.py printed no rows (exit {done.returncode}): {done.stderr[-2000:]}")
+    results = {"command": " ".join(command[1:]), "output": done.stdout, "rows": [
+        {"variant": v, "first_ms": float(a), "last_ms": float(b), "last_vs_first": float(r), "vs_base": float(x),
+         "note": note.strip("; ")} for v, a, b, r, x, _, note in parsed]}
+    rows = [("decode with KV cache", f"LLaMA hidden 256, 4 layers: {r['variant']} (first / last 8 tokens)",
+             f"{r['first_ms']:.2f} / {r['last_ms']:.2f} ms per token = {r['last_vs_first']:.3f}x; "
+             f"{r['vs_base']:.2f}x base" + (f"; {r['note']}" if r["note"] else ""), "last/first < 1.3",
+             "met" if r["last_vs_first"] < 1.3 else "MISSED") for r in results["rows"]]
+    return results, rows
+
+
 # ------------------------------------------------------------------------------------------------- main
 
 def machine(args) -> dict:
@@ -194,6 +217,7 @@ def main(argv=None):
     parser.add_argument("--apply-7b-repeats", type=int, default=1)
     parser.add_argument("--matcher-layers", type=int, default=200)
     parser.add_argument("--matcher-repeats", type=int, default=5)
+    parser.add_argument("--decode-specs", default="lora,houlsby,ia3,prefix", help="specs for the decode group")
     args = parser.parse_args(argv)
     if args.threads is None:
         args.threads = 1 if args.device == "cpu" else (os.cpu_count() or 1)
@@ -204,7 +228,7 @@ def main(argv=None):
     if unknown:
         parser.error(f"unknown group(s) {sorted(unknown)}; groups: {', '.join(GROUPS)}")
     report = {"machine": machine(args), "goals": GOALS, "groups": {}, "rows": []}
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     for name in groups:
         group_started = time.perf_counter()
         print(f"[{name}] ...", file=sys.stderr, flush=True)
@@ -218,10 +242,12 @@ def main(argv=None):
         print(f"[{name}] {report['groups'][name]['seconds']} s", file=sys.stderr, flush=True)
     report["machine"]["load_average_end"] = os.getloadavg()
     report["seconds"] = round(time.perf_counter() - started, 1)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    report["cpu_seconds"] = round(time.process_time() - cpu_started + children.ru_utime + children.ru_stime, 1)
     m = report["machine"]
     print(f"{m['cpu']}, {m['cores']} cores, {m['threads']} thread(s), torch {m['torch']}, device {m['device']}; "
           f"load average {m['load_average_start'][0]:.1f} at start, {m['load_average_end'][0]:.1f} at end; "
-          f"{report['seconds']} s")
+          f"{report['seconds']} s wall, {report['cpu_seconds']} s CPU")
     print(format_table([tuple(r) for r in report["rows"]]))
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2, default=str) + "\n")
