@@ -159,7 +159,7 @@ def group_decode(args):
     import re
     import subprocess
     command = [sys.executable, str(Path(__file__).with_name("decode.py")), "--specs", *args.decode_specs.split(","),
-               "--new-tokens", "32", "--rounds", "3", "--threads", str(args.threads)]
+               "--new-tokens", "32", "--rounds", "6", "--threads", str(args.threads)]
     done = subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
     pattern = re.compile(r"^(\S+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)x\s+(flat|GROWS)(.*)$")
     parsed = [m.groups() for m in map(pattern.match, done.stdout.splitlines()) if m]
