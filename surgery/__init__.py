@@ -21,3 +21,5 @@ __version__ = "0.1.0"
 from surgery.io import CheckpointError, load, save  # noqa: E402
 from surgery.export import ExportError, draw, export  # noqa: E402
 __all__ += ["save", "load", "export", "draw", "CheckpointError", "ExportError"]
+from surgery.materialize import materialize  # noqa: E402
+__all__ += ["materialize"]

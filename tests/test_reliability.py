@@ -61,7 +61,8 @@ class TrapOptions(LoRAOptions):
 
 
 class TrapLoRA(LoRA):
-    """LoRA that raises at a chosen call: `traps[event] = n` lets n calls of that event pass, then fails."""
+    """LoRA that raises at a chosen call: `traps[event] = n` lets n calls of that event pass and fails the next
+    one (once: a rollback that calls it again succeeds)."""
 
     Options = TrapOptions
     traps: dict[str, int] = {}
@@ -70,7 +71,7 @@ class TrapLoRA(LoRA):
     def tick(cls, event: str):
         if event in cls.traps:
             cls.traps[event] -= 1
-            if cls.traps[event] < 0:
+            if cls.traps[event] == -1:
                 raise RuntimeError(f"trap: {event}")
 
     @classmethod
@@ -244,6 +245,17 @@ def test_rewrites_that_cannot_fold_are_reported_by_merge():
     assert all(site.startswith("bn/") and "BottleneckAdapter" in why for site, why in report.not_merged.items())
     assert "not merged: bn/attention_adapter/model_layers_0_self_attn_o_proj" in str(report)
     torch.testing.assert_close(logits(model), before[1], atol=1e-5, rtol=0)
+
+
+def test_a_zero_wide_adapter_is_an_error_not_a_silent_no_op(shared_llama):
+    """An invertible adapter's subnets are d/2 // reduction_factor wide: 0 units would leave only a bias."""
+    model = shared_llama
+    before = snapshot(model)
+    spec = {"rules": [{"match": {"role": "embedding.output"}, "action": "insert_after",
+                       "module": {"kind": "invertible", "reduction_factor": 40}}]}
+    with pytest.raises(surgery.RewriteError, match="reduction_factor 40.0 leaves no hidden unit for a 32-wide"):
+        surgery.apply(model, spec, name="new")
+    assert_unchanged(before, model)
 
 
 def test_attention_adapters_of_two_models_both_run():

@@ -22,6 +22,9 @@ from surgery.modules.registry import Options, register
 
 def _subnet(dims_in: int, dims_out: int, non_linearity: str, reduction_factor: float) -> nn.Sequential:
     hidden = int(dims_in // reduction_factor)
+    if hidden < 1:   # a zero-wide subnet would silently make the coupling a constant shift
+        raise ValueError(f"invertible adapter: reduction_factor {reduction_factor} leaves no hidden unit for a "
+                         f"{dims_in}-wide half of the value; use a factor of at most {dims_in}")
     return nn.Sequential(nn.Linear(dims_in, hidden), ACTIVATIONS[non_linearity](), nn.Linear(hidden, dims_out))
 
 

@@ -89,6 +89,9 @@ class SparseDelta(WeightAdapter):
 def _weight_magnitude(site: SiteContext) -> torch.Tensor:
     if site.weight is None:
         raise RewriteError(f"{site.module}: select: magnitude needs the op's weight as a model parameter")
+    if site.weight.is_meta:
+        raise RewriteError(f"{site.module}: select: magnitude reads the weight's values, and this model is on the "
+                           f"meta device: apply this spec after loading the weights, or use select: random")
     return site.weight.detach().abs()
 
 
