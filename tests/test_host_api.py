@@ -312,6 +312,69 @@ def test_fullgraph_capture_of_lora_houlsby_and_prefix_together():
     _compiled_vs_eager(model, "aot_eager")
 
 
+class PlainAttention(torch.nn.Module):
+    """Attention as nanoGPT-style code writes it: projections and a direct F.scaled_dot_product_attention call."""
+
+    def __init__(self, dim=32, heads=4):
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.v, self.o = (torch.nn.Linear(dim, dim) for _ in range(4))
+
+    def forward(self, x):
+        b, t, d = x.shape
+        split = lambda y: y.view(b, t, self.heads, d // self.heads).transpose(1, 2)  # noqa: E731
+        y = F.scaled_dot_product_attention(split(self.q(x)), split(self.k(x)), split(self.v(x)), is_causal=True)
+        return self.o(y.transpose(1, 2).reshape(b, t, d))
+
+
+class PlainLM(torch.nn.Module):
+    def __init__(self, dim=32):
+        super().__init__()
+        self.embed = torch.nn.Embedding(VOCAB, dim)
+        self.norms = torch.nn.ModuleList(torch.nn.LayerNorm(dim) for _ in range(2))
+        self.attns = torch.nn.ModuleList(PlainAttention(dim) for _ in range(2))
+        self.head = torch.nn.Linear(dim, VOCAB)
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        for norm, attn in zip(self.norms, self.attns):
+            x = x + attn(norm(x))
+        return self.head(x)
+
+
+def test_attention_adapters_of_plain_models_compile_or_say_why_not():
+    """Without transformers' attention registry the attention call is routed inside the module's forward: a
+    direct F.scaled_dot_product_attention call compiles with fullgraph=True and gives the eager outputs;
+    nn.MultiheadAttention (MiniGPT) runs as one opaque op under torch.compile, which must fail loudly rather
+    than drop the adapters; remove() gives F.scaled_dot_product_attention back."""
+    from models import make_minigpt
+    plain_sdpa = F.scaled_dot_product_attention
+    torch.manual_seed(0)
+    model = PlainLM().eval()
+    ids = token_ids(2, 7, seed=26)
+    spec = {"rules": [{"match": {"role": "attention.op"}, "action": "attend",
+                       "module": {"kind": "prefix", "prefix_length": 3, "flat": True}, "expect": "every_layer"}]}
+    with torch.no_grad():
+        base = model(ids)
+    surgery.apply(model, spec, example_inputs=(ids,))
+    perturb(model, 0.3)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        eager = model(ids)
+        assert (eager - base).abs().max() > 1e-3
+        torch.testing.assert_close(torch.compile(model, fullgraph=True, backend="aot_eager")(ids), eager,
+                                   atol=1e-5, rtol=0)
+
+    minigpt = make_minigpt().eval()
+    surgery.apply(minigpt, spec, example_inputs=minigpt.example_inputs())
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="no call of F.scaled_dot_product_attention"), torch.no_grad():
+        torch.compile(minigpt, fullgraph=True, backend="aot_eager")(token_ids(2, 7))
+    surgery.remove(minigpt)
+    surgery.remove(model)
+    assert F.scaled_dot_product_attention is plain_sdpa
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("spec_name", ["lora", "houlsby", "prefix"])
 def test_inductor_fullgraph_equals_eager(spec_name):

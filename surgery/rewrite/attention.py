@@ -4,10 +4,14 @@ The attention op is reached where the host calls it: a transformers model routes
 its attention-function registry, so surgery registers one function there that runs the adapters of the calling
 module around the model's own implementation (this keeps the KV cache, generate() and torch.compile). Any
 other module whose forward calls `F.scaled_dot_product_attention` (nn.MultiheadAttention, hand-written models)
-has that call intercepted, during that module's forward only, by a TorchFunctionMode.
+has that call routed through its adapters during that module's forward only: a wrapper of the instance's
+forward marks which adapters are current, and F.scaled_dot_product_attention is replaced (while any module is
+intercepted) by a function that routes by that mark, so torch.compile(fullgraph=True) traces it as well.
 """
 from __future__ import annotations
 
+import weakref
+import types
 import weakref
 from typing import Callable
 
@@ -147,26 +151,89 @@ def _intercepting(original: Callable, adapters: list) -> Callable:
     return sdpa
 
 
+class _NoFastPath(torch.overrides.TorchFunctionMode):
+    """A pass-through mode: while one is active, nn.MultiheadAttention sees a torch-function override and stays
+    off its fused fast path (which would not call F.scaled_dot_product_attention). Unlike
+    torch.backends.mha.set_fastpath_enabled, entering it is traceable by torch.compile."""
+
+    def __torch_function__(self, func, arg_types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+_INTERCEPT_ATTR = "_surgery_attend"
+_RELEASES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # module -> finalizer releasing it
+_RUNNING: list[list] = []          # the adapters of each intercepting forward now running, innermost last
+_ATTACHED = [0]                    # intercepting modules attached, process-wide
+_ROUTED = [0]                      # calls routed through adapters so far, process-wide
+_PLAIN_SDPA = F.scaled_dot_product_attention
+
+
+def _routed_sdpa(*args, **kwargs):
+    """Stands in for F.scaled_dot_product_attention while any module is intercepted: inside an intercepting
+    forward the call goes through that module's adapters, everywhere else it is the plain function."""
+    if not _RUNNING:
+        return _PLAIN_SDPA(*args, **kwargs)
+    _ROUTED[0] += 1
+    return _intercepting(_PLAIN_SDPA, _RUNNING[-1])(*args, **kwargs)
+
+
+def _release_one():
+    """One intercepted module fewer; with none left, F.scaled_dot_product_attention is the plain one again."""
+    _ATTACHED[0] -= 1
+    if not _ATTACHED[0] and F.scaled_dot_product_attention is _routed_sdpa:
+        F.scaled_dot_product_attention = _PLAIN_SDPA
+
+
+def _intercepted_forward(self, *args, **kwargs):
+    """The module's own forward, with its active adapters made current for F.scaled_dot_product_attention.
+    The function is replaced in torch.nn.functional while intercepts exist, not per call: code compiled by
+    torch.compile reads module globals when it is traced, so only a lasting replacement is seen there."""
+    active = [adapter for adapter, on in self.__dict__[_INTERCEPT_ATTR] if on()]
+    if not active:
+        return type(self).forward(self, *args, **kwargs)
+    _RUNNING.append(active)
+    routed = _ROUTED[0]
+    try:
+        with _NoFastPath():
+            out = type(self).forward(self, *args, **kwargs)
+    finally:
+        _RUNNING.pop()
+    if _ROUTED[0] == routed:
+        raise RewriteError(
+            f"{type(self).__name__}: its forward made no call of F.scaled_dot_product_attention that surgery could "
+            f"route through the attention adapters (nn.MultiheadAttention with need_weights=True computes the "
+            f"weights itself; under torch.compile it runs as one opaque op); the adapters would be skipped")
+    return out
+
+
 def attach_intercept(module: nn.Module, adapter: nn.Module, gate: Callable[[], bool]) -> Callable[[], None]:
-    """While `module` runs, its calls of F.scaled_dot_product_attention go through the adapter (and
-    nn.MultiheadAttention is kept off its fused fast path, which does not call that function)."""
-    saved = []
+    """While `module`'s forward runs, its calls of F.scaled_dot_product_attention go through the adapters.
 
-    def pre(mod, args, kwargs):
-        if not gate():
-            return None
-        saved.append((F.scaled_dot_product_attention, torch.backends.mha.get_fastpath_enabled()))
-        torch.backends.mha.set_fastpath_enabled(False)
-        F.scaled_dot_product_attention = _intercepting(saved[-1][0], [adapter])
-        return None
+    The forward is wrapped on the instance (rather than changed in a pre-hook and restored in a post-hook), so
+    the change is lexically scoped and torch.compile(fullgraph=True) traces it. Adapters at one op compose in
+    the order they were attached (the first attached innermost). The undo restores the plain function when the
+    last intercepted module goes."""
+    entries = module.__dict__.get(_INTERCEPT_ATTR)
+    if entries is None:
+        if "forward" in module.__dict__:
+            raise RewriteError(f"{type(module).__name__}: its forward is already replaced; cannot also intercept "
+                               f"its attention")
+        entries = module.__dict__[_INTERCEPT_ATTR] = []
+        module.forward = types.MethodType(_intercepted_forward, module)   # bound: a deepcopy rebinds it
+        _ATTACHED[0] += 1
+        F.scaled_dot_product_attention = _routed_sdpa
+        # runs once: at the last undo, or when the module is freed without one
+        _RELEASES[module] = weakref.finalize(module, _release_one)
+    entries.append((adapter, gate))
 
-    def post(mod, args, out):
-        if saved:
-            original, fast = saved.pop()
-            F.scaled_dot_product_attention = original
-            torch.backends.mha.set_fastpath_enabled(fast)
-        return None
-
-    h1 = module.register_forward_pre_hook(pre, with_kwargs=True)
-    h2 = module.register_forward_hook(post, always_call=True)
-    return lambda: (h1.remove(), h2.remove())
+    def undo():
+        # look the list up again: torch.export (the trace of a later apply) restores module attributes as copies
+        current = module.__dict__.get(_INTERCEPT_ATTR)
+        if current is None:
+            return
+        current[:] = [(a, g) for a, g in current if not (a is adapter and g is gate)]
+        if not current:
+            module.__dict__.pop(_INTERCEPT_ATTR, None)
+            module.__dict__.pop("forward", None)
+            _RELEASES.pop(module)()
+    return undo
