@@ -23,8 +23,6 @@ LONG, SHORT = 7, 4  # prompt lengths of the left-padded batch
 
 # Cases that fail until the engine changes described in the report of issue 12 land: (spec, arch) -> why.
 PENDING = {
-    ("prompt", "gpt2"): "the LM-head-input strip drops real positions under generate()'s logits_to_keep",
-    ("prompt", "llama"): "the LM-head-input strip drops real positions under generate()'s logits_to_keep",
     ("unipelt", "gpt2"): "gates average over the whole call: not causal, padding included",
     ("unipelt", "llama"): "gates average over the whole call: not causal, padding included",
 }
@@ -32,7 +30,6 @@ PENDING_FORWARD = {   # the forward-argument checks
     ("unipelt", "gpt2"): PENDING[("unipelt", "gpt2")],
     ("unipelt", "llama"): PENDING[("unipelt", "llama")],
 }
-PENDING_POSITIONAL = {"prompt": "prompts are skipped when input_ids come positionally: model(ids)"}
 
 
 def _spec_cases(pending):
@@ -190,7 +187,7 @@ def test_forward_takes_every_argument_in_combination(spec_name, arch, hosts):
         assert len(rest[-1]) == LAYERS + 1
 
 
-@pytest.mark.parametrize("spec_name,arch", _spec_cases({**PENDING_FORWARD, **PENDING_POSITIONAL}))
+@pytest.mark.parametrize("spec_name,arch", _spec_cases(PENDING_FORWARD))
 def test_positional_input_ids_are_the_keyword_ones(spec_name, arch, hosts):
     model = hosts(arch)
     ids = token_ids(2, 9, seed=22)
