@@ -195,8 +195,8 @@ def match_rule(rule: Rule, index: int, analysis: Analysis, spec_name: str | None
             if source is None:
                 raise MatchError(f"rule {name!r}: `from` ({_describe(rule.from_)}) matches nothing in layer "
                                  f"{site.layer} for the site {site.module} ({site.node.name})")
-        matches.append(Match(rule=name, node=site.node.name, module=site.module, role=site.role,
-                             layer=site.layer, site=site, source=source, bindings=bindings))
+        # positional: on `match: {}` over a 200-layer graph (13k sites) keywords cost a third of the call
+        matches.append(Match(name, site.node.name, site.module, site.role, site.layer, site, source, bindings))
     _check_expect(rule, name, matches, analysis, spec_name)
     return matches
 
