@@ -214,7 +214,7 @@ def main(argv=None):
     parser.add_argument("--infer-repeats", type=int, default=40, help="timed forwards per variant")
     parser.add_argument("--memory-steps", type=int, default=2)
     parser.add_argument("--apply-repeats", type=int, default=3)
-    parser.add_argument("--apply-7b-repeats", type=int, default=1)
+    parser.add_argument("--apply-7b-repeats", type=int, default=2, help="fresh processes; the peak RSS is their max")
     parser.add_argument("--matcher-layers", type=int, default=200)
     parser.add_argument("--matcher-repeats", type=int, default=5)
     parser.add_argument("--decode-specs", default="lora,houlsby,ia3,prefix", help="specs for the decode group")
