@@ -146,6 +146,10 @@ def test_selection_methods_train_biases_or_norms(base):
              for n, _ in m.named_parameters(recurse=False)}
     params = dict(model.named_parameters())
     for method, selected in (("bitfit", biases), ("ln_tuning", norms)):
+        if not selected:   # LLaMA has no biases: BitFit would train nothing, which is an error, not a no-op
+            with pytest.raises(surgery.RewriteError, match="no bias parameters"):
+                surgery.apply(model, f"specs/{method}.yaml", name=method)
+            continue
         surgery.apply(model, f"specs/{method}.yaml", name=method)
         saved = {n: params[n].detach().clone() for n in selected}
         try:
