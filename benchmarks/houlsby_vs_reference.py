@@ -45,6 +45,7 @@ def build_pair(size: str, device="cpu"):
             p.add_(torch.randn(p.shape, generator=g).to(p) * 0.05)
     reference = HoulsbyMiniGPT.from_surgery(model)
     reference.base = clean.requires_grad_(False)     # its own base: the reference never passes surgery's hooks
+    reference.to(device)                              # from_surgery builds its adapters on the CPU
     ids = torch.randint(0, VOCAB, (cfg["batch"], cfg["seq"]), generator=g).to(device)
     return model, reference, ids
 
