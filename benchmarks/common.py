@@ -219,7 +219,7 @@ def in_subprocess(target: str, timeout: float | None = None, **kwargs) -> dict:
 def _child(target: str, kwargs_json: str) -> None:
     import warnings
     warnings.filterwarnings("ignore")
-    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
     module, _, function = target.partition(":")
     result = getattr(importlib.import_module(module), function)(**json.loads(kwargs_json))
     sys.stdout.write("\n" + json.dumps(result) + "\n")

@@ -192,7 +192,7 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=12, help="timed train steps per method")
     parser.add_argument("--infer-repeats", type=int, default=20, help="timed forwards per model")
     parser.add_argument("--memory-steps", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="intra-op threads (see benchmarks/run.py)")
     parser.add_argument("--out", default="lora_vs_peft.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
