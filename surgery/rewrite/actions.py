@@ -231,7 +231,11 @@ def realize(model: nn.Module, analysis: Analysis, store: AdapterStore, record: R
         ctx = _context(model, analysis, match, value, rule)
         ctx.extra.update(extra or {})
         ctx.shared, ctx.runtime, ctx.adapter = shared, store.runtime, per_adapter
-        module = cls.build(rule.module, ctx, rule.action)
+        if ctx.device.type == "meta":   # a model without memory: its adapters are built without memory too
+            with torch.device("meta"):
+                module = cls.build(rule.module, ctx, rule.action)
+        else:
+            module = cls.build(rule.module, ctx, rule.action)
         if ctx.device.type != "meta":
             module.to(device=ctx.device)
         else:
