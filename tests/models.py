@@ -108,3 +108,17 @@ def assert_same_state(a, b):
     assert a["params"].keys() == b["params"].keys()
     for k in a["params"]:
         assert torch.equal(a["params"][k], b["params"][k]), k
+
+
+def lm_losses(model, ids, steps, lr=1e-2, optimizer=torch.optim.Adam):
+    """Train a causal LM on `ids` (labels = ids) for a few steps; the losses, for a 'loss falls' check."""
+    opt = optimizer([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        loss = model(input_ids=ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import surgery
-from models import ARCHS, make_bert, make_llama, perturb, run, token_ids
+from models import ARCHS, lm_losses, make_bert, make_llama, perturb, run, token_ids
 
 LORA_QV = {"rules": [{"name": "lora", "match": {"role": ["attention.q", "attention.v"]}, "action": "wrap",
                       "module": {"kind": "lora", "r": 4}}]}
@@ -191,15 +191,8 @@ def test_mam_and_unipelt_counts_equal_adapterhub_on_bert_base(spec, expected):
 def test_mam_and_unipelt_train_and_report_what_cannot_merge(spec):
     model = make_llama()
     surgery.apply(model, spec)
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     ids = token_ids(4, 10, seed=5)
-    losses = []
-    for _ in range(5):
-        loss = model(input_ids=ids, labels=ids).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = lm_losses(model, ids, steps=5)
     assert losses[-1] < losses[0]
     model.eval()
     before = run("llama", model, ids).detach()

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import surgery
-from models import ARCHS, example_inputs, make_llama, perturb, run, token_ids
+from models import ARCHS, example_inputs, lm_losses, make_llama, perturb, run, token_ids
 
 D, L, HEADS = 64, 2, 4
 KV_WIDTH = {"minigpt": D, "bert": D, "gpt2": D, "llama": D // 2}   # LLaMA test config: 2 of 4 heads for keys/values
@@ -153,16 +153,7 @@ def test_eject_gives_the_same_outputs(arch):
 def test_training_lowers_the_loss(method):
     model = make_llama()
     surgery.apply(model, SPECS[method])
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    ids = token_ids(4, 10, seed=5)
-    model.train()
-    losses = []
-    for _ in range(6):
-        loss = model(input_ids=ids, labels=ids).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = lm_losses(model, token_ids(4, 10, seed=5), steps=6)
     assert losses[-1] < losses[0]
 
 
