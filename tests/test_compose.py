@@ -173,7 +173,7 @@ def test_mam_and_unipelt_counts_equal_adapterhub_on_bert_base(spec, expected):
     with torch.device("meta"):
         model = BertModel(BertConfig())
     surgery.apply(model, spec)
-    d, L, ff = 768, 12, 3072
+    d, L = 768, 12
     if "mam" in spec:
         P, B, N, m = 30, 800, 2 * L * d, d // 2
         formula = P * d + (d * B + B) + (B * N + N) + L * (2 * d * m + m + d)
@@ -184,7 +184,6 @@ def test_mam_and_unipelt_counts_equal_adapterhub_on_bert_base(spec, expected):
                    + L * 2 * r * (d + d) + 2 * L * (d + 1))              # LoRA q, v + gates
     assert formula == expected
     assert surgery.trainable_parameters(model)[0] == expected
-    del ff
 
 
 @pytest.mark.parametrize("spec", ["specs/mam.yaml", "specs/unipelt.yaml"])
