@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from surgery.analyze import Analysis, analyze
-from surgery.errors import RewriteError, SurgeryError
+from surgery.errors import RewriteError, SpecError, SurgeryError
 from surgery.match import Match, match_spec
 from surgery.rewrite import Record, realize, store_of
 from surgery.rewrite.compose import Block, Fuse, Stack, block_from
@@ -95,7 +95,10 @@ def apply(model: nn.Module, spec: Any, *, example_inputs=None, name: str | None 
     name = name or "default"
     store = store_of(model)
     if spec.compose is not None and not spec.rules:
-        block = block_from(spec.compose)
+        try:
+            block = block_from(spec.compose)
+        except ValueError as exc:
+            raise SpecError(f"compose: {exc}") from None
         if isinstance(block, Fuse):
             return add_fusion(model, block.names(), name=name)
         set_active(model, block)

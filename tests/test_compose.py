@@ -200,3 +200,8 @@ def test_mam_and_unipelt_train_and_report_what_cannot_merge(spec):
     assert all("/" in key for key in report.not_merged)
     torch.testing.assert_close(run("llama", model, ids), before, atol=1e-5, rtol=1e-5)
     surgery.unmerge(model)
+
+
+def test_compose_with_an_option_the_block_does_not_take_is_a_spec_error():
+    with pytest.raises(surgery.SpecError, match="split"):
+        surgery.apply(make_llama(), {"compose": {"split": ["default"], "weights": "x"}})

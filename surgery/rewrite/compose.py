@@ -82,8 +82,13 @@ def block_from(data) -> Child:
         raise ValueError(f"a composition names exactly one of {', '.join(BLOCKS)}; got {sorted(data)}")
     kind = kinds[0]
     options = {k: v for k, v in data.items() if k != kind}
+    if not isinstance(data[kind], list):
+        raise ValueError(f"{kind}: a list of adapter names or blocks, not {data[kind]!r}")
     children = [block_from(c) for c in data[kind]]
-    return BLOCKS[kind](*children, **options)
+    try:
+        return BLOCKS[kind](*children, **options)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{kind}: {exc}") from None
 
 
 def run(block: Child | None, by_name: dict[str, list], order: list[str], value: torch.Tensor, args,
