@@ -4,7 +4,6 @@ from __future__ import annotations
 import contextlib
 from collections import OrderedDict
 import re
-from pathlib import Path
 from typing import Any, Iterable
 
 import torch
@@ -16,7 +15,7 @@ from surgery.match import Match, match_spec
 from surgery.rewrite import Record, realize, store_of
 from surgery.rewrite.compose import Block, Fuse, Stack, block_from
 from surgery.rewrite.host import install_call_capture
-from surgery.spec import Spec, spec_from
+from surgery.spec import spec_from
 from surgery.trace import trace
 
 _ANALYSIS_CACHE_ATTR = "_surgery_analysis"

@@ -253,7 +253,6 @@ def analyze(traced: Traced) -> Analysis:
         info = _linear_info(node, traced)
         if info is not None:
             linears[node] = info
-    linear_by_value = {info.value: info for info in linears.values()}
 
     def is_linear(n):
         return n in linears

@@ -81,7 +81,7 @@ class PrefixTuning(nn.Module):
 
     @classmethod
     def build(cls, options: PrefixOptions, site: SiteContext, action: str) -> "PrefixTuning":
-        heads, head_dim, kv_heads = site.extra["heads"], site.extra["head_dim"], site.extra["kv_heads"]
+        head_dim, kv_heads = site.extra["head_dim"], site.extra["kv_heads"]
         mlp = None
         if not options.flat:
             act = {"tanh": nn.Tanh, "relu": nn.ReLU, "gelu": nn.GELU}[options.non_linearity]()

@@ -10,7 +10,6 @@ intercepted) by a function that routes by that mark, so torch.compile(fullgraph=
 """
 from __future__ import annotations
 
-import weakref
 import types
 import weakref
 from typing import Callable

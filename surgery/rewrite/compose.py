@@ -6,7 +6,7 @@ active adapters run one after another in the order they were applied (a Stack).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Union
 
 import torch
