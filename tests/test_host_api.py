@@ -409,3 +409,42 @@ def test_prefix_outputs_without_gradients_follow_every_parameter_change():
     assert (loaded - stepped).abs().max() > 1e-4
     mlp.control_trans[0].weight = torch.nn.Parameter(mlp.control_trans[0].weight.detach() * 2)
     assert (both() - loaded).abs().max() > 1e-4
+
+
+class _RenamedCache(torch.nn.Module):
+    """A host whose forward calls the KV cache something else (as transformers 5.24 renamed `past_key_values` to
+    `cache`): surgery must recognize the cache by what it is."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.config = inner.config
+        import inspect
+        params = inspect.signature(inner.forward).parameters
+        self.cache_name = "cache" if "cache" in params else "past_key_values"
+
+    def forward(self, input_ids=None, attention_mask=None, kv_state=None, use_cache=False):
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask, use_cache=use_cache,
+                          **{self.cache_name: kv_state})
+
+
+@pytest.mark.parametrize("spec_name", ["prompt", "loreft"])
+def test_decode_step_is_recognized_by_the_cache_value_not_its_argument_name(spec_name):
+    """A decode step (a non-empty cache passed under any name) is not a first call: prompts are not prepended again
+    and interventions at the last prompt token are not applied to the new token."""
+    model = _RenamedCache(make_llama(layers=2, hidden=64)).eval()
+    surgery.apply(model, SPECS / f"{spec_name}.yaml", example_inputs={"input_ids": token_ids(2, 6)})
+    perturb(model, scale=0.3)
+    ids = token_ids(1, 7, seed=3)
+
+    def step(disabled_step=False):
+        cache = model(input_ids=ids[:, :-1], use_cache=True).past_key_values
+        with surgery.disable(model) if disabled_step else contextlib.nullcontext():
+            return model(input_ids=ids[:, -1:], kv_state=cache, use_cache=True).logits[:, -1]
+    with torch.no_grad():
+        cached = step()
+        if spec_name == "prompt":
+            reference = model(input_ids=ids).logits[:, -1]        # the prompt is in front of the whole sequence
+        else:
+            reference = step(disabled_step=True)                  # ReFT acts on the prompt's positions only
+    torch.testing.assert_close(cached, reference, atol=1e-5, rtol=1e-4)

@@ -9,6 +9,7 @@ generate() and the KV cache; `torch.export` of the host gives the rewritten grap
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -391,23 +392,62 @@ def _remove_parametrizations(owner: nn.Module, names: list[str], site: WeightSit
             parametrize.register_parametrization(owner, name, p, unsafe=True)
 
 
+def cache_length(values) -> int:
+    """How many positions a KV cache among `values` already holds (0: no cache, or an empty one).
+
+    Recognized by what it is, whatever the argument is called (`past_key_values` through transformers 5.23,
+    `cache` from 5.24): an object with `get_seq_length()` (transformers' `Cache`, `EncoderDecoderCache`), or the
+    legacy tuple of per-layer (key, value) tensors [batch, heads, positions, head_dim]."""
+    for value in values:
+        length = getattr(value, "get_seq_length", None)
+        if callable(length) and not isinstance(value, torch.Tensor):
+            try:
+                return int(length())
+            except Exception:  # noqa: BLE001 - a cache that cannot say its length is treated as empty
+                return 0
+        if isinstance(value, (tuple, list)) and value and all(
+                isinstance(layer, (tuple, list)) and len(layer) >= 2
+                and all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in layer[:2]) for layer in value):
+            return int(value[0][0].shape[-2])
+    return 0
+
+
+def _bound_call(signature, args: tuple, kwargs: dict) -> dict:
+    """The root call's inputs by the forward's parameter names (positional ones included)."""
+    if signature is None:
+        return dict(kwargs)
+    try:
+        bound = signature.bind_partial(*args, **kwargs)
+    except TypeError:
+        return dict(kwargs)
+    named = {}
+    for name, value in bound.arguments.items():
+        if signature.parameters[name].kind is signature.parameters[name].VAR_KEYWORD:
+            named.update(value)
+        elif signature.parameters[name].kind is not signature.parameters[name].VAR_POSITIONAL:
+            named[name] = value
+    return named
+
+
 def install_call_capture(model: nn.Module, runtime: RuntimeState) -> Callable[[], None]:
     """Record the root call's inputs (attention mask, whether a KV cache already holds positions) for
     modules that depend on them (prompts, interventions at token positions)."""
+    try:
+        signature = inspect.signature(model.forward)
+    except (TypeError, ValueError):
+        signature = None
 
     def capture(mod, args, kwargs):
         if isinstance(runtime.composition, compose.Parallel) and not runtime.disabled:
             copies = len(runtime.composition.children)
             args = tuple(_replicate(a, copies) for a in args)
             kwargs = {k: _replicate(v, copies) for k, v in kwargs.items()}
-        call = {"attention_mask": kwargs.get("attention_mask")}
-        past = kwargs.get("past_key_values")
-        cached = False
-        if past is not None:
-            length = getattr(past, "get_seq_length", None)
-            cached = bool(length() > 0) if callable(length) else bool(len(past))
-        call["cached"] = cached
-        first = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+        named = _bound_call(signature, args, kwargs)
+        mask = named.get("attention_mask")
+        call = {"attention_mask": mask if isinstance(mask, torch.Tensor) else None}
+        call["cache_length"] = cache_length(named.values())
+        call["cached"] = call["cache_length"] > 0
+        first = args[0] if args else named.get("input_ids", named.get("inputs_embeds"))
         call["input"] = first if isinstance(first, torch.Tensor) else None
         runtime.call = call
         runtime.slots.clear()
