@@ -31,20 +31,33 @@ class Match:
         return {"rule": self.rule, "layer": self.layer, "role": self.role, "module": self.module, "node": self.node}
 
 
-def pattern_layers(pattern: Pattern, num_layers: int) -> set[int] | None:
-    """The layers a pattern allows: `layers` (None: any) minus `leave_out`."""
-    layers = resolve_layers(pattern.layers, num_layers)
+def stack_matches(stack: str | None, globs) -> bool:
+    """A stack path matches a glob on the whole path or a name equal to one of its dotted components."""
+    if stack is None:
+        return False
+    return any(fnmatchcase(stack, g) or g in stack.split(".") for g in _as_list(globs))
+
+
+def pattern_layers(pattern: Pattern, num_layers: int, stacks: list[str] | None = None) -> set[int] | None:
+    """The layers a pattern allows: `layers` (None: any) minus `leave_out`, counted within the stacks the pattern
+    names (all layers when it names none)."""
+    eligible = list(range(num_layers))
+    if getattr(pattern, "stack", None) is not None and stacks is not None:
+        eligible = [i for i in eligible if stack_matches(stacks[i], pattern.stack)]
+        if pattern.layers is None and not pattern.leave_out:
+            return set(eligible)
+    layers = resolve_layers(pattern.layers, len(eligible), eligible)
     if pattern.leave_out:
-        skip = resolve_layers(list(pattern.leave_out), num_layers)
-        layers = (set(range(num_layers)) if layers is None else layers) - skip
+        skip = resolve_layers(list(pattern.leave_out), len(eligible), eligible)
+        layers = (set(eligible) if layers is None else layers) - skip
     return layers
 
 
-def resolve_layers(spec, num_layers: int) -> set[int] | None:
-    """None means no layer constraint."""
+def resolve_layers(spec, num_layers: int, everything: list[int] | None = None) -> set[int] | None:
+    """None means no layer constraint. Indices count in `everything` (default: 0..num_layers-1)."""
     if spec is None:
         return None
-    everything = list(range(num_layers))
+    everything = list(range(num_layers)) if everything is None else everything
     if spec == "all":
         return set(everything)
     if isinstance(spec, int):
@@ -53,7 +66,7 @@ def resolve_layers(spec, num_layers: int) -> set[int] | None:
         return {everything[i] for i in spec if -num_layers <= i < num_layers}
     parts = [int(p) if p.strip() else None for p in spec.split(":")]
     if len(parts) == 1:
-        return resolve_layers(parts[0], num_layers)
+        return resolve_layers(parts[0], num_layers, everything)
     return set(everything[slice(*parts)])
 
 
@@ -76,6 +89,8 @@ def _node_ok(site: Site, pattern: Pattern, analysis: Analysis, layers: set[int] 
         return False
     if pattern.module is not None and not _module_matches(site.module, tuple(_as_list(pattern.module))):
         return False
+    if pattern.stack is not None and not stack_matches(site.stack, pattern.stack):
+        return False
     if pattern.bind:
         if pattern.bind in bindings and bindings[pattern.bind] is not site.node:
             return False
@@ -91,7 +106,7 @@ def _node_ok(site: Site, pattern: Pattern, analysis: Analysis, layers: set[int] 
 
 
 def _input_ok(node: fx.Node, pattern: Pattern, analysis: Analysis, bindings: dict) -> bool:
-    layers = pattern_layers(pattern, analysis.num_layers)
+    layers = pattern_layers(pattern, analysis.num_layers, analysis.stacks)
     chain = [node]
     if pattern.through:
         while op_name(chain[-1]) in VIEW_LIKE and chain[-1].all_input_nodes:
@@ -124,12 +139,12 @@ def _candidates(pattern: Pattern, analysis: Analysis) -> list[Site]:
 
 
 def find(pattern: Pattern, analysis: Analysis, *, restrict_layer: int | None = None) -> list[tuple[Site, dict]]:
-    layers = pattern_layers(pattern, analysis.num_layers)
+    layers = pattern_layers(pattern, analysis.num_layers, analysis.stacks)
     if restrict_layer is not None:
         layers = {restrict_layer} if layers is None or restrict_layer in layers else set()
     candidates = _candidates(pattern, analysis)
     if (layers is None and pattern.op is None and pattern.module is None and not pattern.bind
-            and not pattern.inputs):
+            and not pattern.inputs and pattern.stack is None):
         return [(site, {}) for site in candidates]     # a role pattern (candidates are its sites) or `{}`
     found = []
     for site in candidates:
@@ -210,14 +225,18 @@ def _check_expect(rule: Rule, name: str, matches: list[Match], analysis: Analysi
         raise MatchError(f"rule {name!r}{where} matched no site: pattern ({_describe(rule.match)}). "
                          f"Nearest: {_nearest(rule.match, analysis)}")
     if expect == "every_layer":
-        wanted = pattern_layers(rule.match, analysis.num_layers) or set(range(analysis.num_layers))
+        wanted = pattern_layers(rule.match, analysis.num_layers, analysis.stacks) or set(range(analysis.num_layers))
+        if rule.match.role is not None and analysis.stacks:
+            # a role only some stacks have (cross-attention: decoder layers) is expected in every layer of those
+            having = {s.stack for r in _as_list(rule.match.role) for s in analysis.by_role.get(r, [])}
+            wanted = {i for i in wanted if analysis.stacks[i] in having}
         missing = sorted(wanted - {m.layer for m in matches})
         if missing:
             raise MatchError(f"rule {name!r}{where} expects a site in every layer but matched none in layers "
                              f"{missing}: pattern ({_describe(rule.match)})")
     elif isinstance(expect, int) and len(matches) != expect:
         matched = sorted({m.layer for m in matches if m.layer is not None})
-        wanted = pattern_layers(rule.match, analysis.num_layers) or set(range(analysis.num_layers))
+        wanted = pattern_layers(rule.match, analysis.num_layers, analysis.stacks) or set(range(analysis.num_layers))
         missing = sorted(wanted - set(matched)) if matched and len(matches) < expect else []
         without = f"; no site in layers {missing}" if missing else ""
         raise MatchError(f"rule {name!r}{where} expects {expect} site(s) but matched {len(matches)}: "

@@ -13,7 +13,7 @@ import torch
 from torch import fx, nn
 from torch.nn.utils import parametrize
 
-from surgery.analyze.roles import Analysis, Site, op_name
+from surgery.analyze.roles import Analysis, Site, op_name, stack_entries
 from surgery.errors import RewriteError
 from surgery.match.pattern import Match
 from surgery.modules.base import SiteContext
@@ -27,10 +27,21 @@ from surgery.spec.models import Rule
 def site_key(match: Match) -> str:
     """A stable, readable key for a site: the module path of a weight-bearing op, else module path and role."""
     key = re.sub(r"[^0-9A-Za-z_]", "_", match.module or "root")
+    call = _call_of(match)
+    if call:
+        key += f"__call{call}"      # a module called several times (a shared layer) has one site per call
     info = match.site.linear
     if info is not None and info.rows is None and match.site.extra.get("packed") is None:
         return key
     return key + "__" + (match.role.replace(".", "_") if match.role else match.node)
+
+
+def _call_of(match: Match) -> int:
+    """Which call of the site's module the matched node belongs to (0 unless the module is called repeatedly)."""
+    for path, call in reversed(stack_entries(match.site.node)):
+        if path == match.module:
+            return call
+    return 0
 
 
 def _dim(node) -> int | None:
@@ -184,6 +195,9 @@ def _params_of(model: nn.Module, site: Site, analysis: Analysis) -> dict[str, nn
     if site.role == "norm" and site.module:
         module = model.get_submodule(site.module)
         names.update(f"{site.module}.{n}" for n, _ in module.named_parameters(recurse=False))
+    if site.role in ("block.input", "block.output") and site.module:
+        # selecting a layer selects the whole block module
+        names = {f"{site.module}.{n}" for n, _ in model.get_submodule(site.module).named_parameters()}
     out = {}
     for name in names:
         try:
@@ -225,6 +239,10 @@ def realize(model: nn.Module, analysis: Analysis, store: AdapterStore, record: R
         if rule.action == "insert_before":   # the module sees the op's input, so it is sized by it
             inputs = match.site.node.all_input_nodes
             value = match.site.linear.x if match.site.linear is not None else (inputs[0] if inputs else value)
+        if rule.action == "prepend" and "inputs_embeds" in inspect.signature(model.forward).parameters:
+            table = _token_embedding_site(analysis)
+            if table is not None:      # prompts go into inputs_embeds: the token embedding's width (ALBERT: 128)
+                value = table.node
         if rule.action == "wrap" and match.site.linear is None:
             raise RewriteError(f"rule {match.rule!r}: wrap needs a weight-bearing op, but {match.node} "
                                f"({match.role or match.site.op}) reads no weight")
@@ -383,7 +401,12 @@ def _realize_prepend(model, analysis, store, record, match, value, module, gate)
     runtime = store.runtime
     length = module.length
     heads = analysis.by_role.get("lm_head", [])
-    if heads:
+    # the prompt goes in front of the model's input sequence; in an encoder-decoder that is the encoder's, whose
+    # positions never reach the LM head (the decoder reads them through cross-attention): nothing is dropped
+    other_stacks = len(set(analysis.stacks)) > 1
+    if other_stacks:
+        strip_anchor = None
+    elif heads:
         # drop them where the value reaching the LM head leaves its module (before generate()'s logits_to_keep
         # slice, after any reshape by the input length), else at the head's input
         node, strip_anchor = heads[0].linear.x, None
@@ -398,7 +421,7 @@ def _realize_prepend(model, analysis, store, record, match, value, module, gate)
     else:
         last = [s for s in analysis.by_role.get("block.output", []) if s.layer == analysis.num_layers - 1]
         strip_anchor = value_anchor(analysis, _site_value(last[0])) if last else None
-    if strip_anchor is None:
+    if strip_anchor is None and not other_stacks:
         raise RewriteError("prepend needs the LM head's input or the last block's output to drop the added positions")
     flag = f"{record.name}/{match.rule}/prepended"
     takes_embeds = "inputs_embeds" in inspect.signature(model.forward).parameters
@@ -445,17 +468,23 @@ def _realize_prepend(model, analysis, store, record, match, value, module, gate)
 
     if table is None:
         record.undo.append(hook_value(model, value_anchor(analysis, value), prepend, gate))
-    record.undo.append(hook_value(model, strip_anchor, strip, gate))
+    if strip_anchor is not None:
+        record.undo.append(hook_value(model, strip_anchor, strip, gate))
     record.undo.append(model.register_forward_pre_hook(root, with_kwargs=True).remove)
 
 
 def _token_embedding(model, analysis: Analysis) -> nn.Module | None:
     """The embedding module that looks up the model's first input (the token ids)."""
+    site = _token_embedding_site(analysis)
+    return model.get_submodule(site.module) if site is not None else None
+
+
+def _token_embedding_site(analysis: Analysis) -> Site | None:
     for site in analysis.by_role.get("embedding", []):
         ids = site.node.args[1] if len(site.node.args) > 1 else None
         while isinstance(ids, fx.Node) and ids.op == "call_function" and op_name(ids) in ("view", "reshape", "_unsafe_view"):
             ids = ids.args[0]
         if isinstance(ids, fx.Node) and ids.op == "placeholder" and ids.name not in analysis.traced.params \
                 and ids.name not in analysis.traced.buffers and site.module:
-            return model.get_submodule(site.module)
+            return site
     return None

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.utils import parametrize
 
-from surgery.analyze.roles import Analysis, LinearInfo, op_name, stack_paths
+from surgery.analyze.roles import Analysis, LinearInfo, stack_entries, op_name, stack_paths
 from surgery.rewrite import compose
 from surgery.errors import RewriteError
 from surgery.trace.export import Boundary
@@ -36,6 +36,7 @@ class RuntimeState:
         self.disabled = False
         self.slots: dict[str, torch.Tensor] = {}
         self.call: dict = {}                    # the root call's keyword inputs (attention_mask, ...)
+        self.calls: dict[int, int] = {}         # id(module) -> its calls so far in this root call (repeated modules)
 
     def on(self, name: str) -> bool:
         return not self.disabled and (self.active is None or name in self.active)
@@ -55,10 +56,12 @@ class Dispatcher:
     """The one hook at a module boundary (a side and a location): runs the active adapters' functions there,
     combined as the runtime's composition says."""
 
-    def __init__(self, module: nn.Module, side: str, loc: tuple):
+    def __init__(self, module: nn.Module, side: str, loc: tuple, call: int | None = None,
+                 runtime: "RuntimeState | None" = None):
         self.entries: list[tuple[Gate, Callable]] = []
         self.fusions: list[tuple[Gate, Callable]] = []
         self.side, self.loc = side, loc
+        self.call, self.runtime, self.key = call, runtime, id(module)
         if side == "out":
             self.handle = module.register_forward_hook(self._post)
         elif side == "in":
@@ -66,7 +69,13 @@ class Dispatcher:
         else:   # "call": a weight-bearing module's output given its input
             self.handle = module.register_forward_hook(self._post)
 
+    def _this_call(self) -> bool:
+        """For a module called several times in one forward: whether the running call is this site's."""
+        return self.call is None or self.runtime.calls.get(self.key, 0) - 1 == self.call
+
     def run(self, value, args):
+        if not self._this_call():
+            return value
         live = [(g, fn) for g, fn in self.entries if g()]
         if not live:
             return value
@@ -91,18 +100,47 @@ class Dispatcher:
         return args, {**kwargs, key: self.run(kwargs[key], None)}
 
 
-def dispatch(module: nn.Module, side: str, loc: tuple, gate: Gate, fn: Callable, *, fusion: bool = False
-             ) -> Callable[[], None]:
-    """Add fn(value, args) at a module boundary; return the undo."""
+class _CallCounter:
+    """Counts a repeated module's calls within one root forward (the root hook resets the counts)."""
+
+    def __init__(self, runtime: RuntimeState):
+        self.runtime = runtime
+
+    def __call__(self, module, args, kwargs):
+        self.runtime.calls[id(module)] = self.runtime.calls.get(id(module), 0) + 1
+
+
+def count_calls(module: nn.Module, runtime: RuntimeState) -> Callable[[], None]:
+    """Install (once, reference-counted) the call counter of a repeated module; return the undo."""
+    entry = module.__dict__.get("_surgery_counter")
+    if entry is None:
+        handle = module.register_forward_pre_hook(_CallCounter(runtime), with_kwargs=True, prepend=True)
+        entry = module.__dict__["_surgery_counter"] = [handle, 0]
+    entry[1] += 1
+
+    def undo():
+        entry[1] -= 1
+        if entry[1] == 0 and module.__dict__.get("_surgery_counter") is entry:
+            entry[0].remove()
+            del module.__dict__["_surgery_counter"]
+    return undo
+
+
+def dispatch(module: nn.Module, side: str, loc: tuple, gate: Gate, fn: Callable, *, fusion: bool = False,
+             call: int | None = None) -> Callable[[], None]:
+    """Add fn(value, args) at a module boundary (of one call of a repeated module when `call` is given);
+    return the undo."""
     table = module.__dict__.setdefault("_surgery_dispatch", {})
-    key = (side, loc)
+    key = (side, loc) if call is None else (side, loc, call)
     if key not in table:
-        table[key] = Dispatcher(module, side, loc)
+        table[key] = Dispatcher(module, side, loc, call, gate.runtime)
     dispatcher = table[key]
+    uncount = count_calls(module, gate.runtime) if call is not None else (lambda: None)
     entry = (gate, fn)
     (dispatcher.fusions if fusion else dispatcher.entries).append(entry)
 
     def undo():
+        uncount()
         for entries in (dispatcher.entries, dispatcher.fusions):
             if entry in entries:
                 entries.remove(entry)
@@ -157,6 +195,7 @@ class WeightSite:
     realized: str      # "activation" or "weight"
     packed: tuple[int, int] | None = None
     gate: Callable[[], bool] = lambda: True
+    call: int | None = None     # one call of a module called several times per forward
     undo: list = field(default_factory=list)
     attached: bool = True
 
@@ -176,13 +215,14 @@ def store_of(model: nn.Module, create: bool = False) -> AdapterStore | None:
 
 # ---------------------------------------------------------------- locating values on module boundaries
 
-def _inside(node: fx.Node, module: str) -> bool:
-    return module in stack_paths(node)
+def _inside(node: fx.Node, module: str, call: int = 0) -> bool:
+    """Whether the node runs inside that call of the module."""
+    return (module, call) in stack_entries(node)
 
 
 def output_anchor(analysis: Analysis, value: fx.Node) -> Boundary | None:
     for b in analysis.boundaries(value):
-        if b.side == "out" and analysis.calls(b.module) == 1:
+        if b.side == "out":
             return b
     return None
 
@@ -191,8 +231,8 @@ def input_anchor(analysis: Analysis, value: fx.Node, users: list[fx.Node] | None
     """A module input carrying `value` such that every user (default: all users) lies inside that module."""
     users = list(value.users) if users is None else users
     for b in analysis.boundaries(value):
-        if b.side == "in" and analysis.calls(b.module) == 1 and all(_inside(u, b.module) for u in users):
-            others = [u for u in value.users if u not in users and _inside(u, b.module)]
+        if b.side == "in" and all(_inside(u, b.module, b.call) for u in users):
+            others = [u for u in value.users if u not in users and _inside(u, b.module, b.call)]
             if not others:
                 return b
     return None
@@ -233,20 +273,24 @@ def value_anchor(analysis: Analysis, value: fx.Node) -> Boundary:
         if anchor is not None:
             break
     if anchor is None:
+        anchor = functional_anchor(value)
+    if anchor is None:
         raise RewriteError(
             f"the value of node {value.name} ({op_name(value)} in {stack_paths(value)[-1:] or ['<root>']}) is not "
-            f"the input or output of any module, so it cannot be changed on the host model; match a nearby "
-            f"module boundary instead (e.g. add `through: [dropout]` or choose the projection's output)")
+            f"the input or output of any module, nor the result of a functional call surgery can intercept "
+            f"({', '.join(sorted(INTERCEPTABLE))}), so it cannot be changed on the host model")
     return anchor
 
 
-def capture_anchor(analysis: Analysis, value: fx.Node) -> Boundary:
-    """Any boundary that sees the value (read-only)."""
+def capture_anchor(analysis: Analysis, value: fx.Node):
+    """Any boundary that sees the value (read-only), else the functional call producing it."""
     for candidate in tokenwise_chain(value):
         for b in analysis.boundaries(candidate):
-            if analysis.calls(b.module) == 1:
-                return b
-    raise RewriteError(f"the value of node {value.name} is not at any module boundary, so it cannot be read")
+            return b
+    anchor = functional_anchor(value)
+    if anchor is None:
+        raise RewriteError(f"the value of node {value.name} is not at any module boundary, so it cannot be read")
+    return anchor
 
 
 # ---------------------------------------------------------------- hooks
@@ -276,14 +320,28 @@ def _set(container, loc, value):
     raise KeyError(loc)
 
 
-def hook_value(model: nn.Module, anchor: Boundary, fn: Callable[[torch.Tensor], torch.Tensor],
+def hook_value(model: nn.Module, anchor, fn: Callable[[torch.Tensor], torch.Tensor],
                gate: Gate) -> Callable[[], None]:
-    """Replace the value at `anchor` by fn(value) while the adapter is active; return the undo."""
-    return dispatch(model.get_submodule(anchor.module), anchor.side, anchor.loc, gate, lambda v, args: fn(v))
+    """Replace the value at `anchor` (a module boundary or a functional call) by fn(value) while the adapter is
+    active; return the undo."""
+    if isinstance(anchor, FunctionalAnchor):
+        return intercept_call(model, anchor, gate, fn)
+    call = anchor.call if anchor.calls > 1 else None
+    return dispatch(model.get_submodule(anchor.module), anchor.side, anchor.loc, gate, lambda v, args: fn(v),
+                    call=call)
 
 
-def hook_capture(model: nn.Module, anchor: Boundary, slots: dict, key: str) -> Callable[[], None]:
+def hook_capture(model: nn.Module, anchor, slots: dict, key: str) -> Callable[[], None]:
+    if isinstance(anchor, FunctionalAnchor):
+        return intercept_call(model, anchor, None, _Capture(slots, key))
     module = model.get_submodule(anchor.module)
+    if anchor.calls > 1:
+        runtime = _runtime_of(model)
+
+        def capture(value, args):
+            slots[key] = value
+            return value
+        return dispatch(module, anchor.side, anchor.loc, _Always(runtime), capture, call=anchor.call)
     if anchor.side == "out":
         def post(mod, args, out):
             slots[key] = _get(out, anchor.loc)
@@ -298,6 +356,131 @@ def hook_capture(model: nn.Module, anchor: Boundary, slots: dict, key: str) -> C
                 slots[key] = kwargs[k]
         handle = module.register_forward_pre_hook(pre, with_kwargs=True)
     return handle.remove
+
+
+class _Always:
+    """A gate that is always on (captures read values whatever is active)."""
+
+    def __init__(self, runtime: RuntimeState):
+        self.runtime, self.name = runtime, "__capture__"
+
+    def __call__(self) -> bool:
+        return True
+
+
+class _Capture:
+    def __init__(self, slots: dict, key: str):
+        self.slots, self.key = slots, key
+
+    def __call__(self, value):
+        self.slots[self.key] = value
+        return value
+
+
+def _runtime_of(model: nn.Module) -> RuntimeState:
+    store = store_of(model, create=True)
+    return store.runtime
+
+
+# ---------------------------------------------------------------- values made by functional calls
+
+INTERCEPTABLE = {"dropout"}      # aten op name -> the torch functions that produce it (_FUNCTIONS)
+_FUNCTIONS = {"dropout": (F.dropout, torch.dropout)}
+
+
+@dataclass(frozen=True)
+class FunctionalAnchor:
+    """The `index`-th call (0-based, in call order) of an interceptable function during one call of `module`:
+    a value no module boundary carries (OPT's and BART's `F.dropout` on the residual branch)."""
+
+    module: str
+    call: int
+    calls: int
+    op: str
+    index: int
+
+
+def functional_anchor(value: fx.Node) -> FunctionalAnchor | None:
+    op = op_name(value)
+    if op not in INTERCEPTABLE:
+        return None
+    entries = stack_entries(value)
+    if not entries:
+        return None
+    module, call = entries[-1]
+    graph_order = [n for n in value.graph.nodes if n.op == "call_function" and op_name(n) == op
+                   and (module, call) in stack_entries(n)]
+    calls = 1 + max((c for n in value.graph.nodes for m, c in stack_entries(n) if m == module), default=0)
+    return FunctionalAnchor(module, call, calls, op, graph_order.index(value))
+
+
+class _CallMode(torch.overrides.TorchFunctionMode):
+    """While one call of a module runs: the n-th call of an intercepted function has its result replaced."""
+
+    def __init__(self, site: "_InterceptSite"):
+        super().__init__()
+        self.site, self.count = site, 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in self.site.functions:
+            index, self.count = self.count, self.count + 1
+            for gate, fn in list(self.site.entries.get(index, ())):
+                if gate is None or gate():
+                    out = fn(out)
+        return out
+
+
+class _InterceptSite:
+    """The intercepts of one (module, call): a mode entered by a pre-hook and left by an always-called hook."""
+
+    def __init__(self, module: nn.Module, anchor: FunctionalAnchor, runtime: RuntimeState):
+        self.functions = _FUNCTIONS[anchor.op]
+        self.entries: dict[int, list] = {}
+        self.call = anchor.call if anchor.calls > 1 else None
+        self.runtime, self.key, self.modes = runtime, id(module), []
+        self.handles = [module.register_forward_pre_hook(self._enter),
+                        module.register_forward_hook(self._exit, always_call=True)]
+
+    def _enter(self, module, args):
+        if self.call is not None and self.runtime.calls.get(self.key, 0) - 1 != self.call:
+            self.modes.append(None)
+            return
+        mode = _CallMode(self)
+        mode.__enter__()
+        self.modes.append(mode)
+
+    def _exit(self, module, args, out):
+        mode = self.modes.pop() if self.modes else None
+        if mode is not None:
+            mode.__exit__(None, None, None)
+
+
+def intercept_call(model: nn.Module, anchor: FunctionalAnchor, gate, fn) -> Callable[[], None]:
+    """Replace the result of the anchor's functional call by fn(result) (when `gate` is on); return the undo."""
+    module = model.get_submodule(anchor.module)
+    runtime = _runtime_of(model)
+    table = module.__dict__.setdefault("_surgery_intercepts", {})
+    key = (anchor.op, anchor.call)
+    uncount = count_calls(module, runtime) if anchor.calls > 1 else (lambda: None)
+    if key not in table:
+        table[key] = _InterceptSite(module, anchor, runtime)
+    site = table[key]
+    entry = (gate, fn)
+    site.entries.setdefault(anchor.index, []).append(entry)
+
+    def undo():
+        uncount()
+        entries = site.entries.get(anchor.index, [])
+        if entry in entries:
+            entries.remove(entry)
+        if not any(site.entries.values()) and table.get(key) is site:
+            for handle in site.handles:
+                handle.remove()
+            del table[key]
+            if not table:
+                module.__dict__.pop("_surgery_intercepts", None)
+    return undo
 
 
 # ---------------------------------------------------------------- weights
@@ -344,8 +527,17 @@ def wrap_weight(model: nn.Module, analysis: Analysis, info: LinearInfo, packed: 
     bias_name = info.bias.rpartition(".")[2] if info.bias and info.bias.rpartition(".")[0] == owner_path else None
     rows = info.rows or packed
     bias_rows = info.bias_rows or packed
-    whole_module = (info.rows is None and analysis.calls(owner_path) == 1 and any(
-        b.module == owner_path and b.side == "out" and b.loc == () for b in analysis.boundaries(info.value)))
+    out_bounds = [b for b in analysis.boundaries(info.value) if b.module == owner_path and b.side == "out"
+                  and b.loc == ()]
+    whole_module = info.rows is None and bool(out_bounds)
+    # a module called several times (ALBERT's shared layer) is one site per call: hooks of that call only
+    call = out_bounds[0].call if out_bounds and out_bounds[0].calls > 1 else None
+    if call is None and analysis.calls(owner_path) > 1:
+        whole_module = False
+    if info.experts:
+        raise RewriteError(f"{owner_path}: its {info.experts} experts are one 3-D parameter ({info.weight}) read by "
+                           f"a grouped matmul; wrapping per-expert weights is not supported yet (adapt the attention, "
+                           f"a shared expert, or insert after the MoE block instead)")
     mode = realize if realize != "auto" else ("activation" if whole_module else "weight")
     if mode == "activation" and not whole_module:
         raise RewriteError(f"{owner_path}: the op reads its weight without calling the module, so it can only be "
@@ -353,8 +545,11 @@ def wrap_weight(model: nn.Module, analysis: Analysis, info: LinearInfo, packed: 
     if mode == "weight" and isinstance(getattr(adapter, "dropout", None), nn.Dropout) and adapter.dropout.p > 0:
         raise RewriteError(f"{owner_path}: dropout on the adapter's input needs the activation path, "
                            f"which this op does not allow; set dropout: 0")
+    if mode == "weight" and analysis.calls(owner_path) > 1:
+        raise RewriteError(f"{owner_path} is called {analysis.calls(owner_path)} times per forward (a shared layer); "
+                           f"a per-call adapter needs the activation path, which this op does not allow")
     site = WeightSite(rule, key, owner, owner_path, weight_name, bias_name, info.layout, rows, bias_rows, adapter,
-                      mode, packed=packed, gate=gate)
+                      mode, packed=packed, gate=gate, call=call)
     attach_weight_site(site)
     return site
 
@@ -365,7 +560,8 @@ def attach_weight_site(site: WeightSite) -> None:
     undo = []
     if site.realized == "activation":
         if adapter.adapts_input:
-            undo.append(dispatch(owner, "in", ("arg", 0), gate, lambda x, args: adapter.adapt_input(x)))
+            undo.append(dispatch(owner, "in", ("arg", 0), gate, lambda x, args: adapter.adapt_input(x),
+                                 call=site.call))
 
         def post(out, args):
             if packed is None:
@@ -373,7 +569,7 @@ def attach_weight_site(site: WeightSite) -> None:
             a, b = packed
             part = adapter(args[0], out[..., a:b])
             return out + F.pad(part - out[..., a:b], (a, out.shape[-1] - b))
-        undo.append(dispatch(owner, "out", (), gate, post))
+        undo.append(dispatch(owner, "out", (), gate, post, call=site.call))
     else:
         names = [(site.weight_name, False)] + ([(site.bias_name, True)] if site.bias_name else [])
         for name, is_bias in names:
@@ -451,6 +647,7 @@ def install_call_capture(model: nn.Module, runtime: RuntimeState) -> Callable[[]
         call["input"] = first if isinstance(first, torch.Tensor) else None
         runtime.call = call
         runtime.slots.clear()
+        runtime.calls.clear()
         return args, kwargs
 
     handle = model.register_forward_pre_hook(capture, with_kwargs=True, prepend=True)

@@ -24,13 +24,18 @@ ROLES = (
     "attention.output",     # the projection after the attention op
     "attention.residual",   # the residual value added to the attention branch
     "attention.residual_add",  # the add closing the attention sub-layer
+    "cross_attention.q", "cross_attention.k", "cross_attention.v",   # cross-attention (keys/values from the encoder)
+    "cross_attention.qkv", "cross_attention.op", "cross_attention.output",
+    "cross_attention.residual", "cross_attention.residual_add",
     "ffn.in", "ffn.gate",   # FFN input projections (gate only in gated FFNs)
     "ffn.act",              # the FFN activation
-    "ffn.out",              # the FFN output projection
+    "ffn.out",              # the FFN output projection (MoE: the experts' output projection)
+    "ffn.router",           # a MoE router (selects experts) or a branch's sigmoid gate; not an FFN projection
     "ffn.residual",         # the residual value added to the FFN branch
     "ffn.residual_add",     # the add closing the FFN sub-layer
     "norm",                 # a normalization (LayerNorm, RMSNorm)
-    "lm_head",              # the output projection to the vocabulary
+    "lm_head",              # the output projection to the vocabulary (keeps the sequence axis)
+    "head",                 # a head on a pooled value (sequence classification, image classification)
 )
 
 BLOCKS = ("stack", "average", "batch_split", "split", "parallel", "fuse")   # composition blocks (rewrite/compose.py)
@@ -101,6 +106,9 @@ class Match(BaseModel):
     leave_out: list[int] | None = Field(
         None, description="Layers to skip (AdapterHub's leave_out); negative indices count from the last layer.")
     module: Names | None = Field(None, description="Glob(s) on the qualified module path the node comes from.")
+    stack: Names | None = Field(
+        None, description='The stack of layers a site is in: a glob on its container\'s path ("decoder.block") or one '
+                          'component of it ("encoder", "decoder"). `layers` then counts within the chosen stacks.')
     op: Names | None = Field(None, description="Op name(s): linear, addmm, add, layer_norm, scaled_dot_product_attention, ...")
     inputs: list[Match] | None = Field(None, description="Patterns for the node's tensor arguments, by position.")
     through: bool = Field(False, description="As an input pattern: walk back through view-like ops to find the node.")

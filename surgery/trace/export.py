@@ -7,6 +7,7 @@ output. That is what lets a rewrite found on the graph be realized on the host m
 """
 from __future__ import annotations
 
+import inspect
 import json
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -32,12 +33,15 @@ class Boundary:
     """A value's place at a module boundary: `side` is "in" or "out"; `loc` says where in the call.
 
     loc: ("arg", i) or ("kwarg", name) for inputs; () for a tensor output, ("item", i) for a tuple element,
-    ("key", name) for a dict/ModelOutput field.
+    ("key", name) for a dict/ModelOutput field. `call`: which call of the module in one forward (0 for the first;
+    a module called N times, such as ALBERT's shared layer, has N boundaries on each side).
     """
 
     module: str
     side: str
     loc: tuple
+    call: int = 0
+    calls: int = 1      # how many times the module is called in one forward
 
 
 @dataclass
@@ -49,6 +53,7 @@ class Traced:
     calls: dict[str, int]                           # module path -> how many times it was called
     module_types: dict[str, type]
     users: dict[fx.Node, list[fx.Node]] = field(default_factory=dict)
+    constants: dict[str, torch.Tensor] = field(default_factory=dict)   # placeholder name -> lifted constant
 
 
 def _is_marked(t) -> bool:
@@ -57,28 +62,32 @@ def _is_marked(t) -> bool:
 
 def _install_marks(model: nn.Module, calls: dict):
     handles = []
+    running: dict[str, list[int]] = defaultdict(list)    # module -> call indices of its forwards now running
     for name, module in model.named_modules():
         if not name:
             continue
 
         def pre(mod, args, kwargs, name=name):
+            call = calls[name]
             calls[name] += 1
-            args = tuple(_mark(a, json.dumps([name, "in", ["arg", i]])) if _is_marked(a) else a
+            running[name].append(call)
+            args = tuple(_mark(a, json.dumps([name, "in", ["arg", i], call])) if _is_marked(a) else a
                          for i, a in enumerate(args))
-            kwargs = {k: _mark(v, json.dumps([name, "in", ["kwarg", k]])) if _is_marked(v) else v
+            kwargs = {k: _mark(v, json.dumps([name, "in", ["kwarg", k], call])) if _is_marked(v) else v
                       for k, v in kwargs.items()}
             return args, kwargs
 
         def post(mod, args, out, name=name):
+            call = running[name].pop() if running[name] else 0
             if _is_marked(out):
-                return _mark(out, json.dumps([name, "out", []]))
+                return _mark(out, json.dumps([name, "out", [], call]))
             if isinstance(out, tuple) and not hasattr(out, "_fields"):
-                return tuple(_mark(o, json.dumps([name, "out", ["item", i]])) if _is_marked(o) else o
+                return tuple(_mark(o, json.dumps([name, "out", ["item", i], call])) if _is_marked(o) else o
                              for i, o in enumerate(out))
             if isinstance(out, dict):
                 for k in list(out.keys()):
                     if _is_marked(out[k]):
-                        out[k] = _mark(out[k], json.dumps([name, "out", ["key", k]]))
+                        out[k] = _mark(out[k], json.dumps([name, "out", ["key", k], call]))
             return out
 
         handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
@@ -87,20 +96,58 @@ def _install_marks(model: nn.Module, calls: dict):
 
 
 def default_example_inputs(model: nn.Module, batch: int = 2, seq: int = 8):
-    """Inputs for models that carry a transformers-style config; None when we cannot tell."""
+    """Inputs for models that carry a transformers-style config (token ids, pixels or audio features, by what the
+    forward takes and the config says); None when we cannot tell. Drawn from a private generator: the user's RNG
+    is not touched."""
     config = getattr(model, "config", None)
-    vocab = getattr(config, "vocab_size", None)
-    if not vocab:
+    if config is None:
         return None
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        params = {}
     try:
         device = next(model.parameters()).device
     except StopIteration:
         device = torch.device("cpu")
-    ids = torch.randint(0, vocab, (batch, seq), device=device) if device.type != "meta" else \
-        torch.zeros(batch, seq, dtype=torch.long, device=device)
-    kwargs = {"input_ids": ids}
-    if getattr(config, "use_cache", None) is not None:
+    generator = torch.Generator().manual_seed(0)
+
+    def floats(*shape):
+        return torch.randn(*shape, generator=generator).to(device) if device.type != "meta" else \
+            torch.zeros(*shape, device=device)
+    vocab = getattr(config, "vocab_size", None)
+    kwargs = {}
+    if "pixel_values" in params and getattr(config, "image_size", None):
+        size = config.image_size if isinstance(config.image_size, int) else config.image_size[0]
+        kwargs["pixel_values"] = floats(batch, getattr(config, "num_channels", 3), size, size)
+    elif "input_features" in params and getattr(config, "num_mel_bins", None):
+        frames = 2 * getattr(config, "max_source_positions", seq)
+        kwargs["input_features"] = floats(batch, config.num_mel_bins, frames)
+    elif "input_values" in params and "input_ids" not in params:
+        kwargs["input_values"] = floats(batch, 1024)
+    elif vocab:
+        kwargs["input_ids"] = (torch.randint(0, vocab, (batch, seq), generator=generator).to(device)
+                               if device.type != "meta" else torch.zeros(batch, seq, dtype=torch.long, device=device))
+    else:
+        return None
+    if getattr(config, "is_encoder_decoder", False) and vocab:
+        kwargs["decoder_input_ids"] = torch.zeros(batch, max(2, seq // 2), dtype=torch.long, device=device) + 1
+    if getattr(config, "use_cache", None) is not None and "use_cache" in params:
         kwargs["use_cache"] = False
+    return kwargs
+
+
+def _without_cache(model: nn.Module, kwargs: dict) -> dict:
+    """Tracing never builds a KV cache (torch.export cannot return one): `use_cache=False` where the forward
+    takes it and the caller did not say."""
+    if "use_cache" in kwargs:
+        return kwargs
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return kwargs
+    if "use_cache" in params:
+        return {**kwargs, "use_cache": False}
     return kwargs
 
 
@@ -124,6 +171,7 @@ def trace(model: nn.Module, example_inputs=None) -> Traced:
             raise SurgeryError("example_inputs are required for a model without a transformers config: "
                                "pass a tensor, a tuple of args or a dict of kwargs that the model's forward takes")
     args, kwargs = _split_inputs(example_inputs)
+    kwargs = _without_cache(model, kwargs)
     calls: dict[str, int] = defaultdict(int)
     was_training = model.training
     handles = _install_marks(model, calls)
@@ -143,17 +191,21 @@ def trace(model: nn.Module, example_inputs=None) -> Traced:
     for node in list(graph.nodes):
         if node.op == "call_function" and node.target is torch.ops.surgery.mark.default:
             value = node.args[0]
-            module, side, loc = json.loads(node.args[1])
-            boundaries[value].append(Boundary(module, side, tuple(loc)))
+            module, side, loc, call = json.loads(node.args[1])
+            boundaries[value].append(Boundary(module, side, tuple(loc), call))
             if node in boundaries:  # a mark of a mark: the same value
                 boundaries[value].extend(boundaries.pop(node))
             node.replace_all_uses_with(value)
             graph.erase_node(node)
     for value, bs in boundaries.items():
         # innermost first: a module nested in another has the longer path
+        bs[:] = [Boundary(b.module, b.side, b.loc, b.call, calls.get(b.module, 1)) for b in bs]
         bs.sort(key=lambda b: -len(b.module))
     module_types = {name: type(m) for name, m in model.named_modules()}
     traced = Traced(graph=graph, boundaries=dict(boundaries), params=dict(signature.inputs_to_parameters),
                     buffers=dict(signature.inputs_to_buffers), calls=dict(calls), module_types=module_types)
     traced.users = {n: list(n.users) for n in graph.nodes}
+    lifted = getattr(signature, "inputs_to_lifted_tensor_constants", {}) or {}
+    traced.constants = {ph: program.constants[name].detach().clone() for ph, name in lifted.items()
+                        if isinstance(program.constants.get(name), torch.Tensor) and program.constants[name].numel() <= 4096}
     return traced
