@@ -243,6 +243,11 @@ def realize(model: nn.Module, analysis: Analysis, store: AdapterStore, record: R
             table = _token_embedding_site(analysis)
             if table is not None:      # prompts go into inputs_embeds: the token embedding's width (ALBERT: 128)
                 value = table.node
+        if match.site.extra.get("interleaved") and rule.action in ("wrap", "insert_after", "insert_before"):
+            raise RewriteError(f"rule {match.rule!r}: {match.role} of {match.module} is interleaved with the other "
+                               f"projections head by head in one packed output (BLOOM's query_key_value); adapting "
+                               f"q, k or v alone is not supported there: match role attention.qkv (the whole packed "
+                               f"projection) instead")
         if rule.action == "wrap" and match.site.linear is None:
             raise RewriteError(f"rule {match.rule!r}: wrap needs a weight-bearing op, but {match.node} "
                                f"({match.role or match.site.op}) reads no weight")
