@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections import OrderedDict
 import re
 from typing import Any, Iterable
@@ -18,7 +19,7 @@ from surgery.rewrite.host import install_call_capture
 from surgery.spec import spec_from
 from surgery.trace import trace
 
-_ANALYSIS_CACHE_ATTR = "_surgery_analysis"
+_ANALYSIS_CACHE_ATTR = "analysis"   # on the model's AdapterStore: never on the user's model (it holds FakeTensors)
 
 
 _STRUCTURE_CACHE: "OrderedDict[tuple, Analysis]" = OrderedDict()
@@ -49,12 +50,13 @@ def _fingerprint(model: nn.Module, example_inputs) -> tuple | None:
 
 
 def _analysis(model: nn.Module, example_inputs) -> Analysis:
-    """Trace and analyze once per model (and per example inputs given). Cached on the model, and per
-    structure for the process, so a second instance of one architecture is not traced again."""
-    cached = model.__dict__.get(_ANALYSIS_CACHE_ATTR)
+    """Trace and analyze once per model (and per example inputs given). Cached on the model's adapter store
+    (dropped from copies), and per structure for the process, so a second instance of one architecture is not
+    traced again. Nothing is left on a model without adapters."""
+    store = store_of(model)
+    cached = store.__dict__.get(_ANALYSIS_CACHE_ATTR) if store is not None else None
     if cached is not None and example_inputs is None:
         return cached
-    store = store_of(model)
     key = _fingerprint(model, example_inputs) if store is None else None
     if key is not None and key in _STRUCTURE_CACHE:
         _STRUCTURE_CACHE.move_to_end(key)
@@ -69,7 +71,8 @@ def _analysis(model: nn.Module, example_inputs) -> Analysis:
             _STRUCTURE_CACHE[key] = result
             while len(_STRUCTURE_CACHE) > 8:
                 _STRUCTURE_CACHE.popitem(last=False)
-    model.__dict__[_ANALYSIS_CACHE_ATTR] = result
+    if store is not None:
+        store.__dict__[_ANALYSIS_CACHE_ATTR] = result
     return result
 
 
@@ -113,25 +116,27 @@ def apply(model: nn.Module, spec: Any, *, example_inputs=None, name: str | None 
         store.uninstall = install_call_capture(model, store.runtime)
         # the user's own requires_grad flags, given back when the last adapter set is removed
         store.base_flags = [(p, p.requires_grad) for p in model.parameters()]
+        store.__dict__[_ANALYSIS_CACHE_ATTR] = analysis
     record = Record(name=name, specs=[spec])
     # one dict for every site of this call: modules compute per-call statistics once (`apply_cache`)
     site_extra = {"calibration": calibration, "apply_cache": {}}
     try:
         store.adapters[name] = nn.ModuleDict()
-        record.undo.append(lambda: store.adapters.pop(name))
+        record.undo.append(functools.partial(store.adapters.pop, name))
         for rule, matches in zip(spec.rules, all_matches):
             realize(model, analysis, store, record, rule, matches, site_extra)
         _set_trainable(model, store, record)
         store.records[name] = record
         if spec.compose is not None:
             set_active(model, block_from(spec.compose))
-    except Exception as exc:
+    except BaseException as exc:   # Ctrl-C (KeyboardInterrupt) too: any interruption leaves the model as it was
         record.rollback()
+        store.records.pop(name, None)
         _restore(model, snapshot)
         if created_store:
             store.uninstall()
             delattr(model, "surgery_adapters")
-        if isinstance(exc, SurgeryError):
+        if isinstance(exc, SurgeryError) or not isinstance(exc, Exception):
             raise
         raise RewriteError(f"rewrite failed: {type(exc).__name__}: {exc}") from exc
     return model
@@ -230,7 +235,7 @@ def add_fusion(model: nn.Module, adapters: list[str], *, name: str, dropout: flo
     record = Record(name=name)
     modules = nn.ModuleDict()
     store.adapters[name] = nn.ModuleDict({"fusion": modules})
-    record.undo.append(lambda: store.adapters.pop(name))
+    record.undo.append(functools.partial(store.adapters.pop, name))
     gate = Gate(store.runtime, name)
     for path, module in model.named_modules():
         for (side, loc), dispatcher in list(module.__dict__.get("_surgery_dispatch", {}).items()):

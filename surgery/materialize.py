@@ -71,11 +71,11 @@ def materialize(model: nn.Module, weights: "str | os.PathLike | Iterable | Mappi
             applied.append(name)
         if sets and active is not None:
             set_active(model, active)
-    except Exception as exc:
+    except BaseException as exc:   # Ctrl-C too
         for name in reversed(applied):
             remove(model, name)
         _restore(model, slots, saved, sets, active, flags)
-        if isinstance(exc, SurgeryError):
+        if isinstance(exc, SurgeryError) or not isinstance(exc, Exception):
             raise
         raise MaterializeError(f"materialize failed, the model is unchanged: {type(exc).__name__}: {exc}") from exc
     return model

@@ -305,7 +305,7 @@ def merge(model: nn.Module, name: str | None = None, *, exact: bool = True, stri
                     for p in site.adapter.parameters():
                         state.flags.append((p, p.requires_grad))
                         p.requires_grad_(False)
-    except Exception as exc:
+    except BaseException as exc:   # Ctrl-C too
         with torch.no_grad():
             for state in reversed(list(done.values())):
                 for folded in reversed(state.folded):
@@ -314,6 +314,8 @@ def merge(model: nn.Module, name: str | None = None, *, exact: bool = True, stri
                     p.requires_grad_(flag)
             for site in detached:
                 attach_weight_site(site)
+        if not isinstance(exc, Exception):   # Ctrl-C: undone, and passed on as it is
+            raise
         raise SurgeryError(f"merge failed, the model is unchanged: {type(exc).__name__}: {exc}") from exc
     states.update(done)
     report.stored_bytes = sum(_nbytes(f.kept) for s in done.values() for f in s.folded)
@@ -341,12 +343,14 @@ def unmerge(model: nn.Module, name: str | None = None) -> list[str]:
             for site in states[n].sites:
                 attach_weight_site(site)
                 attached.append(site)
-    except Exception as exc:
+    except BaseException as exc:
         for site in reversed(attached):
             site.detach()
         with torch.no_grad():
             for folded in reversed(unfolded):
                 _refold(folded)
+        if not isinstance(exc, Exception):
+            raise
         raise SurgeryError(f"unmerge failed, the model is unchanged (still merged): {type(exc).__name__}: "
                            f"{exc}") from exc
     for n in names:

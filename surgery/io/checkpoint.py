@@ -330,7 +330,7 @@ def load(base_model: nn.Module, directory: str | os.PathLike, example_inputs: An
                 target.copy_(value)
         if created_store and manifest.get("active") is not None:
             set_active(base_model, manifest["active"])
-    except Exception as exc:
+    except BaseException as exc:   # Ctrl-C too
         with torch.no_grad():
             for target, original in restore:
                 target.copy_(original)
@@ -340,7 +340,7 @@ def load(base_model: nn.Module, directory: str | os.PathLike, example_inputs: An
             p.requires_grad_(flag)
         for m, mode in modes:
             m.training = mode
-        if isinstance(exc, SurgeryError):
+        if isinstance(exc, SurgeryError) or not isinstance(exc, Exception):
             raise
         raise CheckpointError(f"loading {directory} failed: {type(exc).__name__}: {exc}") from exc
     return base_model

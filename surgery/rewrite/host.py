@@ -9,7 +9,9 @@ generate() and the KV cache; `torch.export` of the host gives the rewritten grap
 """
 from __future__ import annotations
 
+import functools
 import inspect
+import threading
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -34,8 +36,35 @@ class RuntimeState:
         self.active: list[str] | None = None   # None: every adapter
         self.composition = None                 # a compose.Block, or None: active adapters stacked
         self.disabled = False
-        self.slots: dict[str, torch.Tensor] = {}
-        self.call: dict = {}                    # the root call's keyword inputs (attention_mask, ...)
+        # what one call captures is per thread: one model may run in several threads at once
+        self._local = threading.local()
+
+    @property
+    def slots(self) -> dict[str, torch.Tensor]:
+        """Values captured earlier in this thread's current call, by slot name."""
+        slots = getattr(self._local, "slots", None)
+        if slots is None:
+            slots = self._local.slots = {}
+        return slots
+
+    @property
+    def call(self) -> dict:
+        """This thread's root call's inputs (attention_mask, whether a KV cache holds positions, ...)."""
+        call = getattr(self._local, "call", None)
+        if call is None:
+            call = self._local.call = {}
+        return call
+
+    @call.setter
+    def call(self, value: dict) -> None:
+        self._local.call = value
+
+    def __getstate__(self):   # a copy (deepcopy, pickle) starts with no call in flight
+        return {k: v for k, v in self.__dict__.items() if k != "_local"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._local = threading.local()
 
     def on(self, name: str) -> bool:
         return not self.disabled and (self.active is None or name in self.active)
@@ -101,17 +130,21 @@ def dispatch(module: nn.Module, side: str, loc: tuple, gate: Gate, fn: Callable,
     dispatcher = table[key]
     entry = (gate, fn)
     (dispatcher.fusions if fusion else dispatcher.entries).append(entry)
+    # undos and hook functions are partials of module-level functions (no closures), so a deepcopy of the model
+    # rebinds them to the copy's modules and the model pickles
+    return functools.partial(_undo_dispatch, module, key, dispatcher, entry)
 
-    def undo():
-        for entries in (dispatcher.entries, dispatcher.fusions):
-            if entry in entries:
-                entries.remove(entry)
-        if not dispatcher.entries and not dispatcher.fusions and table.get(key) is dispatcher:
-            dispatcher.handle.remove()
-            del table[key]
-            if not table:
-                module.__dict__.pop("_surgery_dispatch", None)
-    return undo
+
+def _undo_dispatch(module: nn.Module, key: tuple, dispatcher: Dispatcher, entry: tuple) -> None:
+    table = module.__dict__.get("_surgery_dispatch", {})
+    for entries in (dispatcher.entries, dispatcher.fusions):
+        if entry in entries:
+            entries.remove(entry)
+    if not dispatcher.entries and not dispatcher.fusions and table.get(key) is dispatcher:
+        dispatcher.handle.remove()
+        del table[key]
+        if not table:
+            module.__dict__.pop("_surgery_dispatch", None)
 
 
 class AdapterStore(nn.Module):
@@ -122,6 +155,10 @@ class AdapterStore(nn.Module):
         self.adapters = nn.ModuleDict()
         self.runtime = RuntimeState()
         self.records: dict[str, "Record"] = {}
+
+    def __getstate__(self):   # copies (deepcopy, pickle) leave the cached analysis (FakeTensors) behind
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
+        return {k: v for k, v in state.items() if k != "analysis"}
 
 
 @dataclass
@@ -279,25 +316,35 @@ def _set(container, loc, value):
 def hook_value(model: nn.Module, anchor: Boundary, fn: Callable[[torch.Tensor], torch.Tensor],
                gate: Gate) -> Callable[[], None]:
     """Replace the value at `anchor` by fn(value) while the adapter is active; return the undo."""
-    return dispatch(model.get_submodule(anchor.module), anchor.side, anchor.loc, gate, lambda v, args: fn(v))
+    return dispatch(model.get_submodule(anchor.module), anchor.side, anchor.loc, gate,
+                    functools.partial(_value_only, fn))
 
 
-def hook_capture(model: nn.Module, anchor: Boundary, slots: dict, key: str) -> Callable[[], None]:
+def _value_only(fn: Callable, value, args):
+    return fn(value)
+
+
+def hook_capture(model: nn.Module, anchor: Boundary, runtime: RuntimeState, key: str) -> Callable[[], None]:
+    """Store the value at `anchor` in this thread's `runtime.slots[key]` whenever the module runs."""
     module = model.get_submodule(anchor.module)
     if anchor.side == "out":
-        def post(mod, args, out):
-            slots[key] = _get(out, anchor.loc)
-        handle = module.register_forward_hook(post)
+        handle = module.register_forward_hook(functools.partial(_capture_out, runtime, key, anchor.loc))
     else:
-        kind, k = anchor.loc
-
-        def pre(mod, args, kwargs):
-            if kind == "arg" and k < len(args):
-                slots[key] = args[k]
-            elif kind == "kwarg" and k in kwargs:
-                slots[key] = kwargs[k]
-        handle = module.register_forward_pre_hook(pre, with_kwargs=True)
+        handle = module.register_forward_pre_hook(functools.partial(_capture_in, runtime, key, anchor.loc),
+                                                  with_kwargs=True)
     return handle.remove
+
+
+def _capture_out(runtime: RuntimeState, key: str, loc: tuple, mod, args, out):
+    runtime.slots[key] = _get(out, loc)
+
+
+def _capture_in(runtime: RuntimeState, key: str, loc: tuple, mod, args, kwargs):
+    kind, k = loc
+    if kind == "arg" and k < len(args):
+        runtime.slots[key] = args[k]
+    elif kind == "kwarg" and k in kwargs:
+        runtime.slots[key] = kwargs[k]
 
 
 # ---------------------------------------------------------------- weights
@@ -365,25 +412,43 @@ def attach_weight_site(site: WeightSite) -> None:
     undo = []
     if site.realized == "activation":
         if adapter.adapts_input:
-            undo.append(dispatch(owner, "in", ("arg", 0), gate, lambda x, args: adapter.adapt_input(x)))
-
-        def post(out, args):
-            if packed is None:
-                return adapter(args[0], out)
-            a, b = packed
-            part = adapter(args[0], out[..., a:b])
-            return out + F.pad(part - out[..., a:b], (a, out.shape[-1] - b))
-        undo.append(dispatch(owner, "out", (), gate, post))
+            undo.append(dispatch(owner, "in", ("arg", 0), gate, functools.partial(_adapt_input, adapter)))
+        undo.append(dispatch(owner, "out", (), gate, functools.partial(_adapt_call, adapter, packed)))
     else:
         names = [(site.weight_name, False)] + ([(site.bias_name, True)] if site.bias_name else [])
+        _own_class(owner)
         for name, is_bias in names:
             parametrize.register_parametrization(owner, name, _WeightParam(site, gate, is_bias), unsafe=True)
-        undo.append(lambda: _remove_parametrizations(owner, [n for n, _ in names], site))
+        undo.append(functools.partial(_remove_parametrizations, owner, [n for n, _ in names], site))
     site.undo = undo
     site.attached = True
 
 
+def _adapt_input(adapter: nn.Module, x, args):
+    return adapter.adapt_input(x)
+
+
+def _adapt_call(adapter: nn.Module, packed: tuple[int, int] | None, out, args):
+    if packed is None:
+        return adapter(args[0], out)
+    a, b = packed
+    part = adapter(args[0], out[..., a:b])
+    return out + F.pad(part - out[..., a:b], (a, out.shape[-1] - b))
+
+
+def _own_class(owner: nn.Module) -> None:
+    """Give a parametrized module a parametrized class of its own. torch keeps the parametrized properties on a
+    class made for the module, and a deepcopy shares that class with the original: adding or removing a
+    parametrization on one would change the other."""
+    if not parametrize.is_parametrized(owner):
+        return
+    cls = type(owner)
+    owner.__class__ = type(cls.__name__, cls.__bases__,
+                           {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")})
+
+
 def _remove_parametrizations(owner: nn.Module, names: list[str], site: WeightSite):
+    _own_class(owner)
     for name in names:
         plist = owner.parametrizations[name]
         keep = [p for p in plist if not (isinstance(p, _WeightParam) and p.site[0] is site)]
@@ -436,25 +501,27 @@ def install_call_capture(model: nn.Module, runtime: RuntimeState) -> Callable[[]
         signature = inspect.signature(model.forward)
     except (TypeError, ValueError):
         signature = None
-
-    def capture(mod, args, kwargs):
-        if isinstance(runtime.composition, compose.Parallel) and not runtime.disabled:
-            copies = len(runtime.composition.children)
-            args = tuple(_replicate(a, copies) for a in args)
-            kwargs = {k: _replicate(v, copies) for k, v in kwargs.items()}
-        named = _bound_call(signature, args, kwargs)
-        mask = named.get("attention_mask")
-        call = {"attention_mask": mask if isinstance(mask, torch.Tensor) else None}
-        call["cache_length"] = cache_length(named.values())
-        call["cached"] = call["cache_length"] > 0
-        first = args[0] if args else named.get("input_ids", named.get("inputs_embeds"))
-        call["input"] = first if isinstance(first, torch.Tensor) else None
-        runtime.call = call
-        runtime.slots.clear()
-        return args, kwargs
-
-    handle = model.register_forward_pre_hook(capture, with_kwargs=True, prepend=True)
+    handle = model.register_forward_pre_hook(functools.partial(_capture_call, runtime, signature), with_kwargs=True,
+                                             prepend=True)
     return handle.remove
+
+
+def _capture_call(runtime: RuntimeState, signature, mod, args, kwargs):
+    """The root pre-hook of install_call_capture (a partial of this function: the model deep-copies and pickles)."""
+    if isinstance(runtime.composition, compose.Parallel) and not runtime.disabled:
+        copies = len(runtime.composition.children)
+        args = tuple(_replicate(a, copies) for a in args)
+        kwargs = {k: _replicate(v, copies) for k, v in kwargs.items()}
+    named = _bound_call(signature, args, kwargs)
+    mask = named.get("attention_mask")
+    call = {"attention_mask": mask if isinstance(mask, torch.Tensor) else None}
+    call["cache_length"] = cache_length(named.values())
+    call["cached"] = call["cache_length"] > 0
+    first = args[0] if args else named.get("input_ids", named.get("inputs_embeds"))
+    call["input"] = first if isinstance(first, torch.Tensor) else None
+    runtime.call = call
+    runtime.slots.clear()
+    return args, kwargs
 
 
 def _replicate(value, copies: int):
