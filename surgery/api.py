@@ -18,6 +18,7 @@ from surgery.rewrite.compose import Block, Fuse, Stack, block_from
 from surgery.rewrite.host import install_call_capture
 from surgery.spec import spec_from
 from surgery.trace import trace
+from surgery.rewrite.wrappers import unwrapping
 
 _ANALYSIS_CACHE_ATTR = "analysis"   # on the model's AdapterStore: never on the user's model (it holds FakeTensors)
 
@@ -76,6 +77,7 @@ def _analysis(model: nn.Module, example_inputs) -> Analysis:
     return result
 
 
+@unwrapping
 def plan(model: nn.Module, spec: Any, *, example_inputs=None) -> list[Match]:
     """Every site each rule of the spec matches, changing nothing."""
     spec = spec_from(spec)
@@ -83,6 +85,7 @@ def plan(model: nn.Module, spec: Any, *, example_inputs=None) -> list[Match]:
     return [m for matches in match_spec(spec, analysis) for m in matches]
 
 
+@unwrapping
 def apply(model: nn.Module, spec: Any, *, example_inputs=None, name: str | None = None,
           calibration: Any = None) -> nn.Module:
     """Rewrite `model` in place as the spec says and return it.
@@ -167,6 +170,7 @@ def _set_trainable(model: nn.Module, store, record: Record):
 
 
 @contextlib.contextmanager
+@unwrapping
 def disable(model: nn.Module):
     """Run the base model: every adapter off inside the block."""
     store = store_of(model)
@@ -181,6 +185,7 @@ def disable(model: nn.Module):
         store.runtime.disabled = previous
 
 
+@unwrapping
 def set_active(model: nn.Module, names: "str | Iterable[str] | Block | dict | None") -> None:
     """Choose what runs: one adapter name, several (stacked in the order applied), a composition block
     (Stack, Average, BatchSplit, Split, Parallel, Fuse), or None for every adapter."""
@@ -221,6 +226,7 @@ def _fusion_names(block) -> list[str]:
     return out
 
 
+@unwrapping
 def add_fusion(model: nn.Module, adapters: list[str], *, name: str, dropout: float = 0.1) -> nn.Module:
     """AdapterFusion over `adapters` under the new adapter `name`: a fusion module at every site where all of
     them act. Only the fusion modules train; the fused adapters are frozen. Activates Fuse(*adapters)."""
@@ -262,6 +268,7 @@ def add_fusion(model: nn.Module, adapters: list[str], *, name: str, dropout: flo
     return model
 
 
+@unwrapping
 def remove(model: nn.Module, name: str = "default") -> nn.Module:
     """Delete one adapter set and restore what it changed."""
     store = store_of(model)
@@ -281,6 +288,7 @@ def remove(model: nn.Module, name: str = "default") -> nn.Module:
     return model
 
 
+@unwrapping
 def eject(model: nn.Module, name: str | None = None) -> nn.Module:
     """Replace reparameterizations used only for training (prefix tuning's MLP) by the values they produce:
     same outputs, fewer parameters."""
@@ -298,6 +306,7 @@ def eject(model: nn.Module, name: str | None = None) -> nn.Module:
     return model
 
 
+@unwrapping
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts; tied parameters counted once."""
     seen, trainable, total = set(), 0, 0

@@ -39,6 +39,7 @@ from torch.nn.utils import parametrize
 from surgery.errors import SurgeryError
 from surgery.modules.base import WeightAdapter
 from surgery.rewrite.host import WeightSite, attach_weight_site, store_of
+from surgery.rewrite.wrappers import unwrapping
 
 INVERSE_TOLERANCE = 1e-6
 
@@ -238,6 +239,7 @@ def _chosen(store, name: str | None) -> list[str]:
     return [n for n in store.records if active is None or n in active]
 
 
+@unwrapping
 def merge(model: nn.Module, name: str | None = None, *, exact: bool = True, strict: bool = False) -> MergeReport:
     """Fold the weight adapters of adapter set `name` (default: every active one) into the base weights.
 
@@ -322,6 +324,7 @@ def merge(model: nn.Module, name: str | None = None, *, exact: bool = True, stri
     return report
 
 
+@unwrapping
 def unmerge(model: nn.Module, name: str | None = None) -> list[str]:
     """Restore the base weights a merge changed and attach its sites again. Returns the adapter names."""
     store = store_of(model)

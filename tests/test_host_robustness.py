@@ -298,3 +298,68 @@ def test_plain_models_without_example_inputs():
     assert sum(len(rule) for rule in features.surgery_adapters.adapters["default"].values()) == 2
     with pytest.raises(surgery.SurgeryError, match=r"needs 2 arguments \(x, y\)"):
         surgery.apply(_TwoInputs(), SPECS / "lora.yaml")
+
+
+# ---------------------------------------------------------------- kind 5: wrapped models
+
+def test_compiled_and_data_parallel_wrappers(tmp_path):
+    """Every public entry point sees through torch.compile's wrapper and DataParallel (DDP and FSDP are found
+    the same way, by their `.module`): disable and remove act, and a checkpoint saved through a wrapper carries
+    no wrapper prefix, so plain and wrapped bases load it."""
+    ids = token_ids(2, 6, seed=8)
+    model = make_llama(hidden=64).eval()
+    with torch.no_grad():
+        base = model(input_ids=ids).logits
+    compiled = torch.compile(model, backend="eager")
+    assert surgery.apply(compiled, SPECS / "lora.yaml") is compiled
+    perturb(model, 0.3)
+    with torch.no_grad():
+        adapted = model(input_ids=ids).logits
+        assert (adapted - base).abs().max() > 1e-3
+        with surgery.disable(compiled):
+            torch.testing.assert_close(model(input_ids=ids).logits, base, rtol=0, atol=1e-6)
+    surgery.save(compiled, tmp_path / "compiled")
+    parallel = torch.nn.DataParallel(model)
+    surgery.save(parallel, tmp_path / "parallel")
+    for directory in ("compiled", "parallel"):
+        text = "".join(p.read_text(errors="ignore") for p in (tmp_path / directory).iterdir())
+        assert "_orig_mod" not in text and "module." not in text.replace("surgery_adapters", "")
+        for wrap in (lambda m: m, lambda m: torch.compile(m, backend="eager"), torch.nn.DataParallel):
+            fresh = make_llama(hidden=64).eval()
+            surgery.load(wrap(fresh), tmp_path / directory)
+            with torch.no_grad():
+                torch.testing.assert_close(fresh(input_ids=ids).logits, adapted, rtol=0, atol=1e-6)
+    assert surgery.trainable_parameters(parallel) == surgery.trainable_parameters(model)
+    surgery.remove(compiled)
+    assert not _surgery_attributes(model)
+
+
+# ---------------------------------------------------------------- kind 12: PEFT variants from_peft does not know
+
+def test_from_peft_refuses_unknown_variants_by_name(tmp_path):
+    """A LoRA directory whose config selects a variant (MiCA through init_lora_weights, a *_config block of a
+    method, any field this reader does not know) is refused, naming the field, and the model is unchanged; the
+    plain checkpoint loads."""
+    import json
+    peft = pytest.importorskip("peft")
+    model = make_llama(hidden=64).eval()
+    peft_model = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    peft_model.save_pretrained(tmp_path / "plain")
+    config = json.loads((tmp_path / "plain" / "adapter_config.json").read_text())
+    ids = token_ids(2, 5, seed=9)
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    for field, value, message in [("init_lora_weights", "mica", "init_lora_weights='mica'"),
+                                  ("kasa_config", {"k": 2}, "kasa_config="),
+                                  ("a_future_variant", True, "a_future_variant=True")]:
+        directory = tmp_path / field
+        directory.mkdir()
+        (directory / "adapter_model.safetensors").write_bytes((tmp_path / "plain" / "adapter_model.safetensors")
+                                                               .read_bytes())
+        (directory / "adapter_config.json").write_text(json.dumps({**config, field: value}))
+        with pytest.raises(surgery.SurgeryError, match=message):
+            surgery.from_peft(model, directory)
+        assert not _surgery_attributes(model)
+    surgery.from_peft(model, tmp_path / "plain")
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, before)   # PEFT's B starts at zero

@@ -31,6 +31,7 @@ from surgery.errors import SurgeryError
 from surgery.rewrite.host import STATE_ATTR, store_of
 from surgery.spec import Spec, load_spec
 from surgery.spec.load import validate_data
+from surgery.rewrite.wrappers import unwrapping
 
 FORMAT = "surgery.adapters"
 FORMAT_VERSION = 1
@@ -153,6 +154,7 @@ def _write_atomic(path: Path, write) -> None:
             tmp.unlink()
 
 
+@unwrapping
 def save(model: nn.Module, directory: str | os.PathLike) -> Path:
     """Write the model's adapters (and the base parameters its specs train) to `directory`; return it.
 
@@ -289,6 +291,7 @@ def _match_tensors(saved: dict[str, torch.Tensor], aliases: dict[str, str],
     return pairs
 
 
+@unwrapping
 def load(base_model: nn.Module, directory: str | os.PathLike, example_inputs: Any = None, *,
          strict: bool = True) -> nn.Module:
     """Re-apply the saved specs to `base_model` under their adapter names, load the saved tensors, return it.
