@@ -18,6 +18,7 @@ from surgery.rewrite.compose import Block, Fuse, Stack, block_from
 from surgery.rewrite.host import install_call_capture
 from surgery.spec import spec_from
 from surgery.trace import trace
+from surgery.rewrite.sites import install_host_check, record_hosts
 from surgery.rewrite.wrappers import unwrapping
 
 _ANALYSIS_CACHE_ATTR = "analysis"   # on the model's AdapterStore: never on the user's model (it holds FakeTensors)
@@ -87,14 +88,16 @@ def plan(model: nn.Module, spec: Any, *, example_inputs=None) -> list[Match]:
 
 @unwrapping
 def apply(model: nn.Module, spec: Any, *, example_inputs=None, name: str | None = None,
-          calibration: Any = None) -> nn.Module:
+          calibration: Any = None, adapter_dtype: "torch.dtype | str | None" = None) -> nn.Module:
     """Rewrite `model` in place as the spec says and return it.
 
     Base parameters are frozen; the new modules (and what `train` rules select) train. The model keeps its
     class, its forward signature and its parameters (shared, never copied). On any error the model is left
     exactly as it was. `calibration`: data for modules that choose their structure from the model's
     gradients (sparse `select: gradient`): batches the model takes whose outputs carry a loss, or a callable
-    model -> iterable of scalar losses.
+    model -> iterable of scalar losses. `adapter_dtype`: the new modules' parameter dtype; by default float32
+    on a float16/bfloat16 base (as PEFT's autocast_adapter_dtype; they compute in float32 and hand the base its
+    own dtype back, so GradScaler and torch.autocast train them), else the base's; "base" keeps the base's.
     """
     spec = spec_from(spec)
     name = name or "default"
@@ -116,13 +119,13 @@ def apply(model: nn.Module, spec: Any, *, example_inputs=None, name: str | None 
     created_store = store is None
     store = store_of(model, create=True)
     if created_store:
-        store.uninstall = install_call_capture(model, store.runtime)
+        store.uninstall = _undo_all(install_call_capture(model, store.runtime), install_host_check(model, store))
         # the user's own requires_grad flags, given back when the last adapter set is removed
         store.base_flags = [(p, p.requires_grad) for p in model.parameters()]
         store.__dict__[_ANALYSIS_CACHE_ATTR] = analysis
     record = Record(name=name, specs=[spec])
     # one dict for every site of this call: modules compute per-call statistics once (`apply_cache`)
-    site_extra = {"calibration": calibration, "apply_cache": {}}
+    site_extra = {"calibration": calibration, "apply_cache": {}, "adapter_dtype": adapter_dtype}
     try:
         store.adapters[name] = nn.ModuleDict()
         record.undo.append(functools.partial(store.adapters.pop, name))
@@ -132,6 +135,7 @@ def apply(model: nn.Module, spec: Any, *, example_inputs=None, name: str | None 
         store.records[name] = record
         if spec.compose is not None:
             set_active(model, block_from(spec.compose))
+        record_hosts(model, store)
     except BaseException as exc:   # Ctrl-C (KeyboardInterrupt) too: any interruption leaves the model as it was
         record.rollback()
         store.records.pop(name, None)
@@ -143,6 +147,15 @@ def apply(model: nn.Module, spec: Any, *, example_inputs=None, name: str | None 
             raise
         raise RewriteError(f"rewrite failed: {type(exc).__name__}: {exc}") from exc
     return model
+
+
+def _undo_all(*undos):
+    return functools.partial(_run_all, undos)
+
+
+def _run_all(undos):
+    for undo in undos:
+        undo()
 
 
 def _snapshot(model: nn.Module) -> dict:
@@ -276,6 +289,7 @@ def remove(model: nn.Module, name: str = "default") -> nn.Module:
         raise SurgeryError(f"no adapter named {name!r}")
     record = store.records.pop(name)
     record.rollback()
+    record_hosts(model, store)
     for p, flag in record.trained + record.frozen:
         p.requires_grad_(flag)
     if store.runtime.active and name in store.runtime.active:

@@ -39,6 +39,7 @@ from torch.nn.utils import parametrize
 from surgery.errors import SurgeryError
 from surgery.modules.base import WeightAdapter
 from surgery.rewrite.host import WeightSite, attach_weight_site, store_of
+from surgery.rewrite.sites import check_hosts
 from surgery.rewrite.wrappers import unwrapping
 
 INVERSE_TOLERANCE = 1e-6
@@ -250,6 +251,7 @@ def merge(model: nn.Module, name: str | None = None, *, exact: bool = True, stri
     store = store_of(model)
     if store is None:
         raise SurgeryError("this model has no adapters to merge")
+    check_hosts(store, "merge")
     states = _states(store)
     names = _chosen(store, name)
     already = [n for n in names if n in states]

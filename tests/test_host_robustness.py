@@ -363,3 +363,91 @@ def test_from_peft_refuses_unknown_variants_by_name(tmp_path):
     surgery.from_peft(model, tmp_path / "plain")
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, before)   # PEFT's B starts at zero
+
+
+# ---------------------------------------------------------------- kind 6: modules replaced after apply
+
+def test_a_replaced_module_fails_loudly_instead_of_dropping_its_adapter(tmp_path):
+    """resize_token_embeddings after LoRA on the LM head swaps the head for a new module: the next forward,
+    merge and save raise, naming it; remove still works and the model runs again."""
+    model = make_llama(hidden=64).eval()
+    model.config.tie_word_embeddings = False
+    spec = {"rules": [{"match": {"role": "lm_head"}, "action": "wrap", "module": {"kind": "lora", "r": 2}}]}
+    surgery.apply(model, spec)
+    ids = token_ids(2, 5, seed=6)
+    old_head = model.lm_head
+    model.resize_token_embeddings(model.config.vocab_size + 8)
+    assert model.lm_head is not old_head
+    with pytest.raises(surgery.SurgeryError, match="lm_head was replaced"):
+        model(input_ids=ids)
+    with pytest.raises(surgery.SurgeryError, match="lm_head was replaced"):
+        surgery.merge(model)
+    with pytest.raises(surgery.SurgeryError, match="lm_head was replaced"):
+        surgery.save(model, tmp_path / "ckpt")
+    surgery.remove(model)
+    assert model(input_ids=ids).logits.shape[-1] == model.config.vocab_size
+    surgery.apply(model, spec)   # applied to the new head, it runs
+    perturb(model, 0.3)
+    with torch.no_grad():
+        adapted = model(input_ids=ids).logits
+        with surgery.disable(model):
+            assert (model(input_ids=ids).logits - adapted).abs().max() > 1e-3
+
+
+# ---------------------------------------------------------------- kind 8: half precision
+
+def test_half_precision_bases_get_float32_adapters_that_train_with_amp():
+    """On a float16 base the adapters are float32 (adapter_dtype="base" keeps float16), the model's outputs keep
+    the base's dtype, and torch.autocast + GradScaler train them (unscaling float16 gradients would fail)."""
+    ids = token_ids(2, 6, seed=12)
+    model = make_llama(hidden=64).to(torch.float16)
+    surgery.apply(model, SPECS / "lora.yaml")
+    surgery.apply(model, SPECS / "houlsby.yaml", name="houlsby")
+    assert {p.dtype for p in model.surgery_adapters.parameters()} == {torch.float32}
+    assert model(input_ids=ids).logits.dtype == torch.float16
+    kept = make_llama(hidden=64).to(torch.bfloat16)
+    surgery.apply(kept, SPECS / "lora.yaml", adapter_dtype="base")
+    assert {p.dtype for p in kept.surgery_adapters.parameters()} == {torch.bfloat16}
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(trainable, lr=0.5)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    before = [p.detach().clone() for p in trainable]
+    losses = []
+    for _ in range(4):
+        optimizer.zero_grad()
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = model(input_ids=ids, labels=ids).loss
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        losses.append(loss.item())
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert any((p - b).abs().max() > 0 for p, b in zip(trainable, before)), "no adapter parameter moved"
+    assert losses[-1] < losses[0]
+
+
+def test_float32_adapters_on_a_bfloat16_base_are_closer_to_the_float32_result():
+    """The adapter's contribution on a bfloat16 base, computed in float32, is nearer the all-float32 result than
+    the same adapter computed in bfloat16."""
+    ids = token_ids(2, 8, seed=13)
+    spec = SPECS / "lora.yaml"
+    reference = make_llama(hidden=64)
+    surgery.apply(reference, spec)
+    perturb(reference, 0.05)
+    values = {n: p.detach().clone() for n, p in reference.surgery_adapters.named_parameters()}
+
+    def delta(model):
+        with torch.no_grad():
+            adapted = model(input_ids=ids).logits.float()
+            with surgery.disable(model):
+                return adapted - model(input_ids=ids).logits.float()
+    errors = {}
+    for choice in (None, "base"):
+        model = make_llama(hidden=64).to(torch.bfloat16)
+        surgery.apply(model, spec, adapter_dtype=choice)
+        with torch.no_grad():
+            for n, p in model.surgery_adapters.named_parameters():
+                p.copy_(values[n])
+        errors[choice] = (delta(model) - delta(reference)).abs().mean().item()
+    assert errors[None] < errors["base"], errors

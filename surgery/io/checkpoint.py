@@ -31,6 +31,7 @@ from surgery.errors import SurgeryError
 from surgery.rewrite.host import STATE_ATTR, store_of
 from surgery.spec import Spec, load_spec
 from surgery.spec.load import validate_data
+from surgery.rewrite.sites import check_hosts
 from surgery.rewrite.wrappers import unwrapping
 
 FORMAT = "surgery.adapters"
@@ -164,6 +165,8 @@ def save(model: nn.Module, directory: str | os.PathLike) -> Path:
     from safetensors.torch import save_file
 
     store = store_of(model)
+    if store is not None:
+        check_hosts(store, "save")
     live = surgery_tensors(model)
     tensors, aliases = _dedupe(live)
     directory = Path(directory)

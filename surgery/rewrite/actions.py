@@ -242,7 +242,10 @@ def realize(model: nn.Module, analysis: Analysis, store: AdapterStore, record: R
         else:
             module.to_empty(device="meta")
         if ctx.dtype.is_floating_point:
-            module.to(dtype=ctx.dtype)
+            dtype = _adapter_dtype(ctx.dtype, rule.action, (extra or {}).get("adapter_dtype"))
+            module.to(dtype=dtype)
+            if dtype != ctx.dtype:
+                _compute_in(module, dtype, ctx.dtype)
         module.train(model.training)   # an adapter added to a model in eval mode must not run its dropout
         key = site_key(match)
         if key in modules:
@@ -351,6 +354,45 @@ def _realize_sublayer(model, analysis, store, record, match, module, key, gate):
         return
     record.undo.append(hook_value(model, value_anchor(analysis, branch),
                                   functools.partial(_sublayer_branch, module, runtime, slot_x), gate))
+
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _adapter_dtype(base: torch.dtype, action: str, requested) -> torch.dtype:
+    """float32 adapters on a half-precision base (unless `requested` says otherwise). Modules that call back
+    into the host (attend, sublayer, replace, prepend) keep the base dtype: the host expects its own."""
+    if requested == "base":
+        return base
+    if isinstance(requested, torch.dtype):
+        return requested
+    if requested is not None:
+        raise RewriteError(f"adapter_dtype must be a torch.dtype or 'base', not {requested!r}")
+    if base in _HALF and action in ("insert_after", "insert_before", "parallel", "wrap"):
+        return torch.float32
+    return base
+
+
+def _compute_in(module: nn.Module, dtype: torch.dtype, base: torch.dtype) -> None:
+    """The module computes in `dtype` (its parameters') and gives the host its own dtype `base` back."""
+    module.register_forward_pre_hook(functools.partial(_cast_inputs, dtype), with_kwargs=True)
+    module.register_forward_hook(functools.partial(_cast_output, base))
+
+
+def _cast(value, dtype):
+    if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dtype != dtype:
+        return value.to(dtype)
+    if isinstance(value, tuple):
+        return tuple(_cast(v, dtype) for v in value)
+    return value
+
+
+def _cast_inputs(dtype, module, args, kwargs):
+    return _cast(args, dtype), {k: _cast(v, dtype) for k, v in kwargs.items()}
+
+
+def _cast_output(dtype, module, args, out):
+    return _cast(out, dtype)
 
 
 # The functions hooks run are partials of these module-level functions and small classes, never closures: a

@@ -378,7 +378,7 @@ def transformed(site: WeightSite, tensor: torch.Tensor, *, bias: bool) -> torch.
         out = torch.cat([tensor[:a], transform(tensor[a:b]), tensor[b:]], dim=0)
     if not bias and site.layout == "in_out":
         out = out.t()
-    return out
+    return out.to(tensor.dtype)   # a float32 adapter on a half-precision weight computes in float32
 
 
 def wrap_weight(model: nn.Module, analysis: Analysis, info: LinearInfo, packed: tuple[int, int] | None,
@@ -425,7 +425,7 @@ def attach_weight_site(site: WeightSite) -> None:
 
 
 def _adapt_input(adapter: nn.Module, x, args):
-    return adapter.adapt_input(x)
+    return adapter.adapt_input(x).to(x.dtype)
 
 
 def _adapt_call(adapter: nn.Module, packed: tuple[int, int] | None, out, args):
