@@ -18,6 +18,7 @@ from surgery.rewrite.compose import Block, Fuse, Stack, block_from
 from surgery.rewrite.host import install_call_capture
 from surgery.spec import spec_from
 from surgery.trace import trace
+from surgery.rewrite import trained
 from surgery.rewrite.sites import install_host_check, record_hosts
 from surgery.rewrite.wrappers import unwrapping
 
@@ -133,12 +134,15 @@ def apply(model: nn.Module, spec: Any, *, example_inputs=None, name: str | None 
             realize(model, analysis, store, record, rule, matches, site_extra)
         _set_trainable(model, store, record)
         store.records[name] = record
+        trained.adopt(store, name, [p for p, _ in record.trained])
         if spec.compose is not None:
             set_active(model, block_from(spec.compose))
+        trained.sync(store)
         record_hosts(model, store)
     except BaseException as exc:   # Ctrl-C (KeyboardInterrupt) too: any interruption leaves the model as it was
         record.rollback()
-        store.records.pop(name, None)
+        if store.records.pop(name, None) is not None:
+            trained.forget(store, name)
         _restore(model, snapshot)
         if created_store:
             store.uninstall()
@@ -192,10 +196,12 @@ def disable(model: nn.Module):
         return
     previous = store.runtime.disabled
     store.runtime.disabled = True
+    trained.sync(store)   # trained base parameters: the base's values inside
     try:
         yield model
     finally:
         store.runtime.disabled = previous
+        trained.sync(store)
 
 
 @unwrapping
@@ -229,6 +235,7 @@ def set_active(model: nn.Module, names: "str | Iterable[str] | Block | dict | No
                                    f"parametrization, which only adds up): use Stack, or realize: activation")
     store.runtime.active = names
     store.runtime.composition = block if isinstance(block, Block) else None
+    trained.sync(store)
 
 
 def _fusion_names(block) -> list[str]:
@@ -294,6 +301,7 @@ def remove(model: nn.Module, name: str = "default") -> nn.Module:
         p.requires_grad_(flag)
     if store.runtime.active and name in store.runtime.active:
         store.runtime.active, store.runtime.composition = None, None
+    trained.forget(store, name)   # its trained base parameters: the base's values again, or another set's
     if not store.records:
         store.uninstall()
         for p, flag in getattr(store, "base_flags", []):

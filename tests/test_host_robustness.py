@@ -451,3 +451,53 @@ def test_float32_adapters_on_a_bfloat16_base_are_closer_to_the_float32_result():
                 p.copy_(values[n])
         errors[choice] = (delta(model) - delta(reference)).abs().mean().item()
     assert errors[None] < errors["base"], errors
+
+
+# ---------------------------------------------------------------- kind 7: trained base parameters per adapter set
+
+def test_each_adapter_set_keeps_its_own_trained_head(tmp_path):
+    """Two adapter sets that each train the classifier head (specs/lora_task_head.yaml): set_active switches
+    heads, disable gives the base's, save/load keep each set's own head, remove restores the base's."""
+    from transformers import BertForSequenceClassification
+    from models import make_bert
+
+    def fresh():
+        model = make_bert(cls=BertForSequenceClassification).eval()
+        return model
+    spec = SPECS / "lora_task_head.yaml"
+    model = fresh()
+    ids = token_ids(2, 6, seed=14)
+    head = model.classifier.weight
+    base_head = head.detach().clone()
+    with torch.no_grad():
+        base = model(input_ids=ids).logits
+    surgery.apply(model, spec, name="a")
+    assert head.requires_grad
+    with torch.no_grad():
+        head.add_(1.0)   # "training" a's head
+    surgery.apply(model, spec, name="b")
+    torch.testing.assert_close(head.detach(), base_head, rtol=0, atol=0, msg="b must start from the base's head")
+    with torch.no_grad():
+        head.add_(2.0)
+    outputs = {}
+    for name, offset in (("a", 1.0), ("b", 2.0), ("a", 1.0)):
+        surgery.set_active(model, name)
+        torch.testing.assert_close(head.detach(), base_head + offset, rtol=0, atol=0)
+        with torch.no_grad():
+            outputs[name] = model(input_ids=ids).logits
+        with surgery.disable(model), torch.no_grad():
+            torch.testing.assert_close(head.detach(), base_head, rtol=0, atol=0)
+            torch.testing.assert_close(model(input_ids=ids).logits, base, rtol=0, atol=1e-6)
+        torch.testing.assert_close(head.detach(), base_head + offset, rtol=0, atol=0)
+    surgery.save(model, tmp_path / "ab")
+    loaded = fresh()
+    surgery.load(loaded, tmp_path / "ab")
+    for name in ("a", "b"):
+        surgery.set_active(loaded, name)
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(input_ids=ids).logits, outputs[name], rtol=0, atol=1e-6)
+    surgery.remove(model, "a")
+    surgery.set_active(model, "b")
+    torch.testing.assert_close(head.detach(), base_head + 2.0, rtol=0, atol=0)
+    surgery.remove(model, "b")
+    torch.testing.assert_close(head.detach(), base_head, rtol=0, atol=0, msg="remove must give the base's head back")

@@ -31,6 +31,7 @@ from surgery.errors import SurgeryError
 from surgery.rewrite.host import STATE_ATTR, store_of
 from surgery.spec import Spec, load_spec
 from surgery.spec.load import validate_data
+from surgery.rewrite import trained
 from surgery.rewrite.sites import check_hosts
 from surgery.rewrite.wrappers import unwrapping
 
@@ -96,7 +97,7 @@ def surgery_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
         for param, _ in store.records[adapter].trained:
             if id(param) not in base_names:
                 raise CheckpointError(f"adapter {adapter!r} trains a parameter that is not a base parameter")
-            out[f"{adapter}/{TRAINED}/{base_names[id(param)]}"] = param
+            out[f"{adapter}/{TRAINED}/{base_names[id(param)]}"] = trained.slot(store, adapter, param)
     return out
 
 
