@@ -501,3 +501,30 @@ def test_each_adapter_set_keeps_its_own_trained_head(tmp_path):
     torch.testing.assert_close(head.detach(), base_head + 2.0, rtol=0, atol=0)
     surgery.remove(model, "b")
     torch.testing.assert_close(head.detach(), base_head, rtol=0, atol=0, msg="remove must give the base's head back")
+
+
+# ---------------------------------------------------------------- kind 10: BatchSplit with sub-layer adapters
+
+@pytest.mark.parametrize("arch", ["llama", "bert"])
+def test_batch_split_with_sublayer_and_parallel_adapters(arch):
+    """BatchSplit over adapters that read values captured earlier in the call (pfeiffer's sub-layer adapters,
+    parallel adapters): each row block equals that adapter alone on those rows."""
+    from models import make_bert
+    model = (make_llama if arch == "llama" else make_bert)(hidden=64).eval()
+    ids = token_ids(4, 6, seed=15)
+
+    def run(x):
+        out = model(input_ids=x)
+        return out.logits if arch == "llama" else out.last_hidden_state
+    for spec in ("pfeiffer", "parallel"):
+        surgery.apply(model, SPECS / f"{spec}.yaml", name="a")
+        surgery.apply(model, SPECS / f"{spec}.yaml", name="b")
+        perturb(model, 0.3)
+        surgery.set_active(model, surgery.BatchSplit("a", "b", batch_sizes=[1, 3]))
+        with torch.no_grad():
+            split = run(ids)
+            for name, rows in (("a", slice(0, 1)), ("b", slice(1, 4))):
+                surgery.set_active(model, name)
+                torch.testing.assert_close(split[rows], run(ids[rows]), rtol=0, atol=1e-5)
+        surgery.remove(model, "b")
+        surgery.remove(model, "a")

@@ -16,6 +16,7 @@ from torch.nn.utils import parametrize
 from surgery.analyze.roles import Analysis, Site, op_name
 from surgery.errors import RewriteError
 from surgery.match.pattern import Match
+from surgery.rewrite import compose
 from surgery.modules.base import SiteContext
 from surgery.modules.registry import module_class
 from surgery.rewrite.attention import attach_intercept, attach_registry, registry_of
@@ -282,7 +283,7 @@ def _realize_one(model, analysis, store, record, rule, match, value, module, key
         runtime = store.runtime
         record.undo.append(hook_capture(model, capture_anchor(analysis, source), runtime, slot))
         anchor = value_anchor(analysis, value)
-        record.undo.append(hook_value(model, anchor, functools.partial(_parallel, module, runtime, slot), gate))
+        record.undo.append(hook_value(model, anchor, functools.partial(_parallel, module, runtime, slot, record.name), gate))
     elif action == "sublayer":
         _realize_sublayer(model, analysis, store, record, match, module, key, gate)
     elif action == "wrap":
@@ -344,16 +345,16 @@ def _realize_sublayer(model, analysis, store, record, match, module, key, gate):
         norm = model.get_submodule(norm_anchor.module).forward   # the bare forward: no hooks, no recursion
         record.undo.append(hook_capture(model, capture_anchor(analysis, branch), runtime, slot_h))
         record.undo.append(hook_value(model, norm_anchor,
-                                      functools.partial(_sublayer, module, runtime, slot_h, slot_x, norm), gate))
+                                      functools.partial(_sublayer, module, runtime, slot_h, slot_x, norm, record.name), gate))
         return
     anchor = output_anchor(analysis, match.site.node)
     if anchor is not None:
         record.undo.append(hook_capture(model, capture_anchor(analysis, branch), runtime, slot_h))
         record.undo.append(hook_value(model, anchor,
-                                      functools.partial(_sublayer, module, runtime, slot_h, slot_x, None), gate))
+                                      functools.partial(_sublayer, module, runtime, slot_h, slot_x, None, record.name), gate))
         return
     record.undo.append(hook_value(model, value_anchor(analysis, branch),
-                                  functools.partial(_sublayer_branch, module, runtime, slot_x), gate))
+                                  functools.partial(_sublayer_branch, module, runtime, slot_x, record.name), gate))
 
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -398,17 +399,59 @@ def _cast_output(dtype, module, args, out):
 # The functions hooks run are partials of these module-level functions and small classes, never closures: a
 # deepcopy of the model then rebinds them to the copy's modules, and the model pickles.
 
-def _parallel(module, runtime, slot, y):
-    return y + module(runtime.slots.pop(slot))
+def _parallel(module, runtime, slot, name, y):
+    return y + module(_my_part(runtime, name, runtime.slots.pop(slot), y))
 
 
-def _sublayer(module, runtime, slot_h, slot_x, norm, out):
-    return module(runtime.slots.pop(slot_h), runtime.slots.pop(slot_x), norm)
+def _sublayer(module, runtime, slot_h, slot_x, norm, name, out):
+    h, x = runtime.slots.pop(slot_h), runtime.slots.pop(slot_x)
+    return module(_my_part(runtime, name, h, out), _my_part(runtime, name, x, out), norm)
 
 
-def _sublayer_branch(module, runtime, slot_x, h):
-    x = runtime.slots.pop(slot_x)
+def _sublayer_branch(module, runtime, slot_x, name, h):
+    x = _my_part(runtime, name, runtime.slots.pop(slot_x), h)
     return module(h, x, None) - x
+
+
+def _my_part(runtime, name: str, captured: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """The rows (BatchSplit, Parallel) and positions (Split) of a value captured for the whole call that adapter
+    `name` sees under the active composition, so it matches `value`, the part the composition hands it."""
+    if captured.shape[:2] == value.shape[:2] or runtime.composition is None:
+        return captured
+    window = _window(runtime.composition, name, (0, captured.shape[0]), (0, captured.shape[1]))
+    if window is None:
+        return captured
+    (r0, r1), (c0, c1) = window
+    return captured[r0:r1, c0:c1]
+
+
+def _window(block, name: str, rows: tuple[int, int], cols: tuple[int, int]):
+    """((row start, end), (position start, end)) of adapter `name`'s part under `block`, or None."""
+    if isinstance(block, str):
+        return (rows, cols) if block == name else None
+    kids = block.children
+    if isinstance(block, (compose.BatchSplit, compose.Parallel, compose.Split)):
+        along_rows = not isinstance(block, compose.Split)
+        lo, hi = rows if along_rows else cols
+        if isinstance(block, compose.BatchSplit):
+            sizes = list(block.batch_sizes)
+        elif isinstance(block, compose.Parallel):
+            sizes = [(hi - lo) // len(kids)] * len(kids)
+        else:
+            sizes = list(block.splits) + [hi - lo - sum(block.splits)]
+        start = lo
+        for kid, size in zip(kids, sizes):
+            part = (start, start + size)
+            found = _window(kid, name, part, cols) if along_rows else _window(kid, name, rows, part)
+            if found is not None:
+                return found
+            start += size
+        return None
+    for kid in kids:
+        found = _window(kid, name, rows, cols)
+        if found is not None:
+            return found
+    return None
 
 
 def _with_attention_input(module, runtime, slot, q, k, v, attend):
