@@ -29,6 +29,7 @@ def _surgery_attributes(model: torch.nn.Module) -> list[str]:
 
 # ---------------------------------------------------------------- kind 2: threads, process-global state
 
+@pytest.mark.slow
 def test_attention_adapters_change_nothing_outside_their_model():
     """A prefix-adapted MiniGPT (attention routed inside nn.MultiheadAttention) leaves
     F.scaled_dot_product_attention itself alone: an unadapted model and a user's direct call give their plain
@@ -77,6 +78,7 @@ def test_attention_adapters_change_nothing_outside_their_model():
     assert not errors, f"{len(errors)} wrong results, first: {errors[0]}"
 
 
+@pytest.mark.slow
 def test_one_model_in_two_threads_with_captured_values():
     """Adapters that capture a value earlier in the call (parallel adapters, sub-layer adapters) keep it per
     thread: one LLaMA run from two threads gives each thread its own outputs."""
@@ -106,6 +108,7 @@ def test_one_model_in_two_threads_with_captured_values():
 
 # ---------------------------------------------------------------- kind 4: deepcopy, pickle, torch.save
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["minigpt", "llama"])
 def test_adapted_model_deepcopies_into_an_independent_adapted_model(arch):
     """A deepcopy of an adapted model runs its own adapters (editing the copy's adapters changes the copy only),
@@ -302,6 +305,7 @@ def test_plain_models_without_example_inputs():
 
 # ---------------------------------------------------------------- kind 5: wrapped models
 
+@pytest.mark.slow
 def test_compiled_and_data_parallel_wrappers(tmp_path):
     """Every public entry point sees through torch.compile's wrapper and DataParallel (DDP and FSDP are found
     the same way, by their `.module`): disable and remove act, and a checkpoint saved through a wrapper carries
@@ -396,6 +400,7 @@ def test_a_replaced_module_fails_loudly_instead_of_dropping_its_adapter(tmp_path
 
 # ---------------------------------------------------------------- kind 8: half precision
 
+@pytest.mark.slow
 def test_half_precision_bases_get_float32_adapters_that_train_with_amp():
     """On a float16 base the adapters are float32 (adapter_dtype="base" keeps float16), the model's outputs keep
     the base's dtype, and torch.autocast + GradScaler train them (unscaling float16 gradients would fail)."""
