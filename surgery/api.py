@@ -5,6 +5,7 @@ import contextlib
 import functools
 from collections import OrderedDict
 import re
+import weakref
 from typing import Any, Iterable
 
 import torch
@@ -22,7 +23,9 @@ from surgery.rewrite import trained
 from surgery.rewrite.sites import install_host_check, record_hosts
 from surgery.rewrite.wrappers import unwrapping
 
-_ANALYSIS_CACHE_ATTR = "analysis"   # on the model's AdapterStore: never on the user's model (it holds FakeTensors)
+# model -> its analysis, held weakly and never on the model itself (the analysis holds FakeTensors, which
+# break copy.deepcopy and pickle): a cache only, a copy of the model simply traces again
+_MODEL_CACHE: "weakref.WeakKeyDictionary[nn.Module, Analysis]" = weakref.WeakKeyDictionary()
 
 
 _STRUCTURE_CACHE: "OrderedDict[tuple, Analysis]" = OrderedDict()
@@ -53,11 +56,10 @@ def _fingerprint(model: nn.Module, example_inputs) -> tuple | None:
 
 
 def _analysis(model: nn.Module, example_inputs) -> Analysis:
-    """Trace and analyze once per model (and per example inputs given). Cached on the model's adapter store
-    (dropped from copies), and per structure for the process, so a second instance of one architecture is not
-    traced again. Nothing is left on a model without adapters."""
+    """Trace and analyze once per model (and per example inputs given). Cached per model (weakly, off the
+    model), and per structure for the process, so a second instance of one architecture is not traced again."""
     store = store_of(model)
-    cached = store.__dict__.get(_ANALYSIS_CACHE_ATTR) if store is not None else None
+    cached = _MODEL_CACHE.get(model)
     if cached is not None and example_inputs is None:
         return cached
     key = _fingerprint(model, example_inputs) if store is None else None
@@ -74,8 +76,7 @@ def _analysis(model: nn.Module, example_inputs) -> Analysis:
             _STRUCTURE_CACHE[key] = result
             while len(_STRUCTURE_CACHE) > 8:
                 _STRUCTURE_CACHE.popitem(last=False)
-    if store is not None:
-        store.__dict__[_ANALYSIS_CACHE_ATTR] = result
+    _MODEL_CACHE[model] = result
     return result
 
 
@@ -123,7 +124,6 @@ def apply(model: nn.Module, spec: Any, *, example_inputs=None, name: str | None 
         store.uninstall = _undo_all(install_call_capture(model, store.runtime), install_host_check(model, store))
         # the user's own requires_grad flags, given back when the last adapter set is removed
         store.base_flags = [(p, p.requires_grad) for p in model.parameters()]
-        store.__dict__[_ANALYSIS_CACHE_ATTR] = analysis
     record = Record(name=name, specs=[spec])
     # one dict for every site of this call: modules compute per-call statistics once (`apply_cache`)
     site_extra = {"calibration": calibration, "apply_cache": {}, "adapter_dtype": adapter_dtype}
@@ -307,6 +307,7 @@ def remove(model: nn.Module, name: str = "default") -> nn.Module:
         for p, flag in getattr(store, "base_flags", []):
             p.requires_grad_(flag)
         delattr(model, "surgery_adapters")
+        _MODEL_CACHE.pop(model, None)   # the model may change before the next apply (resize_token_embeddings)
     return model
 
 

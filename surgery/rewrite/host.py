@@ -156,10 +156,6 @@ class AdapterStore(nn.Module):
         self.runtime = RuntimeState()
         self.records: dict[str, "Record"] = {}
 
-    def __getstate__(self):   # copies (deepcopy, pickle) leave the cached analysis (FakeTensors) behind
-        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
-        return {k: v for k, v in state.items() if k != "analysis"}
-
 
 @dataclass
 class Record:
