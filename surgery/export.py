@@ -28,6 +28,7 @@ from surgery.errors import SurgeryError
 from surgery.rewrite.host import STATE_ATTR, _WeightParam, store_of
 from surgery.trace import trace
 from surgery.trace.export import _split_inputs, default_example_inputs
+from surgery.rewrite.wrappers import unwrapping
 
 FORMATS = ("onnx", "torchscript", "pt2")
 BATCH, SEQUENCE = "batch", "sequence"
@@ -195,6 +196,7 @@ def _quiet():
     return stack
 
 
+@unwrapping
 def export(model: nn.Module, path: str | os.PathLike, *, example_inputs: Any = None, format: str = "onnx",
            merge: bool = True, dynamic_axes: dict[str, dict[int, str]] | None = None, verify: bool = True) -> Path:
     """Export the rewritten model to `path` as ONNX, TorchScript or a pt2 archive; return the path.
@@ -410,6 +412,7 @@ def layer_graphs(model: nn.Module, example_inputs: Any = None, layer: int = 0):
     return before, after, block
 
 
+@unwrapping
 def draw(model: nn.Module, path: str | os.PathLike, *, example_inputs: Any = None, layer: int = 0,
          backend: str = "auto") -> Path:
     """Draw one layer of the model before and after surgery, surgery's nodes highlighted; return the path.

@@ -39,6 +39,8 @@ from torch.nn.utils import parametrize
 from surgery.errors import SurgeryError
 from surgery.modules.base import WeightAdapter
 from surgery.rewrite.host import WeightSite, attach_weight_site, store_of
+from surgery.rewrite.sites import check_hosts
+from surgery.rewrite.wrappers import unwrapping
 
 INVERSE_TOLERANCE = 1e-6
 
@@ -238,6 +240,7 @@ def _chosen(store, name: str | None) -> list[str]:
     return [n for n in store.records if active is None or n in active]
 
 
+@unwrapping
 def merge(model: nn.Module, name: str | None = None, *, exact: bool = True, strict: bool = False) -> MergeReport:
     """Fold the weight adapters of adapter set `name` (default: every active one) into the base weights.
 
@@ -248,6 +251,7 @@ def merge(model: nn.Module, name: str | None = None, *, exact: bool = True, stri
     store = store_of(model)
     if store is None:
         raise SurgeryError("this model has no adapters to merge")
+    check_hosts(store, "merge")
     states = _states(store)
     names = _chosen(store, name)
     already = [n for n in names if n in states]
@@ -305,7 +309,7 @@ def merge(model: nn.Module, name: str | None = None, *, exact: bool = True, stri
                     for p in site.adapter.parameters():
                         state.flags.append((p, p.requires_grad))
                         p.requires_grad_(False)
-    except Exception as exc:
+    except BaseException as exc:   # Ctrl-C too
         with torch.no_grad():
             for state in reversed(list(done.values())):
                 for folded in reversed(state.folded):
@@ -314,12 +318,15 @@ def merge(model: nn.Module, name: str | None = None, *, exact: bool = True, stri
                     p.requires_grad_(flag)
             for site in detached:
                 attach_weight_site(site)
+        if not isinstance(exc, Exception):   # Ctrl-C: undone, and passed on as it is
+            raise
         raise SurgeryError(f"merge failed, the model is unchanged: {type(exc).__name__}: {exc}") from exc
     states.update(done)
     report.stored_bytes = sum(_nbytes(f.kept) for s in done.values() for f in s.folded)
     return report
 
 
+@unwrapping
 def unmerge(model: nn.Module, name: str | None = None) -> list[str]:
     """Restore the base weights a merge changed and attach its sites again. Returns the adapter names."""
     store = store_of(model)
@@ -341,12 +348,14 @@ def unmerge(model: nn.Module, name: str | None = None) -> list[str]:
             for site in states[n].sites:
                 attach_weight_site(site)
                 attached.append(site)
-    except Exception as exc:
+    except BaseException as exc:
         for site in reversed(attached):
             site.detach()
         with torch.no_grad():
             for folded in reversed(unfolded):
                 _refold(folded)
+        if not isinstance(exc, Exception):
+            raise
         raise SurgeryError(f"unmerge failed, the model is unchanged (still merged): {type(exc).__name__}: "
                            f"{exc}") from exc
     for n in names:

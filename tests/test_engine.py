@@ -126,7 +126,7 @@ def test_real_minilm_houlsby():
     d, b = 384, 24
     assert surgery.trainable_parameters(model)[0] == 2 * 6 * (2 * d * b + b + d)
     out = model(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
-    assert (out - base).abs().max() < 0.1
+    assert (out - base).abs().max() < 0.15
 
 
 # ---------------------------------------------------------------------------------------------- bad input

@@ -31,6 +31,9 @@ from surgery.errors import SurgeryError
 from surgery.rewrite.host import STATE_ATTR, store_of
 from surgery.spec import Spec, load_spec
 from surgery.spec.load import validate_data
+from surgery.rewrite import trained
+from surgery.rewrite.sites import check_hosts
+from surgery.rewrite.wrappers import unwrapping
 
 FORMAT = "surgery.adapters"
 FORMAT_VERSION = 1
@@ -94,7 +97,7 @@ def surgery_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
         for param, _ in store.records[adapter].trained:
             if id(param) not in base_names:
                 raise CheckpointError(f"adapter {adapter!r} trains a parameter that is not a base parameter")
-            out[f"{adapter}/{TRAINED}/{base_names[id(param)]}"] = param
+            out[f"{adapter}/{TRAINED}/{base_names[id(param)]}"] = trained.slot(store, adapter, param)
     return out
 
 
@@ -153,6 +156,7 @@ def _write_atomic(path: Path, write) -> None:
             tmp.unlink()
 
 
+@unwrapping
 def save(model: nn.Module, directory: str | os.PathLike) -> Path:
     """Write the model's adapters (and the base parameters its specs train) to `directory`; return it.
 
@@ -162,6 +166,8 @@ def save(model: nn.Module, directory: str | os.PathLike) -> Path:
     from safetensors.torch import save_file
 
     store = store_of(model)
+    if store is not None:
+        check_hosts(store, "save")
     live = surgery_tensors(model)
     tensors, aliases = _dedupe(live)
     directory = Path(directory)
@@ -289,6 +295,7 @@ def _match_tensors(saved: dict[str, torch.Tensor], aliases: dict[str, str],
     return pairs
 
 
+@unwrapping
 def load(base_model: nn.Module, directory: str | os.PathLike, example_inputs: Any = None, *,
          strict: bool = True) -> nn.Module:
     """Re-apply the saved specs to `base_model` under their adapter names, load the saved tensors, return it.
@@ -330,7 +337,7 @@ def load(base_model: nn.Module, directory: str | os.PathLike, example_inputs: An
                 target.copy_(value)
         if created_store and manifest.get("active") is not None:
             set_active(base_model, manifest["active"])
-    except Exception as exc:
+    except BaseException as exc:   # Ctrl-C too
         with torch.no_grad():
             for target, original in restore:
                 target.copy_(original)
@@ -340,7 +347,7 @@ def load(base_model: nn.Module, directory: str | os.PathLike, example_inputs: An
             p.requires_grad_(flag)
         for m, mode in modes:
             m.training = mode
-        if isinstance(exc, SurgeryError):
+        if isinstance(exc, SurgeryError) or not isinstance(exc, Exception):
             raise
         raise CheckpointError(f"loading {directory} failed: {type(exc).__name__}: {exc}") from exc
     return base_model

@@ -32,6 +32,7 @@ from surgery.errors import SurgeryError
 from surgery.modules.ia3 import IA3
 from surgery.modules.lora import LoRA
 from surgery.rewrite.host import store_of
+from surgery.rewrite.wrappers import unwrapping
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -43,6 +44,20 @@ _LORA_UNSUPPORTED = {"use_dora": False, "lora_bias": False, "bias": "none", "mod
                      "target_parameters": None, "layer_replication": None, "trainable_token_indices": None,
                      "use_qalora": False, "alora_invocation_tokens": None, "use_bdlora": False}
 _IA3_UNSUPPORTED = {"modules_to_save": None}
+# Fields this reader models or that do not change what a loaded adapter computes (metadata, data loading,
+# runtime options, initializations that the loaded tensors replace). Any other field with a value set is a
+# method this reader does not know (a new PEFT variant), refused by name: an allow-list, so the next variant
+# PEFT adds is refused too, never loaded as plain LoRA.
+_COMMON_KNOWN = {"task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
+                 "inference_mode", "target_modules", "exclude_modules", "fan_in_fan_out", "layers_to_transform",
+                 "layers_pattern"}
+_LORA_KNOWN = _COMMON_KNOWN | set(_LORA_UNSUPPORTED) | {
+    "r", "lora_alpha", "lora_dropout", "use_rslora", "init_lora_weights", "rank_pattern", "alpha_pattern",
+    "megatron_core", "runtime_config", "qalora_group_size", "eva_config", "ensure_weight_tying"}
+_IA3_KNOWN = _COMMON_KNOWN | set(_IA3_UNSUPPORTED) | {"feedforward_modules", "init_ia3_weights"}
+# init_lora_weights values that only initialize (the loaded tensors replace them); others change the base
+# weights (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA) or select a variant (MiCA freezes lora_B)
+_LORA_PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal")
 
 
 class PeftFormatError(SurgeryError):
@@ -127,11 +142,21 @@ def _tensors_by_module(tensors: dict[str, torch.Tensor], suffixes: dict[str, str
     return by_module
 
 
-def _check_supported(config: dict, unsupported: dict, peft_dir: Path) -> None:
+def _check_supported(config: dict, unsupported: dict, peft_dir: Path, known: set[str] = frozenset()) -> None:
     for field_name, default in unsupported.items():
         value = config.get(field_name, default)
         if value not in (None, False, [], {}, default):
             raise PeftFormatError(f"{peft_dir}: {field_name}={value!r} is not supported by from_peft")
+    if known:
+        for field_name, value in config.items():
+            if field_name not in known and value not in (None, False, [], {}, "", 0):
+                raise PeftFormatError(f"{peft_dir}: {field_name}={value!r} is a PEFT option this reader does not "
+                                      f"know; it may change what the adapter computes, so from_peft refuses it")
+    init = config.get("init_lora_weights", True)
+    if config.get("peft_type", "").upper() == "LORA" and init not in _LORA_PLAIN_INITS:
+        raise PeftFormatError(f"{peft_dir}: init_lora_weights={init!r} is a LoRA variant or a base-weight "
+                              f"rewrite (e.g. MiCA freezes lora_B; PiSSA/OLoRA/CorDA/LoftQ change the base weights) "
+                              f"that from_peft does not implement; plain LoRA inits are {list(_LORA_PLAIN_INITS)}")
 
 
 def _weight_sites(model: nn.Module, paths: list[str], example_inputs) -> dict[str, str]:
@@ -169,6 +194,7 @@ def _paths(config: dict, by_module: dict, model: nn.Module, peft_dir: Path) -> l
     return sorted(by_module, key=list(n for n, _ in model.named_modules()).index)
 
 
+@unwrapping
 def from_peft(model: nn.Module, peft_dir, *, name: str = "default", example_inputs=None) -> nn.Module:
     """Apply the LoRA or IA3 adapter saved by PEFT in `peft_dir` to `model` (in place) and return it.
 
@@ -178,10 +204,10 @@ def from_peft(model: nn.Module, peft_dir, *, name: str = "default", example_inpu
     config, tensors = _read(peft_dir)
     peft_type = str(config.get("peft_type", "")).upper()
     if peft_type == "LORA":
-        _check_supported(config, _LORA_UNSUPPORTED, peft_dir)
+        _check_supported(config, _LORA_UNSUPPORTED, peft_dir, _LORA_KNOWN)
         by_module = _tensors_by_module(tensors, {"lora_A.weight": "lora_A", "lora_B.weight": "lora_B"}, peft_dir)
     elif peft_type == "IA3":
-        _check_supported(config, _IA3_UNSUPPORTED, peft_dir)
+        _check_supported(config, _IA3_UNSUPPORTED, peft_dir, _IA3_KNOWN)
         by_module = _tensors_by_module(tensors, {"ia3_l": "ia3_l"}, peft_dir)
     else:
         raise PeftFormatError(f"{peft_dir}: peft_type {config.get('peft_type')!r} is not supported (LORA, IA3)")
@@ -298,6 +324,7 @@ def _ia3_module(sites, in_features: int, out_features: int, path: str) -> tuple[
     return vector[:, None], False
 
 
+@unwrapping
 def to_peft(model: nn.Module, out_dir, *, name: str | None = None, example_inputs=None) -> Path:
     """Write adapter set `name` (default: the only one) as a PEFT directory that `PeftModel.from_pretrained`
     loads onto the base model. LoRA or IA3 adapters only; anything PEFT cannot express is an error."""

@@ -69,7 +69,7 @@ class DoRA(LoRA):
         return self.magnitude.to(weight.dtype) / self._row_norm(combined).detach()
 
     def forward(self, x, y):
-        weight = self._base_weight[0]
+        weight = self._base_weight[0].to(x.dtype)   # a float32 DoRA on a half-precision base computes in float32
         x = self.dropout(x)
         scale = self._norm_scale(weight.detach())
         lora = (x @ self.lora_A.t() @ self.lora_B.t()) * self.scaling

@@ -5,9 +5,9 @@ undone. Modules come from the registry; nothing here knows any particular method
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import re
-import types
 
 import torch
 from torch import fx, nn
@@ -16,6 +16,7 @@ from torch.nn.utils import parametrize
 from surgery.analyze.roles import Analysis, Site, op_name, stack_entries
 from surgery.errors import RewriteError
 from surgery.match.pattern import Match
+from surgery.rewrite import compose
 from surgery.modules.base import SiteContext
 from surgery.modules.registry import module_class
 from surgery.rewrite.attention import attach_intercept, attach_registry, registry_of
@@ -123,21 +124,22 @@ def _projection(model, info, packed):
     rows = info.rows or packed
     if rows is None:
         return model.get_submodule(info.owner)
+    return functools.partial(_project, model, info, packed, rows)
 
-    def project(x):
-        owner = model.get_submodule(info.owner)
-        weight = getattr(owner, info.weight.rpartition(".")[2])
-        bias = getattr(model.get_submodule(info.bias.rpartition(".")[0]), info.bias.rpartition(".")[2]) if info.bias else None
-        a, b = rows
-        if info.layout == "in_out":
-            out = x @ weight[:, a:b]
-        else:
-            out = x @ weight[a:b].t()
-        if bias is not None:
-            brows = info.bias_rows or packed or rows
-            out = out + bias[brows[0]:brows[1]]
-        return out
-    return project
+
+def _project(model, info, packed, rows, x):
+    owner = model.get_submodule(info.owner)
+    weight = getattr(owner, info.weight.rpartition(".")[2])
+    bias = getattr(model.get_submodule(info.bias.rpartition(".")[0]), info.bias.rpartition(".")[2]) if info.bias else None
+    a, b = rows
+    if info.layout == "in_out":
+        out = x @ weight[:, a:b]
+    else:
+        out = x @ weight[a:b].t()
+    if bias is not None:
+        brows = info.bias_rows or packed or rows
+        out = out + bias[brows[0]:brows[1]]
+    return out
 
 
 def _text_embedder(model, analysis: Analysis):
@@ -233,7 +235,7 @@ def realize(model: nn.Module, analysis: Analysis, store: AdapterStore, record: R
     if rule_name in per_adapter:
         raise RewriteError(f"two rules named {rule_name!r} in adapter {name!r}")
     per_adapter[rule_name] = modules
-    record.undo.append(lambda: per_adapter.pop(rule_name))
+    record.undo.append(functools.partial(per_adapter.pop, rule_name))
     for match in matches:
         value = _through(_site_value(match.site), rule.through)
         if rule.action == "insert_before":   # the module sees the op's input, so it is sized by it
@@ -264,7 +266,10 @@ def realize(model: nn.Module, analysis: Analysis, store: AdapterStore, record: R
         else:
             module.to_empty(device="meta")
         if ctx.dtype.is_floating_point:
-            module.to(dtype=ctx.dtype)
+            dtype = _adapter_dtype(ctx.dtype, rule.action, (extra or {}).get("adapter_dtype"))
+            module.to(dtype=dtype)
+            if dtype != ctx.dtype:
+                _compute_in(module, dtype, ctx.dtype)
         module.train(model.training)   # an adapter added to a model in eval mode must not run its dropout
         key = site_key(match)
         if key in modules:
@@ -298,10 +303,10 @@ def _realize_one(model, analysis, store, record, rule, match, value, module, key
     elif action == "parallel":
         source = _site_value(match.source)
         slot = f"{record.name}/{match.rule}/{key}"
-        slots = store.runtime.slots
-        record.undo.append(hook_capture(model, capture_anchor(analysis, source), slots, slot))
+        runtime = store.runtime
+        record.undo.append(hook_capture(model, capture_anchor(analysis, source), runtime, slot))
         anchor = value_anchor(analysis, value)
-        record.undo.append(hook_value(model, anchor, lambda y: y + module(slots.pop(slot)), gate))
+        record.undo.append(hook_value(model, anchor, functools.partial(_parallel, module, runtime, slot, record.name), gate))
     elif action == "sublayer":
         _realize_sublayer(model, analysis, store, record, match, module, key, gate)
     elif action == "wrap":
@@ -316,12 +321,8 @@ def _realize_one(model, analysis, store, record, rule, match, value, module, key
         host = model.get_submodule(match.module)
         if "forward" in host.__dict__:
             raise RewriteError(f"{match.module} is already replaced")
-        original = type(host).forward.__get__(host)
-
-        def forward(self, *args, **kwargs):
-            return module(*args, **kwargs) if gate() else original(*args, **kwargs)
-        host.forward = types.MethodType(forward, host)
-        record.undo.append(lambda: host.__dict__.pop("forward", None))
+        host.forward = _Replaced(host, module, gate)
+        record.undo.append(functools.partial(host.__dict__.pop, "forward", None))
     elif action == "attend":
         if match.role != "attention.op":
             raise RewriteError(f"rule {match.rule!r}: attend needs the attention op (role attention.op)")
@@ -331,9 +332,8 @@ def _realize_one(model, analysis, store, record, rule, match, value, module, key
             # the module reads the attention module's input (a gate): capture it for this call
             slot = f"{record.name}/{match.rule}/{key}/input"
             anchor = _module_input(analysis, match.module)
-            record.undo.append(hook_capture(model, anchor, store.runtime.slots, slot))
-            slots = store.runtime.slots
-            adapter = lambda q, k, v, attend: module(q, k, v, attend, attention_input=slots[slot])  # noqa: E731
+            record.undo.append(hook_capture(model, anchor, store.runtime, slot))
+            adapter = functools.partial(_with_attention_input, module, store.runtime, slot)
         registry = registry_of(model)
         if registry is not None:
             record.undo.append(attach_registry(model, registry, host, adapter, gate))
@@ -357,30 +357,140 @@ def _realize_sublayer(model, analysis, store, record, match, module, key, gate):
         raise RewriteError(f"rule {match.rule!r}: sublayer needs a residual add (roles attention.residual_add or "
                            f"ffn.residual_add), not {match.role or match.site.op}")
     branch, residual, norm_node = extra["branch"], extra["residual"], extra["norm"]
-    slots = store.runtime.slots
+    runtime = store.runtime
     slot_h, slot_x = f"{record.name}/{match.rule}/{key}/h", f"{record.name}/{match.rule}/{key}/x"
-    record.undo.append(hook_capture(model, capture_anchor(analysis, residual), slots, slot_x))
+    record.undo.append(hook_capture(model, capture_anchor(analysis, residual), runtime, slot_x))
     if norm_node is not None:
         norm_anchor = output_anchor(analysis, norm_node)
         norm_input = input_anchor(analysis, match.site.node)
         if norm_anchor is None or norm_input is None or norm_anchor.module != norm_input.module:
             raise RewriteError(f"the norm after {match.node} is not a module of its own; cannot rewrite the sub-layer")
         norm = model.get_submodule(norm_anchor.module).forward   # the bare forward: no hooks, no recursion
-        record.undo.append(hook_capture(model, capture_anchor(analysis, branch), slots, slot_h))
+        record.undo.append(hook_capture(model, capture_anchor(analysis, branch), runtime, slot_h))
         record.undo.append(hook_value(model, norm_anchor,
-                                      lambda out: module(slots.pop(slot_h), slots.pop(slot_x), norm), gate))
+                                      functools.partial(_sublayer, module, runtime, slot_h, slot_x, norm, record.name), gate))
         return
     anchor = output_anchor(analysis, match.site.node)
     if anchor is not None:
-        record.undo.append(hook_capture(model, capture_anchor(analysis, branch), slots, slot_h))
-        record.undo.append(hook_value(model, anchor, lambda u: module(slots.pop(slot_h), slots.pop(slot_x), None),
-                                      gate))
+        record.undo.append(hook_capture(model, capture_anchor(analysis, branch), runtime, slot_h))
+        record.undo.append(hook_value(model, anchor,
+                                      functools.partial(_sublayer, module, runtime, slot_h, slot_x, None, record.name), gate))
         return
+    record.undo.append(hook_value(model, value_anchor(analysis, branch),
+                                  functools.partial(_sublayer_branch, module, runtime, slot_x, record.name), gate))
 
-    def branch_fn(h):
-        x = slots.pop(slot_x)
-        return module(h, x, None) - x
-    record.undo.append(hook_value(model, value_anchor(analysis, branch), branch_fn, gate))
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _adapter_dtype(base: torch.dtype, action: str, requested) -> torch.dtype:
+    """float32 adapters on a half-precision base (unless `requested` says otherwise). Modules that call back
+    into the host (attend, sublayer, replace, prepend) keep the base dtype: the host expects its own."""
+    if requested == "base":
+        return base
+    if isinstance(requested, torch.dtype):
+        return requested
+    if requested is not None:
+        raise RewriteError(f"adapter_dtype must be a torch.dtype or 'base', not {requested!r}")
+    if base in _HALF and action in ("insert_after", "insert_before", "parallel", "wrap"):
+        return torch.float32
+    return base
+
+
+def _compute_in(module: nn.Module, dtype: torch.dtype, base: torch.dtype) -> None:
+    """The module computes in `dtype` (its parameters') and gives the host its own dtype `base` back."""
+    module.register_forward_pre_hook(functools.partial(_cast_inputs, dtype), with_kwargs=True)
+    module.register_forward_hook(functools.partial(_cast_output, base))
+
+
+def _cast(value, dtype):
+    if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dtype != dtype:
+        return value.to(dtype)
+    if isinstance(value, tuple):
+        return tuple(_cast(v, dtype) for v in value)
+    return value
+
+
+def _cast_inputs(dtype, module, args, kwargs):
+    return _cast(args, dtype), {k: _cast(v, dtype) for k, v in kwargs.items()}
+
+
+def _cast_output(dtype, module, args, out):
+    return _cast(out, dtype)
+
+
+# The functions hooks run are partials of these module-level functions and small classes, never closures: a
+# deepcopy of the model then rebinds them to the copy's modules, and the model pickles.
+
+def _parallel(module, runtime, slot, name, y):
+    return y + module(_my_part(runtime, name, runtime.slots.pop(slot), y))
+
+
+def _sublayer(module, runtime, slot_h, slot_x, norm, name, out):
+    h, x = runtime.slots.pop(slot_h), runtime.slots.pop(slot_x)
+    return module(_my_part(runtime, name, h, out), _my_part(runtime, name, x, out), norm)
+
+
+def _sublayer_branch(module, runtime, slot_x, name, h):
+    x = _my_part(runtime, name, runtime.slots.pop(slot_x), h)
+    return module(h, x, None) - x
+
+
+def _my_part(runtime, name: str, captured: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """The rows (BatchSplit, Parallel) and positions (Split) of a value captured for the whole call that adapter
+    `name` sees under the active composition, so it matches `value`, the part the composition hands it."""
+    if captured.shape[:2] == value.shape[:2] or runtime.composition is None:
+        return captured
+    window = _window(runtime.composition, name, (0, captured.shape[0]), (0, captured.shape[1]))
+    if window is None:
+        return captured
+    (r0, r1), (c0, c1) = window
+    return captured[r0:r1, c0:c1]
+
+
+def _window(block, name: str, rows: tuple[int, int], cols: tuple[int, int]):
+    """((row start, end), (position start, end)) of adapter `name`'s part under `block`, or None."""
+    if isinstance(block, str):
+        return (rows, cols) if block == name else None
+    kids = block.children
+    if isinstance(block, (compose.BatchSplit, compose.Parallel, compose.Split)):
+        along_rows = not isinstance(block, compose.Split)
+        lo, hi = rows if along_rows else cols
+        if isinstance(block, compose.BatchSplit):
+            sizes = list(block.batch_sizes)
+        elif isinstance(block, compose.Parallel):
+            sizes = [(hi - lo) // len(kids)] * len(kids)
+        else:
+            sizes = list(block.splits) + [hi - lo - sum(block.splits)]
+        start = lo
+        for kid, size in zip(kids, sizes):
+            part = (start, start + size)
+            found = _window(kid, name, part, cols) if along_rows else _window(kid, name, rows, part)
+            if found is not None:
+                return found
+            start += size
+        return None
+    for kid in kids:
+        found = _window(kid, name, rows, cols)
+        if found is not None:
+            return found
+    return None
+
+
+def _with_attention_input(module, runtime, slot, q, k, v, attend):
+    return module(q, k, v, attend, attention_input=runtime.slots[slot])
+
+
+class _Replaced:
+    """`forward` of a module replaced by a `replace` rule: the new module while its adapter is active."""
+
+    def __init__(self, host: nn.Module, module: nn.Module, gate):
+        self.host, self.module, self.gate = host, module, gate
+
+    def __call__(self, *args, **kwargs):
+        if self.gate():
+            return self.module(*args, **kwargs)
+        return type(self.host).forward(self.host, *args, **kwargs)
 
 
 def _module_input(analysis: Analysis, module: str):
@@ -432,50 +542,55 @@ def _realize_prepend(model, analysis, store, record, match, value, module, gate)
     takes_embeds = "inputs_embeds" in inspect.signature(model.forward).parameters
     table = _token_embedding(model, analysis) if takes_embeds else None
 
-    def prepend(hidden):
-        if runtime.call.get("cached"):
-            return hidden
-        runtime.call[flag] = True
-        return module(hidden)
-
-    def strip(hidden):
-        if runtime.call.pop(flag, False):
-            return hidden[:, length:]
-        return hidden
-
-    def root(mod, args, kwargs):
-        if not gate():
-            return None
-        kwargs = dict(kwargs)
-        if table is not None and not runtime.call.get("cached"):
-            if args and isinstance(args[0], torch.Tensor) and not args[0].is_floating_point():
-                ids, args = args[0], (None,) + tuple(args[1:])   # token ids given positionally
-            else:
-                ids = kwargs.pop("input_ids", None)
-            embeds = kwargs.get("inputs_embeds")
-            if ids is not None:
-                embeds = table(ids)
-            if embeds is not None:
-                kwargs["inputs_embeds"] = prepend(embeds)
-                for key in ("position_ids", "token_type_ids"):
-                    extra = kwargs.get(key)
-                    if isinstance(extra, torch.Tensor) and extra.dim() == 2:
-                        lead = torch.arange(length, device=extra.device) if key == "position_ids" else \
-                            torch.zeros(length, dtype=extra.dtype, device=extra.device)
-                        kwargs[key] = torch.cat([lead.expand(extra.shape[0], -1),
-                                                 extra + (length if key == "position_ids" else 0)], dim=1)
-        elif runtime.call.get("cached") and isinstance(kwargs.get("position_ids"), torch.Tensor):
-            kwargs["position_ids"] = kwargs["position_ids"] + length
-        mask = kwargs.get("attention_mask")
-        if isinstance(mask, torch.Tensor) and mask.dim() == 2:
-            kwargs["attention_mask"] = torch.cat([mask.new_ones(mask.shape[0], length), mask], dim=1)
-        return args, kwargs
-
     if table is None:
-        record.undo.append(hook_value(model, value_anchor(analysis, value), prepend, gate))
+        record.undo.append(hook_value(model, value_anchor(analysis, value),
+                                      functools.partial(_prepend, module, runtime, flag), gate))
     if strip_anchor is not None:
-        record.undo.append(hook_value(model, strip_anchor, strip, gate))
+        record.undo.append(hook_value(model, strip_anchor, functools.partial(_strip, runtime, flag, length), gate))
+    root = functools.partial(_prepend_root, module, runtime, flag, length, table, gate)
     record.undo.append(model.register_forward_pre_hook(root, with_kwargs=True).remove)
+
+
+def _prepend(module, runtime, flag, hidden):
+    if runtime.call.get("cached"):
+        return hidden
+    runtime.call[flag] = True
+    return module(hidden)
+
+
+def _strip(runtime, flag, length, hidden):
+    if runtime.call.pop(flag, False):
+        return hidden[:, length:]
+    return hidden
+
+
+def _prepend_root(module, runtime, flag, length, table, gate, mod, args, kwargs):
+    if not gate():
+        return None
+    kwargs = dict(kwargs)
+    if table is not None and not runtime.call.get("cached"):
+        if args and isinstance(args[0], torch.Tensor) and not args[0].is_floating_point():
+            ids, args = args[0], (None,) + tuple(args[1:])   # token ids given positionally
+        else:
+            ids = kwargs.pop("input_ids", None)
+        embeds = kwargs.get("inputs_embeds")
+        if ids is not None:
+            embeds = table(ids)
+        if embeds is not None:
+            kwargs["inputs_embeds"] = _prepend(module, runtime, flag, embeds)
+            for key in ("position_ids", "token_type_ids"):
+                extra = kwargs.get(key)
+                if isinstance(extra, torch.Tensor) and extra.dim() == 2:
+                    lead = torch.arange(length, device=extra.device) if key == "position_ids" else \
+                        torch.zeros(length, dtype=extra.dtype, device=extra.device)
+                    kwargs[key] = torch.cat([lead.expand(extra.shape[0], -1),
+                                             extra + (length if key == "position_ids" else 0)], dim=1)
+    elif runtime.call.get("cached") and isinstance(kwargs.get("position_ids"), torch.Tensor):
+        kwargs["position_ids"] = kwargs["position_ids"] + length
+    mask = kwargs.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+        kwargs["attention_mask"] = torch.cat([mask.new_ones(mask.shape[0], length), mask], dim=1)
+    return args, kwargs
 
 
 def _token_embedding(model, analysis: Analysis) -> nn.Module | None:

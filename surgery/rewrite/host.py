@@ -9,7 +9,9 @@ generate() and the KV cache; `torch.export` of the host gives the rewritten grap
 """
 from __future__ import annotations
 
+import functools
 import inspect
+import threading
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -18,7 +20,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.utils import parametrize
 
-from surgery.analyze.roles import Analysis, LinearInfo, stack_entries, op_name, stack_paths
+from surgery.analyze.roles import Analysis, LinearInfo, op_name, stack_entries, stack_paths
 from surgery.rewrite import compose
 from surgery.errors import RewriteError
 from surgery.trace.export import Boundary
@@ -34,9 +36,43 @@ class RuntimeState:
         self.active: list[str] | None = None   # None: every adapter
         self.composition = None                 # a compose.Block, or None: active adapters stacked
         self.disabled = False
-        self.slots: dict[str, torch.Tensor] = {}
-        self.call: dict = {}                    # the root call's keyword inputs (attention_mask, ...)
-        self.calls: dict[int, int] = {}         # id(module) -> its calls so far in this root call (repeated modules)
+        # what one call captures is per thread: one model may run in several threads at once
+        self._local = threading.local()
+
+    @property
+    def slots(self) -> dict[str, torch.Tensor]:
+        """Values captured earlier in this thread's current call, by slot name."""
+        slots = getattr(self._local, "slots", None)
+        if slots is None:
+            slots = self._local.slots = {}
+        return slots
+
+    @property
+    def call(self) -> dict:
+        """This thread's root call's inputs (attention_mask, whether a KV cache holds positions, ...)."""
+        call = getattr(self._local, "call", None)
+        if call is None:
+            call = self._local.call = {}
+        return call
+
+    @call.setter
+    def call(self, value: dict) -> None:
+        self._local.call = value
+
+    @property
+    def calls(self) -> dict[int, int]:
+        """This thread's count of each repeated module's calls so far in the current root call (by id)."""
+        calls = getattr(self._local, "calls", None)
+        if calls is None:
+            calls = self._local.calls = {}
+        return calls
+
+    def __getstate__(self):   # a copy (deepcopy, pickle) starts with no call in flight
+        return {k: v for k, v in self.__dict__.items() if k != "_local"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._local = threading.local()
 
     def on(self, name: str) -> bool:
         return not self.disabled and (self.active is None or name in self.active)
@@ -57,11 +93,11 @@ class Dispatcher:
     combined as the runtime's composition says."""
 
     def __init__(self, module: nn.Module, side: str, loc: tuple, call: int | None = None,
-                 runtime: "RuntimeState | None" = None):
+                 runtime: RuntimeState | None = None):
         self.entries: list[tuple[Gate, Callable]] = []
         self.fusions: list[tuple[Gate, Callable]] = []
         self.side, self.loc = side, loc
-        self.call, self.runtime, self.key = call, runtime, id(module)
+        self.call, self.runtime = call, runtime    # one call of a module called several times per forward
         if side == "out":
             self.handle = module.register_forward_hook(self._post)
         elif side == "in":
@@ -69,12 +105,8 @@ class Dispatcher:
         else:   # "call": a weight-bearing module's output given its input
             self.handle = module.register_forward_hook(self._post)
 
-    def _this_call(self) -> bool:
-        """For a module called several times in one forward: whether the running call is this site's."""
-        return self.call is None or self.runtime.calls.get(self.key, 0) - 1 == self.call
-
-    def run(self, value, args):
-        if not self._this_call():
+    def run(self, value, args, module=None):
+        if self.call is not None and self.runtime.calls.get(id(module), 0) - 1 != self.call:
             return value
         live = [(g, fn) for g, fn in self.entries if g()]
         if not live:
@@ -87,43 +119,40 @@ class Dispatcher:
         return compose.run(runtime.composition, by_name, list(by_name), value, args, fusions)
 
     def _post(self, mod, args, out):
-        return _set(out, self.loc, self.run(_get(out, self.loc), args))
+        return _set(out, self.loc, self.run(_get(out, self.loc), args, mod))
 
     def _pre(self, mod, args, kwargs):
         kind, key = self.loc
         if kind == "arg":
             if key >= len(args):
                 return None
-            return args[:key] + (self.run(args[key], None),) + args[key + 1:], kwargs
+            return args[:key] + (self.run(args[key], None, mod),) + args[key + 1:], kwargs
         if key not in kwargs:
             return None
-        return args, {**kwargs, key: self.run(kwargs[key], None)}
+        return args, {**kwargs, key: self.run(kwargs[key], None, mod)}
 
 
-class _CallCounter:
-    """Counts a repeated module's calls within one root forward (the root hook resets the counts)."""
-
-    def __init__(self, runtime: RuntimeState):
-        self.runtime = runtime
-
-    def __call__(self, module, args, kwargs):
-        self.runtime.calls[id(module)] = self.runtime.calls.get(id(module), 0) + 1
+def _count_call(runtime: RuntimeState, module, args, kwargs):
+    runtime.calls[id(module)] = runtime.calls.get(id(module), 0) + 1
 
 
 def count_calls(module: nn.Module, runtime: RuntimeState) -> Callable[[], None]:
-    """Install (once, reference-counted) the call counter of a repeated module; return the undo."""
+    """Count a repeated module's calls within each root forward (reference-counted; the root hook resets the
+    counts); return the undo."""
     entry = module.__dict__.get("_surgery_counter")
     if entry is None:
-        handle = module.register_forward_pre_hook(_CallCounter(runtime), with_kwargs=True, prepend=True)
+        handle = module.register_forward_pre_hook(functools.partial(_count_call, runtime), with_kwargs=True,
+                                                  prepend=True)
         entry = module.__dict__["_surgery_counter"] = [handle, 0]
     entry[1] += 1
+    return functools.partial(_uncount_calls, module, entry)
 
-    def undo():
-        entry[1] -= 1
-        if entry[1] == 0 and module.__dict__.get("_surgery_counter") is entry:
-            entry[0].remove()
-            del module.__dict__["_surgery_counter"]
-    return undo
+
+def _uncount_calls(module: nn.Module, entry: list) -> None:
+    entry[1] -= 1
+    if entry[1] == 0 and module.__dict__.get("_surgery_counter") is entry:
+        entry[0].remove()
+        del module.__dict__["_surgery_counter"]
 
 
 def dispatch(module: nn.Module, side: str, loc: tuple, gate: Gate, fn: Callable, *, fusion: bool = False,
@@ -135,21 +164,26 @@ def dispatch(module: nn.Module, side: str, loc: tuple, gate: Gate, fn: Callable,
     if key not in table:
         table[key] = Dispatcher(module, side, loc, call, gate.runtime)
     dispatcher = table[key]
-    uncount = count_calls(module, gate.runtime) if call is not None else (lambda: None)
     entry = (gate, fn)
     (dispatcher.fusions if fusion else dispatcher.entries).append(entry)
+    uncount = count_calls(module, gate.runtime) if call is not None else None
+    # undos and hook functions are partials of module-level functions (no closures), so a deepcopy of the model
+    # rebinds them to the copy's modules and the model pickles
+    return functools.partial(_undo_dispatch, module, key, dispatcher, entry, uncount)
 
-    def undo():
+
+def _undo_dispatch(module: nn.Module, key: tuple, dispatcher: Dispatcher, entry: tuple, uncount=None) -> None:
+    if uncount is not None:
         uncount()
-        for entries in (dispatcher.entries, dispatcher.fusions):
-            if entry in entries:
-                entries.remove(entry)
-        if not dispatcher.entries and not dispatcher.fusions and table.get(key) is dispatcher:
-            dispatcher.handle.remove()
-            del table[key]
-            if not table:
-                module.__dict__.pop("_surgery_dispatch", None)
-    return undo
+    table = module.__dict__.get("_surgery_dispatch", {})
+    for entries in (dispatcher.entries, dispatcher.fusions):
+        if entry in entries:
+            entries.remove(entry)
+    if not dispatcher.entries and not dispatcher.fusions and table.get(key) is dispatcher:
+        dispatcher.handle.remove()
+        del table[key]
+        if not table:
+            module.__dict__.pop("_surgery_dispatch", None)
 
 
 class AdapterStore(nn.Module):
@@ -228,7 +262,8 @@ def output_anchor(analysis: Analysis, value: fx.Node) -> Boundary | None:
 
 
 def input_anchor(analysis: Analysis, value: fx.Node, users: list[fx.Node] | None = None) -> Boundary | None:
-    """A module input carrying `value` such that every user (default: all users) lies inside that module."""
+    """A module input carrying `value` such that every user (default: all users) lies inside that call of the
+    module."""
     users = list(value.users) if users is None else users
     for b in analysis.boundaries(value):
         if b.side == "in" and all(_inside(u, b.module, b.call) for u in users):
@@ -322,44 +357,37 @@ def _set(container, loc, value):
 
 def hook_value(model: nn.Module, anchor, fn: Callable[[torch.Tensor], torch.Tensor],
                gate: Gate) -> Callable[[], None]:
-    """Replace the value at `anchor` (a module boundary or a functional call) by fn(value) while the adapter is
+    """Replace the value at `anchor` (a module boundary, or a functional call) by fn(value) while the adapter is
     active; return the undo."""
     if isinstance(anchor, FunctionalAnchor):
         return intercept_call(model, anchor, gate, fn)
-    call = anchor.call if anchor.calls > 1 else None
-    return dispatch(model.get_submodule(anchor.module), anchor.side, anchor.loc, gate, lambda v, args: fn(v),
-                    call=call)
+    return dispatch(model.get_submodule(anchor.module), anchor.side, anchor.loc, gate,
+                    functools.partial(_value_only, fn), call=anchor.call if anchor.calls > 1 else None)
 
 
-def hook_capture(model: nn.Module, anchor, slots: dict, key: str) -> Callable[[], None]:
+def _value_only(fn: Callable, value, args):
+    return fn(value)
+
+
+def hook_capture(model: nn.Module, anchor, runtime: RuntimeState, key: str) -> Callable[[], None]:
+    """Store the value at `anchor` in this thread's `runtime.slots[key]` whenever the module runs (that call of
+    it, for a module called several times)."""
     if isinstance(anchor, FunctionalAnchor):
-        return intercept_call(model, anchor, None, _Capture(slots, key))
+        return intercept_call(model, anchor, None, functools.partial(_store, runtime, key))
     module = model.get_submodule(anchor.module)
     if anchor.calls > 1:
-        runtime = _runtime_of(model)
-
-        def capture(value, args):
-            slots[key] = value
-            return value
-        return dispatch(module, anchor.side, anchor.loc, _Always(runtime), capture, call=anchor.call)
+        return dispatch(module, anchor.side, anchor.loc, _Always(runtime),
+                        functools.partial(_store_value, runtime, key), call=anchor.call)
     if anchor.side == "out":
-        def post(mod, args, out):
-            slots[key] = _get(out, anchor.loc)
-        handle = module.register_forward_hook(post)
+        handle = module.register_forward_hook(functools.partial(_capture_out, runtime, key, anchor.loc))
     else:
-        kind, k = anchor.loc
-
-        def pre(mod, args, kwargs):
-            if kind == "arg" and k < len(args):
-                slots[key] = args[k]
-            elif kind == "kwarg" and k in kwargs:
-                slots[key] = kwargs[k]
-        handle = module.register_forward_pre_hook(pre, with_kwargs=True)
+        handle = module.register_forward_pre_hook(functools.partial(_capture_in, runtime, key, anchor.loc),
+                                                  with_kwargs=True)
     return handle.remove
 
 
 class _Always:
-    """A gate that is always on (captures read values whatever is active)."""
+    """A gate that is always on: captures read values whatever is active."""
 
     def __init__(self, runtime: RuntimeState):
         self.runtime, self.name = runtime, "__capture__"
@@ -368,30 +396,25 @@ class _Always:
         return True
 
 
-class _Capture:
-    def __init__(self, slots: dict, key: str):
-        self.slots, self.key = slots, key
-
-    def __call__(self, value):
-        self.slots[self.key] = value
-        return value
+def _store(runtime: RuntimeState, key: str, value):
+    runtime.slots[key] = value
+    return value
 
 
-def _runtime_of(model: nn.Module) -> RuntimeState:
-    store = store_of(model, create=True)
-    return store.runtime
+def _store_value(runtime: RuntimeState, key: str, value, args):
+    return _store(runtime, key, value)
 
 
 # ---------------------------------------------------------------- values made by functional calls
 
-INTERCEPTABLE = {"dropout"}      # aten op name -> the torch functions that produce it (_FUNCTIONS)
+INTERCEPTABLE = {"dropout"}      # aten ops whose producing torch functions can be intercepted (_FUNCTIONS)
 _FUNCTIONS = {"dropout": (F.dropout, torch.dropout)}
 
 
 @dataclass(frozen=True)
 class FunctionalAnchor:
     """The `index`-th call (0-based, in call order) of an interceptable function during one call of `module`:
-    a value no module boundary carries (OPT's and BART's `F.dropout` on the residual branch)."""
+    a value no module boundary carries (OPT's, BART's and Whisper's `F.dropout` on the residual branch)."""
 
     module: str
     call: int
@@ -408,10 +431,10 @@ def functional_anchor(value: fx.Node) -> FunctionalAnchor | None:
     if not entries:
         return None
     module, call = entries[-1]
-    graph_order = [n for n in value.graph.nodes if n.op == "call_function" and op_name(n) == op
-                   and (module, call) in stack_entries(n)]
+    in_call = [n for n in value.graph.nodes if n.op == "call_function" and op_name(n) == op
+               and (module, call) in stack_entries(n)]
     calls = 1 + max((c for n in value.graph.nodes for m, c in stack_entries(n) if m == module), default=0)
-    return FunctionalAnchor(module, call, calls, op, graph_order.index(value))
+    return FunctionalAnchor(module, call, calls, op, in_call.index(value))
 
 
 class _CallMode(torch.overrides.TorchFunctionMode):
@@ -432,55 +455,77 @@ class _CallMode(torch.overrides.TorchFunctionMode):
 
 
 class _InterceptSite:
-    """The intercepts of one (module, call): a mode entered by a pre-hook and left by an always-called hook."""
+    """The intercepts of one (module, call): a mode entered by a pre-hook and left by an always-called hook, so
+    only that module's forward is affected (per thread: the modes live in the runtime's thread state)."""
 
     def __init__(self, module: nn.Module, anchor: FunctionalAnchor, runtime: RuntimeState):
         self.functions = _FUNCTIONS[anchor.op]
         self.entries: dict[int, list] = {}
         self.call = anchor.call if anchor.calls > 1 else None
-        self.runtime, self.key, self.modes = runtime, id(module), []
+        self.runtime = runtime
         self.handles = [module.register_forward_pre_hook(self._enter),
                         module.register_forward_hook(self._exit, always_call=True)]
 
+    def _modes(self) -> list:
+        table = self.runtime.calls.setdefault("modes", {})
+        return table.setdefault(id(self), [])
+
     def _enter(self, module, args):
-        if self.call is not None and self.runtime.calls.get(self.key, 0) - 1 != self.call:
-            self.modes.append(None)
+        if self.call is not None and self.runtime.calls.get(id(module), 0) - 1 != self.call:
+            self._modes().append(None)
             return
         mode = _CallMode(self)
         mode.__enter__()
-        self.modes.append(mode)
+        self._modes().append(mode)
 
     def _exit(self, module, args, out):
-        mode = self.modes.pop() if self.modes else None
+        modes = self._modes()
+        mode = modes.pop() if modes else None
         if mode is not None:
             mode.__exit__(None, None, None)
 
 
 def intercept_call(model: nn.Module, anchor: FunctionalAnchor, gate, fn) -> Callable[[], None]:
-    """Replace the result of the anchor's functional call by fn(result) (when `gate` is on); return the undo."""
+    """Replace the result of the anchor's functional call by fn(result) while `gate` is on (always when None);
+    return the undo."""
     module = model.get_submodule(anchor.module)
-    runtime = _runtime_of(model)
+    runtime = store_of(model, create=True).runtime
     table = module.__dict__.setdefault("_surgery_intercepts", {})
     key = (anchor.op, anchor.call)
-    uncount = count_calls(module, runtime) if anchor.calls > 1 else (lambda: None)
+    uncount = count_calls(module, runtime) if anchor.calls > 1 else None
     if key not in table:
         table[key] = _InterceptSite(module, anchor, runtime)
     site = table[key]
     entry = (gate, fn)
     site.entries.setdefault(anchor.index, []).append(entry)
+    return functools.partial(_undo_intercept, module, key, site, anchor.index, entry, uncount)
 
-    def undo():
+
+def _undo_intercept(module, key, site, index, entry, uncount) -> None:
+    if uncount is not None:
         uncount()
-        entries = site.entries.get(anchor.index, [])
-        if entry in entries:
-            entries.remove(entry)
-        if not any(site.entries.values()) and table.get(key) is site:
-            for handle in site.handles:
-                handle.remove()
-            del table[key]
-            if not table:
-                module.__dict__.pop("_surgery_intercepts", None)
-    return undo
+    table = module.__dict__.get("_surgery_intercepts", {})
+    entries = site.entries.get(index, [])
+    if entry in entries:
+        entries.remove(entry)
+    if not any(site.entries.values()) and table.get(key) is site:
+        for handle in site.handles:
+            handle.remove()
+        del table[key]
+        if not table:
+            module.__dict__.pop("_surgery_intercepts", None)
+
+
+def _capture_out(runtime: RuntimeState, key: str, loc: tuple, mod, args, out):
+    runtime.slots[key] = _get(out, loc)
+
+
+def _capture_in(runtime: RuntimeState, key: str, loc: tuple, mod, args, kwargs):
+    kind, k = loc
+    if kind == "arg" and k < len(args):
+        runtime.slots[key] = args[k]
+    elif kind == "kwarg" and k in kwargs:
+        runtime.slots[key] = kwargs[k]
 
 
 # ---------------------------------------------------------------- weights
@@ -514,7 +559,7 @@ def transformed(site: WeightSite, tensor: torch.Tensor, *, bias: bool) -> torch.
         out = torch.cat([tensor[:a], transform(tensor[a:b]), tensor[b:]], dim=0)
     if not bias and site.layout == "in_out":
         out = out.t()
-    return out
+    return out.to(tensor.dtype)   # a float32 adapter on a half-precision weight computes in float32
 
 
 def wrap_weight(model: nn.Module, analysis: Analysis, info: LinearInfo, packed: tuple[int, int] | None,
@@ -532,8 +577,6 @@ def wrap_weight(model: nn.Module, analysis: Analysis, info: LinearInfo, packed: 
     whole_module = info.rows is None and bool(out_bounds)
     # a module called several times (ALBERT's shared layer) is one site per call: hooks of that call only
     call = out_bounds[0].call if out_bounds and out_bounds[0].calls > 1 else None
-    if call is None and analysis.calls(owner_path) > 1:
-        whole_module = False
     if info.experts:
         raise RewriteError(f"{owner_path}: its {info.experts} experts are one 3-D parameter ({info.weight}) read by "
                            f"a grouped matmul; wrapping per-expert weights is not supported yet (adapt the attention, "
@@ -560,26 +603,44 @@ def attach_weight_site(site: WeightSite) -> None:
     undo = []
     if site.realized == "activation":
         if adapter.adapts_input:
-            undo.append(dispatch(owner, "in", ("arg", 0), gate, lambda x, args: adapter.adapt_input(x),
+            undo.append(dispatch(owner, "in", ("arg", 0), gate, functools.partial(_adapt_input, adapter),
                                  call=site.call))
-
-        def post(out, args):
-            if packed is None:
-                return adapter(args[0], out)
-            a, b = packed
-            part = adapter(args[0], out[..., a:b])
-            return out + F.pad(part - out[..., a:b], (a, out.shape[-1] - b))
-        undo.append(dispatch(owner, "out", (), gate, post, call=site.call))
+        undo.append(dispatch(owner, "out", (), gate, functools.partial(_adapt_call, adapter, packed), call=site.call))
     else:
         names = [(site.weight_name, False)] + ([(site.bias_name, True)] if site.bias_name else [])
+        _own_class(owner)
         for name, is_bias in names:
             parametrize.register_parametrization(owner, name, _WeightParam(site, gate, is_bias), unsafe=True)
-        undo.append(lambda: _remove_parametrizations(owner, [n for n, _ in names], site))
+        undo.append(functools.partial(_remove_parametrizations, owner, [n for n, _ in names], site))
     site.undo = undo
     site.attached = True
 
 
+def _adapt_input(adapter: nn.Module, x, args):
+    return adapter.adapt_input(x).to(x.dtype)
+
+
+def _adapt_call(adapter: nn.Module, packed: tuple[int, int] | None, out, args):
+    if packed is None:
+        return adapter(args[0], out)
+    a, b = packed
+    part = adapter(args[0], out[..., a:b])
+    return out + F.pad(part - out[..., a:b], (a, out.shape[-1] - b))
+
+
+def _own_class(owner: nn.Module) -> None:
+    """Give a parametrized module a parametrized class of its own. torch keeps the parametrized properties on a
+    class made for the module, and a deepcopy shares that class with the original: adding or removing a
+    parametrization on one would change the other."""
+    if not parametrize.is_parametrized(owner):
+        return
+    cls = type(owner)
+    owner.__class__ = type(cls.__name__, cls.__bases__,
+                           {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")})
+
+
 def _remove_parametrizations(owner: nn.Module, names: list[str], site: WeightSite):
+    _own_class(owner)
     for name in names:
         plist = owner.parametrizations[name]
         keep = [p for p in plist if not (isinstance(p, _WeightParam) and p.site[0] is site)]
@@ -632,26 +693,28 @@ def install_call_capture(model: nn.Module, runtime: RuntimeState) -> Callable[[]
         signature = inspect.signature(model.forward)
     except (TypeError, ValueError):
         signature = None
-
-    def capture(mod, args, kwargs):
-        if isinstance(runtime.composition, compose.Parallel) and not runtime.disabled:
-            copies = len(runtime.composition.children)
-            args = tuple(_replicate(a, copies) for a in args)
-            kwargs = {k: _replicate(v, copies) for k, v in kwargs.items()}
-        named = _bound_call(signature, args, kwargs)
-        mask = named.get("attention_mask")
-        call = {"attention_mask": mask if isinstance(mask, torch.Tensor) else None}
-        call["cache_length"] = cache_length(named.values())
-        call["cached"] = call["cache_length"] > 0
-        first = args[0] if args else named.get("input_ids", named.get("inputs_embeds"))
-        call["input"] = first if isinstance(first, torch.Tensor) else None
-        runtime.call = call
-        runtime.slots.clear()
-        runtime.calls.clear()
-        return args, kwargs
-
-    handle = model.register_forward_pre_hook(capture, with_kwargs=True, prepend=True)
+    handle = model.register_forward_pre_hook(functools.partial(_capture_call, runtime, signature), with_kwargs=True,
+                                             prepend=True)
     return handle.remove
+
+
+def _capture_call(runtime: RuntimeState, signature, mod, args, kwargs):
+    """The root pre-hook of install_call_capture (a partial of this function: the model deep-copies and pickles)."""
+    if isinstance(runtime.composition, compose.Parallel) and not runtime.disabled:
+        copies = len(runtime.composition.children)
+        args = tuple(_replicate(a, copies) for a in args)
+        kwargs = {k: _replicate(v, copies) for k, v in kwargs.items()}
+    named = _bound_call(signature, args, kwargs)
+    mask = named.get("attention_mask")
+    call = {"attention_mask": mask if isinstance(mask, torch.Tensor) else None}
+    call["cache_length"] = cache_length(named.values())
+    call["cached"] = call["cache_length"] > 0
+    first = args[0] if args else named.get("input_ids", named.get("inputs_embeds"))
+    call["input"] = first if isinstance(first, torch.Tensor) else None
+    runtime.call = call
+    runtime.slots.clear()
+    runtime.calls.clear()
+    return args, kwargs
 
 
 def _replicate(value, copies: int):

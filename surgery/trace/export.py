@@ -149,6 +149,83 @@ def _without_cache(model: nn.Module, kwargs: dict) -> dict:
     if "use_cache" in params:
         return {**kwargs, "use_cache": False}
     return kwargs
+def derive_example_inputs(model: nn.Module, batch: int = 2, seq: int = 8):
+    """Example inputs for a model given none: the model's own `example_inputs()` if it has one; for a model
+    with a transformers config, token ids of its vocabulary; else a tensor for the forward's one required
+    argument, shaped for the first module (in registration order) that can consume it: an nn.Embedding takes
+    token ids [batch, seq], an nn.Linear / nn.LayerNorm a float tensor [batch, seq, in_features], an nn.ConvNd a
+    float tensor [batch, in_channels, *spatial]. The candidate is checked by running the model on it.
+
+    Raises SurgeryError saying why when none of this can work (several required arguments, no such module, or
+    the model refusing the derived tensor). The user's RNG is not touched (callers fork it)."""
+    own = getattr(model, "example_inputs", None)
+    if callable(own):
+        return own()
+    derived = default_example_inputs(model, batch, seq)
+    if derived is not None:
+        return derived
+    import inspect
+    name = type(model).__name__
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        params = []
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    required = [p.name for p in params if p.default is p.empty
+                and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    ask = (f"pass example_inputs= (a tensor, a tuple of args or a dict of kwargs that {name}.forward takes), or "
+           f"give {name} an example_inputs() method")
+    if not positional:
+        raise SurgeryError(f"example_inputs are required: {name}.forward takes no positional argument to derive "
+                           f"an input for; {ask}")
+    if len(required) > 1:
+        raise SurgeryError(f"example_inputs are required: {name}.forward needs {len(required)} arguments "
+                           f"({', '.join(required)}) and surgery derives only the first; {ask}")
+    try:
+        ref = next(model.parameters())
+        device, dtype = ref.device, (ref.dtype if ref.is_floating_point() else torch.get_default_dtype())
+    except StopIteration:
+        device, dtype = torch.device("cpu"), torch.get_default_dtype()
+    generator = torch.Generator().manual_seed(0)
+    candidates = []
+    for path, module in model.named_modules():
+        if isinstance(module, nn.Embedding):
+            candidates.append((path, module, [torch.randint(0, module.num_embeddings, (batch, seq),
+                                                            generator=generator)]))
+        elif isinstance(module, nn.Linear):
+            candidates.append((path, module, [torch.randn(batch, seq, module.in_features, generator=generator),
+                                              torch.randn(batch, module.in_features, generator=generator)]))
+        elif isinstance(module, nn.LayerNorm) and module.normalized_shape:
+            candidates.append((path, module, [torch.randn(batch, seq, *module.normalized_shape,
+                                                          generator=generator)]))
+        elif isinstance(module, nn.modules.conv._ConvNd):
+            dims = len(module.kernel_size)
+            size = max(32 if dims < 3 else 8, *(k * d for k, d in zip(module.kernel_size, module.dilation)))
+            candidates.append((path, module, [torch.randn(batch, module.in_channels, *[size] * dims,
+                                                          generator=generator)]))
+        if candidates:
+            break
+    if not candidates:
+        raise SurgeryError(f"example_inputs are required: {name} has no nn.Embedding, nn.Linear, nn.LayerNorm or "
+                           f"nn.ConvNd to size an input for {positional[0].name!r}; {ask}")
+    path, module, tensors = candidates[0]
+    errors = []
+    was_training = model.training
+    try:
+        model.eval()
+        for tensor in tensors:
+            tensor = tensor.to(device=device, dtype=torch.long if not tensor.is_floating_point() else dtype)
+            try:
+                with torch.no_grad():
+                    model(tensor)
+                return (tensor,)
+            except Exception as exc:  # noqa: BLE001 - the next candidate, or the reason in the error below
+                errors.append(f"{list(tensor.shape)} {str(tensor.dtype).removeprefix('torch.')}: "
+                              f"{type(exc).__name__}: {exc}")
+    finally:
+        model.train(was_training)
+    raise SurgeryError(f"example_inputs are required: surgery sized {positional[0].name!r} for {path} "
+                       f"({type(module).__name__}), but {name} refused it ({'; '.join(errors)}); {ask}")
 
 
 def _split_inputs(example_inputs) -> tuple[tuple, dict]:
@@ -164,12 +241,21 @@ def _split_inputs(example_inputs) -> tuple[tuple, dict]:
 
 
 def trace(model: nn.Module, example_inputs=None) -> Traced:
-    """Export `model` with marks and return the canonical graph. The model is not changed."""
+    """Export `model` with marks and return the canonical graph. The model is not changed, and neither is the
+    user's random state (tracing runs the forward: dropout, random example inputs)."""
+    with torch.random.fork_rng(devices=_rng_devices(model)):
+        return _trace(model, example_inputs)
+
+
+def _rng_devices(model: nn.Module) -> list:
+    """The accelerator devices whose RNG a forward of `model` may draw from (fork_rng forks only these)."""
+    devices = {t.device for t in model.parameters()} | {t.device for t in model.buffers()}
+    return sorted({d.index or 0 for d in devices if d.type == "cuda"})
+
+
+def _trace(model: nn.Module, example_inputs) -> Traced:
     if example_inputs is None:
-        example_inputs = default_example_inputs(model)
-        if example_inputs is None:
-            raise SurgeryError("example_inputs are required for a model without a transformers config: "
-                               "pass a tensor, a tuple of args or a dict of kwargs that the model's forward takes")
+        example_inputs = derive_example_inputs(model)
     args, kwargs = _split_inputs(example_inputs)
     kwargs = _without_cache(model, kwargs)
     calls: dict[str, int] = defaultdict(int)
