@@ -1,0 +1,141 @@
+"""Composition, merge and state-dict semantics users rely on (issue 23): each test is one kind of finding."""
+import pytest
+import torch
+
+import surgery
+from models import make_gpt2, make_llama, perturb, state, assert_same_state, token_ids
+
+LORA_QV = {"rules": [{"name": "lora", "match": {"role": ["attention.q", "attention.v"]}, "action": "wrap",
+                      "module": {"kind": "lora", "r": 4}}]}
+IA3_V = {"rules": [{"name": "ia3", "match": {"role": "attention.v"}, "action": "wrap", "module": {"kind": "ia3"}}]}
+SEQ_BN = {"rules": [{"name": "adapter", "match": {"role": "ffn.out"}, "action": "insert_after",
+                     "module": {"kind": "bottleneck", "reduction_factor": 8}}]}
+PAR_BN = {"rules": [{"name": "adapter", "match": {"role": "ffn.out"}, "from": {"role": "ffn.in"},
+                     "action": "parallel", "module": {"kind": "bottleneck", "reduction_factor": 8}}]}
+SUBLAYER_BN = {"rules": [{"name": "adapter", "match": {"role": "ffn.residual_add"}, "action": "sublayer",
+                          "module": {"kind": "bottleneck", "reduction_factor": 8}}]}
+
+
+def logits(model, ids, **kw):
+    with torch.no_grad():
+        return model(input_ids=ids, **kw).logits
+
+
+def two(spec_a, spec_b=None, make=make_llama):
+    model = make().eval()
+    surgery.apply(model, spec_a, name="a")
+    surgery.apply(model, spec_b or spec_a, name="b")
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in model.surgery_adapters.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.2)
+    return model
+
+
+# ---------------------------------------------------------------- 1. merge folds what the configuration computes
+
+@pytest.mark.parametrize("spec_b", [LORA_QV, IA3_V], ids=["lora+lora", "lora+ia3"])
+def test_merge_under_average_folds_the_weighted_contributions(spec_b):
+    model = two(LORA_QV, spec_b)
+    ids = token_ids(2, 8)
+    surgery.set_active(model, surgery.Average("a", "b", weights=[0.7, 0.3]))
+    running = logits(model, ids)
+    report = surgery.merge(model)
+    assert len(report.merged) == 4 + len(surgery.plan(model, spec_b))
+    assert not any(m.__dict__.get("_surgery_dispatch") for m in model.modules())   # the base forward
+    torch.testing.assert_close(logits(model, ids), running, atol=2e-5, rtol=1e-5)
+    surgery.unmerge(model)
+    torch.testing.assert_close(logits(model, ids), running, atol=2e-5, rtol=1e-5)
+
+
+def test_merge_under_stack_folds_the_sum_and_merge_of_one_weighted_adapter_is_refused():
+    model = two(LORA_QV)
+    ids = token_ids(2, 8)
+    surgery.set_active(model, surgery.Stack("a", "b"))
+    running = logits(model, ids)
+    surgery.merge(model)
+    torch.testing.assert_close(logits(model, ids), running, atol=2e-5, rtol=1e-5)
+    surgery.unmerge(model)
+    surgery.set_active(model, surgery.Average("a", "b", weights=[0.7, 0.3]))
+    before = state(model)
+    with pytest.raises(surgery.SurgeryError, match="active under Average"):
+        surgery.merge(model, "a")
+    assert_same_state(before, state(model))
+
+
+@pytest.mark.parametrize("block,why", [
+    (surgery.BatchSplit("a", "b", batch_sizes=[1, 1]), "batch rows"),
+    (surgery.Split("a", "b", splits=[3]), "sequence positions"),
+    (surgery.Parallel("a", "b"), "once per adapter"),
+])
+def test_merge_under_a_block_that_is_no_fold_is_refused_with_the_reason(block, why):
+    model = two(LORA_QV)
+    surgery.set_active(model, block)
+    before = state(model)
+    with pytest.raises(surgery.SurgeryError, match=why):
+        surgery.merge(model)
+    assert_same_state(before, state(model))
+
+
+def test_merge_under_fuse_is_refused():
+    model = two(SEQ_BN)
+    surgery.apply(model, LORA_QV, name="c")
+    surgery.add_fusion(model, ["a", "b"], name="f")
+    before = state(model)
+    with pytest.raises(surgery.SurgeryError, match="AdapterFusion"):
+        surgery.merge(model)
+    assert_same_state(before, state(model))
+
+
+# ---------------------------------------------------------------- 2. Average: normalized weights, contributions
+
+def _site_io(model, spec, ids):
+    """The matched module of the first site: its input and output in one forward."""
+    path = surgery.plan(model, spec)[0].module
+    module = model.get_submodule(path)
+    seen = {}
+    handle = module.register_forward_hook(lambda m, a, o: seen.update(x=a[0], y=o))
+    logits(model, ids)
+    handle.remove()
+    return seen
+
+
+@pytest.mark.parametrize("spec", [LORA_QV, SEQ_BN, PAR_BN, SUBLAYER_BN], ids=["wrap", "insert", "parallel",
+                                                                             "sublayer"])
+def test_average_is_the_base_plus_the_weighted_mean_of_contributions(spec):
+    model = two(spec)
+    ids = token_ids(2, 8)
+    with surgery.disable(model):
+        base = logits(model, ids)
+    surgery.set_active(model, "a")
+    only_a = logits(model, ids)
+    surgery.set_active(model, "b")
+    only_b = logits(model, ids)
+    # equal weights, normalized: [1, 1] is [0.5, 0.5], never twice the base
+    surgery.set_active(model, surgery.Average("a", "b", weights=[1, 1]))
+    ones = logits(model, ids)
+    surgery.set_active(model, surgery.Average("a", "b"))
+    torch.testing.assert_close(ones, logits(model, ids), atol=1e-6, rtol=1e-6)
+    # weight 1 on one adapter is that adapter alone
+    surgery.set_active(model, surgery.Average("a", "b", weights=[1, 0]))
+    torch.testing.assert_close(logits(model, ids), only_a, atol=2e-5, rtol=1e-5)
+    # unnormalized zero weights leave the base, not zeros
+    surgery.set_active(model, surgery.Average("a", "b", weights=[0, 0], normalize_weights=False))
+    torch.testing.assert_close(logits(model, ids), base, atol=2e-5, rtol=1e-5)
+    assert (ones - base).abs().max() > 1e-3 and (only_a - only_b).abs().max() > 1e-3
+    with pytest.raises(surgery.SurgeryError, match="sum to 0"):
+        surgery.set_active(model, {"average": ["a", "b"], "weights": [1, -1]})
+
+
+def test_average_of_a_wrap_at_one_op_is_w_x_plus_weighted_deltas():
+    model = two(LORA_QV)
+    ids = token_ids(2, 8)
+    surgery.set_active(model, surgery.Average("a", "b", weights=[3, 1]))
+    seen = _site_io(model, LORA_QV, ids)
+    path = surgery.plan(model, LORA_QV)[0].module
+    key = path.replace(".", "_")
+    q = model.get_submodule(path)
+    la, lb = (model.surgery_adapters.adapters[n]["lora"][key] for n in ("a", "b"))
+    wx = torch.nn.functional.linear(seen["x"], q.weight, q.bias)
+    expected = wx + 0.75 * (la(seen["x"], wx) - wx) + 0.25 * (lb(seen["x"], wx) - wx)
+    torch.testing.assert_close(seen["y"], expected, atol=1e-5, rtol=1e-5)
