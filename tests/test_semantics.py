@@ -139,3 +139,45 @@ def test_average_of_a_wrap_at_one_op_is_w_x_plus_weighted_deltas():
     wx = torch.nn.functional.linear(seen["x"], q.weight, q.bias)
     expected = wx + 0.75 * (la(seen["x"], wx) - wx) + 0.25 * (lb(seen["x"], wx) - wx)
     torch.testing.assert_close(seen["y"], expected, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- 3. realize: weight keeps the base's names
+
+LORA_QV_WEIGHT = {"rules": [{"name": "lora", "match": {"role": ["attention.q", "attention.v"]}, "action": "wrap",
+                             "realize": "weight", "module": {"kind": "lora", "r": 4}}]}
+
+
+@pytest.mark.parametrize("make", [make_llama, make_gpt2], ids=["llama", "gpt2"])
+def test_weight_realization_keeps_base_parameter_names_and_round_trips(make, tmp_path):
+    model = make().eval()
+    base_keys = list(model.state_dict())
+    surgery.apply(model, LORA_QV_WEIGHT)
+    assert any("parametrizations" in n for n, _ in model.named_parameters())   # realized on the weight
+    perturb(model, 0.2)
+    with torch.no_grad():   # the trained base differs from a fresh init, so a re-initialized weight would show
+        for p in model.parameters():
+            if not p.requires_grad:
+                p.mul_(1.05)
+    keys = list(model.state_dict())
+    assert [k for k in keys if not k.startswith("surgery_adapters.")] == base_keys
+    assert all(".parametrizations." not in k for k in keys)
+    ids = token_ids(2, 8)
+    adapted = logits(model, ids)
+    with surgery.disable(model):
+        base = logits(model, ids)
+    # transformers' save_pretrained / from_pretrained of the base
+    with surgery.disable(model):
+        model.save_pretrained(tmp_path)
+    reloaded = type(model).from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(logits(reloaded, ids), base, atol=1e-6, rtol=1e-6)
+    # load_state_dict: into a fresh adapted model (strict), and into a bare base (strict=False)
+    fresh = surgery.apply(make().eval(), LORA_QV_WEIGHT)
+    assert not fresh.load_state_dict(model.state_dict()).missing_keys
+    torch.testing.assert_close(logits(fresh, ids), adapted, atol=0, rtol=0)
+    bare = make().eval()
+    result = bare.load_state_dict(model.state_dict(), strict=False)
+    assert not result.missing_keys and all(k.startswith("surgery_adapters.") for k in result.unexpected_keys)
+    torch.testing.assert_close(logits(bare, ids), base, atol=0, rtol=0)
+    # a base checkpoint loads into the adapted model
+    missing = model.load_state_dict(bare.state_dict(), strict=False).missing_keys
+    assert missing and all(k.startswith("surgery_adapters.") for k in missing)
