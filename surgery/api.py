@@ -15,6 +15,7 @@ from surgery.match import Match, match_spec
 from surgery.rewrite import Record, realize, store_of
 from surgery.rewrite.compose import Block, Fuse, Stack, block_from
 from surgery.rewrite.host import install_call_capture
+from surgery.rewrite.trainable import pause_inactive, resume, settled
 from surgery.spec import spec_from
 from surgery.trace import trace
 
@@ -204,8 +205,10 @@ def set_active(model: nn.Module, names: "str | Iterable[str] | Block | dict | No
                 raise SurgeryError(f"{type(block).__name__} needs every adapter computed on activations, but "
                                    f"adapter {n!r} adapts {weight_sites[0].owner_path} on its weight (a "
                                    f"parametrization, which only adds up): use Stack, or realize: activation")
+    resume(store)
     store.runtime.active = names
     store.runtime.composition = block if isinstance(block, Block) else None
+    pause_inactive(store)   # only the active adapters' parameters train
 
 
 def _fusion_names(block) -> list[str]:
@@ -226,6 +229,7 @@ def add_fusion(model: nn.Module, adapters: list[str], *, name: str, dropout: flo
         raise SurgeryError(f"fusion needs applied adapters {adapters}; have {sorted(store.records) if store else []}")
     if name in store.records:
         raise SurgeryError(f"an adapter named {name!r} is already applied")
+    resume(store)   # the fused adapters' own flags are what the fusion records (set_active pauses again)
     dim = _analysis(model, None).hidden_size
     record = Record(name=name)
     modules = nn.ModuleDict()
@@ -245,6 +249,7 @@ def add_fusion(model: nn.Module, adapters: list[str], *, name: str, dropout: flo
             record.undo.append(dispatch(module, side, loc, gate, fusion, fusion=True))
     if not len(modules):
         record.rollback()
+        pause_inactive(store)
         raise SurgeryError(f"adapters {adapters} share no site to fuse at")
     for a in adapters:
         for p in store.adapters[a].parameters():
@@ -262,12 +267,13 @@ def remove(model: nn.Module, name: str = "default") -> nn.Module:
     store = store_of(model)
     if store is None or name not in store.records:
         raise SurgeryError(f"no adapter named {name!r}")
-    record = store.records.pop(name)
-    record.rollback()
-    for p, flag in record.trained + record.frozen:
-        p.requires_grad_(flag)
-    if store.runtime.active and name in store.runtime.active:
-        store.runtime.active, store.runtime.composition = None, None
+    with settled(store):
+        record = store.records.pop(name)
+        record.rollback()
+        for p, flag in record.trained + record.frozen:
+            p.requires_grad_(flag)
+        if store.runtime.active and name in store.runtime.active:
+            store.runtime.active, store.runtime.composition = None, None
     if not store.records:
         store.uninstall()
         for p, flag in getattr(store, "base_flags", []):

@@ -40,6 +40,7 @@ from surgery.errors import SurgeryError
 from surgery.modules.base import WeightAdapter
 from surgery.rewrite.compose import Average, Block, Stack
 from surgery.rewrite.host import WeightSite, attach_weight_site, store_of
+from surgery.rewrite.trainable import settled
 
 INVERSE_TOLERANCE = 1e-6
 
@@ -287,6 +288,11 @@ def merge(model: nn.Module, name: str | None = None, *, exact: bool = True, stri
     store = store_of(model)
     if store is None:
         raise SurgeryError("this model has no adapters to merge")
+    with settled(store):   # inactive adapters' paused flags are not what merge records and restores
+        return _merge(model, store, name, exact, strict)
+
+
+def _merge(model: nn.Module, store, name: str | None, exact: bool, strict: bool) -> MergeReport:
     states = _states(store)
     names = _chosen(store, name)
     composition = store.runtime.composition
@@ -426,6 +432,11 @@ def unmerge(model: nn.Module, name: str | None = None) -> list[str]:
     states = _states(store) if store is not None else {}
     if not states:
         raise SurgeryError("nothing is merged")
+    with settled(store):
+        return _unmerge(store, states, name)
+
+
+def _unmerge(store, states: dict, name: str | None) -> list[str]:
     if name is not None and name not in states:
         raise SurgeryError(f"adapter {name!r} is not merged; merged: {sorted(states)}")
     names = [name] if name is not None else list(states)

@@ -181,3 +181,39 @@ def test_weight_realization_keeps_base_parameter_names_and_round_trips(make, tmp
     # a base checkpoint loads into the adapted model
     missing = model.load_state_dict(bare.state_dict(), strict=False).missing_keys
     assert missing and all(k.startswith("surgery_adapters.") for k in missing)
+
+
+# ---------------------------------------------------------------- 4. only the active adapters train
+
+def _trainable(model, name):
+    return {n for n, p in model.surgery_adapters.adapters[name].named_parameters() if p.requires_grad}
+
+
+def test_set_active_switches_which_adapters_train_and_switching_back_restores():
+    model = two(LORA_QV)
+    bitfit = {"rules": [{"name": "norms", "match": {"role": "norm"}, "action": "train"}]}
+    surgery.apply(model, bitfit, name="c")
+    norms = [p for n, p in model.named_parameters() if n.endswith("norm.weight")]
+    everything = {n: p.requires_grad for n, p in model.named_parameters()}
+    assert norms and all(p.requires_grad for p in norms)
+    surgery.set_active(model, "a")
+    assert _trainable(model, "a") and not _trainable(model, "b")
+    assert not any(p.requires_grad for p in norms)              # c's selected base parameters too
+    ids = token_ids(2, 8)
+    model.train()
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert all(p.grad is None for p in model.surgery_adapters.adapters["b"].parameters())
+    surgery.set_active(model, surgery.Average("a", "b"))
+    assert _trainable(model, "a") and _trainable(model, "b") and not any(p.requires_grad for p in norms)
+    surgery.set_active(model, None)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == everything
+    # merge/unmerge and remove while one is inactive keep the bookkeeping straight
+    surgery.set_active(model, "a")
+    surgery.merge(model)
+    assert not _trainable(model, "a") and not _trainable(model, "b")
+    surgery.unmerge(model)
+    assert _trainable(model, "a") and not _trainable(model, "b")
+    surgery.remove(model, "c")
+    surgery.set_active(model, ["a", "b"])
+    assert _trainable(model, "b")
+    assert not any(p.requires_grad for p in norms)   # c removed: the user's own flags (frozen by apply)
