@@ -217,3 +217,40 @@ def test_set_active_switches_which_adapters_train_and_switching_back_restores():
     surgery.set_active(model, ["a", "b"])
     assert _trainable(model, "b")
     assert not any(p.requires_grad for p in norms)   # c removed: the user's own flags (frozen by apply)
+
+
+# ---------------------------------------------------------------- 5. prompt tuning on causal-LM classifiers
+
+def _gpt2_classifier():
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+    torch.manual_seed(0)
+    return GPT2ForSequenceClassification(GPT2Config(vocab_size=120, n_embd=64, n_layer=2, n_head=4, n_positions=64,
+                                                    pad_token_id=0, num_labels=3))
+
+
+def _llama_classifier():
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+    torch.manual_seed(0)
+    return LlamaForSequenceClassification(LlamaConfig(
+        vocab_size=120, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, num_labels=3))
+
+
+@pytest.mark.parametrize("make", [_gpt2_classifier, _llama_classifier], ids=["gpt2", "llama"])
+def test_prompt_on_a_causal_lm_classifier_pools_the_last_real_token(make):
+    model = surgery.apply(make().eval(), "specs/prompt.yaml")
+    ids = token_ids(2, 8)
+    ids[1, 5:] = 0                       # right padding (pad_token_id 0)
+    mask = (ids != 0).long()
+    labels = torch.tensor([0, 2])
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, labels=labels)
+        alone = model(input_ids=ids[1:, :5]).logits
+        full = model(input_ids=ids[:1]).logits
+        with surgery.disable(model):
+            base = model(input_ids=ids, attention_mask=mask).logits
+    assert out.logits.shape == (2, 3)
+    torch.testing.assert_close(out.logits[1], alone[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.logits[0], full[0], atol=1e-5, rtol=1e-5)
+    assert (out.logits - base).abs().max() > 1e-4          # the prompt is in the forward
+    torch.testing.assert_close(out.loss, torch.nn.functional.cross_entropy(out.logits, labels))

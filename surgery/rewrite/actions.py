@@ -395,14 +395,24 @@ def _realize_prepend(model, analysis, store, record, match, value, module, gate)
             else:
                 break
         strip_anchor = strip_anchor or input_anchor(analysis, heads[0].linear.x, users=[heads[0].node])
-    else:
+    table = _token_embedding(model, analysis)
+    host_path = _embeds_host(model, table) if table is not None else None
+    if host_path is None:
+        table = None
+    host = model.get_submodule(host_path) if host_path else model
+    if not heads:
+        # no LM head (a sequence classifier, an encoder): drop them at the last block's output, or, where the
+        # module that embedded the tokens reshapes its hidden states by the input length after that (GPT-2's
+        # final view), where it returns them; either way the head (pooling at the last real token of the
+        # caller's input_ids, or at the first token) sees the caller's positions
         last = [s for s in analysis.by_role.get("block.output", []) if s.layer == analysis.num_layers - 1]
         strip_anchor = value_anchor(analysis, _site_value(last[0])) if last else None
+        out = _module_output(analysis, host_path) if host_path else None
+        if out is not None and (strip_anchor is None or _reshaped_between(_site_value(last[0]), out[0])):
+            strip_anchor = out[1]
     if strip_anchor is None:
         raise RewriteError("prepend needs the LM head's input or the last block's output to drop the added positions")
     flag = f"{record.name}/{match.rule}/prepended"
-    takes_embeds = "inputs_embeds" in inspect.signature(model.forward).parameters
-    table = _token_embedding(model, analysis) if takes_embeds else None
 
     def prepend(hidden):
         if runtime.call.get("cached"):
@@ -446,7 +456,57 @@ def _realize_prepend(model, analysis, store, record, match, value, module, gate)
     if table is None:
         record.undo.append(hook_value(model, value_anchor(analysis, value), prepend, gate))
     record.undo.append(hook_value(model, strip_anchor, strip, gate))
-    record.undo.append(model.register_forward_pre_hook(root, with_kwargs=True).remove)
+    record.undo.append(host.register_forward_pre_hook(root, with_kwargs=True).remove)
+
+
+def _embeds_host(model: nn.Module, table: nn.Module) -> str | None:
+    """The innermost module whose forward takes `inputs_embeds` and that holds the token table (LlamaModel
+    inside LlamaForCausalLM / LlamaForSequenceClassification, GPT2Model inside GPT2ForSequenceClassification):
+    the prompt goes in there, so the modules around it (a classifier pooling at the last non-pad token of
+    `input_ids`) still get the caller's inputs. None when no such module exists."""
+    best = None
+    for path, module in model.named_modules():
+        try:
+            takes = "inputs_embeds" in inspect.signature(module.forward).parameters
+        except (TypeError, ValueError):
+            continue
+        if takes and "attention_mask" in inspect.signature(module.forward).parameters and \
+                any(sub is table for sub in module.modules()):
+            if best is None or path.count(".") + bool(path) > best.count(".") + bool(best):
+                best = path
+    return best
+
+
+def _module_output(analysis: Analysis, module: str):
+    """The hidden-state output ([batch, seq, dim]) of a module: (graph value, boundary), or None."""
+    for value, bounds in analysis.traced.boundaries.items():
+        val = value.meta.get("val")
+        for b in bounds:
+            if b.module == module and b.side == "out" and isinstance(val, torch.Tensor) and val.dim() == 3:
+                return value, b
+    return None
+
+
+def _reshaped_between(start: fx.Node, end: fx.Node) -> bool:
+    """Whether a view/reshape lies on a data path from `start` to `end`."""
+    ancestors, stack = set(), [end]
+    while stack:
+        node = stack.pop()
+        if node not in ancestors:
+            ancestors.add(node)
+            stack.extend(node.all_input_nodes)
+    if start not in ancestors:
+        return False
+    seen, stack = set(), [start]
+    while stack:
+        node = stack.pop()
+        if node in seen or node not in ancestors:
+            continue
+        seen.add(node)
+        if node is not start and op_name(node) in ("view", "reshape", "_unsafe_view"):
+            return True
+        stack.extend(node.users)
+    return False
 
 
 def _token_embedding(model, analysis: Analysis) -> nn.Module | None:
