@@ -29,6 +29,7 @@ that is PEFT's `merge_and_unload`.
 from __future__ import annotations
 
 import contextlib
+import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -43,6 +44,7 @@ from surgery.rewrite.host import WeightSite, attach_weight_site, store_of
 from surgery.rewrite.trainable import settled
 
 INVERSE_TOLERANCE = 1e-6
+_PARAMETRIZED = re.compile(r"\.parametrizations\.([^.]+)\.original$")
 
 
 @dataclass
@@ -82,8 +84,8 @@ class _Folded:
     is_bias: bool
     param: nn.Parameter
     rows: tuple[int, int] | None
-    mode: str                        # "inverse", "residual" or "copy"
-    kept: torch.Tensor | _Residual | None   # the copy or the residual
+    mode: str                        # "inverse", "residual", "copy" or "rows"
+    kept: "torch.Tensor | _Residual | _RowsCopy | None"   # the copy, the residual or the rows
     adapter_state: dict | None       # the adapter's tensors when merged (for the inverse, and to fold again)
 
 
@@ -127,7 +129,7 @@ def _names_by_param(model: nn.Module) -> dict[int, list[str]]:
     return names
 
 
-def _why_not(site: WeightSite, shared: dict[int, list[str]]) -> str | None:
+def _why_not(site: WeightSite, shared: dict[int, list[str]], sites: list[WeightSite] = ()) -> str | None:
     adapter = site.adapter
     if not site.attached:
         return "the site is detached"
@@ -139,7 +141,9 @@ def _why_not(site: WeightSite, shared: dict[int, list[str]]) -> str | None:
         if not param.is_floating_point():
             return f"{site.owner_path}.{tensor} is {param.dtype}, not a floating-point weight"
         names = shared.get(id(param), [])
-        if len(names) > 1:
+        covered = {f"{s.owner_path}.{s.weight_name}" if s.owner_path else s.weight_name
+                   for s in sites if s.adapter is site.adapter}
+        if len(names) > 1 and not {_PARAMETRIZED.sub(r".\1", n) for n in names} <= covered:
             return (f"{site.owner_path}.{tensor} is shared by {', '.join(names)}: folding it would change "
                     f"every module that reads it")
     return None
@@ -162,8 +166,22 @@ def _adapter_values(adapter: nn.Module, state: dict | None):
             adapter.load_state_dict(saved)
 
 
-def _keep(orig: torch.Tensor, merged: torch.Tensor, inverse, exact: bool) -> tuple[str, object]:
-    """What restores `orig` from `merged`: the inverse alone, the inverse plus a residual, or a copy."""
+@dataclass
+class _RowsCopy:
+    """The base values of the only rows a fold changed (an adapter's `covered_rows`)."""
+
+    index: torch.Tensor
+    values: torch.Tensor
+
+    def nbytes(self) -> int:
+        return self.index.numel() * self.index.element_size() + self.values.numel() * self.values.element_size()
+
+
+def _keep(orig: torch.Tensor, merged: torch.Tensor, inverse, exact: bool, rows=None) -> tuple[str, object]:
+    """What restores `orig` from `merged`: the inverse alone, the inverse plus a residual, or a copy (of the
+    covered `rows` only, when the adapter changes only those)."""
+    if rows is not None:
+        return "rows", _RowsCopy(rows.clone(), orig[rows].clone())
     restored = inverse(merged) if inverse is not None else None
     if restored is None:
         return "copy", orig
@@ -192,7 +210,8 @@ def _fold(site: WeightSite, is_bias: bool, exact: bool, adapter_state: dict) -> 
     part.copy_(new)
     try:
         inverse = getattr(adapter, "inverse_bias" if is_bias else "inverse_weight", None)
-        mode, kept = _keep(orig, part.detach().clone(), inverse, exact)
+        rows = None if is_bias else getattr(adapter, "covered_rows", None)
+        mode, kept = _keep(orig, part.detach().clone(), inverse, exact, rows)
     except BaseException:
         part.copy_(orig)
         raise
@@ -204,6 +223,9 @@ def _unfold(folded: _Folded) -> None:
     part = _part(folded.param, site, folded.is_bias)
     if folded.mode == "copy":
         part.copy_(folded.kept)
+        return
+    if folded.mode == "rows":
+        part.index_copy_(0, folded.kept.index, folded.kept.values)
         return
     inverse = site.adapter.inverse_bias if folded.is_bias else site.adapter.inverse_weight
     with _adapter_values(site.adapter, folded.adapter_state):
@@ -229,7 +251,7 @@ def _refold(folded: _Folded) -> None:
 def _nbytes(kept) -> int:
     if kept is None:
         return 0
-    return kept.nbytes() if isinstance(kept, _Residual) else kept.numel() * kept.element_size()
+    return kept.nbytes() if isinstance(kept, (_Residual, _RowsCopy)) else kept.numel() * kept.element_size()
 
 
 def _chosen(store, name: str | None) -> list[str]:
@@ -326,7 +348,7 @@ def _merge(model: nn.Module, store, name: str | None, exact: bool, strict: bool)
         record = store.records[n]
         plan[n] = []
         for site in record.weight_sites:
-            why = _why_not(site, shared)
+            why = _why_not(site, shared, record.weight_sites)
             if why is None:
                 plan[n].append(site)
             else:
@@ -357,7 +379,7 @@ def _merge(model: nn.Module, store, name: str | None, exact: bool, strict: bool)
                     done[n] = _MergeState(sites=plan[n], folded=[], flags=[], group=group)
                 if not group:
                     n = step[0][0]
-                    for site in plan[n]:
+                    for site in _once_per_tensor(plan[n]):
                         snapshot = {k: v.detach().clone() for k, v in site.adapter.state_dict().items()}
                         for is_bias in (False, True):
                             if is_bias and not site.bias_name:
@@ -394,7 +416,7 @@ def _fold_weighted(step: list[tuple[str, float]], plan: dict, done: dict) -> Non
     depends on the weights it was computed from)."""
     contributions = []
     for n, w in step:
-        for site in plan[n]:
+        for site in _once_per_tensor(plan[n]):
             snapshot = {k: v.detach().clone() for k, v in site.adapter.state_dict().items()}
             for is_bias in (False, True):
                 if is_bias and not site.bias_name:
@@ -411,6 +433,18 @@ def _fold_weighted(step: list[tuple[str, float]], plan: dict, done: dict) -> Non
         part.add_(delta.to(part.dtype))
         done[n].folded.append(_Folded(site, is_bias, param, site.bias_rows if is_bias else site.rows, "copy",
                                       orig, snapshot))
+
+
+def _once_per_tensor(sites: list[WeightSite]) -> list[WeightSite]:
+    """One site per (adapter, weight tensor): a weight two modules share (an embedding and its tied LM head)
+    has a site on each, both with the same adapter, and is folded once."""
+    seen, out = set(), []
+    for site in sites:
+        key = (id(site.adapter), id(_base_param(site.owner, site.weight_name)))
+        if key not in seen:
+            seen.add(key)
+            out.append(site)
+    return out
 
 
 def _refuse_nf4(plan: dict) -> None:

@@ -254,3 +254,83 @@ def test_prompt_on_a_causal_lm_classifier_pools_the_last_real_token(make):
     torch.testing.assert_close(out.logits[0], full[0], atol=1e-5, rtol=1e-5)
     assert (out.logits - base).abs().max() > 1e-4          # the prompt is in the forward
     torch.testing.assert_close(out.loss, torch.nn.functional.cross_entropy(out.logits, labels))
+
+
+# ---------------------------------------------------------------- 8. training only new tokens' rows
+
+NEW_TOKENS = [5, 117, 119]
+
+
+@pytest.mark.parametrize("make,table", [(make_gpt2, "transformer.wte"), (make_llama, "model.embed_tokens")],
+                         ids=["gpt2-tied", "llama"])
+def test_train_rows_changes_and_saves_only_those_rows_and_merges_exactly(make, table, tmp_path):
+    from safetensors.torch import load_file
+    model = make().eval()
+    spec = {"rules": [{"name": "new_tokens", "match": {"role": "embedding", "module": table}, "action": "train",
+                       "params": ["weight"], "rows": NEW_TOKENS}]}
+    surgery.apply(model, spec)
+    embedding = model.get_submodule(table)
+    head = model.get_output_embeddings()
+    base_table = embedding.weight.detach().clone()
+    base_head = head.weight.detach().clone()
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    assert [tuple(p.shape) for _, p in trainable] == [(3, 64)]
+    ids = token_ids(2, 8)
+    ids[0, :3] = torch.tensor(NEW_TOKENS)
+    before = logits(model, ids)
+    torch.testing.assert_close(before, logits(make().eval(), ids), atol=0, rtol=0)   # identity at init
+    opt = torch.optim.Adam([p for _, p in trainable], lr=1e-2)
+    model.train()
+    for _ in range(3):
+        loss = model(input_ids=ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    others = [i for i in range(base_table.shape[0]) if i not in NEW_TOKENS]
+    changed = (embedding.weight - base_table).abs().amax(dim=1)
+    assert (changed[NEW_TOKENS] > 0).all() and torch.equal(embedding.weight[others], base_table[others])
+    if make is make_gpt2:   # the tied LM head reads the same new rows
+        torch.testing.assert_close(head.weight, embedding.weight, atol=0, rtol=0)
+    else:
+        torch.testing.assert_close(head.weight, base_head, atol=0, rtol=0)
+    surgery.save(model, tmp_path)
+    saved = load_file(tmp_path / "adapters.safetensors")
+    assert [tuple(t.shape) for t in saved.values()] == [(3, 64)]
+    trained = logits(model, ids)
+    assert (trained - before).abs().max() > 1e-4
+    reloaded = surgery.load(make().eval(), tmp_path)
+    torch.testing.assert_close(logits(reloaded, ids), trained, atol=0, rtol=0)
+    report = surgery.merge(model)
+    assert not report.not_merged and report.stored_bytes < 3 * 64 * 4 + 64
+    torch.testing.assert_close(logits(model, ids), trained, atol=0, rtol=0)
+    surgery.unmerge(model)
+    with surgery.disable(model):
+        assert torch.equal(embedding.weight, base_table) and torch.equal(head.weight, base_head)
+    torch.testing.assert_close(logits(model, ids), trained, atol=0, rtol=0)
+
+
+# ---------------------------------------------------------------- 6. NF4: merge names the way out; dtypes follow
+
+def test_merge_into_nf4_names_dequantize_and_dequantize_to_another_dtype_casts_the_model():
+    pytest.importorskip("torchao")
+    model = make_llama().eval()
+    surgery.quantize_nf4(model)
+    surgery.apply(model, LORA_QV)
+    perturb(model, 0.2)
+    ids = token_ids(2, 8)
+    unmerged = logits(model, ids)
+    codes = {n: p.quantized_data.clone() for n, p in model.named_parameters() if surgery.quantize.is_nf4(p)}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    with pytest.raises(surgery.SurgeryError, match=r"surgery\.dequantize_nf4"):
+        surgery.merge(model)
+    assert all(torch.equal(model.get_parameter(n).quantized_data, c) for n, c in codes.items())
+    assert flags == {n: p.requires_grad for n, p in model.named_parameters()}
+    torch.testing.assert_close(logits(model, ids), unmerged, atol=0, rtol=0)
+    surgery.dequantize_nf4(model, torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    out = logits(model, ids)   # runs: no dtype mismatch
+    assert out.dtype == torch.bfloat16
+    assert (out.float() - unmerged).abs().max() < 0.1
+    surgery.merge(model)
+    torch.testing.assert_close(logits(model, ids), out, atol=0.05, rtol=0.02)

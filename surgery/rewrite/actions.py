@@ -19,8 +19,8 @@ from surgery.match.pattern import Match
 from surgery.modules.base import SiteContext
 from surgery.modules.registry import module_class
 from surgery.rewrite.attention import attach_intercept, attach_registry, registry_of
-from surgery.rewrite.host import (AdapterStore, Gate, Record, capture_anchor, hook_capture, hook_value, input_anchor,
-                                  output_anchor, value_anchor, wrap_weight)
+from surgery.rewrite.host import (AdapterStore, Gate, Record, WeightSite, attach_weight_site, capture_anchor,
+                                  hook_capture, hook_value, input_anchor, output_anchor, value_anchor, wrap_weight)
 from surgery.spec.models import Rule
 
 
@@ -199,6 +199,9 @@ def realize(model: nn.Module, analysis: Analysis, store: AdapterStore, record: R
     for every site of one apply call) is passed to each module in `SiteContext.extra`."""
     name = record.name
     gate = Gate(store.runtime, name)
+    if rule.action == "train" and rule.rows is not None:
+        _realize_train_rows(model, analysis, store, record, rule, matches, gate)
+        return
     if rule.action == "train":
         before = len(record.trained)
         for match in matches:
@@ -253,6 +256,51 @@ def realize(model: nn.Module, analysis: Analysis, store: AdapterStore, record: R
         if ref is not None and ref.device.type != "meta":
             shared.to(device=ref.device, dtype=ref.dtype)
         modules["shared"] = shared
+
+
+def _realize_train_rows(model, analysis, store, record, rule, matches, gate):
+    """`train` with `rows`: a TrainableRows module per selected weight, realized as a parametrization on every
+    module that holds that weight (an embedding and the LM head tied to it), so both read the same rows."""
+    from surgery.modules.rows import TrainableRows
+    rule_name = matches[0].rule if matches else (rule.name or "rule")
+    per_adapter = store.adapters[record.name]
+    if rule_name in per_adapter:
+        raise RewriteError(f"two rules named {rule_name!r} in adapter {record.name!r}")
+    modules = nn.ModuleDict()
+    per_adapter[rule_name] = modules
+    record.undo.append(lambda: per_adapter.pop(rule_name))
+    holders: dict[int, list[tuple[str, str]]] = {}
+    for path, owner in model.named_modules():
+        for attr in list(owner._parameters) + (list(owner.parametrizations.keys())
+                                                if parametrize.is_parametrized(owner) else []):
+            param = _base_parameter(model, f"{path}.{attr}" if path else attr)
+            if param is not None:
+                holders.setdefault(id(param), []).append((path, attr))
+    seen: set[int] = set()
+    for match in matches:
+        for pname, param in _params_of(model, match.site, analysis).items():
+            kind = "bias" if "bias" in pname.rpartition(".")[2].split("_") else "weight"
+            if not ("all" in rule.params or kind in rule.params) or param.dim() != 2:
+                continue
+            if max(rule.rows) >= param.shape[0]:
+                raise RewriteError(f"rule {match.rule!r}: rows {max(rule.rows)} is out of range for {pname} "
+                                   f"with {param.shape[0]} rows")
+            key = re.sub(r"[^0-9A-Za-z_]", "_", pname)
+            if key in modules or id(param) in seen:
+                continue
+            seen.add(id(param))
+            module = TrainableRows(param, rule.rows)
+            modules[key] = module
+            for path, attr in holders.get(id(param), [(pname.rpartition(".")[0], pname.rpartition(".")[2])]):
+                owner = model.get_submodule(path)
+                site = WeightSite(match.rule, key, owner, path, attr, None, "out_in", None, None, module, "weight",
+                                  gate=gate)
+                attach_weight_site(site)
+                record.weight_sites.append(site)
+                record.undo.append(site.detach)
+    if not len(modules) and rule.expect != "any":
+        raise RewriteError(f"rule {rule_name!r} with rows matched {len(matches)} site(s) but they read no 2-D "
+                           f"{'/'.join(rule.params)} parameter to select rows of")
 
 
 def _realize_one(model, analysis, store, record, rule, match, value, module, key, gate):
@@ -375,7 +423,10 @@ def _realize_prepend(model, analysis, store, record, match, value, module, gate)
 
     A model whose forward takes `inputs_embeds` (the transformers convention) gets them where PEFT puts them:
     the root call's token ids are embedded with the model's own table and the prompt goes in front, so the
-    model's own masks and position embeddings cover it (prompts take positions 0..P-1). Other models get them
+    model's own masks and position embeddings cover it (prompts take positions 0..P-1). Without an LM head (a
+    sequence classifier) this happens at the innermost module taking `inputs_embeds` and `attention_mask`
+    that holds the table (GPT2Model, LlamaModel), so the classifier around it still gets the caller's
+    `input_ids` and pools the same last real token. Other models get them
     at the matched value (the embedding output). The attention mask is extended; the LM head's input (else the
     last block's output) drops the added positions again, so outputs keep the shape the user expects. With a
     KV cache the positions are added on the first call only; later calls only extend the mask.
@@ -396,7 +447,10 @@ def _realize_prepend(model, analysis, store, record, match, value, module, gate)
                 break
         strip_anchor = strip_anchor or input_anchor(analysis, heads[0].linear.x, users=[heads[0].node])
     table = _token_embedding(model, analysis)
-    host_path = _embeds_host(model, table) if table is not None else None
+    if heads:   # an LM: the root call (generate() and the KV cache go through it)
+        host_path = "" if "inputs_embeds" in inspect.signature(model.forward).parameters else None
+    else:
+        host_path = _embeds_host(model, table) if table is not None else None
     if host_path is None:
         table = None
     host = model.get_submodule(host_path) if host_path else model
