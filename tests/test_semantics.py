@@ -334,3 +334,32 @@ def test_merge_into_nf4_names_dequantize_and_dequantize_to_another_dtype_casts_t
     assert (out.float() - unmerged).abs().max() < 0.1
     surgery.merge(model)
     torch.testing.assert_close(logits(model, ids), out, atol=0.05, rtol=0.02)
+
+
+# ---------------------------------------------------------------- 7. from_peft: target_modules "all-linear"
+
+@pytest.mark.parametrize("make", [make_llama, make_gpt2], ids=["llama", "gpt2"])
+def test_from_peft_accepts_all_linear_with_peft_meaning(make, tmp_path):
+    import copy
+    import json
+    peft = pytest.importorskip("peft")
+    base = make().eval()
+    peft_model = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(target_modules="all-linear", r=4))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    peft_model.save_pretrained(tmp_path)
+    config_file = tmp_path / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config["target_modules"] = "all-linear"        # as written by hand, or by tools that keep the shorthand
+    config_file.write_text(json.dumps(config))
+    ids = token_ids(2, 8)
+    expected = logits(peft_model.eval(), ids)
+    model = surgery.from_peft(copy.deepcopy(base), tmp_path)
+    adapted = {m.module for m in surgery.plan(model, {"rules": [{"match": {"role": "lm_head"}, "action": "train",
+                                                                  "expect": "any"}]})}
+    wrapped = {s.owner_path for s in model.surgery_adapters.records["default"].weight_sites}
+    assert wrapped and not (wrapped & adapted)    # the LM head is not a target, as in PEFT
+    torch.testing.assert_close(logits(model, ids), expected, atol=1e-5, rtol=1e-5)
