@@ -13,7 +13,7 @@ from surgery.analyze import Analysis, analyze
 from surgery.errors import RewriteError, SpecError, SurgeryError
 from surgery.match import Match, match_spec
 from surgery.rewrite import Record, realize, store_of
-from surgery.rewrite.compose import Block, Fuse, Stack, block_from
+from surgery.rewrite.compose import Average, Block, Fuse, Stack, block_from
 from surgery.rewrite.host import install_call_capture
 from surgery.rewrite.trainable import pause_inactive, resume, settled
 from surgery.spec import spec_from
@@ -198,13 +198,15 @@ def set_active(model: nn.Module, names: "str | Iterable[str] | Block | dict | No
         unknown = [n for n in names if n not in store.records]
         if unknown:
             raise SurgeryError(f"no adapter named {unknown[0]!r}; adapters: {sorted(store.records)}")
-    if isinstance(block, Block) and not isinstance(block, Stack):
+    flat_average = isinstance(block, Average) and all(isinstance(c, str) for c in block.children)
+    if isinstance(block, Block) and not isinstance(block, Stack) and not flat_average:
         for n in block.names():
             weight_sites = [s for s in store.records[n].weight_sites if s.realized == "weight"]
             if weight_sites:
                 raise SurgeryError(f"{type(block).__name__} needs every adapter computed on activations, but "
                                    f"adapter {n!r} adapts {weight_sites[0].owner_path} on its weight (a "
-                                   f"parametrization, which only adds up): use Stack, or realize: activation")
+                                   f"parametrization, which only adds up or averages): use Stack, an Average "
+                                   f"of adapter names, or realize: activation")
     resume(store)
     store.runtime.active = names
     store.runtime.composition = block if isinstance(block, Block) else None

@@ -7,6 +7,8 @@ from models import make_gpt2, make_llama, perturb, state, assert_same_state, tok
 
 LORA_QV = {"rules": [{"name": "lora", "match": {"role": ["attention.q", "attention.v"]}, "action": "wrap",
                       "module": {"kind": "lora", "r": 4}}]}
+LORA_QV_WEIGHT = {"rules": [{"name": "lora", "match": {"role": ["attention.q", "attention.v"]}, "action": "wrap",
+                             "realize": "weight", "module": {"kind": "lora", "r": 4}}]}
 IA3_V = {"rules": [{"name": "ia3", "match": {"role": "attention.v"}, "action": "wrap", "module": {"kind": "ia3"}}]}
 SEQ_BN = {"rules": [{"name": "adapter", "match": {"role": "ffn.out"}, "action": "insert_after",
                      "module": {"kind": "bottleneck", "reduction_factor": 8}}]}
@@ -34,9 +36,10 @@ def two(spec_a, spec_b=None, make=make_llama):
 
 # ---------------------------------------------------------------- 1. merge folds what the configuration computes
 
-@pytest.mark.parametrize("spec_b", [LORA_QV, IA3_V], ids=["lora+lora", "lora+ia3"])
-def test_merge_under_average_folds_the_weighted_contributions(spec_b):
-    model = two(LORA_QV, spec_b)
+@pytest.mark.parametrize("spec_a,spec_b", [(LORA_QV, LORA_QV), (LORA_QV, IA3_V), (LORA_QV_WEIGHT, LORA_QV)],
+                         ids=["lora+lora", "lora+ia3", "weight+activation"])
+def test_merge_under_average_folds_the_weighted_contributions(spec_a, spec_b):
+    model = two(spec_a, spec_b)
     ids = token_ids(2, 8)
     surgery.set_active(model, surgery.Average("a", "b", weights=[0.7, 0.3]))
     running = logits(model, ids)
@@ -100,8 +103,8 @@ def _site_io(model, spec, ids):
     return seen
 
 
-@pytest.mark.parametrize("spec", [LORA_QV, SEQ_BN, PAR_BN, SUBLAYER_BN], ids=["wrap", "insert", "parallel",
-                                                                             "sublayer"])
+@pytest.mark.parametrize("spec", [LORA_QV, LORA_QV_WEIGHT, SEQ_BN, PAR_BN, SUBLAYER_BN],
+                         ids=["wrap", "wrap-weight", "insert", "parallel", "sublayer"])
 def test_average_is_the_base_plus_the_weighted_mean_of_contributions(spec):
     model = two(spec)
     ids = token_ids(2, 8)
@@ -143,8 +146,6 @@ def test_average_of_a_wrap_at_one_op_is_w_x_plus_weighted_deltas():
 
 # ---------------------------------------------------------------- 3. realize: weight keeps the base's names
 
-LORA_QV_WEIGHT = {"rules": [{"name": "lora", "match": {"role": ["attention.q", "attention.v"]}, "action": "wrap",
-                             "realize": "weight", "module": {"kind": "lora", "r": 4}}]}
 
 
 @pytest.mark.parametrize("make", [make_llama, make_gpt2], ids=["llama", "gpt2"])

@@ -153,6 +153,14 @@ def run(block: Child | None, by_name: dict[str, list], order: list[str], value: 
     raise TypeError(f"unknown composition block {block!r}")
 
 
+def average_weight(block, name: str) -> float | None:
+    """Adapter `name`'s weight when the composition is an Average of adapter names (a weight parametrization
+    then adds w·(T(W) - W) computed from the base weight), else None."""
+    if isinstance(block, Average) and all(isinstance(c, str) for c in block.children) and name in block.children:
+        return block.weights[block.children.index(name)]
+    return None
+
+
 def _rows(args, sizes, i):
     if not args:
         return args

@@ -315,7 +315,13 @@ class _WeightParam(nn.Module):
         site = self.site[0]
         if not self.gate():
             return tensor
-        return transformed(site, tensor, bias=self.bias)
+        runtime = getattr(self.gate, "runtime", None)
+        weight = compose.average_weight(runtime.composition, self.gate.name) if runtime is not None else None
+        if weight is None:
+            return transformed(site, tensor, bias=self.bias)
+        # under a flat Average: this adapter's contribution, from the base weight, times its weight
+        base = site.owner.parametrizations[site.bias_name if self.bias else site.weight_name].original
+        return tensor + weight * (transformed(site, base, bias=self.bias) - base)
 
 
 def transformed(site: WeightSite, tensor: torch.Tensor, *, bias: bool) -> torch.Tensor:
