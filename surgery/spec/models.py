@@ -240,8 +240,10 @@ class Spec(BaseModel):
     include: list[str] = Field(default_factory=list, description="Other spec files (relative paths) whose rules come first.")
     rules: list[Rule] = Field(default_factory=list, description="The rewrites, applied in order.")
     compose: Union[str, dict[str, Any], None] = Field(
-        None, description="How named adapters combine, e.g. {average: [a, b], weights: [0.5, 0.5]} or "
-                          "{fuse: [a, b]} (AdapterFusion); blocks: stack, average, batch_split, split, parallel, fuse.")
+        None, description="How named adapters combine, e.g. {average: [a, b], weights: [0.7, 0.3]} (the base plus the "
+                          "weighted adapters' contributions; weights normalized to sum 1 unless normalize_weights: "
+                          "false) or {fuse: [a, b]} (AdapterFusion); blocks: stack, average, batch_split, split, "
+                          "parallel, fuse.")
 
     @field_validator("compose")
     @classmethod
