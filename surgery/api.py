@@ -135,6 +135,7 @@ def apply(model: nn.Module, spec: Any, *, example_inputs=None, name: str | None 
         if isinstance(exc, SurgeryError):
             raise
         raise RewriteError(f"rewrite failed: {type(exc).__name__}: {exc}") from exc
+    pause_inactive(store)   # an adapter applied while others are chosen by set_active is inactive: it waits
     return model
 
 

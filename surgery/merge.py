@@ -335,6 +335,12 @@ def _merge(model: nn.Module, store, name: str | None, exact: bool, strict: bool)
                 raise SurgeryError(f"adapter {merged_before[0]!r} of the active Average is already merged (at "
                                    f"full strength); unmerge it first (nothing changed)")
     steps = [[(n, w) for n, w in step if n not in states and n in store.records] for step in steps]
+    seen: set[str] = set()
+    for step in steps:
+        if any(n in seen for n, _ in step):
+            raise SurgeryError(f"adapter {next(n for n, _ in step if n in seen)!r} appears twice in the active "
+                               f"composition; merge folds each adapter once (nothing changed)")
+        seen.update(n for n, _ in step)
     steps = [step for step in steps if step]
     names = list(dict.fromkeys(n for step in steps for n, _ in step))
     if not names:

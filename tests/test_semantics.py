@@ -364,3 +364,13 @@ def test_from_peft_accepts_all_linear_with_peft_meaning(make, tmp_path):
     wrapped = {s.owner_path for s in model.surgery_adapters.records["default"].weight_sites}
     assert wrapped and not (wrapped & adapted)    # the LM head is not a target, as in PEFT
     torch.testing.assert_close(logits(model, ids), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_an_adapter_applied_while_another_is_chosen_neither_runs_nor_trains_until_activated():
+    model = make_llama().eval()
+    surgery.apply(model, LORA_QV, name="a")
+    surgery.set_active(model, "a")
+    surgery.apply(model, SEQ_BN, name="b")
+    assert not _trainable(model, "b")     # b does not run (set_active chose a), so it does not train
+    surgery.set_active(model, ["a", "b"])
+    assert _trainable(model, "a") and _trainable(model, "b")
