@@ -179,6 +179,11 @@ def test_weight_realization_keeps_base_parameter_names_and_round_trips(make, tmp
     result = bare.load_state_dict(model.state_dict(), strict=False)
     assert not result.missing_keys and all(k.startswith("surgery_adapters.") for k in result.unexpected_keys)
     torch.testing.assert_close(logits(bare, ids), base, atol=0, rtol=0)
+    # torch.distributed.checkpoint's model state dict (what DCP saves) has the same names and loads back
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+    dcp_state = get_model_state_dict(model)
+    assert sorted(dcp_state) == sorted(model.state_dict())
+    assert not set_model_state_dict(fresh, dcp_state).missing_keys
     # a base checkpoint loads into the adapted model
     missing = model.load_state_dict(bare.state_dict(), strict=False).missing_keys
     assert missing and all(k.startswith("surgery_adapters.") for k in missing)
