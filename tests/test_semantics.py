@@ -242,8 +242,17 @@ def _llama_classifier():
         num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, num_labels=3))
 
 
-@pytest.mark.parametrize("make", [_gpt2_classifier, _llama_classifier], ids=["gpt2", "llama"])
-def test_prompt_on_a_causal_lm_classifier_pools_the_last_real_token(make):
+def _bert_classifier():
+    from transformers import BertConfig, BertForSequenceClassification
+    torch.manual_seed(0)
+    return BertForSequenceClassification(BertConfig(
+        vocab_size=120, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+        max_position_embeddings=64, pad_token_id=0, num_labels=3))
+
+
+@pytest.mark.parametrize("make", [_gpt2_classifier, _llama_classifier, _bert_classifier],
+                         ids=["gpt2", "llama", "bert-cls-token"])
+def test_prompt_on_a_sequence_classifier_pools_the_token_it_pools_without_the_prompt(make):
     model = surgery.apply(make().eval(), "specs/prompt.yaml")
     ids = token_ids(2, 8)
     ids[1, 5:] = 0                       # right padding (pad_token_id 0)

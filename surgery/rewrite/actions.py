@@ -433,7 +433,9 @@ def _realize_prepend(model, analysis, store, record, match, value, module, gate)
     """
     runtime = store.runtime
     length = module.length
-    heads = analysis.by_role.get("lm_head", [])
+    # a head reading per-position values (an LM head); a classifier on a pooled vector has no positions to drop
+    heads = [h for h in analysis.by_role.get("lm_head", [])
+             if isinstance(h.linear.x.meta.get("val"), torch.Tensor) and h.linear.x.meta["val"].dim() >= 3]
     if heads:
         # drop them where the value reaching the LM head leaves its module (before generate()'s logits_to_keep
         # slice, after any reshape by the input length), else at the head's input
