@@ -15,8 +15,9 @@ from surgery.analyze import Analysis, analyze
 from surgery.errors import RewriteError, SpecError, SurgeryError
 from surgery.match import Match, match_spec
 from surgery.rewrite import Record, realize, store_of
-from surgery.rewrite.compose import Block, Fuse, Stack, block_from
+from surgery.rewrite.compose import Average, Block, Fuse, Stack, block_from
 from surgery.rewrite.host import install_call_capture
+from surgery.rewrite.trainable import pause_inactive, resume, settled
 from surgery.spec import spec_from
 from surgery.trace import trace
 from surgery.rewrite import trained
@@ -150,6 +151,7 @@ def apply(model: nn.Module, spec: Any, *, example_inputs=None, name: str | None 
         if isinstance(exc, SurgeryError) or not isinstance(exc, Exception):
             raise
         raise RewriteError(f"rewrite failed: {type(exc).__name__}: {exc}") from exc
+    pause_inactive(store)   # an adapter applied while others are chosen by set_active is inactive: it waits
     return model
 
 
@@ -226,16 +228,20 @@ def set_active(model: nn.Module, names: "str | Iterable[str] | Block | dict | No
         unknown = [n for n in names if n not in store.records]
         if unknown:
             raise SurgeryError(f"no adapter named {unknown[0]!r}; adapters: {sorted(store.records)}")
-    if isinstance(block, Block) and not isinstance(block, Stack):
+    flat_average = isinstance(block, Average) and all(isinstance(c, str) for c in block.children)
+    if isinstance(block, Block) and not isinstance(block, Stack) and not flat_average:
         for n in block.names():
             weight_sites = [s for s in store.records[n].weight_sites if s.realized == "weight"]
             if weight_sites:
                 raise SurgeryError(f"{type(block).__name__} needs every adapter computed on activations, but "
                                    f"adapter {n!r} adapts {weight_sites[0].owner_path} on its weight (a "
-                                   f"parametrization, which only adds up): use Stack, or realize: activation")
+                                   f"parametrization, which only adds up or averages): use Stack, an Average "
+                                   f"of adapter names, or realize: activation")
+    resume(store)
     store.runtime.active = names
     store.runtime.composition = block if isinstance(block, Block) else None
     trained.sync(store)
+    pause_inactive(store)   # only the active adapters' parameters train
 
 
 def _fusion_names(block) -> list[str]:
@@ -257,6 +263,7 @@ def add_fusion(model: nn.Module, adapters: list[str], *, name: str, dropout: flo
         raise SurgeryError(f"fusion needs applied adapters {adapters}; have {sorted(store.records) if store else []}")
     if name in store.records:
         raise SurgeryError(f"an adapter named {name!r} is already applied")
+    resume(store)   # the fused adapters' own flags are what the fusion records (set_active pauses again)
     dim = _analysis(model, None).hidden_size
     record = Record(name=name)
     modules = nn.ModuleDict()
@@ -276,6 +283,7 @@ def add_fusion(model: nn.Module, adapters: list[str], *, name: str, dropout: flo
             record.undo.append(dispatch(module, side, loc, gate, fusion, fusion=True))
     if not len(modules):
         record.rollback()
+        pause_inactive(store)
         raise SurgeryError(f"adapters {adapters} share no site to fuse at")
     for a in adapters:
         for p in store.adapters[a].parameters():
@@ -294,14 +302,15 @@ def remove(model: nn.Module, name: str = "default") -> nn.Module:
     store = store_of(model)
     if store is None or name not in store.records:
         raise SurgeryError(f"no adapter named {name!r}")
-    record = store.records.pop(name)
-    record.rollback()
-    record_hosts(model, store)
-    for p, flag in record.trained + record.frozen:
-        p.requires_grad_(flag)
-    if store.runtime.active and name in store.runtime.active:
-        store.runtime.active, store.runtime.composition = None, None
-    trained.forget(store, name)   # its trained base parameters: the base's values again, or another set's
+    with settled(store):
+        record = store.records.pop(name)
+        record.rollback()
+        record_hosts(model, store)
+        for p, flag in record.trained + record.frozen:
+            p.requires_grad_(flag)
+        if store.runtime.active and name in store.runtime.active:
+            store.runtime.active, store.runtime.composition = None, None
+        trained.forget(store, name)   # its trained base parameters: the base's values again, or another set's
     if not store.records:
         store.uninstall()
         for p, flag in getattr(store, "base_flags", []):

@@ -175,6 +175,9 @@ def _exporting(model: nn.Module, merge: bool) -> Iterator[None]:
         if merge and store is not None and callable(merge_fn) and callable(unmerge_fn):
             already = store.__dict__.get("merge_states", {})   # adapters the user merged stay merged
             active = store.runtime.active
+            composition = store.runtime.composition
+            if composition is not None and type(composition).__name__ != "Stack":
+                active = []   # a combining block (Average, BatchSplit, ...) is exported as it runs, unmerged
             for name in [n for n in store.records if (active is None or n in active) and n not in already]:
                 merge_fn(model, name)
                 merged.append(name)

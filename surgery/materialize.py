@@ -42,8 +42,8 @@ def materialize(model: nn.Module, weights: "str | os.PathLike | Iterable | Mappi
     stay tied, and `requires_grad` flags are kept. Every parameter and persistent buffer must be given; a
     non-persistent buffer left on the meta device (a rotary embedding's `inv_freq`) is computed by the model's
     own initializer where it has one (transformers' `_init_weights`). With `weights=None` the base must already
-    be loaded (`model.load_state_dict(state, strict=False, assign=True)` works where every site is realized
-    with hooks; a parametrized weight has another name while wrapped, so pass `weights` then).
+    be loaded (`model.load_state_dict(state, strict=False, assign=True)` works for every realization: a
+    parametrized weight keeps its base name in the state dict).
 
     Every adapter set is then rebuilt from its spec under its name, in the order applied, and the active
     adapters and composition are restored. `calibration` is passed to `apply` for specs that need it. On any

@@ -176,6 +176,37 @@ def _weight_sites(model: nn.Module, paths: list[str], example_inputs) -> dict[st
     return {p: ops[p][0] for p in paths}
 
 
+SEQ_CLS_HEAD_NAMES = ("score", "classifier")   # PEFT's names for a classifier head, excluded for SEQ_CLS
+
+
+def _expand_all_linear(config: dict, model: nn.Module) -> dict:
+    """PEFT's `target_modules: "all-linear"` as PEFT expands it (`_maybe_include_all_linear_layers`): every
+    nn.Linear and transformers Conv1D module, except the output embedding (the LM head) and, for task_type
+    SEQ_CLS without one, the classifier head (`score` or `classifier`)."""
+    targets = config.get("target_modules")
+    if not (isinstance(targets, str) and targets.lower() == "all-linear"):
+        return config
+    classes: tuple = (nn.Linear,)
+    try:
+        from transformers.pytorch_utils import Conv1D
+        classes += (Conv1D,)
+    except ImportError:
+        pass
+    linear = {n for n, m in model.named_modules() if isinstance(m, classes) and n
+              and not n.startswith("surgery_adapters")}
+    exclude = set()
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None:
+        exclude |= {n for n, m in model.named_modules() if m is head}
+    elif str(config.get("task_type") or "").upper() == "SEQ_CLS":
+        for attr in SEQ_CLS_HEAD_NAMES:
+            found = getattr(model, attr, None)
+            if isinstance(found, nn.Module):
+                exclude |= {n for n, m in model.named_modules() if m is found}
+                break
+    return {**config, "target_modules": sorted(linear - exclude)}
+
+
 def _module_names(model: nn.Module) -> set[str]:
     return {name for name, _ in model.named_modules() if name and not name.startswith("surgery_adapters")}
 
@@ -211,6 +242,7 @@ def from_peft(model: nn.Module, peft_dir, *, name: str = "default", example_inpu
         by_module = _tensors_by_module(tensors, {"ia3_l": "ia3_l"}, peft_dir)
     else:
         raise PeftFormatError(f"{peft_dir}: peft_type {config.get('peft_type')!r} is not supported (LORA, IA3)")
+    config = _expand_all_linear(config, model)
     paths = _paths(config, by_module, model, peft_dir)
     if not paths:
         raise PeftFormatError(f"{peft_dir}: the checkpoint holds no adapter tensors")

@@ -20,8 +20,8 @@ from surgery.rewrite import compose
 from surgery.modules.base import SiteContext
 from surgery.modules.registry import module_class
 from surgery.rewrite.attention import attach_intercept, attach_registry, registry_of
-from surgery.rewrite.host import (AdapterStore, Gate, Record, capture_anchor, hook_capture, hook_value, input_anchor,
-                                  output_anchor, value_anchor, wrap_weight)
+from surgery.rewrite.host import (AdapterStore, Gate, Record, WeightSite, attach_weight_site, capture_anchor,
+                                  hook_capture, hook_value, input_anchor, output_anchor, value_anchor, wrap_weight)
 from surgery.spec.models import Rule
 
 
@@ -215,6 +215,9 @@ def realize(model: nn.Module, analysis: Analysis, store: AdapterStore, record: R
     for every site of one apply call) is passed to each module in `SiteContext.extra`."""
     name = record.name
     gate = Gate(store.runtime, name)
+    if rule.action == "train" and rule.rows is not None:
+        _realize_train_rows(model, analysis, store, record, rule, matches, gate)
+        return
     if rule.action == "train":
         before = len(record.trained)
         for match in matches:
@@ -281,6 +284,51 @@ def realize(model: nn.Module, analysis: Analysis, store: AdapterStore, record: R
         if ref is not None and ref.device.type != "meta":
             shared.to(device=ref.device, dtype=ref.dtype)
         modules["shared"] = shared
+
+
+def _realize_train_rows(model, analysis, store, record, rule, matches, gate):
+    """`train` with `rows`: a TrainableRows module per selected weight, realized as a parametrization on every
+    module that holds that weight (an embedding and the LM head tied to it), so both read the same rows."""
+    from surgery.modules.rows import TrainableRows
+    rule_name = matches[0].rule if matches else (rule.name or "rule")
+    per_adapter = store.adapters[record.name]
+    if rule_name in per_adapter:
+        raise RewriteError(f"two rules named {rule_name!r} in adapter {record.name!r}")
+    modules = nn.ModuleDict()
+    per_adapter[rule_name] = modules
+    record.undo.append(lambda: per_adapter.pop(rule_name))
+    holders: dict[int, list[tuple[str, str]]] = {}
+    for path, owner in model.named_modules():
+        for attr in list(owner._parameters) + (list(owner.parametrizations.keys())
+                                                if parametrize.is_parametrized(owner) else []):
+            param = _base_parameter(model, f"{path}.{attr}" if path else attr)
+            if param is not None:
+                holders.setdefault(id(param), []).append((path, attr))
+    seen: set[int] = set()
+    for match in matches:
+        for pname, param in _params_of(model, match.site, analysis).items():
+            kind = "bias" if "bias" in pname.rpartition(".")[2].split("_") else "weight"
+            if not ("all" in rule.params or kind in rule.params) or param.dim() != 2:
+                continue
+            if max(rule.rows) >= param.shape[0]:
+                raise RewriteError(f"rule {match.rule!r}: rows {max(rule.rows)} is out of range for {pname} "
+                                   f"with {param.shape[0]} rows")
+            key = re.sub(r"[^0-9A-Za-z_]", "_", pname)
+            if key in modules or id(param) in seen:
+                continue
+            seen.add(id(param))
+            module = TrainableRows(param, rule.rows)
+            modules[key] = module
+            for path, attr in holders.get(id(param), [(pname.rpartition(".")[0], pname.rpartition(".")[2])]):
+                owner = model.get_submodule(path)
+                site = WeightSite(match.rule, key, owner, path, attr, None, "out_in", None, None, module, "weight",
+                                  gate=gate)
+                attach_weight_site(site)
+                record.weight_sites.append(site)
+                record.undo.append(site.detach)
+    if not len(modules) and rule.expect != "any":
+        raise RewriteError(f"rule {rule_name!r} with rows matched {len(matches)} site(s) but they read no 2-D "
+                           f"{'/'.join(rule.params)} parameter to select rows of")
 
 
 def _realize_one(model, analysis, store, record, rule, match, value, module, key, gate):
@@ -508,20 +556,24 @@ def _realize_prepend(model, analysis, store, record, match, value, module, gate)
 
     A model whose forward takes `inputs_embeds` (the transformers convention) gets them where PEFT puts them:
     the root call's token ids are embedded with the model's own table and the prompt goes in front, so the
-    model's own masks and position embeddings cover it (prompts take positions 0..P-1). Other models get them
+    model's own masks and position embeddings cover it (prompts take positions 0..P-1). Without an LM head (a
+    sequence classifier) this happens at the innermost module taking `inputs_embeds` and `attention_mask`
+    that holds the table (GPT2Model, LlamaModel), so the classifier around it still gets the caller's
+    `input_ids` and pools the same last real token. Other models get them
     at the matched value (the embedding output). The attention mask is extended; the LM head's input (else the
     last block's output) drops the added positions again, so outputs keep the shape the user expects. With a
     KV cache the positions are added on the first call only; later calls only extend the mask.
     """
     runtime = store.runtime
     length = module.length
-    heads = analysis.by_role.get("lm_head", [])
+    # a head reading per-position values (an LM head); a classifier on a pooled vector has no positions to drop
+    heads = [h for h in analysis.by_role.get("lm_head", [])
+             if isinstance(h.linear.x.meta.get("val"), torch.Tensor) and h.linear.x.meta["val"].dim() >= 3]
     # the prompt goes in front of the model's input sequence; in an encoder-decoder that is the encoder's, whose
     # positions never reach the LM head (the decoder reads them through cross-attention): nothing is dropped
     other_stacks = len(set(analysis.stacks)) > 1
-    if other_stacks:
-        strip_anchor = None
-    elif heads:
+    strip_anchor = None
+    if heads and not other_stacks:
         # drop them where the value reaching the LM head leaves its module (before generate()'s logits_to_keep
         # slice, after any reshape by the input length), else at the head's input
         node, strip_anchor = heads[0].linear.x, None
@@ -533,14 +585,27 @@ def _realize_prepend(model, analysis, store, record, match, value, module, gate)
             else:
                 break
         strip_anchor = strip_anchor or input_anchor(analysis, heads[0].linear.x, users=[heads[0].node])
+    table = _token_embedding(model, analysis)
+    if heads:   # an LM: the root call (generate() and the KV cache go through it)
+        host_path = "" if "inputs_embeds" in inspect.signature(model.forward).parameters else None
     else:
+        host_path = _embeds_host(model, table) if table is not None else None
+    if host_path is None:
+        table = None
+    host = model.get_submodule(host_path) if host_path else model
+    if not heads and not other_stacks:
+        # no LM head (a sequence classifier, an encoder): drop them at the last block's output, or, where the
+        # module that embedded the tokens reshapes its hidden states by the input length after that (GPT-2's
+        # final view), where it returns them; either way the head (pooling at the last real token of the
+        # caller's input_ids, or at the first token) sees the caller's positions
         last = [s for s in analysis.by_role.get("block.output", []) if s.layer == analysis.num_layers - 1]
         strip_anchor = value_anchor(analysis, _site_value(last[0])) if last else None
+        out = _module_output(analysis, host_path) if host_path else None
+        if out is not None and last and (strip_anchor is None or _reshaped_between(_site_value(last[0]), out[0])):
+            strip_anchor = out[1]
     if strip_anchor is None and not other_stacks:
         raise RewriteError("prepend needs the LM head's input or the last block's output to drop the added positions")
     flag = f"{record.name}/{match.rule}/prepended"
-    takes_embeds = "inputs_embeds" in inspect.signature(model.forward).parameters
-    table = _token_embedding(model, analysis) if takes_embeds else None
 
     if table is None:
         record.undo.append(hook_value(model, value_anchor(analysis, value),
@@ -548,7 +613,57 @@ def _realize_prepend(model, analysis, store, record, match, value, module, gate)
     if strip_anchor is not None:
         record.undo.append(hook_value(model, strip_anchor, functools.partial(_strip, runtime, flag, length), gate))
     root = functools.partial(_prepend_root, module, runtime, flag, length, table, gate)
-    record.undo.append(model.register_forward_pre_hook(root, with_kwargs=True).remove)
+    record.undo.append(host.register_forward_pre_hook(root, with_kwargs=True).remove)
+
+
+def _embeds_host(model: nn.Module, table: nn.Module) -> str | None:
+    """The innermost module whose forward takes `inputs_embeds` and that holds the token table (LlamaModel
+    inside LlamaForCausalLM / LlamaForSequenceClassification, GPT2Model inside GPT2ForSequenceClassification):
+    the prompt goes in there, so the modules around it (a classifier pooling at the last non-pad token of
+    `input_ids`) still get the caller's inputs. None when no such module exists."""
+    best = None
+    for path, module in model.named_modules():
+        try:
+            takes = "inputs_embeds" in inspect.signature(module.forward).parameters
+        except (TypeError, ValueError):
+            continue
+        if takes and "attention_mask" in inspect.signature(module.forward).parameters and \
+                any(sub is table for sub in module.modules()):
+            if best is None or path.count(".") + bool(path) > best.count(".") + bool(best):
+                best = path
+    return best
+
+
+def _module_output(analysis: Analysis, module: str):
+    """The hidden-state output ([batch, seq, dim]) of a module: (graph value, boundary), or None."""
+    for value, bounds in analysis.traced.boundaries.items():
+        val = value.meta.get("val")
+        for b in bounds:
+            if b.module == module and b.side == "out" and isinstance(val, torch.Tensor) and val.dim() == 3:
+                return value, b
+    return None
+
+
+def _reshaped_between(start: fx.Node, end: fx.Node) -> bool:
+    """Whether a view/reshape lies on a data path from `start` to `end`."""
+    ancestors, stack = set(), [end]
+    while stack:
+        node = stack.pop()
+        if node not in ancestors:
+            ancestors.add(node)
+            stack.extend(node.all_input_nodes)
+    if start not in ancestors:
+        return False
+    seen, stack = set(), [start]
+    while stack:
+        node = stack.pop()
+        if node in seen or node not in ancestors:
+            continue
+        seen.add(node)
+        if node is not start and op_name(node) in ("view", "reshape", "_unsafe_view"):
+            return True
+        stack.extend(node.users)
+    return False
 
 
 def _prepend(module, runtime, flag, hidden):

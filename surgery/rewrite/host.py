@@ -543,7 +543,13 @@ class _WeightParam(nn.Module):
         site = self.site[0]
         if not self.gate():
             return tensor
-        return transformed(site, tensor, bias=self.bias)
+        runtime = getattr(self.gate, "runtime", None)
+        weight = compose.average_weight(runtime.composition, self.gate.name) if runtime is not None else None
+        if weight is None:
+            return transformed(site, tensor, bias=self.bias)
+        # under a flat Average: this adapter's contribution, from the base weight, times its weight
+        base = site.owner.parametrizations[site.bias_name if self.bias else site.weight_name].original
+        return tensor + weight * (transformed(site, base, bias=self.bias) - base)
 
 
 def transformed(site: WeightSite, tensor: torch.Tensor, *, bias: bool) -> torch.Tensor:
@@ -612,6 +618,7 @@ def attach_weight_site(site: WeightSite) -> None:
         for name, is_bias in names:
             parametrize.register_parametrization(owner, name, _WeightParam(site, gate, is_bias), unsafe=True)
         undo.append(functools.partial(_remove_parametrizations, owner, [n for n, _ in names], site))
+        undo.extend(_keep_parameter_names(owner, [n for n, _ in names]))
     site.undo = undo
     site.attached = True
 
@@ -637,6 +644,26 @@ def _own_class(owner: nn.Module) -> None:
     cls = type(owner)
     owner.__class__ = type(cls.__name__, cls.__bases__,
                            {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")})
+def _keep_parameter_names(owner: nn.Module, names: list[str]) -> list[Callable[[], None]]:
+    """torch's parametrize moves `owner.<name>` to `owner.parametrizations.<name>.original`. Keep the base's
+    names in `state_dict()` (so `save_pretrained`, `load_state_dict` and a base checkpoint round-trip): the
+    state dict says `<prefix><name>`, and loading maps `<prefix><name>` back to the original. Both hooks do
+    nothing while the tensor is not parametrized, and several sites on one weight rename it once."""
+
+    def saved(module, state_dict, prefix, local_metadata):
+        for name in names:
+            key = f"{prefix}parametrizations.{name}.original"
+            if key in state_dict and f"{prefix}{name}" not in state_dict:
+                state_dict[f"{prefix}{name}"] = state_dict.pop(key)
+
+    def loading(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        for name in names:
+            key = f"{prefix}{name}"
+            if key in state_dict and parametrize.is_parametrized(module, name):
+                state_dict.setdefault(f"{prefix}parametrizations.{name}.original", state_dict.pop(key))
+
+    return [owner.register_state_dict_post_hook(saved).remove,
+            owner.register_load_state_dict_pre_hook(loading).remove]
 
 
 def _remove_parametrizations(owner: nn.Module, names: list[str], site: WeightSite):

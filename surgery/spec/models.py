@@ -54,7 +54,8 @@ ACTION_DOCS = {
     "attend": "the module runs at the attention op (role `attention.op`) with its q, k, v and the model's own "
               "attention, e.g. to add learned key/value prefixes",
     "prepend": "the module prepends learned vectors to the sequence at the matched value (soft prompts)",
-    "train": "no new module: the parameters the matched nodes read train (`params: [weight, bias, all]`)",
+    "train": "no new module: the parameters the matched nodes read train (`params: [weight, bias, all]`); with "
+             "`rows: [...]` only those rows of them (new tokens' embeddings), through a small module of the rows",
 }
 
 Names = Union[str, list[str]]
@@ -151,10 +152,16 @@ class Rule(BaseModel):
         None, description="How many sites the rule must match: a number, every_layer, or any (default: at least one).")
     realize: Literal["auto", "activation", "weight"] = Field(
         "auto", description="wrap: compute on activations (hooks) or on the weight (parametrization).")
+    rows: Union[list[Annotated[int, Field(ge=0)]], None] = Field(
+        None, min_length=1,
+        description="train: only these rows (first index) of the selected weights train, e.g. the token ids of new "
+                    "tokens in an embedding table and in an LM head tied to it (PEFT's trainable_token_indices); "
+                    "the rest stays frozen, only the rows are saved, and merge writes them in.")
 
     @model_validator(mode="after")
     def _consistent(self):
-        given = {"action": self.action, "module": self.module, "from": self.from_, "realize": self.realize}
+        given = {"action": self.action, "module": self.module, "from": self.from_, "realize": self.realize,
+                 "rows": self.rows}
         if "params" in self.model_fields_set:
             given["params"] = self.params
         problems = rule_problems(given)
@@ -191,6 +198,8 @@ def rule_problems(rule: dict) -> list[KeyProblem]:
         problems.append(KeyProblem(("from",), f"`from` is only for action parallel, not {action}"))
     if action != "train" and rule.get("params") not in (None, ["all"]):
         problems.append(KeyProblem(("params",), f"`params` is only for action train, not {action}"))
+    if action != "train" and rule.get("rows") is not None:
+        problems.append(KeyProblem(("rows",), f"`rows` is only for action train, not {action}"))
     if action != "wrap" and rule.get("realize", "auto") not in ("auto", None):
         problems.append(KeyProblem(("realize",), f"`realize` is only for action wrap, not {action}"))
     if isinstance(module, BaseModel):
@@ -239,8 +248,10 @@ class Spec(BaseModel):
     include: list[str] = Field(default_factory=list, description="Other spec files (relative paths) whose rules come first.")
     rules: list[Rule] = Field(default_factory=list, description="The rewrites, applied in order.")
     compose: Union[str, dict[str, Any], None] = Field(
-        None, description="How named adapters combine, e.g. {average: [a, b], weights: [0.5, 0.5]} or "
-                          "{fuse: [a, b]} (AdapterFusion); blocks: stack, average, batch_split, split, parallel, fuse.")
+        None, description="How named adapters combine, e.g. {average: [a, b], weights: [0.7, 0.3]} (the base plus the "
+                          "weighted adapters' contributions; weights normalized to sum 1 unless normalize_weights: "
+                          "false) or {fuse: [a, b]} (AdapterFusion); blocks: stack, average, batch_split, split, "
+                          "parallel, fuse.")
 
     @field_validator("compose")
     @classmethod
