@@ -12,10 +12,11 @@ from torch import nn
 from surgery.analyze import Analysis, analyze
 from surgery.errors import RewriteError, SpecError, SurgeryError
 from surgery.match import Match, match_spec
-from surgery.rewrite import Record, realize, store_of
+from surgery.rewrite import Record, budget, realize, store_of
 from surgery.rewrite.compose import Block, Fuse, Stack, block_from
 from surgery.rewrite.host import install_call_capture
 from surgery.spec import spec_from
+from surgery.spec.models import name_problem
 from surgery.trace import trace
 
 _ANALYSIS_CACHE_ATTR = "_surgery_analysis"
@@ -81,17 +82,19 @@ def plan(model: nn.Module, spec: Any, *, example_inputs=None) -> list[Match]:
 
 
 def apply(model: nn.Module, spec: Any, *, example_inputs=None, name: str | None = None,
-          calibration: Any = None) -> nn.Module:
+          calibration: Any = None, memory_limit: "int | str | None" = None) -> nn.Module:
     """Rewrite `model` in place as the spec says and return it.
 
     Base parameters are frozen; the new modules (and what `train` rules select) train. The model keeps its
     class, its forward signature and its parameters (shared, never copied). On any error the model is left
     exactly as it was. `calibration`: data for modules that choose their structure from the model's
     gradients (sparse `select: gradient`): batches the model takes whose outputs carry a loss, or a callable
-    model -> iterable of scalar losses.
+    model -> iterable of scalar losses. `memory_limit`: bytes (or "8GiB", or "none") the new adapters may take;
+    default `SURGERY_MEMORY_LIMIT`, else a quarter of the memory available (rewrite/budget.py): a spec over it is a
+    `LimitError` before anything is allocated.
     """
     spec = spec_from(spec)
-    name = name or "default"
+    name = _checked_name(name or "default")
     store = store_of(model)
     if spec.compose is not None and not spec.rules:
         try:
@@ -106,6 +109,7 @@ def apply(model: nn.Module, spec: Any, *, example_inputs=None, name: str | None 
         raise SurgeryError(f"an adapter named {name!r} is already applied; remove it first or choose another name")
     analysis = _analysis(model, example_inputs)
     all_matches = match_spec(spec, analysis)
+    budget.check(model, analysis, spec, all_matches, memory_limit)   # before anything is allocated
     snapshot = _snapshot(model)
     created_store = store is None
     store = store_of(model, create=True)
@@ -135,6 +139,13 @@ def apply(model: nn.Module, spec: Any, *, example_inputs=None, name: str | None 
             raise
         raise RewriteError(f"rewrite failed: {type(exc).__name__}: {exc}") from exc
     return model
+
+
+def _checked_name(name: Any) -> str:
+    problem = name_problem(name, "adapter name")
+    if problem:
+        raise SurgeryError(problem)
+    return name
 
 
 def _snapshot(model: nn.Module) -> dict:
@@ -226,6 +237,7 @@ def add_fusion(model: nn.Module, adapters: list[str], *, name: str, dropout: flo
         raise SurgeryError(f"fusion needs applied adapters {adapters}; have {sorted(store.records) if store else []}")
     if name in store.records:
         raise SurgeryError(f"an adapter named {name!r} is already applied")
+    _checked_name(name)
     dim = _analysis(model, None).hidden_size
     record = Record(name=name)
     modules = nn.ModuleDict()

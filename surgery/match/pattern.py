@@ -225,4 +225,17 @@ def _check_expect(rule: Rule, name: str, matches: list[Match], analysis: Analysi
 
 
 def match_spec(spec: Spec, analysis: Analysis) -> list[list[Match]]:
-    return [match_rule(rule, i, analysis, spec.name) for i, rule in enumerate(spec.rules)]
+    """Every rule's matches; a MatchError for a spec read from a file starts with the rule's `file:line:col`."""
+    out = []
+    for i, rule in enumerate(spec.rules):
+        try:
+            out.append(match_rule(rule, i, analysis, spec.name))
+        except MatchError as exc:
+            origin = spec.origin_of(rule)
+            if origin is None:
+                raise
+            located = origin.error(str(exc), "match")
+            error = MatchError(located.render())
+            error.file, error.line, error.column, error.key = located.file, located.line, located.column, located.key
+            raise error from None
+    return out
