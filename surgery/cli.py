@@ -141,6 +141,8 @@ def cmd_validate(args) -> int:
                 problems.extend(found)
                 if found:
                     failed.add(file)
+        except UsageError:
+            raise
         except SurgeryError as exc:   # the model, not a spec: no file line to point at
             model_error = exc
     for problem in problems:
