@@ -25,10 +25,19 @@ from models import assert_same_state, make_bert, make_llama, state
 
 
 @pytest.fixture(scope="module")
-def llama():
+def traced_llama():
     model = make_llama().eval()
     surgery.plan(model, {"rules": [{"match": {"role": "ffn.out"}, "action": "train"}]})   # trace once
     return model
+
+
+@pytest.fixture
+def llama(traced_llama):
+    """The shared LLaMA, with whatever a test left applied removed afterwards (so one failure stays one)."""
+    yield traced_llama
+    store = getattr(traced_llama, "surgery_adapters", None)
+    for name in list(store.records) if store is not None else []:
+        surgery.remove(traced_llama, name)
 
 
 def _rule(module: dict, action: str | None = None) -> dict:
