@@ -425,8 +425,18 @@ def test_include_graphs_load_once_each_within_limits(tmp_path_factory):
                 assert not valid, f"a valid include graph was refused: {exc}"
             else:
                 stats["loaded"] += 1
-                reachable = {0} | {int(p[1:-5]) for inc in files.values() for p in inc if p.startswith("f")}
-                assert {r.name for r in spec.rules} <= {f"f{i}" for i in reachable}
+                reachable, todo, deepest = {0}, [(0, 0)], 0
+                while todo:
+                    i, depth = todo.pop()
+                    deepest = max(deepest, depth)
+                    for p in files[i]:
+                        if p.startswith("f") and int(p[1:-5]) not in reachable:
+                            reachable.add(int(p[1:-5]))
+                            todo.append((int(p[1:-5]), depth + 1))
+                escapes = any(p in ("../outside.yaml", "/etc/hostname") for i in reachable for p in files[i])
+                assert not escapes, f"an include outside the spec's directory was followed: {files}"
+                assert deepest <= MAX_INCLUDE_DEPTH, f"includes {deepest} deep were followed"
+                assert {r.name for r in spec.rules} == {f"f{i}" for i in reachable}
         assert _tree(root) == before
         stats["valid"] += valid
         shutil.rmtree(root)
