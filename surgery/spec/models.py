@@ -160,7 +160,8 @@ class Rule(BaseModel):
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
-    name: str | None = Field(None, description="Rule name; adapter parameters are named after it.")
+    name: str | None = Field(None, description="Rule name; adapter parameters are named after it. 1 to 64 characters "
+                                               "of A-Z, a-z, 0-9, _ and - (not starting with -), not `trained`.")
     match: Match = Field(description="Where: the pattern of the sites this rule rewrites.")
     action: Literal[ACTIONS] = Field(description="What to do at each site (see Actions).")  # type: ignore[valid-type]
     module: Any = Field(None, description="The module to insert: `kind` plus that kind's options.")
@@ -281,7 +282,8 @@ class Spec(BaseModel):
     version: Literal[1] = Field(1, description="Format version.")
     name: str | None = Field(None, description="Spec name, used in error messages.")
     description: str | None = Field(None, description="Free text.")
-    include: list[str] = Field(default_factory=list, description="Other spec files (relative paths) whose rules come first.")
+    include: list[str] = Field(default_factory=list, description="Other spec files (relative paths, under this spec's "
+                                                                 "directory) whose rules come first.")
     rules: list[Rule] = Field(default_factory=list, description="The rewrites, applied in order.")
     compose: Union[str, dict[str, Any], None] = Field(
         None, description="How named adapters combine, e.g. {average: [a, b], weights: [0.5, 0.5]} or "
