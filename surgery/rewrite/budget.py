@@ -127,6 +127,8 @@ def estimate(model: nn.Module, analysis, spec, all_matches) -> Estimate:
         name = matches[0].rule
         built, shared, seen, total, dtype = nn.ModuleDict(), nn.ModuleDict(), set(), 0, None
         adapter[name] = built
+        per_layer = any(isinstance(v, dict) for v in rule.module.model_dump().values())
+        sizes: dict[tuple, int] = {}   # sites of one shape cost the same: build one of them
         for match in matches:
             if rule.action == "wrap" and match.site.linear is None:
                 continue
@@ -136,6 +138,12 @@ def estimate(model: nn.Module, analysis, spec, all_matches) -> Estimate:
                 value = match.site.linear.x if match.site.linear is not None else (inputs[0] if inputs else value)
             try:
                 ctx = _context(model, analysis, match, value, rule)
+                shape = (ctx.in_features, ctx.out_features, ctx.dim, ctx.source_dim, ctx.role, ctx.dtype,
+                         ctx.layer if per_layer else None,
+                         tuple(sorted((k, v) for k, v in ctx.extra.items() if isinstance(v, (int, str)))))
+                if shape in sizes and not rule.module.model_dump().get("inverse_of"):
+                    total += sizes[shape]
+                    continue
                 if ctx.weight is not None:
                     ctx.weight = ctx.weight.detach().to("meta")
                 ctx.extra.update({"calibration": None, "apply_cache": {}})
@@ -145,7 +153,8 @@ def estimate(model: nn.Module, analysis, spec, all_matches) -> Estimate:
             except Exception:  # noqa: BLE001 - the real build raises the error the user should see
                 continue
             dtype = ctx.dtype
-            total += _module_bytes([module], dtype, seen)
+            sizes[shape] = _module_bytes([module], dtype, seen)
+            total += sizes[shape]
             key = f"site{len(built)}"
             built[key] = module
         if dtype is not None:
