@@ -14,11 +14,12 @@ from torch import nn
 from surgery.analyze import Analysis, analyze
 from surgery.errors import RewriteError, SpecError, SurgeryError
 from surgery.match import Match, match_spec
-from surgery.rewrite import Record, realize, store_of
+from surgery.rewrite import Record, budget, realize, store_of
 from surgery.rewrite.compose import Average, Block, Fuse, Stack, block_from
 from surgery.rewrite.host import install_call_capture
 from surgery.rewrite.trainable import pause_inactive, resume, settled
 from surgery.spec import spec_from
+from surgery.spec.models import name_problem
 from surgery.trace import trace
 from surgery.rewrite import trained
 from surgery.rewrite.sites import install_host_check, record_hosts
@@ -91,7 +92,8 @@ def plan(model: nn.Module, spec: Any, *, example_inputs=None) -> list[Match]:
 
 @unwrapping
 def apply(model: nn.Module, spec: Any, *, example_inputs=None, name: str | None = None,
-          calibration: Any = None, adapter_dtype: "torch.dtype | str | None" = None) -> nn.Module:
+          calibration: Any = None, adapter_dtype: "torch.dtype | str | None" = None,
+          memory_limit: "int | str | None" = None) -> nn.Module:
     """Rewrite `model` in place as the spec says and return it.
 
     Base parameters are frozen; the new modules (and what `train` rules select) train. The model keeps its
@@ -101,9 +103,12 @@ def apply(model: nn.Module, spec: Any, *, example_inputs=None, name: str | None 
     model -> iterable of scalar losses. `adapter_dtype`: the new modules' parameter dtype; by default float32
     on a float16/bfloat16 base (as PEFT's autocast_adapter_dtype; they compute in float32 and hand the base its
     own dtype back, so GradScaler and torch.autocast train them), else the base's; "base" keeps the base's.
+    `memory_limit`: bytes (or "8GiB", or "none") the new adapters may take;
+    default `SURGERY_MEMORY_LIMIT`, else a quarter of the memory available (rewrite/budget.py): a spec over it is a
+    `LimitError` before anything is allocated.
     """
     spec = spec_from(spec)
-    name = name or "default"
+    name = _checked_name(name or "default")
     store = store_of(model)
     if spec.compose is not None and not spec.rules:
         try:
@@ -118,6 +123,7 @@ def apply(model: nn.Module, spec: Any, *, example_inputs=None, name: str | None 
         raise SurgeryError(f"an adapter named {name!r} is already applied; remove it first or choose another name")
     analysis = _analysis(model, example_inputs)
     all_matches = match_spec(spec, analysis)
+    budget.check(model, analysis, spec, all_matches, memory_limit)   # before anything is allocated
     snapshot = _snapshot(model)
     created_store = store is None
     store = store_of(model, create=True)
@@ -162,6 +168,13 @@ def _undo_all(*undos):
 def _run_all(undos):
     for undo in undos:
         undo()
+
+
+def _checked_name(name: Any) -> str:
+    problem = name_problem(name, "adapter name")
+    if problem:
+        raise SurgeryError(problem)
+    return name
 
 
 def _snapshot(model: nn.Module) -> dict:
@@ -263,6 +276,7 @@ def add_fusion(model: nn.Module, adapters: list[str], *, name: str, dropout: flo
         raise SurgeryError(f"fusion needs applied adapters {adapters}; have {sorted(store.records) if store else []}")
     if name in store.records:
         raise SurgeryError(f"an adapter named {name!r} is already applied")
+    _checked_name(name)
     resume(store)   # the fused adapters' own flags are what the fusion records (set_active pauses again)
     dim = _analysis(model, None).hidden_size
     record = Record(name=name)

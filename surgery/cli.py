@@ -1,7 +1,9 @@
 """The `surgery` command line: validate, schema, inspect, apply, export, demo.
 
 A user error (a bad spec, a model that cannot be loaded, a rule that matches nothing) prints one line per
-problem and exits with 1; no traceback. Spec problems read `file:line:col: key.path: message`.
+problem and exits with 1; a usage error (bad arguments, nothing to check) exits with 2. No traceback, ever:
+an unexpected exception is one `error: internal error: ...` line and exit 1 (`SURGERY_DEBUG=1` shows the
+traceback). Spec problems read `file:line:col: key.path: message`.
 """
 from __future__ import annotations
 
@@ -14,6 +16,11 @@ from pathlib import Path
 from surgery.errors import MatchError, SpecError, SurgeryError
 
 MODEL_HELP = "package.module:factory_or_class (called with no arguments) or a transformers model directory"
+EXIT_INVALID, EXIT_USAGE = 1, 2
+
+
+class UsageError(SurgeryError):
+    """The command line itself is wrong (exit 2)."""
 
 
 def load_model(ref: str):
@@ -21,19 +28,43 @@ def load_model(ref: str):
 
     Returns (model, example_inputs); the example comes from the model's `example_inputs()` when it has one.
     """
+    if not isinstance(ref, str) or not ref.strip():
+        raise UsageError(f"--model/MODEL is empty: give {MODEL_HELP}")
     if ":" in ref and not Path(ref).exists():
         module_name, _, attr = ref.partition(":")
+        if not module_name or module_name.startswith(".") or not attr.isidentifier():
+            raise UsageError(f"MODEL {ref!r}: expected package.module:factory_or_class (an absolute module name and "
+                             f"a Python name), or a model directory")
         if os.getcwd() not in sys.path and "" not in sys.path:
             sys.path.insert(0, os.getcwd())   # `surgery` run as a script: find the user's own packages
         try:
-            factory = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as exc:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
             raise SurgeryError(f"cannot load model {ref!r}: {exc}") from None
+        except SyntaxError as exc:
+            raise SurgeryError(f"cannot load model {ref!r}: {exc.filename}:{exc.lineno}: syntax error: "
+                               f"{exc.msg}") from None
+        except Exception as exc:  # noqa: BLE001 - the user's module raised at import
+            raise SurgeryError(f"cannot load model {ref!r}: importing {module_name} raised "
+                               f"{type(exc).__name__}: {exc}") from None
+        factory = getattr(module, attr, None)
+        if not callable(factory):
+            raise SurgeryError(f"cannot load model {ref!r}: module {module_name!r} has no callable {attr!r}")
         try:
             model = factory()
         except Exception as exc:  # the user's factory: report, do not crash
             raise SurgeryError(f"cannot load model {ref!r}: {attr}() raised {type(exc).__name__}: {exc}") from None
-        example = model.example_inputs() if callable(getattr(model, "example_inputs", None)) else None
+        import torch
+        if not isinstance(model, torch.nn.Module):
+            raise SurgeryError(f"cannot load model {ref!r}: {attr}() returned {type(model).__name__}, not a "
+                               f"torch.nn.Module")
+        example = None
+        if callable(getattr(model, "example_inputs", None)):
+            try:
+                example = model.example_inputs()
+            except Exception as exc:  # noqa: BLE001
+                raise SurgeryError(f"cannot load model {ref!r}: its example_inputs() raised "
+                                   f"{type(exc).__name__}: {exc}") from None
         return model, example
     path = Path(ref)
     if path.is_dir():
@@ -79,6 +110,8 @@ def _spec_files(arguments: list[str]) -> list[str]:
             files += sorted(str(p) for p in path.rglob("*") if p.suffix in SPEC_SUFFIXES and p.is_file())
         else:
             files.append(argument)
+    if not files:
+        raise UsageError(f"no spec files ({', '.join(SPEC_SUFFIXES)}) in {', '.join(arguments)}: nothing to check")
     return files
 
 
@@ -95,15 +128,21 @@ def cmd_validate(args) -> int:
             problems.extend(_problems(exc))
             failed.add(file)
     model_error = None
+    counts: dict[str, list[tuple[str, int]]] = {}
+    if args.model is not None and not args.model.strip():
+        raise UsageError(f"--model is empty: give {MODEL_HELP}")
     if args.model and loaded:
         try:
             model, example = load_model(args.model)
             for file, spec, origins in loaded:
-                found = _check_on_model(model, example, file, spec, origins, args.model)
+                found = _check_on_model(model, example, file, spec, origins, args.model,
+                                        counts.setdefault(file, []))
                 example = None   # traced once: later checks reuse the analysis cached on the model
                 problems.extend(found)
                 if found:
                     failed.add(file)
+        except UsageError:
+            raise
         except SurgeryError as exc:   # the model, not a spec: no file line to point at
             model_error = exc
     for problem in problems:
@@ -111,7 +150,8 @@ def cmd_validate(args) -> int:
     for file, spec, _ in loaded:
         if file not in failed and model_error is None:
             on = f" on {args.model}" if args.model else ""
-            print(f"{file}: ok ({len(spec.rules)} rule{'s' if len(spec.rules) != 1 else ''}{on})")
+            sites = "; sites: " + ", ".join(f"{n} {c}" for n, c in counts[file]) if counts.get(file) else ""
+            print(f"{file}: ok ({len(spec.rules)} rule{'s' if len(spec.rules) != 1 else ''}{on}{sites})")
     if model_error is not None:
         print(f"error: {model_error}", file=sys.stderr)
     if problems:
@@ -120,15 +160,19 @@ def cmd_validate(args) -> int:
     return 1 if problems or model_error else 0
 
 
-def _check_on_model(model, example, file: str, spec, origins, model_ref: str) -> list[SpecError]:
-    """Each rule must match on the model (problems point at the rule's `match`); then the whole spec must apply."""
+def _check_on_model(model, example, file: str, spec, origins, model_ref: str,
+                    counts: list | None = None) -> list[SpecError]:
+    """Each rule must match on the model (problems point at the rule's `match`); then the whole spec must apply.
+    `counts` receives (rule name, sites matched) per rule."""
     import surgery
     problems = []
     surgery.plan(model, spec.model_copy(update={"rules": []}), example_inputs=example)   # trace and analyze once
     for i, (rule, origin) in enumerate(zip(spec.rules, origins)):
         single = spec.model_copy(update={"rules": [rule.model_copy(update={"name": spec.rule_name(i)})]})
         try:
-            surgery.plan(model, single)
+            matched = surgery.plan(model, single)
+            if counts is not None:
+                counts.append((spec.rule_name(i), len(matched)))
         except MatchError as exc:
             problems.append(origin.error(f"{exc} (on {model_ref})", "match"))
     if problems:
@@ -311,18 +355,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run the command line; returns the exit status (0 ok, 1 invalid input, 2 usage, 130 interrupted)."""
+    args = build_parser().parse_args(argv)   # argparse prints usage and exits 2 itself
     try:
         return args.func(args)
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except SpecError as exc:
         for problem in _problems(exc):
             print(problem.render(), file=sys.stderr)
-        return 1
+        return EXIT_INVALID
     except SurgeryError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_INVALID
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # noqa: BLE001 - never a traceback: one line, and the way to see more
+        if os.environ.get("SURGERY_DEBUG"):
+            raise
+        text = " ".join(str(exc).split())[:300]
+        print(f"error: internal error: {type(exc).__name__}: {text} (SURGERY_DEBUG=1 shows the traceback; "
+              f"please report it)", file=sys.stderr)
+        return EXIT_INVALID
 
 
 if __name__ == "__main__":

@@ -60,9 +60,13 @@ class MergeReport:
 
     def __str__(self) -> str:
         lines = [f"merged {len(self.merged)} weight site(s); kept {self.stored_bytes} bytes for unmerge"]
+        lines += [f"merged: {site}" for site in self.merged[:20]]
+        if len(self.merged) > 20:
+            lines.append(f"merged: ... and {len(self.merged) - 20} more (MergeReport.merged lists every one)")
         lines += [f"not merged: {site}: {why}" for site, why in self.not_merged.items()]
         if self.in_place:
-            lines.append(f"trained in place (already in the base): {len(self.in_place)} parameter(s)")
+            lines.append(f"trained in place (already in the base): {len(self.in_place)} parameter(s): "
+                         + ", ".join(self.in_place[:20]) + (" ..." if len(self.in_place) > 20 else ""))
         return "\n".join(lines)
 
 

@@ -3,6 +3,7 @@ graph size, with no neighbourhood search through shared hub nodes."""
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from functools import lru_cache
@@ -158,22 +159,63 @@ def _describe(pattern: Pattern) -> str:
     return ", ".join(f"{k}={v!r}" for k, v in pattern.model_dump(exclude_none=True, exclude_defaults=True).items())
 
 
+def _similarity(word: str, component: str) -> float:
+    """How close a glob's literal word is to one component of a module path: difflib's ratio, or 0.75 when
+    the word's first `_`-separated token abbreviates the component (`q_proj` ~ `query`, `k_proj` ~ `key`)."""
+    word, component = word.lower(), component.lower()
+    score = difflib.SequenceMatcher(None, word, component).ratio()
+    head = word.split("_")[0]
+    if head and not head.isdigit() and component.startswith(head) and component != word:
+        score = max(score, 0.75)
+    return score
+
+
+def nearest_modules(glob: str, modules: list[str], n: int = 3) -> list[str]:
+    """The module paths closest to a glob that matches none of them, one per layer-independent name (digits
+    stand for any layer): ranked by the best similarity between the glob's words and the path's components."""
+    words = [w for w in re.split(r"[.*?\[\]]+", glob) if w and not w.isdigit()]
+    if not words:
+        return []
+    scored = []
+    for i, module in enumerate(modules):
+        parts = [c for c in module.split(".") if not c.isdigit()]
+        score = sum(max((_similarity(w, c) for c in parts), default=0.0) for w in words) / len(words)
+        scored.append((-score, i, module))
+    out, shapes = [], set()
+    for neg, _, module in sorted(scored):
+        shape = re.sub(r"\d+", "N", module)
+        if -neg < 0.5 or shape in shapes:
+            continue
+        shapes.add(shape)
+        out.append(module)
+        if len(out) == n:
+            break
+    return out
+
+
 def _nearest(pattern: Pattern, analysis: Analysis) -> str:
-    """What the pattern would match with one constraint dropped, or the closest roles/modules."""
+    """What the pattern would match with one constraint dropped, or the closest roles/modules. A module glob
+    that matches no module at all gets the module names nearest to it (among the sites of the pattern's role,
+    when it has one), rather than samples of unrelated sites."""
     hints = []
+    globs = _as_list(pattern.module)
+    role_sites = [s for r in _as_list(pattern.role) for s in analysis.by_role.get(r, [])] if pattern.role else []
+    pool = sorted({s.module for s in (role_sites or analysis.sites) if s.module},
+                  key=lambda m: ([int(p) if p.isdigit() else -1 for p in m.split(".")], m))
+    unmatched = [g for g in globs if not any(_module_matches(m, (g,)) for m in pool)]
+    for glob in unmatched:
+        near = nearest_modules(glob, pool)
+        hints.append(f"no module{' of role ' + repr(pattern.role) if role_sites else ''} matches {glob!r}"
+                     + (f"; nearest module names: {', '.join(near)}" if near else ""))
     for drop in ("layers", "module", "op", "inputs"):
+        if drop == "module" and unmatched and len(unmatched) == len(globs) and not role_sites:
+            continue   # every site of every role: not a hint
         if getattr(pattern, drop) is not None:
             relaxed = pattern.model_copy(update={drop: None})
             sites = find(relaxed, analysis)
             if sites:
                 sample = ", ".join(f"{s.module or '<root>'} ({s.role or s.op}, layer {s.layer})" for s, _ in sites[:4])
                 hints.append(f"without `{drop}` it matches {len(sites)} site(s), e.g. {sample}")
-    if pattern.module is not None:
-        modules = sorted({s.module for s in analysis.sites if s.module})
-        for glob in _as_list(pattern.module):
-            near = difflib.get_close_matches(glob.replace("*", ""), modules, n=3, cutoff=0.5)
-            if near:
-                hints.append(f"modules near {glob!r}: {', '.join(near)}")
     if not hints:
         present = sorted(r for r in analysis.by_role)
         hints.append(f"roles present in this model: {', '.join(present)}")
@@ -244,4 +286,17 @@ def _check_expect(rule: Rule, name: str, matches: list[Match], analysis: Analysi
 
 
 def match_spec(spec: Spec, analysis: Analysis) -> list[list[Match]]:
-    return [match_rule(rule, i, analysis, spec.name) for i, rule in enumerate(spec.rules)]
+    """Every rule's matches; a MatchError for a spec read from a file starts with the rule's `file:line:col`."""
+    out = []
+    for i, rule in enumerate(spec.rules):
+        try:
+            out.append(match_rule(rule, i, analysis, spec.name))
+        except MatchError as exc:
+            origin = spec.origin_of(rule)
+            if origin is None:
+                raise
+            located = origin.error(str(exc), "match")
+            error = MatchError(located.render())
+            error.file, error.line, error.column, error.key = located.file, located.line, located.column, located.key
+            raise error from None
+    return out

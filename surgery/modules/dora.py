@@ -14,6 +14,7 @@ from pydantic import Field
 from torch import nn
 
 from surgery.errors import RewriteError
+from surgery.modules.lora import warn_rank
 from surgery.modules.base import SiteContext
 from surgery.modules.lora import LoRA
 from surgery.modules.registry import Options, register
@@ -50,6 +51,7 @@ class DoRA(LoRA):
         if site.weight is None:
             raise RewriteError(f"{site.module}: DoRA needs the base weight of the op to initialize its magnitude, "
                                f"but this op's weight is not a parameter of the model")
+        warn_rank(options.r, site, "dora")
         return cls(site.weight, r=options.r, alpha=options.alpha, dropout=options.dropout,
                    use_rslora=options.use_rslora, init=options.init)
 

@@ -7,12 +7,14 @@ into the base weight and unmerging subtracts it again (`inverse_weight`).
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Literal
 
 import torch
 from pydantic import Field
 from torch import nn
 
+from surgery.errors import SurgeryWarning
 from surgery.modules.base import SiteContext, WeightAdapter
 from surgery.modules.registry import Options, register
 
@@ -28,6 +30,15 @@ class LoRAOptions(Options):
         "kaiming", description="A's init (B is always zero): kaiming-uniform(a=√5) or Gaussian with std 1/r.")
     use_gating: bool = Field(False, description="UniPELT: a learned gate sigmoid(Linear(x)) averaged over the "
                                                 "sequence replaces the scaling (input-dependent, so not mergeable).")
+
+
+def warn_rank(r: int, site: SiteContext, kind: str) -> None:
+    """B·A has rank at most min(d_in, d_out): a larger r only costs memory (SurgeryWarning)."""
+    full = min(site.in_features or r, site.out_features or r)
+    if r > full:
+        warnings.warn(f"{kind}: r={r} exceeds min(d_in, d_out) = {full} at {site.module}: the update cannot have a "
+                      f"rank above {full}, and the extra {r - full} rows only cost memory", SurgeryWarning,
+                      stacklevel=3)
 
 
 @register
@@ -58,6 +69,7 @@ class LoRA(WeightAdapter):
 
     @classmethod
     def build(cls, options: LoRAOptions, site: SiteContext, action: str) -> "LoRA":
+        warn_rank(options.r, site, "lora")
         return cls(site.in_features, site.out_features, r=options.r, alpha=options.alpha, dropout=options.dropout,
                    use_rslora=options.use_rslora, init=options.init, use_gating=options.use_gating)
 

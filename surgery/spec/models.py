@@ -8,10 +8,11 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import (BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, field_validator,
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, WithJsonSchema, field_validator,
                       model_validator)
 
 from surgery.modules.registry import kinds as registered_kinds, options_model
+from surgery.modules.values import ValueProblem
 
 ROLES = (
     "embedding",            # an embedding lookup
@@ -68,16 +69,12 @@ RoleName = Annotated[str, WithJsonSchema({"type": "string", "enum": list(ROLES)}
 LayerSlice = Annotated[str, WithJsonSchema({"type": "string", "pattern": LAYER_SLICE.pattern})]
 
 
-class KeyProblem(ValueError):
+class KeyProblem(ValueProblem):
     """A semantic error about one key of a model (e.g. `from` on a rule that is not parallel).
 
     Raised from model validators; the loader appends `path` to the error's location, so the message points at
     the offending key's line rather than at the start of the rule.
     """
-
-    def __init__(self, path: tuple, message: str):
-        super().__init__(message)
-        self.path = path
 
 
 def kind_options(kind: Any):
@@ -118,20 +115,53 @@ class Match(BaseModel):
     @field_validator("role")
     @classmethod
     def _known_role(cls, value):
+        import difflib
+        unknown = []
         for role in [value] if isinstance(value, str) else (value or []):
             if role not in ROLES:
-                import difflib
                 near = difflib.get_close_matches(role, ROLES, n=1)
-                hint = f" (did you mean {near[0]!r}?)" if near else ""
-                raise ValueError(f"unknown role {role!r}{hint}; roles are {', '.join(ROLES)}")
+                unknown.append(f"{role!r}" + (f" (did you mean {near[0]!r}?)" if near else ""))
+        if unknown:   # every unknown role of a list, not only the first
+            raise ValueError(f"unknown role{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
+                             f"roles are {', '.join(ROLES)}")
         return value
+
+    @field_validator("layers", "leave_out", mode="before")
+    @classmethod
+    def _no_booleans(cls, value):
+        return _not_bool(value)
 
     @field_validator("layers")
     @classmethod
     def _layers_syntax(cls, value):
         if isinstance(value, str) and not LAYER_SLICE.match(value):
             raise ValueError(f'layers {value!r} is neither "all", an index list nor a slice like "-2:"')
+        if isinstance(value, str) and value.count(":") == 2 and value.rpartition(":")[2].strip() in ("0", "-0"):
+            raise ValueError(f"layers {value!r}: a slice step cannot be zero")
         return value
+
+
+def _not_bool(value):
+    """Booleans are not numbers: `layers: true` or `expect: yes` is refused, not read as 1."""
+    if isinstance(value, bool) or (isinstance(value, list) and any(isinstance(v, bool) for v in value)):
+        raise ValueError(f"{value!r}: a boolean is not a number here")
+    return value
+
+
+# Adapter and rule names: they become keys of module dicts and of saved tensors (`adapter/rule/site/tensor`),
+# file names, and Python identifiers in exported graphs, so they use one small character set.
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]{0,63}$")
+NAME_RULE = "1 to 64 characters of A-Z, a-z, 0-9, _ and - (not starting with -)"
+RESERVED_RULE_NAMES = ("trained",)   # `<adapter>/trained/<parameter>` holds the base parameters a spec trains
+
+
+def name_problem(name: Any, what: str = "name") -> str | None:
+    """Why `name` is not a valid adapter or rule name (None when it is)."""
+    if not isinstance(name, str):
+        return f"a {what} is a string, not {type(name).__name__}"
+    if not NAME_PATTERN.match(name):
+        return f"{what} {name!r} is not allowed: names are {NAME_RULE}"
+    return None
 
 
 class Rule(BaseModel):
@@ -139,7 +169,8 @@ class Rule(BaseModel):
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
-    name: str | None = Field(None, description="Rule name; adapter parameters are named after it.")
+    name: str | None = Field(None, description="Rule name; adapter parameters are named after it. 1 to 64 characters "
+                                               "of A-Z, a-z, 0-9, _ and - (not starting with -), not `trained`.")
     match: Match = Field(description="Where: the pattern of the sites this rule rewrites.")
     action: Literal[ACTIONS] = Field(description="What to do at each site (see Actions).")  # type: ignore[valid-type]
     module: Any = Field(None, description="The module to insert: `kind` plus that kind's options.")
@@ -157,6 +188,24 @@ class Rule(BaseModel):
         description="train: only these rows (first index) of the selected weights train, e.g. the token ids of new "
                     "tokens in an embedding table and in an LM head tied to it (PEFT's trainable_token_indices); "
                     "the rest stays frozen, only the rows are saved, and merge writes them in.")
+
+    @field_validator("name")
+    @classmethod
+    def _name_charset(cls, value):
+        if value is None:
+            return value
+        problem = name_problem(value, "rule name")
+        if problem:
+            raise ValueError(problem)
+        if value in RESERVED_RULE_NAMES:
+            raise ValueError(f"rule name {value!r} is reserved (saved checkpoints keep trained base parameters "
+                             f"under it)")
+        return value
+
+    @field_validator("expect", mode="before")
+    @classmethod
+    def _expect_not_bool(cls, value):
+        return _not_bool(value)
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -235,6 +284,11 @@ def duplicate_rule_names(rules: list) -> list[KeyProblem]:
 ModuleSpec = BaseModel
 
 
+def _bool_in(value) -> str | None:
+    values = value if isinstance(value, list) else [value]
+    return f"{value!r}: a boolean is not a number here" if any(isinstance(v, bool) for v in values) else None
+
+
 class Spec(BaseModel):
     """A surgery spec: named rules applied in order."""
 
@@ -245,7 +299,8 @@ class Spec(BaseModel):
     version: Literal[1] = Field(1, description="Format version.")
     name: str | None = Field(None, description="Spec name, used in error messages.")
     description: str | None = Field(None, description="Free text.")
-    include: list[str] = Field(default_factory=list, description="Other spec files (relative paths) whose rules come first.")
+    include: list[str] = Field(default_factory=list, description="Other spec files (relative paths, under this spec's "
+                                                                 "directory) whose rules come first.")
     rules: list[Rule] = Field(default_factory=list, description="The rewrites, applied in order.")
     compose: Union[str, dict[str, Any], None] = Field(
         None, description="How named adapters combine, e.g. {average: [a, b], weights: [0.7, 0.3]} (the base plus the "
@@ -260,6 +315,12 @@ class Spec(BaseModel):
             kinds = [k for k in value if k in BLOCKS]
             if len(kinds) != 1:
                 raise ValueError(f"a composition names exactly one of {', '.join(BLOCKS)}")
+            from surgery.modules.values import float_problem
+            for key in ("weights", "batch_sizes"):
+                if key in value:
+                    problem = float_problem(value[key]) or _bool_in(value[key])
+                    if problem:
+                        raise ValueError(f"{key}: {problem}")
         return value
 
     @model_validator(mode="after")
@@ -269,5 +330,12 @@ class Spec(BaseModel):
             raise problems[0]
         return self
 
+    # (rule, RuleOrigin) pairs set by the loader: where each rule was written, for errors found later
+    _origins: list = PrivateAttr(default_factory=list)
+
     def rule_name(self, index: int) -> str:
         return self.rules[index].name or f"rule{index}"
+
+    def origin_of(self, rule: Rule):
+        """Where `rule` (one of this spec's rule objects) was written: a loader RuleOrigin, or None."""
+        return next((origin for r, origin in self._origins if r is rule), None)
