@@ -62,6 +62,9 @@ class LinearInfo:
     bias_rows: tuple[int, int] | None
     in_features: int
     out_features: int
+    kind: str = "linear"    # "linear", "conv" (aten conv1d/2d/3d/convolution) or "embedding" (a table lookup)
+    op_args: dict = field(default_factory=dict)   # conv: stride, padding, dilation, groups, dims, kernel;
+    #                                              embedding: padding_idx
 
     @property
     def owner(self) -> str:
@@ -188,6 +191,49 @@ def _linear_info(node: fx.Node, traced: Traced) -> LinearInfo | None:
                       in_features=in_f, out_features=out_f)
 
 
+CONV_OPS = {"conv1d", "conv2d", "conv3d", "convolution"}
+
+
+def _weight_op_info(node: fx.Node, traced: Traced) -> LinearInfo | None:
+    """A convolution (not transposed) or an embedding lookup reading a parameter, as a weight-bearing op.
+
+    conv: weight (out, in/groups, *kernel) in layout out_in, in_features = in channels; embedding: the table
+    (num_embeddings, dim) in layout in_out (a lookup is one-hot(ids) @ W), x the ids.
+    """
+    op = op_name(node)
+    if op in CONV_OPS:
+        args = list(node.args)
+        if op == "convolution":   # input, weight, bias, stride, padding, dilation, transposed, output_padding, groups
+            if len(args) < 9 or args[6]:
+                return None
+            stride, padding, dilation, groups = args[3], args[4], args[5], args[8]
+        else:                     # input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1
+            args += [None] * (7 - len(args))
+            stride, padding, dilation, groups = args[3] or 1, args[4] if args[4] is not None else 0, args[5] or 1, \
+                args[6] or 1
+        x, w, b = args[0], args[1], args[2]
+        wshape = _shape(w)
+        wref = _resolve_param(w, traced)
+        if wref is None or wref[1] is not None or wshape is None or len(wshape) < 3:
+            return None
+        bref = _resolve_param(b, traced) if isinstance(b, fx.Node) else None
+        return LinearInfo(node=node, value=node, x=x, weight=wref[0], bias=bref[0] if bref else None, layout="out_in",
+                          rows=None, bias_rows=None, in_features=int(wshape[1]) * int(groups),
+                          out_features=int(wshape[0]), kind="conv",
+                          op_args={"stride": stride, "padding": padding, "dilation": dilation, "groups": int(groups),
+                                   "dims": len(wshape) - 2, "kernel": tuple(int(k) for k in wshape[2:])})
+    if op == "embedding":
+        w, ids = node.args[0], node.args[1]
+        wref, wshape = _resolve_param(w, traced), _shape(w)
+        if wref is None or wref[1] is not None or wshape is None or len(wshape) != 2:
+            return None
+        padding_idx = node.args[2] if len(node.args) > 2 else -1
+        return LinearInfo(node=node, value=node, x=ids, weight=wref[0], bias=None, layout="in_out", rows=None,
+                          bias_rows=None, in_features=int(wshape[0]), out_features=int(wshape[1]), kind="embedding",
+                          op_args={"padding_idx": None if padding_idx in (None, -1) else int(padding_idx)})
+    return None
+
+
 def _walk_back(start, stop, allowed: set[str], limit: int = 64) -> list[fx.Node]:
     """Breadth-first from `start` over tensor args through `allowed` ops; return nodes where `stop` holds."""
     found, seen, frontier = [], set(), [start]
@@ -253,6 +299,8 @@ def analyze(traced: Traced) -> Analysis:
         info = _linear_info(node, traced)
         if info is not None:
             linears[node] = info
+    # convolutions and embedding lookups: weight-bearing ops a rule may wrap, but not linears for the roles above
+    weight_ops = {n: info for n in nodes if n not in linears and (info := _weight_op_info(n, traced)) is not None}
 
     def is_linear(n):
         return n in linears
@@ -375,7 +423,7 @@ def analyze(traced: Traced) -> Analysis:
         if op in NORM_OPS:
             add(node, "norm", layer_of(node))
         elif op == "embedding":
-            add(node, "embedding", layer_of(node))
+            add(node, "embedding", layer_of(node), linear=weight_ops.get(node))
         elif op == "rsqrt":
             # a decomposed RMSNorm: the norm is the output of the module that computes the rsqrt
             module = innermost(node)
@@ -408,8 +456,12 @@ def analyze(traced: Traced) -> Analysis:
                 add_linear(info, "lm_head", None)
 
     role_nodes = {id(s.node) for s in role_sites}
-    generic = [Site(node=n, role=None, layer=layer_of(n), module=linears[n].owner if n in linears else innermost(n),
-                    op=op_name(n), linear=linears.get(n)) for n in nodes if id(n) not in role_nodes]
+    generic = []
+    for n in nodes:
+        if id(n) not in role_nodes:
+            info = linears.get(n) or weight_ops.get(n)
+            generic.append(Site(node=n, role=None, layer=layer_of(n), module=info.owner if info else innermost(n),
+                                op=op_name(n), linear=info))
     sites = role_sites + generic
     by_role: dict[str, list[Site]] = defaultdict(list)
     by_op: dict[str, list[Site]] = defaultdict(list)
