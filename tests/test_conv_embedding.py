@@ -392,3 +392,30 @@ def test_peft_lora_on_multihead_attention_loads_as_lora_is_defined(targets, tmp_
                 reference.lin0.weight += lin.lora_B["default"].weight @ lin.lora_A["default"].weight \
                     * lin.scaling["default"]
         torch.testing.assert_close(compare(x).detach(), reference(x).detach(), atol=1e-5, rtol=0)
+
+
+class Denoiser(nn.Module):
+    """Takes and returns `sample`, as a diffusers UNet does."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv_in = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv_out = nn.Conv2d(8, 3, 1)
+
+    def forward(self, sample):
+        return {"sample": self.conv_out(torch.relu(self.conv_in(sample)))}
+
+
+def test_merged_conv_lora_exports_to_onnx_with_an_output_named_like_an_input(tmp_path):
+    pytest.importorskip("onnxruntime")
+    model = Denoiser().eval()
+    x = torch.randn(2, 3, 8, 8)
+    surgery.apply(model, {"rules": [{"name": "r", "match": {"op": "conv2d"}, "action": "wrap", "expect": 2,
+                                     "module": {"kind": "lora", "r": 2}}]}, example_inputs=(x,))
+    _randomize(model)
+    path = surgery.export(model, tmp_path / "d.onnx", example_inputs=(x,))   # verified in onnxruntime
+    import onnxruntime
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == ["sample_output"]
+    got = torch.from_numpy(session.run(None, {"sample": x.numpy()})[0])
+    torch.testing.assert_close(got, model(x)["sample"].detach(), atol=1e-5, rtol=1e-5)
