@@ -419,3 +419,42 @@ def test_merged_conv_lora_exports_to_onnx_with_an_output_named_like_an_input(tmp
     assert [o.name for o in session.get_outputs()] == ["sample_output"]
     got = torch.from_numpy(session.run(None, {"sample": x.numpy()})[0])
     torch.testing.assert_close(got, model(x)["sample"].detach(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("scale", ["input", "output"])
+def test_ia3_on_a_grouped_conv_agrees_on_activations_and_on_the_weight(scale):
+    """IA3's input vector on a grouped conv folds into each group's slice of the kernel (PEFT's
+    `_get_ia3_scaling_for_weight`); both realizations and the merge give the same outputs."""
+    x = torch.randn(2, 4, 12, 12)
+    outs = []
+    for realize in ("activation", "weight"):
+        torch.manual_seed(0)
+        model = Geometry().eval()
+        surgery.apply(model, {"rules": [{"name": "r", "match": {"module": "grouped", "op": "conv2d"},
+                                         "action": "wrap", "realize": realize,
+                                         "module": {"kind": "ia3", "scale": scale}}]}, example_inputs=(x,))
+        _randomize(model)
+        outs.append(model(x).detach())
+        surgery.merge(model)
+        torch.testing.assert_close(model(x).detach(), outs[-1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
+
+
+def test_dora_on_a_grouped_conv_is_the_normalized_dense_kernel():
+    """DoRA on a grouped conv: m · (W + s·BA) / ‖W + s·BA‖ per output channel, W taken as the dense kernel with
+    zeros across groups (LoRA's BA reads every input channel)."""
+    torch.manual_seed(0)
+    model = Geometry().eval()
+    x = torch.randn(2, 4, 12, 12)
+    surgery.apply(model, {"rules": [{"name": "r", "match": {"module": "grouped", "op": "conv2d"}, "action": "wrap",
+                                     "module": {"kind": "dora", "r": 6}}]}, example_inputs=(x,))
+    _randomize(model)
+    a = model.surgery_adapters.adapters["default"]["r"]["grouped"]
+    h = torch.relu(model.reflect(model.same(model.dilated(model.strided(x)))))
+    conv = model.grouped
+    dense = surgery.modules.weight_ops.grouped_to_dense(conv.weight.detach(), 3)
+    dense = dense + (surgery.modules.weight_ops.grouped_to_dense(a.lora_B.flatten(1), 3)
+                     @ a.lora_A.flatten(1)).view_as(dense) * a.scaling
+    dense = dense * (a.magnitude / dense.flatten(1).norm(dim=1)).view(-1, 1, 1, 1)
+    expected = torch.nn.functional.conv2d(h, dense, conv.bias, padding=1)
+    torch.testing.assert_close(conv(h), expected, atol=1e-5, rtol=1e-5)

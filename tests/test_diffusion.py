@@ -134,13 +134,13 @@ def test_unet_with_the_resnet_conv_rule_counts_and_merges(unet):
     surgery.apply(model, spec_with_resnets(), example_inputs=inputs)
     convs = [n for n, m in base.named_modules() if isinstance(m, torch.nn.Conv2d) and ".resnets." in n
              and n.rsplit(".", 1)[-1] in ("conv1", "conv2")]
-    assert len(model.surgery_adapters.adapters["default"]["resnets"]) == len(convs) == 12
+    assert len(model.surgery_adapters.adapters["default"]["resnets"]) == len(convs) == 16   # 8 resnets × conv1, conv2
     assert trainable(model) == peft_count(base, TARGETS + convs)
     assert torch.equal(output(model, inputs), base_out)
     randomize_lora_b(model)
     out = output(model, inputs)
     report = surgery.merge(model)
-    assert len(report.merged) == 32 + 12 and not report.not_merged
+    assert len(report.merged) == 32 + 16 and not report.not_merged
     torch.testing.assert_close(output(model, inputs), out, atol=1e-5, rtol=0)
     surgery.unmerge(model)
     assert torch.equal(output(model, inputs), out)
