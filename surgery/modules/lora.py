@@ -8,8 +8,9 @@ On a convolution (PEFT's `lora.Conv1d/2d/3d`): A is a conv with r output channel
 stride, padding and dilation (A (r, in, *kernel)), B a 1×…×1 conv to the output channels with the base op's
 groups (B (out, r/groups, 1, …)); r must be a multiple of groups. With groups 1 the delta kernel is
 B·A (merge folds it); with groups > 1 every output channel reads every input channel, which no grouped kernel
-holds, so the adapter runs on activations only and does not merge (PEFT refuses that merge too). PEFT builds A
-without the base op's dilation (its forward then fails on a dilated conv); here A keeps it.
+holds, so the adapter runs on activations only and does not merge (PEFT refuses that merge too). PEFT 0.21 builds A
+without the base op's dilation: on a dilated conv its forward fails (numeric padding) or, with padding="same",
+differs from its own merged weights (measured 1.5 at dilation 2); here A keeps the dilation, so both agree.
 On an embedding (PEFT's `lora.Embedding`): y += A[:, ids]ᵀ·Bᵀ·s with A (r, num_embeddings) zeros and
 B (dim, r) normal at init (PEFT's embedding init), delta (B·A)ᵀ·s on the (num_embeddings, dim) table.
 """
