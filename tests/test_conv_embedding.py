@@ -458,3 +458,38 @@ def test_dora_on_a_grouped_conv_is_the_normalized_dense_kernel():
     dense = dense * (a.magnitude / dense.flatten(1).norm(dim=1)).view(-1, 1, 1, 1)
     expected = torch.nn.functional.conv2d(h, dense, conv.bias, padding=1)
     torch.testing.assert_close(conv(h), expected, atol=1e-5, rtol=1e-5)
+
+
+class ScaledEmbedding(nn.Embedding):
+    """An embedding whose module output is the lookup times a constant (Gemma's scaled word embedding)."""
+
+    def forward(self, ids):
+        return super().forward(ids) * 3.0
+
+
+class Lookup(nn.Module):
+    def __init__(self, table):
+        super().__init__()
+        self.table = table
+
+    def forward(self, ids):
+        return self.table(ids)
+
+
+@pytest.mark.parametrize("kind", ["lora", "dora", "ia3"])
+def test_embedding_adapters_agree_on_activations_and_on_the_weight(kind):
+    """A plain nn.Embedding is adapted on activations, a scaled one (the lookup is not the module's output) on the
+    table; both equal the definition on the table, scaled after the lookup."""
+    ids = torch.tensor([[1, 5, 7, 1], [0, 2, 9, 3]])
+    outs = {}
+    for cls in (nn.Embedding, ScaledEmbedding):
+        torch.manual_seed(0)
+        model = Lookup(cls(10, 6)).eval()
+        surgery.apply(model, {"rules": [{"name": "r", "match": {"role": "embedding"}, "action": "wrap",
+                                         "module": {"kind": kind, "r": 2} if kind != "ia3" else {"kind": "ia3"}}]},
+                      example_inputs=(ids,))
+        _randomize(model)
+        site = model.surgery_adapters.records["default"].weight_sites[0]
+        assert site.realized == ("activation" if cls is nn.Embedding else "weight")
+        outs[cls] = model(ids).detach()
+    torch.testing.assert_close(outs[ScaledEmbedding], 3.0 * outs[nn.Embedding], atol=1e-5, rtol=1e-5)

@@ -5,7 +5,9 @@ the attention op (`scaled_dot_product_attention`, or softmax between two matmuls
 lookups. From each attention op we walk back through view-like and rotary ops to the projections that feed it
 (q, k, v, or one packed qkv), forward to the output projection and on to the residual add; the FFN is what
 the block computes between the attention residual and the last residual add. Layers are the repeated
-containers (`...layers.3`) that hold one attention op each.
+containers (`...layers.3`) that hold one attention op each. Convolutions and embedding lookups reading a
+parameter are weight-bearing ops too (`_weight_op_info`): they carry a LinearInfo of kind "conv"/"embedding" on
+their sites (and on the `embedding` role) for `wrap`, but take no part in the roles above.
 """
 from __future__ import annotations
 
