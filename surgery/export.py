@@ -104,7 +104,9 @@ class Prepared:
         named = _flatten(out, "output")
         if not named:
             raise ExportError(f"{type(model).__name__} returned no tensors to export")
-        self.output_names = [n for n, _ in named]
+        # an output field named like an input (a diffusers UNet takes and returns `sample`) gets `_output`:
+        # ONNX names every value once
+        self.output_names = [f"{n}_output" if n in self.names else n for n, _ in named]
         self.reference_shapes = [tuple(t.shape) for _, t in named]
 
     def dynamic_shapes(self, as_dims: bool) -> dict:
@@ -205,7 +207,8 @@ def export(model: nn.Module, path: str | os.PathLike, *, example_inputs: Any = N
     """Export the rewritten model to `path` as ONNX, TorchScript or a pt2 archive; return the path.
 
     - `onnx`: torch's dynamo exporter; inputs named as the model takes them (`input_ids`, `attention_mask`, or
-      the forward's positional parameter names), outputs named after the output fields (`logits`, ...).
+      the forward's positional parameter names), outputs named after the output fields (`logits`, ...; a field
+      named like an input gets `_output`, e.g. a diffusers UNet's `sample` → `sample_output`).
     - `torchscript`: `torch.jit.trace`. Tracing records one run: sizes the code reads with tensor ops stay
       symbolic, but anything Python computes from a shape (branches, loops, ints passed to non-tensor code)
       is frozen to the example's shapes. With `verify` such a trace is caught (ExportError); pass

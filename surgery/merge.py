@@ -140,7 +140,8 @@ def _why_not(site: WeightSite, shared: dict[int, list[str]], sites: list[WeightS
     if not site.attached:
         return "the site is detached"
     if not isinstance(adapter, WeightAdapter) or not adapter.mergeable:
-        return f"{type(adapter).__name__} does not fold into a weight"
+        why = " (on a grouped conv it is no grouped kernel)" if getattr(adapter, "activation_only", False) else ""
+        return f"{type(adapter).__name__} does not fold into a weight{why}"
     tensors = [site.weight_name] + ([site.bias_name] if site.bias_name else [])
     for tensor in tensors:
         param = _base_param(site.owner, tensor)

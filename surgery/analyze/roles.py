@@ -5,7 +5,9 @@ the attention op (`scaled_dot_product_attention`, or softmax between two matmuls
 lookups. From each attention op we walk back through view-like and rotary ops to the projections that feed it
 (q, k, v, or one packed qkv), forward to the output projection and on to the residual add; the FFN is what
 the block computes between the attention residual and the last residual add. Layers are the repeated
-containers (`...layers.3`) that hold one attention op each.
+containers (`...layers.3`) that hold one attention op each. Convolutions and embedding lookups reading a
+parameter are weight-bearing ops too (`_weight_op_info`): they carry a LinearInfo of kind "conv"/"embedding" on
+their sites (and on the `embedding` role) for `wrap`, but take no part in the roles above.
 """
 from __future__ import annotations
 
@@ -63,6 +65,9 @@ class LinearInfo:
     in_features: int
     out_features: int
     experts: int | None = None     # a 3-D parameter [experts, out, in] read by a grouped matmul (MoE experts)
+    kind: str = "linear"    # "linear", "conv" (aten conv1d/2d/3d/convolution) or "embedding" (a table lookup)
+    op_args: dict = field(default_factory=dict)   # conv: stride, padding, dilation, groups, dims, kernel;
+    #                                              embedding: padding_idx
 
     @property
     def owner(self) -> str:
@@ -212,6 +217,49 @@ def _experts_info(node: fx.Node, traced: Traced) -> LinearInfo | None:
     return LinearInfo(node=node, value=node, x=node.args[0], weight=traced.params[source.name], bias=None,
                       layout="out_in" if transposed else "in_out", rows=None, bias_rows=None, in_features=in_f,
                       out_features=out_f, experts=experts)
+
+
+CONV_OPS = {"conv1d", "conv2d", "conv3d", "convolution"}
+
+
+def _weight_op_info(node: fx.Node, traced: Traced) -> LinearInfo | None:
+    """A convolution (not transposed) or an embedding lookup reading a parameter, as a weight-bearing op.
+
+    conv: weight (out, in/groups, *kernel) in layout out_in, in_features = in channels; embedding: the table
+    (num_embeddings, dim) in layout in_out (a lookup is one-hot(ids) @ W), x the ids.
+    """
+    op = op_name(node)
+    if op in CONV_OPS:
+        args = list(node.args)
+        if op == "convolution":   # input, weight, bias, stride, padding, dilation, transposed, output_padding, groups
+            if len(args) < 9 or args[6]:
+                return None
+            stride, padding, dilation, groups = args[3], args[4], args[5], args[8]
+        else:                     # input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1
+            args += [None] * (7 - len(args))
+            stride, padding, dilation, groups = args[3] or 1, args[4] if args[4] is not None else 0, args[5] or 1, \
+                args[6] or 1
+        x, w, b = args[0], args[1], args[2]
+        wshape = _shape(w)
+        wref = _resolve_param(w, traced)
+        if wref is None or wref[1] is not None or wshape is None or len(wshape) < 3:
+            return None
+        bref = _resolve_param(b, traced) if isinstance(b, fx.Node) else None
+        return LinearInfo(node=node, value=node, x=x, weight=wref[0], bias=bref[0] if bref else None, layout="out_in",
+                          rows=None, bias_rows=None, in_features=int(wshape[1]) * int(groups),
+                          out_features=int(wshape[0]), kind="conv",
+                          op_args={"stride": stride, "padding": padding, "dilation": dilation, "groups": int(groups),
+                                   "dims": len(wshape) - 2, "kernel": tuple(int(k) for k in wshape[2:])})
+    if op == "embedding":
+        w, ids = node.args[0], node.args[1]
+        wref, wshape = _resolve_param(w, traced), _shape(w)
+        if wref is None or wref[1] is not None or wshape is None or len(wshape) != 2:
+            return None
+        padding_idx = node.args[2] if len(node.args) > 2 else -1
+        return LinearInfo(node=node, value=node, x=ids, weight=wref[0], bias=None, layout="in_out", rows=None,
+                          bias_rows=None, in_features=int(wshape[0]), out_features=int(wshape[1]), kind="embedding",
+                          op_args={"padding_idx": None if padding_idx in (None, -1) else int(padding_idx)})
+    return None
 
 
 def _walk_back(start, stop, allowed: set[str], limit: int = 64) -> list[fx.Node]:
@@ -449,6 +497,8 @@ def analyze(traced: Traced) -> Analysis:
         info = _linear_info(node, traced)
         if info is not None:
             linears[node] = info
+    # convolutions and embedding lookups: weight-bearing ops a rule may wrap, but not linears for the roles above
+    weight_ops = {n: info for n in nodes if n not in linears and (info := _weight_op_info(n, traced)) is not None}
 
     def is_linear(n):
         return n in linears
@@ -666,7 +716,7 @@ def analyze(traced: Traced) -> Analysis:
         if op in NORM_OPS:
             add(node, "norm", layer_of(node))
         elif op == "embedding":
-            add(node, "embedding", layer_of(node))
+            add(node, "embedding", layer_of(node), linear=weight_ops.get(node))
         elif op == "rsqrt":
             # a decomposed RMSNorm: the norm is the output of the module that computes the rsqrt
             module = innermost(node)
@@ -698,10 +748,13 @@ def analyze(traced: Traced) -> Analysis:
                 add_linear(info, "lm_head" if len(shape) >= 3 else "head", None)
 
     role_nodes = {id(s.node) for s in role_sites}
-    generic = [Site(node=n, role=None, layer=layer_of(n), module=linears[n].owner if n in linears else innermost(n),
-                    op=op_name(n), linear=linears.get(n), stack=None) for n in nodes if id(n) not in role_nodes]
-    for site in generic:
-        site.stack = stacks[site.layer] if site.layer is not None else None
+    generic = []
+    for n in nodes:
+        if id(n) not in role_nodes:
+            info = linears.get(n) or weight_ops.get(n)
+            layer = layer_of(n)
+            generic.append(Site(node=n, role=None, layer=layer, module=info.owner if info else innermost(n),
+                                op=op_name(n), linear=info, stack=stacks[layer] if layer is not None else None))
     sites = role_sites + generic
     by_role: dict[str, list[Site]] = defaultdict(list)
     by_op: dict[str, list[Site]] = defaultdict(list)

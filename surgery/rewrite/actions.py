@@ -82,6 +82,7 @@ def _context(model: nn.Module, analysis: Analysis, match: Match, value: fx.Node,
         rows = info.rows or packed
         ctx.in_features = info.in_features
         ctx.out_features = (rows[1] - rows[0]) if rows else info.out_features
+        ctx.op_kind, ctx.op_args = info.kind, dict(info.op_args)
         weight = _base_parameter(model, info.weight)
         if weight is not None:
             w = weight.t() if info.layout == "in_out" else weight
@@ -254,8 +255,12 @@ def realize(model: nn.Module, analysis: Analysis, store: AdapterStore, record: R
                                f"q, k or v alone is not supported there: match role attention.qkv (the whole packed "
                                f"projection) instead")
         if rule.action == "wrap" and match.site.linear is None:
-            raise RewriteError(f"rule {match.rule!r}: wrap needs a weight-bearing op, but {match.node} "
-                               f"({match.role or match.site.op}) reads no weight")
+            raise RewriteError(f"rule {match.rule!r}: wrap needs a weight-bearing op (linear, conv1d/2d/3d, "
+                               f"embedding), but {match.node} ({match.role or match.site.op}) is not one")
+        if rule.action == "wrap" and match.site.linear.kind not in getattr(cls, "op_kinds", ("linear",)):
+            raise RewriteError(f"rule {match.rule!r}: {rule.module.kind} adapts "
+                               f"{'/'.join(getattr(cls, 'op_kinds', ('linear',)))} ops, but {match.module} is a "
+                               f"{match.site.linear.kind} ({match.site.op})")
         ctx = _context(model, analysis, match, value, rule)
         ctx.extra.update(extra or {})
         ctx.shared, ctx.runtime, ctx.adapter = shared, store.runtime, per_adapter

@@ -587,7 +587,13 @@ def wrap_weight(model: nn.Module, analysis: Analysis, info: LinearInfo, packed: 
         raise RewriteError(f"{owner_path}: its {info.experts} experts are one 3-D parameter ({info.weight}) read by "
                            f"a grouped matmul; wrapping per-expert weights is not supported yet (adapt the attention, "
                            f"a shared expert, or insert after the MoE block instead)")
+    if whole_module and info.kind == "conv":   # the module's input is the conv's (no padding_mode other than zeros)
+        whole_module = any(b.module == owner_path and b.side == "in" and b.loc == ("arg", 0)
+                           for b in analysis.boundaries(info.x))
     mode = realize if realize != "auto" else ("activation" if whole_module else "weight")
+    if mode == "weight" and getattr(adapter, "activation_only", False):
+        raise RewriteError(f"{owner_path}: {type(adapter).__name__} here is not an op of the base kind (e.g. LoRA on "
+                           f"a grouped conv), so it needs the activation path, which this op does not allow")
     if mode == "activation" and not whole_module:
         raise RewriteError(f"{owner_path}: the op reads its weight without calling the module, so it can only be "
                            f"adapted on the weight (realize: weight)")
