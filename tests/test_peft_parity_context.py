@@ -136,6 +136,28 @@ def test_peft_prefix_generate_equals_its_own_forward(arch):
     assert_same_generation(greedy(theirs, IDS, MASK), full_forward_greedy(peft_forward(theirs), IDS))
 
 
+@pytest.mark.parametrize("act", ["tanh", "relu", "gelu"])
+def test_prefix_mlp_non_linearity_equals_peft_flat_with_the_mlp_written_out(act):
+    """The MLP's prefixes Linear2(act(Linear1(E))) computed here, loaded into PEFT's flat prefix: same outputs."""
+    base = make("llama")
+    ours = ours_with(base, {"kind": "prefix", "prefix_length": P, "flat": False, "bottleneck_size": 24,
+                            "non_linearity": act})
+    mlp = modules_of(ours, "PrefixMLP")[0]
+    for i, p in enumerate(mlp.parameters()):
+        fill_(p, seed=30 + i)
+    fn = {"tanh": torch.tanh, "relu": torch.relu,
+          "gelu": lambda x: 0.5 * x * (1 + torch.erf(x / 2 ** 0.5))}[act]
+    first, last = mlp.control_trans[0], mlp.control_trans[2]
+    with torch.no_grad():
+        flat = fn(mlp.wte.weight @ first.weight.T + first.bias) @ last.weight.T + last.bias
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.PrefixTuningConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=P, prefix_projection=False)).eval()
+    with torch.no_grad():
+        theirs.prompt_encoder["default"].embedding.weight.copy_(flat)
+    torch.testing.assert_close(ours(input_ids=IDS, attention_mask=MASK, position_ids=SHIFTED).logits,
+                               theirs(input_ids=IDS, attention_mask=MASK).logits, atol=ATOL, rtol=0)
+
+
 def test_prefix_mlp_under_gqa_differs_from_peft_in_shape_only():
     """PEFT sizes the MLP's input to the KV width under GQA (token_dim = kv_heads · head_dim); surgery, like
     AdapterHub, to the hidden size. Same output width, so the flat prefixes (after `eject`) carry across."""
@@ -237,7 +259,7 @@ def test_adaption_prompt_generate_equals_peft():
 
 # ------------------------------------------------------------------------------------------------------- ReFT
 
-def reft_reference(h, mask, units, prefix, suffix, orthogonal_R, subtract):
+def reft_reference(h, mask, units, prefix, suffix, orthogonal_R, subtract, act=lambda x: x):
     """Wu et al. 2024, eq. (2)/(3): Φ(h) = h + Rᵀ(W h + b − R h) (LoReFT: R orthonormal rows; NoReFT: free R);
     DiReFT drops − R h. Applied to the first `prefix` and the last `suffix` real tokens (pyreft's f/l positions)."""
     out = h.clone()
@@ -247,7 +269,7 @@ def reft_reference(h, mask, units, prefix, suffix, orthogonal_R, subtract):
         for pos, u in chosen:
             R, W, bias = units[u]
             x = h[b, pos]
-            delta = W @ x + bias - (R @ x if subtract else 0)
+            delta = act(W @ x + bias) - (R @ x if subtract else 0)
             out[b, pos] = x + R.T @ delta
     return out
 
@@ -268,14 +290,14 @@ def block_outputs_replaced(base, fn):
 METHODS = {"loreft": (True, True), "noreft": (False, True), "direft": (False, False)}
 
 
-def reft_pair(arch, method, r, prefix, suffix):
+def reft_pair(arch, method, r, prefix, suffix, **options):
     """Our intervention on every block output, with R, W, b set by the test: (base, ours, per-layer units)."""
     orthogonal, subtract = METHODS[method]
     base = make(arch)
     ours = surgery.apply(copy.deepcopy(base), {"rules": [{
         "name": "reft", "match": {"role": "block.output"}, "action": "insert_after",
         "module": {"kind": "reft", "r": r, "prefix_positions": prefix, "suffix_positions": suffix,
-                   "orthogonal": orthogonal, "subtract_projection": subtract, "dropout": 0.0}}]}).eval()
+                   "orthogonal": orthogonal, "subtract_projection": subtract, "dropout": 0.0, **options}}]}).eval()
     interventions = modules_of(ours, "ReftIntervention")
     assert len(interventions) == 2
     g = torch.Generator().manual_seed(7)
@@ -302,10 +324,10 @@ def reft_pair(arch, method, r, prefix, suffix):
     return base, ours, params
 
 
-def reference_logits(base, ids, mask, params, prefix, suffix, method):
+def reference_logits(base, ids, mask, params, prefix, suffix, method, act=lambda x: x):
     orthogonal, subtract = METHODS[method]
     handles = block_outputs_replaced(base, lambda i, h: reft_reference(h, mask, params[i], prefix, suffix,
-                                                                       orthogonal, subtract))
+                                                                       orthogonal, subtract, act))
     try:
         return base(input_ids=ids, attention_mask=mask).logits
     finally:
@@ -336,3 +358,21 @@ def test_reft_generate_intervenes_on_the_prompt_only(arch):
     full = full_forward_greedy(
         lambda seq: reference_logits(base, seq, torch.ones_like(seq), params, prefix, 0, "loreft"), IDS)
     assert_same_generation(greedy(ours, IDS, MASK), full)
+
+
+@pytest.mark.parametrize("options", [{"non_linearity": "tanh"}, {"non_linearity": "relu"},
+                                     {"tied_weights": True}, {"tied_weights": True, "non_linearity": "gelu"}])
+def test_reft_options_equal_the_papers_intervention(options):
+    """pyreft's options: an activation on W h + b, and one intervention shared by the first and last positions."""
+    r, prefix, suffix = 2, 2, 2
+    base, ours, params = reft_pair("llama", "loreft", r, prefix, suffix, **options)
+    if options.get("tied_weights"):
+        assert all(len(units) == 1 for units in params)   # one unit serves both position groups
+    act = {"tanh": torch.tanh, "relu": torch.relu, "gelu": lambda x: 0.5 * x * (1 + torch.erf(x / 2 ** 0.5)),
+           None: lambda x: x}[options.get("non_linearity")]
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[0, :2] = 0
+    ids = token_ids(2, 8, seed=9).masked_fill(mask == 0, 0)
+    want = reference_logits(base, ids, mask, params, prefix, suffix, "loreft", act)
+    got = ours(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(got[mask.bool()], want[mask.bool()], atol=ATOL, rtol=0)
