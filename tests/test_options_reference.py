@@ -407,3 +407,25 @@ def test_krona(opts):
     with hooked(base, Q_PROJ, lambda m, a, y: y + s * F.linear(a[0], delta)):
         want = logits(base, IDS)
     torch.testing.assert_close(logits(model, IDS), want, atol=ATOL, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------------ prompt init
+
+@pytest.mark.parametrize("init", [{"ids": [5, 7, 9]}, "random_uniform", "normal"])
+def test_prompt_init(init):
+    """ids: the embedding table's rows for the ids, repeated to the prompt length (PEFT's TEXT init);
+    random_uniform: U(-scale, scale); normal: N(0, 1)."""
+    length, scale = 7, 0.1
+    base, model = rewritten(make_llama, {"match": {"role": "embedding.output"}, "action": "prepend",
+                                         "module": {"kind": "prompt", "prompt_length": length, "init": init,
+                                                    "random_uniform_scale": scale}})
+    prompt = only(model, "PromptTuning").prompt_embedding.detach()
+    assert prompt.shape == (length, 64)
+    if isinstance(init, dict):
+        table = base.get_input_embeddings().weight.detach()
+        torch.testing.assert_close(prompt, table[[5, 7, 9, 5, 7, 9, 5]], atol=0, rtol=0)
+    elif init == "random_uniform":
+        assert prompt.abs().max() <= scale and prompt.abs().max() > 0.9 * scale
+        assert abs(prompt.std().item() - scale / math.sqrt(3)) < 0.15 * scale / math.sqrt(3)
+    else:
+        assert abs(prompt.std().item() - 1.0) < 0.15 and abs(prompt.mean().item()) < 0.15
