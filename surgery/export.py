@@ -25,6 +25,7 @@ import surgery.api as api
 from surgery.analyze import analyze
 from surgery.analyze.roles import op_name, stack_paths
 from surgery.errors import SurgeryError
+from surgery.progress import quiet_libraries, stage
 from surgery.rewrite.host import STATE_ATTR, _WeightParam, store_of
 from surgery.trace import trace
 from surgery.trace.export import _split_inputs, default_example_inputs
@@ -223,15 +224,18 @@ def export(model: nn.Module, path: str | os.PathLike, *, example_inputs: Any = N
         raise ExportError(f"format must be one of {', '.join(FORMATS)}, not {format!r}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with _exporting(model, merge):
+    with stage(f"export {type(model).__name__} as {format} to {path}"), _exporting(model, merge):
         prepared = Prepared(model, example_inputs, dynamic_axes)
         staging = path.parent / f".{path.name}.partial"   # the file keeps its name (ONNX external data refer to it)
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir()
         try:
-            _EXPORTERS[format](prepared, staging / path.name)
+            with stage(f"{format} exporter"), quiet_libraries():
+                _EXPORTERS[format](prepared, staging / path.name)
             if verify:
-                _verify(format, staging / path.name, prepared)
+                runner = "onnxruntime" if format == "onnx" else "torch"
+                with stage(f"verify the {format} file in {runner}"), quiet_libraries():
+                    _verify(format, staging / path.name, prepared)
             for produced in staging.iterdir():
                 os.replace(produced, path.parent / produced.name)
         except SurgeryError:
@@ -428,13 +432,15 @@ def draw(model: nn.Module, path: str | os.PathLike, *, example_inputs: Any = Non
     """
     path = Path(path)
     backend = _backend(backend)
-    before, after, block = layer_graphs(model, example_inputs, layer)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    title = f"{type(model).__name__} · {block}"
-    if backend == "graphviz":
-        _draw_graphviz(before, after, title, path)
-    else:
-        _draw_matplotlib(before, after, title, path)
+    with stage(f"draw layer {layer} of {type(model).__name__} to {path}"):
+        before, after, block = layer_graphs(model, example_inputs, layer)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        title = f"{type(model).__name__} · {block}"
+        with stage(f"render with {backend}"), quiet_libraries("matplotlib"):
+            if backend == "graphviz":
+                _draw_graphviz(before, after, title, path)
+            else:
+                _draw_matplotlib(before, after, title, path)
     return path
 
 
