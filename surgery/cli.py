@@ -268,7 +268,7 @@ def cmd_demo(args) -> int:
 
     import surgery
     from surgery.example_models import minigpt
-    spec = args.spec or str(Path(__file__).resolve().parent.parent / "specs" / "houlsby.yaml")
+    spec = args.spec or "houlsby"   # the shipped specs/houlsby.yaml
     torch.manual_seed(0)
     model = minigpt(vocab_size=50, hidden_dim=64, n_layers=2, seq_len=32)
     example = model.example_inputs()
