@@ -214,3 +214,33 @@ def test_every_cli_option_has_help():
     assert missing == []
     assert {a.dest for a in sub._choices_actions} == set(sub.choices)   # and every command has one
     assert all(a.help for a in sub._choices_actions)
+
+
+# ---------------------------------------------------------------- the matplotlib drawing
+
+def test_matplotlib_drawing_labels_are_readable_and_do_not_overlap():
+    pytest.importorskip("matplotlib")
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from surgery.export import layer_graphs, matplotlib_figure
+    model = minigpt()
+    surgery.apply(model, "houlsby", example_inputs=model.example_inputs())
+    surgery.apply(model, "lora", name="lora")
+    before, after, block = layer_graphs(model, model.example_inputs(), layer=1)
+    fig = matplotlib_figure(before, after, block)
+    try:
+        fig.canvas.draw()   # places the label boxes
+        renderer = fig.canvas.get_renderer()
+        for ax, g in zip(fig.axes, (before, after)):
+            labels = [t for t in ax.texts if t.get_bbox_patch() is not None]
+            assert len(labels) == len(g) and all(t.get_fontsize() >= 8 for t in labels)
+            boxes = [t.get_bbox_patch().get_window_extent(renderer) for t in labels]
+            inside = ax.get_window_extent(renderer)
+            for i, a in enumerate(boxes):
+                assert inside.x0 - 1 <= a.x0 and a.x1 <= inside.x1 + 1, labels[i].get_text()   # not cut off
+                for j in range(i):
+                    assert not a.overlaps(boxes[j]), (labels[i].get_text(), labels[j].get_text())
+    finally:
+        plt.close(fig)
