@@ -19,10 +19,6 @@ from surgery.progress import logger as progress_logger
 from surgery.progress import quiet_libraries, stage
 
 MODEL_HELP = "package.module:factory_or_class (called with no arguments) or a transformers model directory"
-SPEC_HELP = ("a spec file (YAML or JSON), or the name of a shipped spec (houlsby, lora, ...: "
-             "the files of the package's specs/)")
-ADAPTERS_HELP = "a directory of trained adapters written by surgery.save or `surgery apply` (instead of --spec)"
-QUIET_HELP = "do not print progress (each long stage and how long it took) on stderr"
 
 
 def load_model(ref: str):
@@ -35,21 +31,18 @@ def load_model(ref: str):
         if os.getcwd() not in sys.path and "" not in sys.path:
             sys.path.insert(0, os.getcwd())   # `surgery` run as a script: find the user's own packages
         try:
-            with quiet_libraries():   # e.g. transformers imports torchao, which logs kernels it cannot load
-                factory = getattr(importlib.import_module(module_name), attr)
+            factory = getattr(importlib.import_module(module_name), attr)
         except (ImportError, AttributeError) as exc:
             raise SurgeryError(f"cannot load model {ref!r}: {exc}") from None
         try:
-            with stage(f"load {ref}"), quiet_libraries():
-                model = factory()
+            model = factory()
         except Exception as exc:  # the user's factory: report, do not crash
             raise SurgeryError(f"cannot load model {ref!r}: {attr}() raised {type(exc).__name__}: {exc}") from None
         example = model.example_inputs() if callable(getattr(model, "example_inputs", None)) else None
         return model, example
     path = Path(ref)
     if path.is_dir():
-        with stage(f"load {path}"), quiet_libraries():
-            return _load_pretrained(path), None
+        return _load_pretrained(path), None
     raise SurgeryError(f"MODEL must be package.module:factory_or_class or a model directory, not {ref!r}")
 
 
@@ -292,6 +285,12 @@ def cmd_demo(args) -> int:
     return 0
 
 
+SPEC_HELP = ("a spec file (YAML or JSON), or the name of a shipped spec (houlsby, lora, ...: "
+             "the files of the package's specs/)")
+ADAPTERS_HELP = "a directory of trained adapters written by surgery.save or `surgery apply` (instead of --spec)"
+QUIET_HELP = "do not print progress (each long stage and how long it took) on stderr"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="surgery", description="Declarative model surgery for PyTorch.")
     parser.add_argument("-q", "--quiet", action="store_true", default=False, help=QUIET_HELP)
@@ -361,10 +360,12 @@ def _spec_or_adapters(p: argparse.ArgumentParser) -> None:
 
 
 def _logging_progress(func):
-    """Run a command with surgery's progress messages (logger "surgery", INFO) on stderr, unless --quiet."""
+    """Run a command with surgery's progress messages (logger "surgery", INFO) on stderr, unless --quiet, and
+    without the warnings torch, onnx and torchao print while it runs (e.g. transformers imports torchao when it
+    is installed, which logs the CUDA kernels it cannot load)."""
     @functools.wraps(func)
     def run(args) -> int:
-        with _progress_on_stderr(quiet=getattr(args, "quiet", False)):
+        with _progress_on_stderr(quiet=getattr(args, "quiet", False)), quiet_libraries():
             return func(args)
     return run
 

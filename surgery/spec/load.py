@@ -295,50 +295,15 @@ def load_spec(path: str | Path) -> Spec:
 
 def load_spec_with_origins(path: str | Path) -> tuple[Spec, list[RuleOrigin]]:
     """`load_spec`, plus where each rule of the result was written (for errors found later, e.g. on a model)."""
+    from surgery.spec.shipped import locate_spec   # a shipped spec's name ("houlsby") works from any directory
     return _load(locate_spec(path), seen=frozenset())
-
-
-SPEC_SUFFIXES = (".yaml", ".yml", ".json")
-
-
-def shipped_specs_dir() -> Path | None:
-    """The shipped specs: `surgery/specs` in an installed wheel, else `specs/` of the source checkout."""
-    here = Path(__file__).resolve().parent.parent
-    for candidate in (here / "specs", here.parent / "specs"):
-        if candidate.is_dir():
-            return candidate
-    return None
-
-
-def shipped_spec_names() -> list[str]:
-    shipped = shipped_specs_dir()
-    return sorted(p.stem for p in shipped.iterdir() if p.suffix in SPEC_SUFFIXES) if shipped else []
-
-
-def locate_spec(path: str | os.PathLike) -> Path:
-    """`path` when it exists; else, for a shipped spec's name (`houlsby`, `houlsby.yaml` or `specs/houlsby.yaml`,
-    as the README writes it), the shipped file, wherever the current directory is."""
-    path = Path(path)
-    if path.exists() or path.is_absolute() or path.parent not in (Path("."), Path("specs")):
-        return path
-    shipped = shipped_specs_dir()
-    name = path.name if path.suffix in SPEC_SUFFIXES else f"{path.name}.yaml"
-    if shipped is not None and (shipped / name).is_file():
-        return shipped / name
-    return path
 
 
 def _read(path: Path) -> str:
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        hint = ""
-        if isinstance(exc, FileNotFoundError) and path.parent in (Path("."), Path("specs")):
-            names = shipped_spec_names()
-            near = difflib.get_close_matches(path.stem, names, n=1, cutoff=0.75)
-            hint = (f" (did you mean the shipped spec {near[0]!r}?)" if near else
-                    f" (shipped specs: {', '.join(names)})" if names else "")
-        raise SpecError(f"cannot read spec: {exc.strerror or exc}{hint}", file=str(path)) from None
+        raise SpecError(f"cannot read spec: {exc.strerror or exc}", file=str(path)) from None
     except UnicodeDecodeError as exc:
         raise SpecError(f"not UTF-8 text: {exc.reason} at byte {exc.start}", file=str(path)) from None
     if path.suffix.lower() == ".json":
