@@ -4,7 +4,7 @@
   setup provides).
 - ```bash blocks: every `surgery ...` / `python -m surgery ...` command is run (other commands, e.g. pip,
   pytest, torchrun, are not); the README's placeholders (MODEL, SPEC, DIR, `[--layer 0]`) are filled in with
-  small values. Each command must exit 0.
+  small values. Each command must exit 0. These are slow-marked: each command is a process importing torch.
 - ```yaml blocks that are whole specs (they have `rules:`) must load with `surgery.load_spec`.
 
 A block is configured by an HTML comment on the line before it (invisible on GitHub; docs/spec.md is generated,
@@ -81,8 +81,9 @@ ALL = [b for path in DOCS for b in blocks(path)]
 
 
 def params(language: str):
-    return [pytest.param(b, id=b.id, marks=[pytest.mark.slow] if b.slow else []) for b in ALL
-            if b.language == language]
+    """One parameter per block; bash blocks are slow (each command is a process that imports torch)."""
+    return [pytest.param(b, id=b.id, marks=[pytest.mark.slow] if b.slow or language == "bash" else [])
+            for b in ALL if b.language == language]
 
 
 # ---------------------------------------------------------------- names the python blocks use

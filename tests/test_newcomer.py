@@ -222,6 +222,7 @@ def test_every_cli_option_has_help():
 
 # ---------------------------------------------------------------- the matplotlib drawing
 
+@pytest.mark.slow
 def test_matplotlib_drawing_labels_are_readable_and_do_not_overlap():
     pytest.importorskip("matplotlib")
     import matplotlib
