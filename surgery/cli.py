@@ -8,12 +8,17 @@ traceback). Spec problems read `file:line:col: key.path: message`.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import importlib
+import logging
 import os
 import sys
 from pathlib import Path
 
 from surgery.errors import MatchError, SpecError, SurgeryError
+from surgery.progress import logger as progress_logger
+from surgery.progress import quiet_libraries, stage
 
 MODEL_HELP = "package.module:factory_or_class (called with no arguments) or a transformers model directory"
 EXIT_INVALID, EXIT_USAGE = 1, 2
@@ -135,8 +140,9 @@ def cmd_validate(args) -> int:
         try:
             model, example = load_model(args.model)
             for file, spec, origins in loaded:
-                found = _check_on_model(model, example, file, spec, origins, args.model,
-                                        counts.setdefault(file, []))
+                with stage(f"validate {file} on {args.model}"):
+                    found = _check_on_model(model, example, file, spec, origins, args.model,
+                                            counts.setdefault(file, []))
                 example = None   # traced once: later checks reuse the analysis cached on the model
                 problems.extend(found)
                 if found:
@@ -221,13 +227,32 @@ def _summary(model, matches) -> str:
 
 
 def _applied(args):
-    """Load MODEL, apply SPEC, print the sites; returns (model, example_inputs)."""
+    """Load MODEL, apply SPEC (or load the adapters of --adapters DIR), print the sites; returns (model, example_inputs)."""
     import surgery
+    if getattr(args, "adapters", None):
+        return _loaded(args)
     model, example = load_model(args.model)
     matches = surgery.plan(model, args.spec, example_inputs=example)
     print(format_table([m.as_row() for m in matches], ["rule", "layer", "role", "module", "node"]))
     surgery.apply(model, args.spec, name=getattr(args, "name", None) or None)
     print(f"\n{_summary(model, matches)}")
+    return model, example
+
+
+def _loaded(args):
+    """Load MODEL and the adapters saved in --adapters DIR (surgery.load), print their sites; returns
+    (model, example_inputs)."""
+    import surgery
+    from surgery.io.checkpoint import read_manifest
+    manifest = read_manifest(args.adapters)
+    model, example = load_model(args.model)
+    rows = []
+    for entry in manifest["adapters"]:
+        matches = surgery.plan(model, Path(args.adapters) / entry["spec"], example_inputs=example)
+        rows += [{"adapter": entry["name"], **m.as_row()} for m in matches]
+    print(format_table(rows, ["adapter", "rule", "layer", "role", "module", "node"]))
+    surgery.load(model, args.adapters, example_inputs=example)
+    print(f"\n{_summary(model, rows)} (loaded from {args.adapters})")
     return model, example
 
 
@@ -280,7 +305,7 @@ def cmd_demo(args) -> int:
 
     import surgery
     from surgery.example_models import minigpt
-    spec = args.spec or str(Path(__file__).resolve().parent.parent / "specs" / "houlsby.yaml")
+    spec = args.spec or "houlsby"   # the shipped specs/houlsby.yaml
     torch.manual_seed(0)
     model = minigpt(vocab_size=50, hidden_dim=64, n_layers=2, seq_len=32)
     example = model.example_inputs()
@@ -304,54 +329,104 @@ def cmd_demo(args) -> int:
     return 0
 
 
+SPEC_HELP = ("a spec file (YAML or JSON), or the name of a shipped spec (houlsby, lora, ...: "
+             "the files of the package's specs/)")
+ADAPTERS_HELP = "a directory of trained adapters written by surgery.save or `surgery apply` (instead of --spec)"
+QUIET_HELP = "do not print progress (each long stage and how long it took) on stderr"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="surgery", description="Declarative model surgery for PyTorch.")
+    parser.add_argument("-q", "--quiet", action="store_true", default=False, help=QUIET_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("validate", help="check spec files (schema and semantics; with --model, that every rule "
                                         "matches and the spec applies)",
                        description="Print every problem as file:line:col: key.path: message; exit 1 on any.")
     p.add_argument("files", nargs="+", metavar="FILE", help="YAML or JSON spec files")
-    p.add_argument("--model", help=MODEL_HELP)
+    p.add_argument("--model", help="also check on this model that every rule matches and each spec applies: "
+                                    + MODEL_HELP)
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("schema", help="print the JSON Schema of the spec format (as in surgery.schema.json)")
     p.set_defaults(func=cmd_schema)
 
-    p = sub.add_parser("inspect", help="print the sites a spec matches and the trainable parameter count")
+    p = sub.add_parser("inspect", help="print the sites a spec matches (or saved adapters cover) and the "
+                                       "trainable parameter count")
     p.add_argument("model", help=MODEL_HELP)
-    p.add_argument("--spec", required=True)
+    _spec_or_adapters(p)
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("apply", help="apply a spec to a model and save the adapters (surgery.save)")
     p.add_argument("model", help=MODEL_HELP)
-    p.add_argument("--spec", required=True)
+    p.add_argument("--spec", required=True, help=SPEC_HELP)
     p.add_argument("--out", required=True, metavar="DIR", help="directory for the adapter files")
     p.add_argument("--name", default=None, help="adapter name (default: default)")
     p.set_defaults(func=cmd_apply)
 
-    p = sub.add_parser("export", help="apply a spec and export the rewritten model (surgery.export)")
+    p = sub.add_parser("export", help="apply a spec (or load trained adapters) and export the rewritten model "
+                                      "(surgery.export)")
     p.add_argument("model", help=MODEL_HELP)
-    p.add_argument("--spec", required=True)
-    p.add_argument("--format", default="onnx", choices=["onnx", "torchscript", "pt2"])
-    p.add_argument("--out", required=True, metavar="FILE")
+    _spec_or_adapters(p)
+    p.add_argument("--format", default="onnx", choices=["onnx", "torchscript", "pt2"],
+                   help="onnx (checked in onnxruntime), torchscript (torch.jit.trace) or pt2 (torch.export); "
+                        "default: onnx")
+    p.add_argument("--out", required=True, metavar="FILE", help="the file to write")
     p.add_argument("--no-merge", action="store_true", help="keep foldable rewrites unmerged")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("draw", help="draw one layer before and after surgery, inserted modules highlighted")
     p.add_argument("model", help=MODEL_HELP)
-    p.add_argument("--spec", help="spec to apply")
-    p.add_argument("--adapters", metavar="DIR", help="or: adapters saved by surgery.save / surgery apply")
+    p.add_argument("--spec", help=SPEC_HELP)
+    p.add_argument("--adapters", metavar="DIR", help=ADAPTERS_HELP)
     p.add_argument("--out", default="surgery.svg", metavar="FILE", help="output file: .svg, .png or .pdf")
-    p.add_argument("--layer", type=int, default=0)
-    p.add_argument("--backend", default="auto", choices=["auto", "graphviz", "matplotlib"])
+    p.add_argument("--layer", type=int, default=0, help="which layer to draw, counted from 0 (negative: from the "
+                                                         "end); default: 0")
+    p.add_argument("--backend", default="auto", choices=["auto", "graphviz", "matplotlib"],
+                   help="graphviz (needs the `dot` program), matplotlib, or auto (graphviz when available)")
     p.set_defaults(func=cmd_draw)
 
     p = sub.add_parser("demo", help="apply a spec to the built-in MiniGPT and train a few steps")
-    p.add_argument("--spec", default=None)
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--spec", default=None, help="the spec to apply (default: houlsby, the shipped Houlsby adapters)")
+    p.add_argument("--steps", type=int, default=20, help="training steps on a copy task (default: 20)")
     p.set_defaults(func=cmd_demo)
+
+    for p in sub.choices.values():   # -q after the command too; progress logging around every command
+        p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help=QUIET_HELP)
+        p.set_defaults(func=_logging_progress(p.get_default("func")))
     return parser
+
+
+def _spec_or_adapters(p: argparse.ArgumentParser) -> None:
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--spec", help=SPEC_HELP)
+    group.add_argument("--adapters", metavar="DIR", help=ADAPTERS_HELP)
+
+
+def _logging_progress(func):
+    """Run a command with surgery's progress messages (logger "surgery", INFO) on stderr, unless --quiet, and
+    without the warnings torch, onnx and torchao print while it runs (e.g. transformers imports torchao when it
+    is installed, which logs the CUDA kernels it cannot load)."""
+    @functools.wraps(func)
+    def run(args) -> int:
+        with _progress_on_stderr(quiet=getattr(args, "quiet", False)), quiet_libraries():
+            return func(args)
+    return run
+
+
+@contextlib.contextmanager
+def _progress_on_stderr(quiet: bool):
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("surgery: %(message)s"))
+    level = progress_logger.level
+    if not quiet:
+        progress_logger.addHandler(handler)
+        progress_logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        progress_logger.removeHandler(handler)
+        progress_logger.setLevel(level)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,6 +29,7 @@ from torch.nn.utils import parametrize
 
 from surgery.api import plan
 from surgery.errors import SurgeryError
+from surgery.progress import quiet_libraries
 
 NF4_MODULE = "torchao.quantization.quantize_.workflows.nf4.nf4_tensor"
 BLOCK_LINEARS = ["attention.q", "attention.k", "attention.v", "attention.output",
@@ -37,7 +38,8 @@ BLOCK_LINEARS = ["attention.q", "attention.k", "attention.v", "attention.output"
 
 def _torchao_nf4():
     try:
-        return importlib.import_module(NF4_MODULE)   # the module directly: walking torchao fails on MPS-only parts
+        with quiet_libraries():   # torchao logs the CUDA kernels it cannot load, torch's pytree its registrations
+            return importlib.import_module(NF4_MODULE)   # the module directly: walking torchao fails on MPS-only parts
     except ImportError as exc:
         raise SurgeryError(f"NF4 needs torchao (pip install torchao): {exc}") from exc
 

@@ -336,7 +336,8 @@ def load_spec(path: str | Path, *, include_dirs: Iterable[str | Path] = ()) -> S
 def load_spec_with_origins(path: str | Path, *,
                            include_dirs: Iterable[str | Path] = ()) -> tuple[Spec, list[RuleOrigin]]:
     """`load_spec`, plus where each rule of the result was written (for errors found later, e.g. on a model)."""
-    path = Path(path)
+    from surgery.spec.shipped import locate_spec   # a shipped spec's name ("houlsby") works from any directory
+    path = Path(locate_spec(path))
     context = _Includes(roots=_roots(path.parent, include_dirs))
     spec, origins = _load(path, context, chain=frozenset(), depth=0)
     return _with_origins(spec, origins), origins

@@ -16,6 +16,7 @@ import torch
 from torch import fx, nn
 
 from surgery.errors import SurgeryError
+from surgery.progress import quiet_libraries, stage
 
 
 @torch.library.custom_op("surgery::mark", mutates_args=())
@@ -263,7 +264,7 @@ def _trace(model: nn.Module, example_inputs) -> Traced:
     handles = _install_marks(model, calls)
     try:
         model.eval()
-        with torch.no_grad():
+        with stage(f"trace {type(model).__name__} (torch.export)"), quiet_libraries(), torch.no_grad():
             program = torch.export.export(model, args, kwargs, strict=False)
     except Exception as exc:  # noqa: BLE001 - any tracer failure becomes one clear error
         raise SurgeryError(f"torch.export could not trace {type(model).__name__}: {type(exc).__name__}: {exc}") from exc
