@@ -1,0 +1,438 @@
+"""The architecture matrix (issues 16 and 17): every architecture of tests/architectures.py x every spec in specs/.
+
+Each cell applies the spec to a fresh copy of a tiny random-weight model and checks, cheaply:
+
+- apply succeeds, or refuses with a SurgeryError that leaves the model as it was;
+- identity at init for the methods that say so (the output equals the base model's before apply and under
+  `surgery.disable`);
+- with the adapters perturbed (so identity cannot hide a bug) the output changes, keeps its shape, and
+  `surgery.disable` gives the base output back;
+- gradients only on what the spec trains: every trainable parameter gets a gradient, no base parameter trains
+  unless a `train` rule selected its module;
+- every layer has its sites: each `expect: every_layer` rule matches one site or more in every block
+  (the oracle's block paths, tests/architectures.py) and as many distinct layers as the model has;
+- no role on an op of the wrong kind: `ffn.out`/`attention.output` write the hidden width, FFN roles sit on no
+  attention module and no MoE router, attention projections sit on attention modules;
+- for decoders and encoder-decoders, on GENERATE_SPECS: each step's logits of generate() with the KV cache equal a
+  full forward without the cache.
+
+A cell's outcome is `ok`, `refused` (a SurgeryError), `crash` (any other exception, or a RewriteError wrapping
+one: "rewrite failed: ...") or `wrong` (a check failed). REFUSALS lists the refusals that are right (the method
+needs what the model lacks), each with the regex its message must match. XFAIL lists the cells that fail today
+and are engine gaps, with the observed outcome; it is the one table to edit as the engine is fixed
+(`python tools/architectures_table.py --run` prints the observed table). docs/architectures.md is rendered from
+these tables (tools/architectures_table.py) and test_docs_are_current fails when it is stale.
+"""
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+import surgery
+from architectures import ARCHITECTURES, kind_of, main_output
+from surgery.match.pattern import resolve_layers
+
+ROOT = Path(__file__).resolve().parent.parent
+SPECS_DIR = ROOT / "specs"
+SPECS = sorted(p.stem for p in SPECS_DIR.glob("*.yaml"))
+ARCHS = list(ARCHITECTURES)
+
+# Methods whose output equals the base model's at initialization (the method's definition: LoRA's B = 0,
+# IA3's ones, DoRA's magnitude = |W|, sparse/SAID zero deltas, LLaMA-Adapter's zero gate, selections).
+IDENTITY_AT_INIT = {"lora", "qlora", "dora", "krona", "ia3", "said", "sparse", "llama_adapter", "bitfit",
+                    "ln_tuning", "top_layers"}
+# Specs whose generate() with the KV cache is checked against full forwards (decoders and encoder-decoders).
+GENERATE_SPECS = {"prompt", "loreft", "prefix", "lora", "houlsby", "llama_adapter"}
+NEW_TOKENS = 3
+ATOL = 1e-5
+ATOL_GENERATE = 1e-4
+
+ATTENTION_SPECS = ("prefix", "llama_adapter", "mam", "unipelt")              # attend on attention.op
+QKV_SPECS = ("lora", "dora", "krona", "ia3")                                 # attention projections only
+ALL_LINEAR_SPECS = ("qlora", "said", "sparse", "top_layers")
+BOTTLENECK_SPECS = ("houlsby", "pfeiffer", "parallel", "adapterplus", "compacter", "compacterpp",
+                    "houlsby_inv", "pfeiffer_inv")
+
+
+@dataclass(frozen=True)
+class Refusal:
+    reason: str          # what the model lacks, for docs/architectures.md
+    message: str         # a regex the SurgeryError's message must match
+
+
+def _refusals() -> dict[tuple[str, str], Refusal]:
+    table: dict[tuple[str, str], Refusal] = {}
+
+    def refuse(archs, specs, reason, message):
+        for a in archs:
+            for s in specs:
+                table[(a, s)] = Refusal(reason, message)
+
+    no_bias = [a for a in ("llama", "mistral", "mixtral", "qwen3", "phi3", "gemma", "gemma2", "gemma3_text", "olmo",
+                           "t5")]
+    refuse(no_bias, ["bitfit"], "the model has no bias parameters", r"(?i)bias")
+    refuse(["mamba"], ATTENTION_SPECS + QKV_SPECS + BOTTLENECK_SPECS + ALL_LINEAR_SPECS,
+           "a state-space model has no attention (use module globs on in_proj/out_proj/x_proj)",
+           r"(?i)attention|roles present")
+    # invertible adapters invert at the LM head: models without one (encoders, pooled heads, vision, diffusion)
+    # Compacter's bottleneck is hidden / 32 = 2 at hidden 64: not a multiple of phm_dim 4 (tests/test_host_api.py
+    # runs Compacter at hidden 128)
+    refuse([a for a in ARCHS if a not in ("mamba",)], ["compacter", "compacterpp"],
+           "the bottleneck width (hidden / 32 = 2) is not a multiple of phm_dim 4", r"phm_dim")
+    # prompt tuning and invertible adapters act on the token embedding output: models whose input is not tokens
+    refuse(["wav2vec2", "unet", "dit"], ["prompt"], "no token embedding to prepend prompts to",
+           r"(?i)embedding")
+    refuse(["unet"], ["loreft", "noreft", "direft"], "no sequence of hidden states out of every block",
+           r"(?i)block")
+    return table
+
+
+REFUSALS = _refusals()
+
+# Cells that fail on today's engine: (arch, spec) -> (observed outcome, what). Delete entries as the engine
+# is fixed; `python tools/architectures_table.py --run` prints the observed table.
+XFAIL: dict[tuple[str, str], tuple[str, str]] = {
+}
+
+
+# ---------------------------------------------------------------- the cell
+
+class CellRefused(AssertionError):
+    """The spec was refused where the matrix expects it to apply (or for another reason than declared)."""
+
+
+class CellCrash(AssertionError):
+    """An exception that is not a deliberate SurgeryError."""
+
+
+class CellWrong(AssertionError):
+    """A numerical or structural check failed."""
+
+
+OUTCOME_ERRORS = {"refused": CellRefused, "crash": CellCrash, "wrong": CellWrong}
+
+
+@dataclass
+class Result:
+    outcome: str         # ok | refused | crash | wrong
+    message: str = ""
+
+
+class Wrong(Exception):
+    pass
+
+
+_BASES: dict[str, dict] = {}
+
+
+def base(arch: str) -> dict:
+    """The pristine model of `arch` (never rewritten, never analyzed: each cell deep-copies it), its inputs, facts
+    and base output; built once per process."""
+    if arch not in _BASES:
+        model, inputs, facts = ARCHITECTURES[arch]()
+        assert facts["kind"] == kind_of(arch), arch
+        with torch.no_grad():
+            out = main_output(model, inputs)
+        _BASES[arch] = {"model": model, "inputs": inputs, "facts": facts, "out": out, "generate_ok": None}
+    return _BASES[arch]
+
+
+def _max_diff(a, b) -> float:
+    return (a.float() - b.float()).abs().max().item()
+
+
+def _width(model, match) -> int | None:
+    """The output width of a matched site: its module's, else the traced value's last dimension."""
+    try:
+        mod = model.get_submodule(match.module)
+    except AttributeError:
+        mod = None
+    if isinstance(mod, torch.nn.Linear):
+        return mod.out_features
+    if type(mod).__name__ == "Conv1D" and hasattr(mod, "nf"):
+        return mod.nf
+    val = getattr(match.site, "node", None)
+    val = val.meta.get("val") if val is not None else None
+    return int(val.shape[-1]) if isinstance(val, torch.Tensor) and val.dim() else None
+
+
+def _within(path: str, prefix: str) -> bool:
+    return path == prefix or path.startswith(prefix + ".")
+
+
+def check_sites(model, spec, matches, facts):
+    """Every layer has its sites; no role on an op of the wrong kind."""
+    n_layers = facts["num_layers"]
+    by_rule: dict[str, list] = {r.name: [] for r in spec.rules}
+    for m in matches:
+        by_rule.setdefault(m.rule, []).append(m)
+    for rule in spec.rules:
+        rows = by_rule.get(rule.name, [])
+        if rule.expect != "every_layer":
+            continue
+        wanted = resolve_layers(rule.match.layers, n_layers)
+        wanted = set(range(n_layers)) if wanted is None else wanted
+        layers = {m.layer for m in rows if m.layer is not None}
+        if len(layers) != len(wanted):
+            raise Wrong(f"rule {rule.name!r} ({rule.match.role}, layers {rule.match.layers}) matched layers "
+                        f"{sorted(layers)}: the model has {n_layers} layers ({facts['layers']}), {len(wanted)} wanted")
+        for i in sorted(wanted):
+            block = facts["blocks"][i]
+            if not any(_within(m.module, block) for m in rows):
+                raise Wrong(f"rule {rule.name!r} ({rule.match.role}) has no site in block {block} "
+                            f"(sites: {sorted({m.module for m in rows})[:6]})")
+    attention = re.compile(facts["attention"]) if facts["attention"] else None
+    hidden, experts = facts["hidden"], facts["experts"]
+    for m in matches:
+        role = m.role or ""
+        if role in ("ffn.out", "attention.output") and hidden is not None:
+            width = _width(model, m)
+            if width is not None and width != hidden:
+                raise Wrong(f"{role} on {m.module} writes width {width}, the hidden size is {hidden}")
+        if role in ("ffn.in", "ffn.gate", "ffn.out"):
+            if attention is not None and attention.search(m.module):
+                raise Wrong(f"{role} on an attention module: {m.module}")
+            if experts and _width(model, m) in (experts, 1):
+                raise Wrong(f"{role} on a router ({m.module}: width {_width(model, m)}, {experts} experts)")
+        if role in ("attention.q", "attention.k", "attention.v", "attention.qkv", "attention.output"):
+            if attention is not None and not attention.search(m.module):
+                raise Wrong(f"{role} on a module outside attention: {m.module}")
+
+
+def _tensors(out):
+    """Every tensor of a model output (a ModelOutput, a tuple, a tensor), e.g. BERT's pooler output too."""
+    if isinstance(out, torch.Tensor):
+        yield out
+    elif isinstance(out, dict):
+        for v in out.values():
+            yield from _tensors(v)
+    elif isinstance(out, (tuple, list)):
+        for v in out:
+            yield from _tensors(v)
+
+
+def check_gradients(model, spec, matches, inputs):
+    adapter_ids = {id(p) for p in model.surgery_adapters.parameters()} if hasattr(model, "surgery_adapters") else set()
+    trains = any(r.action == "train" for r in spec.rules)
+    selected = {m.module for m in matches}
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not trainable:
+        raise Wrong("nothing trains")
+    for n, p in trainable:
+        if id(p) in adapter_ids:
+            continue
+        if not trains:
+            raise Wrong(f"base parameter {n} trains, and the spec has no train rule")
+        owner = n.rpartition(".")[0]
+        if not any(_within(owner, s) or _within(s, owner) for s in selected):
+            raise Wrong(f"base parameter {n} trains, outside every matched site")
+    model.zero_grad(set_to_none=True)
+    loss = sum(t.float().pow(2).mean() for t in _tensors(model(**inputs)) if t.is_floating_point())
+    loss.backward()
+    missing = [n for n, p in trainable if p.grad is None]
+    if missing:
+        raise Wrong(f"{len(missing)} of {len(trainable)} trainable parameters get no gradient, e.g. {missing[:3]}")
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad and p.grad is not None]
+    if frozen:
+        raise Wrong(f"frozen parameters got gradients: {frozen[:3]}")
+    if all(p.grad.abs().max().item() == 0 for _, p in trainable):
+        raise Wrong("every gradient is zero")
+    model.zero_grad(set_to_none=True)
+
+
+def _generate_inputs(facts, inputs):
+    if facts["kind"] == "seq2seq":
+        key = facts.get("encoder_input", "input_ids")
+        return {key: inputs[key][:, :6]}
+    return {"input_ids": inputs["input_ids"][:, :6]}
+
+
+def check_generate(model, facts, inputs):
+    """Each step's logits of generate() with the KV cache equal a full forward without it."""
+    prompt = _generate_inputs(facts, inputs)
+    with torch.no_grad():
+        out = model.generate(**prompt, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
+                             output_logits=True, return_dict_in_generate=True)
+        seq = out.sequences
+        for t, step_logits in enumerate(out.logits):
+            if facts["kind"] == "seq2seq":
+                start = seq.shape[1] - len(out.logits)
+                ref = model(**prompt, decoder_input_ids=seq[:, :start + t], use_cache=False).logits[:, -1]
+            else:
+                ref = model(input_ids=seq[:, :prompt["input_ids"].shape[1] + t], use_cache=False).logits[:, -1]
+            diff = _max_diff(step_logits, ref)
+            if not diff <= ATOL_GENERATE:
+                raise Wrong(f"generate() step {t}: logits with the KV cache differ from a full forward by {diff:.2e}")
+
+
+def _perturb(model, scale=0.05, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.surgery_adapters.parameters():
+            if p.is_floating_point():
+                p.add_(torch.randn(p.shape, generator=g) * scale)
+
+
+def _refusal_or_crash(exc: BaseException) -> Result:
+    msg = f"{type(exc).__name__}: {exc}".strip()
+    if isinstance(exc, surgery.SurgeryError) and not str(exc).startswith("rewrite failed:"):
+        return Result("refused", msg)
+    return Result("crash", msg)
+
+
+def run_cell(arch: str, spec_name: str) -> Result:
+    """Apply one spec to a fresh copy of one architecture and run the checks; never raises."""
+    b = base(arch)
+    facts, inputs = b["facts"], b["inputs"]
+    model = copy.deepcopy(b["model"])
+    spec = surgery.load_spec(SPECS_DIR / f"{spec_name}.yaml")
+    if b.get("untraceable"):      # the same model and inputs: the trace fails again (and slowly)
+        return b["untraceable"]
+    try:
+        matches = surgery.plan(model, spec, example_inputs=facts["apply_inputs"])
+        surgery.apply(model, spec, example_inputs=facts["apply_inputs"])
+    except Exception as exc:  # noqa: BLE001 - every exception is an outcome
+        result = _refusal_or_crash(exc)
+        if "could not trace" in result.message:
+            b["untraceable"] = result
+        try:
+            with torch.no_grad():
+                after = main_output(model, inputs)
+            if hasattr(model, "surgery_adapters") or _max_diff(after, b["out"]) > ATOL:
+                return Result("wrong", f"a refused apply left the model changed ({result.message[:200]})")
+        except Exception as exc2:  # noqa: BLE001
+            return Result("wrong", f"a refused apply left the model broken: {type(exc2).__name__}: {exc2}")
+        return result
+    try:
+        model.eval()
+        check_sites(model, spec, matches, facts)
+        with torch.no_grad():
+            out0 = main_output(model, inputs)
+        if out0.shape != b["out"].shape:
+            raise Wrong(f"output shape {tuple(out0.shape)} != the base model's {tuple(b['out'].shape)}")
+        if spec_name in IDENTITY_AT_INIT and _max_diff(out0, b["out"]) > ATOL:
+            raise Wrong(f"not identity at init: differs from the base by {_max_diff(out0, b['out']):.2e}")
+        has_adapters = any(True for _ in model.surgery_adapters.parameters())
+        if has_adapters:
+            _perturb(model)
+        with torch.no_grad():
+            out1 = main_output(model, inputs)
+            with surgery.disable(model):
+                off = main_output(model, inputs)
+        if _max_diff(off, b["out"]) > ATOL:
+            raise Wrong(f"surgery.disable differs from the base by {_max_diff(off, b['out']):.2e}")
+        if has_adapters and _max_diff(out1, b["out"]) < 1e-6:
+            raise Wrong("the perturbed adapters change nothing in the output")
+        check_gradients(model, spec, matches, inputs)
+        if facts["generate"] and spec_name in GENERATE_SPECS and generate_works(arch):
+            check_generate(model, facts, inputs)
+    except Wrong as exc:
+        return Result("wrong", str(exc))
+    except Exception as exc:  # noqa: BLE001
+        return Result("crash", f"{type(exc).__name__}: {exc}".strip())
+    return Result("ok")
+
+
+def generate_works(arch: str) -> bool:
+    """The base model's own generate() passes the check (else the cell cannot test it)."""
+    b = base(arch)
+    if b["generate_ok"] is None:
+        try:
+            check_generate(copy.deepcopy(b["model"]), b["facts"], b["inputs"])
+            b["generate_ok"] = True
+        except Exception:  # noqa: BLE001
+            b["generate_ok"] = False
+    return b["generate_ok"]
+
+
+def base_facts(arch: str) -> str:
+    """What docs/architectures.md says about an architecture (without building it)."""
+    return kind_of(arch)
+
+
+def expected(arch: str, spec: str) -> tuple[str, str]:
+    """The declared outcome of a cell: (ok | refused | crash | wrong, reason)."""
+    if (arch, spec) in XFAIL:
+        return XFAIL[(arch, spec)]
+    if (arch, spec) in REFUSALS:
+        return "refused", REFUSALS[(arch, spec)].reason
+    return "ok", ""
+
+
+# ---------------------------------------------------------------- tests
+
+def _cells():
+    cells = []
+    for arch in ARCHS:
+        for spec in SPECS:
+            marks = []
+            if (arch, spec) in XFAIL:
+                kind, what = XFAIL[(arch, spec)]
+                marks.append(pytest.mark.xfail(strict=True, raises=OUTCOME_ERRORS[kind], reason=f"{kind}: {what}"))
+            cells.append(pytest.param(arch, spec, id=f"{arch}-{spec}", marks=marks))
+    return cells
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: one intra-op thread is faster than two on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("arch,spec", _cells())
+def test_cell(arch, spec):
+    result = run_cell(arch, spec)
+    refusal = REFUSALS.get((arch, spec))
+    if refusal is not None and (arch, spec) not in XFAIL:
+        if result.outcome != "refused":
+            raise CellWrong(f"expected a refusal ({refusal.reason}); got {result.outcome}: {result.message}")
+        assert re.search(refusal.message, result.message), \
+            f"refused, but the message does not say {refusal.reason!r} (/{refusal.message}/): {result.message}"
+        return
+    if result.outcome != "ok":
+        raise OUTCOME_ERRORS[result.outcome](result.message)
+
+
+def test_tables_name_known_cells():
+    for arch, spec in list(REFUSALS) + list(XFAIL):
+        assert arch in ARCHITECTURES and spec in SPECS, (arch, spec)
+    for kind, what in XFAIL.values():
+        assert kind in OUTCOME_ERRORS and what
+
+
+def test_plan_rows_show_the_role_of_every_site():
+    """A user sees on their own model which module got which role: by role, and by module glob too."""
+    b = base("llama")
+    model = copy.deepcopy(b["model"])
+    rows = [m.as_row() for m in surgery.plan(model, SPECS_DIR / "houlsby.yaml")]
+    assert rows and all(r["role"] in ("attention.output", "ffn.out") and r["module"] for r in rows)
+    by_glob = {"version": 1, "name": "glob", "rules": [
+        {"name": "q", "match": {"module": "*.q_proj"}, "action": "wrap", "module": {"kind": "lora", "r": 2}}]}
+    rows = [m.as_row() for m in surgery.plan(model, by_glob)]
+    assert rows and all(r["role"] == "attention.q" for r in rows), rows
+
+
+def test_seq2seq_example_inputs_with_a_cache_trace():
+    """A user's example inputs for an encoder-decoder rarely say use_cache=False; the model then returns an
+    EncoderDecoderCache, which torch.export cannot flatten. The engine traces without the cache itself."""
+    b = base("bart")
+    model = copy.deepcopy(b["model"])
+    inputs = {k: v for k, v in b["facts"]["apply_inputs"].items() if k != "use_cache"}
+    assert surgery.plan(model, SPECS_DIR / "lora.yaml", example_inputs=inputs)
+
+
+def test_docs_are_current():
+    """docs/architectures.md is the rendering of the declared tables (tools/architectures_table.py)."""
+    import sys
+    sys.path.insert(0, str(ROOT / "tools"))
+    from architectures_table import render
+    path = ROOT / "docs" / "architectures.md"
+    assert path.read_text() == render(), "docs/architectures.md is stale: run python tools/architectures_table.py"
