@@ -54,7 +54,6 @@ ATOL_GENERATE = 1e-4
 
 ATTENTION_SPECS = ("prefix", "llama_adapter", "mam", "unipelt")              # attend on attention.op
 QKV_SPECS = ("lora", "dora", "krona", "ia3")                                 # attention projections only
-ALL_LINEAR_SPECS = ("qlora", "said", "sparse", "top_layers")
 BOTTLENECK_SPECS = ("houlsby", "pfeiffer", "parallel", "adapterplus", "compacter", "compacterpp",
                     "houlsby_inv", "pfeiffer_inv")
 
@@ -76,27 +75,350 @@ def _refusals() -> dict[tuple[str, str], Refusal]:
     no_bias = [a for a in ("llama", "mistral", "mixtral", "qwen3", "phi3", "gemma", "gemma2", "gemma3_text", "olmo",
                            "t5")]
     refuse(no_bias, ["bitfit"], "the model has no bias parameters", r"(?i)bias")
-    refuse(["mamba"], ATTENTION_SPECS + QKV_SPECS + BOTTLENECK_SPECS + ALL_LINEAR_SPECS,
+    # top_layers is not refused: selecting a layer means its whole block (issue 16)
+    refuse(["mamba"], ATTENTION_SPECS + QKV_SPECS + BOTTLENECK_SPECS + ("qlora", "said", "sparse"),
            "a state-space model has no attention (use module globs on in_proj/out_proj/x_proj)",
            r"(?i)attention|roles present")
     # invertible adapters invert at the LM head: models without one (encoders, pooled heads, vision, diffusion)
+    refuse(["olmo", "dit"], ["ln_tuning"], "the model's norms have no parameters (non-affine LayerNorm)",
+           r"(?i)no .*param")
     # Compacter's bottleneck is hidden / 32 = 2 at hidden 64: not a multiple of phm_dim 4 (tests/test_host_api.py
     # runs Compacter at hidden 128)
     refuse([a for a in ARCHS if a not in ("mamba",)], ["compacter", "compacterpp"],
            "the bottleneck width (hidden / 32 = 2) is not a multiple of phm_dim 4", r"phm_dim")
     # prompt tuning and invertible adapters act on the token embedding output: models whose input is not tokens
-    refuse(["wav2vec2", "unet", "dit"], ["prompt"], "no token embedding to prepend prompts to",
+    refuse(["unet"], ["prompt"], "no token embedding to prepend prompts to",
            r"(?i)embedding")
-    refuse(["unet"], ["loreft", "noreft", "direft"], "no sequence of hidden states out of every block",
-           r"(?i)block")
     return table
 
 
 REFUSALS = _refusals()
 
+# What a failure message says, as the kind of gap it shows (for XFAIL's labels and docs/architectures.md's notes).
+FAILURE_KINDS = [
+    (r"roles present in this model: embedding, (embedding\.output, )?norm", "attention not recognized: no attention, FFN or block roles"),
+    (r"roles present in this model: attention\.op, block", "fused query_key_value: attention op found, no q/k/v/output or FFN roles"),
+    (r"not the input or output of any module|not at any module boundary",
+     "a value no module boundary carries (functional or shared dropout, a shared layer's norm)"),
+    (r"writes width \d+, the hidden size|on a router", "MoE: ffn.out on the router or shared-expert gate"),
+    (r"ffn\.\w+ on an attention module", "MoE: an FFN role on self_attn.o_proj"),
+    (r"matched the site \S+ twice", "one site matched twice (a shared layer, or two roles on one module)"),
+    (r"generate\(\) step", "generate() with the KV cache != full forwards (prompt / ReFT positions under transformers 5.24's cache=)"),
+    (r"matched layers \[0\]: the model has 2 layers", "a layer module called N times counted as one layer"),
+    (r"matched layers .*: the model has \d+ layers", "layers counted by attention ops, not blocks"),
+    (r"has no site in block", "a block without the rule's sites"),
+    (r"output shape \(2, 0,", "prompt tuning strips positions from the decoder output"),
+    (r"mat1 and mat2|is invalid for input of size|must match the size", "a shape error in the rewritten forward"),
+    (r"rewrite failed", "an exception inside the rewrite"),
+    (r"role='ffn\.(out|residual_add|residual)'\)", "FFN (or its residual) not found"),
+    (r"expects a site in every layer but matched none", "block.output missing in some layers"),
+    (r"attention function from the registry", "eager-only attention: no attention adapters"),
+    (r"change nothing", "adapters bypassed in eval (nn.TransformerEncoderLayer fast path)"),
+    (r"get no gradient", "trainable parameters get no gradient"),
+    (r"needs the activation path", "LoRA dropout on a weight read functionally (MultiheadAttention in_proj)"),
+    (r"Nearest: without `layers`", "no roles inside the blocks (top layers select nothing)"),
+    (r"applied \(a refusal expected\)", "applied where a refusal is declared"),
+]
+
+
+def failure_kind(message: str) -> str:
+    for pattern, kind in FAILURE_KINDS:
+        if re.search(pattern, message):
+            return kind
+    return message.splitlines()[0][:100] if message else "applied (a refusal expected)"
+
+
 # Cells that fail on today's engine: (arch, spec) -> (observed outcome, what). Delete entries as the engine
 # is fixed; `python tools/architectures_table.py --run` prints the observed table.
 XFAIL: dict[tuple[str, str], tuple[str, str]] = {
+    ("albert", "adapterplus"): ("wrong", "a layer module called N times counted as one layer"),
+    ("albert", "compacter"): ("wrong", "a layer module called N times counted as one layer"),
+    ("albert", "compacterpp"): ("wrong", "a layer module called N times counted as one layer"),
+    ("albert", "direft"): ("wrong", "a layer module called N times counted as one layer"),
+    ("albert", "dora"): ("wrong", "a layer module called N times counted as one layer"),
+    ("albert", "houlsby"): ("wrong", "a layer module called N times counted as one layer"),
+    ("albert", "houlsby_inv"): ("wrong", "a layer module called N times counted as one layer"),
+    ("albert", "ia3"): ("wrong", "a layer module called N times counted as one layer"),
+    ("albert", "krona"): ("wrong", "a layer module called N times counted as one layer"),
+    ("albert", "llama_adapter"): ("wrong", "a layer module called N times counted as one layer"),
+    ("albert", "lora"): ("wrong", "a layer module called N times counted as one layer"),
+    ("albert", "loreft"): ("wrong", "a layer module called N times counted as one layer"),
+    ("albert", "mam"): ("wrong", "a layer module called N times counted as one layer"),
+    ("albert", "noreft"): ("wrong", "a layer module called N times counted as one layer"),
+    ("albert", "parallel"): ("wrong", "a layer module called N times counted as one layer"),
+    ("albert", "pfeiffer"): ("wrong", "a layer module called N times counted as one layer"),
+    ("albert", "pfeiffer_inv"): ("wrong", "a layer module called N times counted as one layer"),
+    ("albert", "prefix"): ("wrong", "a layer module called N times counted as one layer"),
+    ("albert", "prompt"): ("refused", "a value no module boundary carries (functional or shared dropout, a shared layer's norm)"),
+    ("albert", "qlora"): ("wrong", "a layer module called N times counted as one layer"),
+    ("albert", "said"): ("wrong", "a layer module called N times counted as one layer"),
+    ("albert", "sparse"): ("wrong", "a layer module called N times counted as one layer"),
+    ("albert", "top_layers"): ("wrong", "a layer module called N times counted as one layer"),
+    ("albert", "unipelt"): ("wrong", "a layer module called N times counted as one layer"),
+    ("deberta-v2", "adapterplus"): ("refused", "attention not recognized: no attention, FFN or block roles"),
+    ("deberta-v2", "compacter"): ("refused", "attention not recognized: no attention, FFN or block roles"),
+    ("deberta-v2", "compacterpp"): ("refused", "attention not recognized: no attention, FFN or block roles"),
+    ("deberta-v2", "direft"): ("refused", "attention not recognized: no attention, FFN or block roles"),
+    ("deberta-v2", "dora"): ("refused", "attention not recognized: no attention, FFN or block roles"),
+    ("deberta-v2", "houlsby"): ("refused", "attention not recognized: no attention, FFN or block roles"),
+    ("deberta-v2", "houlsby_inv"): ("refused", "attention not recognized: no attention, FFN or block roles"),
+    ("deberta-v2", "ia3"): ("refused", "attention not recognized: no attention, FFN or block roles"),
+    ("deberta-v2", "krona"): ("refused", "attention not recognized: no attention, FFN or block roles"),
+    ("deberta-v2", "llama_adapter"): ("refused", "attention not recognized: no attention, FFN or block roles"),
+    ("deberta-v2", "lora"): ("refused", "attention not recognized: no attention, FFN or block roles"),
+    ("deberta-v2", "loreft"): ("refused", "attention not recognized: no attention, FFN or block roles"),
+    ("deberta-v2", "mam"): ("refused", "attention not recognized: no attention, FFN or block roles"),
+    ("deberta-v2", "noreft"): ("refused", "attention not recognized: no attention, FFN or block roles"),
+    ("deberta-v2", "parallel"): ("refused", "attention not recognized: no attention, FFN or block roles"),
+    ("deberta-v2", "pfeiffer"): ("refused", "attention not recognized: no attention, FFN or block roles"),
+    ("deberta-v2", "pfeiffer_inv"): ("refused", "attention not recognized: no attention, FFN or block roles"),
+    ("deberta-v2", "prefix"): ("refused", "attention not recognized: no attention, FFN or block roles"),
+    ("deberta-v2", "prompt"): ("refused", "attention not recognized: no attention, FFN or block roles"),
+    ("deberta-v2", "qlora"): ("refused", "attention not recognized: no attention, FFN or block roles"),
+    ("deberta-v2", "said"): ("refused", "attention not recognized: no attention, FFN or block roles"),
+    ("deberta-v2", "sparse"): ("refused", "attention not recognized: no attention, FFN or block roles"),
+    ("deberta-v2", "top_layers"): ("refused", "no roles inside the blocks (top layers select nothing)"),
+    ("deberta-v2", "unipelt"): ("refused", "attention not recognized: no attention, FFN or block roles"),
+    ("torch-encoder", "llama_adapter"): ("wrong", "adapters bypassed in eval (nn.TransformerEncoderLayer fast path)"),
+    ("torch-encoder", "prefix"): ("wrong", "adapters bypassed in eval (nn.TransformerEncoderLayer fast path)"),
+    ("torch-encoder", "qlora"): ("refused", "LoRA dropout on a weight read functionally (MultiheadAttention in_proj)"),
+    ("torch-encoder", "unipelt"): ("wrong", "trainable parameters get no gradient"),
+    ("bert-cls", "prompt"): ("crash", "a shape error in the rewritten forward"),
+    ("gpt2", "loreft"): ("wrong", "generate() with the KV cache != full forwards (prompt / ReFT positions under transformers 5.24's cache=)"),
+    ("gpt2", "prompt"): ("wrong", "generate() with the KV cache != full forwards (prompt / ReFT positions under transformers 5.24's cache=)"),
+    ("gpt2-cls", "prompt"): ("crash", "a shape error in the rewritten forward"),
+    ("gpt_neo", "direft"): ("crash", "a shape error in the rewritten forward"),
+    ("gpt_neo", "llama_adapter"): ("refused", "eager-only attention: no attention adapters"),
+    ("gpt_neo", "loreft"): ("crash", "a shape error in the rewritten forward"),
+    ("gpt_neo", "mam"): ("refused", "eager-only attention: no attention adapters"),
+    ("gpt_neo", "noreft"): ("crash", "a shape error in the rewritten forward"),
+    ("gpt_neo", "prefix"): ("refused", "eager-only attention: no attention adapters"),
+    ("gpt_neo", "prompt"): ("wrong", "generate() with the KV cache != full forwards (prompt / ReFT positions under transformers 5.24's cache=)"),
+    ("gpt_neo", "unipelt"): ("refused", "eager-only attention: no attention adapters"),
+    ("gptj", "loreft"): ("wrong", "generate() with the KV cache != full forwards (prompt / ReFT positions under transformers 5.24's cache=)"),
+    ("gptj", "prompt"): ("wrong", "generate() with the KV cache != full forwards (prompt / ReFT positions under transformers 5.24's cache=)"),
+    ("gpt_neox", "loreft"): ("wrong", "generate() with the KV cache != full forwards (prompt / ReFT positions under transformers 5.24's cache=)"),
+    ("gpt_neox", "prompt"): ("wrong", "generate() with the KV cache != full forwards (prompt / ReFT positions under transformers 5.24's cache=)"),
+    ("opt", "adapterplus"): ("refused", "a value no module boundary carries (functional or shared dropout, a shared layer's norm)"),
+    ("opt", "houlsby"): ("refused", "a value no module boundary carries (functional or shared dropout, a shared layer's norm)"),
+    ("opt", "houlsby_inv"): ("refused", "a value no module boundary carries (functional or shared dropout, a shared layer's norm)"),
+    ("opt", "loreft"): ("wrong", "generate() with the KV cache != full forwards (prompt / ReFT positions under transformers 5.24's cache=)"),
+    ("opt", "mam"): ("refused", "a value no module boundary carries (functional or shared dropout, a shared layer's norm)"),
+    ("opt", "parallel"): ("refused", "a value no module boundary carries (functional or shared dropout, a shared layer's norm)"),
+    ("opt", "pfeiffer"): ("refused", "a value no module boundary carries (functional or shared dropout, a shared layer's norm)"),
+    ("opt", "pfeiffer_inv"): ("refused", "a value no module boundary carries (functional or shared dropout, a shared layer's norm)"),
+    ("opt", "prompt"): ("wrong", "generate() with the KV cache != full forwards (prompt / ReFT positions under transformers 5.24's cache=)"),
+    ("opt", "unipelt"): ("refused", "a value no module boundary carries (functional or shared dropout, a shared layer's norm)"),
+    ("bloom", "adapterplus"): ("refused", "attention not recognized: no attention, FFN or block roles"),
+    ("bloom", "compacter"): ("refused", "attention not recognized: no attention, FFN or block roles"),
+    ("bloom", "compacterpp"): ("refused", "attention not recognized: no attention, FFN or block roles"),
+    ("bloom", "direft"): ("refused", "attention not recognized: no attention, FFN or block roles"),
+    ("bloom", "dora"): ("refused", "attention not recognized: no attention, FFN or block roles"),
+    ("bloom", "houlsby"): ("refused", "attention not recognized: no attention, FFN or block roles"),
+    ("bloom", "houlsby_inv"): ("refused", "attention not recognized: no attention, FFN or block roles"),
+    ("bloom", "ia3"): ("refused", "attention not recognized: no attention, FFN or block roles"),
+    ("bloom", "krona"): ("refused", "attention not recognized: no attention, FFN or block roles"),
+    ("bloom", "llama_adapter"): ("refused", "attention not recognized: no attention, FFN or block roles"),
+    ("bloom", "lora"): ("refused", "attention not recognized: no attention, FFN or block roles"),
+    ("bloom", "loreft"): ("refused", "attention not recognized: no attention, FFN or block roles"),
+    ("bloom", "mam"): ("refused", "attention not recognized: no attention, FFN or block roles"),
+    ("bloom", "noreft"): ("refused", "attention not recognized: no attention, FFN or block roles"),
+    ("bloom", "parallel"): ("refused", "attention not recognized: no attention, FFN or block roles"),
+    ("bloom", "pfeiffer"): ("refused", "attention not recognized: no attention, FFN or block roles"),
+    ("bloom", "pfeiffer_inv"): ("refused", "attention not recognized: no attention, FFN or block roles"),
+    ("bloom", "prefix"): ("refused", "attention not recognized: no attention, FFN or block roles"),
+    ("bloom", "prompt"): ("refused", "attention not recognized: no attention, FFN or block roles"),
+    ("bloom", "qlora"): ("refused", "attention not recognized: no attention, FFN or block roles"),
+    ("bloom", "said"): ("refused", "attention not recognized: no attention, FFN or block roles"),
+    ("bloom", "sparse"): ("refused", "attention not recognized: no attention, FFN or block roles"),
+    ("bloom", "top_layers"): ("refused", "no roles inside the blocks (top layers select nothing)"),
+    ("bloom", "unipelt"): ("refused", "attention not recognized: no attention, FFN or block roles"),
+    ("falcon", "adapterplus"): ("refused", "fused query_key_value: attention op found, no q/k/v/output or FFN roles"),
+    ("falcon", "compacter"): ("refused", "fused query_key_value: attention op found, no q/k/v/output or FFN roles"),
+    ("falcon", "compacterpp"): ("refused", "fused query_key_value: attention op found, no q/k/v/output or FFN roles"),
+    ("falcon", "dora"): ("refused", "fused query_key_value: attention op found, no q/k/v/output or FFN roles"),
+    ("falcon", "houlsby"): ("refused", "fused query_key_value: attention op found, no q/k/v/output or FFN roles"),
+    ("falcon", "houlsby_inv"): ("refused", "fused query_key_value: attention op found, no q/k/v/output or FFN roles"),
+    ("falcon", "ia3"): ("refused", "fused query_key_value: attention op found, no q/k/v/output or FFN roles"),
+    ("falcon", "krona"): ("refused", "fused query_key_value: attention op found, no q/k/v/output or FFN roles"),
+    ("falcon", "llama_adapter"): ("crash", "an exception inside the rewrite"),
+    ("falcon", "lora"): ("refused", "fused query_key_value: attention op found, no q/k/v/output or FFN roles"),
+    ("falcon", "loreft"): ("wrong", "generate() with the KV cache != full forwards (prompt / ReFT positions under transformers 5.24's cache=)"),
+    ("falcon", "mam"): ("refused", "fused query_key_value: attention op found, no q/k/v/output or FFN roles"),
+    ("falcon", "parallel"): ("refused", "fused query_key_value: attention op found, no q/k/v/output or FFN roles"),
+    ("falcon", "pfeiffer"): ("refused", "fused query_key_value: attention op found, no q/k/v/output or FFN roles"),
+    ("falcon", "pfeiffer_inv"): ("refused", "fused query_key_value: attention op found, no q/k/v/output or FFN roles"),
+    ("falcon", "prefix"): ("crash", "an exception inside the rewrite"),
+    ("falcon", "prompt"): ("wrong", "generate() with the KV cache != full forwards (prompt / ReFT positions under transformers 5.24's cache=)"),
+    ("falcon", "qlora"): ("refused", "fused query_key_value: attention op found, no q/k/v/output or FFN roles"),
+    ("falcon", "said"): ("refused", "fused query_key_value: attention op found, no q/k/v/output or FFN roles"),
+    ("falcon", "sparse"): ("refused", "fused query_key_value: attention op found, no q/k/v/output or FFN roles"),
+    ("falcon", "unipelt"): ("refused", "fused query_key_value: attention op found, no q/k/v/output or FFN roles"),
+    ("llama", "loreft"): ("wrong", "generate() with the KV cache != full forwards (prompt / ReFT positions under transformers 5.24's cache=)"),
+    ("llama", "prompt"): ("wrong", "generate() with the KV cache != full forwards (prompt / ReFT positions under transformers 5.24's cache=)"),
+    ("mistral", "loreft"): ("wrong", "generate() with the KV cache != full forwards (prompt / ReFT positions under transformers 5.24's cache=)"),
+    ("mistral", "prompt"): ("wrong", "generate() with the KV cache != full forwards (prompt / ReFT positions under transformers 5.24's cache=)"),
+    ("mixtral", "adapterplus"): ("refused", "FFN (or its residual) not found"),
+    ("mixtral", "bitfit"): ("wrong", "MoE: ffn.out on the router or shared-expert gate"),
+    ("mixtral", "compacter"): ("wrong", "MoE: ffn.out on the router or shared-expert gate"),
+    ("mixtral", "compacterpp"): ("refused", "FFN (or its residual) not found"),
+    ("mixtral", "houlsby"): ("wrong", "MoE: ffn.out on the router or shared-expert gate"),
+    ("mixtral", "houlsby_inv"): ("wrong", "MoE: ffn.out on the router or shared-expert gate"),
+    ("mixtral", "ia3"): ("wrong", "MoE: ffn.out on the router or shared-expert gate"),
+    ("mixtral", "loreft"): ("wrong", "generate() with the KV cache != full forwards (prompt / ReFT positions under transformers 5.24's cache=)"),
+    ("mixtral", "mam"): ("refused", "FFN (or its residual) not found"),
+    ("mixtral", "parallel"): ("refused", "FFN (or its residual) not found"),
+    ("mixtral", "pfeiffer"): ("refused", "FFN (or its residual) not found"),
+    ("mixtral", "pfeiffer_inv"): ("refused", "FFN (or its residual) not found"),
+    ("mixtral", "prompt"): ("wrong", "generate() with the KV cache != full forwards (prompt / ReFT positions under transformers 5.24's cache=)"),
+    ("mixtral", "qlora"): ("wrong", "MoE: an FFN role on self_attn.o_proj"),
+    ("mixtral", "said"): ("wrong", "MoE: an FFN role on self_attn.o_proj"),
+    ("mixtral", "sparse"): ("wrong", "MoE: an FFN role on self_attn.o_proj"),
+    ("mixtral", "top_layers"): ("wrong", "MoE: an FFN role on self_attn.o_proj"),
+    ("mixtral", "unipelt"): ("refused", "FFN (or its residual) not found"),
+    ("qwen2", "loreft"): ("wrong", "generate() with the KV cache != full forwards (prompt / ReFT positions under transformers 5.24's cache=)"),
+    ("qwen2", "prompt"): ("wrong", "generate() with the KV cache != full forwards (prompt / ReFT positions under transformers 5.24's cache=)"),
+    ("qwen2_moe", "adapterplus"): ("refused", "FFN (or its residual) not found"),
+    ("qwen2_moe", "bitfit"): ("wrong", "MoE: ffn.out on the router or shared-expert gate"),
+    ("qwen2_moe", "compacter"): ("wrong", "MoE: ffn.out on the router or shared-expert gate"),
+    ("qwen2_moe", "compacterpp"): ("refused", "FFN (or its residual) not found"),
+    ("qwen2_moe", "houlsby"): ("wrong", "MoE: ffn.out on the router or shared-expert gate"),
+    ("qwen2_moe", "houlsby_inv"): ("wrong", "MoE: ffn.out on the router or shared-expert gate"),
+    ("qwen2_moe", "ia3"): ("wrong", "MoE: ffn.out on the router or shared-expert gate"),
+    ("qwen2_moe", "loreft"): ("wrong", "generate() with the KV cache != full forwards (prompt / ReFT positions under transformers 5.24's cache=)"),
+    ("qwen2_moe", "mam"): ("refused", "FFN (or its residual) not found"),
+    ("qwen2_moe", "parallel"): ("refused", "FFN (or its residual) not found"),
+    ("qwen2_moe", "pfeiffer"): ("refused", "FFN (or its residual) not found"),
+    ("qwen2_moe", "pfeiffer_inv"): ("refused", "FFN (or its residual) not found"),
+    ("qwen2_moe", "prompt"): ("wrong", "generate() with the KV cache != full forwards (prompt / ReFT positions under transformers 5.24's cache=)"),
+    ("qwen2_moe", "qlora"): ("wrong", "MoE: an FFN role on self_attn.o_proj"),
+    ("qwen2_moe", "said"): ("wrong", "MoE: an FFN role on self_attn.o_proj"),
+    ("qwen2_moe", "sparse"): ("wrong", "MoE: an FFN role on self_attn.o_proj"),
+    ("qwen2_moe", "top_layers"): ("wrong", "MoE: an FFN role on self_attn.o_proj"),
+    ("qwen2_moe", "unipelt"): ("refused", "FFN (or its residual) not found"),
+    ("qwen3", "loreft"): ("wrong", "generate() with the KV cache != full forwards (prompt / ReFT positions under transformers 5.24's cache=)"),
+    ("qwen3", "prompt"): ("wrong", "generate() with the KV cache != full forwards (prompt / ReFT positions under transformers 5.24's cache=)"),
+    ("phi", "adapterplus"): ("refused", "a value no module boundary carries (functional or shared dropout, a shared layer's norm)"),
+    ("phi", "houlsby"): ("refused", "a value no module boundary carries (functional or shared dropout, a shared layer's norm)"),
+    ("phi", "houlsby_inv"): ("refused", "a value no module boundary carries (functional or shared dropout, a shared layer's norm)"),
+    ("phi", "loreft"): ("wrong", "generate() with the KV cache != full forwards (prompt / ReFT positions under transformers 5.24's cache=)"),
+    ("phi", "mam"): ("refused", "a value no module boundary carries (functional or shared dropout, a shared layer's norm)"),
+    ("phi", "parallel"): ("refused", "a value no module boundary carries (functional or shared dropout, a shared layer's norm)"),
+    ("phi", "pfeiffer"): ("refused", "a value no module boundary carries (functional or shared dropout, a shared layer's norm)"),
+    ("phi", "pfeiffer_inv"): ("refused", "a value no module boundary carries (functional or shared dropout, a shared layer's norm)"),
+    ("phi", "prompt"): ("wrong", "generate() with the KV cache != full forwards (prompt / ReFT positions under transformers 5.24's cache=)"),
+    ("phi", "unipelt"): ("refused", "a value no module boundary carries (functional or shared dropout, a shared layer's norm)"),
+    ("phi3", "llama_adapter"): ("crash", "a shape error in the rewritten forward"),
+    ("phi3", "loreft"): ("wrong", "generate() with the KV cache != full forwards (prompt / ReFT positions under transformers 5.24's cache=)"),
+    ("phi3", "prompt"): ("wrong", "generate() with the KV cache != full forwards (prompt / ReFT positions under transformers 5.24's cache=)"),
+    ("gemma", "loreft"): ("wrong", "generate() with the KV cache != full forwards (prompt / ReFT positions under transformers 5.24's cache=)"),
+    ("gemma", "prompt"): ("wrong", "generate() with the KV cache != full forwards (prompt / ReFT positions under transformers 5.24's cache=)"),
+    ("gemma2", "adapterplus"): ("refused", "attention not recognized: no attention, FFN or block roles"),
+    ("gemma2", "compacter"): ("refused", "attention not recognized: no attention, FFN or block roles"),
+    ("gemma2", "compacterpp"): ("refused", "attention not recognized: no attention, FFN or block roles"),
+    ("gemma2", "direft"): ("refused", "attention not recognized: no attention, FFN or block roles"),
+    ("gemma2", "dora"): ("refused", "attention not recognized: no attention, FFN or block roles"),
+    ("gemma2", "houlsby"): ("refused", "attention not recognized: no attention, FFN or block roles"),
+    ("gemma2", "houlsby_inv"): ("refused", "attention not recognized: no attention, FFN or block roles"),
+    ("gemma2", "ia3"): ("refused", "attention not recognized: no attention, FFN or block roles"),
+    ("gemma2", "krona"): ("refused", "attention not recognized: no attention, FFN or block roles"),
+    ("gemma2", "llama_adapter"): ("refused", "attention not recognized: no attention, FFN or block roles"),
+    ("gemma2", "lora"): ("refused", "attention not recognized: no attention, FFN or block roles"),
+    ("gemma2", "loreft"): ("refused", "attention not recognized: no attention, FFN or block roles"),
+    ("gemma2", "mam"): ("refused", "attention not recognized: no attention, FFN or block roles"),
+    ("gemma2", "noreft"): ("refused", "attention not recognized: no attention, FFN or block roles"),
+    ("gemma2", "parallel"): ("refused", "attention not recognized: no attention, FFN or block roles"),
+    ("gemma2", "pfeiffer"): ("refused", "attention not recognized: no attention, FFN or block roles"),
+    ("gemma2", "pfeiffer_inv"): ("refused", "attention not recognized: no attention, FFN or block roles"),
+    ("gemma2", "prefix"): ("refused", "attention not recognized: no attention, FFN or block roles"),
+    ("gemma2", "prompt"): ("refused", "attention not recognized: no attention, FFN or block roles"),
+    ("gemma2", "qlora"): ("refused", "attention not recognized: no attention, FFN or block roles"),
+    ("gemma2", "said"): ("refused", "attention not recognized: no attention, FFN or block roles"),
+    ("gemma2", "sparse"): ("refused", "attention not recognized: no attention, FFN or block roles"),
+    ("gemma2", "top_layers"): ("refused", "no roles inside the blocks (top layers select nothing)"),
+    ("gemma2", "unipelt"): ("refused", "attention not recognized: no attention, FFN or block roles"),
+    ("gemma3_text", "loreft"): ("wrong", "generate() with the KV cache != full forwards (prompt / ReFT positions under transformers 5.24's cache=)"),
+    ("gemma3_text", "prompt"): ("wrong", "generate() with the KV cache != full forwards (prompt / ReFT positions under transformers 5.24's cache=)"),
+    ("olmo", "loreft"): ("wrong", "generate() with the KV cache != full forwards (prompt / ReFT positions under transformers 5.24's cache=)"),
+    ("olmo", "prompt"): ("wrong", "generate() with the KV cache != full forwards (prompt / ReFT positions under transformers 5.24's cache=)"),
+    ("stablelm", "loreft"): ("wrong", "generate() with the KV cache != full forwards (prompt / ReFT positions under transformers 5.24's cache=)"),
+    ("stablelm", "prompt"): ("wrong", "generate() with the KV cache != full forwards (prompt / ReFT positions under transformers 5.24's cache=)"),
+    ("starcoder2", "loreft"): ("wrong", "generate() with the KV cache != full forwards (prompt / ReFT positions under transformers 5.24's cache=)"),
+    ("starcoder2", "prompt"): ("wrong", "generate() with the KV cache != full forwards (prompt / ReFT positions under transformers 5.24's cache=)"),
+    ("mamba", "direft"): ("refused", "attention not recognized: no attention, FFN or block roles"),
+    ("mamba", "loreft"): ("refused", "attention not recognized: no attention, FFN or block roles"),
+    ("mamba", "noreft"): ("refused", "attention not recognized: no attention, FFN or block roles"),
+    ("mamba", "prompt"): ("refused", "attention not recognized: no attention, FFN or block roles"),
+    ("mamba", "top_layers"): ("refused", "no roles inside the blocks (top layers select nothing)"),
+    ("t5", "adapterplus"): ("refused", "FFN (or its residual) not found"),
+    ("t5", "compacter"): ("refused", "FFN (or its residual) not found"),
+    ("t5", "compacterpp"): ("refused", "FFN (or its residual) not found"),
+    ("t5", "direft"): ("refused", "block.output missing in some layers"),
+    ("t5", "dora"): ("wrong", "layers counted by attention ops, not blocks"),
+    ("t5", "houlsby"): ("refused", "FFN (or its residual) not found"),
+    ("t5", "houlsby_inv"): ("refused", "FFN (or its residual) not found"),
+    ("t5", "ia3"): ("refused", "FFN (or its residual) not found"),
+    ("t5", "krona"): ("wrong", "layers counted by attention ops, not blocks"),
+    ("t5", "llama_adapter"): ("wrong", "a block without the rule's sites"),
+    ("t5", "lora"): ("wrong", "layers counted by attention ops, not blocks"),
+    ("t5", "loreft"): ("refused", "block.output missing in some layers"),
+    ("t5", "mam"): ("refused", "FFN (or its residual) not found"),
+    ("t5", "noreft"): ("refused", "block.output missing in some layers"),
+    ("t5", "parallel"): ("refused", "FFN (or its residual) not found"),
+    ("t5", "pfeiffer"): ("refused", "FFN (or its residual) not found"),
+    ("t5", "pfeiffer_inv"): ("refused", "FFN (or its residual) not found"),
+    ("t5", "prefix"): ("wrong", "layers counted by attention ops, not blocks"),
+    ("t5", "prompt"): ("wrong", "prompt tuning strips positions from the decoder output"),
+    ("t5", "qlora"): ("wrong", "layers counted by attention ops, not blocks"),
+    ("t5", "said"): ("wrong", "layers counted by attention ops, not blocks"),
+    ("t5", "sparse"): ("wrong", "layers counted by attention ops, not blocks"),
+    ("t5", "top_layers"): ("wrong", "a block without the rule's sites"),
+    ("t5", "unipelt"): ("refused", "FFN (or its residual) not found"),
+    ("bart", "adapterplus"): ("refused", "a value no module boundary carries (functional or shared dropout, a shared layer's norm)"),
+    ("bart", "houlsby"): ("refused", "a value no module boundary carries (functional or shared dropout, a shared layer's norm)"),
+    ("bart", "houlsby_inv"): ("refused", "a value no module boundary carries (functional or shared dropout, a shared layer's norm)"),
+    ("bart", "mam"): ("refused", "a value no module boundary carries (functional or shared dropout, a shared layer's norm)"),
+    ("bart", "parallel"): ("refused", "a value no module boundary carries (functional or shared dropout, a shared layer's norm)"),
+    ("bart", "pfeiffer"): ("refused", "a value no module boundary carries (functional or shared dropout, a shared layer's norm)"),
+    ("bart", "pfeiffer_inv"): ("refused", "a value no module boundary carries (functional or shared dropout, a shared layer's norm)"),
+    ("bart", "prompt"): ("wrong", "prompt tuning strips positions from the decoder output"),
+    ("bart", "unipelt"): ("refused", "a value no module boundary carries (functional or shared dropout, a shared layer's norm)"),
+    ("mbart", "adapterplus"): ("refused", "a value no module boundary carries (functional or shared dropout, a shared layer's norm)"),
+    ("mbart", "houlsby"): ("refused", "a value no module boundary carries (functional or shared dropout, a shared layer's norm)"),
+    ("mbart", "houlsby_inv"): ("refused", "a value no module boundary carries (functional or shared dropout, a shared layer's norm)"),
+    ("mbart", "mam"): ("refused", "a value no module boundary carries (functional or shared dropout, a shared layer's norm)"),
+    ("mbart", "parallel"): ("refused", "a value no module boundary carries (functional or shared dropout, a shared layer's norm)"),
+    ("mbart", "pfeiffer"): ("refused", "a value no module boundary carries (functional or shared dropout, a shared layer's norm)"),
+    ("mbart", "pfeiffer_inv"): ("refused", "a value no module boundary carries (functional or shared dropout, a shared layer's norm)"),
+    ("mbart", "prompt"): ("wrong", "prompt tuning strips positions from the decoder output"),
+    ("mbart", "unipelt"): ("refused", "a value no module boundary carries (functional or shared dropout, a shared layer's norm)"),
+    ("whisper", "adapterplus"): ("refused", "a value no module boundary carries (functional or shared dropout, a shared layer's norm)"),
+    ("whisper", "houlsby"): ("refused", "a value no module boundary carries (functional or shared dropout, a shared layer's norm)"),
+    ("whisper", "houlsby_inv"): ("refused", "a value no module boundary carries (functional or shared dropout, a shared layer's norm)"),
+    ("whisper", "mam"): ("refused", "a value no module boundary carries (functional or shared dropout, a shared layer's norm)"),
+    ("whisper", "parallel"): ("refused", "a value no module boundary carries (functional or shared dropout, a shared layer's norm)"),
+    ("whisper", "pfeiffer"): ("refused", "a value no module boundary carries (functional or shared dropout, a shared layer's norm)"),
+    ("whisper", "pfeiffer_inv"): ("refused", "a value no module boundary carries (functional or shared dropout, a shared layer's norm)"),
+    ("whisper", "prompt"): ("wrong", "prompt tuning strips positions from the decoder output"),
+    ("whisper", "unipelt"): ("refused", "a value no module boundary carries (functional or shared dropout, a shared layer's norm)"),
+    ("vit", "adapterplus"): ("refused", "a value no module boundary carries (functional or shared dropout, a shared layer's norm)"),
+    ("vit", "houlsby"): ("refused", "a value no module boundary carries (functional or shared dropout, a shared layer's norm)"),
+    ("vit", "houlsby_inv"): ("refused", "a value no module boundary carries (functional or shared dropout, a shared layer's norm)"),
+    ("vit", "mam"): ("refused", "a value no module boundary carries (functional or shared dropout, a shared layer's norm)"),
+    ("vit", "parallel"): ("refused", "a value no module boundary carries (functional or shared dropout, a shared layer's norm)"),
+    ("vit", "pfeiffer"): ("refused", "a value no module boundary carries (functional or shared dropout, a shared layer's norm)"),
+    ("vit", "pfeiffer_inv"): ("refused", "a value no module boundary carries (functional or shared dropout, a shared layer's norm)"),
+    ("vit", "prompt"): ("crash", "a shape error in the rewritten forward"),
+    ("vit", "unipelt"): ("refused", "a value no module boundary carries (functional or shared dropout, a shared layer's norm)"),
+    ("unet", "prompt"): ("crash", "a shape error in the rewritten forward"),
+    ("unet", "unipelt"): ("crash", "a shape error in the rewritten forward"),
+    ("dit", "adapterplus"): ("refused", "FFN (or its residual) not found"),
+    ("dit", "compacterpp"): ("refused", "FFN (or its residual) not found"),
+    ("dit", "mam"): ("refused", "FFN (or its residual) not found"),
+    ("dit", "parallel"): ("refused", "FFN (or its residual) not found"),
+    ("dit", "pfeiffer"): ("refused", "FFN (or its residual) not found"),
+    ("dit", "pfeiffer_inv"): ("refused", "FFN (or its residual) not found"),
+    ("dit", "unipelt"): ("refused", "FFN (or its residual) not found"),
 }
 
 
@@ -188,6 +510,14 @@ def check_sites(model, spec, matches, facts):
                             f"(sites: {sorted({m.module for m in rows})[:6]})")
     attention = re.compile(facts["attention"]) if facts["attention"] else None
     hidden, experts = facts["hidden"], facts["experts"]
+
+    def inner(path):
+        """The path below its block (diffusers' blocks live under `attentions.N`), else the whole path."""
+        for block in facts["blocks"]:
+            if _within(path, block):
+                return path[len(block):]
+        return path
+
     for m in matches:
         role = m.role or ""
         if role in ("ffn.out", "attention.output") and hidden is not None:
@@ -195,12 +525,12 @@ def check_sites(model, spec, matches, facts):
             if width is not None and width != hidden:
                 raise Wrong(f"{role} on {m.module} writes width {width}, the hidden size is {hidden}")
         if role in ("ffn.in", "ffn.gate", "ffn.out"):
-            if attention is not None and attention.search(m.module):
+            if attention is not None and attention.search(inner(m.module)):
                 raise Wrong(f"{role} on an attention module: {m.module}")
             if experts and _width(model, m) in (experts, 1):
                 raise Wrong(f"{role} on a router ({m.module}: width {_width(model, m)}, {experts} experts)")
         if role in ("attention.q", "attention.k", "attention.v", "attention.qkv", "attention.output"):
-            if attention is not None and not attention.search(m.module):
+            if attention is not None and not attention.search(inner(m.module)):
                 raise Wrong(f"{role} on a module outside attention: {m.module}")
 
 
@@ -219,6 +549,8 @@ def _tensors(out):
 def check_gradients(model, spec, matches, inputs):
     adapter_ids = {id(p) for p in model.surgery_adapters.parameters()} if hasattr(model, "surgery_adapters") else set()
     trains = any(r.action == "train" for r in spec.rules)
+    everywhere = any(r.action == "train" and r.match.role is None and r.match.module is None and r.match.op is None
+                     for r in spec.rules)         # BitFit: match {} (every bias)
     selected = {m.module for m in matches}
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not trainable:
@@ -229,7 +561,7 @@ def check_gradients(model, spec, matches, inputs):
         if not trains:
             raise Wrong(f"base parameter {n} trains, and the spec has no train rule")
         owner = n.rpartition(".")[0]
-        if not any(_within(owner, s) or _within(s, owner) for s in selected):
+        if not everywhere and not any(_within(owner, s) or _within(s, owner) for s in selected):
             raise Wrong(f"base parameter {n} trains, outside every matched site")
     model.zero_grad(set_to_none=True)
     loss = sum(t.float().pow(2).mean() for t in _tensors(model(**inputs)) if t.is_floating_point())
@@ -295,11 +627,19 @@ def run_cell(arch: str, spec_name: str) -> Result:
         return b["untraceable"]
     try:
         matches = surgery.plan(model, spec, example_inputs=facts["apply_inputs"])
-        surgery.apply(model, spec, example_inputs=facts["apply_inputs"])
     except Exception as exc:  # noqa: BLE001 - every exception is an outcome
         result = _refusal_or_crash(exc)
         if "could not trace" in result.message:
             b["untraceable"] = result
+        return result
+    try:
+        check_sites(model, spec, matches, facts)     # a wrong placement is wrong even where apply then refuses
+    except Wrong as exc:
+        return Result("wrong", str(exc))
+    try:
+        surgery.apply(model, spec, example_inputs=facts["apply_inputs"])
+    except Exception as exc:  # noqa: BLE001 - every exception is an outcome
+        result = _refusal_or_crash(exc)
         try:
             with torch.no_grad():
                 after = main_output(model, inputs)
@@ -310,7 +650,6 @@ def run_cell(arch: str, spec_name: str) -> Result:
         return result
     try:
         model.eval()
-        check_sites(model, spec, matches, facts)
         with torch.no_grad():
             out0 = main_output(model, inputs)
         if out0.shape != b["out"].shape:
@@ -355,6 +694,14 @@ def base_facts(arch: str) -> str:
     return kind_of(arch)
 
 
+def as_declared(arch: str, spec: str, result: Result) -> bool:
+    """Whether a cell's result is what the engine should give: ok, or the declared refusal with its message."""
+    refusal = REFUSALS.get((arch, spec))
+    if refusal is None:
+        return result.outcome == "ok"
+    return result.outcome == "refused" and re.search(refusal.message, result.message) is not None
+
+
 def expected(arch: str, spec: str) -> tuple[str, str]:
     """The declared outcome of a cell: (ok | refused | crash | wrong, reason)."""
     if (arch, spec) in XFAIL:
@@ -390,14 +737,13 @@ def one_thread():
 @pytest.mark.parametrize("arch,spec", _cells())
 def test_cell(arch, spec):
     result = run_cell(arch, spec)
-    refusal = REFUSALS.get((arch, spec))
-    if refusal is not None and (arch, spec) not in XFAIL:
-        if result.outcome != "refused":
-            raise CellWrong(f"expected a refusal ({refusal.reason}); got {result.outcome}: {result.message}")
-        assert re.search(refusal.message, result.message), \
-            f"refused, but the message does not say {refusal.reason!r} (/{refusal.message}/): {result.message}"
-        return
-    if result.outcome != "ok":
+    if not as_declared(arch, spec, result):
+        refusal = REFUSALS.get((arch, spec))
+        if refusal is not None and result.outcome == "refused":
+            raise CellRefused(f"refused, but the message does not say {refusal.reason!r} (/{refusal.message}/): "
+                              f"{result.message}")
+        if refusal is not None and result.outcome == "ok":
+            raise CellWrong(f"expected a refusal ({refusal.reason}); it applied and passed every check")
         raise OUTCOME_ERRORS[result.outcome](result.message)
 
 
@@ -420,6 +766,7 @@ def test_plan_rows_show_the_role_of_every_site():
     assert rows and all(r["role"] == "attention.q" for r in rows), rows
 
 
+@pytest.mark.xfail(strict=True, raises=surgery.SurgeryError, reason="engine gap: torch.export of a returned cache")
 def test_seq2seq_example_inputs_with_a_cache_trace():
     """A user's example inputs for an encoder-decoder rarely say use_cache=False; the model then returns an
     EncoderDecoderCache, which torch.export cannot flatten. The engine traces without the cache itself."""
