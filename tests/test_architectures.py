@@ -35,7 +35,6 @@ import torch
 
 import surgery
 from architectures import ARCHITECTURES, kind_of, main_output
-from surgery.match.pattern import resolve_layers
 
 ROOT = Path(__file__).resolve().parent.parent
 SPECS_DIR = ROOT / "specs"
@@ -75,8 +74,9 @@ def _refusals() -> dict[tuple[str, str], Refusal]:
     no_bias = [a for a in ("llama", "mistral", "mixtral", "qwen3", "phi3", "gemma", "gemma2", "gemma3_text", "olmo",
                            "t5")]
     refuse(no_bias, ["bitfit"], "the model has no bias parameters", r"(?i)bias")
-    # top_layers is not refused: selecting a layer means its whole block (issue 16)
-    refuse(["mamba"], ATTENTION_SPECS + QKV_SPECS + BOTTLENECK_SPECS + ("qlora", "said", "sparse"),
+    # not refused on Mamba: top_layers (a layer is its whole block, issue 16), qlora/said/sparse (every linear of
+    # the blocks: PEFT's usual Mamba targets in_proj/x_proj/out_proj)
+    refuse(["mamba"], ATTENTION_SPECS + QKV_SPECS + BOTTLENECK_SPECS,
            "a state-space model has no attention (use module globs on in_proj/out_proj/x_proj)",
            r"(?i)attention|roles present")
     # invertible adapters invert at the LM head: models without one (encoders, pooled heads, vision, diffusion)
@@ -101,7 +101,7 @@ FAILURE_KINDS = [
     (r"not the input or output of any module|not at any module boundary",
      "a value no module boundary carries (functional or shared dropout, a shared layer's norm)"),
     (r"writes width \d+, the hidden size|on a router", "MoE: ffn.out on the router or shared-expert gate"),
-    (r"ffn\.\w+ on an attention module", "MoE: an FFN role on self_attn.o_proj"),
+    (r"ffn\.\w+ on an attention module", "an FFN role on an attention module (MoE: self_attn.o_proj)"),
     (r"matched the site \S+ twice", "one site matched twice (a shared layer, or two roles on one module)"),
     (r"generate\(\) step", "generate() with the KV cache != full forwards (prompt / ReFT positions under transformers 5.24's cache=)"),
     (r"matched layers \[0\]: the model has 2 layers", "a layer module called N times counted as one layer"),
@@ -271,10 +271,10 @@ XFAIL: dict[tuple[str, str], tuple[str, str]] = {
     ("mixtral", "pfeiffer"): ("refused", "FFN (or its residual) not found"),
     ("mixtral", "pfeiffer_inv"): ("refused", "FFN (or its residual) not found"),
     ("mixtral", "prompt"): ("wrong", "generate() with the KV cache != full forwards (prompt / ReFT positions under transformers 5.24's cache=)"),
-    ("mixtral", "qlora"): ("wrong", "MoE: an FFN role on self_attn.o_proj"),
-    ("mixtral", "said"): ("wrong", "MoE: an FFN role on self_attn.o_proj"),
-    ("mixtral", "sparse"): ("wrong", "MoE: an FFN role on self_attn.o_proj"),
-    ("mixtral", "top_layers"): ("wrong", "MoE: an FFN role on self_attn.o_proj"),
+    ("mixtral", "qlora"): ("wrong", "an FFN role on an attention module (MoE: self_attn.o_proj)"),
+    ("mixtral", "said"): ("wrong", "an FFN role on an attention module (MoE: self_attn.o_proj)"),
+    ("mixtral", "sparse"): ("wrong", "an FFN role on an attention module (MoE: self_attn.o_proj)"),
+    ("mixtral", "top_layers"): ("wrong", "an FFN role on an attention module (MoE: self_attn.o_proj)"),
     ("mixtral", "unipelt"): ("refused", "FFN (or its residual) not found"),
     ("qwen2", "loreft"): ("wrong", "generate() with the KV cache != full forwards (prompt / ReFT positions under transformers 5.24's cache=)"),
     ("qwen2", "prompt"): ("wrong", "generate() with the KV cache != full forwards (prompt / ReFT positions under transformers 5.24's cache=)"),
@@ -291,10 +291,10 @@ XFAIL: dict[tuple[str, str], tuple[str, str]] = {
     ("qwen2_moe", "pfeiffer"): ("refused", "FFN (or its residual) not found"),
     ("qwen2_moe", "pfeiffer_inv"): ("refused", "FFN (or its residual) not found"),
     ("qwen2_moe", "prompt"): ("wrong", "generate() with the KV cache != full forwards (prompt / ReFT positions under transformers 5.24's cache=)"),
-    ("qwen2_moe", "qlora"): ("wrong", "MoE: an FFN role on self_attn.o_proj"),
-    ("qwen2_moe", "said"): ("wrong", "MoE: an FFN role on self_attn.o_proj"),
-    ("qwen2_moe", "sparse"): ("wrong", "MoE: an FFN role on self_attn.o_proj"),
-    ("qwen2_moe", "top_layers"): ("wrong", "MoE: an FFN role on self_attn.o_proj"),
+    ("qwen2_moe", "qlora"): ("wrong", "an FFN role on an attention module (MoE: self_attn.o_proj)"),
+    ("qwen2_moe", "said"): ("wrong", "an FFN role on an attention module (MoE: self_attn.o_proj)"),
+    ("qwen2_moe", "sparse"): ("wrong", "an FFN role on an attention module (MoE: self_attn.o_proj)"),
+    ("qwen2_moe", "top_layers"): ("wrong", "an FFN role on an attention module (MoE: self_attn.o_proj)"),
     ("qwen2_moe", "unipelt"): ("refused", "FFN (or its residual) not found"),
     ("qwen3", "loreft"): ("wrong", "generate() with the KV cache != full forwards (prompt / ReFT positions under transformers 5.24's cache=)"),
     ("qwen3", "prompt"): ("wrong", "generate() with the KV cache != full forwards (prompt / ReFT positions under transformers 5.24's cache=)"),
@@ -349,6 +349,9 @@ XFAIL: dict[tuple[str, str], tuple[str, str]] = {
     ("mamba", "loreft"): ("refused", "attention not recognized: no attention, FFN or block roles"),
     ("mamba", "noreft"): ("refused", "attention not recognized: no attention, FFN or block roles"),
     ("mamba", "prompt"): ("refused", "attention not recognized: no attention, FFN or block roles"),
+    ("mamba", "qlora"): ("refused", "attention not recognized: no attention, FFN or block roles"),
+    ("mamba", "said"): ("refused", "attention not recognized: no attention, FFN or block roles"),
+    ("mamba", "sparse"): ("refused", "attention not recognized: no attention, FFN or block roles"),
     ("mamba", "top_layers"): ("refused", "no roles inside the blocks (top layers select nothing)"),
     ("t5", "adapterplus"): ("refused", "FFN (or its residual) not found"),
     ("t5", "compacter"): ("refused", "FFN (or its residual) not found"),
@@ -487,24 +490,44 @@ def _within(path: str, prefix: str) -> bool:
     return path == prefix or path.startswith(prefix + ".")
 
 
+def _layer_slice(spec, n: int) -> list[int]:
+    """The layers a pattern's `layers` selects out of n (None / "all": every one; an index, a list, a slice)."""
+    every = list(range(n))
+    if spec is None or spec == "all":
+        return every
+    if isinstance(spec, int):
+        return [every[spec]] if -n <= spec < n else []
+    if isinstance(spec, list):
+        return sorted({every[i] for i in spec if -n <= i < n})
+    parts = [int(p) if p.strip() else None for p in spec.split(":")]
+    return every[slice(*parts)] if len(parts) > 1 else _layer_slice(parts[0], n)
+
+
 def check_sites(model, spec, matches, facts):
     """Every layer has its sites; no role on an op of the wrong kind."""
     n_layers = facts["num_layers"]
     by_rule: dict[str, list] = {r.name: [] for r in spec.rules}
     for m in matches:
         by_rule.setdefault(m.rule, []).append(m)
+    per_stack = any(getattr(m, "stack", None) is not None for m in matches)
     for rule in spec.rules:
         rows = by_rule.get(rule.name, [])
         if rule.expect != "every_layer":
             continue
-        wanted = resolve_layers(rule.match.layers, n_layers)
-        wanted = set(range(n_layers)) if wanted is None else wanted
-        layers = {m.layer for m in rows if m.layer is not None}
-        if len(layers) != len(wanted):
+        if per_stack:          # layers numbered within each stack (encoder, decoder): a slice applies per stack
+            wanted_blocks, start = [], 0
+            for stack, n in facts["layers"].items():
+                wanted_blocks += [(stack, i, facts["blocks"][start + i]) for i in _layer_slice(rule.match.layers, n)]
+                start += n
+            got = {(getattr(m, "stack", None), m.layer) for m in rows if m.layer is not None}
+        else:
+            wanted_blocks = [(None, i, facts["blocks"][i]) for i in _layer_slice(rule.match.layers, n_layers)]
+            got = {(None, m.layer) for m in rows if m.layer is not None}
+        if len(got) != len(wanted_blocks):
             raise Wrong(f"rule {rule.name!r} ({rule.match.role}, layers {rule.match.layers}) matched layers "
-                        f"{sorted(layers)}: the model has {n_layers} layers ({facts['layers']}), {len(wanted)} wanted")
-        for i in sorted(wanted):
-            block = facts["blocks"][i]
+                        f"{sorted(got, key=str)}: the model has {n_layers} layers ({facts['layers']}), "
+                        f"{len(wanted_blocks)} wanted")
+        for _, _, block in wanted_blocks:
             if not any(_within(m.module, block) for m in rows):
                 raise Wrong(f"rule {rule.name!r} ({rule.match.role}) has no site in block {block} "
                             f"(sites: {sorted({m.module for m in rows})[:6]})")
@@ -580,7 +603,7 @@ def check_gradients(model, spec, matches, inputs):
 def _generate_inputs(facts, inputs):
     if facts["kind"] == "seq2seq":
         key = facts.get("encoder_input", "input_ids")
-        return {key: inputs[key][:, :6]}
+        return {key: inputs[key][:, :6] if key == "input_ids" else inputs[key]}
     return {"input_ids": inputs["input_ids"][:, :6]}
 
 
@@ -736,6 +759,8 @@ def one_thread():
 
 @pytest.mark.parametrize("arch,spec", _cells())
 def test_cell(arch, spec):
+    if kind_of(arch) == "diffusion":
+        pytest.importorskip("diffusers")
     result = run_cell(arch, spec)
     if not as_declared(arch, spec, result):
         refusal = REFUSALS.get((arch, spec))
@@ -745,6 +770,14 @@ def test_cell(arch, spec):
         if refusal is not None and result.outcome == "ok":
             raise CellWrong(f"expected a refusal ({refusal.reason}); it applied and passed every check")
         raise OUTCOME_ERRORS[result.outcome](result.message)
+
+
+@pytest.mark.parametrize("arch", [a for a in ARCHS if kind_of(a) in ("decoder", "seq2seq", "ssm")])
+def test_base_generate_is_checkable(arch):
+    """The base model's own generate() passes the generate check, so a cell never skips it silently."""
+    if not base(arch)["facts"]["generate"]:
+        pytest.skip("no generate() (a pooled head)")
+    assert generate_works(arch)
 
 
 def test_tables_name_known_cells():

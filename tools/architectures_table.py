@@ -5,6 +5,7 @@
                                                    # observed outcomes that differ from the declared ones, and the
                                                    # XFAIL table that matches what was observed
     python tools/architectures_table.py --run --arch llama --arch opt --spec lora   # a subset
+    python tools/architectures_table.py --run --engine /work/main     # another checkout's engine
 
 The document is rendered from the declared tables, not from a run, so a test can check it is current without
 running the matrix; the matrix's own test (test_cell) keeps the declared tables equal to what the engine does.
@@ -21,6 +22,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
+if __name__ == "__main__" and "--engine" in sys.argv:   # another checkout's surgery/ (before anything imports it)
+    sys.path.insert(0, sys.argv[sys.argv.index("--engine") + 1])
 
 import test_architectures as matrix  # noqa: E402
 
@@ -100,8 +103,13 @@ def main(argv=None) -> int:
     parser.add_argument("--run", action="store_true", help="run the cells and compare with the declared tables")
     parser.add_argument("--arch", action="append", help="only these architectures (with --run)")
     parser.add_argument("--spec", action="append", help="only these specs (with --run)")
+    parser.add_argument("--engine", help="run against the surgery package of this checkout (e.g. /work/main)")
     parser.add_argument("--json", help="write the observed outcomes and messages to this file (with --run)")
     args = parser.parse_args(argv)
+    import surgery
+    print(f"surgery from {Path(surgery.__file__).parent}")
+    if args.engine:
+        matrix.SPECS_DIR = Path(args.engine) / "specs"
     out = ROOT / "docs" / "architectures.md"
     out.write_text(render())
     print(f"wrote {out}")
