@@ -98,12 +98,33 @@ def observe(archs, specs, verbose=True, log=None) -> dict[tuple[str, str], "matr
     return results
 
 
+def write_xfail(results) -> None:
+    """Set XFAIL's entries for the cells in `results` from what was observed (in the matrix's order)."""
+    table = dict(matrix.XFAIL)
+    for (arch, spec), r in results.items():
+        table.pop((arch, spec), None)
+        if not matrix.as_declared(arch, spec, r):
+            kind = "wrong" if r.outcome == "ok" else r.outcome
+            table[(arch, spec)] = (kind, matrix.failure_kind(r.message or "applied (a refusal expected)"))
+    order = {(a, s): i for i, (a, s) in enumerate((a, s) for a in matrix.ARCHS for s in matrix.SPECS)}
+    lines = [f"    ({a!r}, {s!r}): ({k!r}, {w!r})," for (a, s), (k, w) in sorted(table.items(), key=lambda kv: order[kv[0]])]
+    path = ROOT / "tests" / "test_architectures.py"
+    src = path.read_text()
+    head = "XFAIL: dict[tuple[str, str], tuple[str, str]] = {\n"
+    start = src.index(head) + len(head)
+    end = src.index("\n}\n", start)
+    path.write_text(src[:start] + "\n".join(lines) + src[end:])
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", action="store_true", help="run the cells and compare with the declared tables")
     parser.add_argument("--arch", action="append", help="only these architectures (with --run)")
     parser.add_argument("--spec", action="append", help="only these specs (with --run)")
     parser.add_argument("--engine", help="run against the surgery package of this checkout (e.g. /work/main)")
+    parser.add_argument("--write-xfail", action="store_true",
+                        help="rewrite XFAIL in tests/test_architectures.py for the cells run (others kept), "
+                             "then docs/architectures.md")
     parser.add_argument("--json", help="write the observed outcomes and messages to this file (with --run)")
     args = parser.parse_args(argv)
     import surgery
@@ -125,7 +146,12 @@ def main(argv=None) -> int:
     for (arch, spec), r in results.items():
         declared, _ = matrix.expected(arch, spec)
         good = matrix.as_declared(arch, spec, r)
-        if (declared in ("ok", "refused")) != good or (not good and declared != r.outcome):
+        if (arch, spec) in matrix.XFAIL:      # an expected failure: fixed now, or failing with another outcome
+            kind = "wrong" if r.outcome == "ok" else r.outcome
+            changed = good or kind != declared
+        else:
+            changed = not good
+        if changed:
             differ += 1
             print(f"  {arch}/{spec}: declared {declared}, observed {r.outcome}: {r.message[:300]}")
     print(f"{differ} cells differ from the declared tables")
@@ -136,6 +162,12 @@ def main(argv=None) -> int:
             kind = "wrong" if r.outcome == "ok" else r.outcome
             print(f'    ("{arch}", "{spec}"): ("{kind}", "{what}"),')
     print("}")
+    if args.write_xfail:
+        write_xfail(results)
+        import importlib
+        importlib.reload(matrix)
+        out.write_text(render())
+        print(f"rewrote XFAIL in tests/test_architectures.py and {out}")
     if args.json:
         Path(args.json).write_text(json.dumps({f"{a}/{s}": [r.outcome, r.message] for (a, s), r in results.items()},
                                               indent=1))
