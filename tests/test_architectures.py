@@ -715,7 +715,7 @@ def _cells():
     cells = []
     for arch in ARCHS:
         for spec in SPECS:
-            marks = []
+            marks = [pytest.mark.slow] if kind_of(arch) == "diffusion" else []    # the UNet's trace: ~15 s
             if (arch, spec) in XFAIL:
                 kind, what = XFAIL[(arch, spec)]
                 marks.append(pytest.mark.xfail(strict=True, raises=OUTCOME_ERRORS[kind], reason=f"{kind}: {what}"))
