@@ -617,7 +617,7 @@ def analyze(traced: Traced) -> Analysis:
         cross = (q_src is not None and k_src is not None and q_src is not k_src
                  and _base_value(linears[q_src].x) is not _base_value(linears[k_src].x))
         prefix = "cross_attention" if cross else "attention"
-        add(op_node, f"{prefix}.op", layer)
+        add(op_node, f"{prefix}.op", layer, q=q, k=k, v=v)
         if q_src is not None and q_src is k_src is srcs["v"]:
             info = linears[q_src]
             add_linear(info, f"{prefix}.qkv", layer)

@@ -103,7 +103,7 @@ def _context(model: nn.Module, analysis: Analysis, match: Match, value: fx.Node,
 
 def _attention_facts(model, analysis: Analysis, match: Match) -> dict:
     """Heads, head size, KV heads and the k/v projection modules of one attention op."""
-    q = match.site.node.args[0]
+    q = match.site.extra.get("q", match.site.node.args[0])   # eager attention: the op node is probs @ v
     q_shape = q.meta["val"].shape
     heads, head_dim = int(q_shape[1]), int(q_shape[-1])
     facts = {"heads": heads, "head_dim": head_dim, "kv_heads": heads, "hidden": analysis.hidden_size,
