@@ -19,7 +19,7 @@ from surgery.match.pattern import Match
 from surgery.rewrite import compose
 from surgery.modules.base import SiteContext
 from surgery.modules.registry import module_class
-from surgery.rewrite.attention import attach_intercept, attach_registry, registry_of
+from surgery.rewrite.attention import attach_intercept, attach_registry, keep_off_fast_path, registry_of
 from surgery.rewrite.host import (AdapterStore, Gate, Record, WeightSite, attach_weight_site, capture_anchor,
                                   hook_capture, hook_value, input_anchor, output_anchor, value_anchor, wrap_weight)
 from surgery.spec.models import Rule
@@ -392,6 +392,7 @@ def _realize_one(model, analysis, store, record, rule, match, value, module, key
             record.undo.append(attach_registry(model, registry, host, adapter, gate))
         else:
             record.undo.append(attach_intercept(host, adapter, gate))
+            record.undo.append(keep_off_fast_path(model, match.module, gate))
     elif action == "prepend":
         _realize_prepend(model, analysis, store, record, match, value, module, gate)
     else:

@@ -212,6 +212,8 @@ _MHA_GLOBALS["scaled_dot_product_attention"] = _mha_sdpa
 _ROUTED_MHA = types.FunctionType(_PLAIN_MHA.__code__, _MHA_GLOBALS, _PLAIN_MHA.__name__, _PLAIN_MHA.__defaults__,
                                  _PLAIN_MHA.__closure__)
 _ROUTED_MHA.__kwdefaults__ = _PLAIN_MHA.__kwdefaults__
+# its own torch-function re-dispatch (another mode on the stack) must come back to the routed copy
+_MHA_GLOBALS["multi_head_attention_forward"] = _ROUTED_MHA
 
 
 class _RoutedAttention(torch.overrides.TorchFunctionMode):
@@ -302,3 +304,63 @@ class _InterceptUndo:
         if not current:
             module.__dict__.pop(_INTERCEPT_ATTR, None)
             module.__dict__.pop("forward", None)
+
+
+# ---------------------------------------------------------------- torch's fused encoder fast path
+
+class _SlowPath(torch.overrides.TorchFunctionMode):
+    """A pass-through mode: while it is active, `has_torch_function` holds for every tensor, so
+    nn.TransformerEncoderLayer / nn.TransformerEncoder stay off their fused eval fast path (which calls no
+    attention function an adapter could reach)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+_FAST_PATH_MODULES = (nn.TransformerEncoderLayer, nn.TransformerEncoder)
+
+
+class _SlowPathHooks:
+    """Pre-hook entering, always-called post-hook leaving the mode, while the gate is on (per thread)."""
+
+    def __init__(self, gate: Callable[[], bool]):
+        self.gate, self.local = gate, threading.local()
+
+    def enter(self, module, args, kwargs=None):
+        stack = self.local.__dict__.setdefault("modes", [])
+        mode = _SlowPath() if self.gate() else None
+        if mode is not None:
+            mode.__enter__()
+        stack.append(mode)
+
+    def exit(self, module, args, out):
+        stack = self.local.__dict__.setdefault("modes", [])
+        mode = stack.pop() if stack else None
+        if mode is not None:
+            mode.__exit__(None, None, None)
+
+    def __getstate__(self):
+        return {"gate": self.gate}
+
+    def __setstate__(self, state):
+        self.gate, self.local = state["gate"], threading.local()
+
+
+def keep_off_fast_path(model: nn.Module, path: str, gate: Callable[[], bool]) -> Callable[[], None]:
+    """torch's encoder layers fuse the whole layer in eval mode without calling their attention module: while the
+    adapter is on, the layers and encoders around `path` take the regular path, so the adapters run."""
+    handles = []
+    parts = path.split(".")
+    for k in range(len(parts) + 1):
+        prefix = ".".join(parts[:k])
+        module = model.get_submodule(prefix) if prefix else model
+        if isinstance(module, _FAST_PATH_MODULES):
+            hooks = _SlowPathHooks(gate)
+            handles += [module.register_forward_pre_hook(hooks.enter),
+                        module.register_forward_hook(hooks.exit, always_call=True)]
+    return functools.partial(_remove_all, handles)
+
+
+def _remove_all(handles: list) -> None:
+    for handle in handles:
+        handle.remove()
