@@ -579,6 +579,11 @@ def _realize_prepend(model, analysis, store, record, match, value, module, gate)
     # the prompt goes in front of the model's input sequence; in an encoder-decoder that is the encoder's, whose
     # positions never reach the LM head (the decoder reads them through cross-attention): nothing is dropped
     other_stacks = len(set(analysis.stacks)) > 1
+    if other_stacks and not analysis.by_role.get("cross_attention.op"):
+        raise RewriteError(f"prompt tuning prepends positions to the model's input sequence, but this model's layers "
+                           f"form {len(set(analysis.stacks))} stacks that are not an encoder read by a decoder's "
+                           f"cross-attention ({', '.join(sorted(set(analysis.stacks))[:4])}), so no single sequence "
+                           f"carries the prompt through (a UNet's resolutions)")
     strip_anchor = None
     if heads and not other_stacks:
         # drop them where the value reaching the LM head leaves its module (before generate()'s logits_to_keep
