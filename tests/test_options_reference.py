@@ -429,3 +429,60 @@ def test_prompt_init(init):
         assert abs(prompt.std().item() - scale / math.sqrt(3)) < 0.15 * scale / math.sqrt(3)
     else:
         assert abs(prompt.std().item() - 1.0) < 0.15 and abs(prompt.mean().item()) < 0.15
+
+
+# ---------------------------------------------------------------------------------------- invertible adapters
+
+def _subnet(seq, x, act):
+    return F.linear(ACT[act](F.linear(x, seq[0].weight, seq[0].bias)), seq[2].weight, seq[2].bias)
+
+
+def _soft_clamp(s, clamp):
+    """GLOW's scale with a soft clamp (FrEIA, as AdapterHub): exp(clamp · 0.636 · atan(s / clamp))."""
+    return torch.exp(clamp * 0.636 * torch.atan(s / clamp))
+
+
+def coupling_reference(block, x, kind, act, clamp, inverse=False):
+    """NICE (Dinh et al. 2015) and GLOW-style affine coupling (Kingma & Dhariwal 2018), split on features."""
+    half = x.shape[-1] // 2
+    a, b = x[..., :half], x[..., half:]
+    if kind == "nice":
+        if not inverse:                                   # y1 = x1 + F(x2); y2 = x2 + G(y1)
+            y1 = a + _subnet(block.F, b, act)
+            return torch.cat([y1, b + _subnet(block.G, y1, act)], -1)
+        x2 = b - _subnet(block.G, a, act)
+        return torch.cat([a - _subnet(block.F, x2, act), x2], -1)
+    if not inverse:                                       # y1 = e(s2(x2))·x1 + t2; y2 = e(s1(y1))·x2 + t1
+        s2, t2 = _subnet(block.s2, b, act).chunk(2, -1)
+        y1 = _soft_clamp(s2, clamp) * a + t2
+        s1, t1 = _subnet(block.s1, y1, act).chunk(2, -1)
+        return torch.cat([y1, _soft_clamp(s1, clamp) * b + t1], -1)
+    s1, t1 = _subnet(block.s1, a, act).chunk(2, -1)
+    x2 = (b - t1) / _soft_clamp(s1, clamp)
+    s2, t2 = _subnet(block.s2, x2, act).chunk(2, -1)
+    return torch.cat([(a - t2) / _soft_clamp(s2, clamp), x2], -1)
+
+
+@pytest.mark.parametrize("kind,act,factor,clamp", [("nice", "relu", 2, 5.0), ("nice", "swish", 4, 5.0),
+                                                    ("glow", "relu", 2, 5.0), ("glow", "tanh", 4, 0.5)])
+def test_invertible_adapter_and_its_inverse_before_the_head(kind, act, factor, clamp):
+    module = {"kind": "invertible", "block_type": kind, "non_linearity": act, "reduction_factor": factor}
+    if kind == "glow":
+        module["clamp"] = clamp
+    base = make_llama().eval()
+    model = surgery.apply(copy.deepcopy(base), {"rules": [
+        {"name": "inv", "match": {"role": "embedding.output"}, "action": "insert_after", "module": module},
+        {"name": "inv_back", "match": {"role": "lm_head"}, "action": "insert_before",
+         "module": {"kind": "invertible", "inverse_of": "inv"}}]}).eval()
+    adapter = next(m for m in model.surgery_adapters.modules() if type(m).__name__ == "InvertibleAdapter"
+                   and getattr(m, "block", None) is not None)
+    block = adapter.block
+    fill(block, scale=0.5)
+    subnets = [block.F, block.G] if kind == "nice" else [block.s1, block.s2]
+    hidden = (32 // factor)                                     # each half is 32 wide
+    assert all(s[0].weight.shape == (hidden, 32) for s in subnets)
+    with hooked(base, "model.embed_tokens", lambda m, a, y: coupling_reference(block, y, kind, act, clamp)), \
+            hooked(base, "lm_head", lambda m, a: (coupling_reference(block, a[0], kind, act, clamp, inverse=True),),
+                   pre=True):
+        want = logits(base, IDS)
+    torch.testing.assert_close(logits(model, IDS), want, atol=ATOL, rtol=0)
