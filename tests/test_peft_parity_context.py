@@ -127,9 +127,11 @@ def test_prefix_generate_equals_peft_forwards(arch, flat):
     assert_same_generation(got, full_forward_greedy(peft_forward(theirs), IDS))
 
 
-@pytest.mark.xfail(strict=True, reason="PEFT 0.21.2 + transformers 5.x defect: PrefixTuning under generate() keeps "
-                                       "cache_position at 0..T-1 while its cache already holds the P prefix "
-                                       "entries, so the first step's logits differ from PEFT's own forward")
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="PEFT 0.21.2 + transformers 5.24 defect: PrefixTuning under generate() "
+                                       "differs from PEFT's own forward from the first new token on (max logit "
+                                       "difference 0.46 on this LLaMA); neither numbering of the positions "
+                                       "reproduces it")
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_peft_prefix_generate_equals_its_own_forward(arch):
     _, _, theirs = prefix_pair(arch, flat=True)
@@ -204,9 +206,10 @@ def test_prompt_generate_equals_peft_forwards(arch):
     assert_same_generation(greedy(ours, IDS, MASK), full)
 
 
-@pytest.mark.xfail(strict=True, reason="PEFT 0.21.2 + transformers 5.x defect: PromptTuning under generate() differs "
-                                       "from PEFT's own forward from the second new token on (the cached steps' "
-                                       "positions do not count the virtual tokens)")
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="PEFT 0.21.2 + transformers 5.24 defect: PromptTuning under generate() "
+                                       "differs from PEFT's own forward from the second new token on (max logit "
+                                       "difference 0.07 on LLaMA, 0.32 on GPT-2); the first step agrees")
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_peft_prompt_generate_equals_its_own_forward(arch):
     _, _, theirs = prompt_pair(arch)
