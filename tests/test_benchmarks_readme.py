@@ -51,6 +51,7 @@ def test_memory_rows_of_the_results_file_count_the_rss():
         assert (verdict == "met") == all(r <= 1.0 for r in ratios), row
 
 
+@pytest.mark.slow
 def test_lora_comparison_checks_equal_outputs_before_timing():
     peft = pytest.importorskip("peft")  # noqa: F841
     import benchmarks.lora_vs_peft as lora

@@ -97,12 +97,19 @@ def bn(adapter, z, act="relu"):
     return F.linear(ACT[act](F.linear(z, adapter.down.weight, adapter.down.bias)), adapter.up.weight, adapter.up.bias)
 
 
+
+def first_quick(argnames: str, values: list) -> list:
+    """The first case stays in the quick subset (`-m "not slow"`); the others are marked slow."""
+    multi = "," in argnames
+    return [v if i == 0 else pytest.param(*(v if multi else (v,)), marks=pytest.mark.slow)
+            for i, v in enumerate(values)]
+
 IDS = token_ids(2, 7)
 
 
 # ----------------------------------------------------------------------------------------- bottleneck: insert
 
-@pytest.mark.parametrize("scaling", [4.0, 0.25])
+@pytest.mark.parametrize("scaling", first_quick("scaling", [4.0, 0.25]))
 def test_bottleneck_numeric_scaling(scaling):
     base, model = rewritten(make_llama, {"match": {"role": "attention.output", "layers": "0"}, "action": "insert_after",
                                          "module": {"kind": "bottleneck", "reduction_factor": 4, "scaling": scaling}})
@@ -113,7 +120,7 @@ def test_bottleneck_numeric_scaling(scaling):
     torch.testing.assert_close(logits(model, IDS), want, atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("kind", ["learned", "channel"])
+@pytest.mark.parametrize("kind", first_quick("kind", ["learned", "channel"]))
 def test_bottleneck_learned_scaling_starts_at_one_and_trains(kind):
     base, model = rewritten(make_llama, {"match": {"role": "attention.output", "layers": "0"}, "action": "insert_after",
                                          "module": {"kind": "bottleneck", "reduction_factor": 4, "scaling": kind}})
@@ -135,7 +142,7 @@ def test_bottleneck_learned_scaling_starts_at_one_and_trains(kind):
     assert scale[0].grad is not None and scale[0].grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("act", sorted(ACT))
+@pytest.mark.parametrize("act", first_quick("act", sorted(ACT)))
 def test_bottleneck_non_linearity(act):
     base, model = rewritten(make_llama, {"match": {"role": "attention.output", "layers": "0"}, "action": "insert_after",
                                          "module": {"kind": "bottleneck", "reduction_factor": 2, "non_linearity": act}})
@@ -158,14 +165,14 @@ def test_bottleneck_width_from_reduction_factor_and_per_layer_size():
     assert widths({"reduction_factor": 2, "bottleneck_size": {"1": 5, "default": 3}}) == [(3, 64), (5, 64)]
 
 
-@pytest.mark.parametrize("flags", [
+@pytest.mark.parametrize("flags", first_quick("flags", [
     {"residual": False},
     {"ln_before": True},
     {"ln_after": True},
     {"ln_after": True, "adapter_residual_before_ln": True},
     {"use_gating": True},
     {"use_gating": True, "ln_before": True, "scaling": 2.0, "residual": False},
-])
+]))
 def test_bottleneck_residual_norms_and_gate(flags):
     base, model = rewritten(make_llama, {"match": {"role": "attention.output", "layers": "0"}, "action": "insert_after",
                                          "module": {"kind": "bottleneck", "reduction_factor": 4, **flags}})
@@ -205,7 +212,8 @@ def test_bottleneck_init_weights():
     for init in ("bert", "houlsby", "mam", "lora", "zeros"):
         base, model = rewritten(make_llama, {"match": {"role": "attention.output", "layers": "0"},
                                              "action": "insert_after",
-                                             "module": {"kind": "bottleneck", "reduction_factor": 2, "init_weights": init}})
+                                             "module": {"kind": "bottleneck", "reduction_factor": 2,
+                                                        "init_weights": init}})
         made[init] = (base, model, only(model, "BottleneckAdapter"))
     a = made["bert"][2]                                   # N(0, 0.02), zero biases
     for w in (a.down.weight, a.up.weight):
@@ -231,7 +239,7 @@ def test_bottleneck_init_weights():
 
 # ---------------------------------------------------------------------------------------- bottleneck: parallel
 
-@pytest.mark.parametrize("scaling", [4.0, 0.5])
+@pytest.mark.parametrize("scaling", first_quick("scaling", [4.0, 0.5]))
 def test_parallel_adapter_scaling(scaling):
     """MAM's parallel adapter: the FFN output y becomes y + s·A(x), x the FFN's residual input."""
     base, model = rewritten(make_llama, {"match": {"role": "ffn.out", "layers": "0"}, "action": "parallel",
@@ -249,7 +257,7 @@ def test_parallel_adapter_scaling(scaling):
 
 # ---------------------------------------------------------------------------------------- bottleneck: sublayer
 
-@pytest.mark.parametrize("flags", [
+@pytest.mark.parametrize("flags", first_quick("flags", [
     {},
     {"original_ln_before": True},
     {"original_ln_before": True, "residual_before_ln": False},
@@ -258,7 +266,7 @@ def test_parallel_adapter_scaling(scaling):
     {"original_ln_after": False, "residual_before_ln": False},
     {"is_parallel": True},
     {"original_ln_before": True, "scaling": 3.0, "residual": False},
-])
+]))
 def test_sublayer_flags_equal_adapterhubs_bottleneck_layer_forward(flags):
     """On BERT's attention sub-layer out = LN(h + x): AdapterHub's pre_forward, Adapter.forward, post_forward,
     written out here from adapters' `bottleneck_layer_forward`."""
@@ -301,7 +309,8 @@ def test_sublayer_flags_equal_adapterhubs_bottleneck_layer_forward(flags):
 
 # ------------------------------------------------------------------------------------------------------ LoRA
 
-@pytest.mark.parametrize("r,alpha,rslora", [(4, 8, False), (4, 6, True), (2, 1, False), (8, 16, True)])
+@pytest.mark.parametrize("r,alpha,rslora", first_quick(
+    "r,alpha,rslora", [(4, 8, False), (4, 6, True), (2, 1, False), (8, 16, True)]))
 def test_lora_scaling(r, alpha, rslora):
     base, model = rewritten(make_llama, {"match": {"role": "attention.q", "layers": "0"}, "action": "wrap",
                                          "module": {"kind": "lora", "r": r, "alpha": alpha, "use_rslora": rslora}})
@@ -348,7 +357,7 @@ def test_lora_gating_replaces_the_scaling():
 
 # ---------------------------------------------------------------------------------------------- DoRA, IA3, KronA
 
-@pytest.mark.parametrize("rslora", [False, True])
+@pytest.mark.parametrize("rslora", first_quick("rslora", [False, True]))
 def test_dora(rslora):
     r, alpha = 4, 12
     base, model = rewritten(make_llama, {"match": {"role": "attention.q", "layers": "0"}, "action": "wrap",
@@ -368,8 +377,9 @@ def test_dora(rslora):
     torch.testing.assert_close(logits(model, IDS), want, atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("scale,role,path", [("output", "attention.k", K_PROJ), ("input", "ffn.out", DOWN_PROJ),
-                                             ("auto", "ffn.out", DOWN_PROJ), ("auto", "attention.k", K_PROJ)])
+@pytest.mark.parametrize("scale,role,path", first_quick(
+    "scale,role,path", [("output", "attention.k", K_PROJ), ("input", "ffn.out", DOWN_PROJ),
+                        ("auto", "ffn.out", DOWN_PROJ), ("auto", "attention.k", K_PROJ)]))
 def test_ia3_scales_the_side_it_names(scale, role, path):
     base, model = rewritten(make_llama, {"match": {"role": role, "layers": "0"}, "action": "wrap",
                                          "module": {"kind": "ia3", "scale": scale}})
@@ -390,7 +400,7 @@ def test_ia3_scales_the_side_it_names(scale, role, path):
     torch.testing.assert_close(logits(model, IDS), want, atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("opts", [{"scale": 0.5}, {"a_out": 4, "a_in": 16, "scale": 2.0}, {}])
+@pytest.mark.parametrize("opts", first_quick("opts", [{"scale": 0.5}, {"a_out": 4, "a_in": 16, "scale": 2.0}, {}]))
 def test_krona(opts):
     base, model = rewritten(make_llama, {"match": {"role": "attention.q", "layers": "0"}, "action": "wrap",
                                          "module": {"kind": "krona", **opts}})
@@ -411,7 +421,7 @@ def test_krona(opts):
 
 # ------------------------------------------------------------------------------------------------ prompt init
 
-@pytest.mark.parametrize("init", [{"ids": [5, 7, 9]}, "random_uniform", "normal"])
+@pytest.mark.parametrize("init", first_quick("init", [{"ids": [5, 7, 9]}, "random_uniform", "normal"]))
 def test_prompt_init(init):
     """ids: the embedding table's rows for the ids, repeated to the prompt length (PEFT's TEXT init);
     random_uniform: U(-scale, scale); normal: N(0, 1)."""
@@ -429,3 +439,61 @@ def test_prompt_init(init):
         assert abs(prompt.std().item() - scale / math.sqrt(3)) < 0.15 * scale / math.sqrt(3)
     else:
         assert abs(prompt.std().item() - 1.0) < 0.15 and abs(prompt.mean().item()) < 0.15
+
+
+# ---------------------------------------------------------------------------------------- invertible adapters
+
+def _subnet(seq, x, act):
+    return F.linear(ACT[act](F.linear(x, seq[0].weight, seq[0].bias)), seq[2].weight, seq[2].bias)
+
+
+def _soft_clamp(s, clamp):
+    """GLOW's scale with a soft clamp (FrEIA, as AdapterHub): exp(clamp · 0.636 · atan(s / clamp))."""
+    return torch.exp(clamp * 0.636 * torch.atan(s / clamp))
+
+
+def coupling_reference(block, x, kind, act, clamp, inverse=False):
+    """NICE (Dinh et al. 2015) and GLOW-style affine coupling (Kingma & Dhariwal 2018), split on features."""
+    half = x.shape[-1] // 2
+    a, b = x[..., :half], x[..., half:]
+    if kind == "nice":
+        if not inverse:                                   # y1 = x1 + F(x2); y2 = x2 + G(y1)
+            y1 = a + _subnet(block.F, b, act)
+            return torch.cat([y1, b + _subnet(block.G, y1, act)], -1)
+        x2 = b - _subnet(block.G, a, act)
+        return torch.cat([a - _subnet(block.F, x2, act), x2], -1)
+    if not inverse:                                       # y1 = e(s2(x2))·x1 + t2; y2 = e(s1(y1))·x2 + t1
+        s2, t2 = _subnet(block.s2, b, act).chunk(2, -1)
+        y1 = _soft_clamp(s2, clamp) * a + t2
+        s1, t1 = _subnet(block.s1, y1, act).chunk(2, -1)
+        return torch.cat([y1, _soft_clamp(s1, clamp) * b + t1], -1)
+    s1, t1 = _subnet(block.s1, a, act).chunk(2, -1)
+    x2 = (b - t1) / _soft_clamp(s1, clamp)
+    s2, t2 = _subnet(block.s2, x2, act).chunk(2, -1)
+    return torch.cat([(a - t2) / _soft_clamp(s2, clamp), x2], -1)
+
+
+@pytest.mark.parametrize("kind,act,factor,clamp", first_quick(
+    "kind,act,factor,clamp", [("nice", "relu", 2, 5.0), ("nice", "swish", 4, 5.0),
+                              ("glow", "relu", 2, 5.0), ("glow", "tanh", 4, 0.5)]))
+def test_invertible_adapter_and_its_inverse_before_the_head(kind, act, factor, clamp):
+    module = {"kind": "invertible", "block_type": kind, "non_linearity": act, "reduction_factor": factor}
+    if kind == "glow":
+        module["clamp"] = clamp
+    base = make_llama().eval()
+    model = surgery.apply(copy.deepcopy(base), {"rules": [
+        {"name": "inv", "match": {"role": "embedding.output"}, "action": "insert_after", "module": module},
+        {"name": "inv_back", "match": {"role": "lm_head"}, "action": "insert_before",
+         "module": {"kind": "invertible", "inverse_of": "inv"}}]}).eval()
+    adapter = next(m for m in model.surgery_adapters.modules() if type(m).__name__ == "InvertibleAdapter"
+                   and getattr(m, "block", None) is not None)
+    block = adapter.block
+    fill(block, scale=0.5)
+    subnets = [block.F, block.G] if kind == "nice" else [block.s1, block.s2]
+    hidden = (32 // factor)                                     # each half is 32 wide
+    assert all(s[0].weight.shape == (hidden, 32) for s in subnets)
+    with hooked(base, "model.embed_tokens", lambda m, a, y: coupling_reference(block, y, kind, act, clamp)), \
+            hooked(base, "lm_head", lambda m, a: (coupling_reference(block, a[0], kind, act, clamp, inverse=True),),
+                   pre=True):
+        want = logits(base, IDS)
+    torch.testing.assert_close(logits(model, IDS), want, atol=ATOL, rtol=0)

@@ -61,6 +61,13 @@ def assert_same_generation(a, b):
     torch.testing.assert_close(a[1], b[1], atol=ATOL, rtol=0)
 
 
+
+def first_quick(argnames: str, values: list) -> list:
+    """The first case stays in the quick subset (`-m "not slow"`); the others are marked slow."""
+    multi = "," in argnames
+    return [v if i == 0 else pytest.param(*(v if multi else (v,)), marks=pytest.mark.slow)
+            for i, v in enumerate(values)]
+
 IDS = token_ids(2, T, seed=3)
 MASK = torch.ones_like(IDS)
 SHIFTED = torch.arange(P, P + T)[None].expand(2, -1)   # PEFT's positions for the real tokens
@@ -92,8 +99,9 @@ def prefix_pair(arch, flat, gqa=True):
     return base, ours, theirs
 
 
-@pytest.mark.parametrize("arch,flat,gqa", [("llama", True, True), ("llama", True, False), ("llama", False, False),
-                                           ("gpt2", True, True), ("gpt2", False, True)])
+@pytest.mark.parametrize("arch,flat,gqa", first_quick(
+    "arch,flat,gqa", [("llama", True, True), ("llama", True, False), ("llama", False, False),
+                      ("gpt2", True, True), ("gpt2", False, True)]))
 def test_prefix_equals_peft(arch, flat, gqa):
     base, ours, theirs = prefix_pair(arch, flat, gqa)
     want = theirs(input_ids=IDS, attention_mask=MASK).logits
@@ -119,7 +127,8 @@ def peft_forward(theirs):
     return lambda seq: theirs(input_ids=seq, attention_mask=torch.ones_like(seq)).logits
 
 
-@pytest.mark.parametrize("arch,flat", [("llama", True), ("llama", False), ("gpt2", True), ("gpt2", False)])
+@pytest.mark.parametrize("arch,flat", first_quick(
+    "arch,flat", [("llama", True), ("llama", False), ("gpt2", True), ("gpt2", False)]))
 def test_prefix_generate_equals_peft_forwards(arch, flat):
     """generate() with the cache equals greedy decoding by PEFT's own full forwards, step by step."""
     _, ours, theirs = prefix_pair(arch, flat, gqa=flat)
@@ -127,16 +136,18 @@ def test_prefix_generate_equals_peft_forwards(arch, flat):
     assert_same_generation(got, full_forward_greedy(peft_forward(theirs), IDS))
 
 
-@pytest.mark.xfail(strict=True, reason="PEFT 0.21.2 + transformers 5.x defect: PrefixTuning under generate() keeps "
-                                       "cache_position at 0..T-1 while its cache already holds the P prefix "
-                                       "entries, so the first step's logits differ from PEFT's own forward")
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="PEFT 0.21.2 + transformers 5.24 defect: PrefixTuning under generate() "
+                                       "differs from PEFT's own forward from the first new token on (max logit "
+                                       "difference 0.46 on this LLaMA); neither numbering of the positions "
+                                       "reproduces it")
+@pytest.mark.parametrize("arch", first_quick("arch", ["llama", "gpt2"]))
 def test_peft_prefix_generate_equals_its_own_forward(arch):
     _, _, theirs = prefix_pair(arch, flat=True)
     assert_same_generation(greedy(theirs, IDS, MASK), full_forward_greedy(peft_forward(theirs), IDS))
 
 
-@pytest.mark.parametrize("act", ["tanh", "relu", "gelu"])
+@pytest.mark.parametrize("act", first_quick("act", ["tanh", "relu", "gelu"]))
 def test_prefix_mlp_non_linearity_equals_peft_flat_with_the_mlp_written_out(act):
     """The MLP's prefixes Linear2(act(Linear1(E))) computed here, loaded into PEFT's flat prefix: same outputs."""
     base = make("llama")
@@ -186,7 +197,7 @@ def prompt_pair(arch):
     return base, ours, theirs
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("arch", first_quick("arch", ["llama", "gpt2"]))
 def test_prompt_equals_peft(arch):
     base, ours, theirs = prompt_pair(arch)
     want = theirs(input_ids=IDS, attention_mask=MASK).logits[:, P:]   # PEFT returns the virtual positions too
@@ -195,22 +206,25 @@ def test_prompt_equals_peft(arch):
     assert (got - base(input_ids=IDS, attention_mask=MASK).logits).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("arch", first_quick("arch", ["llama", "gpt2"]))
 def test_prompt_generate_equals_peft_forwards(arch):
     """generate() with the cache equals greedy decoding by PEFT's full forwards (the prompts are prepended on the
     first call only: transformers 5 passes the cache as `cache`, not `past_key_values`)."""
     _, ours, theirs = prompt_pair(arch)
-    full = full_forward_greedy(lambda seq: theirs(input_ids=seq, attention_mask=torch.ones_like(seq)).logits[:, P:], IDS)
+    full = full_forward_greedy(
+        lambda seq: theirs(input_ids=seq, attention_mask=torch.ones_like(seq)).logits[:, P:], IDS)
     assert_same_generation(greedy(ours, IDS, MASK), full)
 
 
-@pytest.mark.xfail(strict=True, reason="PEFT 0.21.2 + transformers 5.x defect: PromptTuning under generate() differs "
-                                       "from PEFT's own forward from the second new token on (the cached steps' "
-                                       "positions do not count the virtual tokens)")
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="PEFT 0.21.2 + transformers 5.24 defect: PromptTuning under generate() "
+                                       "differs from PEFT's own forward from the second new token on (max logit "
+                                       "difference 0.07 on LLaMA, 0.32 on GPT-2); the first step agrees")
+@pytest.mark.parametrize("arch", first_quick("arch", ["llama", "gpt2"]))
 def test_peft_prompt_generate_equals_its_own_forward(arch):
     _, _, theirs = prompt_pair(arch)
-    full = full_forward_greedy(lambda seq: theirs(input_ids=seq, attention_mask=torch.ones_like(seq)).logits[:, P:], IDS)
+    full = full_forward_greedy(
+        lambda seq: theirs(input_ids=seq, attention_mask=torch.ones_like(seq)).logits[:, P:], IDS)
     assert_same_generation(greedy(theirs, IDS, MASK), full)
 
 
@@ -243,7 +257,7 @@ def adaption_pair(gqa):
     return base, ours, theirs
 
 
-@pytest.mark.parametrize("gqa", [False, True])
+@pytest.mark.parametrize("gqa", first_quick("gqa", [False, True]))
 def test_adaption_prompt_equals_peft(gqa):
     base, ours, theirs = adaption_pair(gqa)
     want = theirs(input_ids=IDS, attention_mask=MASK).logits
@@ -335,8 +349,8 @@ def reference_logits(base, ids, mask, params, prefix, suffix, method, act=lambda
             handle.remove()
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
-@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("arch", first_quick("arch", ["llama", "gpt2"]))
+@pytest.mark.parametrize("method", first_quick("method", list(METHODS)))
 def test_reft_equals_the_papers_intervention(arch, method):
     r, prefix, suffix = 2, 2, 1
     base, ours, params = reft_pair(arch, method, r, prefix, suffix)
@@ -349,7 +363,7 @@ def test_reft_equals_the_papers_intervention(arch, method):
     assert (got - base(input_ids=ids, attention_mask=mask).logits)[mask.bool()].abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("arch", first_quick("arch", ["llama", "gpt2"]))
 def test_reft_generate_intervenes_on_the_prompt_only(arch):
     """pyreft's generate(): the first prompt positions are intervened on, the new tokens are not (with the cache
     recognized as transformers 5 passes it, `cache=`)."""
@@ -360,8 +374,8 @@ def test_reft_generate_intervenes_on_the_prompt_only(arch):
     assert_same_generation(greedy(ours, IDS, MASK), full)
 
 
-@pytest.mark.parametrize("options", [{"non_linearity": "tanh"}, {"non_linearity": "relu"},
-                                     {"tied_weights": True}, {"tied_weights": True, "non_linearity": "gelu"}])
+@pytest.mark.parametrize("options", first_quick("options", [{"non_linearity": "tanh"}, {"non_linearity": "relu"},
+                                     {"tied_weights": True}, {"tied_weights": True, "non_linearity": "gelu"}]))
 def test_reft_options_equal_the_papers_intervention(options):
     """pyreft's options: an activation on W h + b, and one intervention shared by the first and last positions."""
     r, prefix, suffix = 2, 2, 2

@@ -211,14 +211,19 @@ def planned(arch) -> dict[str, list]:
     """role -> its matches, from one plan with one rule per role (the rule named after the role)."""
     if arch not in _PLANS:
         model, inputs = build(arch)
-        spec = {"rules": [{"name": role, "match": {"role": role}, "action": "train", "expect": "any"}
+        spec = {"rules": [{"name": rule_name(role), "match": {"role": role}, "action": "train", "expect": "any"}
                           for role in ROLES]}
         by_rule = {role: [] for role in ROLES}
+        names = {rule_name(role): role for role in ROLES}
         for m in surgery.plan(model, spec, example_inputs=inputs):
-            by_rule[m.rule].append(m)
+            by_rule[names[m.rule]].append(m)
         _PLANS[arch] = by_rule
         _PARAMS[arch] = dict(surgery.api._analysis(model, inputs).traced.params)   # placeholder -> parameter
     return _PLANS[arch]
+
+
+def rule_name(role: str) -> str:
+    return role.replace(".", "_")
 
 
 def rows_of(match):
@@ -228,11 +233,17 @@ def rows_of(match):
     return tuple(match.site.linear.rows) if match.site.linear is not None and match.site.linear.rows else None
 
 
+# Roles these five architectures do not have (cross-attention, MoE routers, pooled heads): pinned on the
+# architectures that have them elsewhere; here they must match nothing.
+ABSENT = tuple(r for r in ROLES if r.startswith("cross_attention.") or r in ("ffn.router", "head"))
+PINNED = tuple(r for r in ROLES if r not in ABSENT)
+
+
 def test_every_role_is_pinned():
     for arch, table in EXPECTED.items():
-        assert set(table) == set(ROLES), arch
+        assert set(table) == set(PINNED), arch
         assert sum(bool(sites) for sites in table.values()) >= 15, arch
-    for role in ROLES:
+    for role in PINNED:
         assert sum(bool(EXPECTED[a][role]) for a in EXPECTED) >= 2, f"{role} is pinned on fewer than two architectures"
 
 
@@ -241,7 +252,7 @@ def test_every_role_is_pinned():
 def test_role_lands_on_its_module_and_op(arch, role):
     got = sorted(((m.layer, m.module, m.site.op, rows_of(m)) for m in planned(arch)[role]),
                  key=lambda s: (-1 if s[0] is None else s[0], s[1], s[3] or ()))
-    want = sorted(EXPECTED[arch][role], key=lambda s: (-1 if s[0] is None else s[0], s[1], s[3] or ()))
+    want = sorted(EXPECTED[arch].get(role, []), key=lambda s: (-1 if s[0] is None else s[0], s[1], s[3] or ()))
     assert got == want, f"{arch} {role}"
     for m in planned(arch)[role]:
         assert m.role == role
