@@ -29,6 +29,8 @@ from torch import nn
 
 from surgery.api import _analysis, apply, plan, remove
 from surgery.errors import SurgeryError
+from surgery.io import peft_methods
+from surgery.modules.base import is_weight_adapter_part
 from surgery.modules.ia3 import IA3
 from surgery.modules.lora import LoRA
 from surgery.rewrite.host import store_of
@@ -183,8 +185,11 @@ def from_peft(model: nn.Module, peft_dir, *, name: str = "default", example_inpu
     elif peft_type == "IA3":
         _check_supported(config, _IA3_UNSUPPORTED, peft_dir)
         by_module = _tensors_by_module(tensors, {"ia3_l": "ia3_l"}, peft_dir)
+    elif peft_type in peft_methods.peft_types():
+        return peft_methods.from_peft_method(model, peft_dir, config, tensors, peft_type, name, example_inputs)
     else:
-        raise PeftFormatError(f"{peft_dir}: peft_type {config.get('peft_type')!r} is not supported (LORA, IA3)")
+        raise PeftFormatError(f"{peft_dir}: peft_type {config.get('peft_type')!r} is not supported (LORA, IA3, "
+                              f"{', '.join(sorted(peft_methods.peft_types()))})")
     paths = _paths(config, by_module, model, peft_dir)
     if not paths:
         raise PeftFormatError(f"{peft_dir}: the checkpoint holds no adapter tensors")
@@ -313,7 +318,7 @@ def to_peft(model: nn.Module, out_dir, *, name: str | None = None, example_input
     record = store.records[name]
     wrapped = {id(s.adapter) for s in record.weight_sites}
     others = [f"{rule}/{key}" for rule, modules in store.adapters[name].items()
-              for key, module in modules.items() if id(module) not in wrapped]
+              for key, module in modules.items() if id(module) not in wrapped and not is_weight_adapter_part(module)]
     if others or record.trained:
         what = others + [f"{len(record.trained)} trained base parameter(s)"] * bool(record.trained)
         raise SurgeryError(f"adapter {name!r} has rewrites PEFT's LoRA/IA3 cannot express: {', '.join(what[:6])}")
@@ -326,8 +331,10 @@ def to_peft(model: nn.Module, out_dir, *, name: str | None = None, example_input
         peft_type = "LORA"
     elif kinds == {IA3}:
         peft_type = "IA3"
+    elif peft_methods.method_type(kinds) is not None:
+        peft_type = peft_methods.method_type(kinds)
     else:
-        raise SurgeryError(f"to_peft writes LoRA or IA3 adapter sets; {name!r} holds "
+        raise SurgeryError(f"to_peft writes LoRA, IA3, VeRA, LoHa, OFT or BOFT adapter sets; {name!r} holds "
                            f"{', '.join(sorted(k.__name__ for k in kinds))}")
 
     analysis = _analysis(model, example_inputs)
@@ -341,7 +348,9 @@ def to_peft(model: nn.Module, out_dir, *, name: str | None = None, example_input
 
     tensors: dict[str, torch.Tensor] = {}
     fan_in_fan_out = any(s.layout == "in_out" for s in record.weight_sites)
-    if peft_type == "LORA":
+    if peft_type not in ("LORA", "IA3"):
+        tensors, config = peft_methods.to_peft_tensors(peft_type, record, by_module)
+    elif peft_type == "LORA":
         modules = {}
         for path, sites in by_module.items():
             a, b, r, alpha, rslora = _lora_module(sites, _out_features(sites[0]))

@@ -1,0 +1,202 @@
+"""PEFT directories of VeRA, LoHa, OFT and BOFT adapters, in and out (without importing peft).
+
+PEFT's keys (adapter name dropped, as for LoRA) per adapted module `<path>`:
+
+- VeRA: `base_model.model.<path>.vera_lambda_b` (d_out), `.vera_lambda_d` (r), and once for the whole model
+  `base_model.vera_A` (r, max d_in), `base_model.vera_B` (max d_out, r) when `save_projection` (else drawn
+  again from `projection_prng_key`).
+- LoHa: `.hada_w1_a` (d_out, r), `.hada_w1_b` (r, d_in), `.hada_w2_a`, `.hada_w2_b`; scaling alpha/r
+  (`rank_pattern`/`alpha_pattern` per module).
+- OFT: `.oft_R.weight` (r or 1, b(b−1)/2): the upper triangles of the skew-symmetric blocks.
+- BOFT: `.boft_R` (m, D, H, H), `.boft_s` (d_out, 1).
+
+`from_peft` dispatches here for these `peft_type`s: the same module selection and checks as LoRA (peft.py), one
+rule per distinct option set, then the tensors are copied in. `to_peft` writes them back; a module PEFT holds
+one adapter for must carry exactly one site (a slice of a packed weight is an error).
+"""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from surgery.errors import SurgeryError
+from surgery.modules.loha import LoHa
+from surgery.modules.oft import BOFT, OFT
+from surgery.modules.vera import VeRA
+
+_COMMON_UNSUPPORTED = {"modules_to_save": None, "bias": "none"}
+
+SUFFIXES = {
+    "VERA": {"vera_lambda_b": "vera_lambda_b", "vera_lambda_d": "vera_lambda_d"},
+    "LOHA": {"hada_w1_a": "hada_w1_a", "hada_w1_b": "hada_w1_b", "hada_w2_a": "hada_w2_a", "hada_w2_b": "hada_w2_b"},
+    "OFT": {"oft_R.weight": "oft_R"},
+    "BOFT": {"boft_R": "boft_R", "boft_s": "boft_s"},
+}
+KINDS = {VeRA: "VERA", LoHa: "LOHA", OFT: "OFT", BOFT: "BOFT"}
+VERA_GLOBALS = ("base_model.vera_A", "base_model.vera_B")
+
+
+def peft_types() -> set[str]:
+    return set(SUFFIXES)
+
+
+def _options(peft_type: str, config: dict, path: str, found: dict, peft_dir: Path) -> dict:
+    from surgery.io.peft import PeftFormatError, _pattern_value
+    if set(found) != set(SUFFIXES[peft_type].values()):
+        raise PeftFormatError(f"{peft_dir}: {path} has {sorted(found)}, not {sorted(SUFFIXES[peft_type].values())}")
+    if peft_type == "VERA":
+        r = int(config.get("r", 256))
+        if found["vera_lambda_d"].shape != (r,):
+            raise PeftFormatError(f"{peft_dir}: {path}.vera_lambda_d has shape {tuple(found['vera_lambda_d'].shape)}, "
+                                  f"not ({r},) for r={r}")
+        return {"kind": "vera", "r": r, "dropout": float(config.get("vera_dropout") or 0.0),
+                "d_initial": float(config.get("d_initial", 0.1)),
+                "projection_prng_key": int(config.get("projection_prng_key", 0)),
+                "save_projection": bool(config.get("save_projection", True))}
+    if peft_type == "LOHA":
+        r = found["hada_w1_a"].shape[1]
+        configured = _pattern_value(config.get("rank_pattern"), path, config.get("r", 8))
+        if r != configured:
+            raise PeftFormatError(f"{peft_dir}: {path} has rank {r} in its tensors but {configured} in the config")
+        alpha = _pattern_value(config.get("alpha_pattern"), path, config.get("alpha", 8))
+        return {"kind": "loha", "r": int(r), "alpha": float(alpha),
+                "rank_dropout": float(config.get("rank_dropout") or 0.0),
+                "module_dropout": float(config.get("module_dropout") or 0.0)}
+    if peft_type == "OFT":
+        rows, n_elements = found["oft_R"].shape
+        block = (1 + math.isqrt(1 + 8 * n_elements)) // 2
+        if block * (block - 1) // 2 != n_elements:
+            raise PeftFormatError(f"{peft_dir}: {path}.oft_R.weight has {n_elements} columns, not b(b-1)/2 for any b")
+        return {"kind": "oft", "r": 0, "block_size": int(block), "block_share": bool(config.get("block_share", False)),
+                "module_dropout": float(config.get("module_dropout") or 0.0),
+                "use_cayley_neumann": bool(config.get("use_cayley_neumann", True)),
+                "num_cayley_neumann_terms": int(config.get("num_cayley_neumann_terms", 5))}
+    m, d, h, _ = found["boft_R"].shape
+    return {"kind": "boft", "block_size": int(h), "block_num": 0, "n_butterfly_factor": int(m),
+            "dropout": float(config.get("boft_dropout") or 0.0)}
+
+
+def from_peft_method(model: nn.Module, peft_dir: Path, config: dict, tensors: dict, peft_type: str, name: str,
+                     example_inputs) -> nn.Module:
+    """`from_peft` for VERA, LOHA, OFT and BOFT directories (see the module docstring)."""
+    from surgery.api import apply, remove
+    from surgery.io.peft import (PeftFormatError, _check_supported, _copy, _paths, _tensors_by_module,
+                                 _weight_sites)
+    from surgery.rewrite.host import store_of
+    unsupported = dict(_COMMON_UNSUPPORTED)
+    if peft_type == "OFT":
+        unsupported["coft"] = False
+    _check_supported(config, unsupported, peft_dir)
+    tensors = dict(tensors)
+    globals_ = {key: tensors.pop(key) for key in VERA_GLOBALS if key in tensors} if peft_type == "VERA" else {}
+    if peft_type == "VERA" and config.get("save_projection", True) and len(globals_) != 2:
+        raise PeftFormatError(f"{peft_dir}: save_projection is true but {' and '.join(VERA_GLOBALS)} are missing")
+    by_module = _tensors_by_module(tensors, SUFFIXES[peft_type], peft_dir)
+    paths = _paths(config, by_module, model, peft_dir)
+    if not paths:
+        raise PeftFormatError(f"{peft_dir}: the checkpoint holds no adapter tensors")
+    ops = _weight_sites(model, paths, example_inputs)
+
+    groups: dict[tuple, list[str]] = defaultdict(list)
+    for path in paths:
+        options = _options(peft_type, config, path, by_module[path], peft_dir)
+        groups[tuple(sorted(options.items()))].append(path)
+    if peft_type == "VERA" and len(groups) != 1:
+        raise PeftFormatError(f"{peft_dir}: VeRA modules with different options share one projection")
+    rules = []
+    for index, (options, members) in enumerate(groups.items()):
+        module = dict(options)
+        rule = module["kind"] if len(groups) == 1 else f"{module['kind']}_{index}"
+        rules.append({"name": rule, "match": {"module": members, "op": sorted({ops[p] for p in members})},
+                      "action": "wrap", "module": module, "expect": len(members)})
+    apply(model, {"version": 1, "name": f"peft_{peft_type.lower()}", "rules": rules}, example_inputs=example_inputs,
+          name=name)
+    try:
+        with torch.no_grad():
+            projection = None
+            for site in store_of(model).records[name].weight_sites:
+                found = by_module[site.owner_path]
+                for ours, value in found.items():
+                    _copy(getattr(site.adapter, ours), value, site.owner_path, ours)
+                if peft_type == "VERA":
+                    projection = site.adapter._projection[0]
+            if globals_:
+                for key, attr in zip(VERA_GLOBALS, ("vera_A", "vera_B")):
+                    _copy(getattr(projection, attr), globals_[key], "base_model", attr)
+    except Exception:
+        remove(model, name)
+        raise
+    return model
+
+
+def method_type(kinds: set[type]) -> str | None:
+    """The PEFT type of an adapter set made of one of these kinds, else None."""
+    return KINDS.get(next(iter(kinds))) if len(kinds) == 1 else None
+
+
+def to_peft_tensors(peft_type: str, record, by_module: dict) -> tuple[dict, dict]:
+    """(tensors, config) of a PEFT directory for an adapter set of one of these kinds."""
+    from surgery.io.peft import PREFIX
+    several = [p for p, sites in by_module.items() if len(sites) != 1 or sites[0].rows is not None]
+    if several:
+        raise SurgeryError(f"PEFT's {peft_type} holds one adapter per module covering its whole weight; "
+                           f"{', '.join(several[:4])} carry a slice of a packed weight or several sites")
+    sites = {path: sites[0] for path, sites in by_module.items()}
+    adapters = {path: site.adapter for path, site in sites.items()}
+    fan_in_fan_out = any(site.layout == "in_out" for site in sites.values())
+    config: dict = {"peft_type": peft_type, "target_modules": list(by_module), "modules_to_save": None,
+                    "layers_to_transform": None, "layers_pattern": None, "init_weights": True}
+    tensors: dict[str, torch.Tensor] = {}
+    for path, adapter in adapters.items():
+        for suffix, ours in SUFFIXES[peft_type].items():
+            tensors[f"{PREFIX}{path}.{suffix}"] = getattr(adapter, ours).detach()
+    first = next(iter(adapters.values()))
+    if peft_type == "VERA":
+        projections = {id(a._projection[0]): a._projection[0] for a in adapters.values()}
+        if len(projections) != 1:
+            raise SurgeryError("PEFT's VeRA shares one projection pair per adapter; this adapter set has "
+                               f"{len(projections)} (one per rule): write one rule")
+        projection = next(iter(projections.values()))
+        tensors["base_model.vera_A"] = projection.vera_A.detach()
+        tensors["base_model.vera_B"] = projection.vera_B.detach()
+        config.update({"r": first.r, "d_initial": first.d_initial, "projection_prng_key": projection.key,
+                       "save_projection": True, "vera_dropout": _dropout(first.dropout), "bias": "none",
+                       "fan_in_fan_out": fan_in_fan_out})
+    elif peft_type == "LOHA":
+        if fan_in_fan_out:
+            raise SurgeryError("PEFT's LoHa reshapes its delta to the stored weight's shape and so cannot adapt a "
+                               "transposed (in, out) weight such as GPT-2's Conv1D")
+        config.update({"r": first.r, "alpha": first.alpha, "rank_pattern": {}, "alpha_pattern": {},
+                       "rank_dropout": first.rank_dropout, "module_dropout": first.module_dropout,
+                       "use_effective_conv2d": False})
+        if any((a.r, a.alpha) != (first.r, first.alpha) for a in adapters.values()):
+            import re
+            config["rank_pattern"] = {re.escape(p): a.r for p, a in adapters.items()}
+            config["alpha_pattern"] = {re.escape(p): a.alpha for p, a in adapters.items()}
+    elif peft_type == "OFT":
+        settings = {(a.block_size, a.block_share, a.use_cayley_neumann, a.num_cayley_neumann_terms)
+                    for a in adapters.values()}
+        if len(settings) != 1:
+            raise SurgeryError(f"PEFT's OFT has one block size and Cayley setting per adapter; this one has "
+                               f"{sorted(settings)}")
+        config.update({"r": 0, "oft_block_size": first.block_size, "block_share": first.block_share,
+                       "use_cayley_neumann": first.use_cayley_neumann,
+                       "num_cayley_neumann_terms": first.num_cayley_neumann_terms, "coft": False, "eps": 6e-5,
+                       "module_dropout": first.module_dropout, "bias": "none", "fan_in_fan_out": fan_in_fan_out})
+    else:
+        settings = {(a.block_size, a.boft_R.shape[0]) for a in adapters.values()}
+        if len(settings) != 1:
+            raise SurgeryError(f"PEFT's BOFT has one block size and factor count per adapter; this one has "
+                               f"{sorted(settings)}")
+        config.update({"boft_block_size": first.block_size, "boft_block_num": 0,
+                       "boft_n_butterfly_factor": first.boft_R.shape[0], "boft_dropout": first.dropout,
+                       "bias": "none", "fan_in_fan_out": fan_in_fan_out})
+    return tensors, config
+
+
+def _dropout(module: nn.Module) -> float:
+    return float(module.p) if isinstance(module, nn.Dropout) else 0.0
