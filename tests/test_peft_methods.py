@@ -1,0 +1,241 @@
+"""VeRA, LoHa, OFT, BOFT (issue 22): identity at init, PEFT's outputs for the same weights (from_peft and
+to_peft, within 1e-5), PEFT's trainable counts, merge == unmerged and a bit-exact unmerge, save/load."""
+import copy
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import surgery
+from models import assert_same_state, make_bert, make_gpt2, make_llama, perturb, run, state, token_ids
+
+peft = pytest.importorskip("peft")
+
+FACTORIES = {"llama": make_llama, "bert": make_bert}
+TARGETS = {"llama": ["q_proj", "v_proj", "down_proj"], "bert": ["query", "value", "intermediate.dense"]}
+ROLES = {"llama": ["attention.q", "attention.v", "ffn.out"], "bert": ["attention.q", "attention.v", "ffn.in"]}
+
+
+def peft_config(method, arch):
+    targets = TARGETS[arch] if method in ("vera", "loha") else TARGETS[arch][:2]
+    return {
+        "vera": lambda: peft.VeraConfig(r=8, target_modules=targets, d_initial=0.2),
+        "loha": lambda: peft.LoHaConfig(r=4, alpha=6, target_modules=targets, rank_pattern={"v_proj": 2}),
+        "oft": lambda: peft.OFTConfig(r=0, oft_block_size=16, target_modules=targets),
+        "oft_exact": lambda: peft.OFTConfig(r=0, oft_block_size=8, target_modules=targets, use_cayley_neumann=False,
+                                            block_share=True),
+        "boft": lambda: peft.BOFTConfig(boft_block_size=4, target_modules=targets),
+    }[method]()
+
+
+METHOD_SPECS = {   # our module options for the same adapter as peft_config (rules by role)
+    "vera": {"kind": "vera", "r": 8, "d_initial": 0.2},
+    "loha": {"kind": "loha", "r": 4, "alpha": 6},
+    "oft": {"kind": "oft", "block_size": 16},
+    "oft_exact": {"kind": "oft", "block_size": 8, "use_cayley_neumann": False, "block_share": True},
+    "boft": {"kind": "boft", "block_size": 4},
+}
+MARKERS = {"vera": ["vera_lambda"], "loha": ["hada_"], "oft": ["oft_R"], "oft_exact": ["oft_R"],
+           "boft": ["boft_R", "boft_s"]}
+CASES = [(m, a) for m in METHOD_SPECS for a in FACTORIES]
+
+
+@pytest.fixture(scope="module")
+def bases():
+    out = {}
+    for arch, factory in FACTORIES.items():
+        model = factory().eval()
+        out[arch] = {"pristine": copy.deepcopy(model), "model": model, "ids": token_ids(2, 9)}
+        out[arch]["out"] = run(arch, model, out[arch]["ids"]).detach()
+    return out
+
+
+def fill(model, markers, seed=3, scale=0.1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if any(m in name for m in markers):
+                p.add_(torch.randn(p.shape, generator=g) * scale)
+
+
+def spec(method, arch):
+    roles = ROLES[arch] if method in ("vera", "loha") else ROLES[arch][:2]
+    rules = [{"name": method, "match": {"role": roles}, "action": "wrap", "module": METHOD_SPECS[method],
+              "expect": "every_layer"}]
+    return {"version": 1, "name": method, "rules": rules}
+
+
+def trainable(model):
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("method,arch", CASES)
+def test_peft_checkpoint_gives_peft_outputs_and_counts(bases, method, arch, tmp_path):
+    base = bases[arch]
+    peft_model = peft.get_peft_model(copy.deepcopy(base["pristine"]), peft_config(method, arch)).eval()
+    torch.testing.assert_close(run(arch, peft_model, base["ids"]), base["out"], atol=1e-6, rtol=0)
+    fill(peft_model, MARKERS[method])
+    expected = run(arch, peft_model, base["ids"]).detach()
+    assert (expected - base["out"]).abs().max() > 1e-3
+    peft_model.save_pretrained(tmp_path)
+
+    model = base["model"]
+    surgery.from_peft(model, tmp_path, name="p")
+    try:
+        torch.testing.assert_close(run(arch, model, base["ids"]), expected, atol=1e-5, rtol=0)
+        assert trainable(model) == trainable(peft_model)
+        # merged == unmerged, and unmerge gives the base weights back bit for bit
+        before = {k: v.clone() for k, v in base["pristine"].state_dict().items()}
+        surgery.merge(model)
+        torch.testing.assert_close(run(arch, model, base["ids"]), expected, atol=1e-5, rtol=0)
+        surgery.unmerge(model)
+        with surgery.disable(model):
+            for k, v in model.state_dict().items():
+                if k in before:
+                    assert torch.equal(v, before[k]), k
+        torch.testing.assert_close(run(arch, model, base["ids"]), expected, atol=1e-5, rtol=0)
+    finally:
+        surgery.remove(model, "p")
+    torch.testing.assert_close(run(arch, model, base["ids"]), base["out"], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("method,arch", CASES)
+def test_identity_at_init_to_peft_and_save_load(bases, method, arch, tmp_path):
+    base = bases[arch]
+    model = base["model"]
+    surgery.apply(model, spec(method, arch), name="ours")
+    try:
+        torch.testing.assert_close(run(arch, model, base["ids"]), base["out"], atol=1e-6, rtol=0)
+        peft_model = peft.get_peft_model(copy.deepcopy(base["pristine"]), peft_config(method, arch))
+        if method != "loha":     # LoHa's rank_pattern makes PEFT's count differ from the uniform spec
+            assert trainable(model) == trainable(peft_model)
+        perturb(model, 0.1)
+        ours = run(arch, model, base["ids"]).detach()
+        assert (ours - base["out"]).abs().max() > 1e-3
+        surgery.to_peft(model, tmp_path / "peft")
+        surgery.save(model, tmp_path / "ours")
+    finally:
+        surgery.remove(model, "ours")
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base["pristine"]), tmp_path / "peft").eval()
+    torch.testing.assert_close(run(arch, loaded, base["ids"]), ours, atol=1e-5, rtol=0)
+    fresh = copy.deepcopy(base["pristine"])
+    surgery.load(fresh, tmp_path / "ours")
+    torch.testing.assert_close(run(arch, fresh.eval(), base["ids"]), ours, atol=0, rtol=0)
+
+
+def test_vera_projection_is_shared_and_saved_once(tmp_path):
+    model = make_llama().eval()
+    surgery.apply(model, spec("vera", "llama"))
+    adapters = [s.adapter for s in model.surgery_adapters.records["default"].weight_sites]
+    assert len({id(a._projection[0]) for a in adapters}) == 1
+    projection = adapters[0]._projection[0]
+    assert tuple(projection.vera_A.shape) == (8, 128) and tuple(projection.vera_B.shape) == (64, 8)  # max d_in, d_out
+    assert not projection.vera_A.requires_grad
+    assert trainable(model) == sum(8 + a.out_features for a in adapters)
+    surgery.save(model, tmp_path / "a")
+    keys = load_file(str(tmp_path / "a" / "adapters.safetensors"))
+    assert sum(k.endswith("vera_A") for k in keys) == 1 and sum(k.endswith("vera_B") for k in keys) == 1
+    report = surgery.merge(model)
+    assert not report.not_merged      # the shared projection folds with its sites
+    surgery.unmerge(model)
+
+    # save_projection: false keeps the pair out of the checkpoint; load draws the same pair from the key
+    other = make_llama().eval()
+    data = spec("vera", "llama")
+    data["rules"][0]["module"] = dict(data["rules"][0]["module"], save_projection=False)
+    surgery.apply(other, data)
+    perturb(other, 0.1)
+    ids = token_ids(2, 9)
+    out = run("llama", other, ids).detach()
+    surgery.save(other, tmp_path / "b")
+    assert not any("vera_A" in k for k in load_file(str(tmp_path / "b" / "adapters.safetensors")))
+    fresh = surgery.load(make_llama().eval(), tmp_path / "b")
+    torch.testing.assert_close(run("llama", fresh, ids), out, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("kind,options", [("oft", {"block_size": 16, "use_cayley_neumann": False}),
+                                          ("boft", {"block_size": 4, "n_butterfly_factor": 3})])
+def test_rotation_on_a_packed_weight_and_butterfly_factors(kind, options):
+    """GPT-2's c_attn packs q, k, v: the activation path must rotate only the q and v columns' input (not k's),
+    agreeing with the weight path (merge); BOFT with 3 butterfly factors stays orthogonal."""
+    model = make_gpt2().eval()
+    ids = token_ids(2, 9)
+    base = run("gpt2", model, ids).detach()
+    rule = {"name": kind, "match": {"role": ["attention.q", "attention.v"]}, "action": "wrap",
+            "module": {"kind": kind, **options}, "expect": "every_layer"}
+    surgery.apply(model, {"version": 1, "rules": [rule]})
+    torch.testing.assert_close(run("gpt2", model, ids), base, atol=1e-6, rtol=0)
+    perturb(model, 0.2)
+    adapters = [s.adapter for s in model.surgery_adapters.records["default"].weight_sites]
+    assert all(a.packed for a in adapters)
+    rotation = adapters[0].rotation().detach()
+    torch.testing.assert_close(rotation @ rotation.t(), torch.eye(rotation.shape[0]), atol=1e-5, rtol=0)
+    out = run("gpt2", model, ids).detach()
+    assert (out - base).abs().max() > 1e-3
+    surgery.merge(model)
+    torch.testing.assert_close(run("gpt2", model, ids), out, atol=1e-5, rtol=0)
+    surgery.unmerge(model)
+    with pytest.raises(surgery.SurgeryError, match="one adapter per module"):
+        surgery.to_peft(model, "/nonexistent/never_written")
+
+
+def test_block_size_that_does_not_divide_is_an_error_and_leaves_the_model():
+    model = make_llama().eval()
+    before = state(model)
+    rule = {"name": "oft", "match": {"role": "attention.q"}, "action": "wrap", "module": {"kind": "oft",
+                                                                                          "block_size": 24}}
+    with pytest.raises(surgery.SurgeryError, match="does not divide the op's input size 64"):
+        surgery.apply(model, {"version": 1, "rules": [rule]})
+    assert_same_state(before, state(model))
+
+
+def test_shipped_specs_apply():
+    model = make_llama().eval()
+    ids = token_ids(2, 9)
+    base = run("llama", model, ids).detach()
+    for name in ("vera", "loha", "oft", "boft"):
+        surgery.apply(model, f"specs/{name}.yaml", name=name)
+        torch.testing.assert_close(run("llama", model, ids), base, atol=1e-6, rtol=0)
+        surgery.remove(model, name)
+
+
+# ------------------------------------------------------------------ PEFT's counts on real configurations
+
+def _counts(model_factory, config, spec_data):
+    peft_model = peft.get_peft_model(model_factory(), config)
+    ours = model_factory()
+    surgery.apply(ours, spec_data)
+    return trainable(peft_model), trainable(ours)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["vera", "loha", "oft", "boft"])
+def test_counts_equal_peft_on_real_minilm_and_a_llama_config(method):
+    from models import make_minilm
+    peft_configs = {"vera": lambda t: peft.VeraConfig(r=8, target_modules=t),
+                    "loha": lambda t: peft.LoHaConfig(target_modules=t),
+                    "oft": lambda t: peft.OFTConfig(target_modules=t),
+                    "boft": lambda t: peft.BOFTConfig(target_modules=t)}
+    ours = {"vera": {"kind": "vera", "r": 8}, "loha": {"kind": "loha"}, "oft": {"kind": "oft"},
+            "boft": {"kind": "boft"}}
+    rule = {"name": method, "match": {"role": ["attention.q", "attention.v"]}, "action": "wrap",
+            "module": ours[method], "expect": "every_layer"}
+    theirs, mine = _counts(make_minilm, peft_configs[method](["query", "value"]), {"version": 1, "rules": [rule]})
+    assert theirs == mine
+    if method == "vera":
+        assert mine == 4704           # 12 sites x (8 + 384)
+    llama = lambda: make_llama(layers=4, hidden=512, heads=8, kv_heads=4, intermediate=1376)  # noqa: E731
+    theirs, mine = _counts(llama, peft_configs[method](["q_proj", "v_proj"]), {"version": 1, "rules": [rule]})
+    assert theirs == mine
+
+
+@pytest.mark.slow
+def test_vera_count_on_bert_base():
+    from transformers import BertConfig, BertModel
+    rule = {"name": "vera", "match": {"role": ["attention.q", "attention.v"]}, "action": "wrap",
+            "module": {"kind": "vera", "r": 256}, "expect": "every_layer"}
+    factory = lambda: BertModel(BertConfig())  # noqa: E731
+    theirs, mine = _counts(factory, peft.VeraConfig(r=256, target_modules=["query", "value"]),
+                           {"version": 1, "rules": [rule]})
+    assert theirs == mine == 24576
