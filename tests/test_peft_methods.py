@@ -239,3 +239,83 @@ def test_vera_count_on_bert_base():
     theirs, mine = _counts(factory, peft.VeraConfig(r=256, target_modules=["query", "value"]),
                            {"version": 1, "rules": [rule]})
     assert theirs == mine == 24576
+
+
+# ------------------------------------------------------------------ LoRA inits from the base weight: PiSSA, OLoRA
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_pissa_olora_equal_peft_and_leave_the_base_alone(bases, init, tmp_path):
+    base = bases["llama"]
+    model, ids = base["model"], base["ids"]
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=init)
+    peft_model = peft.get_peft_model(copy.deepcopy(base["pristine"]), config).eval()
+    weights_before = {k: v.clone() for k, v in model.state_dict().items()}
+    rule = {"name": "lora", "match": {"role": ["attention.q", "attention.v"]}, "action": "wrap",
+            "module": {"kind": "lora", "r": 4, "alpha": 8, "init": init}, "expect": "every_layer"}
+    surgery.apply(model, {"version": 1, "rules": [rule]}, name="ours")
+    try:
+        torch.testing.assert_close(run("llama", model, ids), base["out"], atol=1e-5, rtol=0)   # identity at init
+        sites = {s.owner_path: s.adapter for s in model.surgery_adapters.records["ours"].weight_sites}
+        assert trainable(model) == trainable(peft_model)
+        for name, module in peft_model.named_modules():
+            path = name.removeprefix("base_model.model.")
+            if path in sites:   # the same factors as PEFT's init
+                torch.testing.assert_close(sites[path].lora_A, module.lora_A["default"].weight, atol=1e-5, rtol=0)
+                torch.testing.assert_close(sites[path].lora_B, module.lora_B["default"].weight, atol=1e-5, rtol=0)
+        fill(peft_model, ["lora_"], scale=0.05)
+        expected = run("llama", peft_model, ids).detach()
+        for name, module in peft_model.named_modules():
+            path = name.removeprefix("base_model.model.")
+            if path in sites:
+                with torch.no_grad():
+                    sites[path].lora_A.copy_(module.lora_A["default"].weight)
+                    sites[path].lora_B.copy_(module.lora_B["default"].weight)
+        torch.testing.assert_close(run("llama", model, ids), expected, atol=1e-5, rtol=0)
+        surgery.merge(model)
+        torch.testing.assert_close(run("llama", model, ids), expected, atol=1e-5, rtol=0)
+        surgery.unmerge(model)
+        surgery.save(model, tmp_path / "ours")
+        surgery.to_peft(model, tmp_path / "converted")
+    finally:
+        surgery.remove(model, "ours")
+    for k, v in model.state_dict().items():      # the user's base weights were never replaced
+        assert torch.equal(v, weights_before[k]), k
+    converted = json.loads((tmp_path / "converted" / "adapter_config.json").read_text())
+    assert converted["r"] == 8 and converted["lora_alpha"] == 16            # rank 2r, same scaling
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base["pristine"]), tmp_path / "converted").eval()
+    torch.testing.assert_close(run("llama", loaded, ids), expected, atol=1e-5, rtol=0)
+    fresh = surgery.load(copy.deepcopy(base["pristine"]), tmp_path / "ours")
+    torch.testing.assert_close(run("llama", fresh.eval(), ids), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_from_peft_recomputes_the_residual_of_an_unconverted_pissa_olora_dir(bases, init, tmp_path):
+    """PEFT's plain save of a PiSSA/OLoRA adapter (init_lora_weights kept in the config) holds A, B meant for
+    the residual base PEFT recomputes at load; read as plain LoRA on the original base it would be silently off
+    by s·B₀A₀."""
+    base = bases["llama"]
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=init)
+    peft_model = peft.get_peft_model(copy.deepcopy(base["pristine"]), config).eval()
+    fill(peft_model, ["lora_"], scale=0.05)
+    expected = run("llama", peft_model, base["ids"]).detach()
+    peft_model.save_pretrained(tmp_path)
+    model = base["model"]
+    surgery.from_peft(model, tmp_path, name="p")
+    try:
+        torch.testing.assert_close(run("llama", model, base["ids"]), expected, atol=1e-5, rtol=0)
+    finally:
+        surgery.remove(model, "p")
+
+
+def test_from_peft_refuses_base_mutating_inits_it_cannot_recompute(tmp_path):
+    model = make_llama().eval()
+    peft_model = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(r=4, target_modules=["q_proj"]))
+    peft_model.save_pretrained(tmp_path)
+    config_path = tmp_path / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    before = state(model)
+    for init in ("pissa_niter_4", "corda", "loftq", "lora_ga"):
+        config_path.write_text(json.dumps(dict(config, init_lora_weights=init)))
+        with pytest.raises(surgery.SurgeryError, match="replaces the base weight"):
+            surgery.from_peft(model, tmp_path)
+        assert_same_state(before, state(model))

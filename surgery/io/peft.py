@@ -228,6 +228,7 @@ def from_peft(model: nn.Module, peft_dir, *, name: str = "default", example_inpu
             rule_name = "lora" if len(groups) == 1 else f"lora_r{r}_alpha{alpha:g}".replace(".", "_")
             module = {"kind": "lora", "r": r, "alpha": alpha, "dropout": float(config.get("lora_dropout") or 0.0),
                       "use_rslora": bool(config.get("use_rslora", False))}
+            module.update(peft_methods.lora_init(config, peft_dir))
         else:
             rule_name = "ia3_ffn" if group[1] else "ia3"
             module = {"kind": "ia3", "scale": "input" if group[1] else "output"}
@@ -271,6 +272,7 @@ def _called_as_module(analysis, path: str) -> bool:
 
 def _lora_module(sites, out_features: int) -> tuple[torch.Tensor, torch.Tensor, int, float, bool]:
     """One PEFT LoRA (A, B, r, alpha, use_rslora) computing the sum of the sites' deltas on one module."""
+    sites = peft_methods.plain_lora_sites(sites)     # PiSSA/OLoRA: rank 2r, as PEFT's weight conversion
     if len(sites) == 1 and sites[0].rows is None:
         lora = sites[0].adapter
         return lora.lora_A.detach(), lora.lora_B.detach(), lora.r, float(lora.alpha), lora.use_rslora

@@ -200,3 +200,51 @@ def to_peft_tensors(peft_type: str, record, by_module: dict) -> tuple[dict, dict
 
 def _dropout(module: nn.Module) -> float:
     return float(module.p) if isinstance(module, nn.Dropout) else 0.0
+
+
+# ------------------------------------------------------------------ LoRA inits computed from the base weight
+
+# PEFT inits that overwrite the base weight when the adapter is created or loaded (LoraLayer.update_layer), so
+# a checkpoint trained with them is only right on the base PEFT recomputes: the same init must run here.
+_BASE_MUTATING_INITS = ("corda", "loftq", "lora_ga")
+
+
+def lora_init(config: dict, peft_dir: Path) -> dict:
+    """Module options for a LoRA directory's `init_lora_weights`: {"init": "pissa"/"olora"} for the inits whose
+    residual base PEFT recomputes at load, {} for inits that only set A and B; an error for base-mutating inits
+    this reader cannot recompute the same way (randomized "pissa_niter_k", CorDA, LoftQ, LoRA-GA)."""
+    from surgery.io.peft import PeftFormatError
+    init = config.get("init_lora_weights", True)
+    if not isinstance(init, str):
+        return {}
+    lowered = init.lower()
+    if lowered in ("pissa", "olora"):
+        return {"init": lowered}
+    if lowered.startswith("pissa_niter_") or lowered.startswith(_BASE_MUTATING_INITS):
+        raise PeftFormatError(f"{peft_dir}: init_lora_weights={init!r} replaces the base weight when PEFT loads the "
+                              f"adapter (a residual this reader cannot recompute the same way); convert it to a "
+                              f"plain LoRA with PEFT's save_pretrained(path_initial_model_for_weight_conversion=...)")
+    return {}
+
+
+def plain_lora_sites(sites: list) -> list:
+    """The sites with every PiSSA/OLoRA adapter replaced by the plain LoRA of rank 2r computing the same delta,
+    A' = [A; A₀], B' = [B, −B₀], alpha scaled so the scaling is unchanged (PEFT's `subtract_mutated_init`)."""
+    import dataclasses
+
+    from surgery.modules.lora import WEIGHT_INITS, LoRA
+    out = []
+    for site in sites:
+        lora = site.adapter
+        if getattr(lora, "init", None) not in WEIGHT_INITS:
+            out.append(site)
+            continue
+        alpha = lora.alpha * (math.sqrt(2) if lora.use_rslora else 2)
+        plain = LoRA(lora.lora_A.shape[1], lora.lora_B.shape[0], r=2 * lora.r, alpha=alpha,
+                     use_rslora=lora.use_rslora)
+        with torch.no_grad():
+            plain.lora_A.copy_(torch.cat([lora.lora_A, lora.lora_A0]).detach())
+            plain.lora_B.copy_(torch.cat([lora.lora_B, -lora.lora_B0], dim=1).detach())
+        plain.dropout = lora.dropout
+        out.append(dataclasses.replace(site, adapter=plain))
+    return out

@@ -3,6 +3,23 @@
 B starts at zero, so the adapted op equals the base op at init; A is kaiming-uniform (as PEFT and the paper's
 code) or Gaussian with std 1/r (PEFT's "gaussian"). The delta is additive, so merging folds it
 into the base weight and unmerging subtracts it again (`inverse_weight`).
+
+Two inits start from the base weight W (out, in) instead, as PEFT's `init_lora_weights`:
+
+- `pissa` (Meng et al. 2024, "PiSSA: Principal Singular Values and Singular Vectors Adaptation", NeurIPS 2024,
+  arXiv:2404.02948): W = U S Vᵀ (exact SVD in float32), A = diag(√(S_r/s)) V_rᵀ, B = U_r diag(√(S_r/s)), so
+  s·B·A is W's top-r part;
+- `olora` (Büyükakyüz 2024, "OLoRA: Orthonormal Low-Rank Adaptation", arXiv:2406.01775): W = Q R, A = R[:r],
+  B = Q[:, :r].
+
+PEFT then overwrites the base weight with the residual W − s·B₀A₀. Here the base is left as it is (so
+`remove`, `disable` and a failed apply leave the user's weights untouched) and the frozen initial factors are
+kept as buffers `lora_A0`, `lora_B0`: the op computes W·x + s·(B·A·x' − B₀A₀·x) (x' the dropped-out input), which
+is PEFT's W_res·x + s·B·A·x' up to rounding, and equals the base op at init. Merge folds s·(BA − B₀A₀);
+`to_peft` writes it as a plain LoRA of rank 2r, A' = [A; A₀], B' = [B, −B₀] (PEFT's
+`path_initial_model_for_weight_conversion`), which loads onto the original base; `from_peft` of a directory
+whose `init_lora_weights` is "pissa"/"olora" (PEFT's unconverted save, meant for the residual base it recomputes
+at load) applies the same init, so the trained A, B meet the same residual.
 """
 from __future__ import annotations
 
@@ -13,8 +30,12 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from surgery.errors import RewriteError
 from surgery.modules.base import SiteContext, WeightAdapter
 from surgery.modules.registry import Options, register
+
+
+WEIGHT_INITS = ("pissa", "olora")   # inits computed from the base weight (residual kept in the forward)
 
 
 class LoRAOptions(Options):
@@ -24,8 +45,9 @@ class LoRAOptions(Options):
     alpha: float = Field(8, gt=0, description="Scaling numerator: s = alpha/r (alpha/sqrt(r) with use_rslora).")
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the op's input before A (activation path only).")
     use_rslora: bool = Field(False, description="Rank-stabilized scaling alpha/sqrt(r).")
-    init: Literal["kaiming", "gaussian"] = Field(
-        "kaiming", description="A's init (B is always zero): kaiming-uniform(a=√5) or Gaussian with std 1/r.")
+    init: Literal["kaiming", "gaussian", "pissa", "olora"] = Field(
+        "kaiming", description="kaiming/gaussian: A's init, B zero. pissa/olora: A and B from W's top-r SVD or QR, "
+                               "the initial product subtracted in the forward (the op equals the base op at init).")
     use_gating: bool = Field(False, description="UniPELT: a learned gate sigmoid(Linear(x)) averaged over the "
                                                 "sequence replaces the scaling (input-dependent, so not mergeable).")
 
@@ -35,8 +57,20 @@ class LoRA(WeightAdapter):
     Options = LoRAOptions
 
     def __init__(self, in_features: int, out_features: int, r: int = 8, alpha: float = 8, dropout: float = 0.0,
-                 use_rslora: bool = False, init: str = "kaiming", use_gating: bool = False):
+                 use_rslora: bool = False, init: str = "kaiming", use_gating: bool = False,
+                 weight: torch.Tensor | None = None):
         super().__init__()
+        if init in WEIGHT_INITS:
+            if weight is None:
+                raise RewriteError(f"lora init {init!r} needs the base weight of the op, which is not a parameter")
+            if use_gating:
+                raise RewriteError(f"lora init {init!r} cannot be combined with use_gating")
+            if r > min(in_features, out_features):
+                raise RewriteError(f"lora init {init!r}: r={r} exceeds the weight's rank bound "
+                                   f"min({out_features}, {in_features})")
+            self._init_weight = [weight]     # unregistered: the base weight, read at (re)initialization only
+            self.register_buffer("lora_A0", torch.empty(r, in_features))
+            self.register_buffer("lora_B0", torch.empty(out_features, r))
         self.gate = nn.Linear(in_features, 1) if use_gating else None
         self.mergeable = not use_gating
         self.r = r
@@ -50,24 +84,49 @@ class LoRA(WeightAdapter):
         self.reset_parameters()
 
     def reset_parameters(self):
+        if self.init in WEIGHT_INITS:
+            self._weight_init()
+            return
         if self.init == "gaussian":
             nn.init.normal_(self.lora_A, std=1 / self.r)
         else:
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B)
 
+    @torch.no_grad()
+    def _weight_init(self):
+        weight = self._init_weight[0].detach()
+        if weight.device.type == "meta":      # built without memory: surgery.materialize initializes it again
+            return
+        weight = weight.to(torch.float32)
+        r = self.r
+        if self.init == "pissa":
+            u, s, vh = torch.linalg.svd(weight, full_matrices=False)
+            root = torch.sqrt(s[:r] / self.scaling)
+            a, b = root[:, None] * vh[:r], u[:, :r] * root[None, :]
+        else:   # olora
+            q, rr = torch.linalg.qr(weight)
+            a, b = rr[:r], q[:, :r]
+        for target, value in ((self.lora_A, a), (self.lora_B, b), (self.lora_A0, a), (self.lora_B0, b)):
+            target.copy_(value.to(target.dtype))
+
     @classmethod
     def build(cls, options: LoRAOptions, site: SiteContext, action: str) -> "LoRA":
         return cls(site.in_features, site.out_features, r=options.r, alpha=options.alpha, dropout=options.dropout,
-                   use_rslora=options.use_rslora, init=options.init, use_gating=options.use_gating)
+                   use_rslora=options.use_rslora, init=options.init, use_gating=options.use_gating,
+                   weight=site.weight if options.init in WEIGHT_INITS else None)
 
     def forward(self, x, y):
         delta = self.dropout(x) @ self.lora_A.t() @ self.lora_B.t()
         if self.gate is not None:
             return y + delta * torch.sigmoid(self.gate(x)).mean(dim=-2, keepdim=True)
+        if self.init in WEIGHT_INITS:
+            delta = delta - x @ self.lora_A0.t() @ self.lora_B0.t()
         return y + delta * self.scaling
 
     def delta_weight(self) -> torch.Tensor:
+        if self.init in WEIGHT_INITS:
+            return (self.lora_B @ self.lora_A - self.lora_B0 @ self.lora_A0) * self.scaling
         return (self.lora_B @ self.lora_A) * self.scaling
 
     def transform_weight(self, weight):
