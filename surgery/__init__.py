@@ -23,3 +23,5 @@ from surgery.export import ExportError, draw, export  # noqa: E402
 __all__ += ["save", "load", "export", "draw", "CheckpointError", "ExportError"]
 from surgery.materialize import materialize  # noqa: E402
 __all__ += ["materialize"]
+from surgery.adalora import AdaLoRAAllocator  # noqa: E402
+__all__ += ["AdaLoRAAllocator"]

@@ -9,6 +9,9 @@ PEFT's keys (adapter name dropped, as for LoRA) per adapted module `<path>`:
   (`rank_pattern`/`alpha_pattern` per module).
 - OFT: `.oft_R.weight` (r or 1, b(b−1)/2): the upper triangles of the skew-symmetric blocks.
 - BOFT: `.boft_R` (m, D, H, H), `.boft_s` (d_out, 1).
+- AdaLoRA: `.lora_A` (r, d_in), `.lora_B` (d_out, r), `.lora_E` (r, 1), r = `init_r`, or the rank kept by
+  `rank_pattern` when PEFT saved a pruned adapter; the scaling still divides by `init_r` (PEFT keeps `ranknum`
+  when it resizes), which is the module's `ranknum` here.
 
 `from_peft` dispatches here for these `peft_type`s: the same module selection and checks as LoRA (peft.py), one
 rule per distinct option set, then the tensors are copied in. `to_peft` writes them back; a module PEFT holds
@@ -24,6 +27,7 @@ import torch
 from torch import nn
 
 from surgery.errors import SurgeryError
+from surgery.modules.adalora import AdaLoRA
 from surgery.modules.loha import LoHa
 from surgery.modules.oft import BOFT, OFT
 from surgery.modules.vera import VeRA
@@ -35,8 +39,10 @@ SUFFIXES = {
     "LOHA": {"hada_w1_a": "hada_w1_a", "hada_w1_b": "hada_w1_b", "hada_w2_a": "hada_w2_a", "hada_w2_b": "hada_w2_b"},
     "OFT": {"oft_R.weight": "oft_R"},
     "BOFT": {"boft_R": "boft_R", "boft_s": "boft_s"},
+    "ADALORA": {"lora_A": "lora_A", "lora_B": "lora_B", "lora_E": "lora_E"},
 }
-KINDS = {VeRA: "VERA", LoHa: "LOHA", OFT: "OFT", BOFT: "BOFT"}
+KINDS = {VeRA: "VERA", LoHa: "LOHA", OFT: "OFT", BOFT: "BOFT", AdaLoRA: "ADALORA"}
+_ADALORA_SCHEDULE = ("target_r", "tinit", "tfinal", "deltaT", "beta1", "beta2", "orth_reg_weight", "total_step")
 VERA_GLOBALS = ("base_model.vera_A", "base_model.vera_B")
 
 
@@ -75,6 +81,14 @@ def _options(peft_type: str, config: dict, path: str, found: dict, peft_dir: Pat
                 "module_dropout": float(config.get("module_dropout") or 0.0),
                 "use_cayley_neumann": bool(config.get("use_cayley_neumann", True)),
                 "num_cayley_neumann_terms": int(config.get("num_cayley_neumann_terms", 5))}
+    if peft_type == "ADALORA":
+        r = found["lora_E"].shape[0]
+        if found["lora_A"].shape[0] != r or found["lora_B"].shape[1] != r or found["lora_E"].shape != (r, 1):
+            raise PeftFormatError(f"{peft_dir}: {path}'s lora_A/lora_B/lora_E shapes do not share one rank")
+        options = {"kind": "adalora", "init_r": int(r), "ranknum": float(config.get("init_r", 12)),
+                   "alpha": float(config.get("lora_alpha", 8)), "dropout": float(config.get("lora_dropout") or 0.0)}
+        options.update({k: config[k] for k in _ADALORA_SCHEDULE if config.get(k) is not None})
+        return options
     m, d, h, _ = found["boft_R"].shape
     return {"kind": "boft", "block_size": int(h), "block_num": 0, "n_butterfly_factor": int(m),
             "dropout": float(config.get("boft_dropout") or 0.0)}
@@ -187,6 +201,8 @@ def to_peft_tensors(peft_type: str, record, by_module: dict) -> tuple[dict, dict
                        "use_cayley_neumann": first.use_cayley_neumann,
                        "num_cayley_neumann_terms": first.num_cayley_neumann_terms, "coft": False, "eps": 6e-5,
                        "module_dropout": first.module_dropout, "bias": "none", "fan_in_fan_out": fan_in_fan_out})
+    elif peft_type == "ADALORA":
+        return _adalora_tensors(adapters, config, fan_in_fan_out)
     else:
         settings = {(a.block_size, a.boft_R.shape[0]) for a in adapters.values()}
         if len(settings) != 1:
@@ -248,3 +264,33 @@ def plain_lora_sites(sites: list) -> list:
         plain.dropout = lora.dropout
         out.append(dataclasses.replace(site, adapter=plain))
     return out
+
+
+def _adalora_tensors(adapters: dict, config: dict, fan_in_fan_out: bool) -> tuple[dict, dict]:
+    """PEFT's AdaLoRA: every module at rank init_r = ranknum (a site of lower rank, loaded pruned, is padded
+    with zero triplets), rank_pattern None, the schedule from the options."""
+    from surgery.io.peft import PREFIX
+    first = next(iter(adapters.values()))
+    settings = {(a.ranknum, a.alpha, tuple(getattr(a.options, k) for k in _ADALORA_SCHEDULE))
+                for a in adapters.values()}
+    if len(settings) != 1:
+        raise SurgeryError(f"PEFT's AdaLoRA has one init_r, lora_alpha and schedule per adapter; this one has "
+                           f"{len(settings)} different settings")
+    if first.options.total_step is None:
+        raise SurgeryError("PEFT's AdaLoraConfig requires total_step: set total_step in the adalora rule's module")
+    init_r = int(first.ranknum)
+    if init_r != first.ranknum or any(a.r > init_r for a in adapters.values()):
+        raise SurgeryError(f"AdaLoRA ranknum {first.ranknum} is not an integer rank at least every site's r")
+    tensors = {}
+    for path, a in adapters.items():
+        pad = init_r - a.r
+        tensors[f"{PREFIX}{path}.lora_A"] = torch.cat([a.lora_A.detach(), a.lora_A.new_zeros(pad, a.lora_A.shape[1])])
+        tensors[f"{PREFIX}{path}.lora_B"] = torch.cat([a.lora_B.detach(), a.lora_B.new_zeros(a.lora_B.shape[0], pad)],
+                                                      dim=1)
+        tensors[f"{PREFIX}{path}.lora_E"] = torch.cat([a.lora_E.detach(), a.lora_E.new_zeros(pad, 1)])
+    config.update({"init_r": init_r, "lora_alpha": first.alpha, "r": 8, "rank_pattern": None,
+                   "lora_dropout": _dropout(first.dropout), "bias": "none", "fan_in_fan_out": fan_in_fan_out,
+                   "init_lora_weights": True, "use_dora": False})
+    config.pop("init_weights", None)
+    config.update({k: getattr(first.options, k) for k in _ADALORA_SCHEDULE})
+    return tensors, config
