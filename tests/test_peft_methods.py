@@ -319,3 +319,105 @@ def test_from_peft_refuses_base_mutating_inits_it_cannot_recompute(tmp_path):
         with pytest.raises(surgery.SurgeryError, match="replaces the base weight"):
             surgery.from_peft(model, tmp_path)
         assert_same_state(before, state(model))
+
+
+# ------------------------------------------------------------------ AdaLoRA
+
+ADALORA = dict(init_r=6, target_r=2, lora_alpha=8, tinit=1, tfinal=1, deltaT=1, orth_reg_weight=0.3, total_step=5)
+
+
+def _adalora_pair(base):
+    """PEFT's AdaLoRA and ours on copies of one base, ours holding PEFT's initial tensors."""
+    config = peft.AdaLoraConfig(target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM", **ADALORA)
+    peft_model = peft.get_peft_model(copy.deepcopy(base), config)
+    ours = copy.deepcopy(base)
+    options = {k: v for k, v in ADALORA.items() if k != "lora_alpha"} | {"alpha": ADALORA["lora_alpha"]}
+    rule = {"name": "adalora", "match": {"role": ["attention.q", "attention.v"]}, "action": "wrap",
+            "module": {"kind": "adalora", **options}, "expect": "every_layer"}
+    surgery.apply(ours, {"version": 1, "rules": [rule]})
+    sites = {s.owner_path: s.adapter for s in ours.surgery_adapters.records["default"].weight_sites}
+    pairs = {}
+    for name, module in peft_model.named_modules():
+        path = name.removeprefix("base_model.model.")
+        if path in sites:
+            with torch.no_grad():
+                for t in ("lora_A", "lora_B", "lora_E"):
+                    getattr(sites[path], t).copy_(getattr(module, t)["default"])
+            pairs[path] = (module, sites[path])
+    return peft_model, ours, pairs
+
+
+def test_adalora_training_and_rank_allocation_follow_peft(tmp_path):
+    base = make_llama().eval()
+    ids = token_ids(4, 12)
+    peft_model, ours, pairs = _adalora_pair(base)
+    assert trainable(ours) == trainable(peft_model) == 4 * 6 * (64 + 1) + 2 * 6 * 64 + 2 * 6 * 32
+    allocator = surgery.AdaLoRAAllocator(ours)
+    optimizers = [torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=2.0) for m in (peft_model, ours)]
+    peft_model.train(), ours.train()
+    for step in range(7):
+        losses = [m(input_ids=ids, labels=ids).loss for m in (peft_model, ours)]
+        torch.testing.assert_close(losses[1], losses[0], atol=1e-6, rtol=0)    # the orthogonality penalty too
+        for loss, optimizer in zip(losses, optimizers):
+            loss.backward()
+            optimizer.step()
+        peft_model.base_model.update_and_allocate(step)
+        allocator.update_and_allocate(step)
+        for optimizer in optimizers:
+            optimizer.zero_grad()
+        for theirs, mine in pairs.values():
+            assert torch.equal(theirs.lora_E["default"] == 0, mine.lora_E == 0), step
+    kept = sum(int(a.rank_pattern.sum()) for _, a in pairs.values())
+    assert kept == 2 * len(pairs)                     # target_r per site on average
+    peft_model.eval(), ours.eval()
+    expected = run("llama", peft_model, ids).detach()
+    torch.testing.assert_close(run("llama", ours, ids), expected, atol=1e-5, rtol=0)
+
+    # PEFT's save (pruned to rank_pattern, scaling still over init_r) loads with from_peft; to_peft loads in PEFT
+    peft_model.save_pretrained(tmp_path / "peft")
+    assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["rank_pattern"]
+    loaded = surgery.from_peft(copy.deepcopy(base), tmp_path / "peft")
+    torch.testing.assert_close(run("llama", loaded, ids), expected, atol=1e-5, rtol=0)
+    surgery.to_peft(loaded, tmp_path / "back")
+    back = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "back").eval()
+    torch.testing.assert_close(run("llama", back, ids), expected, atol=1e-5, rtol=0)
+    # merge == unmerged; save/load keeps the allocation
+    surgery.merge(ours)
+    torch.testing.assert_close(run("llama", ours, ids), expected, atol=1e-5, rtol=0)
+    surgery.unmerge(ours)
+    allocator.remove()
+    surgery.save(ours, tmp_path / "ours")
+    fresh = surgery.load(copy.deepcopy(base), tmp_path / "ours")
+    torch.testing.assert_close(run("llama", fresh, ids), expected, atol=0, rtol=0)
+    assert {s.owner_path: int(s.adapter.rank_pattern.sum()) for s in fresh.surgery_adapters.records["default"]
+            .weight_sites} == {path: int(a.rank_pattern.sum()) for path, (_, a) in pairs.items()}
+
+
+def test_adalora_allocator_errors():
+    model = make_llama().eval()
+    with pytest.raises(surgery.SurgeryError, match="no AdaLoRA sites|pass name"):
+        surgery.AdaLoRAAllocator(model)
+    surgery.apply(model, "specs/adalora.yaml")
+    with pytest.raises(surgery.SurgeryError, match="total_step is not set"):
+        surgery.AdaLoRAAllocator(model)
+    allocator = surgery.AdaLoRAAllocator(model, total_step=10)
+    with pytest.raises(surgery.SurgeryError, match="no gradient"):
+        allocator.update_and_allocate(0)
+
+
+@pytest.mark.slow
+def test_adalora_callback_in_a_transformers_trainer(tmp_path):
+    from transformers import Trainer, TrainingArguments
+    model = make_llama()
+    data = surgery.load_spec("specs/adalora.yaml").model_dump(by_alias=True, exclude_none=True)
+    data["rules"][0]["module"].update(tfinal=2, total_step=6)     # the allocation is fixed at step 4 of 0..5
+    surgery.apply(model, data)
+    allocator = surgery.AdaLoRAAllocator(model)
+    ids = token_ids(8, 12)
+    data = [{"input_ids": row, "labels": row} for row in ids]
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=4, learning_rate=0.5,
+                             report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True)
+    Trainer(model=model, args=args, train_dataset=data, callbacks=[allocator.callback()]).train()
+    sites = [s.adapter for s in model.surgery_adapters.records["default"].weight_sites]
+    assert sum(int(a.rank_pattern.sum()) for a in sites) == 8 * len(sites)      # target_r 8 of init_r 12
+    assert all(bool((a.lora_E[~a.rank_pattern] == 0).all()) for a in sites)
