@@ -27,6 +27,8 @@ from surgery.modules.registry import Options, register
 
 
 class AdaLoRAOptions(Options):
+    """AdaLoRA (Zhang et al. 2023): W + B·(A ⊙ E)·alpha/init_r in SVD form, E zero at init, the rank budget moved between sites by `surgery.AdaLoRAAllocator`; PEFT's AdaLoraConfig defaults."""
+
     kind: Literal["adalora"] = "adalora"
     supported_actions = ("wrap",)
     init_r: int = Field(12, ge=1, description="Initial rank of every site (the triplets the allocator prunes).")

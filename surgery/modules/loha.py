@@ -23,6 +23,8 @@ from surgery.modules.registry import Options, register
 
 
 class LoHaOptions(Options):
+    """LoHa (Hyeon-Woo et al. 2022, FedPara): W + (W1a·W1b) ⊙ (W2a·W2b)·alpha/r, W2b zero at init; PEFT's LoHaConfig defaults."""
+
     kind: Literal["loha"] = "loha"
     supported_actions = ("wrap",)
     r: int = Field(8, ge=1, description="Rank of each of the two factors.")

@@ -102,6 +102,8 @@ class _Rotation(WeightAdapter):
 
 
 class OFTOptions(Options):
+    """OFT (Qiu et al. 2023): W·Rᵀ (the input rotated by R), R block-diagonal with Cayley-transformed skew-symmetric blocks, the identity at init; PEFT's OFTConfig defaults (5-term Neumann series)."""
+
     kind: Literal["oft"] = "oft"
     supported_actions = ("wrap",)
     r: int = Field(0, ge=0, description="Number of diagonal blocks (0: from block_size). Give r or block_size.")
@@ -207,6 +209,8 @@ def butterfly_permutation(n: int, blocks: int, half: int, factors: int) -> torch
 
 
 class BOFTOptions(Options):
+    """BOFT (Liu et al. 2024): (W·Mᵀ) ⊙ s, M a product of butterfly factors P·D·Pᵀ with exact Cayley blocks, s a trained output scale, the identity at init; PEFT's BOFTConfig defaults."""
+
     kind: Literal["boft"] = "boft"
     supported_actions = ("wrap",)
     block_size: int = Field(4, ge=0, description="Size H of each block (0: from block_num). Give one of the two.")

@@ -26,6 +26,8 @@ from surgery.modules.registry import Options, register
 
 
 class VeRAOptions(Options):
+    """VeRA (Kopiczko et al. 2024): W + Λ_b·B·Λ_d·A with A, B frozen random matrices shared by the rule's sites (saved once) and only the vectors λ_d (r, init 0.1) and λ_b (d_out, init 0) trained; PEFT's VeraConfig defaults."""
+
     kind: Literal["vera"] = "vera"
     supported_actions = ("wrap",)
     r: int = Field(256, ge=1, description="Rank of the shared random matrices A (r, d_in) and B (d_out, r).")
