@@ -421,3 +421,31 @@ def test_adalora_callback_in_a_transformers_trainer(tmp_path):
     sites = [s.adapter for s in model.surgery_adapters.records["default"].weight_sites]
     assert sum(int(a.rank_pattern.sum()) for a in sites) == 8 * len(sites)      # target_r 8 of init_r 12
     assert all(bool((a.lora_E[~a.rank_pattern] == 0).all()) for a in sites)
+
+
+def test_loftq_corrects_the_nf4_error_of_the_base_it_is_quantized_to():
+    pytest.importorskip("torchao")
+    model = make_llama().eval()
+    ids = token_ids(2, 9)
+    dense_out = run("llama", model, ids).detach()
+    dense = {n: p.detach().clone() for n, p in model.named_parameters()}
+    rule = {"name": "loftq", "match": {"role": ["attention.q", "attention.v"]}, "action": "wrap",
+            "module": {"kind": "lora", "r": 4, "alpha": 8, "init": "loftq"}, "expect": "every_layer"}
+    surgery.apply(model, {"version": 1, "rules": [rule]})
+    with pytest.raises(surgery.SurgeryError, match="quantize_nf4"):     # the correction on the dense W: refused
+        run("llama", model, ids)
+    with pytest.raises(surgery.SurgeryError, match="quantize_nf4"):
+        surgery.merge(model)
+    surgery.quantize_nf4(model)
+    for site in model.surgery_adapters.records["default"].weight_sites:
+        w = dense[f"{site.owner_path}.weight"]
+        q = site.owner.weight.get_original_weight().to(torch.float32)
+        corrected = q + site.adapter.delta_weight().detach()
+        tail = torch.linalg.svdvals(w - q)[4:].square().sum().sqrt()     # the best rank-4 correction's error
+        torch.testing.assert_close(torch.linalg.norm(w - corrected), tail, atol=1e-4, rtol=1e-4)
+        assert torch.linalg.norm(w - corrected) < 0.9 * torch.linalg.norm(w - q)
+    out = run("llama", model, ids).detach()
+    assert (out - dense_out).abs().max() < 0.1
+    surgery.dequantize_nf4(model)                   # merging goes through a dense copy of Q
+    surgery.merge(model)
+    torch.testing.assert_close(run("llama", model, ids), out, atol=1e-5, rtol=0)

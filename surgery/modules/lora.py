@@ -12,6 +12,14 @@ Two inits start from the base weight W (out, in) instead, as PEFT's `init_lora_w
 - `olora` (Büyükakyüz 2024, "OLoRA: Orthonormal Low-Rank Adaptation", arXiv:2406.01775): W = Q R, A = R[:r],
   B = Q[:, :r].
 
+A third, `loftq` (Li et al. 2024, "LoftQ: LoRA-Fine-Tuning-Aware Quantization", ICLR 2024, arXiv:2310.08659,
+one alternating step, PEFT's default loftq_iter=1), is for a base that will be quantized: with Q = NF4(W)
+(torchao, block 64, double-quantized scales: what `surgery.quantize_nf4` stores), s·B·A is the top-r SVD of
+W − Q, so Q + s·B·A ≈ W (A = diag(√(S_r/s)) V_rᵀ, B = U_r diag(√(S_r/s)); PEFT's init for s = 1). Apply it to the
+dense model, then call `surgery.quantize_nf4(model)`: until the op's weight has been replaced (quantized, or
+dequantized again for a merge) the forward and merge raise, since W + s·B·A would count the correction on top of
+the unquantized W. torchao is imported only when this init runs.
+
 PEFT then overwrites the base weight with the residual W − s·B₀A₀. Here the base is left as it is (so
 `remove`, `disable` and a failed apply leave the user's weights untouched) and the frozen initial factors are
 kept as buffers `lora_A0`, `lora_B0`: the op computes W·x + s·(B·A·x' − B₀A₀·x) (x' the dropped-out input), which
@@ -36,6 +44,7 @@ from surgery.modules.registry import Options, register
 
 
 WEIGHT_INITS = ("pissa", "olora")   # inits computed from the base weight (residual kept in the forward)
+NF4_MODULE = "torchao.quantization.quantize_.workflows.nf4.nf4_tensor"
 
 
 class LoRAOptions(Options):
@@ -45,9 +54,10 @@ class LoRAOptions(Options):
     alpha: float = Field(8, gt=0, description="Scaling numerator: s = alpha/r (alpha/sqrt(r) with use_rslora).")
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the op's input before A (activation path only).")
     use_rslora: bool = Field(False, description="Rank-stabilized scaling alpha/sqrt(r).")
-    init: Literal["kaiming", "gaussian", "pissa", "olora"] = Field(
+    init: Literal["kaiming", "gaussian", "pissa", "olora", "loftq"] = Field(
         "kaiming", description="kaiming/gaussian: A's init, B zero. pissa/olora: A and B from W's top-r SVD or QR, "
-                               "the initial product subtracted in the forward (the op equals the base op at init).")
+                               "the initial product subtracted in the forward (the op equals the base op at init). "
+                               "loftq: s·B·A = top-r SVD of W − NF4(W); then call surgery.quantize_nf4(model).")
     use_gating: bool = Field(False, description="UniPELT: a learned gate sigmoid(Linear(x)) averaged over the "
                                                 "sequence replaces the scaling (input-dependent, so not mergeable).")
 
@@ -58,7 +68,7 @@ class LoRA(WeightAdapter):
 
     def __init__(self, in_features: int, out_features: int, r: int = 8, alpha: float = 8, dropout: float = 0.0,
                  use_rslora: bool = False, init: str = "kaiming", use_gating: bool = False,
-                 weight: torch.Tensor | None = None):
+                 weight: torch.Tensor | None = None, host: nn.Module | None = None):
         super().__init__()
         if init in WEIGHT_INITS:
             if weight is None:
@@ -71,6 +81,12 @@ class LoRA(WeightAdapter):
             self._init_weight = [weight]     # unregistered: the base weight, read at (re)initialization only
             self.register_buffer("lora_A0", torch.empty(r, in_features))
             self.register_buffer("lora_B0", torch.empty(out_features, r))
+        if init == "loftq":
+            if not isinstance(weight, nn.Parameter) or use_gating:
+                raise RewriteError("lora init 'loftq' needs an op whose whole weight is a parameter (an nn.Linear, "
+                                   "as surgery.quantize_nf4 does) and no use_gating")
+            self._init_weight = [weight]     # the dense weight: the forward refuses to run while it is still there
+            self._host = [host]
         self.gate = nn.Linear(in_features, 1) if use_gating else None
         self.mergeable = not use_gating
         self.r = r
@@ -86,6 +102,9 @@ class LoRA(WeightAdapter):
     def reset_parameters(self):
         if self.init in WEIGHT_INITS:
             self._weight_init()
+            return
+        if self.init == "loftq":
+            self._loftq_init()
             return
         if self.init == "gaussian":
             nn.init.normal_(self.lora_A, std=1 / self.r)
@@ -110,13 +129,43 @@ class LoRA(WeightAdapter):
         for target, value in ((self.lora_A, a), (self.lora_B, b), (self.lora_A0, a), (self.lora_B0, b)):
             target.copy_(value.to(target.dtype))
 
+    @torch.no_grad()
+    def _loftq_init(self):
+        import importlib
+        import math as _math
+        weight = self._init_weight[0].detach()
+        if weight.device.type == "meta":      # built without memory: surgery.materialize initializes it again
+            return
+        try:
+            nf4 = importlib.import_module(NF4_MODULE)
+        except ImportError as exc:
+            raise RewriteError(f"lora init 'loftq' needs torchao's NF4 (pip install torchao): {exc}") from None
+        if weight.numel() % 64:
+            raise RewriteError(f"lora init 'loftq': the weight has {weight.numel()} entries, not a multiple of NF4's "
+                               f"block size 64")
+        dense = weight.to(torch.float32).contiguous()
+        scalers = dense.numel() // 64
+        quantized = nf4.to_nf4(dense, 64, _math.gcd(scalers, 256)).get_original_weight().to(torch.float32)
+        u, s, vh = torch.linalg.svd(dense - quantized, full_matrices=False)
+        root = torch.sqrt(s[:self.r] / self.scaling)
+        self.lora_A.copy_((root[:, None] * vh[:self.r]).to(self.lora_A.dtype))
+        self.lora_B.copy_((u[:, :self.r] * root[None, :]).to(self.lora_B.dtype))
+
+    def _check_quantized(self):
+        if self.init == "loftq" and getattr(self._host[0], "weight", None) is self._init_weight[0]:
+            raise RewriteError("this LoftQ adapter corrects NF4(W)'s quantization error, but the op still holds the "
+                               "dense W: call surgery.quantize_nf4(model) first")
+
     @classmethod
     def build(cls, options: LoRAOptions, site: SiteContext, action: str) -> "LoRA":
+        weight = site.weight if options.init in WEIGHT_INITS + ("loftq",) else None
         return cls(site.in_features, site.out_features, r=options.r, alpha=options.alpha, dropout=options.dropout,
                    use_rslora=options.use_rslora, init=options.init, use_gating=options.use_gating,
-                   weight=site.weight if options.init in WEIGHT_INITS else None)
+                   weight=weight, host=site.host)
 
     def forward(self, x, y):
+        if self.init == "loftq":
+            self._check_quantized()
         delta = self.dropout(x) @ self.lora_A.t() @ self.lora_B.t()
         if self.gate is not None:
             return y + delta * torch.sigmoid(self.gate(x)).mean(dim=-2, keepdim=True)
@@ -130,6 +179,8 @@ class LoRA(WeightAdapter):
         return (self.lora_B @ self.lora_A) * self.scaling
 
     def transform_weight(self, weight):
+        if self.init == "loftq":
+            self._check_quantized()
         return weight + self.delta_weight().to(weight.dtype)
 
     def inverse_weight(self, merged):
