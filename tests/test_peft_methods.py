@@ -449,3 +449,67 @@ def test_loftq_corrects_the_nf4_error_of_the_base_it_is_quantized_to():
     surgery.dequantize_nf4(model)                   # merging goes through a dense copy of Q
     surgery.merge(model)
     torch.testing.assert_close(run("llama", model, ids), out, atol=1e-5, rtol=0)
+
+
+# ------------------------------------------------------------------ mixed-adapter batches (PEFT's adapter_names)
+
+def _mixed_model():
+    model = make_llama().eval()
+    lora = {"name": "lora", "match": {"role": ["attention.q", "attention.v"]}, "action": "wrap",
+            "module": {"kind": "lora", "r": 4}}
+    surgery.apply(model, {"version": 1, "rules": [lora]}, name="a")
+    surgery.apply(model, {"version": 1, "rules": [dict(lora, module={"kind": "vera", "r": 8})]}, name="b")
+    surgery.apply(model, "specs/ia3.yaml", name="c")
+    surgery.apply(model, "specs/houlsby.yaml", name="d")
+    perturb(model, 0.2)
+    return model
+
+
+@pytest.mark.parametrize("rows", [["a", "b", "__base__", "c", "d", "a"],       # scattered rows
+                                  ["a", "a", "b", "b", "__base__", "d"]])    # grouped rows
+def test_mixed_batch_rows_equal_each_row_run_alone(rows):
+    model = _mixed_model()
+    ids = token_ids(len(rows), 7, seed=5)
+    alone = []
+    for i, name in enumerate(rows):
+        if name == "__base__":
+            with surgery.disable(model):
+                alone.append(run("llama", model, ids[i:i + 1]))
+        else:
+            surgery.set_active(model, name)
+            alone.append(run("llama", model, ids[i:i + 1]))
+    surgery.set_active(model, surgery.MixedBatch(*rows))
+    mixed = run("llama", model, ids)
+    torch.testing.assert_close(mixed, torch.cat(alone), atol=1e-5, rtol=0)
+    with surgery.disable(model):
+        base = run("llama", model, ids)
+    for i, name in enumerate(rows):        # every adapter row is changed, base rows are not
+        assert ((mixed[i] - base[i]).abs().max() > 1e-3) == (name != "__base__"), (i, name)
+
+    # generate() with the KV cache: each row's greedy continuation is that row's own
+    surgery.set_active(model, surgery.MixedBatch(*rows))
+    generated = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    for i, name in enumerate(rows):
+        if name == "__base__":
+            with surgery.disable(model):
+                own = model.generate(ids[i:i + 1], max_new_tokens=4, do_sample=False, pad_token_id=0)
+        else:
+            surgery.set_active(model, name)
+            own = model.generate(ids[i:i + 1], max_new_tokens=4, do_sample=False, pad_token_id=0)
+        assert torch.equal(generated[i:i + 1], own), (i, name)
+        surgery.set_active(model, surgery.MixedBatch(*rows))
+
+
+def test_mixed_batch_refuses_what_does_not_act_per_row():
+    model = make_llama().eval()
+    surgery.apply(model, "specs/lora.yaml", name="a")
+    surgery.apply(model, "specs/prefix.yaml", name="p")
+    surgery.apply(model, "specs/parallel.yaml", name="par")
+    for name, action in (("p", "attend"), ("par", "parallel")):
+        with pytest.raises(surgery.SurgeryError, match=f"action {action!r}"):
+            surgery.set_active(model, surgery.MixedBatch("a", name))
+    with pytest.raises(surgery.SurgeryError, match="no adapter named 'x'"):
+        surgery.set_active(model, surgery.MixedBatch("a", "x"))
+    surgery.set_active(model, surgery.MixedBatch("a", "__base__"))
+    with pytest.raises(ValueError, match="MixedBatch names 2 rows but the batch has 3"):
+        run("llama", model, token_ids(3, 5))
