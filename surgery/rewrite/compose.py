@@ -88,7 +88,7 @@ class MixedBatch(Block):
     def groups(self, device) -> list[tuple[str, torch.Tensor | slice]]:
         """(adapter, rows) for every adapter, rows as a slice when they are contiguous; cached per device."""
         cache = self.__dict__.setdefault("_groups", {})
-        key = str(device)
+        key = device
         if key not in cache:
             out = []
             for name in self.names():
@@ -96,6 +96,8 @@ class MixedBatch(Block):
                 contiguous = rows == list(range(rows[0], rows[-1] + 1))
                 out.append((name, slice(rows[0], rows[-1] + 1) if contiguous else
                             torch.tensor(rows, dtype=torch.long, device=device)))
+            if all(isinstance(rows, slice) for _, rows in out):     # in row order, for one concatenation
+                out.sort(key=lambda item: item[1].start)
             cache[key] = out
         return cache[key]
 
@@ -158,7 +160,7 @@ def run(block: Child | None, by_name: dict[str, list], order: list[str], value: 
                  for name, rows in block.groups(value.device)]
         if all(isinstance(rows, slice) for rows, _ in parts):     # rows grouped by adapter: one concatenation
             pieces, position = [], 0
-            for rows, part in sorted(parts, key=lambda item: item[0].start):
+            for rows, part in parts:                                  # groups() sorts contiguous groups
                 if rows.start > position:
                     pieces.append(value[position:rows.start])
                 pieces.append(part)
