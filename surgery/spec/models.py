@@ -33,7 +33,7 @@ ROLES = (
     "lm_head",              # the output projection to the vocabulary
 )
 
-BLOCKS = ("stack", "average", "batch_split", "split", "parallel", "fuse")   # composition blocks (rewrite/compose.py)
+BLOCKS = ("stack", "average", "batch_split", "split", "parallel", "fuse", "mixed_batch")   # composition blocks (rewrite/compose.py)
 ACTIONS = ("insert_after", "insert_before", "parallel", "sublayer", "wrap", "replace", "attend", "prepend", "train")
 
 # What each action does, for docs/spec.md and the JSON Schema (a test checks every action has an entry).
@@ -232,7 +232,7 @@ class Spec(BaseModel):
     rules: list[Rule] = Field(default_factory=list, description="The rewrites, applied in order.")
     compose: Union[str, dict[str, Any], None] = Field(
         None, description="How named adapters combine, e.g. {average: [a, b], weights: [0.5, 0.5]} or "
-                          "{fuse: [a, b]} (AdapterFusion); blocks: stack, average, batch_split, split, parallel, fuse.")
+                          "{fuse: [a, b]} (AdapterFusion); blocks: stack, average, batch_split, split, parallel, fuse, mixed_batch.")
 
     @field_validator("compose")
     @classmethod
