@@ -336,7 +336,7 @@ def to_peft(model: nn.Module, out_dir, *, name: str | None = None, example_input
     elif peft_methods.method_type(kinds) is not None:
         peft_type = peft_methods.method_type(kinds)
     else:
-        raise SurgeryError(f"to_peft writes LoRA, IA3, VeRA, LoHa, OFT or BOFT adapter sets; {name!r} holds "
+        raise SurgeryError(f"to_peft writes LoRA, IA3, VeRA, LoHa, OFT, BOFT or AdaLoRA adapter sets; {name!r} holds "
                            f"{', '.join(sorted(k.__name__ for k in kinds))}")
 
     analysis = _analysis(model, example_inputs)
