@@ -210,15 +210,17 @@ def _counts(model_factory, config, spec_data):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["vera", "loha", "oft", "boft"])
+@pytest.mark.parametrize("method", ["vera", "loha", "oft", "boft", "adalora", "pissa"])
 def test_counts_equal_peft_on_real_minilm_and_a_llama_config(method):
     from models import make_minilm
     peft_configs = {"vera": lambda t: peft.VeraConfig(r=8, target_modules=t),
                     "loha": lambda t: peft.LoHaConfig(target_modules=t),
                     "oft": lambda t: peft.OFTConfig(target_modules=t),
-                    "boft": lambda t: peft.BOFTConfig(target_modules=t)}
+                    "boft": lambda t: peft.BOFTConfig(target_modules=t),
+                    "adalora": lambda t: peft.AdaLoraConfig(target_modules=t, total_step=10),
+                    "pissa": lambda t: peft.LoraConfig(target_modules=t, init_lora_weights="pissa")}
     ours = {"vera": {"kind": "vera", "r": 8}, "loha": {"kind": "loha"}, "oft": {"kind": "oft"},
-            "boft": {"kind": "boft"}}
+            "boft": {"kind": "boft"}, "adalora": {"kind": "adalora"}, "pissa": {"kind": "lora", "init": "pissa"}}
     rule = {"name": method, "match": {"role": ["attention.q", "attention.v"]}, "action": "wrap",
             "module": ours[method], "expect": "every_layer"}
     theirs, mine = _counts(make_minilm, peft_configs[method](["query", "value"]), {"version": 1, "rules": [rule]})
