@@ -92,6 +92,37 @@ def check_same_adaptation(surgery_model, peft_model) -> tuple[int, int]:
     return len(paths), counts[0]
 
 
+def check_same_outputs(surgery_model, peft_model, batch, scale: float = 0.02) -> float:
+    """Both compute the same function: surgery's LoRA weights, perturbed so that B is not zero, are copied into
+    PEFT's modules of the same path; the outputs must agree (relative max error below 1e-5, returned). Run
+    before any timing: a comparison of two different computations means nothing. The weights are restored
+    (B = 0) afterwards, so what is timed starts from each library's own init."""
+    g = torch.Generator().manual_seed(2)
+    saved = {}
+    peft_modules = {n.removeprefix("base_model.model."): m for n, m in peft_model.named_modules()
+                    if hasattr(m, "lora_A") and len(m.lora_A)}
+    with torch.no_grad():
+        for site in surgery_model.surgery_adapters.records["default"].weight_sites:
+            lora, target = site.adapter, peft_modules[site.owner_path]
+            for p in (lora.lora_A, lora.lora_B):
+                saved[p] = p.detach().clone()
+                p.add_(torch.randn(p.shape, generator=g).to(p) * scale)
+            target.lora_A["default"].weight.copy_(lora.lora_A)
+            target.lora_B["default"].weight.copy_(lora.lora_B)
+            assert target.scaling["default"] == lora.scaling, (site.owner_path, target.scaling, lora.scaling)
+        modes = (surgery_model.training, peft_model.training)
+        surgery_model.eval(), peft_model.eval()
+        a, b = output(surgery_model(**batch)), output(peft_model(**batch))
+        surgery_model.train(modes[0]), peft_model.train(modes[1])
+        error = float((a - b).abs().max() / b.abs().max())
+        assert error < 1e-5, f"surgery's and PEFT's LoRA outputs differ by {error:.2e} for the same weights"
+        for p, value in saved.items():
+            p.copy_(value)
+        for target in peft_modules.values():
+            torch.nn.init.zeros_(target.lora_B["default"].weight)
+    return error
+
+
 def trainer(model, batch):
     """One training step: zero grads, forward, a scalar loss of the output, backward, AdamW step."""
     model.train()
@@ -112,11 +143,12 @@ def train_step(name: str, *, warmup: int = 3, repeats: int = 12, device="cpu") -
     surgery_model, peft_model = with_lora(name, base, "surgery"), with_lora(name, base, "peft")
     modules, trainable = check_same_adaptation(surgery_model, peft_model)
     batch = inputs(name, base)
+    error = check_same_outputs(surgery_model, peft_model, batch)
     steps = {"surgery": trainer(surgery_model, batch), "peft": trainer(peft_model, batch)}
     timing = interleaved(steps, warmup=warmup, repeats=repeats, device=device)
     ops = op_difference(op_counts(steps["surgery"]), op_counts(steps["peft"]))
     return {"model": name, "batch": list(SHAPES[name]), "adapted_modules": modules, "trainable": trainable,
-            **timing.summary("surgery", "peft"), "ops_per_step": ops}
+            "outputs_rel_error": error, **timing.summary("surgery", "peft"), "ops_per_step": ops}
 
 
 def train_memory(name: str, method: str, steps: int = 3, device: str = "cpu") -> dict:
@@ -134,10 +166,16 @@ def train_memory(name: str, method: str, steps: int = 3, device: str = "cpu") ->
 
 
 def train_memory_both(name: str, steps: int = 3, device: str = "cpu") -> dict:
-    """Peak memory of train steps, surgery vs PEFT, each in a fresh process (benchmarks/common.py)."""
+    """Peak memory of train steps, surgery vs PEFT, each in a fresh process (benchmarks/common.py), after checking
+    here that the two compute the same function."""
+    base = build(name, device)
+    surgery_model, peft_model = with_lora(name, base, "surgery"), with_lora(name, base, "peft")
+    check_same_adaptation(surgery_model, peft_model)
+    error = check_same_outputs(surgery_model, peft_model, inputs(name, base))
+    del base, surgery_model, peft_model
     memory = {m: in_subprocess("benchmarks.lora_vs_peft:train_memory", name=name, method=m, steps=steps,
                                device=device) for m in ("surgery", "peft")}
-    result = {"model": name, "steps": steps, "measure": memory["peft"]["measure"],
+    result = {"model": name, "steps": steps, "measure": memory["peft"]["measure"], "outputs_rel_error": error,
               "peak_mib": {m: v["peak_mib"] for m, v in memory.items()},
               "ratio": memory["surgery"]["peak_mib"] / memory["peft"]["peak_mib"]}
     if "allocator_peak_mib" in memory["peft"]:
@@ -153,6 +191,7 @@ def unmerged_inference(name: str, *, warmup: int = 3, repeats: int = 20, device=
     surgery_model = with_lora(name, base, "surgery").eval()
     peft_model = with_lora(name, base, "peft").eval()
     batch = inputs(name, base)
+    check_same_outputs(surgery_model, peft_model, batch)
     with torch.no_grad():
         timing = interleaved({"base": lambda: base(**batch), "surgery": lambda: surgery_model(**batch),
                               "peft": lambda: peft_model(**batch)}, warmup=warmup, repeats=repeats, device=device)

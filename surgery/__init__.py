@@ -4,7 +4,7 @@
 """
 from surgery.api import add_fusion, apply, disable, eject, plan, remove, set_active, trainable_parameters
 from surgery.rewrite.compose import Average, BatchSplit, Fuse, MixedBatch, Parallel, Split, Stack
-from surgery.errors import MatchError, RewriteError, SpecError, SurgeryError
+from surgery.errors import LimitError, MatchError, RewriteError, SpecError, SurgeryError, SurgeryWarning
 from surgery.match import Match
 from surgery.modules.registry import register as register_module
 from surgery.spec import Spec, load_spec
@@ -14,7 +14,7 @@ from surgery.quantize import dequantize_nf4, nf4_memory, quantize_nf4  # noqa: E
 
 __all__ = [
     "apply", "plan", "disable", "eject", "add_fusion", "Stack", "Average", "BatchSplit", "Split", "Parallel", "Fuse", "remove", "set_active", "trainable_parameters", "load_spec", "Spec", "Match",
-    "register_module", "SurgeryError", "SpecError", "MatchError", "RewriteError",
+    "register_module", "SurgeryError", "SpecError", "MatchError", "RewriteError", "LimitError", "SurgeryWarning",
 ] + ["merge", "unmerge", "MergeReport", "from_peft", "to_peft"]
 __all__ += ["quantize_nf4", "dequantize_nf4", "nf4_memory"]
 __version__ = "0.1.0"

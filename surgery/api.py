@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections import OrderedDict
 import re
+import weakref
 from typing import Any, Iterable
 
 import torch
@@ -12,13 +14,20 @@ from torch import nn
 from surgery.analyze import Analysis, analyze
 from surgery.errors import RewriteError, SpecError, SurgeryError
 from surgery.match import Match, match_spec
-from surgery.rewrite import Record, realize, store_of
-from surgery.rewrite.compose import Block, Fuse, MixedBatch, Stack, block_from
+from surgery.rewrite import Record, budget, realize, store_of
+from surgery.rewrite.compose import Average, Block, Fuse, MixedBatch, Stack, block_from
 from surgery.rewrite.host import install_call_capture
+from surgery.rewrite.trainable import pause_inactive, resume, settled
 from surgery.spec import spec_from
+from surgery.spec.models import name_problem
 from surgery.trace import trace
+from surgery.rewrite import trained
+from surgery.rewrite.sites import install_host_check, record_hosts
+from surgery.rewrite.wrappers import unwrapping
 
-_ANALYSIS_CACHE_ATTR = "_surgery_analysis"
+# model -> its analysis, held weakly and never on the model itself (the analysis holds FakeTensors, which
+# break copy.deepcopy and pickle): a cache only, a copy of the model simply traces again
+_MODEL_CACHE: "weakref.WeakKeyDictionary[nn.Module, Analysis]" = weakref.WeakKeyDictionary()
 
 
 _STRUCTURE_CACHE: "OrderedDict[tuple, Analysis]" = OrderedDict()
@@ -49,12 +58,12 @@ def _fingerprint(model: nn.Module, example_inputs) -> tuple | None:
 
 
 def _analysis(model: nn.Module, example_inputs) -> Analysis:
-    """Trace and analyze once per model (and per example inputs given). Cached on the model, and per
-    structure for the process, so a second instance of one architecture is not traced again."""
-    cached = model.__dict__.get(_ANALYSIS_CACHE_ATTR)
+    """Trace and analyze once per model (and per example inputs given). Cached per model (weakly, off the
+    model), and per structure for the process, so a second instance of one architecture is not traced again."""
+    store = store_of(model)
+    cached = _MODEL_CACHE.get(model)
     if cached is not None and example_inputs is None:
         return cached
-    store = store_of(model)
     key = _fingerprint(model, example_inputs) if store is None else None
     if key is not None and key in _STRUCTURE_CACHE:
         _STRUCTURE_CACHE.move_to_end(key)
@@ -69,10 +78,11 @@ def _analysis(model: nn.Module, example_inputs) -> Analysis:
             _STRUCTURE_CACHE[key] = result
             while len(_STRUCTURE_CACHE) > 8:
                 _STRUCTURE_CACHE.popitem(last=False)
-    model.__dict__[_ANALYSIS_CACHE_ATTR] = result
+    _MODEL_CACHE[model] = result
     return result
 
 
+@unwrapping
 def plan(model: nn.Module, spec: Any, *, example_inputs=None) -> list[Match]:
     """Every site each rule of the spec matches, changing nothing."""
     spec = spec_from(spec)
@@ -80,18 +90,25 @@ def plan(model: nn.Module, spec: Any, *, example_inputs=None) -> list[Match]:
     return [m for matches in match_spec(spec, analysis) for m in matches]
 
 
+@unwrapping
 def apply(model: nn.Module, spec: Any, *, example_inputs=None, name: str | None = None,
-          calibration: Any = None) -> nn.Module:
+          calibration: Any = None, adapter_dtype: "torch.dtype | str | None" = None,
+          memory_limit: "int | str | None" = None) -> nn.Module:
     """Rewrite `model` in place as the spec says and return it.
 
     Base parameters are frozen; the new modules (and what `train` rules select) train. The model keeps its
     class, its forward signature and its parameters (shared, never copied). On any error the model is left
     exactly as it was. `calibration`: data for modules that choose their structure from the model's
     gradients (sparse `select: gradient`): batches the model takes whose outputs carry a loss, or a callable
-    model -> iterable of scalar losses.
+    model -> iterable of scalar losses. `adapter_dtype`: the new modules' parameter dtype; by default float32
+    on a float16/bfloat16 base (as PEFT's autocast_adapter_dtype; they compute in float32 and hand the base its
+    own dtype back, so GradScaler and torch.autocast train them), else the base's; "base" keeps the base's.
+    `memory_limit`: bytes (or "8GiB", or "none") the new adapters may take;
+    default `SURGERY_MEMORY_LIMIT`, else a quarter of the memory available (rewrite/budget.py): a spec over it is a
+    `LimitError` before anything is allocated.
     """
     spec = spec_from(spec)
-    name = name or "default"
+    name = _checked_name(name or "default")
     store = store_of(model)
     if spec.compose is not None and not spec.rules:
         try:
@@ -106,35 +123,58 @@ def apply(model: nn.Module, spec: Any, *, example_inputs=None, name: str | None 
         raise SurgeryError(f"an adapter named {name!r} is already applied; remove it first or choose another name")
     analysis = _analysis(model, example_inputs)
     all_matches = match_spec(spec, analysis)
+    budget.check(model, analysis, spec, all_matches, memory_limit)   # before anything is allocated
     snapshot = _snapshot(model)
     created_store = store is None
     store = store_of(model, create=True)
     if created_store:
-        store.uninstall = install_call_capture(model, store.runtime)
+        store.uninstall = _undo_all(install_call_capture(model, store.runtime), install_host_check(model, store))
         # the user's own requires_grad flags, given back when the last adapter set is removed
         store.base_flags = [(p, p.requires_grad) for p in model.parameters()]
     record = Record(name=name, specs=[spec])
     # one dict for every site of this call: modules compute per-call statistics once (`apply_cache`)
-    site_extra = {"calibration": calibration, "apply_cache": {}}
+    site_extra = {"calibration": calibration, "apply_cache": {}, "adapter_dtype": adapter_dtype}
     try:
         store.adapters[name] = nn.ModuleDict()
-        record.undo.append(lambda: store.adapters.pop(name))
+        record.undo.append(functools.partial(store.adapters.pop, name))
         for rule, matches in zip(spec.rules, all_matches):
             realize(model, analysis, store, record, rule, matches, site_extra)
         _set_trainable(model, store, record)
         store.records[name] = record
+        trained.adopt(store, name, [p for p, _ in record.trained])
         if spec.compose is not None:
             set_active(model, block_from(spec.compose))
-    except Exception as exc:
+        trained.sync(store)
+        record_hosts(model, store)
+    except BaseException as exc:   # Ctrl-C (KeyboardInterrupt) too: any interruption leaves the model as it was
         record.rollback()
+        if store.records.pop(name, None) is not None:
+            trained.forget(store, name)
         _restore(model, snapshot)
         if created_store:
             store.uninstall()
             delattr(model, "surgery_adapters")
-        if isinstance(exc, SurgeryError):
+        if isinstance(exc, SurgeryError) or not isinstance(exc, Exception):
             raise
         raise RewriteError(f"rewrite failed: {type(exc).__name__}: {exc}") from exc
+    pause_inactive(store)   # an adapter applied while others are chosen by set_active is inactive: it waits
     return model
+
+
+def _undo_all(*undos):
+    return functools.partial(_run_all, undos)
+
+
+def _run_all(undos):
+    for undo in undos:
+        undo()
+
+
+def _checked_name(name: Any) -> str:
+    problem = name_problem(name, "adapter name")
+    if problem:
+        raise SurgeryError(problem)
+    return name
 
 
 def _snapshot(model: nn.Module) -> dict:
@@ -162,6 +202,7 @@ def _set_trainable(model: nn.Module, store, record: Record):
 
 
 @contextlib.contextmanager
+@unwrapping
 def disable(model: nn.Module):
     """Run the base model: every adapter off inside the block."""
     store = store_of(model)
@@ -170,12 +211,15 @@ def disable(model: nn.Module):
         return
     previous = store.runtime.disabled
     store.runtime.disabled = True
+    trained.sync(store)   # trained base parameters: the base's values inside
     try:
         yield model
     finally:
         store.runtime.disabled = previous
+        trained.sync(store)
 
 
+@unwrapping
 def set_active(model: nn.Module, names: "str | Iterable[str] | Block | dict | None") -> None:
     """Choose what runs: one adapter name, several (stacked in the order applied), a composition block
     (Stack, Average, BatchSplit, Split, Parallel, Fuse), or None for every adapter."""
@@ -197,17 +241,22 @@ def set_active(model: nn.Module, names: "str | Iterable[str] | Block | dict | No
         unknown = [n for n in names if n not in store.records]
         if unknown:
             raise SurgeryError(f"no adapter named {unknown[0]!r}; adapters: {sorted(store.records)}")
-    if isinstance(block, Block) and not isinstance(block, Stack):
+    flat_average = isinstance(block, Average) and all(isinstance(c, str) for c in block.children)
+    if isinstance(block, Block) and not isinstance(block, Stack) and not flat_average:
         for n in block.names():
             weight_sites = [s for s in store.records[n].weight_sites if s.realized == "weight"]
             if weight_sites:
                 raise SurgeryError(f"{type(block).__name__} needs every adapter computed on activations, but "
                                    f"adapter {n!r} adapts {weight_sites[0].owner_path} on its weight (a "
-                                   f"parametrization, which only adds up): use Stack, or realize: activation")
+                                   f"parametrization, which only adds up or averages): use Stack, an Average "
+                                   f"of adapter names, or realize: activation")
     if isinstance(block, MixedBatch):
         _check_per_row(store, block)
+    resume(store)
     store.runtime.active = names
     store.runtime.composition = block if isinstance(block, Block) else None
+    trained.sync(store)
+    pause_inactive(store)   # only the active adapters' parameters train
 
 
 def _check_per_row(store, block: MixedBatch) -> None:
@@ -234,6 +283,7 @@ def _fusion_names(block) -> list[str]:
     return out
 
 
+@unwrapping
 def add_fusion(model: nn.Module, adapters: list[str], *, name: str, dropout: float = 0.1) -> nn.Module:
     """AdapterFusion over `adapters` under the new adapter `name`: a fusion module at every site where all of
     them act. Only the fusion modules train; the fused adapters are frozen. Activates Fuse(*adapters)."""
@@ -244,11 +294,13 @@ def add_fusion(model: nn.Module, adapters: list[str], *, name: str, dropout: flo
         raise SurgeryError(f"fusion needs applied adapters {adapters}; have {sorted(store.records) if store else []}")
     if name in store.records:
         raise SurgeryError(f"an adapter named {name!r} is already applied")
+    _checked_name(name)
+    resume(store)   # the fused adapters' own flags are what the fusion records (set_active pauses again)
     dim = _analysis(model, None).hidden_size
     record = Record(name=name)
     modules = nn.ModuleDict()
     store.adapters[name] = nn.ModuleDict({"fusion": modules})
-    record.undo.append(lambda: store.adapters.pop(name))
+    record.undo.append(functools.partial(store.adapters.pop, name))
     gate = Gate(store.runtime, name)
     for path, module in model.named_modules():
         for (side, loc), dispatcher in list(module.__dict__.get("_surgery_dispatch", {}).items()):
@@ -263,6 +315,7 @@ def add_fusion(model: nn.Module, adapters: list[str], *, name: str, dropout: flo
             record.undo.append(dispatch(module, side, loc, gate, fusion, fusion=True))
     if not len(modules):
         record.rollback()
+        pause_inactive(store)
         raise SurgeryError(f"adapters {adapters} share no site to fuse at")
     for a in adapters:
         for p in store.adapters[a].parameters():
@@ -275,25 +328,31 @@ def add_fusion(model: nn.Module, adapters: list[str], *, name: str, dropout: flo
     return model
 
 
+@unwrapping
 def remove(model: nn.Module, name: str = "default") -> nn.Module:
     """Delete one adapter set and restore what it changed."""
     store = store_of(model)
     if store is None or name not in store.records:
         raise SurgeryError(f"no adapter named {name!r}")
-    record = store.records.pop(name)
-    record.rollback()
-    for p, flag in record.trained + record.frozen:
-        p.requires_grad_(flag)
-    if store.runtime.active and name in store.runtime.active:
-        store.runtime.active, store.runtime.composition = None, None
+    with settled(store):
+        record = store.records.pop(name)
+        record.rollback()
+        record_hosts(model, store)
+        for p, flag in record.trained + record.frozen:
+            p.requires_grad_(flag)
+        if store.runtime.active and name in store.runtime.active:
+            store.runtime.active, store.runtime.composition = None, None
+        trained.forget(store, name)   # its trained base parameters: the base's values again, or another set's
     if not store.records:
         store.uninstall()
         for p, flag in getattr(store, "base_flags", []):
             p.requires_grad_(flag)
         delattr(model, "surgery_adapters")
+        _MODEL_CACHE.pop(model, None)   # the model may change before the next apply (resize_token_embeddings)
     return model
 
 
+@unwrapping
 def eject(model: nn.Module, name: str | None = None) -> nn.Module:
     """Replace reparameterizations used only for training (prefix tuning's MLP) by the values they produce:
     same outputs, fewer parameters."""
@@ -311,6 +370,7 @@ def eject(model: nn.Module, name: str | None = None) -> nn.Module:
     return model
 
 
+@unwrapping
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts; tied parameters counted once."""
     seen, trainable, total = set(), 0, 0

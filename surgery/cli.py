@@ -1,19 +1,31 @@
 """The `surgery` command line: validate, schema, inspect, apply, export, demo.
 
 A user error (a bad spec, a model that cannot be loaded, a rule that matches nothing) prints one line per
-problem and exits with 1; no traceback. Spec problems read `file:line:col: key.path: message`.
+problem and exits with 1; a usage error (bad arguments, nothing to check) exits with 2. No traceback, ever:
+an unexpected exception is one `error: internal error: ...` line and exit 1 (`SURGERY_DEBUG=1` shows the
+traceback). Spec problems read `file:line:col: key.path: message`.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import importlib
+import logging
 import os
 import sys
 from pathlib import Path
 
 from surgery.errors import MatchError, SpecError, SurgeryError
+from surgery.progress import logger as progress_logger
+from surgery.progress import quiet_libraries, stage
 
 MODEL_HELP = "package.module:factory_or_class (called with no arguments) or a transformers model directory"
+EXIT_INVALID, EXIT_USAGE = 1, 2
+
+
+class UsageError(SurgeryError):
+    """The command line itself is wrong (exit 2)."""
 
 
 def load_model(ref: str):
@@ -21,19 +33,43 @@ def load_model(ref: str):
 
     Returns (model, example_inputs); the example comes from the model's `example_inputs()` when it has one.
     """
+    if not isinstance(ref, str) or not ref.strip():
+        raise UsageError(f"--model/MODEL is empty: give {MODEL_HELP}")
     if ":" in ref and not Path(ref).exists():
         module_name, _, attr = ref.partition(":")
+        if not module_name or module_name.startswith(".") or not attr.isidentifier():
+            raise UsageError(f"MODEL {ref!r}: expected package.module:factory_or_class (an absolute module name and "
+                             f"a Python name), or a model directory")
         if os.getcwd() not in sys.path and "" not in sys.path:
             sys.path.insert(0, os.getcwd())   # `surgery` run as a script: find the user's own packages
         try:
-            factory = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as exc:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
             raise SurgeryError(f"cannot load model {ref!r}: {exc}") from None
+        except SyntaxError as exc:
+            raise SurgeryError(f"cannot load model {ref!r}: {exc.filename}:{exc.lineno}: syntax error: "
+                               f"{exc.msg}") from None
+        except Exception as exc:  # noqa: BLE001 - the user's module raised at import
+            raise SurgeryError(f"cannot load model {ref!r}: importing {module_name} raised "
+                               f"{type(exc).__name__}: {exc}") from None
+        factory = getattr(module, attr, None)
+        if not callable(factory):
+            raise SurgeryError(f"cannot load model {ref!r}: module {module_name!r} has no callable {attr!r}")
         try:
             model = factory()
         except Exception as exc:  # the user's factory: report, do not crash
             raise SurgeryError(f"cannot load model {ref!r}: {attr}() raised {type(exc).__name__}: {exc}") from None
-        example = model.example_inputs() if callable(getattr(model, "example_inputs", None)) else None
+        import torch
+        if not isinstance(model, torch.nn.Module):
+            raise SurgeryError(f"cannot load model {ref!r}: {attr}() returned {type(model).__name__}, not a "
+                               f"torch.nn.Module")
+        example = None
+        if callable(getattr(model, "example_inputs", None)):
+            try:
+                example = model.example_inputs()
+            except Exception as exc:  # noqa: BLE001
+                raise SurgeryError(f"cannot load model {ref!r}: its example_inputs() raised "
+                                   f"{type(exc).__name__}: {exc}") from None
         return model, example
     path = Path(ref)
     if path.is_dir():
@@ -79,6 +115,8 @@ def _spec_files(arguments: list[str]) -> list[str]:
             files += sorted(str(p) for p in path.rglob("*") if p.suffix in SPEC_SUFFIXES and p.is_file())
         else:
             files.append(argument)
+    if not files:
+        raise UsageError(f"no spec files ({', '.join(SPEC_SUFFIXES)}) in {', '.join(arguments)}: nothing to check")
     return files
 
 
@@ -95,15 +133,22 @@ def cmd_validate(args) -> int:
             problems.extend(_problems(exc))
             failed.add(file)
     model_error = None
+    counts: dict[str, list[tuple[str, int]]] = {}
+    if args.model is not None and not args.model.strip():
+        raise UsageError(f"--model is empty: give {MODEL_HELP}")
     if args.model and loaded:
         try:
             model, example = load_model(args.model)
             for file, spec, origins in loaded:
-                found = _check_on_model(model, example, file, spec, origins, args.model)
+                with stage(f"validate {file} on {args.model}"):
+                    found = _check_on_model(model, example, file, spec, origins, args.model,
+                                            counts.setdefault(file, []))
                 example = None   # traced once: later checks reuse the analysis cached on the model
                 problems.extend(found)
                 if found:
                     failed.add(file)
+        except UsageError:
+            raise
         except SurgeryError as exc:   # the model, not a spec: no file line to point at
             model_error = exc
     for problem in problems:
@@ -111,7 +156,8 @@ def cmd_validate(args) -> int:
     for file, spec, _ in loaded:
         if file not in failed and model_error is None:
             on = f" on {args.model}" if args.model else ""
-            print(f"{file}: ok ({len(spec.rules)} rule{'s' if len(spec.rules) != 1 else ''}{on})")
+            sites = "; sites: " + ", ".join(f"{n} {c}" for n, c in counts[file]) if counts.get(file) else ""
+            print(f"{file}: ok ({len(spec.rules)} rule{'s' if len(spec.rules) != 1 else ''}{on}{sites})")
     if model_error is not None:
         print(f"error: {model_error}", file=sys.stderr)
     if problems:
@@ -120,15 +166,19 @@ def cmd_validate(args) -> int:
     return 1 if problems or model_error else 0
 
 
-def _check_on_model(model, example, file: str, spec, origins, model_ref: str) -> list[SpecError]:
-    """Each rule must match on the model (problems point at the rule's `match`); then the whole spec must apply."""
+def _check_on_model(model, example, file: str, spec, origins, model_ref: str,
+                    counts: list | None = None) -> list[SpecError]:
+    """Each rule must match on the model (problems point at the rule's `match`); then the whole spec must apply.
+    `counts` receives (rule name, sites matched) per rule."""
     import surgery
     problems = []
     surgery.plan(model, spec.model_copy(update={"rules": []}), example_inputs=example)   # trace and analyze once
     for i, (rule, origin) in enumerate(zip(spec.rules, origins)):
         single = spec.model_copy(update={"rules": [rule.model_copy(update={"name": spec.rule_name(i)})]})
         try:
-            surgery.plan(model, single)
+            matched = surgery.plan(model, single)
+            if counts is not None:
+                counts.append((spec.rule_name(i), len(matched)))
         except MatchError as exc:
             problems.append(origin.error(f"{exc} (on {model_ref})", "match"))
     if problems:
@@ -177,13 +227,32 @@ def _summary(model, matches) -> str:
 
 
 def _applied(args):
-    """Load MODEL, apply SPEC, print the sites; returns (model, example_inputs)."""
+    """Load MODEL, apply SPEC (or load the adapters of --adapters DIR), print the sites; returns (model, example_inputs)."""
     import surgery
+    if getattr(args, "adapters", None):
+        return _loaded(args)
     model, example = load_model(args.model)
     matches = surgery.plan(model, args.spec, example_inputs=example)
     print(format_table([m.as_row() for m in matches], ["rule", "layer", "role", "module", "node"]))
     surgery.apply(model, args.spec, name=getattr(args, "name", None) or None)
     print(f"\n{_summary(model, matches)}")
+    return model, example
+
+
+def _loaded(args):
+    """Load MODEL and the adapters saved in --adapters DIR (surgery.load), print their sites; returns
+    (model, example_inputs)."""
+    import surgery
+    from surgery.io.checkpoint import read_manifest
+    manifest = read_manifest(args.adapters)
+    model, example = load_model(args.model)
+    rows = []
+    for entry in manifest["adapters"]:
+        matches = surgery.plan(model, Path(args.adapters) / entry["spec"], example_inputs=example)
+        rows += [{"adapter": entry["name"], **m.as_row()} for m in matches]
+    print(format_table(rows, ["adapter", "rule", "layer", "role", "module", "node"]))
+    surgery.load(model, args.adapters, example_inputs=example)
+    print(f"\n{_summary(model, rows)} (loaded from {args.adapters})")
     return model, example
 
 
@@ -236,7 +305,7 @@ def cmd_demo(args) -> int:
 
     import surgery
     from surgery.example_models import minigpt
-    spec = args.spec or str(Path(__file__).resolve().parent.parent / "specs" / "houlsby.yaml")
+    spec = args.spec or "houlsby"   # the shipped specs/houlsby.yaml
     torch.manual_seed(0)
     model = minigpt(vocab_size=50, hidden_dim=64, n_layers=2, seq_len=32)
     example = model.example_inputs()
@@ -260,69 +329,130 @@ def cmd_demo(args) -> int:
     return 0
 
 
+SPEC_HELP = ("a spec file (YAML or JSON), or the name of a shipped spec (houlsby, lora, ...: "
+             "the files of the package's specs/)")
+ADAPTERS_HELP = "a directory of trained adapters written by surgery.save or `surgery apply` (instead of --spec)"
+QUIET_HELP = "do not print progress (each long stage and how long it took) on stderr"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="surgery", description="Declarative model surgery for PyTorch.")
+    parser.add_argument("-q", "--quiet", action="store_true", default=False, help=QUIET_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("validate", help="check spec files (schema and semantics; with --model, that every rule "
                                         "matches and the spec applies)",
                        description="Print every problem as file:line:col: key.path: message; exit 1 on any.")
     p.add_argument("files", nargs="+", metavar="FILE", help="YAML or JSON spec files")
-    p.add_argument("--model", help=MODEL_HELP)
+    p.add_argument("--model", help="also check on this model that every rule matches and each spec applies: "
+                                    + MODEL_HELP)
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("schema", help="print the JSON Schema of the spec format (as in surgery.schema.json)")
     p.set_defaults(func=cmd_schema)
 
-    p = sub.add_parser("inspect", help="print the sites a spec matches and the trainable parameter count")
+    p = sub.add_parser("inspect", help="print the sites a spec matches (or saved adapters cover) and the "
+                                       "trainable parameter count")
     p.add_argument("model", help=MODEL_HELP)
-    p.add_argument("--spec", required=True)
+    _spec_or_adapters(p)
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("apply", help="apply a spec to a model and save the adapters (surgery.save)")
     p.add_argument("model", help=MODEL_HELP)
-    p.add_argument("--spec", required=True)
+    p.add_argument("--spec", required=True, help=SPEC_HELP)
     p.add_argument("--out", required=True, metavar="DIR", help="directory for the adapter files")
     p.add_argument("--name", default=None, help="adapter name (default: default)")
     p.set_defaults(func=cmd_apply)
 
-    p = sub.add_parser("export", help="apply a spec and export the rewritten model (surgery.export)")
+    p = sub.add_parser("export", help="apply a spec (or load trained adapters) and export the rewritten model "
+                                      "(surgery.export)")
     p.add_argument("model", help=MODEL_HELP)
-    p.add_argument("--spec", required=True)
-    p.add_argument("--format", default="onnx", choices=["onnx", "torchscript", "pt2"])
-    p.add_argument("--out", required=True, metavar="FILE")
+    _spec_or_adapters(p)
+    p.add_argument("--format", default="onnx", choices=["onnx", "torchscript", "pt2"],
+                   help="onnx (checked in onnxruntime), torchscript (torch.jit.trace) or pt2 (torch.export); "
+                        "default: onnx")
+    p.add_argument("--out", required=True, metavar="FILE", help="the file to write")
     p.add_argument("--no-merge", action="store_true", help="keep foldable rewrites unmerged")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("draw", help="draw one layer before and after surgery, inserted modules highlighted")
     p.add_argument("model", help=MODEL_HELP)
-    p.add_argument("--spec", help="spec to apply")
-    p.add_argument("--adapters", metavar="DIR", help="or: adapters saved by surgery.save / surgery apply")
+    p.add_argument("--spec", help=SPEC_HELP)
+    p.add_argument("--adapters", metavar="DIR", help=ADAPTERS_HELP)
     p.add_argument("--out", default="surgery.svg", metavar="FILE", help="output file: .svg, .png or .pdf")
-    p.add_argument("--layer", type=int, default=0)
-    p.add_argument("--backend", default="auto", choices=["auto", "graphviz", "matplotlib"])
+    p.add_argument("--layer", type=int, default=0, help="which layer to draw, counted from 0 (negative: from the "
+                                                         "end); default: 0")
+    p.add_argument("--backend", default="auto", choices=["auto", "graphviz", "matplotlib"],
+                   help="graphviz (needs the `dot` program), matplotlib, or auto (graphviz when available)")
     p.set_defaults(func=cmd_draw)
 
     p = sub.add_parser("demo", help="apply a spec to the built-in MiniGPT and train a few steps")
-    p.add_argument("--spec", default=None)
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--spec", default=None, help="the spec to apply (default: houlsby, the shipped Houlsby adapters)")
+    p.add_argument("--steps", type=int, default=20, help="training steps on a copy task (default: 20)")
     p.set_defaults(func=cmd_demo)
+
+    for p in sub.choices.values():   # -q after the command too; progress logging around every command
+        p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help=QUIET_HELP)
+        p.set_defaults(func=_logging_progress(p.get_default("func")))
     return parser
 
 
+def _spec_or_adapters(p: argparse.ArgumentParser) -> None:
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--spec", help=SPEC_HELP)
+    group.add_argument("--adapters", metavar="DIR", help=ADAPTERS_HELP)
+
+
+def _logging_progress(func):
+    """Run a command with surgery's progress messages (logger "surgery", INFO) on stderr, unless --quiet, and
+    without the warnings torch, onnx and torchao print while it runs (e.g. transformers imports torchao when it
+    is installed, which logs the CUDA kernels it cannot load)."""
+    @functools.wraps(func)
+    def run(args) -> int:
+        with _progress_on_stderr(quiet=getattr(args, "quiet", False)), quiet_libraries():
+            return func(args)
+    return run
+
+
+@contextlib.contextmanager
+def _progress_on_stderr(quiet: bool):
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("surgery: %(message)s"))
+    level = progress_logger.level
+    if not quiet:
+        progress_logger.addHandler(handler)
+        progress_logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        progress_logger.removeHandler(handler)
+        progress_logger.setLevel(level)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run the command line; returns the exit status (0 ok, 1 invalid input, 2 usage, 130 interrupted)."""
+    args = build_parser().parse_args(argv)   # argparse prints usage and exits 2 itself
     try:
         return args.func(args)
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except SpecError as exc:
         for problem in _problems(exc):
             print(problem.render(), file=sys.stderr)
-        return 1
+        return EXIT_INVALID
     except SurgeryError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_INVALID
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # noqa: BLE001 - never a traceback: one line, and the way to see more
+        if os.environ.get("SURGERY_DEBUG"):
+            raise
+        text = " ".join(str(exc).split())[:300]
+        print(f"error: internal error: {type(exc).__name__}: {text} (SURGERY_DEBUG=1 shows the traceback; "
+              f"please report it)", file=sys.stderr)
+        return EXIT_INVALID
 
 
 if __name__ == "__main__":

@@ -37,3 +37,12 @@ class MatchError(SurgeryError):
 
 class RewriteError(SurgeryError):
     """A matched site that the rewrite cannot be realized at."""
+
+
+class LimitError(SurgeryError):
+    """Work beyond a documented limit (memory an apply would allocate, include depth, nesting), refused before
+    it starts."""
+
+
+class SurgeryWarning(UserWarning):
+    """Accepted, but probably not what was meant (e.g. a LoRA rank beyond what the weight can hold)."""

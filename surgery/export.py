@@ -25,9 +25,11 @@ import surgery.api as api
 from surgery.analyze import analyze
 from surgery.analyze.roles import op_name, stack_paths
 from surgery.errors import SurgeryError
+from surgery.progress import quiet_libraries, stage
 from surgery.rewrite.host import STATE_ATTR, _WeightParam, store_of
 from surgery.trace import trace
 from surgery.trace.export import _split_inputs, default_example_inputs
+from surgery.rewrite.wrappers import unwrapping
 
 FORMATS = ("onnx", "torchscript", "pt2")
 BATCH, SEQUENCE = "batch", "sequence"
@@ -103,7 +105,9 @@ class Prepared:
         named = _flatten(out, "output")
         if not named:
             raise ExportError(f"{type(model).__name__} returned no tensors to export")
-        self.output_names = [n for n, _ in named]
+        # an output field named like an input (a diffusers UNet takes and returns `sample`) gets `_output`:
+        # ONNX names every value once
+        self.output_names = [f"{n}_output" if n in self.names else n for n, _ in named]
         self.reference_shapes = [tuple(t.shape) for _, t in named]
 
     def dynamic_shapes(self, as_dims: bool) -> dict:
@@ -174,6 +178,9 @@ def _exporting(model: nn.Module, merge: bool) -> Iterator[None]:
         if merge and store is not None and callable(merge_fn) and callable(unmerge_fn):
             already = store.__dict__.get("merge_states", {})   # adapters the user merged stay merged
             active = store.runtime.active
+            composition = store.runtime.composition
+            if composition is not None and type(composition).__name__ != "Stack":
+                active = []   # a combining block (Average, BatchSplit, ...) is exported as it runs, unmerged
             for name in [n for n in store.records if (active is None or n in active) and n not in already]:
                 merge_fn(model, name)
                 merged.append(name)
@@ -195,12 +202,14 @@ def _quiet():
     return stack
 
 
+@unwrapping
 def export(model: nn.Module, path: str | os.PathLike, *, example_inputs: Any = None, format: str = "onnx",
            merge: bool = True, dynamic_axes: dict[str, dict[int, str]] | None = None, verify: bool = True) -> Path:
     """Export the rewritten model to `path` as ONNX, TorchScript or a pt2 archive; return the path.
 
     - `onnx`: torch's dynamo exporter; inputs named as the model takes them (`input_ids`, `attention_mask`, or
-      the forward's positional parameter names), outputs named after the output fields (`logits`, ...).
+      the forward's positional parameter names), outputs named after the output fields (`logits`, ...; a field
+      named like an input gets `_output`, e.g. a diffusers UNet's `sample` → `sample_output`).
     - `torchscript`: `torch.jit.trace`. Tracing records one run: sizes the code reads with tensor ops stay
       symbolic, but anything Python computes from a shape (branches, loops, ints passed to non-tensor code)
       is frozen to the example's shapes. With `verify` such a trace is caught (ExportError); pass
@@ -218,15 +227,18 @@ def export(model: nn.Module, path: str | os.PathLike, *, example_inputs: Any = N
         raise ExportError(f"format must be one of {', '.join(FORMATS)}, not {format!r}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with _exporting(model, merge):
+    with stage(f"export {type(model).__name__} as {format} to {path}"), _exporting(model, merge):
         prepared = Prepared(model, example_inputs, dynamic_axes)
         staging = path.parent / f".{path.name}.partial"   # the file keeps its name (ONNX external data refer to it)
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir()
         try:
-            _EXPORTERS[format](prepared, staging / path.name)
+            with stage(f"{format} exporter"), quiet_libraries():
+                _EXPORTERS[format](prepared, staging / path.name)
             if verify:
-                _verify(format, staging / path.name, prepared)
+                runner = "onnxruntime" if format == "onnx" else "torch"
+                with stage(f"verify the {format} file in {runner}"), quiet_libraries():
+                    _verify(format, staging / path.name, prepared)
             for produced in staging.iterdir():
                 os.replace(produced, path.parent / produced.name)
         except SurgeryError:
@@ -410,6 +422,7 @@ def layer_graphs(model: nn.Module, example_inputs: Any = None, layer: int = 0):
     return before, after, block
 
 
+@unwrapping
 def draw(model: nn.Module, path: str | os.PathLike, *, example_inputs: Any = None, layer: int = 0,
          backend: str = "auto") -> Path:
     """Draw one layer of the model before and after surgery, surgery's nodes highlighted; return the path.
@@ -422,13 +435,15 @@ def draw(model: nn.Module, path: str | os.PathLike, *, example_inputs: Any = Non
     """
     path = Path(path)
     backend = _backend(backend)
-    before, after, block = layer_graphs(model, example_inputs, layer)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    title = f"{type(model).__name__} · {block}"
-    if backend == "graphviz":
-        _draw_graphviz(before, after, title, path)
-    else:
-        _draw_matplotlib(before, after, title, path)
+    with stage(f"draw layer {layer} of {type(model).__name__} to {path}"):
+        before, after, block = layer_graphs(model, example_inputs, layer)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        title = f"{type(model).__name__} · {block}"
+        with stage(f"render with {backend}"), quiet_libraries("matplotlib"):
+            if backend == "graphviz":
+                _draw_graphviz(before, after, title, path)
+            else:
+                _draw_matplotlib(before, after, title, path)
     return path
 
 
@@ -494,26 +509,80 @@ def _draw_matplotlib(before, after, title: str, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
+
+    fig = matplotlib_figure(before, after, title)
+    try:
+        fig.savefig(path, format=path.suffix.lstrip(".") or "svg")
+    finally:
+        plt.close(fig)
+
+
+LABEL_POINTS = 9                      # the labels' font size; the figure grows to fit them
+CHAR_INCHES = 0.62 * LABEL_POINTS / 72   # a DejaVu Sans character is about 0.6 em wide
+LINE_INCHES = 1.2 * LABEL_POINTS / 72    # matplotlib's default line spacing
+PAD_INCHES = 0.3 * LABEL_POINTS / 72     # the label box's padding (boxstyle pad=0.3)
+GAP_INCHES, ROW_INCHES, MARGIN_INCHES = 0.3, 0.45, 0.4
+
+
+def _layout(g) -> tuple[dict, dict, float, float]:
+    """Positions in inches (x right, y down from 0): one row per topological generation, boxes of each row side
+    by side in the order of their predecessors (fewer crossings), rows centred. Returns (pos, box sizes, width,
+    height)."""
     import networkx as nx
 
-    depth = max(_depth(before), _depth(after), 1)
-    fig, axes = plt.subplots(1, 2, figsize=(14, max(6, 0.8 * depth)))
-    for ax, g, caption in ((axes[0], before, "before"), (axes[1], after, "after (surgery highlighted)")):
-        for generation, nodes in enumerate(nx.topological_generations(g)):
-            for n in nodes:
-                g.nodes[n]["generation"] = generation
-        pos = nx.multipartite_layout(g, subset_key="generation", align="horizontal", scale=1.0)
-        pos = {n: (x, -y) for n, (x, y) in pos.items()}
-        colors = [SURGERY_FILL if d["surgery"] else BASE_FILL for _, d in g.nodes(data=True)]
-        nx.draw_networkx_edges(g, pos, ax=ax, arrows=True, arrowsize=8, node_size=900, edge_color="#666666")
-        nx.draw_networkx_nodes(g, pos, ax=ax, node_color=colors, node_size=900, node_shape="s", edgecolors="#333333")
-        nx.draw_networkx_labels(g, pos, ax=ax, labels={n: d["label"] for n, d in g.nodes(data=True)}, font_size=5)
-        ax.set_title(caption)
+    sizes = {n: (max(len(line) for line in d["label"].split("\n")) * CHAR_INCHES + 2 * PAD_INCHES,
+                 len(d["label"].split("\n")) * LINE_INCHES + 2 * PAD_INCHES) for n, d in g.nodes(data=True)}
+    pos: dict = {}
+    rows = [list(r) for r in nx.topological_generations(g)] if len(g) else []
+    y, width = 0.0, 0.0
+    for row in rows:
+        row.sort(key=lambda n: (sum(pos[p][0] for p in g.predecessors(n)) / max(1, g.in_degree(n)), str(n)))
+        total = sum(sizes[n][0] for n in row) + GAP_INCHES * (len(row) - 1)
+        height = max(sizes[n][1] for n in row)
+        x = -total / 2
+        for n in row:
+            pos[n] = (x + sizes[n][0] / 2, y + height / 2)
+            x += sizes[n][0] + GAP_INCHES
+        width = max(width, total)
+        y += height + ROW_INCHES
+    return pos, sizes, width, max(y - ROW_INCHES, 0.0)
+
+
+def matplotlib_figure(before, after, title: str):
+    """The two layer graphs side by side as a matplotlib Figure: labels at LABEL_POINTS in boxes that never
+    overlap (the figure is sized in inches to fit them), arrows from box edge to box edge."""
+    import matplotlib.pyplot as plt
+
+    layouts = [_layout(before), _layout(after)]
+    widths = [max(w, 2.0) for _, _, w, _ in layouts]
+    height = max(h for _, _, _, h in layouts) + 2 * MARGIN_INCHES
+    fig_w = sum(widths) + 3 * MARGIN_INCHES
+    fig_h = height + 1.4   # room for the captions and the title above the graphs
+    fig = plt.figure(figsize=(fig_w, fig_h))
+    left = MARGIN_INCHES
+    for (pos, sizes, _, _), width, g, caption in zip(layouts, widths, (before, after),
+                                              ("before", "after (surgery highlighted)")):
+        ax = fig.add_axes((left / fig_w, MARGIN_INCHES / fig_h, width / fig_w, height / fig_h))
+        ax.set_xlim(-width / 2, width / 2)
+        ax.set_ylim(height - MARGIN_INCHES, -MARGIN_INCHES)   # y grows downwards, 1 unit = 1 inch
         ax.axis("off")
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, format=path.suffix.lstrip(".") or "svg")
-    plt.close(fig)
+        ax.set_title(caption, fontsize=LABEL_POINTS + 2)
+        for n, d in g.nodes(data=True):
+            fill = SURGERY_FILL if d["surgery"] else IO_FILL if d["op"] in ("input", "output") else BASE_FILL
+            style = "round,pad=0.3" if d["op"] in ("input", "output") else "square,pad=0.3"
+            ax.text(*pos[n], d["label"], ha="center", va="center", fontsize=LABEL_POINTS, zorder=2,
+                               bbox={"boxstyle": style, "facecolor": fill, "edgecolor": "#333333", "linewidth": 0.8})
+        for a, b in g.edges:   # from the bottom of a's box to the top of b's (b is in a later row)
+            start = (pos[a][0], pos[a][1] + sizes[a][1] / 2)
+            end = (pos[b][0], pos[b][1] - sizes[b][1] / 2)
+            skips = end[1] - start[1] > ROW_INCHES + 1e-6   # bends around the boxes between (behind them anyway)
+            ax.annotate("", xy=end, xytext=start, zorder=1,
+                        arrowprops={"arrowstyle": "-|>,head_length=0.5,head_width=0.25", "color": "#555555",
+                                    "linewidth": 0.8, "shrinkA": 0, "shrinkB": 0,
+                                    "connectionstyle": f"arc3,rad={-0.3 if skips else 0.0}"})
+        left += width + MARGIN_INCHES
+    fig.suptitle(title, fontsize=LABEL_POINTS + 3, y=1 - 0.25 / fig_h, va="top")
+    return fig
 
 
 def _depth(g) -> int:

@@ -22,6 +22,7 @@ from surgery.api import apply, remove, set_active
 from surgery.errors import SurgeryError
 from surgery.rewrite.host import STATE_ATTR, store_of
 from surgery.spec import Spec
+from surgery.rewrite.wrappers import unwrapping
 
 Slot = tuple[nn.Module, str, bool]   # owner module, attribute, is a parameter
 
@@ -30,6 +31,7 @@ class MaterializeError(SurgeryError):
     """Base weights that do not fit the model, or an adapter set that cannot be rebuilt."""
 
 
+@unwrapping
 def materialize(model: nn.Module, weights: "str | os.PathLike | Iterable | Mapping[str, torch.Tensor] | None" = None,
                 *, device: "str | torch.device" = "cpu", calibration: Any = None) -> nn.Module:
     """Give a model built on the meta device its base weights and its adapters their initial values; return it.
@@ -40,8 +42,8 @@ def materialize(model: nn.Module, weights: "str | os.PathLike | Iterable | Mappi
     stay tied, and `requires_grad` flags are kept. Every parameter and persistent buffer must be given; a
     non-persistent buffer left on the meta device (a rotary embedding's `inv_freq`) is computed by the model's
     own initializer where it has one (transformers' `_init_weights`). With `weights=None` the base must already
-    be loaded (`model.load_state_dict(state, strict=False, assign=True)` works where every site is realized
-    with hooks; a parametrized weight has another name while wrapped, so pass `weights` then).
+    be loaded (`model.load_state_dict(state, strict=False, assign=True)` works for every realization: a
+    parametrized weight keeps its base name in the state dict).
 
     Every adapter set is then rebuilt from its spec under its name, in the order applied, and the active
     adapters and composition are restored. `calibration` is passed to `apply` for specs that need it. On any
@@ -71,11 +73,11 @@ def materialize(model: nn.Module, weights: "str | os.PathLike | Iterable | Mappi
             applied.append(name)
         if sets and active is not None:
             set_active(model, active)
-    except Exception as exc:
+    except BaseException as exc:   # Ctrl-C too
         for name in reversed(applied):
             remove(model, name)
         _restore(model, slots, saved, sets, active, flags)
-        if isinstance(exc, SurgeryError):
+        if isinstance(exc, SurgeryError) or not isinstance(exc, Exception):
             raise
         raise MaterializeError(f"materialize failed, the model is unchanged: {type(exc).__name__}: {exc}") from exc
     return model

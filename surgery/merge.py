@@ -29,6 +29,7 @@ that is PEFT's `merge_and_unload`.
 from __future__ import annotations
 
 import contextlib
+import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -38,9 +39,14 @@ from torch.nn.utils import parametrize
 
 from surgery.errors import SurgeryError
 from surgery.modules.base import WeightAdapter, is_weight_adapter_part
+from surgery.rewrite.compose import Average, Block, Stack
 from surgery.rewrite.host import WeightSite, attach_weight_site, store_of
+from surgery.rewrite.sites import check_hosts
+from surgery.rewrite.wrappers import unwrapping
+from surgery.rewrite.trainable import settled
 
 INVERSE_TOLERANCE = 1e-6
+_PARAMETRIZED = re.compile(r"\.parametrizations\.([^.]+)\.original$")
 
 
 @dataclass
@@ -54,9 +60,13 @@ class MergeReport:
 
     def __str__(self) -> str:
         lines = [f"merged {len(self.merged)} weight site(s); kept {self.stored_bytes} bytes for unmerge"]
+        lines += [f"merged: {site}" for site in self.merged[:20]]
+        if len(self.merged) > 20:
+            lines.append(f"merged: ... and {len(self.merged) - 20} more (MergeReport.merged lists every one)")
         lines += [f"not merged: {site}: {why}" for site, why in self.not_merged.items()]
         if self.in_place:
-            lines.append(f"trained in place (already in the base): {len(self.in_place)} parameter(s)")
+            lines.append(f"trained in place (already in the base): {len(self.in_place)} parameter(s): "
+                         + ", ".join(self.in_place[:20]) + (" ..." if len(self.in_place) > 20 else ""))
         return "\n".join(lines)
 
 
@@ -80,8 +90,8 @@ class _Folded:
     is_bias: bool
     param: nn.Parameter
     rows: tuple[int, int] | None
-    mode: str                        # "inverse", "residual" or "copy"
-    kept: torch.Tensor | _Residual | None   # the copy or the residual
+    mode: str                        # "inverse", "residual", "copy" or "rows"
+    kept: "torch.Tensor | _Residual | _RowsCopy | None"   # the copy, the residual or the rows
     adapter_state: dict | None       # the adapter's tensors when merged (for the inverse, and to fold again)
 
 
@@ -90,6 +100,7 @@ class _MergeState:
     sites: list[WeightSite]
     folded: list[_Folded]
     flags: list[tuple[nn.Parameter, bool]]
+    group: tuple[str, ...] = ()      # adapters folded together under one Average (unmerged together)
 
 
 def _states(store) -> dict[str, _MergeState]:
@@ -124,19 +135,22 @@ def _names_by_param(model: nn.Module) -> dict[int, list[str]]:
     return names
 
 
-def _why_not(site: WeightSite, shared: dict[int, list[str]]) -> str | None:
+def _why_not(site: WeightSite, shared: dict[int, list[str]], sites: list[WeightSite] = ()) -> str | None:
     adapter = site.adapter
     if not site.attached:
         return "the site is detached"
     if not isinstance(adapter, WeightAdapter) or not adapter.mergeable:
-        return f"{type(adapter).__name__} does not fold into a weight"
+        why = " (on a grouped conv it is no grouped kernel)" if getattr(adapter, "activation_only", False) else ""
+        return f"{type(adapter).__name__} does not fold into a weight{why}"
     tensors = [site.weight_name] + ([site.bias_name] if site.bias_name else [])
     for tensor in tensors:
         param = _base_param(site.owner, tensor)
         if not param.is_floating_point():
             return f"{site.owner_path}.{tensor} is {param.dtype}, not a floating-point weight"
         names = shared.get(id(param), [])
-        if len(names) > 1:
+        covered = {f"{s.owner_path}.{s.weight_name}" if s.owner_path else s.weight_name
+                   for s in sites if s.adapter is site.adapter}
+        if len(names) > 1 and not {_PARAMETRIZED.sub(r".\1", n) for n in names} <= covered:
             return (f"{site.owner_path}.{tensor} is shared by {', '.join(names)}: folding it would change "
                     f"every module that reads it")
     return None
@@ -159,8 +173,22 @@ def _adapter_values(adapter: nn.Module, state: dict | None):
             adapter.load_state_dict(saved)
 
 
-def _keep(orig: torch.Tensor, merged: torch.Tensor, inverse, exact: bool) -> tuple[str, object]:
-    """What restores `orig` from `merged`: the inverse alone, the inverse plus a residual, or a copy."""
+@dataclass
+class _RowsCopy:
+    """The base values of the only rows a fold changed (an adapter's `covered_rows`)."""
+
+    index: torch.Tensor
+    values: torch.Tensor
+
+    def nbytes(self) -> int:
+        return self.index.numel() * self.index.element_size() + self.values.numel() * self.values.element_size()
+
+
+def _keep(orig: torch.Tensor, merged: torch.Tensor, inverse, exact: bool, rows=None) -> tuple[str, object]:
+    """What restores `orig` from `merged`: the inverse alone, the inverse plus a residual, or a copy (of the
+    covered `rows` only, when the adapter changes only those)."""
+    if rows is not None:
+        return "rows", _RowsCopy(rows.clone(), orig[rows].clone())
     restored = inverse(merged) if inverse is not None else None
     if restored is None:
         return "copy", orig
@@ -189,7 +217,8 @@ def _fold(site: WeightSite, is_bias: bool, exact: bool, adapter_state: dict) -> 
     part.copy_(new)
     try:
         inverse = getattr(adapter, "inverse_bias" if is_bias else "inverse_weight", None)
-        mode, kept = _keep(orig, part.detach().clone(), inverse, exact)
+        rows = None if is_bias else getattr(adapter, "covered_rows", None)
+        mode, kept = _keep(orig, part.detach().clone(), inverse, exact, rows)
     except BaseException:
         part.copy_(orig)
         raise
@@ -201,6 +230,9 @@ def _unfold(folded: _Folded) -> None:
     part = _part(folded.param, site, folded.is_bias)
     if folded.mode == "copy":
         part.copy_(folded.kept)
+        return
+    if folded.mode == "rows":
+        part.index_copy_(0, folded.kept.index, folded.kept.values)
         return
     inverse = site.adapter.inverse_bias if folded.is_bias else site.adapter.inverse_weight
     with _adapter_values(site.adapter, folded.adapter_state):
@@ -226,7 +258,7 @@ def _refold(folded: _Folded) -> None:
 def _nbytes(kept) -> int:
     if kept is None:
         return 0
-    return kept.nbytes() if isinstance(kept, _Residual) else kept.numel() * kept.element_size()
+    return kept.nbytes() if isinstance(kept, (_Residual, _RowsCopy)) else kept.numel() * kept.element_size()
 
 
 def _chosen(store, name: str | None) -> list[str]:
@@ -238,8 +270,46 @@ def _chosen(store, name: str | None) -> list[str]:
     return [n for n in store.records if active is None or n in active]
 
 
+NOT_A_FOLD = {
+    "BatchSplit": "it gives different batch rows different adapters, and one weight serves every row",
+    "Split": "it gives different sequence positions different adapters, and one weight serves every position",
+    "Parallel": "it runs the batch once per adapter, and one weight serves every copy",
+    "Fuse": "AdapterFusion weighs the adapters' outputs by attention over each input, which no fixed weight computes",
+}
+
+
+def _fold_steps(block, names: list[str]) -> list[list[tuple[str, float]]]:
+    """What the active configuration computes, as folds in order: each step is one adapter at full strength, or
+    an Average's adapters with their weights, all computed from the weights entering that step. Refuses a block
+    whose result is not a fold of the weights (SurgeryError, nothing changed)."""
+    if block is None:
+        return [[(n, 1.0)] for n in names]
+    if isinstance(block, str):
+        return [[(block, 1.0)]]
+    if isinstance(block, Stack):
+        return [step for child in block.children for step in _fold_steps(child, names)]
+    if isinstance(block, Average):
+        nested = [c for c in block.children if not isinstance(c, str)]
+        if nested:
+            raise SurgeryError(f"cannot merge under {block!r}: merge folds an Average of adapter names, and its "
+                               f"child {nested[0]!r} is a {type(nested[0]).__name__} (nothing changed); activate "
+                               f"a flat Average to merge")
+        return [list(zip(block.children, block.weights))]
+    reason = NOT_A_FOLD.get(type(block).__name__, "its result is not a fold of the weights")
+    raise SurgeryError(f"cannot merge under {type(block).__name__}{tuple(block.names())}: {reason} (nothing "
+                       f"changed); set_active one adapter, a Stack or an Average to merge it")
+
+
+@unwrapping
 def merge(model: nn.Module, name: str | None = None, *, exact: bool = True, strict: bool = False) -> MergeReport:
     """Fold the weight adapters of adapter set `name` (default: every active one) into the base weights.
+
+    Without `name`, merge folds exactly what the active configuration computes: adapters active without a block
+    or under a Stack are folded one after another at full strength (for additive deltas: their sum); an
+    Average folds each adapter's contribution times its weight, all computed from the weights before it
+    (LoRA: W + sum_i w_i ΔW_i). A block whose result is not a fold of the weights (BatchSplit, Split,
+    Parallel, Fuse) is a SurgeryError saying why, and so is `name` when that adapter is active under a block
+    other than Stack (it would be folded at full strength while the forward runs it weighted).
 
     Returns a report of what was folded, what stays in the forward and why, and how many bytes were kept for
     `unmerge`. With `strict=True` any rewrite that cannot fold is an error and nothing changes. On any failure
@@ -248,12 +318,40 @@ def merge(model: nn.Module, name: str | None = None, *, exact: bool = True, stri
     store = store_of(model)
     if store is None:
         raise SurgeryError("this model has no adapters to merge")
+    check_hosts(store, "merge")
+    with settled(store):   # inactive adapters' paused flags are not what merge records and restores
+        return _merge(model, store, name, exact, strict)
+
+
+def _merge(model: nn.Module, store, name: str | None, exact: bool, strict: bool) -> MergeReport:
     states = _states(store)
     names = _chosen(store, name)
+    composition = store.runtime.composition
+    if name is not None and isinstance(composition, Block) and not isinstance(composition, Stack) \
+            and name in composition.names():
+        raise SurgeryError(f"adapter {name!r} is active under {type(composition).__name__}"
+                           f"{tuple(composition.names())}: merging it alone would fold it at full strength while "
+                           f"the forward runs it combined (nothing changed); merge(model) folds the active "
+                           f"configuration, or set_active(model, {name!r}) first")
+    steps = _fold_steps(composition if name is None else None, names)
     already = [n for n in names if n in states]
     if name is not None and already:
         raise SurgeryError(f"adapter {name!r} is already merged; unmerge it first")
-    names = [n for n in names if n not in states]
+    for step in steps:
+        if len(step) > 1 or step[0][1] != 1.0:
+            merged_before = [n for n, _ in step if n in states]
+            if merged_before:
+                raise SurgeryError(f"adapter {merged_before[0]!r} of the active Average is already merged (at "
+                                   f"full strength); unmerge it first (nothing changed)")
+    steps = [[(n, w) for n, w in step if n not in states and n in store.records] for step in steps]
+    seen: set[str] = set()
+    for step in steps:
+        if any(n in seen for n, _ in step):
+            raise SurgeryError(f"adapter {next(n for n, _ in step if n in seen)!r} appears twice in the active "
+                               f"composition; merge folds each adapter once (nothing changed)")
+        seen.update(n for n, _ in step)
+    steps = [step for step in steps if step]
+    names = list(dict.fromkeys(n for step in steps for n, _ in step))
     if not names:
         raise SurgeryError("every active adapter is already merged" if already else "no active adapter to merge")
 
@@ -265,7 +363,7 @@ def merge(model: nn.Module, name: str | None = None, *, exact: bool = True, stri
         record = store.records[n]
         plan[n] = []
         for site in record.weight_sites:
-            why = _why_not(site, shared)
+            why = _why_not(site, shared, record.weight_sites)
             if why is None:
                 plan[n].append(site)
             else:
@@ -277,6 +375,7 @@ def merge(model: nn.Module, name: str | None = None, *, exact: bool = True, stri
                     report.not_merged[f"{n}/{rule}/{key}"] = (f"{type(module).__name__} is not a weight adapter: "
                                                              f"it stays in the forward")
         report.in_place += [param_names.get(id(p), "<unnamed>") for p in {id(p): p for p, _ in record.trained}.values()]
+    _refuse_nf4(plan)
     if strict and report.not_merged:
         raise SurgeryError("these rewrites cannot be merged (strict=True, nothing changed):\n  " + "\n  ".join(
             f"{site}: {why}" for site, why in report.not_merged.items()))
@@ -289,23 +388,29 @@ def merge(model: nn.Module, name: str | None = None, *, exact: bool = True, stri
                 for site in plan[n]:
                     site.detach()
                     detached.append(site)
-            for n in names:
-                state = _MergeState(sites=plan[n], folded=[], flags=[])
-                done[n] = state
-                for site in plan[n]:
-                    snapshot = {k: v.detach().clone() for k, v in site.adapter.state_dict().items()}
-                    for is_bias in (False, True):
-                        if is_bias and not site.bias_name:
-                            continue
-                        folded = _fold(site, is_bias, exact, snapshot)
-                        if folded is not None:
-                            state.folded.append(folded)
-                    report.merged.append(_site_name(n, site))
-                for site in plan[n]:
-                    for p in site.adapter.parameters():
-                        state.flags.append((p, p.requires_grad))
-                        p.requires_grad_(False)
-    except Exception as exc:
+            for step in steps:
+                group = tuple(n for n, _ in step) if len(step) > 1 or step[0][1] != 1.0 else ()
+                for n, _ in step:
+                    done[n] = _MergeState(sites=plan[n], folded=[], flags=[], group=group)
+                if not group:
+                    n = step[0][0]
+                    for site in _once_per_tensor(plan[n]):
+                        snapshot = {k: v.detach().clone() for k, v in site.adapter.state_dict().items()}
+                        for is_bias in (False, True):
+                            if is_bias and not site.bias_name:
+                                continue
+                            folded = _fold(site, is_bias, exact, snapshot)
+                            if folded is not None:
+                                done[n].folded.append(folded)
+                else:
+                    _fold_weighted(step, plan, done)
+                for n, _ in step:
+                    report.merged += [_site_name(n, site) for site in plan[n]]
+                    for site in plan[n]:
+                        for p in site.adapter.parameters():
+                            done[n].flags.append((p, p.requires_grad))
+                            p.requires_grad_(False)
+    except BaseException as exc:   # Ctrl-C too
         with torch.no_grad():
             for state in reversed(list(done.values())):
                 for folded in reversed(state.folded):
@@ -314,21 +419,84 @@ def merge(model: nn.Module, name: str | None = None, *, exact: bool = True, stri
                     p.requires_grad_(flag)
             for site in detached:
                 attach_weight_site(site)
+        if not isinstance(exc, Exception):   # Ctrl-C: undone, and passed on as it is
+            raise
         raise SurgeryError(f"merge failed, the model is unchanged: {type(exc).__name__}: {exc}") from exc
     states.update(done)
     report.stored_bytes = sum(_nbytes(f.kept) for s in done.values() for f in s.folded)
     return report
 
 
+def _fold_weighted(step: list[tuple[str, float]], plan: dict, done: dict) -> None:
+    """One Average: every adapter's contribution w·(T(W) - W), computed from the weights entering the step,
+    then added. Unmerge restores a copy of the covered rows (the contribution of a non-additive adapter
+    depends on the weights it was computed from)."""
+    contributions = []
+    for n, w in step:
+        for site in _once_per_tensor(plan[n]):
+            snapshot = {k: v.detach().clone() for k, v in site.adapter.state_dict().items()}
+            for is_bias in (False, True):
+                if is_bias and not site.bias_name:
+                    continue
+                param = _base_param(site.owner, site.bias_name if is_bias else site.weight_name)
+                base = _part(param, site, is_bias).detach().clone()
+                new = site.adapter.transform_bias(base) if is_bias else site.adapter.transform_weight(base)
+                if new is base:
+                    continue
+                contributions.append((n, site, is_bias, param, (new - base) * w, snapshot))
+    for n, site, is_bias, param, delta, snapshot in contributions:
+        part = _part(param, site, is_bias)
+        orig = part.detach().clone()
+        part.add_(delta.to(part.dtype))
+        done[n].folded.append(_Folded(site, is_bias, param, site.bias_rows if is_bias else site.rows, "copy",
+                                      orig, snapshot))
+
+
+def _once_per_tensor(sites: list[WeightSite]) -> list[WeightSite]:
+    """One site per (adapter, weight tensor): a weight two modules share (an embedding and its tied LM head)
+    has a site on each, both with the same adapter, and is folded once."""
+    seen, out = set(), []
+    for site in sites:
+        key = (id(site.adapter), id(_base_param(site.owner, site.weight_name)))
+        if key not in seen:
+            seen.add(key)
+            out.append(site)
+    return out
+
+
+def _refuse_nf4(plan: dict) -> None:
+    """Merging into a 4-bit NF4 weight would round the merged weight to 4 bits again: refuse, naming the fix."""
+    from surgery.quantize import is_nf4
+    for n, sites in plan.items():
+        for site in sites:
+            for tensor in [site.weight_name] + ([site.bias_name] if site.bias_name else []):
+                if is_nf4(_base_param(site.owner, tensor)):
+                    raise SurgeryError(
+                        f"cannot merge {n!r} into {site.owner_path}.{tensor}: it is an NF4 (4-bit) weight, and the "
+                        f"merged weight would be rounded to 4 bits again (nothing changed). Call "
+                        f"surgery.dequantize_nf4(model) first, then surgery.merge(model)")
+
+
+@unwrapping
 def unmerge(model: nn.Module, name: str | None = None) -> list[str]:
     """Restore the base weights a merge changed and attach its sites again. Returns the adapter names."""
     store = store_of(model)
     states = _states(store) if store is not None else {}
     if not states:
         raise SurgeryError("nothing is merged")
+    with settled(store):
+        return _unmerge(store, states, name)
+
+
+def _unmerge(store, states: dict, name: str | None) -> list[str]:
     if name is not None and name not in states:
         raise SurgeryError(f"adapter {name!r} is not merged; merged: {sorted(states)}")
     names = [name] if name is not None else list(states)
+    if name is not None and len(states[name].group) > 1:
+        others = [n for n in states[name].group if n != name and n in states]
+        if others:
+            raise SurgeryError(f"adapter {name!r} was merged together with {others} under one Average; unmerge them "
+                               f"together: surgery.unmerge(model)")
     unfolded: list[_Folded] = []
     attached: list[WeightSite] = []
     try:
@@ -341,12 +509,14 @@ def unmerge(model: nn.Module, name: str | None = None) -> list[str]:
             for site in states[n].sites:
                 attach_weight_site(site)
                 attached.append(site)
-    except Exception as exc:
+    except BaseException as exc:
         for site in reversed(attached):
             site.detach()
         with torch.no_grad():
             for folded in reversed(unfolded):
                 _refold(folded)
+        if not isinstance(exc, Exception):
+            raise
         raise SurgeryError(f"unmerge failed, the model is unchanged (still merged): {type(exc).__name__}: "
                            f"{exc}") from exc
     for n in names:

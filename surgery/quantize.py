@@ -11,8 +11,10 @@ Order: the graph analysis must see the dense model (an NF4 linear traces as dequ
 `surgery.apply` (without new example_inputs) matches the same linears; applying the adapters first and
 quantizing afterwards works too.
 
-Merging into NF4 is lossy: the merged weight would be rounded to 4 bits again, losing most of a small update.
-Merge into a dequantized copy instead: `dequantize_nf4(model)` (fp32 or bf16), then `surgery.merge(model)`.
+Merging into NF4 is lossy: the merged weight would be rounded to 4 bits again, losing most of a small update, so
+`surgery.merge` refuses it with an error naming `surgery.dequantize_nf4`. Merge into a dequantized copy instead:
+`dequantize_nf4(model)` (or `dequantize_nf4(model, torch.bfloat16)`, which casts the whole model), then
+`surgery.merge(model)`.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from torch.nn.utils import parametrize
 
 from surgery.api import plan
 from surgery.errors import SurgeryError
+from surgery.progress import quiet_libraries
 
 NF4_MODULE = "torchao.quantization.quantize_.workflows.nf4.nf4_tensor"
 BLOCK_LINEARS = ["attention.q", "attention.k", "attention.v", "attention.output",
@@ -35,7 +38,8 @@ BLOCK_LINEARS = ["attention.q", "attention.k", "attention.v", "attention.output"
 
 def _torchao_nf4():
     try:
-        return importlib.import_module(NF4_MODULE)   # the module directly: walking torchao fails on MPS-only parts
+        with quiet_libraries():   # torchao logs the CUDA kernels it cannot load, torch's pytree its registrations
+            return importlib.import_module(NF4_MODULE)   # the module directly: walking torchao fails on MPS-only parts
     except ImportError as exc:
         raise SurgeryError(f"NF4 needs torchao (pip install torchao): {exc}") from exc
 
@@ -94,12 +98,19 @@ def quantize_nf4(model: nn.Module, match: dict | None = None, *, example_inputs=
 
 def dequantize_nf4(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
     """Replace every NF4 weight by a dense frozen copy of what it computes with (in `dtype`, default the dtype
-    it was quantized from), in place; then `surgery.merge` folds adapters into exactly those values."""
+    it was quantized from), in place; then `surgery.merge` folds adapters into exactly those values.
+
+    With a `dtype`, the rest of the model follows: every other floating-point parameter and buffer (the
+    adapters' too) is cast to it, as `model.to(dtype)` does, so the forward runs in one dtype."""
+    if dtype is not None and not dtype.is_floating_point:
+        raise SurgeryError(f"dequantize_nf4: dtype must be a floating-point dtype, not {dtype}")
     for module in model.modules():
         for name, p in list(module.named_parameters(recurse=False)):
             if is_nf4(p):
                 dense = p.get_original_weight()
                 setattr(module, name, nn.Parameter(dense.to(dtype or dense.dtype), requires_grad=False))
+    if dtype is not None:
+        model.to(dtype=dtype)
     return model
 
 

@@ -213,7 +213,8 @@ rules:
     assert out[1].startswith(f"{spec}:12:5: rules.2.match: rule 'rule2' in spec 'gated' matched no site: "
                              "pattern (role='attention.v', layers=7)")
     assert out[2].startswith(f"{unrealizable}:6:5: rules.1: cannot apply on examples.models:minigpt: ")
-    assert out[3] == f"{ROOT / 'specs' / 'houlsby.yaml'}: ok (2 rules on examples.models:minigpt)"
+    assert out[3] == (f"{ROOT / 'specs' / 'houlsby.yaml'}: ok (2 rules on examples.models:minigpt; sites: "
+                      f"attention_adapter 2, ffn_adapter 2)")
     assert "3 problems in 2 files" in result.stderr
 
 
@@ -229,7 +230,8 @@ def test_validate_with_a_transformers_directory(tmp_path, capsys, monkeypatch):
     assert type(model) is LlamaForCausalLM
     assert cli.main(["validate", "--model", str(tmp_path / "llama"), "specs/lora.yaml", "specs/houlsby.yaml"]) == 0
     assert capsys.readouterr().out.splitlines() == [
-        f"specs/lora.yaml: ok (1 rule on {tmp_path / 'llama'})", f"specs/houlsby.yaml: ok (2 rules on {tmp_path / 'llama'})"]
+        f"specs/lora.yaml: ok (1 rule on {tmp_path / 'llama'}; sites: lora 4)",
+        f"specs/houlsby.yaml: ok (2 rules on {tmp_path / 'llama'}; sites: attention_adapter 2, ffn_adapter 2)"]
 
 
 def test_model_errors_are_one_line(tmp_path, capsys, monkeypatch):

@@ -154,13 +154,21 @@ def test_fusion_trains_only_fusion_parameters():
     surgery.set_active(model, "a")
 
 
-def test_weight_realized_adapters_refuse_non_additive_blocks():
+def test_weight_realized_adapters_refuse_blocks_other_than_stack_and_average():
     from models import make_minigpt
-    model = make_minigpt()
+    model = make_minigpt().eval()
     surgery.apply(model, LORA_QV, name="a", example_inputs=model.example_inputs())
     surgery.apply(model, LORA_QV, name="b", example_inputs=model.example_inputs())
+    perturb(model, 0.2, seed=1)
     with pytest.raises(surgery.SurgeryError, match="parametrization"):
-        surgery.set_active(model, surgery.Average("a", "b"))
+        surgery.set_active(model, surgery.BatchSplit("a", "b", batch_sizes=[1, 1]))
+    ids = token_ids(2, 8)
+    surgery.set_active(model, "a")
+    only_a = model(ids)
+    surgery.set_active(model, "b")
+    assert (model(ids) - only_a).abs().max() > 1e-4
+    surgery.set_active(model, surgery.Average("a", "b", weights=[1, 0]))   # nn.MultiheadAttention's weights
+    torch.testing.assert_close(model(ids), only_a, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("spec,expected", [

@@ -21,7 +21,8 @@ LAYERS = 2
 NEW_TOKENS = 16
 LONG, SHORT = 7, 4  # prompt lengths of the left-padded batch
 
-# Cases that fail until the engine changes described in the report of issue 12 land: (spec, arch) -> why.
+# Cases that fail until the engine changes described in the report of issue 12 land: (spec, arch) -> why. They run
+# as xfail(strict=True), so the limit shows in every run and a fix is noticed.
 PENDING = {
     ("unipelt", "gpt2"): "gates average over the whole call: not causal, padding included",
     ("unipelt", "llama"): "gates average over the whole call: not causal, padding included",
@@ -47,8 +48,11 @@ def _spec_cases(pending):
             seen |= pairs
         if not train_only:
             archs.append("llama")
-        cases += [pytest.param(path.stem, arch, id=f"{path.stem}-{arch}") for arch in archs
-                  if (path.stem, arch) not in pending and path.stem not in pending]
+        for arch in archs:
+            reason = pending.get((path.stem, arch), pending.get(path.stem))
+            # a known limit runs as a strict xfail: it shows in every run, and a fix (an XPASS) fails the suite
+            marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
+            cases.append(pytest.param(path.stem, arch, id=f"{path.stem}-{arch}", marks=marks))
     return cases
 
 
@@ -90,13 +94,16 @@ def applied(model, spec_name, scale=0.3):
         model.eval()
 
 
-def greedy_without_cache(model, ids: torch.Tensor, steps: int) -> torch.Tensor:
-    """Greedy decoding by repeated full forwards, no KV cache: the reference for generate()."""
+def greedy_without_cache(model, ids: torch.Tensor, steps: int, with_logits: bool = False):
+    """Greedy decoding by repeated full forwards, no KV cache: the reference for generate() (and each step's
+    last-position logits, with_logits=True)."""
+    steps_logits = []
     with torch.no_grad():
         for _ in range(steps):
             logits = model(input_ids=ids, use_cache=False).logits
+            steps_logits.append(logits[:, -1])
             ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-    return ids
+    return (ids, torch.stack(steps_logits, dim=1)) if with_logits else ids
 
 
 def left_padded(*rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,11 +129,14 @@ def test_generate_with_cache_equals_full_forwards_and_padding_is_invisible(spec_
             with torch.no_grad():
                 assert (model(input_ids=long).logits - base).abs().max() > 1e-3, "the adapters change nothing"
 
-        reference_long = greedy_without_cache(model, long, NEW_TOKENS)
+        reference_long, reference_logits = greedy_without_cache(model, long, NEW_TOKENS, with_logits=True)
         reference_short = greedy_without_cache(model, short, NEW_TOKENS)
-        generated = model.generate(long, attention_mask=torch.ones_like(long), max_new_tokens=NEW_TOKENS,
-                                   do_sample=False)
-        assert torch.equal(generated, reference_long), "generate() with the cache != greedy without it"
+        out = model.generate(long, attention_mask=torch.ones_like(long), max_new_tokens=NEW_TOKENS,
+                             do_sample=False, output_logits=True, return_dict_in_generate=True)
+        assert torch.equal(out.sequences, reference_long), "generate() with the cache != greedy without it"
+        # the logits too: tiny random models keep their argmax under errors of 0.1 (a prompt prepended again
+        # at every decode step went unnoticed by the tokens alone)
+        _close(torch.stack(out.logits, dim=1), reference_logits, "generate()'s logits vs full forwards")
 
         padded = model.generate(batch, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False)
         assert torch.equal(padded[0], reference_long[0]), "the longer prompt changed in a padded batch"
@@ -187,7 +197,7 @@ def test_forward_takes_every_argument_in_combination(spec_name, arch, hosts):
         assert len(rest[-1]) == LAYERS + 1
 
 
-@pytest.mark.parametrize("spec_name,arch", _spec_cases(PENDING_FORWARD))
+@pytest.mark.parametrize("spec_name,arch", _spec_cases({}))
 def test_positional_input_ids_are_the_keyword_ones(spec_name, arch, hosts):
     model = hosts(arch)
     ids = token_ids(2, 9, seed=22)
@@ -341,9 +351,8 @@ class PlainLM(torch.nn.Module):
 
 def test_attention_adapters_of_plain_models_compile_or_say_why_not():
     """Without transformers' attention registry the attention call is routed inside the module's forward: a
-    direct F.scaled_dot_product_attention call compiles with fullgraph=True and gives the eager outputs;
-    nn.MultiheadAttention (MiniGPT) runs as one opaque op under torch.compile, which must fail loudly rather
-    than drop the adapters; remove() gives F.scaled_dot_product_attention back."""
+    direct F.scaled_dot_product_attention call and nn.MultiheadAttention (MiniGPT) compile with fullgraph=True
+    and give the eager outputs; F.scaled_dot_product_attention itself is never replaced."""
     from models import make_minigpt
     plain_sdpa = F.scaled_dot_product_attention
     torch.manual_seed(0)
@@ -364,9 +373,13 @@ def test_attention_adapters_of_plain_models_compile_or_say_why_not():
 
     minigpt = make_minigpt().eval()
     surgery.apply(minigpt, spec, example_inputs=minigpt.example_inputs())
+    perturb(minigpt, 0.3)
+    assert F.scaled_dot_product_attention is plain_sdpa
     torch._dynamo.reset()
-    with pytest.raises(Exception, match="no call of F.scaled_dot_product_attention"), torch.no_grad():
-        torch.compile(minigpt, fullgraph=True, backend="aot_eager")(token_ids(2, 7))
+    with torch.no_grad():
+        eager = minigpt(token_ids(2, 7))
+        torch.testing.assert_close(torch.compile(minigpt, fullgraph=True, backend="aot_eager")(token_ids(2, 7)),
+                                   eager, atol=1e-5, rtol=0)
     surgery.remove(minigpt)
     surgery.remove(model)
     assert F.scaled_dot_product_attention is plain_sdpa

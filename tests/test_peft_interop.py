@@ -170,9 +170,9 @@ def _save_lora(model, path, **config):
 def test_unsupported_or_mismatched_checkpoints_are_errors_and_leave_the_model(tmp_path):
     model = make_llama().eval()
     before = state(model)
-    dora = _save_lora(model, tmp_path / "dora", target_modules=["q_proj"], use_dora=True)
-    with pytest.raises(surgery.SurgeryError, match="use_dora=True is not supported"):
-        surgery.from_peft(model, dora)
+    biased = _save_lora(model, tmp_path / "bias", target_modules=["q_proj"], lora_bias=True)
+    with pytest.raises(surgery.SurgeryError, match="lora_bias=True is not supported"):
+        surgery.from_peft(model, biased)
     other = _save_lora(make_bert(), tmp_path / "bert", target_modules=["query"])
     with pytest.raises(surgery.SurgeryError, match="encoder.layer.0.attention.self.query, .*does not have"):
         surgery.from_peft(model, other)

@@ -5,7 +5,9 @@ the attention op (`scaled_dot_product_attention`, or softmax between two matmuls
 lookups. From each attention op we walk back through view-like and rotary ops to the projections that feed it
 (q, k, v, or one packed qkv), forward to the output projection and on to the residual add; the FFN is what
 the block computes between the attention residual and the last residual add. Layers are the repeated
-containers (`...layers.3`) that hold one attention op each.
+containers (`...layers.3`) that hold one attention op each. Convolutions and embedding lookups reading a
+parameter are weight-bearing ops too (`_weight_op_info`): they carry a LinearInfo of kind "conv"/"embedding" on
+their sites (and on the `embedding` role) for `wrap`, but take no part in the roles above.
 """
 from __future__ import annotations
 
@@ -62,6 +64,10 @@ class LinearInfo:
     bias_rows: tuple[int, int] | None
     in_features: int
     out_features: int
+    experts: int | None = None     # a 3-D parameter [experts, out, in] read by a grouped matmul (MoE experts)
+    kind: str = "linear"    # "linear", "conv" (aten conv1d/2d/3d/convolution) or "embedding" (a table lookup)
+    op_args: dict = field(default_factory=dict)   # conv: stride, padding, dilation, groups, dims, kernel;
+    #                                              embedding: padding_idx
 
     @property
     def owner(self) -> str:
@@ -79,6 +85,7 @@ class Site:
     op: str
     linear: LinearInfo | None = None
     extra: dict = field(default_factory=dict)
+    stack: str | None = None     # the container of the site's layer (e.g. "encoder.block", "model.layers")
 
 
 @dataclass
@@ -90,6 +97,8 @@ class Analysis:
     blocks: list[str]
     linears: dict[fx.Node, LinearInfo]
     hidden_size: int | None
+    stacks: list[str] = field(default_factory=list)       # the stack (container path) of each layer
+    block_calls: list[int] = field(default_factory=list)  # which call of the block module each layer is
 
     @property
     def num_layers(self) -> int:
@@ -169,6 +178,11 @@ def _linear_info(node: fx.Node, traced: Traced) -> LinearInfo | None:
     elif op in ("mm", "matmul"):
         x, w, b = node.args[0], node.args[1], None
         layout = "in_out"
+        if op_name(w) in ("numpy_T", "t") or (op_name(w) == "transpose" and sorted(
+                d % 2 for d in w.args[1:3]) == [0, 1] and len(_shape(w) or ()) == 2):
+            w, layout = w.args[0], "out_in"      # x @ W.T on a [out, in] parameter (Falcon's linear)
+    elif op in ("grouped_mm_fallback", "_grouped_mm", "grouped_mm"):
+        return _experts_info(node, traced)
     else:
         return None
     wref = _resolve_param(w, traced)
@@ -186,6 +200,66 @@ def _linear_info(node: fx.Node, traced: Traced) -> LinearInfo | None:
     return LinearInfo(node=node, value=value, x=x, weight=wref[0], bias=bref[0] if bref else None,
                       layout=layout, rows=wref[1], bias_rows=bref[1] if bref else None,
                       in_features=in_f, out_features=out_f)
+
+
+def _experts_info(node: fx.Node, traced: Traced) -> LinearInfo | None:
+    """MoE experts stored as one parameter [experts, out, in], read (transposed) by a grouped matmul."""
+    w = node.args[1]
+    transposed = op_name(w) in ("transpose", "t", "permute")
+    source = w.args[0] if transposed else w
+    if not isinstance(source, fx.Node) or source.op != "placeholder" or source.name not in traced.params:
+        return None
+    shape = _shape(source)
+    if shape is None or len(shape) != 3:
+        return None
+    experts, a, b = shape
+    out_f, in_f = (a, b) if transposed else (b, a)
+    return LinearInfo(node=node, value=node, x=node.args[0], weight=traced.params[source.name], bias=None,
+                      layout="out_in" if transposed else "in_out", rows=None, bias_rows=None, in_features=in_f,
+                      out_features=out_f, experts=experts)
+
+
+CONV_OPS = {"conv1d", "conv2d", "conv3d", "convolution"}
+
+
+def _weight_op_info(node: fx.Node, traced: Traced) -> LinearInfo | None:
+    """A convolution (not transposed) or an embedding lookup reading a parameter, as a weight-bearing op.
+
+    conv: weight (out, in/groups, *kernel) in layout out_in, in_features = in channels; embedding: the table
+    (num_embeddings, dim) in layout in_out (a lookup is one-hot(ids) @ W), x the ids.
+    """
+    op = op_name(node)
+    if op in CONV_OPS:
+        args = list(node.args)
+        if op == "convolution":   # input, weight, bias, stride, padding, dilation, transposed, output_padding, groups
+            if len(args) < 9 or args[6]:
+                return None
+            stride, padding, dilation, groups = args[3], args[4], args[5], args[8]
+        else:                     # input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1
+            args += [None] * (7 - len(args))
+            stride, padding, dilation, groups = args[3] or 1, args[4] if args[4] is not None else 0, args[5] or 1, \
+                args[6] or 1
+        x, w, b = args[0], args[1], args[2]
+        wshape = _shape(w)
+        wref = _resolve_param(w, traced)
+        if wref is None or wref[1] is not None or wshape is None or len(wshape) < 3:
+            return None
+        bref = _resolve_param(b, traced) if isinstance(b, fx.Node) else None
+        return LinearInfo(node=node, value=node, x=x, weight=wref[0], bias=bref[0] if bref else None, layout="out_in",
+                          rows=None, bias_rows=None, in_features=int(wshape[1]) * int(groups),
+                          out_features=int(wshape[0]), kind="conv",
+                          op_args={"stride": stride, "padding": padding, "dilation": dilation, "groups": int(groups),
+                                   "dims": len(wshape) - 2, "kernel": tuple(int(k) for k in wshape[2:])})
+    if op == "embedding":
+        w, ids = node.args[0], node.args[1]
+        wref, wshape = _resolve_param(w, traced), _shape(w)
+        if wref is None or wref[1] is not None or wshape is None or len(wshape) != 2:
+            return None
+        padding_idx = node.args[2] if len(node.args) > 2 else -1
+        return LinearInfo(node=node, value=node, x=ids, weight=wref[0], bias=None, layout="in_out", rows=None,
+                          bias_rows=None, in_features=int(wshape[0]), out_features=int(wshape[1]), kind="embedding",
+                          op_args={"padding_idx": None if padding_idx in (None, -1) else int(padding_idx)})
+    return None
 
 
 def _walk_back(start, stop, allowed: set[str], limit: int = 64) -> list[fx.Node]:
@@ -225,24 +299,194 @@ def _walk_forward(start, stop, allowed: set[str], limit: int = 64) -> list[fx.No
     return found
 
 
+PRODUCTS = {"matmul", "bmm", "baddbmm", "einsum"}
+NORMALIZATIONS = {"softmax", "_softmax", "_safe_softmax"}
+SDPA_OPS = {"scaled_dot_product_attention", "_scaled_dot_product_flash_attention",
+            "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention"}
+ACTIVATIONS = {"gelu", "relu", "silu", "tanh", "sigmoid", "erf", "pow", "mul", "add", "div", "sub", "neg", "exp",
+               "log1p", "softplus", "leaky_relu", "elu", "hardtanh", "hardswish", "mish", "rsub", "clamp", "glu"}
+
+
+def _product_operands(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
+    """The two tensors a product multiplies (the bias of `baddbmm(bias, a, b)` is score arithmetic)."""
+    op = op_name(node)
+    if op == "baddbmm":
+        return node.args[1], node.args[2]
+    if op in ("matmul", "bmm"):
+        return node.args[0], node.args[1]
+    return None
+
+
+def _last2(node) -> tuple | None:
+    shape = _shape(node)
+    return tuple(shape[-2:]) if shape is not None and len(shape) >= 2 else None
+
+
 def _attention_ops(graph: fx.Graph) -> list[tuple[fx.Node, fx.Node, fx.Node, fx.Node]]:
-    """(op node, q, k, v) for SDPA and for eager softmax(q k^T) v attention."""
+    """(op node, q, k, v) for SDPA and for eager attention.
+
+    Eager attention is a normalization over the last axis (softmax) whose input is score arithmetic on a product
+    of two values, and whose output multiplies a third. Whatever sits between the product and the normalization
+    (a scale, ALiBi or T5's relative bias, a tanh soft-cap, DeBERTa's position terms, a mask) is recognized by what
+    it is, a value of the scores' shape derived from the product, not from a list of ops: the scores product is
+    the nearest product upstream whose output has the scores' [query, key] shape.
+    """
     found = []
     for node in graph.nodes:
         op = op_name(node)
-        if op in ("scaled_dot_product_attention", "_scaled_dot_product_flash_attention",
-                  "_scaled_dot_product_efficient_attention"):
+        if op in SDPA_OPS:
             found.append((node, node.args[0], node.args[1], node.args[2]))
-        elif op in ("softmax", "_softmax"):
-            scores = _walk_back(node.args[0], lambda n: op_name(n) in ("matmul", "bmm"), SCORE_LIKE, 16)
-            outs = _walk_forward(node, lambda n: op_name(n) in ("matmul", "bmm"), {"dropout", "_to_copy", "to", "type_as"}, 8)
-            if scores and outs:
-                qk, out = scores[0], outs[0]
-                k = qk.args[1]
-                if op_name(k) in ("transpose", "permute"):
-                    k = k.args[0]
-                found.append((out, qk.args[0], k, out.args[1]))
+            continue
+        if op not in NORMALIZATIONS or not isinstance(node.args[0], fx.Node):
+            continue
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", -1)
+        shape = _shape(node)
+        if shape is None or len(shape) < 2 or dim not in (-1, len(shape) - 1):
+            continue
+        scores = _last2(node)
+        products = _walk_back(node.args[0], lambda n: op_name(n) in PRODUCTS and _last2(n) == scores,
+                              _SCORE_PATH, 32)
+        outs = _walk_forward(node, lambda n: op_name(n) in ("matmul", "bmm"), VIEW_LIKE | {"type_as"}, 8)
+        if not products or not outs or _product_operands(products[0]) is None:
+            continue
+        q, k = _product_operands(products[0])
+        out = outs[0]
+        while op_name(k) in ("transpose", "permute", "div", "mul") and isinstance(k.args[0], fx.Node):
+            k = k.args[0]
+        found.append((out, q, k, out.args[1]))
     return found
+
+
+class _AnyScoreOp(set):
+    """Score arithmetic: any op (the walk stops at products and is bounded)."""
+
+    def __contains__(self, item) -> bool:
+        return item not in PRODUCTS and item not in LINEAR_OPS and item not in ("placeholder", "get_attr")
+
+
+_SCORE_PATH = _AnyScoreOp()
+
+
+def _loc_order(loc: tuple) -> tuple:
+    """Positional inputs/items first, by index; then keywords."""
+    if not loc:
+        return (0, 0, "")
+    kind, key = loc
+    return (0, key, "") if isinstance(key, int) else (1, 0, str(key))
+
+
+def stack_entries(node: fx.Node) -> list[tuple[str, int]]:
+    """(module path, call index) of every module the node runs in, outermost first. torch.export marks the
+    n-th call of a module with an `@n` suffix in the stack's keys."""
+    stack = node.meta.get("nn_module_stack") or {}
+    out = []
+    for key, (path, _) in stack.items():
+        _, at, call = key.rpartition("@")
+        out.append((path, int(call) if at and call.isdigit() else 0))
+    return out
+
+
+def _repeated_unit(path: str, module_types: dict[str, type]) -> bool:
+    """A numbered child of a container whose numbered children all have one type (a ModuleList of layers)."""
+    parent, _, index = path.rpartition(".")
+    if not index.isdigit():
+        return False
+    prefix = parent + "." if parent else ""
+    kind = module_types.get(path)
+    siblings = [t for name, t in module_types.items()
+                if name.startswith(prefix) and name[len(prefix):].isdigit()]
+    return kind is not None and all(t is kind for t in siblings)
+
+
+def _packed_columns(linear_value: fx.Node, operand: fx.Node, constants: dict) -> tuple[int, int] | None | str:
+    """Which output columns of a packed projection reach `operand`: evaluate the shape ops on the path from the
+    projection's output on a tensor of column indices. (start, stop) for a contiguous range, "interleaved" for
+    another set, None when the path is not made of shape ops alone."""
+    path = _path_back(operand, linear_value)
+    if path is None:
+        return None
+    val = linear_value.meta.get("val")
+    if not isinstance(val, torch.Tensor):
+        return None
+    width = val.shape[-1]
+    current = torch.arange(width).expand(*val.shape).clone()
+    for node in path:
+        if not isinstance(node, _SplitItem) and op_name(node) not in _COLUMN_OPS:
+            break
+        try:
+            if isinstance(node, _SplitItem):
+                result = node.take(current)
+            else:
+                args = [current if a is node.all_input_nodes[0] else _constant(a, constants) for a in node.args]
+                if _has_node(args) or _has_node(list(node.kwargs.values())):
+                    break
+                result = node.target(*args, **node.kwargs)
+        except Exception:  # noqa: BLE001 - an op we cannot replay on indices: stop here
+            break
+        if isinstance(result, (tuple, list)):
+            break
+        current = result
+    cols = torch.unique(current)
+    lo, hi = int(cols.min()), int(cols.max()) + 1
+    if cols.numel() == width:
+        return None
+    return (lo, hi) if cols.numel() == hi - lo else "interleaved"
+
+
+_COLUMN_OPS = {"view", "reshape", "_unsafe_view", "transpose", "permute", "contiguous", "clone", "select", "slice",
+               "unflatten", "flatten", "expand", "unsqueeze", "squeeze", "alias", "getitem", "index", "t",
+               "narrow", "detach", "lift_fresh_copy", "_to_copy", "to"}
+
+
+def _path_back(start: fx.Node, target: fx.Node, limit: int = 64) -> list[fx.Node] | None:
+    """The nodes on a shortest path from `target` (exclusive) down to `start` (inclusive), in forward order,
+    following each node's first tensor input. getitem of split/chunk is replayed as a slice by its parent."""
+    chain, node = [], start
+    while node is not target and limit > 0:
+        if not isinstance(node, fx.Node) or not node.all_input_nodes:
+            return None
+        op = op_name(node)
+        if op == "getitem" and op_name(node.args[0]) in ("split", "split_with_sizes", "chunk", "unbind"):
+            parent = node.args[0]
+            chain.append(_SplitItem(parent, node.args[1]))
+            node = parent.args[0]
+        else:
+            chain.append(node)
+            node = node.all_input_nodes[0]
+        limit -= 1
+    return list(reversed(chain)) if node is target else None
+
+
+def _constant(arg, constants: dict):
+    """A lifted tensor constant (e.g. Falcon's index [-2]) by value; anything else unchanged."""
+    if isinstance(arg, (list, tuple)):
+        return type(arg)(_constant(a, constants) for a in arg)
+    if isinstance(arg, fx.Node):
+        source = arg.args[0] if op_name(arg) == "lift_fresh_copy" else arg
+        if isinstance(source, fx.Node) and source.name in constants:
+            return constants[source.name]
+    return arg
+
+
+def _has_node(args) -> bool:
+    return any(_has_node(a) if isinstance(a, (list, tuple)) else isinstance(a, fx.Node) for a in args)
+
+
+class _SplitItem:
+    """One item of a split/chunk/unbind, replayable on a tensor of indices."""
+
+    def __init__(self, parent: fx.Node, index: int):
+        self.parent, self.index = parent, index
+
+    def take(self, tensor):
+        return self.parent.target(tensor, *self.parent.args[1:], **self.parent.kwargs)[self.index]
+
+
+def _base_value(node):
+    """The value a chain of shape-only ops starts from."""
+    while isinstance(node, fx.Node) and op_name(node) in VIEW_LIKE and node.all_input_nodes:
+        node = node.all_input_nodes[0]
+    return node
 
 
 def analyze(traced: Traced) -> Analysis:
@@ -253,63 +497,106 @@ def analyze(traced: Traced) -> Analysis:
         info = _linear_info(node, traced)
         if info is not None:
             linears[node] = info
+    # convolutions and embedding lookups: weight-bearing ops a rule may wrap, but not linears for the roles above
+    weight_ops = {n: info for n in nodes if n not in linears and (info := _weight_op_info(n, traced)) is not None}
 
     def is_linear(n):
         return n in linears
 
     attention = _attention_ops(graph)
-    block_re = re.compile(r"(^|\.)\d+$")
-    blocks: list[str] = []
+
+    # Layers: the repeated units of the module tree (a numbered child of a container whose numbered children share
+    # one type) holding the attention ops, one per call (a module called N times is N layers); for a model without
+    # attention, the outermost such units holding weight-bearing ops. A layer's stack is its container.
+    types = traced.module_types
+    unit_cache: dict[str, bool] = {}
+
+    def is_unit(path):
+        if path not in unit_cache:
+            unit_cache[path] = _repeated_unit(path, types)
+        return unit_cache[path]
+
+    blocks_at: list[tuple[str, int]] = []
     for op_node, *_ in attention:
-        candidates = [p for p in stack_paths(op_node) if block_re.search(p)]
-        if candidates and candidates[-1] not in blocks:
-            blocks.append(candidates[-1])
-    block_index = {b: i for i, b in enumerate(blocks)}
-    path_layer: dict[str, int | None] = {}
+        units = [e for e in stack_entries(op_node) if is_unit(e[0])]
+        if units and units[-1] not in blocks_at:
+            blocks_at.append(units[-1])
+    if not attention:
+        for node in linears:
+            units = [e for e in stack_entries(node) if is_unit(e[0])]
+            if units and units[0] not in blocks_at:
+                blocks_at.append(units[0])
+    block_index = {b: i for i, b in enumerate(blocks_at)}
+    blocks = [path for path, _ in blocks_at]
+    stacks = [path.rpartition(".")[0] for path in blocks]
+    path_layer: dict[tuple, int | None] = {}
 
     def layer_of(node) -> int | None:
-        for path in reversed(stack_paths(node)):
-            if path not in path_layer:
-                layer = None
-                parts = path.split(".")
-                for k in range(len(parts), 0, -1):
-                    prefix = ".".join(parts[:k])
-                    if prefix in block_index:
-                        layer = block_index[prefix]
-                        break
-                path_layer[path] = layer
-            if path_layer[path] is not None:
-                return path_layer[path]
-        return None
+        key = tuple(stack_entries(node))
+        if key not in path_layer:
+            layer = None
+            for entry in reversed(key):
+                if entry in block_index:
+                    layer = block_index[entry]
+                    break
+            path_layer[key] = layer
+        return path_layer[key]
 
     role_sites: list[Site] = []
     taken_linear: set[fx.Node] = set()
 
     def add(node, role, layer, module=None, linear=None, **extra):
         role_sites.append(Site(node=node, role=role, layer=layer, module=module if module is not None else innermost(node),
-                               op=op_name(node), linear=linear, extra=extra))
+                               op=op_name(node), linear=linear, extra=extra,
+                               stack=stacks[layer] if layer is not None else None))
 
     def add_linear(info: LinearInfo, role, layer, **extra):
         taken_linear.add(info.node)
         add(info.node, role, layer, module=info.owner, linear=info, **extra)
 
-    def residual_add_after(value: fx.Node):
-        adds = _walk_forward(value, lambda n: op_name(n) == "add" and len(n.all_input_nodes) == 2,
-                             VIEW_LIKE, 16)
-        return adds[0] if adds else None
-
-    def other_operand(add_node, branch):
-        a, b = add_node.args[0], add_node.args[1]
-        # the residual is the operand the branch value does not reach
-        reach = _walk_back(a, lambda n: n is branch, VIEW_LIKE, 16)
-        return b if reach else a
+    def ancestors(value: fx.Node, limit: int = 400) -> set[fx.Node]:
+        seen, frontier = set(), [value]
+        while frontier and len(seen) < limit:
+            node = frontier.pop()
+            if node in seen or not isinstance(node, fx.Node):
+                continue
+            seen.add(node)
+            frontier.extend(node.all_input_nodes)
+        return seen
 
     def close_sublayer(branch_value, prefix, layer):
-        add_node = residual_add_after(branch_value)
+        """The residual add closing a sub-layer: the first add downstream of the branch whose other operand is a
+        value the branch was computed from (the residual stream), with the add's shape."""
+        up = ancestors(branch_value)
+
+        def closes(n):
+            if op_name(n) != "add" or len(n.all_input_nodes) != 2:
+                return False
+            a, b = n.args[0], n.args[1]
+            other = b if a in down else a
+            return (a in down) != (b in down) and other in up and _shape(other) == _shape(n)
+        down: set[fx.Node] = set()
+        frontier, add_node, budget = [branch_value], None, 96
+        while frontier and budget > 0 and add_node is None:
+            nxt = []
+            for node in frontier:
+                if node in down:
+                    continue
+                down.add(node)
+                budget -= 1
+                for user in node.users:
+                    if closes(user):
+                        add_node = user
+                        break
+                    nxt.append(user)
+                if add_node is not None:
+                    break
+            frontier = nxt
         if add_node is None:
             return
-        residual = other_operand(add_node, branch_value)
-        branch = add_node.args[1] if residual is add_node.args[0] else add_node.args[0]
+        a, b = add_node.args[0], add_node.args[1]
+        residual = b if a in down else a
+        branch = a if residual is b else b
         norm = None
         users = list(add_node.users)
         if len(users) == 1 and op_name(users[0]) in NORM_OPS:
@@ -321,61 +608,115 @@ def analyze(traced: Traced) -> Analysis:
     hidden = None
     for op_node, q, k, v in attention:
         layer = layer_of(op_node)
-        add(op_node, "attention.op", layer)
         srcs = {}
-        for role, arg in (("attention.q", q), ("attention.k", k), ("attention.v", v)):
-            hits = _walk_back(arg, is_linear, VIEW_LIKE | ROTARY_LIKE, 64)
+        for role, arg in (("q", q), ("k", k), ("v", v)):
+            hits = _walk_back(arg, is_linear, VIEW_LIKE | ROTARY_LIKE | {"div", "index"}, 64)
             srcs[role] = hits[0] if hits else None
-        if srcs["attention.q"] is not None and srcs["attention.q"] is srcs["attention.k"] is srcs["attention.v"]:
-            info = linears[srcs["attention.q"]]
-            add_linear(info, "attention.qkv", layer)
-            for i, role in enumerate(("attention.q", "attention.k", "attention.v")):
-                third = info.out_features // 3
-                add(info.node, role, layer, module=info.owner, linear=info, packed=(i * third, (i + 1) * third))
+        q_src, k_src = srcs["q"], srcs["k"]
+        # cross-attention: keys computed from another value than the queries (the encoder's output)
+        cross = (q_src is not None and k_src is not None and q_src is not k_src
+                 and _base_value(linears[q_src].x) is not _base_value(linears[k_src].x))
+        prefix = "cross_attention" if cross else "attention"
+        add(op_node, f"{prefix}.op", layer)
+        if q_src is not None and q_src is k_src is srcs["v"]:
+            info = linears[q_src]
+            add_linear(info, f"{prefix}.qkv", layer)
+            for role, arg in (("q", q), ("k", k), ("v", v)):
+                cols = _packed_columns(info.value, arg, traced.constants)
+                if cols == "interleaved":
+                    add(info.node, f"{prefix}.{role}", layer, module=info.owner, linear=info, interleaved=True)
+                elif cols is not None:
+                    add(info.node, f"{prefix}.{role}", layer, module=info.owner, linear=info, packed=cols)
+        elif q_src is not None and q_src is k_src:
+            info = linears[q_src]       # packed q and k, separate v
+            add_linear(info, f"{prefix}.qkv", layer)
+            for role, arg in (("q", q), ("k", k)):
+                cols = _packed_columns(info.value, arg, traced.constants)
+                if cols not in (None, "interleaved"):
+                    add(info.node, f"{prefix}.{role}", layer, module=info.owner, linear=info, packed=cols)
+            if srcs["v"] is not None:
+                add_linear(linears[srcs["v"]], f"{prefix}.v", layer)
         else:
             for role, src in srcs.items():
                 if src is not None:
-                    add_linear(linears[src], role, layer)
+                    add_linear(linears[src], f"{prefix}.{role}", layer)
         outs = _walk_forward(op_node, is_linear, VIEW_LIKE, 32)
         if outs:
             info = linears[outs[0]]
-            add_linear(info, "attention.output", layer)
-            hidden = hidden or info.out_features
-            close_sublayer(info.value, "attention", layer)
+            add_linear(info, f"{prefix}.output", layer)
+            if not cross:
+                hidden = hidden or info.out_features
+            close_sublayer(info.value, prefix, layer)
 
-    # FFN: the block's linears after the attention output; the last one is the output projection.
+    # Routers: a linear whose output selects experts (top-k over its softmax) or gates a branch through a sigmoid
+    # of one value per token. They are not FFN projections.
+    for node, info in linears.items():
+        layer = layer_of(node)
+        if layer is None or node in taken_linear:
+            continue
+        selects = _walk_forward(info.value, lambda n: op_name(n) in ("topk", "argmax", "sort"),
+                                VIEW_LIKE | {"softmax", "_softmax", "sigmoid", "to", "_to_copy"}, 8)
+        gates = info.out_features == 1 and _walk_forward(info.value, lambda n: op_name(n) == "sigmoid", VIEW_LIKE, 4)
+        if selects or gates:
+            add_linear(info, "ffn.router", layer)
+
+    # FFN: the block's other linears. An output projection is one no other FFN linear reads from; its inputs are
+    # the linears upstream through activations (gate/up told apart by which one passes a non-linearity).
     per_layer: dict[int, list[LinearInfo]] = defaultdict(list)
     for node, info in linears.items():
         layer = layer_of(node)
         if layer is not None and node not in taken_linear:
             per_layer[layer].append(info)
+    ins_of: dict[int, list[tuple[tuple, fx.Node]]] = defaultdict(list)
+    outs_of: dict[int, list[tuple[tuple, fx.Node]]] = defaultdict(list)
+    for value, bs in traced.boundaries.items():
+        shape = _shape(value)
+        if shape is None or len(shape) < 2:
+            continue
+        for bd in bs:
+            layer = block_index.get((bd.module, bd.call))
+            if layer is not None:
+                (ins_of if bd.side == "in" else outs_of)[layer].append((_loc_order(bd.loc), value))
+    block_io: dict[int, tuple] = {}
+    for layer in range(len(blocks)):
+        ins = [v for _, v in sorted(ins_of.get(layer, []), key=lambda t: t[0])]
+        outs = [v for _, v in sorted(outs_of.get(layer, []), key=lambda t: t[0])]
+        # the hidden state: the first input with the shape of an output (not a mask or a position bias)
+        pair = next(((i, o) for i in ins for o in outs if _shape(i) == _shape(o)), None)
+        block_io[layer] = pair if pair else (ins[0] if ins else None, outs[0] if outs else None)
+    block_width = {layer: _shape(v)[-1] for layer, (v, _) in block_io.items() if v is not None}
     for layer, infos in per_layer.items():
-        out = infos[-1]
-        add_linear(out, "ffn.out", layer)
-        ins = _walk_back(out.x, lambda n: n in linears and n is not out.node,
-                         VIEW_LIKE | {"mul", "gelu", "relu", "silu", "tanh", "sigmoid", "add", "pow", "erf", "div"}, 64)
-        act_value = out.x
-        while op_name(act_value) in VIEW_LIKE and act_value.args:
-            act_value = act_value.args[0]
-        add(act_value, "ffn.act", layer)
-        if len(ins) >= 2 and op_name(act_value) == "mul":
-            # gated FFN: the input whose path to the product passes a non-linearity is the gate
-            direct = {a for a in act_value.all_input_nodes}
-            for n in ins:
-                info = linears[n]
-                role = "ffn.in" if (info.value in direct or n in direct) else "ffn.gate"
-                add_linear(info, role, layer)
-        else:
-            for n in ins:
-                add_linear(linears[n], "ffn.in", layer)
-        close_sublayer(out.value, "ffn", layer)
+        nodes_here = {i.node for i in infos}
+        feeds = {i.node: _walk_forward(i.value, lambda n: n in nodes_here, VIEW_LIKE | ACTIVATIONS |
+                                       {"chunk", "split", "getitem", "index", "to", "_to_copy"}, 32)
+                 for i in infos}
+        width = block_width.get(layer, hidden)
+        outs = [i for i in infos if not feeds[i.node] and (width is None or i.out_features == width)]
+        for out in outs:
+            add_linear(out, "ffn.out", layer, **({"experts": out.experts} if out.experts else {}))
+            ins = _walk_back(out.x, lambda n: n in nodes_here and n is not out.node,
+                             VIEW_LIKE | ACTIVATIONS | {"chunk", "split", "getitem", "to", "_to_copy", "index"}, 64)
+            act_value = out.x
+            while op_name(act_value) in VIEW_LIKE | {"to", "_to_copy"} and act_value.args:
+                act_value = act_value.args[0]
+            add(act_value, "ffn.act", layer)
+            if len(ins) >= 2 and op_name(act_value) == "mul":
+                direct = set(act_value.all_input_nodes)
+                for n in ins:
+                    info = linears[n]
+                    role = "ffn.in" if (info.value in direct or n in direct) else "ffn.gate"
+                    add_linear(info, role, layer)
+            else:
+                for n in ins:
+                    add_linear(linears[n], "ffn.in", layer)
+            close_sublayer(out.value, "ffn", layer)
 
     for node in nodes:
         op = op_name(node)
         if op in NORM_OPS:
             add(node, "norm", layer_of(node))
         elif op == "embedding":
-            add(node, "embedding", layer_of(node))
+            add(node, "embedding", layer_of(node), linear=weight_ops.get(node))
         elif op == "rsqrt":
             # a decomposed RMSNorm: the norm is the output of the module that computes the rsqrt
             module = innermost(node)
@@ -384,32 +725,36 @@ def analyze(traced: Traced) -> Analysis:
                     add(value, "norm", layer_of(value), module=module)
                     break
 
-    seen_block: set[tuple[int, str]] = set()
-    for value, bs in traced.boundaries.items():
-        if value.op == "placeholder" or (_shape(value) is None) or len(_shape(value)) < 2:
-            continue
-        for bd in bs:
-            b_index = block_index.get(bd.module)
-            if b_index is None or (b_index, bd.side) in seen_block:
-                continue
-            seen_block.add((b_index, bd.side))
-            if bd.side == "in":
-                add(value, "block.input", b_index, module=bd.module)
-                if b_index == 0:
-                    add(value, "embedding.output", None, module=bd.module)
-            else:
-                add(value, "block.output", b_index, module=bd.module)
+    # Block inputs and outputs: the hidden state entering and leaving each layer's call. A block returning a
+    # tuple (hidden, attention weights, ...) has as its output the element of the input's shape.
+    for layer in range(len(blocks)):
+        path = blocks[layer]
+        value_in, value_out = block_io[layer]
+        if value_in is not None:
+            add(value_in, "block.input", layer, module=path)
+            if layer == 0:     # the model's input sequence (an encoder-decoder's encoder input)
+                add(value_in, "embedding.output", None, module=path)
+        if value_out is not None:
+            add(value_out, "block.output", layer, module=path)
 
-    # LM head: a linear outside every block, after the last block, whose result is returned.
+    # Heads: a linear outside every layer, after the last one, whose result is returned. One that keeps a sequence
+    # axis is the LM head; one on a pooled value ([batch, features]) is a classification head.
     for node, info in linears.items():
         if layer_of(node) is None and node not in taken_linear and blocks:
-            reaches = _walk_forward(info.value, lambda n: n.op == "output", VIEW_LIKE | {"_to_copy", "float"}, 16)
-            if reaches and info.out_features != hidden:
-                add_linear(info, "lm_head", None)
+            reaches = _walk_forward(info.value, lambda n: n.op == "output",
+                                    VIEW_LIKE | {"_to_copy", "float", "to", "div", "tanh", "mul"}, 16)
+            shape = _shape(info.value)
+            if reaches and info.out_features != hidden and shape is not None:
+                add_linear(info, "lm_head" if len(shape) >= 3 else "head", None)
 
     role_nodes = {id(s.node) for s in role_sites}
-    generic = [Site(node=n, role=None, layer=layer_of(n), module=linears[n].owner if n in linears else innermost(n),
-                    op=op_name(n), linear=linears.get(n)) for n in nodes if id(n) not in role_nodes]
+    generic = []
+    for n in nodes:
+        if id(n) not in role_nodes:
+            info = linears.get(n) or weight_ops.get(n)
+            layer = layer_of(n)
+            generic.append(Site(node=n, role=None, layer=layer, module=info.owner if info else innermost(n),
+                                op=op_name(n), linear=info, stack=stacks[layer] if layer is not None else None))
     sites = role_sites + generic
     by_role: dict[str, list[Site]] = defaultdict(list)
     by_op: dict[str, list[Site]] = defaultdict(list)
@@ -422,4 +767,4 @@ def analyze(traced: Traced) -> Analysis:
     for s in first_site.values():
         by_op[s.op].append(s)
     return Analysis(traced=traced, sites=sites, by_role=dict(by_role), by_op=dict(by_op), blocks=blocks,
-                    linears=linears, hidden_size=hidden)
+                    linears=linears, hidden_size=hidden, stacks=stacks, block_calls=[c for _, c in blocks_at])

@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import re
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,10 @@ from surgery.errors import SurgeryError
 from surgery.rewrite.host import STATE_ATTR, store_of
 from surgery.spec import Spec, load_spec
 from surgery.spec.load import validate_data
+from surgery.rewrite import trained
+from surgery.rewrite.sites import check_hosts
+from surgery.rewrite.wrappers import unwrapping
+from surgery.spec.models import NAME_RULE, name_problem
 
 FORMAT = "surgery.adapters"
 FORMAT_VERSION = 1
@@ -90,12 +95,22 @@ def surgery_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
         base_names.setdefault(id(p), name)
     out: dict[str, torch.Tensor] = {}
     for adapter in store.records:
-        out.update(_module_tensors(adapter, store.adapters[adapter]))
+        for key, value in _module_tensors(adapter, store.adapters[adapter]):
+            _put(out, key, value)
         for param, _ in store.records[adapter].trained:
             if id(param) not in base_names:
                 raise CheckpointError(f"adapter {adapter!r} trains a parameter that is not a base parameter")
-            out[f"{adapter}/{TRAINED}/{base_names[id(param)]}"] = param
+            _put(out, f"{adapter}/{TRAINED}/{base_names[id(param)]}", trained.slot(store, adapter, param),
+                 same_ok=True)
     return out
+
+
+def _put(out: dict, key: str, value: torch.Tensor, same_ok: bool = False) -> None:
+    """Two different tensors under one saved name would silently lose one: refuse."""
+    if key in out and not (same_ok and out[key] is value):
+        raise CheckpointError(f"two tensors would be saved under the same name {key!r} (adapter, rule or module "
+                              f"names that differ only in characters the key replaces); rename one")
+    out[key] = value
 
 
 def _dedupe(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -144,28 +159,45 @@ def _spec_filename(adapter: str, used: set[str]) -> str:
 # ---------------------------------------------------------------- save
 
 def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    """Write through a new temporary file (created exclusively, with a random name, so a pre-existing file or
+    symlink is never written through) and rename it over `path` (a rename replaces a symlink, it does not
+    follow it)."""
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
     try:
         write(tmp)
         os.replace(tmp, path)
     finally:
-        if tmp.exists():
+        if tmp.exists() or tmp.is_symlink():
             tmp.unlink()
 
 
+def _prepare_directory(directory: Path) -> None:
+    if directory.exists() and not directory.is_dir():
+        raise CheckpointError(f"cannot save to {directory}: it is a file, not a directory")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CheckpointError(f"cannot create the directory {directory}: {exc.strerror or exc}") from None
+
+
+@unwrapping
 def save(model: nn.Module, directory: str | os.PathLike) -> Path:
     """Write the model's adapters (and the base parameters its specs train) to `directory`; return it.
 
     Only what the surgery added or trained is written, as safetensors; the base model's other weights never
     are. Tied base weights (GPT-2's embedding and LM head) are one tensor and are saved once.
+    Raises CheckpointError when `directory` is a file or cannot be written (temporary files are created
+    exclusively and renamed into place, so no pre-existing file or symlink in the directory is written through).
     """
-    from safetensors.torch import save_file
-
     store = store_of(model)
+    if store is not None:
+        check_hosts(store, "save")
     live = surgery_tensors(model)
     tensors, aliases = _dedupe(live)
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    _prepare_directory(directory)
 
     adapters, used, spec_texts = [], set(), {}
     for name, record in store.records.items():
@@ -187,6 +219,16 @@ def save(model: nn.Module, directory: str | os.PathLike) -> Path:
             "trained": [k[len(prefix) + len(TRAINED) + 1:] for k in live if k.startswith(f"{prefix}{TRAINED}/")],
         })
 
+    try:
+        _write_all(directory, tensors, aliases, adapters, spec_texts, store, model)
+    except OSError as exc:
+        raise CheckpointError(f"cannot write to {directory}: {exc.strerror or exc}"
+                              + (f" ({exc.filename})" if exc.filename else "")) from None
+    return directory
+
+
+def _write_all(directory: Path, tensors, aliases, adapters, spec_texts, store, model) -> None:
+    from safetensors.torch import save_file
     # tensors first, then the specs, the manifest last: a directory whose manifest is new is complete
     _write_atomic(directory / ADAPTERS_FILE,
                   lambda p: save_file(tensors, str(p), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)}))
@@ -203,31 +245,90 @@ def save(model: nn.Module, directory: str | os.PathLike) -> Path:
     }
     text = re.sub(r"\[[\d,\s]*\]", lambda m: json.dumps(json.loads(m.group())), json.dumps(manifest, indent=1))
     _write_atomic(directory / MANIFEST_FILE, lambda p: p.write_text(text + "\n"))
-    return directory
 
 
 # ---------------------------------------------------------------- load
 
 def read_manifest(directory: str | os.PathLike) -> dict:
-    """The manifest of a saved directory, checked for a format this version reads."""
+    """The manifest of a saved directory, checked for a format this version reads and for the type of every
+    field `load` uses (a CheckpointError naming the field otherwise). The files it names must be plain names
+    inside `directory` (no absolute paths, no `..`, no symlink leading out)."""
     path = Path(directory) / MANIFEST_FILE
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise CheckpointError(f"{directory} has no {MANIFEST_FILE}: not a directory written by surgery.save") from None
+    except RecursionError:
+        raise CheckpointError(f"{path}: nested too deeply to be a surgery manifest") from None
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{path} is not readable JSON: {exc}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
         raise CheckpointError(f"{path} is not a surgery adapter manifest (format {found!r}, expected {FORMAT!r})")
     version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
+    if version != FORMAT_VERSION or isinstance(version, bool):
         raise CheckpointError(f"{path}: format_version {version!r} is not one this surgery reads "
                               f"(it reads {FORMAT_VERSION}); save it again with a matching surgery version")
     adapters = manifest.get("adapters")
     if not isinstance(adapters, list) or not all(isinstance(a, dict) and "name" in a and "spec" in a for a in adapters):
         raise CheckpointError(f"{path}: `adapters` must be a list of {{name, spec}} entries")
+    _check_manifest_types(path, manifest)
+    for i, entry in enumerate(adapters):
+        _inside(Path(directory), entry["spec"], f"{path}: adapters[{i}].spec")
+    _inside(Path(directory), manifest.get("tensors", {}).get("file", ADAPTERS_FILE), f"{path}: tensors.file")
     return manifest
+
+
+def _check_manifest_types(path: Path, manifest: dict) -> None:
+    def bad(field: str, expected: str, value) -> CheckpointError:
+        return CheckpointError(f"{path}: `{field}` must be {expected}, not {type(value).__name__} {value!r:.80}")
+
+    names = set()
+    for i, entry in enumerate(manifest["adapters"]):
+        name, spec = entry["name"], entry["spec"]
+        if not isinstance(name, str) or name_problem(name, "adapter name"):
+            raise bad(f"adapters[{i}].name", "an adapter name (" + NAME_RULE + ")", name)
+        if name in names:
+            raise CheckpointError(f"{path}: two adapters named {name!r}")
+        names.add(name)
+        if not isinstance(spec, str) or not spec:
+            raise bad(f"adapters[{i}].spec", "a file name", spec)
+    tensors = manifest.get("tensors", {})
+    if not isinstance(tensors, dict):
+        raise bad("tensors", "a mapping", tensors)
+    if not isinstance(tensors.get("file", ADAPTERS_FILE), str):
+        raise bad("tensors.file", "a file name", tensors.get("file"))
+    aliases = tensors.get("aliases", {})
+    if not isinstance(aliases, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in aliases.items()):
+        raise bad("tensors.aliases", "a mapping of tensor names to tensor names", aliases)
+    base = manifest.get("base", {})
+    if not isinstance(base, dict):
+        raise bad("base", "a mapping", base)
+    params = base.get("parameters", {})
+    if not isinstance(params, dict) or not all(
+            isinstance(k, str) and isinstance(v, list) and all(isinstance(d, int) and not isinstance(d, bool)
+                                                              for d in v) for k, v in params.items()):
+        raise bad("base.parameters", "a mapping of parameter names to shapes (lists of ints)", params)
+    active = manifest.get("active")
+    if active is not None and not isinstance(active, (str, list, dict)):
+        raise bad("active", "null, a name, a list of names or a composition", active)
+    if isinstance(active, list) and not all(isinstance(a, str) for a in active):
+        raise bad("active", "a list of adapter names", active)
+
+
+def _inside(directory: Path, name: str, what: str) -> Path:
+    """`directory / name`, refused unless it is a plain relative name that stays inside `directory`."""
+    target = directory / name
+    if Path(name).is_absolute() or ".." in Path(name).parts or "\x00" in name:
+        raise CheckpointError(f"{what}: {name!r} is not a file name inside the checkpoint directory (absolute "
+                              f"paths and '..' are refused)")
+    try:
+        inside = target.resolve().is_relative_to(directory.resolve())
+    except (OSError, RuntimeError, ValueError):
+        inside = False
+    if not inside:
+        raise CheckpointError(f"{what}: {name!r} leads outside the checkpoint directory {directory} (a symlink?)")
+    return target
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -289,6 +390,7 @@ def _match_tensors(saved: dict[str, torch.Tensor], aliases: dict[str, str],
     return pairs
 
 
+@unwrapping
 def load(base_model: nn.Module, directory: str | os.PathLike, example_inputs: Any = None, *,
          strict: bool = True) -> nn.Module:
     """Re-apply the saved specs to `base_model` under their adapter names, load the saved tensors, return it.
@@ -300,8 +402,12 @@ def load(base_model: nn.Module, directory: str | os.PathLike, example_inputs: An
     """
     directory = Path(directory)
     manifest = read_manifest(directory)
-    specs = [(entry["name"], load_spec(directory / entry["spec"])) for entry in manifest["adapters"]]
-    saved = _read_tensors(directory / manifest.get("tensors", {}).get("file", ADAPTERS_FILE))
+    specs = []
+    for entry in manifest["adapters"]:
+        spec_path = _inside(directory, entry["spec"], f"{directory / MANIFEST_FILE}: spec")
+        specs.append((entry["name"], load_spec(spec_path)))   # a SpecError names the file, line and column
+    saved = _read_tensors(_inside(directory, manifest.get("tensors", {}).get("file", ADAPTERS_FILE),
+                                  f"{directory / MANIFEST_FILE}: tensors.file"))
     aliases = manifest.get("tensors", {}).get("aliases", {})
     if strict:
         check_fits(manifest, base_model)
@@ -330,7 +436,7 @@ def load(base_model: nn.Module, directory: str | os.PathLike, example_inputs: An
                 target.copy_(value)
         if created_store and manifest.get("active") is not None:
             set_active(base_model, manifest["active"])
-    except Exception as exc:
+    except BaseException as exc:   # Ctrl-C too
         with torch.no_grad():
             for target, original in restore:
                 target.copy_(original)
@@ -340,7 +446,7 @@ def load(base_model: nn.Module, directory: str | os.PathLike, example_inputs: An
             p.requires_grad_(flag)
         for m, mode in modes:
             m.training = mode
-        if isinstance(exc, SurgeryError):
+        if isinstance(exc, SurgeryError) or not isinstance(exc, Exception):
             raise
         raise CheckpointError(f"loading {directory} failed: {type(exc).__name__}: {exc}") from exc
     return base_model

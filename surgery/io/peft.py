@@ -31,9 +31,11 @@ from surgery.api import _analysis, apply, plan, remove
 from surgery.errors import SurgeryError
 from surgery.io import peft_methods
 from surgery.modules.base import is_weight_adapter_part
+from surgery.modules.dora import DoRA
 from surgery.modules.ia3 import IA3
 from surgery.modules.lora import LoRA
 from surgery.rewrite.host import store_of
+from surgery.rewrite.wrappers import unwrapping
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -41,10 +43,24 @@ PREFIX = "base_model.model."
 COMMON_LAYER_NAMES = ("layers", "h", "block", "blocks", "layer")
 
 # Config fields whose non-default value changes what the adapter computes in ways this reader does not model.
-_LORA_UNSUPPORTED = {"use_dora": False, "lora_bias": False, "bias": "none", "modules_to_save": None,
+_LORA_UNSUPPORTED = {"lora_bias": False, "bias": "none", "modules_to_save": None,
                      "target_parameters": None, "layer_replication": None, "trainable_token_indices": None,
                      "use_qalora": False, "alora_invocation_tokens": None, "use_bdlora": False}
 _IA3_UNSUPPORTED = {"modules_to_save": None}
+# Fields this reader models or that do not change what a loaded adapter computes (metadata, data loading,
+# runtime options, initializations that the loaded tensors replace). Any other field with a value set is a
+# method this reader does not know (a new PEFT variant), refused by name: an allow-list, so the next variant
+# PEFT adds is refused too, never loaded as plain LoRA.
+_COMMON_KNOWN = {"task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
+                 "inference_mode", "target_modules", "exclude_modules", "fan_in_fan_out", "layers_to_transform",
+                 "layers_pattern"}
+_LORA_KNOWN = _COMMON_KNOWN | set(_LORA_UNSUPPORTED) | {
+    "r", "lora_alpha", "lora_dropout", "use_rslora", "init_lora_weights", "rank_pattern", "alpha_pattern",
+    "megatron_core", "runtime_config", "qalora_group_size", "eva_config", "ensure_weight_tying"}
+_IA3_KNOWN = _COMMON_KNOWN | set(_IA3_UNSUPPORTED) | {"feedforward_modules", "init_ia3_weights"}
+# init_lora_weights values that only initialize (the loaded tensors replace them); others change the base
+# weights (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA) or select a variant (MiCA freezes lora_B)
+_LORA_PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal")
 
 
 class PeftFormatError(SurgeryError):
@@ -129,41 +145,115 @@ def _tensors_by_module(tensors: dict[str, torch.Tensor], suffixes: dict[str, str
     return by_module
 
 
-def _check_supported(config: dict, unsupported: dict, peft_dir: Path) -> None:
+def _check_supported(config: dict, unsupported: dict, peft_dir: Path, known: set[str] = frozenset()) -> None:
     for field_name, default in unsupported.items():
         value = config.get(field_name, default)
         if value not in (None, False, [], {}, default):
             raise PeftFormatError(f"{peft_dir}: {field_name}={value!r} is not supported by from_peft")
+    if known:
+        for field_name, value in config.items():
+            if field_name not in known and value not in (None, False, [], {}, "", 0):
+                raise PeftFormatError(f"{peft_dir}: {field_name}={value!r} is a PEFT option this reader does not "
+                                      f"know; it may change what the adapter computes, so from_peft refuses it")
+    init = config.get("init_lora_weights", True)
+    if config.get("peft_type", "").upper() == "LORA" and init not in _LORA_PLAIN_INITS + peft_methods.RECOMPUTED_INITS:
+        raise PeftFormatError(f"{peft_dir}: init_lora_weights={init!r} is a LoRA variant or a base-weight "
+                              f"rewrite (e.g. MiCA freezes lora_B; PiSSA/OLoRA/CorDA/LoftQ change the base weights) "
+                              f"that from_peft does not implement; plain LoRA inits are {list(_LORA_PLAIN_INITS)}")
 
 
-def _weight_sites(model: nn.Module, paths: list[str], example_inputs) -> dict[str, str]:
-    """{path: op} for modules whose whole weight feeds one weight-bearing op; an error for any other path."""
+def _weight_sites(model: nn.Module, paths: list[str], example_inputs) -> dict[str, tuple[str, int]]:
+    """{path: (op, number of sites)} for modules whose whole weight feeds one weight-bearing op, or whose row
+    slices feed several that together cover it (nn.MultiheadAttention's packed in_proj_weight, which PEFT adapts
+    with one LoRA); an error for any other path."""
     matches = plan(model, {"rules": [{"name": "peft", "match": {"module": paths}, "action": "train", "expect": "any"}]},
                    example_inputs=example_inputs)
-    ops: dict[str, list[str]] = defaultdict(list)
+    ops: dict[str, list] = defaultdict(list)
     for m in matches:
         info = m.site.linear
-        if info is not None and info.owner == m.module and info.rows is None and m.site.extra.get("packed") is None:
-            ops[m.module].append(m.site.op)
-    bad = [p for p in paths if len(ops.get(p, [])) != 1]
+        if info is not None and info.owner == m.module and m.site.extra.get("packed") is None:
+            ops[m.module].append((m.site.op, info))
+    found, bad = {}, []
+    for p in paths:
+        sites = ops.get(p, [])
+        whole = [op for op, info in sites if info.rows is None]
+        rows = sorted(info.rows for _, info in sites if info.rows is not None)
+        if len(sites) == 1 and whole:
+            found[p] = (whole[0], 1)
+        elif sites and not whole and len({info.weight for _, info in sites}) == 1 and rows[0][0] == 0 and \
+                all(a[1] == b[0] for a, b in zip(rows, rows[1:])) and \
+                rows[-1][1] == model.get_parameter(sites[0][1].weight).shape[sites[0][1].layout == "in_out"]:
+            found[p] = (sites[0][0], len(sites))
+        else:
+            bad.append(p)
     if bad:
         raise PeftFormatError(f"PEFT adapters on {', '.join(bad)} do not map to one weight-bearing op of that module "
-                              f"(a packed or functionally read weight, such as nn.MultiheadAttention's, or a module "
-                              f"that is not in the traced forward)")
-    return {p: ops[p][0] for p in paths}
+                              f"(a functionally read weight, or a module that is not in the traced forward)")
+    return found
+
+
+def _mha_paths(by_module: dict, model: nn.Module) -> set[str]:
+    """PEFT's LoRA on nn.MultiheadAttention `X` keeps the out_proj's LoRA under `X.base_layer.out_proj`: move it to
+    `X.out_proj` (in place) and return the moved paths (selected by X's target, not by their own name)."""
+    moved = set()
+    for path in list(by_module):
+        holder, _, rest = path.rpartition(".base_layer.")
+        if rest == "out_proj" and isinstance(_get_module(model, holder), nn.MultiheadAttention):
+            by_module[f"{holder}.out_proj"] = by_module.pop(path)
+            moved.add(f"{holder}.out_proj")
+    return moved
+
+
+def _get_module(model: nn.Module, path: str):
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        return None
+
+
+SEQ_CLS_HEAD_NAMES = ("score", "classifier")   # PEFT's names for a classifier head, excluded for SEQ_CLS
+
+
+def _expand_all_linear(config: dict, model: nn.Module) -> dict:
+    """PEFT's `target_modules: "all-linear"` as PEFT expands it (`_maybe_include_all_linear_layers`): every
+    nn.Linear and transformers Conv1D module, except the output embedding (the LM head) and, for task_type
+    SEQ_CLS without one, the classifier head (`score` or `classifier`)."""
+    targets = config.get("target_modules")
+    if not (isinstance(targets, str) and targets.lower() == "all-linear"):
+        return config
+    classes: tuple = (nn.Linear,)
+    try:
+        from transformers.pytorch_utils import Conv1D
+        classes += (Conv1D,)
+    except ImportError:
+        pass
+    linear = {n for n, m in model.named_modules() if isinstance(m, classes) and n
+              and not n.startswith("surgery_adapters")}
+    exclude = set()
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None:
+        exclude |= {n for n, m in model.named_modules() if m is head}
+    elif str(config.get("task_type") or "").upper() == "SEQ_CLS":
+        for attr in SEQ_CLS_HEAD_NAMES:
+            found = getattr(model, attr, None)
+            if isinstance(found, nn.Module):
+                exclude |= {n for n, m in model.named_modules() if m is found}
+                break
+    return {**config, "target_modules": sorted(linear - exclude)}
 
 
 def _module_names(model: nn.Module) -> set[str]:
     return {name for name, _ in model.named_modules() if name and not name.startswith("surgery_adapters")}
 
 
-def _paths(config: dict, by_module: dict, model: nn.Module, peft_dir: Path) -> list[str]:
+def _paths(config: dict, by_module: dict, model: nn.Module, peft_dir: Path, implied: set[str] = frozenset()
+           ) -> list[str]:
     names = _module_names(model)
     missing = sorted(p for p in by_module if p not in names)
     if missing:
         raise PeftFormatError(f"{peft_dir}: the checkpoint adapts {', '.join(missing[:4])}, which this model does not "
                               f"have (was the PEFT model built on a different class, e.g. a task head around it?)")
-    selected = {n for n in names if _peft_selects(config, n)}
+    selected = {n for n in names if _peft_selects(config, n)} | set(implied)
     unselected = sorted(set(by_module) - selected)
     if unselected:
         raise PeftFormatError(f"{peft_dir}: tensors for {', '.join(unselected[:4])}, which target_modules "
@@ -171,26 +261,40 @@ def _paths(config: dict, by_module: dict, model: nn.Module, peft_dir: Path) -> l
     return sorted(by_module, key=list(n for n, _ in model.named_modules()).index)
 
 
+@unwrapping
 def from_peft(model: nn.Module, peft_dir, *, name: str = "default", example_inputs=None) -> nn.Module:
-    """Apply the LoRA or IA3 adapter saved by PEFT in `peft_dir` to `model` (in place) and return it.
+    """Apply the LoRA (also DoRA, `use_dora`) or IA3 adapter saved by PEFT in `peft_dir` to `model` (in place)
+    and return it. Linears, transformers' Conv1D, nn.Conv1d/2d/3d and nn.Embedding (`lora_embedding_A/B`) are read.
+
+    PEFT's LoRA on an `nn.MultiheadAttention` (one LoRA on the packed `in_proj_weight`, one on `out_proj`) is
+    loaded as LoRA's definition, W + ΔW on both weights. PEFT 0.21 itself computes W + 2ΔW for out_proj (its
+    MHA layer folds the out_proj delta and the wrapped out_proj adds it again), so outputs differ from PEFT's by
+    that second delta.
 
     The adapter gets the name `name`; on any error the model is left as it was.
     """
     peft_dir = Path(peft_dir)
     config, tensors = _read(peft_dir)
     peft_type = str(config.get("peft_type", "")).upper()
+    dora = bool(config.get("use_dora", False))
     if peft_type == "LORA":
-        _check_supported(config, _LORA_UNSUPPORTED, peft_dir)
-        by_module = _tensors_by_module(tensors, {"lora_A.weight": "lora_A", "lora_B.weight": "lora_B"}, peft_dir)
+        _check_supported(config, _LORA_UNSUPPORTED, peft_dir, _LORA_KNOWN)
+        suffixes = {"lora_A.weight": "lora_A", "lora_B.weight": "lora_B", "lora_embedding_A": "lora_A",
+                    "lora_embedding_B": "lora_B"}
+        if dora:
+            suffixes["lora_magnitude_vector"] = "magnitude"
+        by_module = _tensors_by_module(tensors, suffixes, peft_dir)
     elif peft_type == "IA3":
-        _check_supported(config, _IA3_UNSUPPORTED, peft_dir)
+        _check_supported(config, _IA3_UNSUPPORTED, peft_dir, _IA3_KNOWN)
         by_module = _tensors_by_module(tensors, {"ia3_l": "ia3_l"}, peft_dir)
     elif peft_type in peft_methods.peft_types():
         return peft_methods.from_peft_method(model, peft_dir, config, tensors, peft_type, name, example_inputs)
     else:
         raise PeftFormatError(f"{peft_dir}: peft_type {config.get('peft_type')!r} is not supported (LORA, IA3, "
                               f"{', '.join(sorted(peft_methods.peft_types()))})")
-    paths = _paths(config, by_module, model, peft_dir)
+    config = _expand_all_linear(config, model)
+    implied = _mha_paths(by_module, model)
+    paths = _paths(config, by_module, model, peft_dir, implied)
     if not paths:
         raise PeftFormatError(f"{peft_dir}: the checkpoint holds no adapter tensors")
     ops = _weight_sites(model, paths, example_inputs)
@@ -199,21 +303,24 @@ def from_peft(model: nn.Module, peft_dir, *, name: str = "default", example_inpu
     for path in paths:
         found = by_module[path]
         if peft_type == "LORA":
-            if set(found) != {"lora_A", "lora_B"}:
-                raise PeftFormatError(f"{peft_dir}: {path} has {sorted(found)}, not lora_A and lora_B")
+            expected = {"lora_A", "lora_B"} | ({"magnitude"} if dora else set())
+            if set(found) != expected:
+                raise PeftFormatError(f"{peft_dir}: {path} has {sorted(found)}, not {', '.join(sorted(expected))}")
             r = found["lora_A"].shape[0]
             configured = _pattern_value(config.get("rank_pattern"), path, config.get("r", 8))
-            if r != configured or found["lora_B"].shape[1] != r:
+            b_rank = found["lora_B"].shape[1]   # r/groups for a grouped conv's B (out, r/groups, 1, ...)
+            if r != configured or (b_rank != r and (found["lora_B"].dim() <= 2 or r % b_rank)):
                 raise PeftFormatError(f"{peft_dir}: {path} has rank {r} in its tensors but {configured} in the config")
             alpha = _pattern_value(config.get("alpha_pattern"), path, config.get("lora_alpha", 8))
             groups[("lora", r, float(alpha))].append(path)
         else:
             vector = found["ia3_l"]
+            # a conv's vector is (1, C, 1, ...) on either side: feedforward_modules says which
             scale_input = vector.dim() == 2 and vector.shape[0] == 1 and vector.shape[1] != 1
             feedforward = config.get("feedforward_modules") or []
             declared = (re.fullmatch(feedforward, path) is not None if isinstance(feedforward, str)
                         else any(path.endswith(t) for t in feedforward))
-            if vector.dim() == 2 and vector.shape == (1, 1):
+            if vector.dim() > 2 or vector.shape == (1, 1):
                 scale_input = declared
             if scale_input != declared:
                 raise PeftFormatError(f"{peft_dir}: {path}'s vector has shape {tuple(vector.shape)}, which disagrees "
@@ -222,17 +329,19 @@ def from_peft(model: nn.Module, peft_dir, *, name: str = "default", example_inpu
 
     rules = []
     for group, members in groups.items():
-        match = {"module": members, "op": sorted({ops[p] for p in members})}
+        match = {"module": members, "op": sorted({ops[p][0] for p in members})}
         if group[0] == "lora":
             _, r, alpha = group
-            rule_name = "lora" if len(groups) == 1 else f"lora_r{r}_alpha{alpha:g}".replace(".", "_")
-            module = {"kind": "lora", "r": r, "alpha": alpha, "dropout": float(config.get("lora_dropout") or 0.0),
+            kind = "dora" if dora else "lora"
+            rule_name = kind if len(groups) == 1 else f"{kind}_r{r}_alpha{alpha:g}".replace(".", "_")
+            module = {"kind": kind, "r": r, "alpha": alpha, "dropout": float(config.get("lora_dropout") or 0.0),
                       "use_rslora": bool(config.get("use_rslora", False))}
             module.update(peft_methods.lora_init(config, peft_dir))
         else:
             rule_name = "ia3_ffn" if group[1] else "ia3"
             module = {"kind": "ia3", "scale": "input" if group[1] else "output"}
-        rules.append({"name": rule_name, "match": match, "action": "wrap", "module": module, "expect": len(members)})
+        rules.append({"name": rule_name, "match": match, "action": "wrap", "module": module,
+                      "expect": sum(ops[p][1] for p in members)})
     spec = {"version": 1, "name": f"peft_{peft_type.lower()}", "rules": rules}
 
     apply(model, spec, example_inputs=example_inputs, name=name)
@@ -241,8 +350,14 @@ def from_peft(model: nn.Module, peft_dir, *, name: str = "default", example_inpu
             for site in store_of(model).records[name].weight_sites:
                 found = by_module[site.owner_path]
                 if peft_type == "LORA":
+                    lora_b = found["lora_B"]
+                    if site.rows is not None:   # one slice of a packed weight PEFT adapts whole
+                        lora_b = lora_b[site.rows[0]:site.rows[1]]
                     _copy(site.adapter.lora_A, found["lora_A"], site.owner_path, "lora_A")
-                    _copy(site.adapter.lora_B, found["lora_B"], site.owner_path, "lora_B")
+                    _copy(site.adapter.lora_B, lora_b, site.owner_path, "lora_B")
+                    if dora:
+                        _copy(site.adapter.magnitude, found["magnitude"].flatten(), site.owner_path,
+                              "lora_magnitude_vector")
                 else:
                     _copy(site.adapter.ia3_l, found["ia3_l"].flatten(), site.owner_path, "ia3_l")
     except Exception:
@@ -265,9 +380,10 @@ def _called_as_module(analysis, path: str) -> bool:
     module's forward, so only such a module's op can be adapted by PEFT."""
     if analysis.calls(path) != 1:
         return False
+    infos = {id(s.linear): s.linear for s in analysis.sites if s.linear is not None}   # linears, convs, embeddings
     return any(info.owner == path and info.rows is None and any(
         b.module == path and b.side == "out" and b.loc == () for b in analysis.boundaries(info.value))
-        for info in analysis.linears.values())
+        for info in infos.values())
 
 
 def _lora_module(sites, out_features: int) -> tuple[torch.Tensor, torch.Tensor, int, float, bool]:
@@ -305,6 +421,7 @@ def _ia3_module(sites, in_features: int, out_features: int, path: str) -> tuple[
     return vector[:, None], False
 
 
+@unwrapping
 def to_peft(model: nn.Module, out_dir, *, name: str | None = None, example_inputs=None) -> Path:
     """Write adapter set `name` (default: the only one) as a PEFT directory that `PeftModel.from_pretrained`
     loads onto the base model. LoRA or IA3 adapters only; anything PEFT cannot express is an error."""
@@ -329,14 +446,14 @@ def to_peft(model: nn.Module, out_dir, *, name: str | None = None, example_input
         raise SurgeryError(f"adapter {name!r} has gated LoRA (UniPELT) on {', '.join(gated[:4])}: PEFT's LoRA has "
                            f"no gate")
     kinds = {type(s.adapter) for s in record.weight_sites}
-    if kinds == {LoRA}:
+    if kinds in ({LoRA}, {DoRA}):
         peft_type = "LORA"
     elif kinds == {IA3}:
         peft_type = "IA3"
     elif peft_methods.method_type(kinds) is not None:
         peft_type = peft_methods.method_type(kinds)
     else:
-        raise SurgeryError(f"to_peft writes LoRA, IA3, VeRA, LoHa, OFT, BOFT or AdaLoRA adapter sets; {name!r} holds "
+        raise SurgeryError(f"to_peft writes LoRA, DoRA, IA3, VeRA, LoHa, OFT, BOFT or AdaLoRA adapter sets; {name!r} holds "
                            f"{', '.join(sorted(k.__name__ for k in kinds))}")
 
     analysis = _analysis(model, example_inputs)
@@ -349,23 +466,38 @@ def to_peft(model: nn.Module, out_dir, *, name: str | None = None, example_input
                            f"(e.g. nn.MultiheadAttention), so a PEFT wrapper around the module would not see it")
 
     tensors: dict[str, torch.Tensor] = {}
-    fan_in_fan_out = any(s.layout == "in_out" for s in record.weight_sites)
+    fan_in_fan_out = any(s.layout == "in_out" and getattr(s.adapter, "op_kind", "linear") == "linear"
+                         for s in record.weight_sites)   # an embedding's table is (num, dim) without it
     if peft_type not in ("LORA", "IA3"):
         tensors, config = peft_methods.to_peft_tensors(peft_type, record, by_module)
     elif peft_type == "LORA":
         modules = {}
+        dora = kinds == {DoRA}
+        if dora and any(len(sites) > 1 or sites[0].rows is not None for sites in by_module.values()):
+            raise SurgeryError(f"adapter {name!r}: DoRA on part of a packed weight has no PEFT form (PEFT's "
+                               f"magnitude covers the whole module)")
         for path, sites in by_module.items():
             a, b, r, alpha, rslora = _lora_module(sites, _out_features(sites[0]))
             modules[path] = (r, alpha, rslora)
-            tensors[f"{PREFIX}{path}.lora_A.weight"] = a
-            tensors[f"{PREFIX}{path}.lora_B.weight"] = b
+            embedding = getattr(sites[0].adapter, "op_kind", "linear") == "embedding"
+            tensors[f"{PREFIX}{path}.{'lora_embedding_A' if embedding else 'lora_A.weight'}"] = a
+            tensors[f"{PREFIX}{path}.{'lora_embedding_B' if embedding else 'lora_B.weight'}"] = b
+            if dora:   # PEFT's shape: (out,) for linears and embeddings, (1, out, 1, ...) for convs
+                magnitude = sites[0].adapter.magnitude.detach()
+                conv_dims = _plain_weight(sites[0]).dim() - 2 if sites[0].adapter.op_kind == "conv" else 0
+                tensors[f"{PREFIX}{path}.lora_magnitude_vector"] = (
+                    magnitude.view(1, -1, *[1] * conv_dims) if conv_dims else magnitude)
         config = _lora_config(modules, record, fan_in_fan_out)
+        config["use_dora"] = dora
     else:
         feedforward = []
         for path, sites in by_module.items():
             vector, scale_input = _ia3_module(sites, _in_features(sites[0]), _out_features(sites[0]), path)
             if scale_input:
                 feedforward.append(path)
+            weight = _plain_weight(sites[0])
+            if weight.dim() > 2:   # a conv's vector is (1, C, 1, ...) on either side
+                vector = vector.flatten().view(1, -1, *[1] * (weight.dim() - 2))
             tensors[f"{PREFIX}{path}.ia3_l"] = vector
         config = {"peft_type": "IA3", "target_modules": list(by_module), "feedforward_modules": feedforward,
                   "fan_in_fan_out": fan_in_fan_out, "init_ia3_weights": True, "modules_to_save": None}
@@ -386,6 +518,8 @@ def _out_features(site) -> int:
 
 def _in_features(site) -> int:
     weight = _plain_weight(site)
+    if weight.dim() > 2:   # a conv's (out, in/groups, *kernel)
+        return weight.shape[1] * getattr(site.owner, "groups", 1)
     return weight.shape[0] if site.layout == "in_out" else weight.shape[1]
 
 

@@ -98,8 +98,8 @@ def from_peft_method(model: nn.Module, peft_dir: Path, config: dict, tensors: di
                      example_inputs) -> nn.Module:
     """`from_peft` for VERA, LOHA, OFT and BOFT directories (see the module docstring)."""
     from surgery.api import apply, remove
-    from surgery.io.peft import (PeftFormatError, _check_supported, _copy, _paths, _tensors_by_module,
-                                 _weight_sites)
+    from surgery.io.peft import (PeftFormatError, _check_supported, _copy, _expand_all_linear, _paths,
+                                 _tensors_by_module, _weight_sites)
     from surgery.rewrite.host import store_of
     unsupported = dict(_COMMON_UNSUPPORTED)
     if peft_type == "OFT":
@@ -110,10 +110,15 @@ def from_peft_method(model: nn.Module, peft_dir: Path, config: dict, tensors: di
     if peft_type == "VERA" and config.get("save_projection", True) and len(globals_) != 2:
         raise PeftFormatError(f"{peft_dir}: save_projection is true but {' and '.join(VERA_GLOBALS)} are missing")
     by_module = _tensors_by_module(tensors, SUFFIXES[peft_type], peft_dir)
+    config = _expand_all_linear(config, model)
     paths = _paths(config, by_module, model, peft_dir)
     if not paths:
         raise PeftFormatError(f"{peft_dir}: the checkpoint holds no adapter tensors")
     ops = _weight_sites(model, paths, example_inputs)
+    packed = [p for p in paths if ops[p][1] != 1]
+    if packed:
+        raise PeftFormatError(f"{peft_dir}: {peft_type} on {', '.join(packed[:4])}, whose weight is read in row slices "
+                              f"(a packed projection such as nn.MultiheadAttention's in_proj), is not supported")
 
     groups: dict[tuple, list[str]] = defaultdict(list)
     for path in paths:
@@ -125,7 +130,7 @@ def from_peft_method(model: nn.Module, peft_dir: Path, config: dict, tensors: di
     for index, (options, members) in enumerate(groups.items()):
         module = dict(options)
         rule = module["kind"] if len(groups) == 1 else f"{module['kind']}_{index}"
-        rules.append({"name": rule, "match": {"module": members, "op": sorted({ops[p] for p in members})},
+        rules.append({"name": rule, "match": {"module": members, "op": sorted({ops[p][0] for p in members})},
                       "action": "wrap", "module": module, "expect": len(members)})
     apply(model, {"version": 1, "name": f"peft_{peft_type.lower()}", "rules": rules}, example_inputs=example_inputs,
           name=name)
@@ -223,6 +228,7 @@ def _dropout(module: nn.Module) -> float:
 # PEFT inits that overwrite the base weight when the adapter is created or loaded (LoraLayer.update_layer), so
 # a checkpoint trained with them is only right on the base PEFT recomputes: the same init must run here.
 _BASE_MUTATING_INITS = ("corda", "loftq", "lora_ga")
+RECOMPUTED_INITS = ("pissa", "olora")     # inits whose residual base from_peft recomputes (module `init`)
 
 
 def lora_init(config: dict, peft_dir: Path) -> dict:

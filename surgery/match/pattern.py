@@ -3,6 +3,7 @@ graph size, with no neighbourhood search through shared hub nodes."""
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from functools import lru_cache
@@ -31,20 +32,33 @@ class Match:
         return {"rule": self.rule, "layer": self.layer, "role": self.role, "module": self.module, "node": self.node}
 
 
-def pattern_layers(pattern: Pattern, num_layers: int) -> set[int] | None:
-    """The layers a pattern allows: `layers` (None: any) minus `leave_out`."""
-    layers = resolve_layers(pattern.layers, num_layers)
+def stack_matches(stack: str | None, globs) -> bool:
+    """A stack path matches a glob on the whole path or a name equal to one of its dotted components."""
+    if stack is None:
+        return False
+    return any(fnmatchcase(stack, g) or g in stack.split(".") for g in _as_list(globs))
+
+
+def pattern_layers(pattern: Pattern, num_layers: int, stacks: list[str] | None = None) -> set[int] | None:
+    """The layers a pattern allows: `layers` (None: any) minus `leave_out`, counted within the stacks the pattern
+    names (all layers when it names none)."""
+    eligible = list(range(num_layers))
+    if getattr(pattern, "stack", None) is not None and stacks is not None:
+        eligible = [i for i in eligible if stack_matches(stacks[i], pattern.stack)]
+        if pattern.layers is None and not pattern.leave_out:
+            return set(eligible)
+    layers = resolve_layers(pattern.layers, len(eligible), eligible)
     if pattern.leave_out:
-        skip = resolve_layers(list(pattern.leave_out), num_layers)
-        layers = (set(range(num_layers)) if layers is None else layers) - skip
+        skip = resolve_layers(list(pattern.leave_out), len(eligible), eligible)
+        layers = (set(eligible) if layers is None else layers) - skip
     return layers
 
 
-def resolve_layers(spec, num_layers: int) -> set[int] | None:
-    """None means no layer constraint."""
+def resolve_layers(spec, num_layers: int, everything: list[int] | None = None) -> set[int] | None:
+    """None means no layer constraint. Indices count in `everything` (default: 0..num_layers-1)."""
     if spec is None:
         return None
-    everything = list(range(num_layers))
+    everything = list(range(num_layers)) if everything is None else everything
     if spec == "all":
         return set(everything)
     if isinstance(spec, int):
@@ -53,7 +67,7 @@ def resolve_layers(spec, num_layers: int) -> set[int] | None:
         return {everything[i] for i in spec if -num_layers <= i < num_layers}
     parts = [int(p) if p.strip() else None for p in spec.split(":")]
     if len(parts) == 1:
-        return resolve_layers(parts[0], num_layers)
+        return resolve_layers(parts[0], num_layers, everything)
     return set(everything[slice(*parts)])
 
 
@@ -76,6 +90,8 @@ def _node_ok(site: Site, pattern: Pattern, analysis: Analysis, layers: set[int] 
         return False
     if pattern.module is not None and not _module_matches(site.module, tuple(_as_list(pattern.module))):
         return False
+    if pattern.stack is not None and not stack_matches(site.stack, pattern.stack):
+        return False
     if pattern.bind:
         if pattern.bind in bindings and bindings[pattern.bind] is not site.node:
             return False
@@ -91,7 +107,7 @@ def _node_ok(site: Site, pattern: Pattern, analysis: Analysis, layers: set[int] 
 
 
 def _input_ok(node: fx.Node, pattern: Pattern, analysis: Analysis, bindings: dict) -> bool:
-    layers = pattern_layers(pattern, analysis.num_layers)
+    layers = pattern_layers(pattern, analysis.num_layers, analysis.stacks)
     chain = [node]
     if pattern.through:
         while op_name(chain[-1]) in VIEW_LIKE and chain[-1].all_input_nodes:
@@ -124,12 +140,12 @@ def _candidates(pattern: Pattern, analysis: Analysis) -> list[Site]:
 
 
 def find(pattern: Pattern, analysis: Analysis, *, restrict_layer: int | None = None) -> list[tuple[Site, dict]]:
-    layers = pattern_layers(pattern, analysis.num_layers)
+    layers = pattern_layers(pattern, analysis.num_layers, analysis.stacks)
     if restrict_layer is not None:
         layers = {restrict_layer} if layers is None or restrict_layer in layers else set()
     candidates = _candidates(pattern, analysis)
     if (layers is None and pattern.op is None and pattern.module is None and not pattern.bind
-            and not pattern.inputs):
+            and not pattern.inputs and pattern.stack is None):
         return [(site, {}) for site in candidates]     # a role pattern (candidates are its sites) or `{}`
     found = []
     for site in candidates:
@@ -143,22 +159,63 @@ def _describe(pattern: Pattern) -> str:
     return ", ".join(f"{k}={v!r}" for k, v in pattern.model_dump(exclude_none=True, exclude_defaults=True).items())
 
 
+def _similarity(word: str, component: str) -> float:
+    """How close a glob's literal word is to one component of a module path: difflib's ratio, or 0.75 when
+    the word's first `_`-separated token abbreviates the component (`q_proj` ~ `query`, `k_proj` ~ `key`)."""
+    word, component = word.lower(), component.lower()
+    score = difflib.SequenceMatcher(None, word, component).ratio()
+    head = word.split("_")[0]
+    if head and not head.isdigit() and component.startswith(head) and component != word:
+        score = max(score, 0.75)
+    return score
+
+
+def nearest_modules(glob: str, modules: list[str], n: int = 3) -> list[str]:
+    """The module paths closest to a glob that matches none of them, one per layer-independent name (digits
+    stand for any layer): ranked by the best similarity between the glob's words and the path's components."""
+    words = [w for w in re.split(r"[.*?\[\]]+", glob) if w and not w.isdigit()]
+    if not words:
+        return []
+    scored = []
+    for i, module in enumerate(modules):
+        parts = [c for c in module.split(".") if not c.isdigit()]
+        score = sum(max((_similarity(w, c) for c in parts), default=0.0) for w in words) / len(words)
+        scored.append((-score, i, module))
+    out, shapes = [], set()
+    for neg, _, module in sorted(scored):
+        shape = re.sub(r"\d+", "N", module)
+        if -neg < 0.5 or shape in shapes:
+            continue
+        shapes.add(shape)
+        out.append(module)
+        if len(out) == n:
+            break
+    return out
+
+
 def _nearest(pattern: Pattern, analysis: Analysis) -> str:
-    """What the pattern would match with one constraint dropped, or the closest roles/modules."""
+    """What the pattern would match with one constraint dropped, or the closest roles/modules. A module glob
+    that matches no module at all gets the module names nearest to it (among the sites of the pattern's role,
+    when it has one), rather than samples of unrelated sites."""
     hints = []
+    globs = _as_list(pattern.module)
+    role_sites = [s for r in _as_list(pattern.role) for s in analysis.by_role.get(r, [])] if pattern.role else []
+    pool = sorted({s.module for s in (role_sites or analysis.sites) if s.module},
+                  key=lambda m: ([int(p) if p.isdigit() else -1 for p in m.split(".")], m))
+    unmatched = [g for g in globs if not any(_module_matches(m, (g,)) for m in pool)]
+    for glob in unmatched:
+        near = nearest_modules(glob, pool)
+        hints.append(f"no module{' of role ' + repr(pattern.role) if role_sites else ''} matches {glob!r}"
+                     + (f"; nearest module names: {', '.join(near)}" if near else ""))
     for drop in ("layers", "module", "op", "inputs"):
+        if drop == "module" and unmatched and len(unmatched) == len(globs) and not role_sites:
+            continue   # every site of every role: not a hint
         if getattr(pattern, drop) is not None:
             relaxed = pattern.model_copy(update={drop: None})
             sites = find(relaxed, analysis)
             if sites:
                 sample = ", ".join(f"{s.module or '<root>'} ({s.role or s.op}, layer {s.layer})" for s, _ in sites[:4])
                 hints.append(f"without `{drop}` it matches {len(sites)} site(s), e.g. {sample}")
-    if pattern.module is not None:
-        modules = sorted({s.module for s in analysis.sites if s.module})
-        for glob in _as_list(pattern.module):
-            near = difflib.get_close_matches(glob.replace("*", ""), modules, n=3, cutoff=0.5)
-            if near:
-                hints.append(f"modules near {glob!r}: {', '.join(near)}")
     if not hints:
         present = sorted(r for r in analysis.by_role)
         hints.append(f"roles present in this model: {', '.join(present)}")
@@ -210,14 +267,18 @@ def _check_expect(rule: Rule, name: str, matches: list[Match], analysis: Analysi
         raise MatchError(f"rule {name!r}{where} matched no site: pattern ({_describe(rule.match)}). "
                          f"Nearest: {_nearest(rule.match, analysis)}")
     if expect == "every_layer":
-        wanted = pattern_layers(rule.match, analysis.num_layers) or set(range(analysis.num_layers))
+        wanted = pattern_layers(rule.match, analysis.num_layers, analysis.stacks) or set(range(analysis.num_layers))
+        if rule.match.role is not None and analysis.stacks:
+            # a role only some stacks have (cross-attention: decoder layers) is expected in every layer of those
+            having = {s.stack for r in _as_list(rule.match.role) for s in analysis.by_role.get(r, [])}
+            wanted = {i for i in wanted if analysis.stacks[i] in having}
         missing = sorted(wanted - {m.layer for m in matches})
         if missing:
             raise MatchError(f"rule {name!r}{where} expects a site in every layer but matched none in layers "
                              f"{missing}: pattern ({_describe(rule.match)})")
     elif isinstance(expect, int) and len(matches) != expect:
         matched = sorted({m.layer for m in matches if m.layer is not None})
-        wanted = pattern_layers(rule.match, analysis.num_layers) or set(range(analysis.num_layers))
+        wanted = pattern_layers(rule.match, analysis.num_layers, analysis.stacks) or set(range(analysis.num_layers))
         missing = sorted(wanted - set(matched)) if matched and len(matches) < expect else []
         without = f"; no site in layers {missing}" if missing else ""
         raise MatchError(f"rule {name!r}{where} expects {expect} site(s) but matched {len(matches)}: "
@@ -225,4 +286,17 @@ def _check_expect(rule: Rule, name: str, matches: list[Match], analysis: Analysi
 
 
 def match_spec(spec: Spec, analysis: Analysis) -> list[list[Match]]:
-    return [match_rule(rule, i, analysis, spec.name) for i, rule in enumerate(spec.rules)]
+    """Every rule's matches; a MatchError for a spec read from a file starts with the rule's `file:line:col`."""
+    out = []
+    for i, rule in enumerate(spec.rules):
+        try:
+            out.append(match_rule(rule, i, analysis, spec.name))
+        except MatchError as exc:
+            origin = spec.origin_of(rule)
+            if origin is None:
+                raise
+            located = origin.error(str(exc), "match")
+            error = MatchError(located.render())
+            error.file, error.line, error.column, error.key = located.file, located.line, located.column, located.key
+            raise error from None
+    return out

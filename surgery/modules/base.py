@@ -22,6 +22,8 @@ class SiteContext:
     in_features: int | None = None     # wrap: the weight-bearing op's input and output sizes
     out_features: int | None = None
     weight: torch.Tensor | None = None  # wrap: the base weight in (out, in) layout (read-only; DoRA init)
+    op_kind: str = "linear"             # wrap: "linear", "conv" or "embedding" (see surgery/modules/weight_ops.py)
+    op_args: dict[str, Any] = field(default_factory=dict)   # wrap: conv stride/padding/dilation/groups/dims, ...
     bias: torch.Tensor | None = None    # wrap: the op's base bias (rows of the site), or None (read-only; BOFT)
     rows: tuple[int, int] | None = None  # wrap: the output rows of a packed weight the site covers; None: all
     host: nn.Module | None = None       # the host module at the site (replace/attend)
@@ -43,6 +45,8 @@ class WeightAdapter(nn.Module):
 
     mergeable: bool = True
     adapts_input: bool = False   # True when adapt_input is not the identity
+    op_kinds: tuple[str, ...] = ("linear",)   # weight-bearing op kinds it computes right (conv, embedding: opt in)
+    activation_only: bool = False   # True when the adapted op is no op of the base kind (no weight path, no merge)
 
     def adapt_input(self, x: torch.Tensor) -> torch.Tensor:
         return x

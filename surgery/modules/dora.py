@@ -3,17 +3,24 @@ weight (PEFT's `linalg.norm(W, dim=1)`: the paper's column norm of the (in, out)
 
 As in the paper (§4.3) and PEFT, the norm is treated as a constant for the gradient (detached): it tracks
 the update of BA in the forward pass, but receives no gradient.
+
+On a convolution the norm is per output channel over (in, *kernel) (PEFT's `_DoraConvNdLayer`), on an
+embedding per embedding dimension over the vocabulary (PEFT's `DoraEmbeddingLayer`, the table read as
+(dim, num_embeddings)). On a grouped conv, LoRA's B·A reads every input channel, so W + s·BA is the dense
+kernel (W with zeros across groups, plus s·BA): its per-channel norm is used here; PEFT reshapes the grouped
+B (out, r/groups) as (-1, r) for the norm, which mixes channels once B is trained (equal at init).
 """
 from __future__ import annotations
 
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
 from surgery.errors import RewriteError
+from surgery.modules.lora import warn_rank
+from surgery.modules import weight_ops
 from surgery.modules.base import SiteContext
 from surgery.modules.lora import LoRA
 from surgery.modules.registry import Options, register
@@ -36,44 +43,51 @@ class DoRA(LoRA):
     inverse_weight = None   # the row norms make W' non-invertible from W' alone: merge keeps a copy for unmerge
 
     def __init__(self, weight: torch.Tensor, r: int = 8, alpha: float = 8, dropout: float = 0.0,
-                 use_rslora: bool = False, init: str = "kaiming"):
-        out_features, in_features = weight.shape
+                 use_rslora: bool = False, init: str = "kaiming", op_kind: str = "linear", op_args: dict | None = None):
+        op_args = dict(op_args or {})
+        out_features, in_features = weight.shape[0], weight.shape[1] * op_args.get("groups", 1)
         super().__init__(in_features, out_features, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora,
-                         init=init)
+                         init=init, op_kind=op_kind, op_args=op_args)
         # The activation path needs the base weight itself; held unregistered so it is neither saved nor trained
         # here. A Parameter is kept as the object (it survives .to()); a slice/transpose view shares its storage.
         self._base_weight = [weight if isinstance(weight, nn.Parameter) else weight.detach()]
-        self.magnitude = nn.Parameter(self._row_norm(weight.detach()))
+        self.magnitude = nn.Parameter(self._row_norm(self._dense(weight.detach())))
 
     @classmethod
     def build(cls, options: DoRAOptions, site: SiteContext, action: str) -> "DoRA":
         if site.weight is None:
             raise RewriteError(f"{site.module}: DoRA needs the base weight of the op to initialize its magnitude, "
                                f"but this op's weight is not a parameter of the model")
+        warn_rank(options.r, site, "dora")
         return cls(site.weight, r=options.r, alpha=options.alpha, dropout=options.dropout,
-                   use_rslora=options.use_rslora, init=options.init)
+                   use_rslora=options.use_rslora, init=options.init, op_kind=site.op_kind, op_args=site.op_args)
 
     def reset_parameters(self):
         super().reset_parameters()
         if getattr(self, "magnitude", None) is not None:   # LoRA's __init__ resets before magnitude exists
             with torch.no_grad():
-                self.magnitude.copy_(self._row_norm(self._base_weight[0].detach()))
+                self.magnitude.copy_(self._row_norm(self._dense(self._base_weight[0].detach())))
 
     @staticmethod
     def _row_norm(weight: torch.Tensor) -> torch.Tensor:
-        return torch.linalg.norm(weight, dim=1)
+        """The norm of each output row (channel) over every other axis."""
+        return torch.linalg.norm(weight.flatten(1), dim=1)
+
+    def _dense(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight_ops.grouped_to_dense(weight, self.op_args.get("groups", 1)) if self.op_kind == "conv" else weight
 
     def _norm_scale(self, weight: torch.Tensor) -> torch.Tensor:
         """m / ‖W + s·BA‖ per output row, the norm detached (DoRA §4.3)."""
-        combined = weight + self.delta_weight().detach().to(weight.dtype)
+        combined = self._dense(weight) + self._dense_delta().detach().to(weight.dtype)
         return self.magnitude.to(weight.dtype) / self._row_norm(combined).detach()
 
     def forward(self, x, y):
-        weight = self._base_weight[0]
+        weight = self._base_weight[0].to(x.dtype)   # a float32 DoRA on a half-precision base computes in float32
         x = self.dropout(x)
-        scale = self._norm_scale(weight.detach())
-        lora = (x @ self.lora_A.t() @ self.lora_B.t()) * self.scaling
-        return y + (scale - 1) * F.linear(x, weight) + scale * lora
+        scale = weight_ops.channels(self._norm_scale(weight.detach()), self.op_kind, self.op_args)
+        lora = self._path(x) * self.scaling
+        return y + (scale - 1) * weight_ops.base_op(x, weight, self.op_kind, self.op_args) + scale * lora
 
     def transform_weight(self, weight):
-        return self._norm_scale(weight)[:, None] * (weight + self.delta_weight().to(weight.dtype))
+        scale = self._norm_scale(weight).view(-1, *([1] * (weight.dim() - 1)))
+        return scale * (weight + self.delta_weight().to(weight.dtype))

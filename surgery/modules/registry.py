@@ -4,7 +4,7 @@ from __future__ import annotations
 import difflib
 from typing import ClassVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 
 _REGISTRY: dict[str, type] = {}
 
@@ -18,6 +18,13 @@ class Options(BaseModel):
     @classmethod
     def actions(cls) -> set[str]:
         return set(cls.supported_actions)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _plain_values(cls, data, handler):
+        """Finite numbers within ±65504, booleans only where the option is a boolean (modules/values.py)."""
+        from surgery.modules.values import checked_options
+        return checked_options(cls, data, handler)
 
 
 def register(cls):

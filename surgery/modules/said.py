@@ -11,6 +11,7 @@ saved and counted once), and every site's adapter holds an unregistered referenc
 """
 from __future__ import annotations
 
+import warnings
 from typing import Literal
 
 import torch
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from surgery.errors import RewriteError
+from surgery.errors import RewriteError, SurgeryWarning
 from surgery.modules.base import SiteContext, WeightAdapter
 from surgery.modules.registry import Options, register
 from surgery.modules.sparse import site_seed
@@ -91,6 +92,11 @@ class IntrinsicSAID(WeightAdapter):
         if site.shared is None:
             raise RewriteError("said couples all sites of a rule through one subspace: it needs the rule's "
                                "shared modules (SiteContext.shared)")
+        size = (site.out_features or 0) * (site.in_features or 0)
+        if options.d > size:
+            warnings.warn(f"said: d={options.d} exceeds the {size} entries of the weight at {site.module}: its "
+                          f"projection is sized by d (memory O(d) per weight) and cannot reach more than {size} "
+                          f"directions", SurgeryWarning, stacklevel=2)
         if "subspace" not in site.shared:
             site.shared["subspace"] = Subspace(options.d)
         return cls(site.out_features, site.in_features, site.shared["subspace"], site_seed(options.seed, site))

@@ -15,6 +15,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from surgery.errors import RewriteError
+from surgery.progress import progress, stage
 from surgery.modules.base import SiteContext, WeightAdapter
 from surgery.modules.registry import Options, register
 
@@ -132,12 +133,13 @@ def accumulated_squared_gradients(model: nn.Module, calibration: Any) -> dict[in
         for p in params:
             p.requires_grad_(True)
         count = 0
-        for loss in _losses(model, calibration):
-            grads = torch.autograd.grad(loss, params, allow_unused=True)
-            for total, grad in zip(totals, grads):
-                if grad is not None:
-                    total.add_(grad.detach().contiguous() ** 2)
-            count += 1
+        with stage("calibration pass for gradient-selected sparse masks"):
+            for loss in _losses(model, calibration):
+                grads = torch.autograd.grad(loss, params, allow_unused=True)
+                for total, grad in zip(totals, grads):
+                    if grad is not None:
+                        total.add_(grad.detach().contiguous() ** 2)
+                count += 1
         if count == 0:
             raise RewriteError("the calibration data gave no batch")
     finally:
@@ -154,7 +156,7 @@ def _losses(model: nn.Module, calibration: Any) -> Iterable[torch.Tensor]:
     if callable(calibration):
         yield from calibration(model)
         return
-    for batch in calibration:
+    for batch in progress(calibration, "calibration"):
         if isinstance(batch, dict):
             out = model(**batch)
         elif isinstance(batch, (tuple, list)):

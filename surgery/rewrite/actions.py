@@ -5,32 +5,44 @@ undone. Modules come from the registry; nothing here knows any particular method
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import re
-import types
 
 import torch
 from torch import fx, nn
 from torch.nn.utils import parametrize
 
-from surgery.analyze.roles import Analysis, Site, op_name
+from surgery.analyze.roles import Analysis, Site, op_name, stack_entries
 from surgery.errors import RewriteError
 from surgery.match.pattern import Match
+from surgery.rewrite import compose
 from surgery.modules.base import SiteContext
 from surgery.modules.registry import module_class
 from surgery.rewrite.attention import attach_intercept, attach_registry, registry_of
-from surgery.rewrite.host import (AdapterStore, Gate, Record, capture_anchor, hook_capture, hook_value, input_anchor,
-                                  output_anchor, value_anchor, wrap_weight)
+from surgery.rewrite.host import (AdapterStore, Gate, Record, WeightSite, attach_weight_site, capture_anchor,
+                                  hook_capture, hook_value, input_anchor, output_anchor, value_anchor, wrap_weight)
 from surgery.spec.models import Rule
 
 
 def site_key(match: Match) -> str:
     """A stable, readable key for a site: the module path of a weight-bearing op, else module path and role."""
     key = re.sub(r"[^0-9A-Za-z_]", "_", match.module or "root")
+    call = _call_of(match)
+    if call:
+        key += f"__call{call}"      # a module called several times (a shared layer) has one site per call
     info = match.site.linear
     if info is not None and info.rows is None and match.site.extra.get("packed") is None:
         return key
     return key + "__" + (match.role.replace(".", "_") if match.role else match.node)
+
+
+def _call_of(match: Match) -> int:
+    """Which call of the site's module the matched node belongs to (0 unless the module is called repeatedly)."""
+    for path, call in reversed(stack_entries(match.site.node)):
+        if path == match.module:
+            return call
+    return 0
 
 
 def _dim(node) -> int | None:
@@ -70,6 +82,7 @@ def _context(model: nn.Module, analysis: Analysis, match: Match, value: fx.Node,
         rows = info.rows or packed
         ctx.in_features = info.in_features
         ctx.out_features = (rows[1] - rows[0]) if rows else info.out_features
+        ctx.op_kind, ctx.op_args = info.kind, dict(info.op_args)
         weight = _base_parameter(model, info.weight)
         if weight is not None:
             w = weight.t() if info.layout == "in_out" else weight
@@ -117,21 +130,22 @@ def _projection(model, info, packed):
     rows = info.rows or packed
     if rows is None:
         return model.get_submodule(info.owner)
+    return functools.partial(_project, model, info, packed, rows)
 
-    def project(x):
-        owner = model.get_submodule(info.owner)
-        weight = getattr(owner, info.weight.rpartition(".")[2])
-        bias = getattr(model.get_submodule(info.bias.rpartition(".")[0]), info.bias.rpartition(".")[2]) if info.bias else None
-        a, b = rows
-        if info.layout == "in_out":
-            out = x @ weight[:, a:b]
-        else:
-            out = x @ weight[a:b].t()
-        if bias is not None:
-            brows = info.bias_rows or packed or rows
-            out = out + bias[brows[0]:brows[1]]
-        return out
-    return project
+
+def _project(model, info, packed, rows, x):
+    owner = model.get_submodule(info.owner)
+    weight = getattr(owner, info.weight.rpartition(".")[2])
+    bias = getattr(model.get_submodule(info.bias.rpartition(".")[0]), info.bias.rpartition(".")[2]) if info.bias else None
+    a, b = rows
+    if info.layout == "in_out":
+        out = x @ weight[:, a:b]
+    else:
+        out = x @ weight[a:b].t()
+    if bias is not None:
+        brows = info.bias_rows or packed or rows
+        out = out + bias[brows[0]:brows[1]]
+    return out
 
 
 def _text_embedder(model, analysis: Analysis):
@@ -189,6 +203,9 @@ def _params_of(model: nn.Module, site: Site, analysis: Analysis) -> dict[str, nn
     if site.role == "norm" and site.module:
         module = model.get_submodule(site.module)
         names.update(f"{site.module}.{n}" for n, _ in module.named_parameters(recurse=False))
+    if site.role in ("block.input", "block.output") and site.module:
+        # selecting a layer selects the whole block module
+        names = {f"{site.module}.{n}" for n, _ in model.get_submodule(site.module).named_parameters()}
     out = {}
     for name in names:
         try:
@@ -204,6 +221,9 @@ def realize(model: nn.Module, analysis: Analysis, store: AdapterStore, record: R
     for every site of one apply call) is passed to each module in `SiteContext.extra`."""
     name = record.name
     gate = Gate(store.runtime, name)
+    if rule.action == "train" and rule.rows is not None:
+        _realize_train_rows(model, analysis, store, record, rule, matches, gate)
+        return
     if rule.action == "train":
         before = len(record.trained)
         for match in matches:
@@ -224,15 +244,28 @@ def realize(model: nn.Module, analysis: Analysis, store: AdapterStore, record: R
     if rule_name in per_adapter:
         raise RewriteError(f"two rules named {rule_name!r} in adapter {name!r}")
     per_adapter[rule_name] = modules
-    record.undo.append(lambda: per_adapter.pop(rule_name))
+    record.undo.append(functools.partial(per_adapter.pop, rule_name))
     for match in matches:
         value = _through(_site_value(match.site), rule.through)
         if rule.action == "insert_before":   # the module sees the op's input, so it is sized by it
             inputs = match.site.node.all_input_nodes
             value = match.site.linear.x if match.site.linear is not None else (inputs[0] if inputs else value)
+        if rule.action == "prepend" and "inputs_embeds" in inspect.signature(model.forward).parameters:
+            table = _token_embedding_site(analysis)
+            if table is not None:      # prompts go into inputs_embeds: the token embedding's width (ALBERT: 128)
+                value = table.node
+        if match.site.extra.get("interleaved") and rule.action in ("wrap", "insert_after", "insert_before"):
+            raise RewriteError(f"rule {match.rule!r}: {match.role} of {match.module} is interleaved with the other "
+                               f"projections head by head in one packed output (BLOOM's query_key_value); adapting "
+                               f"q, k or v alone is not supported there: match role attention.qkv (the whole packed "
+                               f"projection) instead")
         if rule.action == "wrap" and match.site.linear is None:
-            raise RewriteError(f"rule {match.rule!r}: wrap needs a weight-bearing op, but {match.node} "
-                               f"({match.role or match.site.op}) reads no weight")
+            raise RewriteError(f"rule {match.rule!r}: wrap needs a weight-bearing op (linear, conv1d/2d/3d, "
+                               f"embedding), but {match.node} ({match.role or match.site.op}) is not one")
+        if rule.action == "wrap" and match.site.linear.kind not in getattr(cls, "op_kinds", ("linear",)):
+            raise RewriteError(f"rule {match.rule!r}: {rule.module.kind} adapts "
+                               f"{'/'.join(getattr(cls, 'op_kinds', ('linear',)))} ops, but {match.module} is a "
+                               f"{match.site.linear.kind} ({match.site.op})")
         ctx = _context(model, analysis, match, value, rule)
         ctx.extra.update(extra or {})
         ctx.shared, ctx.runtime, ctx.adapter = shared, store.runtime, per_adapter
@@ -246,7 +279,10 @@ def realize(model: nn.Module, analysis: Analysis, store: AdapterStore, record: R
         else:
             module.to_empty(device="meta")
         if ctx.dtype.is_floating_point:
-            module.to(dtype=ctx.dtype)
+            dtype = _adapter_dtype(ctx.dtype, rule.action, (extra or {}).get("adapter_dtype"))
+            module.to(dtype=dtype)
+            if dtype != ctx.dtype:
+                _compute_in(module, dtype, ctx.dtype)
         module.train(model.training)   # an adapter added to a model in eval mode must not run its dropout
         key = site_key(match)
         if key in modules:
@@ -258,6 +294,51 @@ def realize(model: nn.Module, analysis: Analysis, store: AdapterStore, record: R
         if ref is not None and ref.device.type != "meta":
             shared.to(device=ref.device, dtype=ref.dtype)
         modules["shared"] = shared
+
+
+def _realize_train_rows(model, analysis, store, record, rule, matches, gate):
+    """`train` with `rows`: a TrainableRows module per selected weight, realized as a parametrization on every
+    module that holds that weight (an embedding and the LM head tied to it), so both read the same rows."""
+    from surgery.modules.rows import TrainableRows
+    rule_name = matches[0].rule if matches else (rule.name or "rule")
+    per_adapter = store.adapters[record.name]
+    if rule_name in per_adapter:
+        raise RewriteError(f"two rules named {rule_name!r} in adapter {record.name!r}")
+    modules = nn.ModuleDict()
+    per_adapter[rule_name] = modules
+    record.undo.append(lambda: per_adapter.pop(rule_name))
+    holders: dict[int, list[tuple[str, str]]] = {}
+    for path, owner in model.named_modules():
+        for attr in list(owner._parameters) + (list(owner.parametrizations.keys())
+                                                if parametrize.is_parametrized(owner) else []):
+            param = _base_parameter(model, f"{path}.{attr}" if path else attr)
+            if param is not None:
+                holders.setdefault(id(param), []).append((path, attr))
+    seen: set[int] = set()
+    for match in matches:
+        for pname, param in _params_of(model, match.site, analysis).items():
+            kind = "bias" if "bias" in pname.rpartition(".")[2].split("_") else "weight"
+            if not ("all" in rule.params or kind in rule.params) or param.dim() != 2:
+                continue
+            if max(rule.rows) >= param.shape[0]:
+                raise RewriteError(f"rule {match.rule!r}: rows {max(rule.rows)} is out of range for {pname} "
+                                   f"with {param.shape[0]} rows")
+            key = re.sub(r"[^0-9A-Za-z_]", "_", pname)
+            if key in modules or id(param) in seen:
+                continue
+            seen.add(id(param))
+            module = TrainableRows(param, rule.rows)
+            modules[key] = module
+            for path, attr in holders.get(id(param), [(pname.rpartition(".")[0], pname.rpartition(".")[2])]):
+                owner = model.get_submodule(path)
+                site = WeightSite(match.rule, key, owner, path, attr, None, "out_in", None, None, module, "weight",
+                                  gate=gate)
+                attach_weight_site(site)
+                record.weight_sites.append(site)
+                record.undo.append(site.detach)
+    if not len(modules) and rule.expect != "any":
+        raise RewriteError(f"rule {rule_name!r} with rows matched {len(matches)} site(s) but they read no 2-D "
+                           f"{'/'.join(rule.params)} parameter to select rows of")
 
 
 def _realize_one(model, analysis, store, record, rule, match, value, module, key, gate):
@@ -280,10 +361,10 @@ def _realize_one(model, analysis, store, record, rule, match, value, module, key
     elif action == "parallel":
         source = _site_value(match.source)
         slot = f"{record.name}/{match.rule}/{key}"
-        slots = store.runtime.slots
-        record.undo.append(hook_capture(model, capture_anchor(analysis, source), slots, slot))
+        runtime = store.runtime
+        record.undo.append(hook_capture(model, capture_anchor(analysis, source), runtime, slot))
         anchor = value_anchor(analysis, value)
-        record.undo.append(hook_value(model, anchor, lambda y: y + module(slots.pop(slot)), gate))
+        record.undo.append(hook_value(model, anchor, functools.partial(_parallel, module, runtime, slot, record.name), gate))
     elif action == "sublayer":
         _realize_sublayer(model, analysis, store, record, match, module, key, gate)
     elif action == "wrap":
@@ -298,12 +379,8 @@ def _realize_one(model, analysis, store, record, rule, match, value, module, key
         host = model.get_submodule(match.module)
         if "forward" in host.__dict__:
             raise RewriteError(f"{match.module} is already replaced")
-        original = type(host).forward.__get__(host)
-
-        def forward(self, *args, **kwargs):
-            return module(*args, **kwargs) if gate() else original(*args, **kwargs)
-        host.forward = types.MethodType(forward, host)
-        record.undo.append(lambda: host.__dict__.pop("forward", None))
+        host.forward = _Replaced(host, module, gate)
+        record.undo.append(functools.partial(host.__dict__.pop, "forward", None))
     elif action == "attend":
         if match.role != "attention.op":
             raise RewriteError(f"rule {match.rule!r}: attend needs the attention op (role attention.op)")
@@ -313,9 +390,8 @@ def _realize_one(model, analysis, store, record, rule, match, value, module, key
             # the module reads the attention module's input (a gate): capture it for this call
             slot = f"{record.name}/{match.rule}/{key}/input"
             anchor = _module_input(analysis, match.module)
-            record.undo.append(hook_capture(model, anchor, store.runtime.slots, slot))
-            slots = store.runtime.slots
-            adapter = lambda q, k, v, attend: module(q, k, v, attend, attention_input=slots[slot])  # noqa: E731
+            record.undo.append(hook_capture(model, anchor, store.runtime, slot))
+            adapter = functools.partial(_with_attention_input, module, store.runtime, slot)
         registry = registry_of(model)
         if registry is not None:
             record.undo.append(attach_registry(model, registry, host, adapter, gate))
@@ -339,30 +415,140 @@ def _realize_sublayer(model, analysis, store, record, match, module, key, gate):
         raise RewriteError(f"rule {match.rule!r}: sublayer needs a residual add (roles attention.residual_add or "
                            f"ffn.residual_add), not {match.role or match.site.op}")
     branch, residual, norm_node = extra["branch"], extra["residual"], extra["norm"]
-    slots = store.runtime.slots
+    runtime = store.runtime
     slot_h, slot_x = f"{record.name}/{match.rule}/{key}/h", f"{record.name}/{match.rule}/{key}/x"
-    record.undo.append(hook_capture(model, capture_anchor(analysis, residual), slots, slot_x))
+    record.undo.append(hook_capture(model, capture_anchor(analysis, residual), runtime, slot_x))
     if norm_node is not None:
         norm_anchor = output_anchor(analysis, norm_node)
         norm_input = input_anchor(analysis, match.site.node)
         if norm_anchor is None or norm_input is None or norm_anchor.module != norm_input.module:
             raise RewriteError(f"the norm after {match.node} is not a module of its own; cannot rewrite the sub-layer")
         norm = model.get_submodule(norm_anchor.module).forward   # the bare forward: no hooks, no recursion
-        record.undo.append(hook_capture(model, capture_anchor(analysis, branch), slots, slot_h))
+        record.undo.append(hook_capture(model, capture_anchor(analysis, branch), runtime, slot_h))
         record.undo.append(hook_value(model, norm_anchor,
-                                      lambda out: module(slots.pop(slot_h), slots.pop(slot_x), norm), gate))
+                                      functools.partial(_sublayer, module, runtime, slot_h, slot_x, norm, record.name), gate))
         return
     anchor = output_anchor(analysis, match.site.node)
     if anchor is not None:
-        record.undo.append(hook_capture(model, capture_anchor(analysis, branch), slots, slot_h))
-        record.undo.append(hook_value(model, anchor, lambda u: module(slots.pop(slot_h), slots.pop(slot_x), None),
-                                      gate))
+        record.undo.append(hook_capture(model, capture_anchor(analysis, branch), runtime, slot_h))
+        record.undo.append(hook_value(model, anchor,
+                                      functools.partial(_sublayer, module, runtime, slot_h, slot_x, None, record.name), gate))
         return
+    record.undo.append(hook_value(model, value_anchor(analysis, branch),
+                                  functools.partial(_sublayer_branch, module, runtime, slot_x, record.name), gate))
 
-    def branch_fn(h):
-        x = slots.pop(slot_x)
-        return module(h, x, None) - x
-    record.undo.append(hook_value(model, value_anchor(analysis, branch), branch_fn, gate))
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _adapter_dtype(base: torch.dtype, action: str, requested) -> torch.dtype:
+    """float32 adapters on a half-precision base (unless `requested` says otherwise). Modules that call back
+    into the host (attend, sublayer, replace, prepend) keep the base dtype: the host expects its own."""
+    if requested == "base":
+        return base
+    if isinstance(requested, torch.dtype):
+        return requested
+    if requested is not None:
+        raise RewriteError(f"adapter_dtype must be a torch.dtype or 'base', not {requested!r}")
+    if base in _HALF and action in ("insert_after", "insert_before", "parallel", "wrap"):
+        return torch.float32
+    return base
+
+
+def _compute_in(module: nn.Module, dtype: torch.dtype, base: torch.dtype) -> None:
+    """The module computes in `dtype` (its parameters') and gives the host its own dtype `base` back."""
+    module.register_forward_pre_hook(functools.partial(_cast_inputs, dtype), with_kwargs=True)
+    module.register_forward_hook(functools.partial(_cast_output, base))
+
+
+def _cast(value, dtype):
+    if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dtype != dtype:
+        return value.to(dtype)
+    if isinstance(value, tuple):
+        return tuple(_cast(v, dtype) for v in value)
+    return value
+
+
+def _cast_inputs(dtype, module, args, kwargs):
+    return _cast(args, dtype), {k: _cast(v, dtype) for k, v in kwargs.items()}
+
+
+def _cast_output(dtype, module, args, out):
+    return _cast(out, dtype)
+
+
+# The functions hooks run are partials of these module-level functions and small classes, never closures: a
+# deepcopy of the model then rebinds them to the copy's modules, and the model pickles.
+
+def _parallel(module, runtime, slot, name, y):
+    return y + module(_my_part(runtime, name, runtime.slots.pop(slot), y))
+
+
+def _sublayer(module, runtime, slot_h, slot_x, norm, name, out):
+    h, x = runtime.slots.pop(slot_h), runtime.slots.pop(slot_x)
+    return module(_my_part(runtime, name, h, out), _my_part(runtime, name, x, out), norm)
+
+
+def _sublayer_branch(module, runtime, slot_x, name, h):
+    x = _my_part(runtime, name, runtime.slots.pop(slot_x), h)
+    return module(h, x, None) - x
+
+
+def _my_part(runtime, name: str, captured: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """The rows (BatchSplit, Parallel) and positions (Split) of a value captured for the whole call that adapter
+    `name` sees under the active composition, so it matches `value`, the part the composition hands it."""
+    if captured.shape[:2] == value.shape[:2] or runtime.composition is None:
+        return captured
+    window = _window(runtime.composition, name, (0, captured.shape[0]), (0, captured.shape[1]))
+    if window is None:
+        return captured
+    (r0, r1), (c0, c1) = window
+    return captured[r0:r1, c0:c1]
+
+
+def _window(block, name: str, rows: tuple[int, int], cols: tuple[int, int]):
+    """((row start, end), (position start, end)) of adapter `name`'s part under `block`, or None."""
+    if isinstance(block, str):
+        return (rows, cols) if block == name else None
+    kids = block.children
+    if isinstance(block, (compose.BatchSplit, compose.Parallel, compose.Split)):
+        along_rows = not isinstance(block, compose.Split)
+        lo, hi = rows if along_rows else cols
+        if isinstance(block, compose.BatchSplit):
+            sizes = list(block.batch_sizes)
+        elif isinstance(block, compose.Parallel):
+            sizes = [(hi - lo) // len(kids)] * len(kids)
+        else:
+            sizes = list(block.splits) + [hi - lo - sum(block.splits)]
+        start = lo
+        for kid, size in zip(kids, sizes):
+            part = (start, start + size)
+            found = _window(kid, name, part, cols) if along_rows else _window(kid, name, rows, part)
+            if found is not None:
+                return found
+            start += size
+        return None
+    for kid in kids:
+        found = _window(kid, name, rows, cols)
+        if found is not None:
+            return found
+    return None
+
+
+def _with_attention_input(module, runtime, slot, q, k, v, attend):
+    return module(q, k, v, attend, attention_input=runtime.slots[slot])
+
+
+class _Replaced:
+    """`forward` of a module replaced by a `replace` rule: the new module while its adapter is active."""
+
+    def __init__(self, host: nn.Module, module: nn.Module, gate):
+        self.host, self.module, self.gate = host, module, gate
+
+    def __call__(self, *args, **kwargs):
+        if self.gate():
+            return self.module(*args, **kwargs)
+        return type(self.host).forward(self.host, *args, **kwargs)
 
 
 def _module_input(analysis: Analysis, module: str):
@@ -380,15 +566,24 @@ def _realize_prepend(model, analysis, store, record, match, value, module, gate)
 
     A model whose forward takes `inputs_embeds` (the transformers convention) gets them where PEFT puts them:
     the root call's token ids are embedded with the model's own table and the prompt goes in front, so the
-    model's own masks and position embeddings cover it (prompts take positions 0..P-1). Other models get them
+    model's own masks and position embeddings cover it (prompts take positions 0..P-1). Without an LM head (a
+    sequence classifier) this happens at the innermost module taking `inputs_embeds` and `attention_mask`
+    that holds the table (GPT2Model, LlamaModel), so the classifier around it still gets the caller's
+    `input_ids` and pools the same last real token. Other models get them
     at the matched value (the embedding output). The attention mask is extended; the LM head's input (else the
     last block's output) drops the added positions again, so outputs keep the shape the user expects. With a
     KV cache the positions are added on the first call only; later calls only extend the mask.
     """
     runtime = store.runtime
     length = module.length
-    heads = analysis.by_role.get("lm_head", [])
-    if heads:
+    # a head reading per-position values (an LM head); a classifier on a pooled vector has no positions to drop
+    heads = [h for h in analysis.by_role.get("lm_head", [])
+             if isinstance(h.linear.x.meta.get("val"), torch.Tensor) and h.linear.x.meta["val"].dim() >= 3]
+    # the prompt goes in front of the model's input sequence; in an encoder-decoder that is the encoder's, whose
+    # positions never reach the LM head (the decoder reads them through cross-attention): nothing is dropped
+    other_stacks = len(set(analysis.stacks)) > 1
+    strip_anchor = None
+    if heads and not other_stacks:
         # drop them where the value reaching the LM head leaves its module (before generate()'s logits_to_keep
         # slice, after any reshape by the input length), else at the head's input
         node, strip_anchor = heads[0].linear.x, None
@@ -400,67 +595,141 @@ def _realize_prepend(model, analysis, store, record, match, value, module, gate)
             else:
                 break
         strip_anchor = strip_anchor or input_anchor(analysis, heads[0].linear.x, users=[heads[0].node])
+    table = _token_embedding(model, analysis)
+    if heads:   # an LM: the root call (generate() and the KV cache go through it)
+        host_path = "" if "inputs_embeds" in inspect.signature(model.forward).parameters else None
     else:
+        host_path = _embeds_host(model, table) if table is not None else None
+    if host_path is None:
+        table = None
+    host = model.get_submodule(host_path) if host_path else model
+    if not heads and not other_stacks:
+        # no LM head (a sequence classifier, an encoder): drop them at the last block's output, or, where the
+        # module that embedded the tokens reshapes its hidden states by the input length after that (GPT-2's
+        # final view), where it returns them; either way the head (pooling at the last real token of the
+        # caller's input_ids, or at the first token) sees the caller's positions
         last = [s for s in analysis.by_role.get("block.output", []) if s.layer == analysis.num_layers - 1]
         strip_anchor = value_anchor(analysis, _site_value(last[0])) if last else None
-    if strip_anchor is None:
+        out = _module_output(analysis, host_path) if host_path else None
+        if out is not None and last and (strip_anchor is None or _reshaped_between(_site_value(last[0]), out[0])):
+            strip_anchor = out[1]
+    if strip_anchor is None and not other_stacks:
         raise RewriteError("prepend needs the LM head's input or the last block's output to drop the added positions")
     flag = f"{record.name}/{match.rule}/prepended"
-    takes_embeds = "inputs_embeds" in inspect.signature(model.forward).parameters
-    table = _token_embedding(model, analysis) if takes_embeds else None
-
-    def prepend(hidden):
-        if runtime.call.get("cached"):
-            return hidden
-        runtime.call[flag] = True
-        return module(hidden)
-
-    def strip(hidden):
-        if runtime.call.pop(flag, False):
-            return hidden[:, length:]
-        return hidden
-
-    def root(mod, args, kwargs):
-        if not gate():
-            return None
-        kwargs = dict(kwargs)
-        if table is not None and not runtime.call.get("cached"):
-            if args and isinstance(args[0], torch.Tensor) and not args[0].is_floating_point():
-                ids, args = args[0], (None,) + tuple(args[1:])   # token ids given positionally
-            else:
-                ids = kwargs.pop("input_ids", None)
-            embeds = kwargs.get("inputs_embeds")
-            if ids is not None:
-                embeds = table(ids)
-            if embeds is not None:
-                kwargs["inputs_embeds"] = prepend(embeds)
-                for key in ("position_ids", "token_type_ids"):
-                    extra = kwargs.get(key)
-                    if isinstance(extra, torch.Tensor) and extra.dim() == 2:
-                        lead = torch.arange(length, device=extra.device) if key == "position_ids" else \
-                            torch.zeros(length, dtype=extra.dtype, device=extra.device)
-                        kwargs[key] = torch.cat([lead.expand(extra.shape[0], -1),
-                                                 extra + (length if key == "position_ids" else 0)], dim=1)
-        elif runtime.call.get("cached") and isinstance(kwargs.get("position_ids"), torch.Tensor):
-            kwargs["position_ids"] = kwargs["position_ids"] + length
-        mask = kwargs.get("attention_mask")
-        if isinstance(mask, torch.Tensor) and mask.dim() == 2:
-            kwargs["attention_mask"] = torch.cat([mask.new_ones(mask.shape[0], length), mask], dim=1)
-        return args, kwargs
 
     if table is None:
-        record.undo.append(hook_value(model, value_anchor(analysis, value), prepend, gate))
-    record.undo.append(hook_value(model, strip_anchor, strip, gate))
-    record.undo.append(model.register_forward_pre_hook(root, with_kwargs=True).remove)
+        record.undo.append(hook_value(model, value_anchor(analysis, value),
+                                      functools.partial(_prepend, module, runtime, flag), gate))
+    if strip_anchor is not None:
+        record.undo.append(hook_value(model, strip_anchor, functools.partial(_strip, runtime, flag, length), gate))
+    root = functools.partial(_prepend_root, module, runtime, flag, length, table, gate)
+    record.undo.append(host.register_forward_pre_hook(root, with_kwargs=True).remove)
+
+
+def _embeds_host(model: nn.Module, table: nn.Module) -> str | None:
+    """The innermost module whose forward takes `inputs_embeds` and that holds the token table (LlamaModel
+    inside LlamaForCausalLM / LlamaForSequenceClassification, GPT2Model inside GPT2ForSequenceClassification):
+    the prompt goes in there, so the modules around it (a classifier pooling at the last non-pad token of
+    `input_ids`) still get the caller's inputs. None when no such module exists."""
+    best = None
+    for path, module in model.named_modules():
+        try:
+            takes = "inputs_embeds" in inspect.signature(module.forward).parameters
+        except (TypeError, ValueError):
+            continue
+        if takes and "attention_mask" in inspect.signature(module.forward).parameters and \
+                any(sub is table for sub in module.modules()):
+            if best is None or path.count(".") + bool(path) > best.count(".") + bool(best):
+                best = path
+    return best
+
+
+def _module_output(analysis: Analysis, module: str):
+    """The hidden-state output ([batch, seq, dim]) of a module: (graph value, boundary), or None."""
+    for value, bounds in analysis.traced.boundaries.items():
+        val = value.meta.get("val")
+        for b in bounds:
+            if b.module == module and b.side == "out" and isinstance(val, torch.Tensor) and val.dim() == 3:
+                return value, b
+    return None
+
+
+def _reshaped_between(start: fx.Node, end: fx.Node) -> bool:
+    """Whether a view/reshape lies on a data path from `start` to `end`."""
+    ancestors, stack = set(), [end]
+    while stack:
+        node = stack.pop()
+        if node not in ancestors:
+            ancestors.add(node)
+            stack.extend(node.all_input_nodes)
+    if start not in ancestors:
+        return False
+    seen, stack = set(), [start]
+    while stack:
+        node = stack.pop()
+        if node in seen or node not in ancestors:
+            continue
+        seen.add(node)
+        if node is not start and op_name(node) in ("view", "reshape", "_unsafe_view"):
+            return True
+        stack.extend(node.users)
+    return False
+
+
+def _prepend(module, runtime, flag, hidden):
+    if runtime.call.get("cached"):
+        return hidden
+    runtime.call[flag] = True
+    return module(hidden)
+
+
+def _strip(runtime, flag, length, hidden):
+    if runtime.call.pop(flag, False):
+        return hidden[:, length:]
+    return hidden
+
+
+def _prepend_root(module, runtime, flag, length, table, gate, mod, args, kwargs):
+    if not gate():
+        return None
+    kwargs = dict(kwargs)
+    if table is not None and not runtime.call.get("cached"):
+        if args and isinstance(args[0], torch.Tensor) and not args[0].is_floating_point():
+            ids, args = args[0], (None,) + tuple(args[1:])   # token ids given positionally
+        else:
+            ids = kwargs.pop("input_ids", None)
+        embeds = kwargs.get("inputs_embeds")
+        if ids is not None:
+            embeds = table(ids)
+        if embeds is not None:
+            kwargs["inputs_embeds"] = _prepend(module, runtime, flag, embeds)
+            for key in ("position_ids", "token_type_ids"):
+                extra = kwargs.get(key)
+                if isinstance(extra, torch.Tensor) and extra.dim() == 2:
+                    lead = torch.arange(length, device=extra.device) if key == "position_ids" else \
+                        torch.zeros(length, dtype=extra.dtype, device=extra.device)
+                    kwargs[key] = torch.cat([lead.expand(extra.shape[0], -1),
+                                             extra + (length if key == "position_ids" else 0)], dim=1)
+    elif runtime.call.get("cached") and isinstance(kwargs.get("position_ids"), torch.Tensor):
+        kwargs["position_ids"] = kwargs["position_ids"] + length
+    mask = kwargs.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+        kwargs["attention_mask"] = torch.cat([mask.new_ones(mask.shape[0], length), mask], dim=1)
+    return args, kwargs
 
 
 def _token_embedding(model, analysis: Analysis) -> nn.Module | None:
     """The embedding module that looks up the model's first input (the token ids)."""
+    site = _token_embedding_site(analysis)
+    return model.get_submodule(site.module) if site is not None else None
+
+
+def _token_embedding_site(analysis: Analysis) -> Site | None:
     for site in analysis.by_role.get("embedding", []):
         ids = site.node.args[1] if len(site.node.args) > 1 else None
         while isinstance(ids, fx.Node) and ids.op == "call_function" and op_name(ids) in ("view", "reshape", "_unsafe_view"):
             ids = ids.args[0]
         if isinstance(ids, fx.Node) and ids.op == "placeholder" and ids.name not in analysis.traced.params \
                 and ids.name not in analysis.traced.buffers and site.module:
-            return model.get_submodule(site.module)
+            return site
     return None

@@ -4,14 +4,15 @@ The attention op is reached where the host calls it: a transformers model routes
 its attention-function registry, so surgery registers one function there that runs the adapters of the calling
 module around the model's own implementation (this keeps the KV cache, generate() and torch.compile). Any
 other module whose forward calls `F.scaled_dot_product_attention` (nn.MultiheadAttention, hand-written models)
-has that call routed through its adapters during that module's forward only: a wrapper of the instance's
-forward marks which adapters are current, and F.scaled_dot_product_attention is replaced (while any module is
-intercepted) by a function that routes by that mark, so torch.compile(fullgraph=True) traces it as well.
+has that call routed through its adapters during that module's forward only: the instance's forward runs the
+class's forward inside a torch-function mode (per thread, lexically scoped) that routes the attention call by
+the module's adapters; torch.nn.functional itself is never changed, and torch.compile(fullgraph=True) traces it.
 """
 from __future__ import annotations
 
+import functools
+import threading
 import types
-import weakref
 from typing import Callable
 
 import torch
@@ -74,14 +75,19 @@ class RegistryAttention:
                                "load the model with attn_implementation='sdpa'")
         self.base = ALL_ATTENTION_FUNCTIONS[original]
         # one registered function per implementation, shared by every model in the process (transformers'
-        # registry is global by name): adapters are found by the calling module, weakly held
-        self.sites: weakref.WeakKeyDictionary[nn.Module, list[tuple[nn.Module, Callable[[], bool]]]] = \
-            weakref.WeakKeyDictionary()
+        # registry is global by name); it holds no state: adapters are found on the calling module
+        # (module.__dict__[_SITES_ATTR]), so copies of a model carry theirs
         AttentionInterface.register(self.name, self)
         AttentionMaskInterface.register(self.name, AttentionMaskInterface._global_mapping[original])
 
+    def __reduce__(self):   # a pickled model refers to the process's registered function by name
+        return (_registry_for, (self.original,))
+
+    def __deepcopy__(self, memo):
+        return self
+
     def __call__(self, module, query, key, value, attention_mask, **kwargs):
-        adapters = [a for a, gate in self.sites.get(module, ()) if gate()]
+        adapters = [a for a, gate in module.__dict__.get(_SITES_ATTR, ()) if gate()]
         if not adapters:
             return self.base(module, query, key, value, attention_mask, **kwargs)
         causal = kwargs.get("is_causal")
@@ -95,6 +101,14 @@ class RegistryAttention:
 
 
 _REGISTRIES: dict[str, RegistryAttention] = {}
+_SITES_ATTR = "_surgery_registry_sites"
+
+
+def _registry_for(original: str) -> RegistryAttention:
+    registry = _REGISTRIES.get(original)
+    if registry is None:
+        registry = _REGISTRIES[original] = RegistryAttention(original)
+    return registry
 
 
 def registry_of(model: nn.Module) -> RegistryAttention | None:
@@ -105,10 +119,7 @@ def registry_of(model: nn.Module) -> RegistryAttention | None:
     existing = model.__dict__.get("_surgery_attention")
     if existing is not None:
         return existing
-    original = current.removeprefix("surgery_")
-    registry = _REGISTRIES.get(original)
-    if registry is None:
-        registry = _REGISTRIES[original] = RegistryAttention(original)
+    registry = _registry_for(current.removeprefix("surgery_"))
     model.__dict__["_surgery_attention"] = registry
     return registry
 
@@ -116,18 +127,21 @@ def registry_of(model: nn.Module) -> RegistryAttention | None:
 def attach_registry(model: nn.Module, registry: RegistryAttention, module: nn.Module, adapter: nn.Module,
                     gate: Callable[[], bool]) -> Callable[[], None]:
     entry = (adapter, gate)
-    registry.sites.setdefault(module, []).append(entry)
+    module.__dict__.setdefault(_SITES_ATTR, []).append(entry)
     if model.config._attn_implementation != registry.name:
         model.set_attn_implementation(registry.name)
+    return functools.partial(_detach_registry, model, registry, module, entry)
 
-    def undo():
-        entries = registry.sites.get(module, [])
-        if entry in entries:
-            entries.remove(entry)
-        if not any(registry.sites.get(m) for m in model.modules()):
-            model.set_attn_implementation(registry.original)
-            model.__dict__.pop("_surgery_attention", None)
-    return undo
+
+def _detach_registry(model: nn.Module, registry: RegistryAttention, module: nn.Module, entry: tuple) -> None:
+    entries = module.__dict__.get(_SITES_ATTR, [])
+    if entry in entries:
+        entries.remove(entry)
+    if not entries:
+        module.__dict__.pop(_SITES_ATTR, None)
+    if not any(m.__dict__.get(_SITES_ATTR) for m in model.modules()):
+        model.set_attn_implementation(registry.original)
+        model.__dict__.pop("_surgery_attention", None)
 
 
 # ---------------------------------------------------------------- F.scaled_dot_product_attention in a module
@@ -150,54 +164,68 @@ def _intercepting(original: Callable, adapters: list) -> Callable:
     return sdpa
 
 
-class _NoFastPath(torch.overrides.TorchFunctionMode):
-    """A pass-through mode: while one is active, nn.MultiheadAttention sees a torch-function override and stays
-    off its fused fast path (which would not call F.scaled_dot_product_attention). Unlike
-    torch.backends.mha.set_fastpath_enabled, entering it is traceable by torch.compile."""
+_INTERCEPT_ATTR = "_surgery_attend"
+_PLAIN_SDPA = F.scaled_dot_product_attention
+_PLAIN_MHA = F.multi_head_attention_forward
+_MHA_LOCAL = threading.local()   # per thread: the mode whose adapters F.multi_head_attention_forward routes through
+
+
+def _mha_sdpa(*args, **kwargs):
+    """What `scaled_dot_product_attention` names inside surgery's own copy of F.multi_head_attention_forward."""
+    mode = getattr(_MHA_LOCAL, "mode", None)
+    if mode is None:
+        return _PLAIN_SDPA(*args, **kwargs)
+    return mode.route(*args, **kwargs)
+
+
+# a copy of F.multi_head_attention_forward reading its globals from a namespace of its own, in which the
+# attention call is routed: torch.nn.functional itself is never changed
+_MHA_GLOBALS = dict(vars(F))
+_MHA_GLOBALS["scaled_dot_product_attention"] = _mha_sdpa
+_ROUTED_MHA = types.FunctionType(_PLAIN_MHA.__code__, _MHA_GLOBALS, _PLAIN_MHA.__name__, _PLAIN_MHA.__defaults__,
+                                 _PLAIN_MHA.__closure__)
+_ROUTED_MHA.__kwdefaults__ = _PLAIN_MHA.__kwdefaults__
+
+
+class _RoutedAttention(torch.overrides.TorchFunctionMode):
+    """Entered by an intercepted module's forward, and only there: the forward's own calls of
+    F.scaled_dot_product_attention (direct, or inside nn.MultiheadAttention's F.multi_head_attention_forward) go
+    through that module's adapters. A torch-function mode is per thread and lexically scoped, so other models,
+    other threads and code outside the forward see the plain function; torch.compile(fullgraph=True) traces it.
+    While it is active nn.MultiheadAttention also stays off its fused fast path (which calls no attention op)."""
+
+    def __init__(self, adapters: list):
+        super().__init__()
+        self.adapters = adapters
+        self.routed = 0
+
+    def route(self, *args, **kwargs):
+        self.routed += 1
+        return _intercepting(_PLAIN_SDPA, self.adapters)(*args, **kwargs)
 
     def __torch_function__(self, func, arg_types, args=(), kwargs=None):
-        return func(*args, **(kwargs or {}))
-
-
-_INTERCEPT_ATTR = "_surgery_attend"
-_RELEASES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # module -> finalizer releasing it
-_RUNNING: list[list] = []          # the adapters of each intercepting forward now running, innermost last
-_ATTACHED = [0]                    # intercepting modules attached, process-wide
-_ROUTED = [0]                      # calls routed through adapters so far, process-wide
-_PLAIN_SDPA = F.scaled_dot_product_attention
-
-
-def _routed_sdpa(*args, **kwargs):
-    """Stands in for F.scaled_dot_product_attention while any module is intercepted: inside an intercepting
-    forward the call goes through that module's adapters, everywhere else it is the plain function."""
-    if not _RUNNING:
-        return _PLAIN_SDPA(*args, **kwargs)
-    _ROUTED[0] += 1
-    return _intercepting(_PLAIN_SDPA, _RUNNING[-1])(*args, **kwargs)
-
-
-def _release_one():
-    """One intercepted module fewer; with none left, F.scaled_dot_product_attention is the plain one again."""
-    _ATTACHED[0] -= 1
-    if not _ATTACHED[0] and F.scaled_dot_product_attention is _routed_sdpa:
-        F.scaled_dot_product_attention = _PLAIN_SDPA
+        kwargs = kwargs or {}
+        if func is _PLAIN_SDPA:
+            return self.route(*args, **kwargs)
+        if func is _PLAIN_MHA:
+            previous = getattr(_MHA_LOCAL, "mode", None)
+            _MHA_LOCAL.mode = self
+            try:
+                return _ROUTED_MHA(*args, **kwargs)
+            finally:
+                _MHA_LOCAL.mode = previous
+        return func(*args, **kwargs)
 
 
 def _intercepted_forward(self, *args, **kwargs):
-    """The module's own forward, with its active adapters made current for F.scaled_dot_product_attention.
-    The function is replaced in torch.nn.functional while intercepts exist, not per call: code compiled by
-    torch.compile reads module globals when it is traced, so only a lasting replacement is seen there."""
+    """The module's own forward, run inside a mode that routes its attention calls through the active adapters."""
     active = [adapter for adapter, on in self.__dict__[_INTERCEPT_ATTR] if on()]
     if not active:
         return type(self).forward(self, *args, **kwargs)
-    _RUNNING.append(active)
-    routed = _ROUTED[0]
-    try:
-        with _NoFastPath():
-            out = type(self).forward(self, *args, **kwargs)
-    finally:
-        _RUNNING.pop()
-    if _ROUTED[0] == routed:
+    mode = _RoutedAttention(active)
+    with mode:
+        out = type(self).forward(self, *args, **kwargs)
+    if not mode.routed:
         raise RewriteError(
             f"{type(self).__name__}: its forward made no call of F.scaled_dot_product_attention that surgery could "
             f"route through the attention adapters (nn.MultiheadAttention with need_weights=True computes the "
@@ -205,34 +233,45 @@ def _intercepted_forward(self, *args, **kwargs):
     return out
 
 
+class _InterceptedForward:
+    """`module.forward` of an intercepted module: a small picklable callable (a deepcopy or pickle of the
+    model carries it along with its module)."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    def __call__(self, *args, **kwargs):
+        return _intercepted_forward(self.module, *args, **kwargs)
+
+
 def attach_intercept(module: nn.Module, adapter: nn.Module, gate: Callable[[], bool]) -> Callable[[], None]:
     """While `module`'s forward runs, its calls of F.scaled_dot_product_attention go through the adapters.
 
     The forward is wrapped on the instance (rather than changed in a pre-hook and restored in a post-hook), so
     the change is lexically scoped and torch.compile(fullgraph=True) traces it. Adapters at one op compose in
-    the order they were attached (the first attached innermost). The undo restores the plain function when the
-    last intercepted module goes."""
+    the order they were attached (the first attached innermost). Nothing outside the module changes."""
     entries = module.__dict__.get(_INTERCEPT_ATTR)
     if entries is None:
         if "forward" in module.__dict__:
             raise RewriteError(f"{type(module).__name__}: its forward is already replaced; cannot also intercept "
                                f"its attention")
         entries = module.__dict__[_INTERCEPT_ATTR] = []
-        module.forward = types.MethodType(_intercepted_forward, module)   # bound: a deepcopy rebinds it
-        _ATTACHED[0] += 1
-        F.scaled_dot_product_attention = _routed_sdpa
-        # runs once: at the last undo, or when the module is freed without one
-        _RELEASES[module] = weakref.finalize(module, _release_one)
+        module.forward = _InterceptedForward(module)
     entries.append((adapter, gate))
+    return _InterceptUndo(module, adapter, gate)
 
-    def undo():
+
+class _InterceptUndo:
+    def __init__(self, module, adapter, gate):
+        self.module, self.adapter, self.gate = module, adapter, gate
+
+    def __call__(self):
+        module = self.module
         # look the list up again: torch.export (the trace of a later apply) restores module attributes as copies
         current = module.__dict__.get(_INTERCEPT_ATTR)
         if current is None:
             return
-        current[:] = [(a, g) for a, g in current if not (a is adapter and g is gate)]
+        current[:] = [(a, g) for a, g in current if not (a is self.adapter and g is self.gate)]
         if not current:
             module.__dict__.pop(_INTERCEPT_ATTR, None)
             module.__dict__.pop("forward", None)
-            _RELEASES.pop(module)()
-    return undo

@@ -35,10 +35,28 @@ class Stack(Block):
 
 
 class Average(Block):
-    """The weighted mean of the adapters' outputs (weights default to equal)."""
+    """The weighted mean of the adapters' *contributions*, as AdapterHub's Average: at every site with input
+    value v, where child i alone would give f_i(v), the result is v + sum_i w_i (f_i(v) - v). The base output v
+    is never scaled: for a wrapped op (LoRA) that is W x + sum_i w_i Δ_i x, for an inserted adapter
+    v + sum_i w_i a_i(v). `weights` default to equal; with `normalize_weights` (the default) they are divided
+    by their sum, so they sum to 1 and the result is also sum_i w_i f_i(v). A child with nothing at a site
+    contributes nothing there."""
 
-    def __init__(self, *children: Child, weights: list[float] | None = None):
-        super().__init__(*children, weights=tuple(weights) if weights else None)
+    def __init__(self, *children: Child, weights: list[float] | None = None, normalize_weights: bool = True):
+        if not children:
+            raise ValueError("Average needs at least one adapter")
+        if weights is None:
+            weights = [1.0 / len(children)] * len(children)
+        weights = [float(w) for w in weights]
+        if len(weights) != len(children):
+            raise ValueError(f"Average of {len(children)} adapters got {len(weights)} weights")
+        if normalize_weights:
+            total = sum(weights)
+            if total == 0:
+                raise ValueError(f"Average weights {weights} sum to 0 and cannot be normalized; "
+                                 f"pass normalize_weights=False")
+            weights = [w / total for w in weights]
+        super().__init__(*children, weights=tuple(weights), normalize_weights=bool(normalize_weights))
 
 
 class BatchSplit(Block):
@@ -143,8 +161,12 @@ def run(block: Child | None, by_name: dict[str, list], order: list[str], value: 
             value = run(child, by_name, order, value, args, fusions)
         return value
     if isinstance(block, Average):
-        weights = block.weights or [1.0 / len(kids)] * len(kids)
-        return sum(w * run(c, by_name, order, value, args, fusions) for w, c in zip(weights, kids))
+        out = value
+        for w, c in zip(block.weights, kids):
+            result = run(c, by_name, order, value, args, fusions)
+            if result is not value:   # a child with nothing at this site contributes nothing
+                out = out + w * (result - value)
+        return out
     if isinstance(block, (BatchSplit, Parallel)):
         sizes = list(block.batch_sizes) if isinstance(block, BatchSplit) else [value.shape[0] // len(kids)] * len(kids)
         if sum(sizes) != value.shape[0]:
@@ -185,6 +207,14 @@ def run(block: Child | None, by_name: dict[str, list], order: list[str], value: 
             return sum(outputs) / len(outputs)
         return fusion(value, outputs)
     raise TypeError(f"unknown composition block {block!r}")
+
+
+def average_weight(block, name: str) -> float | None:
+    """Adapter `name`'s weight when the composition is an Average of adapter names (a weight parametrization
+    then adds w·(T(W) - W) computed from the base weight), else None."""
+    if isinstance(block, Average) and all(isinstance(c, str) for c in block.children) and name in block.children:
+        return block.weights[block.children.index(name)]
+    return None
 
 
 def _rows(args, sizes, i):

@@ -9,7 +9,9 @@ generate() and the KV cache; `torch.export` of the host gives the rewritten grap
 """
 from __future__ import annotations
 
+import functools
 import inspect
+import threading
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -18,7 +20,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.utils import parametrize
 
-from surgery.analyze.roles import Analysis, LinearInfo, op_name, stack_paths
+from surgery.analyze.roles import Analysis, LinearInfo, op_name, stack_entries, stack_paths
 from surgery.rewrite import compose
 from surgery.errors import RewriteError
 from surgery.trace.export import Boundary
@@ -34,8 +36,43 @@ class RuntimeState:
         self.active: list[str] | None = None   # None: every adapter
         self.composition = None                 # a compose.Block, or None: active adapters stacked
         self.disabled = False
-        self.slots: dict[str, torch.Tensor] = {}
-        self.call: dict = {}                    # the root call's keyword inputs (attention_mask, ...)
+        # what one call captures is per thread: one model may run in several threads at once
+        self._local = threading.local()
+
+    @property
+    def slots(self) -> dict[str, torch.Tensor]:
+        """Values captured earlier in this thread's current call, by slot name."""
+        slots = getattr(self._local, "slots", None)
+        if slots is None:
+            slots = self._local.slots = {}
+        return slots
+
+    @property
+    def call(self) -> dict:
+        """This thread's root call's inputs (attention_mask, whether a KV cache holds positions, ...)."""
+        call = getattr(self._local, "call", None)
+        if call is None:
+            call = self._local.call = {}
+        return call
+
+    @call.setter
+    def call(self, value: dict) -> None:
+        self._local.call = value
+
+    @property
+    def calls(self) -> dict[int, int]:
+        """This thread's count of each repeated module's calls so far in the current root call (by id)."""
+        calls = getattr(self._local, "calls", None)
+        if calls is None:
+            calls = self._local.calls = {}
+        return calls
+
+    def __getstate__(self):   # a copy (deepcopy, pickle) starts with no call in flight
+        return {k: v for k, v in self.__dict__.items() if k != "_local"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._local = threading.local()
 
     def on(self, name: str) -> bool:
         return not self.disabled and (self.active is None or name in self.active)
@@ -55,10 +92,12 @@ class Dispatcher:
     """The one hook at a module boundary (a side and a location): runs the active adapters' functions there,
     combined as the runtime's composition says."""
 
-    def __init__(self, module: nn.Module, side: str, loc: tuple):
+    def __init__(self, module: nn.Module, side: str, loc: tuple, call: int | None = None,
+                 runtime: RuntimeState | None = None):
         self.entries: list[tuple[Gate, Callable]] = []
         self.fusions: list[tuple[Gate, Callable]] = []
         self.side, self.loc = side, loc
+        self.call, self.runtime = call, runtime    # one call of a module called several times per forward
         if side == "out":
             self.handle = module.register_forward_hook(self._post)
         elif side == "in":
@@ -66,7 +105,9 @@ class Dispatcher:
         else:   # "call": a weight-bearing module's output given its input
             self.handle = module.register_forward_hook(self._post)
 
-    def run(self, value, args):
+    def run(self, value, args, module=None):
+        if self.call is not None and self.runtime.calls.get(id(module), 0) - 1 != self.call:
+            return value
         live = [(g, fn) for g, fn in self.entries if g()]
         if not live:
             return value
@@ -78,40 +119,71 @@ class Dispatcher:
         return compose.run(runtime.composition, by_name, list(by_name), value, args, fusions)
 
     def _post(self, mod, args, out):
-        return _set(out, self.loc, self.run(_get(out, self.loc), args))
+        return _set(out, self.loc, self.run(_get(out, self.loc), args, mod))
 
     def _pre(self, mod, args, kwargs):
         kind, key = self.loc
         if kind == "arg":
             if key >= len(args):
                 return None
-            return args[:key] + (self.run(args[key], None),) + args[key + 1:], kwargs
+            return args[:key] + (self.run(args[key], None, mod),) + args[key + 1:], kwargs
         if key not in kwargs:
             return None
-        return args, {**kwargs, key: self.run(kwargs[key], None)}
+        return args, {**kwargs, key: self.run(kwargs[key], None, mod)}
 
 
-def dispatch(module: nn.Module, side: str, loc: tuple, gate: Gate, fn: Callable, *, fusion: bool = False
-             ) -> Callable[[], None]:
-    """Add fn(value, args) at a module boundary; return the undo."""
+def _count_call(runtime: RuntimeState, module, args, kwargs):
+    runtime.calls[id(module)] = runtime.calls.get(id(module), 0) + 1
+
+
+def count_calls(module: nn.Module, runtime: RuntimeState) -> Callable[[], None]:
+    """Count a repeated module's calls within each root forward (reference-counted; the root hook resets the
+    counts); return the undo."""
+    entry = module.__dict__.get("_surgery_counter")
+    if entry is None:
+        handle = module.register_forward_pre_hook(functools.partial(_count_call, runtime), with_kwargs=True,
+                                                  prepend=True)
+        entry = module.__dict__["_surgery_counter"] = [handle, 0]
+    entry[1] += 1
+    return functools.partial(_uncount_calls, module, entry)
+
+
+def _uncount_calls(module: nn.Module, entry: list) -> None:
+    entry[1] -= 1
+    if entry[1] == 0 and module.__dict__.get("_surgery_counter") is entry:
+        entry[0].remove()
+        del module.__dict__["_surgery_counter"]
+
+
+def dispatch(module: nn.Module, side: str, loc: tuple, gate: Gate, fn: Callable, *, fusion: bool = False,
+             call: int | None = None) -> Callable[[], None]:
+    """Add fn(value, args) at a module boundary (of one call of a repeated module when `call` is given);
+    return the undo."""
     table = module.__dict__.setdefault("_surgery_dispatch", {})
-    key = (side, loc)
+    key = (side, loc) if call is None else (side, loc, call)
     if key not in table:
-        table[key] = Dispatcher(module, side, loc)
+        table[key] = Dispatcher(module, side, loc, call, gate.runtime)
     dispatcher = table[key]
     entry = (gate, fn)
     (dispatcher.fusions if fusion else dispatcher.entries).append(entry)
+    uncount = count_calls(module, gate.runtime) if call is not None else None
+    # undos and hook functions are partials of module-level functions (no closures), so a deepcopy of the model
+    # rebinds them to the copy's modules and the model pickles
+    return functools.partial(_undo_dispatch, module, key, dispatcher, entry, uncount)
 
-    def undo():
-        for entries in (dispatcher.entries, dispatcher.fusions):
-            if entry in entries:
-                entries.remove(entry)
-        if not dispatcher.entries and not dispatcher.fusions and table.get(key) is dispatcher:
-            dispatcher.handle.remove()
-            del table[key]
-            if not table:
-                module.__dict__.pop("_surgery_dispatch", None)
-    return undo
+
+def _undo_dispatch(module: nn.Module, key: tuple, dispatcher: Dispatcher, entry: tuple, uncount=None) -> None:
+    if uncount is not None:
+        uncount()
+    table = module.__dict__.get("_surgery_dispatch", {})
+    for entries in (dispatcher.entries, dispatcher.fusions):
+        if entry in entries:
+            entries.remove(entry)
+    if not dispatcher.entries and not dispatcher.fusions and table.get(key) is dispatcher:
+        dispatcher.handle.remove()
+        del table[key]
+        if not table:
+            module.__dict__.pop("_surgery_dispatch", None)
 
 
 class AdapterStore(nn.Module):
@@ -157,6 +229,7 @@ class WeightSite:
     realized: str      # "activation" or "weight"
     packed: tuple[int, int] | None = None
     gate: Callable[[], bool] = lambda: True
+    call: int | None = None     # one call of a module called several times per forward
     undo: list = field(default_factory=list)
     attached: bool = True
 
@@ -176,23 +249,25 @@ def store_of(model: nn.Module, create: bool = False) -> AdapterStore | None:
 
 # ---------------------------------------------------------------- locating values on module boundaries
 
-def _inside(node: fx.Node, module: str) -> bool:
-    return module in stack_paths(node)
+def _inside(node: fx.Node, module: str, call: int = 0) -> bool:
+    """Whether the node runs inside that call of the module."""
+    return (module, call) in stack_entries(node)
 
 
 def output_anchor(analysis: Analysis, value: fx.Node) -> Boundary | None:
     for b in analysis.boundaries(value):
-        if b.side == "out" and analysis.calls(b.module) == 1:
+        if b.side == "out":
             return b
     return None
 
 
 def input_anchor(analysis: Analysis, value: fx.Node, users: list[fx.Node] | None = None) -> Boundary | None:
-    """A module input carrying `value` such that every user (default: all users) lies inside that module."""
+    """A module input carrying `value` such that every user (default: all users) lies inside that call of the
+    module."""
     users = list(value.users) if users is None else users
     for b in analysis.boundaries(value):
-        if b.side == "in" and analysis.calls(b.module) == 1 and all(_inside(u, b.module) for u in users):
-            others = [u for u in value.users if u not in users and _inside(u, b.module)]
+        if b.side == "in" and all(_inside(u, b.module, b.call) for u in users):
+            others = [u for u in value.users if u not in users and _inside(u, b.module, b.call)]
             if not others:
                 return b
     return None
@@ -233,20 +308,24 @@ def value_anchor(analysis: Analysis, value: fx.Node) -> Boundary:
         if anchor is not None:
             break
     if anchor is None:
+        anchor = functional_anchor(value)
+    if anchor is None:
         raise RewriteError(
             f"the value of node {value.name} ({op_name(value)} in {stack_paths(value)[-1:] or ['<root>']}) is not "
-            f"the input or output of any module, so it cannot be changed on the host model; match a nearby "
-            f"module boundary instead (e.g. add `through: [dropout]` or choose the projection's output)")
+            f"the input or output of any module, nor the result of a functional call surgery can intercept "
+            f"({', '.join(sorted(INTERCEPTABLE))}), so it cannot be changed on the host model")
     return anchor
 
 
-def capture_anchor(analysis: Analysis, value: fx.Node) -> Boundary:
-    """Any boundary that sees the value (read-only)."""
+def capture_anchor(analysis: Analysis, value: fx.Node):
+    """Any boundary that sees the value (read-only), else the functional call producing it."""
     for candidate in tokenwise_chain(value):
         for b in analysis.boundaries(candidate):
-            if analysis.calls(b.module) == 1:
-                return b
-    raise RewriteError(f"the value of node {value.name} is not at any module boundary, so it cannot be read")
+            return b
+    anchor = functional_anchor(value)
+    if anchor is None:
+        raise RewriteError(f"the value of node {value.name} is not at any module boundary, so it cannot be read")
+    return anchor
 
 
 # ---------------------------------------------------------------- hooks
@@ -276,28 +355,177 @@ def _set(container, loc, value):
     raise KeyError(loc)
 
 
-def hook_value(model: nn.Module, anchor: Boundary, fn: Callable[[torch.Tensor], torch.Tensor],
+def hook_value(model: nn.Module, anchor, fn: Callable[[torch.Tensor], torch.Tensor],
                gate: Gate) -> Callable[[], None]:
-    """Replace the value at `anchor` by fn(value) while the adapter is active; return the undo."""
-    return dispatch(model.get_submodule(anchor.module), anchor.side, anchor.loc, gate, lambda v, args: fn(v))
+    """Replace the value at `anchor` (a module boundary, or a functional call) by fn(value) while the adapter is
+    active; return the undo."""
+    if isinstance(anchor, FunctionalAnchor):
+        return intercept_call(model, anchor, gate, fn)
+    return dispatch(model.get_submodule(anchor.module), anchor.side, anchor.loc, gate,
+                    functools.partial(_value_only, fn), call=anchor.call if anchor.calls > 1 else None)
 
 
-def hook_capture(model: nn.Module, anchor: Boundary, slots: dict, key: str) -> Callable[[], None]:
+def _value_only(fn: Callable, value, args):
+    return fn(value)
+
+
+def hook_capture(model: nn.Module, anchor, runtime: RuntimeState, key: str) -> Callable[[], None]:
+    """Store the value at `anchor` in this thread's `runtime.slots[key]` whenever the module runs (that call of
+    it, for a module called several times)."""
+    if isinstance(anchor, FunctionalAnchor):
+        return intercept_call(model, anchor, None, functools.partial(_store, runtime, key))
     module = model.get_submodule(anchor.module)
+    if anchor.calls > 1:
+        return dispatch(module, anchor.side, anchor.loc, _Always(runtime),
+                        functools.partial(_store_value, runtime, key), call=anchor.call)
     if anchor.side == "out":
-        def post(mod, args, out):
-            slots[key] = _get(out, anchor.loc)
-        handle = module.register_forward_hook(post)
+        handle = module.register_forward_hook(functools.partial(_capture_out, runtime, key, anchor.loc))
     else:
-        kind, k = anchor.loc
-
-        def pre(mod, args, kwargs):
-            if kind == "arg" and k < len(args):
-                slots[key] = args[k]
-            elif kind == "kwarg" and k in kwargs:
-                slots[key] = kwargs[k]
-        handle = module.register_forward_pre_hook(pre, with_kwargs=True)
+        handle = module.register_forward_pre_hook(functools.partial(_capture_in, runtime, key, anchor.loc),
+                                                  with_kwargs=True)
     return handle.remove
+
+
+class _Always:
+    """A gate that is always on: captures read values whatever is active."""
+
+    def __init__(self, runtime: RuntimeState):
+        self.runtime, self.name = runtime, "__capture__"
+
+    def __call__(self) -> bool:
+        return True
+
+
+def _store(runtime: RuntimeState, key: str, value):
+    runtime.slots[key] = value
+    return value
+
+
+def _store_value(runtime: RuntimeState, key: str, value, args):
+    return _store(runtime, key, value)
+
+
+# ---------------------------------------------------------------- values made by functional calls
+
+INTERCEPTABLE = {"dropout"}      # aten ops whose producing torch functions can be intercepted (_FUNCTIONS)
+_FUNCTIONS = {"dropout": (F.dropout, torch.dropout)}
+
+
+@dataclass(frozen=True)
+class FunctionalAnchor:
+    """The `index`-th call (0-based, in call order) of an interceptable function during one call of `module`:
+    a value no module boundary carries (OPT's, BART's and Whisper's `F.dropout` on the residual branch)."""
+
+    module: str
+    call: int
+    calls: int
+    op: str
+    index: int
+
+
+def functional_anchor(value: fx.Node) -> FunctionalAnchor | None:
+    op = op_name(value)
+    if op not in INTERCEPTABLE:
+        return None
+    entries = stack_entries(value)
+    if not entries:
+        return None
+    module, call = entries[-1]
+    in_call = [n for n in value.graph.nodes if n.op == "call_function" and op_name(n) == op
+               and (module, call) in stack_entries(n)]
+    calls = 1 + max((c for n in value.graph.nodes for m, c in stack_entries(n) if m == module), default=0)
+    return FunctionalAnchor(module, call, calls, op, in_call.index(value))
+
+
+class _CallMode(torch.overrides.TorchFunctionMode):
+    """While one call of a module runs: the n-th call of an intercepted function has its result replaced."""
+
+    def __init__(self, site: "_InterceptSite"):
+        super().__init__()
+        self.site, self.count = site, 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in self.site.functions:
+            index, self.count = self.count, self.count + 1
+            for gate, fn in list(self.site.entries.get(index, ())):
+                if gate is None or gate():
+                    out = fn(out)
+        return out
+
+
+class _InterceptSite:
+    """The intercepts of one (module, call): a mode entered by a pre-hook and left by an always-called hook, so
+    only that module's forward is affected (per thread: the modes live in the runtime's thread state)."""
+
+    def __init__(self, module: nn.Module, anchor: FunctionalAnchor, runtime: RuntimeState):
+        self.functions = _FUNCTIONS[anchor.op]
+        self.entries: dict[int, list] = {}
+        self.call = anchor.call if anchor.calls > 1 else None
+        self.runtime = runtime
+        self.handles = [module.register_forward_pre_hook(self._enter),
+                        module.register_forward_hook(self._exit, always_call=True)]
+
+    def _modes(self) -> list:
+        table = self.runtime.calls.setdefault("modes", {})
+        return table.setdefault(id(self), [])
+
+    def _enter(self, module, args):
+        if self.call is not None and self.runtime.calls.get(id(module), 0) - 1 != self.call:
+            self._modes().append(None)
+            return
+        mode = _CallMode(self)
+        mode.__enter__()
+        self._modes().append(mode)
+
+    def _exit(self, module, args, out):
+        modes = self._modes()
+        mode = modes.pop() if modes else None
+        if mode is not None:
+            mode.__exit__(None, None, None)
+
+
+def intercept_call(model: nn.Module, anchor: FunctionalAnchor, gate, fn) -> Callable[[], None]:
+    """Replace the result of the anchor's functional call by fn(result) while `gate` is on (always when None);
+    return the undo."""
+    module = model.get_submodule(anchor.module)
+    runtime = store_of(model, create=True).runtime
+    table = module.__dict__.setdefault("_surgery_intercepts", {})
+    key = (anchor.op, anchor.call)
+    uncount = count_calls(module, runtime) if anchor.calls > 1 else None
+    if key not in table:
+        table[key] = _InterceptSite(module, anchor, runtime)
+    site = table[key]
+    entry = (gate, fn)
+    site.entries.setdefault(anchor.index, []).append(entry)
+    return functools.partial(_undo_intercept, module, key, site, anchor.index, entry, uncount)
+
+
+def _undo_intercept(module, key, site, index, entry, uncount) -> None:
+    if uncount is not None:
+        uncount()
+    table = module.__dict__.get("_surgery_intercepts", {})
+    entries = site.entries.get(index, [])
+    if entry in entries:
+        entries.remove(entry)
+    if not any(site.entries.values()) and table.get(key) is site:
+        for handle in site.handles:
+            handle.remove()
+        del table[key]
+        if not table:
+            module.__dict__.pop("_surgery_intercepts", None)
+
+
+def _capture_out(runtime: RuntimeState, key: str, loc: tuple, mod, args, out):
+    runtime.slots[key] = _get(out, loc)
+
+
+def _capture_in(runtime: RuntimeState, key: str, loc: tuple, mod, args, kwargs):
+    kind, k = loc
+    if kind == "arg" and k < len(args):
+        runtime.slots[key] = args[k]
+    elif kind == "kwarg" and k in kwargs:
+        runtime.slots[key] = kwargs[k]
 
 
 # ---------------------------------------------------------------- weights
@@ -315,7 +543,13 @@ class _WeightParam(nn.Module):
         site = self.site[0]
         if not self.gate():
             return tensor
-        return transformed(site, tensor, bias=self.bias)
+        runtime = getattr(self.gate, "runtime", None)
+        weight = compose.average_weight(runtime.composition, self.gate.name) if runtime is not None else None
+        if weight is None:
+            return transformed(site, tensor, bias=self.bias)
+        # under a flat Average: this adapter's contribution, from the base weight, times its weight
+        base = site.owner.parametrizations[site.bias_name if self.bias else site.weight_name].original
+        return tensor + weight * (transformed(site, base, bias=self.bias) - base)
 
 
 def transformed(site: WeightSite, tensor: torch.Tensor, *, bias: bool) -> torch.Tensor:
@@ -331,7 +565,7 @@ def transformed(site: WeightSite, tensor: torch.Tensor, *, bias: bool) -> torch.
         out = torch.cat([tensor[:a], transform(tensor[a:b]), tensor[b:]], dim=0)
     if not bias and site.layout == "in_out":
         out = out.t()
-    return out
+    return out.to(tensor.dtype)   # a float32 adapter on a half-precision weight computes in float32
 
 
 def wrap_weight(model: nn.Module, analysis: Analysis, info: LinearInfo, packed: tuple[int, int] | None,
@@ -344,17 +578,33 @@ def wrap_weight(model: nn.Module, analysis: Analysis, info: LinearInfo, packed: 
     bias_name = info.bias.rpartition(".")[2] if info.bias and info.bias.rpartition(".")[0] == owner_path else None
     rows = info.rows or packed
     bias_rows = info.bias_rows or packed
-    whole_module = (info.rows is None and analysis.calls(owner_path) == 1 and any(
-        b.module == owner_path and b.side == "out" and b.loc == () for b in analysis.boundaries(info.value)))
+    out_bounds = [b for b in analysis.boundaries(info.value) if b.module == owner_path and b.side == "out"
+                  and b.loc == ()]
+    whole_module = info.rows is None and bool(out_bounds)
+    # a module called several times (ALBERT's shared layer) is one site per call: hooks of that call only
+    call = out_bounds[0].call if out_bounds and out_bounds[0].calls > 1 else None
+    if info.experts:
+        raise RewriteError(f"{owner_path}: its {info.experts} experts are one 3-D parameter ({info.weight}) read by "
+                           f"a grouped matmul; wrapping per-expert weights is not supported yet (adapt the attention, "
+                           f"a shared expert, or insert after the MoE block instead)")
+    if whole_module and info.kind == "conv":   # the module's input is the conv's (no padding_mode other than zeros)
+        whole_module = any(b.module == owner_path and b.side == "in" and b.loc == ("arg", 0)
+                           for b in analysis.boundaries(info.x))
     mode = realize if realize != "auto" else ("activation" if whole_module else "weight")
+    if mode == "weight" and getattr(adapter, "activation_only", False):
+        raise RewriteError(f"{owner_path}: {type(adapter).__name__} here is not an op of the base kind (e.g. LoRA on "
+                           f"a grouped conv), so it needs the activation path, which this op does not allow")
     if mode == "activation" and not whole_module:
         raise RewriteError(f"{owner_path}: the op reads its weight without calling the module, so it can only be "
                            f"adapted on the weight (realize: weight)")
     if mode == "weight" and isinstance(getattr(adapter, "dropout", None), nn.Dropout) and adapter.dropout.p > 0:
         raise RewriteError(f"{owner_path}: dropout on the adapter's input needs the activation path, "
                            f"which this op does not allow; set dropout: 0")
+    if mode == "weight" and analysis.calls(owner_path) > 1:
+        raise RewriteError(f"{owner_path} is called {analysis.calls(owner_path)} times per forward (a shared layer); "
+                           f"a per-call adapter needs the activation path, which this op does not allow")
     site = WeightSite(rule, key, owner, owner_path, weight_name, bias_name, info.layout, rows, bias_rows, adapter,
-                      mode, packed=packed, gate=gate)
+                      mode, packed=packed, gate=gate, call=call)
     attach_weight_site(site)
     return site
 
@@ -365,25 +615,65 @@ def attach_weight_site(site: WeightSite) -> None:
     undo = []
     if site.realized == "activation":
         if adapter.adapts_input:
-            undo.append(dispatch(owner, "in", ("arg", 0), gate, lambda x, args: adapter.adapt_input(x)))
-
-        def post(out, args):
-            if packed is None:
-                return adapter(args[0], out)
-            a, b = packed
-            part = adapter(args[0], out[..., a:b])
-            return out + F.pad(part - out[..., a:b], (a, out.shape[-1] - b))
-        undo.append(dispatch(owner, "out", (), gate, post))
+            undo.append(dispatch(owner, "in", ("arg", 0), gate, functools.partial(_adapt_input, adapter),
+                                 call=site.call))
+        undo.append(dispatch(owner, "out", (), gate, functools.partial(_adapt_call, adapter, packed), call=site.call))
     else:
         names = [(site.weight_name, False)] + ([(site.bias_name, True)] if site.bias_name else [])
+        _own_class(owner)
         for name, is_bias in names:
             parametrize.register_parametrization(owner, name, _WeightParam(site, gate, is_bias), unsafe=True)
-        undo.append(lambda: _remove_parametrizations(owner, [n for n, _ in names], site))
+        undo.append(functools.partial(_remove_parametrizations, owner, [n for n, _ in names], site))
+        undo.extend(_keep_parameter_names(owner, [n for n, _ in names]))
     site.undo = undo
     site.attached = True
 
 
+def _adapt_input(adapter: nn.Module, x, args):
+    return adapter.adapt_input(x).to(x.dtype)
+
+
+def _adapt_call(adapter: nn.Module, packed: tuple[int, int] | None, out, args):
+    if packed is None:
+        return adapter(args[0], out)
+    a, b = packed
+    part = adapter(args[0], out[..., a:b])
+    return out + F.pad(part - out[..., a:b], (a, out.shape[-1] - b))
+
+
+def _own_class(owner: nn.Module) -> None:
+    """Give a parametrized module a parametrized class of its own. torch keeps the parametrized properties on a
+    class made for the module, and a deepcopy shares that class with the original: adding or removing a
+    parametrization on one would change the other."""
+    if not parametrize.is_parametrized(owner):
+        return
+    cls = type(owner)
+    owner.__class__ = type(cls.__name__, cls.__bases__,
+                           {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")})
+def _keep_parameter_names(owner: nn.Module, names: list[str]) -> list[Callable[[], None]]:
+    """torch's parametrize moves `owner.<name>` to `owner.parametrizations.<name>.original`. Keep the base's
+    names in `state_dict()` (so `save_pretrained`, `load_state_dict` and a base checkpoint round-trip): the
+    state dict says `<prefix><name>`, and loading maps `<prefix><name>` back to the original. Both hooks do
+    nothing while the tensor is not parametrized, and several sites on one weight rename it once."""
+
+    def saved(module, state_dict, prefix, local_metadata):
+        for name in names:
+            key = f"{prefix}parametrizations.{name}.original"
+            if key in state_dict and f"{prefix}{name}" not in state_dict:
+                state_dict[f"{prefix}{name}"] = state_dict.pop(key)
+
+    def loading(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        for name in names:
+            key = f"{prefix}{name}"
+            if key in state_dict and parametrize.is_parametrized(module, name):
+                state_dict.setdefault(f"{prefix}parametrizations.{name}.original", state_dict.pop(key))
+
+    return [owner.register_state_dict_post_hook(saved).remove,
+            owner.register_load_state_dict_pre_hook(loading).remove]
+
+
 def _remove_parametrizations(owner: nn.Module, names: list[str], site: WeightSite):
+    _own_class(owner)
     for name in names:
         plist = owner.parametrizations[name]
         keep = [p for p in plist if not (isinstance(p, _WeightParam) and p.site[0] is site)]
@@ -436,25 +726,28 @@ def install_call_capture(model: nn.Module, runtime: RuntimeState) -> Callable[[]
         signature = inspect.signature(model.forward)
     except (TypeError, ValueError):
         signature = None
-
-    def capture(mod, args, kwargs):
-        if isinstance(runtime.composition, compose.Parallel) and not runtime.disabled:
-            copies = len(runtime.composition.children)
-            args = tuple(_replicate(a, copies) for a in args)
-            kwargs = {k: _replicate(v, copies) for k, v in kwargs.items()}
-        named = _bound_call(signature, args, kwargs)
-        mask = named.get("attention_mask")
-        call = {"attention_mask": mask if isinstance(mask, torch.Tensor) else None}
-        call["cache_length"] = cache_length(named.values())
-        call["cached"] = call["cache_length"] > 0
-        first = args[0] if args else named.get("input_ids", named.get("inputs_embeds"))
-        call["input"] = first if isinstance(first, torch.Tensor) else None
-        runtime.call = call
-        runtime.slots.clear()
-        return args, kwargs
-
-    handle = model.register_forward_pre_hook(capture, with_kwargs=True, prepend=True)
+    handle = model.register_forward_pre_hook(functools.partial(_capture_call, runtime, signature), with_kwargs=True,
+                                             prepend=True)
     return handle.remove
+
+
+def _capture_call(runtime: RuntimeState, signature, mod, args, kwargs):
+    """The root pre-hook of install_call_capture (a partial of this function: the model deep-copies and pickles)."""
+    if isinstance(runtime.composition, compose.Parallel) and not runtime.disabled:
+        copies = len(runtime.composition.children)
+        args = tuple(_replicate(a, copies) for a in args)
+        kwargs = {k: _replicate(v, copies) for k, v in kwargs.items()}
+    named = _bound_call(signature, args, kwargs)
+    mask = named.get("attention_mask")
+    call = {"attention_mask": mask if isinstance(mask, torch.Tensor) else None}
+    call["cache_length"] = cache_length(named.values())
+    call["cached"] = call["cache_length"] > 0
+    first = args[0] if args else named.get("input_ids", named.get("inputs_embeds"))
+    call["input"] = first if isinstance(first, torch.Tensor) else None
+    runtime.call = call
+    runtime.slots.clear()
+    runtime.calls.clear()
+    return args, kwargs
 
 
 def _replicate(value, copies: int):

@@ -6,12 +6,13 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import yaml
 from pydantic import BaseModel, ValidationError
 
 from surgery.errors import SpecError
+from surgery.modules.values import ValueProblem
 from surgery.spec.models import (KeyProblem, Match, OptionsProblem, Rule, Spec, duplicate_rule_names, kind_options,
                                  rule_problems)
 
@@ -20,6 +21,9 @@ Positions = dict[tuple, tuple[int, int]]
 # Plain data only: any other tag (`!!python/object/apply:...`, `!!binary`, local `!tags`) is refused.
 _DATA_TAGS = {f"tag:yaml.org,2002:{t}" for t in ("map", "seq", "str", "int", "float", "bool", "null")}
 _MAX_VALUES = 100_000   # bounds alias expansion ("billion laughs")
+MAX_NESTING = 32        # mappings/lists inside each other; a spec needs about 8
+MAX_INCLUDE_DEPTH = 16  # include chains (a includes b includes c ...)
+MAX_INCLUDED_FILES = 256  # distinct files one spec may pull in through includes
 
 
 def _short_tag(tag: str) -> str:
@@ -33,12 +37,19 @@ def _compose(text: str, file: str) -> tuple[Any, Positions, list[SpecError]]:
     and YAML syntax errors raise: nothing after them can be trusted.
     """
     try:
+        _check_nesting(text, file)
         root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.reader.ReaderError as exc:   # a NUL or other control character: no mark, a position
+        line, column = _line_col(text, exc.position)
+        raise SpecError(f"character {exc.character!r} is not allowed in a spec ({exc.reason})", file=file,
+                        line=line, column=column) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         what = "; ".join(filter(None, (getattr(exc, "context", None), getattr(exc, "problem", None)))) or str(exc)
         raise SpecError(f"YAML syntax error: {what}", file=file,
                         line=mark.line + 1 if mark else None, column=mark.column + 1 if mark else None) from None
+    except RecursionError:   # a backstop: _check_nesting refuses deep nesting first
+        raise SpecError(f"nested too deeply (more than {MAX_NESTING} levels)", file=file) from None
     positions: Positions = {}
     problems: list[SpecError] = []
     refused: list[SpecError] = []
@@ -91,6 +102,32 @@ def _compose(text: str, file: str) -> tuple[Any, Positions, list[SpecError]]:
     if refused:
         raise SpecError("refused YAML tags", problems=refused)
     return data, positions, problems
+
+
+def _line_col(text: str | bytes, offset: int) -> tuple[int, int]:
+    """1-based line and column of a character (or byte) offset."""
+    newline = b"\n" if isinstance(text, bytes) else "\n"
+    before = text[:offset]
+    return before.count(newline) + 1, offset - (before.rfind(newline) + 1) + 1
+
+
+def _check_nesting(text: str, file: str) -> None:
+    """Refuse mappings/lists nested deeper than MAX_NESTING, from the parser's event stream (iterative, so a
+    deeply nested file cannot exhaust the recursive composer's stack first)."""
+    depth = 0
+    try:
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+                depth += 1
+                if depth > MAX_NESTING:
+                    raise SpecError(f"nested too deeply: more than {MAX_NESTING} levels of mappings and lists",
+                                    file=file, line=event.start_mark.line + 1, column=event.start_mark.column + 1)
+            elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+                depth -= 1
+    except yaml.reader.ReaderError:
+        raise
+    except yaml.YAMLError:
+        return   # the composer reports it with its position
 
 
 def _dotted(path: tuple) -> str | None:
@@ -195,7 +232,7 @@ def _problems_from(exc: ValidationError, data: Any, base: tuple = ()) -> list[tu
         error = err.get("ctx", {}).get("error")
         if isinstance(error, OptionsProblem):
             continue   # a module's options: validated on their own first, each error at its own key
-        if isinstance(error, KeyProblem):
+        if isinstance(error, ValueProblem):   # KeyProblem, or a module option's plain-value problem
             loc += tuple(error.path)
         path = _data_path(loc, data)
         if err["type"] in ("missing", "extra_forbidden") and len(loc) > len(path):
@@ -284,61 +321,119 @@ class RuleOrigin:
         return SpecError(message, file=self.file, line=line, column=col, key=_dotted(path))
 
 
-def load_spec(path: str | Path) -> Spec:
+def load_spec(path: str | Path, *, include_dirs: Iterable[str | Path] = ()) -> Spec:
     """Read a YAML or JSON spec file (safe loading only), resolving `include`s relative to it.
 
-    A dict or a Spec is accepted too (as by `spec_from`)."""
+    Included files must lie under the directory of the spec file given here, or under one of `include_dirs`
+    (absolute paths, `../` and symlinks leading elsewhere are refused); each file is read once, at most
+    MAX_INCLUDE_DEPTH includes deep and MAX_INCLUDED_FILES files in all. A dict or a Spec is accepted too (as
+    by `spec_from`). Raises SpecError with `file:line:col` for every problem."""
     if not isinstance(path, (str, os.PathLike)):
-        return spec_from(path)
-    return load_spec_with_origins(path)[0]
+        return spec_from(path, include_dirs=include_dirs)
+    return load_spec_with_origins(path, include_dirs=include_dirs)[0]
 
 
-def load_spec_with_origins(path: str | Path) -> tuple[Spec, list[RuleOrigin]]:
+def load_spec_with_origins(path: str | Path, *,
+                           include_dirs: Iterable[str | Path] = ()) -> tuple[Spec, list[RuleOrigin]]:
     """`load_spec`, plus where each rule of the result was written (for errors found later, e.g. on a model)."""
-    return _load(Path(path), seen=frozenset())
+    from surgery.spec.shipped import locate_spec   # a shipped spec's name ("houlsby") works from any directory
+    path = Path(locate_spec(path))
+    context = _Includes(roots=_roots(path.parent, include_dirs))
+    spec, origins = _load(path, context, chain=frozenset(), depth=0)
+    return _with_origins(spec, origins), origins
+
+
+def _with_origins(spec: Spec, origins: list[RuleOrigin]) -> Spec:
+    """Remember where each rule was written, so errors found later (a MatchError) can point at it."""
+    spec._origins = list(zip(spec.rules, origins))
+    return spec
+
+
+def _roots(base: Path, extra: Iterable[str | Path]) -> tuple[Path, ...]:
+    return tuple(Path(p).resolve() for p in (base, *extra))
+
+
+@dataclass
+class _Includes:
+    """One top-level load: where includes may come from, and every file read so far (each is read once)."""
+
+    roots: tuple[Path, ...]
+    done: dict = field(default_factory=dict)   # resolved path -> (spec, origins) or SpecError
 
 
 def _read(path: Path) -> str:
     try:
-        text = path.read_text(encoding="utf-8")
+        data = path.read_bytes()
     except OSError as exc:
         raise SpecError(f"cannot read spec: {exc.strerror or exc}", file=str(path)) from None
+    try:
+        text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise SpecError(f"not UTF-8 text: {exc.reason} at byte {exc.start}", file=str(path)) from None
+        line, column = _line_col(data, exc.start)
+        raise SpecError(f"not UTF-8 text: {exc.reason} (byte 0x{data[exc.start]:02x} at offset {exc.start})",
+                        file=str(path), line=line, column=column) from None
     if path.suffix.lower() == ".json":
         text = text.replace("\t", " ")   # JSON whitespace; JSON strings cannot hold a raw tab
     return text
 
 
-def _load(path: Path, seen: frozenset) -> tuple[Spec, list[RuleOrigin]]:
+def _load(path: Path, context: _Includes, chain: frozenset, depth: int) -> tuple[Spec, list[RuleOrigin]]:
+    key = path.resolve()
+    if key in context.done:
+        done = context.done[key]
+        if isinstance(done, SpecError):
+            raise done
+        return done
     file = str(path)
-    data, positions, problems = _compose(_read(path), file)
-    spec = _validate(data, file, positions, problems)
-    return _resolve(spec, file, positions, path.parent, seen | {path.resolve()})
+    try:
+        data, positions, problems = _compose(_read(path), file)
+        spec = _validate(data, file, positions, problems)
+        result = _resolve(spec, file, positions, path.parent, context, chain | {key}, depth)
+    except SpecError as exc:
+        context.done[key] = exc
+        raise
+    context.done[key] = result
+    return result
 
 
-def _resolve(spec: Spec, file: str, positions: Positions, base: Path,
-             seen: frozenset) -> tuple[Spec, list[RuleOrigin]]:
+def _resolve(spec: Spec, file: str, positions: Positions, base: Path, context: _Includes,
+             chain: frozenset, depth: int) -> tuple[Spec, list[RuleOrigin]]:
     """Included specs' rules come first; problems in any of them are reported together."""
     own = [RuleOrigin(file, i, positions) for i in range(len(spec.rules))]
     if not spec.include:
+        _check_not_empty(spec, file, positions)
         return spec, own
-    rules, origins, problems = [], [], []
+    rules, origins, problems = [], [], {}
+
+    def problem(message: str, j: int):
+        line, col = _where(positions, ("include", j))
+        err = SpecError(message, file=file, line=line, column=col, key=f"include.{j}")
+        problems.setdefault(err.render(), err)
+
     for j, rel in enumerate(spec.include):
         target = Path(os.path.normpath(base / rel))
-        line, col = _where(positions, ("include", j))
-        if target.resolve() in seen:
-            problems.append(SpecError(f"include cycle through {rel}", file=file, line=line, column=col,
-                                      key=f"include.{j}"))
+        resolved = target.resolve()
+        if resolved in chain:
+            problem(f"include cycle through {rel}", j)
+            continue
+        if not any(resolved.is_relative_to(root) for root in context.roots):
+            problem(f"included spec {rel!r} lies outside {', '.join(map(str, context.roots))}: includes stay under "
+                    f"the spec's directory (pass include_dirs to load_spec to allow more)", j)
+            continue
+        if depth + 1 > MAX_INCLUDE_DEPTH:
+            problem(f"includes nested more than {MAX_INCLUDE_DEPTH} deep (at {rel})", j)
+            continue
+        if resolved not in context.done and len(context.done) >= MAX_INCLUDED_FILES:
+            problem(f"more than {MAX_INCLUDED_FILES} files included (at {rel})", j)
             continue
         if not target.is_file():
-            problems.append(SpecError(f"included spec {rel!r} not found (looked at {target})", file=file,
-                                      line=line, column=col, key=f"include.{j}"))
+            problem(f"included spec {rel!r} not found (looked at {target})", j)
             continue
         try:
-            included, included_origins = _load(target, seen)
+            included, included_origins = _load(target, context, chain, depth + 1)
         except SpecError as exc:
-            problems.extend(exc.problems or [exc])
+            for p in exc.problems or [exc]:
+                problems.setdefault(p.render(), p)
             continue
         rules.extend(included.rules)
         origins.extend(included_origins)
@@ -349,20 +444,34 @@ def _resolve(spec: Spec, file: str, positions: Positions, base: Path,
         name = rule.name or f"rule{i}"
         if name in names:
             earlier = names[name]
-            problems.append(origin.error(f"a rule named {name!r} comes earlier ({earlier.file}, rule {earlier.index}); "
-                                         f"rule names must be unique after includes", *(("name",) if rule.name else ())))
+            err = origin.error(f"a rule named {name!r} comes earlier ({earlier.file}, rule {earlier.index}); "
+                               f"rule names must be unique after includes (is a file included twice?)",
+                               *(("name",) if rule.name else ()))
+            problems.setdefault(err.render(), err)
         names[name] = origin
     if problems:
-        raise SpecError("invalid spec", problems=problems)
-    return spec.model_copy(update={"rules": rules, "include": []}), origins
+        raise SpecError("invalid spec", problems=list(problems.values()))
+    resolved_spec = spec.model_copy(update={"rules": rules, "include": []})
+    _check_not_empty(resolved_spec, file, positions)
+    return resolved_spec, origins
 
 
-def spec_from(spec: Any, *, base: Path | None = None) -> Spec:
-    """Accept a Spec, a dict, or a path to a YAML/JSON file."""
+def _check_not_empty(spec: Spec, file: str, positions: Positions) -> None:
+    """A spec with no rules and no composition would change nothing: almost always a mistake (an empty file)."""
+    if not spec.rules and spec.compose is None:
+        line, col = positions.get(("rules",), (1, 1))
+        raise SpecError("the spec has no rules (and no compose): applying it would change nothing", file=file,
+                        line=line, column=col, key="rules" if ("rules",) in positions else None)
+
+
+def spec_from(spec: Any, *, base: Path | None = None, include_dirs: Iterable[str | Path] = ()) -> Spec:
+    """Accept a Spec, a dict, or a path to a YAML/JSON file (see `load_spec` for includes)."""
     if isinstance(spec, Spec):
         return spec
     if isinstance(spec, dict):
-        return _resolve(validate_data(spec), "<spec>", {}, base or Path.cwd(), frozenset())[0]
-    if isinstance(spec, (str, Path)):
-        return load_spec(spec)
+        base = base or Path.cwd()
+        context = _Includes(roots=_roots(base, include_dirs))
+        return _resolve(validate_data(spec), "<spec>", {}, base, context, frozenset(), 0)[0]
+    if isinstance(spec, (str, os.PathLike)):
+        return load_spec(spec, include_dirs=include_dirs)
     raise SpecError(f"a spec is a path, a dict or a surgery.Spec, not {type(spec).__name__}")

@@ -8,10 +8,11 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import (BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, field_validator,
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, WithJsonSchema, field_validator,
                       model_validator)
 
 from surgery.modules.registry import kinds as registered_kinds, options_model
+from surgery.modules.values import ValueProblem
 
 ROLES = (
     "embedding",            # an embedding lookup
@@ -24,13 +25,18 @@ ROLES = (
     "attention.output",     # the projection after the attention op
     "attention.residual",   # the residual value added to the attention branch
     "attention.residual_add",  # the add closing the attention sub-layer
+    "cross_attention.q", "cross_attention.k", "cross_attention.v",   # cross-attention (keys/values from the encoder)
+    "cross_attention.qkv", "cross_attention.op", "cross_attention.output",
+    "cross_attention.residual", "cross_attention.residual_add",
     "ffn.in", "ffn.gate",   # FFN input projections (gate only in gated FFNs)
     "ffn.act",              # the FFN activation
-    "ffn.out",              # the FFN output projection
+    "ffn.out",              # the FFN output projection (MoE: the experts' output projection)
+    "ffn.router",           # a MoE router (selects experts) or a branch's sigmoid gate; not an FFN projection
     "ffn.residual",         # the residual value added to the FFN branch
     "ffn.residual_add",     # the add closing the FFN sub-layer
     "norm",                 # a normalization (LayerNorm, RMSNorm)
-    "lm_head",              # the output projection to the vocabulary
+    "lm_head",              # the output projection to the vocabulary (keeps the sequence axis)
+    "head",                 # a head on a pooled value (sequence classification, image classification)
 )
 
 BLOCKS = ("stack", "average", "batch_split", "split", "parallel", "fuse", "mixed_batch")   # composition blocks (rewrite/compose.py)
@@ -43,13 +49,14 @@ ACTION_DOCS = {
     "insert_before": "the matched op's input x becomes `module(x)` for that op only",
     "parallel": "the matched value y becomes `y + module(x)`, with x the value matched by `from` in the same layer",
     "sublayer": "a residual sub-layer `out = norm(h + x)`, matched at its residual add, becomes `module(h, x, norm)`",
-    "wrap": "a weight-bearing op (linear, Conv1D, packed q/k/v slices) is adapted: `realize: activation` (hooks), "
+    "wrap": "a weight-bearing op (linear, Conv1D, conv1d/2d/3d, embedding lookup, packed q/k/v slices) is adapted: `realize: activation` (hooks), "
             "`weight` (a parametrization), or `auto`",
     "replace": "the matched module's forward is replaced by the module",
     "attend": "the module runs at the attention op (role `attention.op`) with its q, k, v and the model's own "
               "attention, e.g. to add learned key/value prefixes",
     "prepend": "the module prepends learned vectors to the sequence at the matched value (soft prompts)",
-    "train": "no new module: the parameters the matched nodes read train (`params: [weight, bias, all]`)",
+    "train": "no new module: the parameters the matched nodes read train (`params: [weight, bias, all]`); with "
+             "`rows: [...]` only those rows of them (new tokens' embeddings), through a small module of the rows",
 }
 
 Names = Union[str, list[str]]
@@ -62,16 +69,12 @@ RoleName = Annotated[str, WithJsonSchema({"type": "string", "enum": list(ROLES)}
 LayerSlice = Annotated[str, WithJsonSchema({"type": "string", "pattern": LAYER_SLICE.pattern})]
 
 
-class KeyProblem(ValueError):
+class KeyProblem(ValueProblem):
     """A semantic error about one key of a model (e.g. `from` on a rule that is not parallel).
 
     Raised from model validators; the loader appends `path` to the error's location, so the message points at
     the offending key's line rather than at the start of the rule.
     """
-
-    def __init__(self, path: tuple, message: str):
-        super().__init__(message)
-        self.path = path
 
 
 def kind_options(kind: Any):
@@ -101,6 +104,9 @@ class Match(BaseModel):
     leave_out: list[int] | None = Field(
         None, description="Layers to skip (AdapterHub's leave_out); negative indices count from the last layer.")
     module: Names | None = Field(None, description="Glob(s) on the qualified module path the node comes from.")
+    stack: Names | None = Field(
+        None, description='The stack of layers a site is in: a glob on its container\'s path ("decoder.block") or one '
+                          'component of it ("encoder", "decoder"). `layers` then counts within the chosen stacks.')
     op: Names | None = Field(None, description="Op name(s): linear, addmm, add, layer_norm, scaled_dot_product_attention, ...")
     inputs: list[Match] | None = Field(None, description="Patterns for the node's tensor arguments, by position.")
     through: bool = Field(False, description="As an input pattern: walk back through view-like ops to find the node.")
@@ -109,20 +115,53 @@ class Match(BaseModel):
     @field_validator("role")
     @classmethod
     def _known_role(cls, value):
+        import difflib
+        unknown = []
         for role in [value] if isinstance(value, str) else (value or []):
             if role not in ROLES:
-                import difflib
                 near = difflib.get_close_matches(role, ROLES, n=1)
-                hint = f" (did you mean {near[0]!r}?)" if near else ""
-                raise ValueError(f"unknown role {role!r}{hint}; roles are {', '.join(ROLES)}")
+                unknown.append(f"{role!r}" + (f" (did you mean {near[0]!r}?)" if near else ""))
+        if unknown:   # every unknown role of a list, not only the first
+            raise ValueError(f"unknown role{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
+                             f"roles are {', '.join(ROLES)}")
         return value
+
+    @field_validator("layers", "leave_out", mode="before")
+    @classmethod
+    def _no_booleans(cls, value):
+        return _not_bool(value)
 
     @field_validator("layers")
     @classmethod
     def _layers_syntax(cls, value):
         if isinstance(value, str) and not LAYER_SLICE.match(value):
             raise ValueError(f'layers {value!r} is neither "all", an index list nor a slice like "-2:"')
+        if isinstance(value, str) and value.count(":") == 2 and value.rpartition(":")[2].strip() in ("0", "-0"):
+            raise ValueError(f"layers {value!r}: a slice step cannot be zero")
         return value
+
+
+def _not_bool(value):
+    """Booleans are not numbers: `layers: true` or `expect: yes` is refused, not read as 1."""
+    if isinstance(value, bool) or (isinstance(value, list) and any(isinstance(v, bool) for v in value)):
+        raise ValueError(f"{value!r}: a boolean is not a number here")
+    return value
+
+
+# Adapter and rule names: they become keys of module dicts and of saved tensors (`adapter/rule/site/tensor`),
+# file names, and Python identifiers in exported graphs, so they use one small character set.
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]{0,63}$")
+NAME_RULE = "1 to 64 characters of A-Z, a-z, 0-9, _ and - (not starting with -)"
+RESERVED_RULE_NAMES = ("trained",)   # `<adapter>/trained/<parameter>` holds the base parameters a spec trains
+
+
+def name_problem(name: Any, what: str = "name") -> str | None:
+    """Why `name` is not a valid adapter or rule name (None when it is)."""
+    if not isinstance(name, str):
+        return f"a {what} is a string, not {type(name).__name__}"
+    if not NAME_PATTERN.match(name):
+        return f"{what} {name!r} is not allowed: names are {NAME_RULE}"
+    return None
 
 
 class Rule(BaseModel):
@@ -130,7 +169,8 @@ class Rule(BaseModel):
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
-    name: str | None = Field(None, description="Rule name; adapter parameters are named after it.")
+    name: str | None = Field(None, description="Rule name; adapter parameters are named after it. 1 to 64 characters "
+                                               "of A-Z, a-z, 0-9, _ and - (not starting with -), not `trained`.")
     match: Match = Field(description="Where: the pattern of the sites this rule rewrites.")
     action: Literal[ACTIONS] = Field(description="What to do at each site (see Actions).")  # type: ignore[valid-type]
     module: Any = Field(None, description="The module to insert: `kind` plus that kind's options.")
@@ -143,10 +183,34 @@ class Rule(BaseModel):
         None, description="How many sites the rule must match: a number, every_layer, or any (default: at least one).")
     realize: Literal["auto", "activation", "weight"] = Field(
         "auto", description="wrap: compute on activations (hooks) or on the weight (parametrization).")
+    rows: Union[list[Annotated[int, Field(ge=0)]], None] = Field(
+        None, min_length=1,
+        description="train: only these rows (first index) of the selected weights train, e.g. the token ids of new "
+                    "tokens in an embedding table and in an LM head tied to it (PEFT's trainable_token_indices); "
+                    "the rest stays frozen, only the rows are saved, and merge writes them in.")
+
+    @field_validator("name")
+    @classmethod
+    def _name_charset(cls, value):
+        if value is None:
+            return value
+        problem = name_problem(value, "rule name")
+        if problem:
+            raise ValueError(problem)
+        if value in RESERVED_RULE_NAMES:
+            raise ValueError(f"rule name {value!r} is reserved (saved checkpoints keep trained base parameters "
+                             f"under it)")
+        return value
+
+    @field_validator("expect", mode="before")
+    @classmethod
+    def _expect_not_bool(cls, value):
+        return _not_bool(value)
 
     @model_validator(mode="after")
     def _consistent(self):
-        given = {"action": self.action, "module": self.module, "from": self.from_, "realize": self.realize}
+        given = {"action": self.action, "module": self.module, "from": self.from_, "realize": self.realize,
+                 "rows": self.rows}
         if "params" in self.model_fields_set:
             given["params"] = self.params
         problems = rule_problems(given)
@@ -183,6 +247,8 @@ def rule_problems(rule: dict) -> list[KeyProblem]:
         problems.append(KeyProblem(("from",), f"`from` is only for action parallel, not {action}"))
     if action != "train" and rule.get("params") not in (None, ["all"]):
         problems.append(KeyProblem(("params",), f"`params` is only for action train, not {action}"))
+    if action != "train" and rule.get("rows") is not None:
+        problems.append(KeyProblem(("rows",), f"`rows` is only for action train, not {action}"))
     if action != "wrap" and rule.get("realize", "auto") not in ("auto", None):
         problems.append(KeyProblem(("realize",), f"`realize` is only for action wrap, not {action}"))
     if isinstance(module, BaseModel):
@@ -218,6 +284,11 @@ def duplicate_rule_names(rules: list) -> list[KeyProblem]:
 ModuleSpec = BaseModel
 
 
+def _bool_in(value) -> str | None:
+    values = value if isinstance(value, list) else [value]
+    return f"{value!r}: a boolean is not a number here" if any(isinstance(v, bool) for v in values) else None
+
+
 class Spec(BaseModel):
     """A surgery spec: named rules applied in order."""
 
@@ -228,11 +299,14 @@ class Spec(BaseModel):
     version: Literal[1] = Field(1, description="Format version.")
     name: str | None = Field(None, description="Spec name, used in error messages.")
     description: str | None = Field(None, description="Free text.")
-    include: list[str] = Field(default_factory=list, description="Other spec files (relative paths) whose rules come first.")
+    include: list[str] = Field(default_factory=list, description="Other spec files (relative paths, under this spec's "
+                                                                 "directory) whose rules come first.")
     rules: list[Rule] = Field(default_factory=list, description="The rewrites, applied in order.")
     compose: Union[str, dict[str, Any], None] = Field(
-        None, description="How named adapters combine, e.g. {average: [a, b], weights: [0.5, 0.5]} or "
-                          "{fuse: [a, b]} (AdapterFusion); blocks: stack, average, batch_split, split, parallel, fuse, mixed_batch.")
+        None, description="How named adapters combine, e.g. {average: [a, b], weights: [0.7, 0.3]} (the base plus the "
+                          "weighted adapters' contributions; weights normalized to sum 1 unless normalize_weights: "
+                          "false) or {fuse: [a, b]} (AdapterFusion); blocks: stack, average, batch_split, split, "
+                          "parallel, fuse, mixed_batch.")
 
     @field_validator("compose")
     @classmethod
@@ -241,6 +315,12 @@ class Spec(BaseModel):
             kinds = [k for k in value if k in BLOCKS]
             if len(kinds) != 1:
                 raise ValueError(f"a composition names exactly one of {', '.join(BLOCKS)}")
+            from surgery.modules.values import float_problem
+            for key in ("weights", "batch_sizes"):
+                if key in value:
+                    problem = float_problem(value[key]) or _bool_in(value[key])
+                    if problem:
+                        raise ValueError(f"{key}: {problem}")
         return value
 
     @model_validator(mode="after")
@@ -250,5 +330,12 @@ class Spec(BaseModel):
             raise problems[0]
         return self
 
+    # (rule, RuleOrigin) pairs set by the loader: where each rule was written, for errors found later
+    _origins: list = PrivateAttr(default_factory=list)
+
     def rule_name(self, index: int) -> str:
         return self.rules[index].name or f"rule{index}"
+
+    def origin_of(self, rule: Rule):
+        """Where `rule` (one of this spec's rule objects) was written: a loader RuleOrigin, or None."""
+        return next((origin for r, origin in self._origins if r is rule), None)

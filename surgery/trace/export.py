@@ -7,6 +7,7 @@ output. That is what lets a rewrite found on the graph be realized on the host m
 """
 from __future__ import annotations
 
+import inspect
 import json
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ import torch
 from torch import fx, nn
 
 from surgery.errors import SurgeryError
+from surgery.progress import quiet_libraries, stage
 
 
 @torch.library.custom_op("surgery::mark", mutates_args=())
@@ -32,12 +34,15 @@ class Boundary:
     """A value's place at a module boundary: `side` is "in" or "out"; `loc` says where in the call.
 
     loc: ("arg", i) or ("kwarg", name) for inputs; () for a tensor output, ("item", i) for a tuple element,
-    ("key", name) for a dict/ModelOutput field.
+    ("key", name) for a dict/ModelOutput field. `call`: which call of the module in one forward (0 for the first;
+    a module called N times, such as ALBERT's shared layer, has N boundaries on each side).
     """
 
     module: str
     side: str
     loc: tuple
+    call: int = 0
+    calls: int = 1      # how many times the module is called in one forward
 
 
 @dataclass
@@ -49,6 +54,7 @@ class Traced:
     calls: dict[str, int]                           # module path -> how many times it was called
     module_types: dict[str, type]
     users: dict[fx.Node, list[fx.Node]] = field(default_factory=dict)
+    constants: dict[str, torch.Tensor] = field(default_factory=dict)   # placeholder name -> lifted constant
 
 
 def _is_marked(t) -> bool:
@@ -57,28 +63,32 @@ def _is_marked(t) -> bool:
 
 def _install_marks(model: nn.Module, calls: dict):
     handles = []
+    running: dict[str, list[int]] = defaultdict(list)    # module -> call indices of its forwards now running
     for name, module in model.named_modules():
         if not name:
             continue
 
         def pre(mod, args, kwargs, name=name):
+            call = calls[name]
             calls[name] += 1
-            args = tuple(_mark(a, json.dumps([name, "in", ["arg", i]])) if _is_marked(a) else a
+            running[name].append(call)
+            args = tuple(_mark(a, json.dumps([name, "in", ["arg", i], call])) if _is_marked(a) else a
                          for i, a in enumerate(args))
-            kwargs = {k: _mark(v, json.dumps([name, "in", ["kwarg", k]])) if _is_marked(v) else v
+            kwargs = {k: _mark(v, json.dumps([name, "in", ["kwarg", k], call])) if _is_marked(v) else v
                       for k, v in kwargs.items()}
             return args, kwargs
 
         def post(mod, args, out, name=name):
+            call = running[name].pop() if running[name] else 0
             if _is_marked(out):
-                return _mark(out, json.dumps([name, "out", []]))
+                return _mark(out, json.dumps([name, "out", [], call]))
             if isinstance(out, tuple) and not hasattr(out, "_fields"):
-                return tuple(_mark(o, json.dumps([name, "out", ["item", i]])) if _is_marked(o) else o
+                return tuple(_mark(o, json.dumps([name, "out", ["item", i], call])) if _is_marked(o) else o
                              for i, o in enumerate(out))
             if isinstance(out, dict):
                 for k in list(out.keys()):
                     if _is_marked(out[k]):
-                        out[k] = _mark(out[k], json.dumps([name, "out", ["key", k]]))
+                        out[k] = _mark(out[k], json.dumps([name, "out", ["key", k], call]))
             return out
 
         handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
@@ -87,21 +97,136 @@ def _install_marks(model: nn.Module, calls: dict):
 
 
 def default_example_inputs(model: nn.Module, batch: int = 2, seq: int = 8):
-    """Inputs for models that carry a transformers-style config; None when we cannot tell."""
+    """Inputs for models that carry a transformers-style config (token ids, pixels or audio features, by what the
+    forward takes and the config says); None when we cannot tell. Drawn from a private generator: the user's RNG
+    is not touched."""
     config = getattr(model, "config", None)
-    vocab = getattr(config, "vocab_size", None)
-    if not vocab:
+    if config is None:
         return None
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        params = {}
     try:
         device = next(model.parameters()).device
     except StopIteration:
         device = torch.device("cpu")
-    ids = torch.randint(0, vocab, (batch, seq), device=device) if device.type != "meta" else \
-        torch.zeros(batch, seq, dtype=torch.long, device=device)
-    kwargs = {"input_ids": ids}
-    if getattr(config, "use_cache", None) is not None:
+    generator = torch.Generator().manual_seed(0)
+
+    def floats(*shape):
+        return torch.randn(*shape, generator=generator).to(device) if device.type != "meta" else \
+            torch.zeros(*shape, device=device)
+    vocab = getattr(config, "vocab_size", None)
+    kwargs = {}
+    if "pixel_values" in params and getattr(config, "image_size", None):
+        size = config.image_size if isinstance(config.image_size, int) else config.image_size[0]
+        kwargs["pixel_values"] = floats(batch, getattr(config, "num_channels", 3), size, size)
+    elif "input_features" in params and getattr(config, "num_mel_bins", None):
+        frames = 2 * getattr(config, "max_source_positions", seq)
+        kwargs["input_features"] = floats(batch, config.num_mel_bins, frames)
+    elif "input_values" in params and "input_ids" not in params:
+        kwargs["input_values"] = floats(batch, 1024)
+    elif vocab:
+        kwargs["input_ids"] = (torch.randint(0, vocab, (batch, seq), generator=generator).to(device)
+                               if device.type != "meta" else torch.zeros(batch, seq, dtype=torch.long, device=device))
+    else:
+        return None
+    if getattr(config, "is_encoder_decoder", False) and vocab:
+        kwargs["decoder_input_ids"] = torch.zeros(batch, max(2, seq // 2), dtype=torch.long, device=device) + 1
+    if getattr(config, "use_cache", None) is not None and "use_cache" in params:
         kwargs["use_cache"] = False
     return kwargs
+
+
+def _without_cache(model: nn.Module, kwargs: dict) -> dict:
+    """Tracing never builds a KV cache (torch.export cannot return one): `use_cache=False` where the forward
+    takes it and the caller did not say."""
+    if "use_cache" in kwargs:
+        return kwargs
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return kwargs
+    if "use_cache" in params:
+        return {**kwargs, "use_cache": False}
+    return kwargs
+def derive_example_inputs(model: nn.Module, batch: int = 2, seq: int = 8):
+    """Example inputs for a model given none: the model's own `example_inputs()` if it has one; for a model
+    with a transformers config, token ids of its vocabulary; else a tensor for the forward's one required
+    argument, shaped for the first module (in registration order) that can consume it: an nn.Embedding takes
+    token ids [batch, seq], an nn.Linear / nn.LayerNorm a float tensor [batch, seq, in_features], an nn.ConvNd a
+    float tensor [batch, in_channels, *spatial]. The candidate is checked by running the model on it.
+
+    Raises SurgeryError saying why when none of this can work (several required arguments, no such module, or
+    the model refusing the derived tensor). The user's RNG is not touched (callers fork it)."""
+    own = getattr(model, "example_inputs", None)
+    if callable(own):
+        return own()
+    derived = default_example_inputs(model, batch, seq)
+    if derived is not None:
+        return derived
+    import inspect
+    name = type(model).__name__
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        params = []
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    required = [p.name for p in params if p.default is p.empty
+                and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    ask = (f"pass example_inputs= (a tensor, a tuple of args or a dict of kwargs that {name}.forward takes), or "
+           f"give {name} an example_inputs() method")
+    if not positional:
+        raise SurgeryError(f"example_inputs are required: {name}.forward takes no positional argument to derive "
+                           f"an input for; {ask}")
+    if len(required) > 1:
+        raise SurgeryError(f"example_inputs are required: {name}.forward needs {len(required)} arguments "
+                           f"({', '.join(required)}) and surgery derives only the first; {ask}")
+    try:
+        ref = next(model.parameters())
+        device, dtype = ref.device, (ref.dtype if ref.is_floating_point() else torch.get_default_dtype())
+    except StopIteration:
+        device, dtype = torch.device("cpu"), torch.get_default_dtype()
+    generator = torch.Generator().manual_seed(0)
+    candidates = []
+    for path, module in model.named_modules():
+        if isinstance(module, nn.Embedding):
+            candidates.append((path, module, [torch.randint(0, module.num_embeddings, (batch, seq),
+                                                            generator=generator)]))
+        elif isinstance(module, nn.Linear):
+            candidates.append((path, module, [torch.randn(batch, seq, module.in_features, generator=generator),
+                                              torch.randn(batch, module.in_features, generator=generator)]))
+        elif isinstance(module, nn.LayerNorm) and module.normalized_shape:
+            candidates.append((path, module, [torch.randn(batch, seq, *module.normalized_shape,
+                                                          generator=generator)]))
+        elif isinstance(module, nn.modules.conv._ConvNd):
+            dims = len(module.kernel_size)
+            size = max(32 if dims < 3 else 8, *(k * d for k, d in zip(module.kernel_size, module.dilation)))
+            candidates.append((path, module, [torch.randn(batch, module.in_channels, *[size] * dims,
+                                                          generator=generator)]))
+        if candidates:
+            break
+    if not candidates:
+        raise SurgeryError(f"example_inputs are required: {name} has no nn.Embedding, nn.Linear, nn.LayerNorm or "
+                           f"nn.ConvNd to size an input for {positional[0].name!r}; {ask}")
+    path, module, tensors = candidates[0]
+    errors = []
+    was_training = model.training
+    try:
+        model.eval()
+        for tensor in tensors:
+            tensor = tensor.to(device=device, dtype=torch.long if not tensor.is_floating_point() else dtype)
+            try:
+                with torch.no_grad():
+                    model(tensor)
+                return (tensor,)
+            except Exception as exc:  # noqa: BLE001 - the next candidate, or the reason in the error below
+                errors.append(f"{list(tensor.shape)} {str(tensor.dtype).removeprefix('torch.')}: "
+                              f"{type(exc).__name__}: {exc}")
+    finally:
+        model.train(was_training)
+    raise SurgeryError(f"example_inputs are required: surgery sized {positional[0].name!r} for {path} "
+                       f"({type(module).__name__}), but {name} refused it ({'; '.join(errors)}); {ask}")
 
 
 def _split_inputs(example_inputs) -> tuple[tuple, dict]:
@@ -117,19 +242,29 @@ def _split_inputs(example_inputs) -> tuple[tuple, dict]:
 
 
 def trace(model: nn.Module, example_inputs=None) -> Traced:
-    """Export `model` with marks and return the canonical graph. The model is not changed."""
+    """Export `model` with marks and return the canonical graph. The model is not changed, and neither is the
+    user's random state (tracing runs the forward: dropout, random example inputs)."""
+    with torch.random.fork_rng(devices=_rng_devices(model)):
+        return _trace(model, example_inputs)
+
+
+def _rng_devices(model: nn.Module) -> list:
+    """The accelerator devices whose RNG a forward of `model` may draw from (fork_rng forks only these)."""
+    devices = {t.device for t in model.parameters()} | {t.device for t in model.buffers()}
+    return sorted({d.index or 0 for d in devices if d.type == "cuda"})
+
+
+def _trace(model: nn.Module, example_inputs) -> Traced:
     if example_inputs is None:
-        example_inputs = default_example_inputs(model)
-        if example_inputs is None:
-            raise SurgeryError("example_inputs are required for a model without a transformers config: "
-                               "pass a tensor, a tuple of args or a dict of kwargs that the model's forward takes")
+        example_inputs = derive_example_inputs(model)
     args, kwargs = _split_inputs(example_inputs)
+    kwargs = _without_cache(model, kwargs)
     calls: dict[str, int] = defaultdict(int)
     was_training = model.training
     handles = _install_marks(model, calls)
     try:
         model.eval()
-        with torch.no_grad():
+        with stage(f"trace {type(model).__name__} (torch.export)"), quiet_libraries(), torch.no_grad():
             program = torch.export.export(model, args, kwargs, strict=False)
     except Exception as exc:  # noqa: BLE001 - any tracer failure becomes one clear error
         raise SurgeryError(f"torch.export could not trace {type(model).__name__}: {type(exc).__name__}: {exc}") from exc
@@ -143,17 +278,21 @@ def trace(model: nn.Module, example_inputs=None) -> Traced:
     for node in list(graph.nodes):
         if node.op == "call_function" and node.target is torch.ops.surgery.mark.default:
             value = node.args[0]
-            module, side, loc = json.loads(node.args[1])
-            boundaries[value].append(Boundary(module, side, tuple(loc)))
+            module, side, loc, call = json.loads(node.args[1])
+            boundaries[value].append(Boundary(module, side, tuple(loc), call))
             if node in boundaries:  # a mark of a mark: the same value
                 boundaries[value].extend(boundaries.pop(node))
             node.replace_all_uses_with(value)
             graph.erase_node(node)
     for value, bs in boundaries.items():
         # innermost first: a module nested in another has the longer path
+        bs[:] = [Boundary(b.module, b.side, b.loc, b.call, calls.get(b.module, 1)) for b in bs]
         bs.sort(key=lambda b: -len(b.module))
     module_types = {name: type(m) for name, m in model.named_modules()}
     traced = Traced(graph=graph, boundaries=dict(boundaries), params=dict(signature.inputs_to_parameters),
                     buffers=dict(signature.inputs_to_buffers), calls=dict(calls), module_types=module_types)
     traced.users = {n: list(n.users) for n in graph.nodes}
+    lifted = getattr(signature, "inputs_to_lifted_tensor_constants", {}) or {}
+    traced.constants = {ph: program.constants[name].detach().clone() for ph, name in lifted.items()
+                        if isinstance(program.constants.get(name), torch.Tensor) and program.constants[name].numel() <= 4096}
     return traced
