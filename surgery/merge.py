@@ -318,7 +318,7 @@ def merge(model: nn.Module, name: str | None = None, *, exact: bool = True, stri
     store = store_of(model)
     if store is None:
         raise SurgeryError("this model has no adapters to merge")
-    check_hosts(store, "merge")
+    check_hosts(model, store, "merge")
     with settled(store):   # inactive adapters' paused flags are not what merge records and restores
         return _merge(model, store, name, exact, strict)
 

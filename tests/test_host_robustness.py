@@ -533,3 +533,12 @@ def test_batch_split_with_sublayer_and_parallel_adapters(arch):
                 torch.testing.assert_close(split[rows], run(ids[rows]), rtol=0, atol=1e-5)
         surgery.remove(model, "b")
         surgery.remove(model, "a")
+
+
+def test_a_replaced_ancestor_of_an_adapted_module_is_found_too():
+    """Replacing a whole decoder layer (the adapted projections inside it go with it) is caught as well."""
+    model = make_llama(hidden=64).eval()
+    surgery.apply(model, SPECS / "lora.yaml")
+    model.model.layers[1] = copy.deepcopy(make_llama(hidden=64).model.layers[1])
+    with pytest.raises(surgery.SurgeryError, match=r"model\.layers\.1\.self_attn\.q_proj was replaced"):
+        model(input_ids=token_ids(1, 4))

@@ -617,7 +617,7 @@ def analyze(traced: Traced) -> Analysis:
         cross = (q_src is not None and k_src is not None and q_src is not k_src
                  and _base_value(linears[q_src].x) is not _base_value(linears[k_src].x))
         prefix = "cross_attention" if cross else "attention"
-        add(op_node, f"{prefix}.op", layer)
+        add(op_node, f"{prefix}.op", layer, q=q, k=k, v=v)
         if q_src is not None and q_src is k_src is srcs["v"]:
             info = linears[q_src]
             add_linear(info, f"{prefix}.qkv", layer)
@@ -662,10 +662,14 @@ def analyze(traced: Traced) -> Analysis:
 
     # FFN: the block's other linears. An output projection is one no other FFN linear reads from; its inputs are
     # the linears upstream through activations (gate/up told apart by which one passes a non-linearity).
+    # linears inside an attention module that are not its q/k/v/output (DeBERTa's relative-position projections)
+    # belong to the attention, not to the FFN
+    attention_modules = {innermost(op_node) for op_node, *_ in attention} - set(blocks) - {""}
     per_layer: dict[int, list[LinearInfo]] = defaultdict(list)
     for node, info in linears.items():
         layer = layer_of(node)
-        if layer is not None and node not in taken_linear:
+        if layer is not None and node not in taken_linear and not any(
+                info.owner.startswith(m + ".") for m in attention_modules):
             per_layer[layer].append(info)
     ins_of: dict[int, list[tuple[tuple, fx.Node]]] = defaultdict(list)
     outs_of: dict[int, list[tuple[tuple, fx.Node]]] = defaultdict(list)

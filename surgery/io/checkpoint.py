@@ -193,7 +193,7 @@ def save(model: nn.Module, directory: str | os.PathLike) -> Path:
     """
     store = store_of(model)
     if store is not None:
-        check_hosts(store, "save")
+        check_hosts(model, store, "save")
     live = surgery_tensors(model)
     tensors, aliases = _dedupe(live)
     directory = Path(directory)

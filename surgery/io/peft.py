@@ -55,7 +55,7 @@ _COMMON_KNOWN = {"task_type", "peft_type", "auto_mapping", "peft_version", "base
                  "inference_mode", "target_modules", "exclude_modules", "fan_in_fan_out", "layers_to_transform",
                  "layers_pattern"}
 _LORA_KNOWN = _COMMON_KNOWN | set(_LORA_UNSUPPORTED) | {
-    "r", "lora_alpha", "lora_dropout", "use_rslora", "init_lora_weights", "rank_pattern", "alpha_pattern",
+    "r", "lora_alpha", "lora_dropout", "use_rslora", "use_dora", "init_lora_weights", "rank_pattern", "alpha_pattern",
     "megatron_core", "runtime_config", "qalora_group_size", "eva_config", "ensure_weight_tying"}
 _IA3_KNOWN = _COMMON_KNOWN | set(_IA3_UNSUPPORTED) | {"feedforward_modules", "init_ia3_weights"}
 # init_lora_weights values that only initialize (the loaded tensors replace them); others change the base

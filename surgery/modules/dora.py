@@ -82,7 +82,9 @@ class DoRA(LoRA):
         return self.magnitude.to(weight.dtype) / self._row_norm(combined).detach()
 
     def forward(self, x, y):
-        weight = self._base_weight[0].to(x.dtype)   # a float32 DoRA on a half-precision base computes in float32
+        weight = self._base_weight[0]
+        if x.is_floating_point():   # a float32 DoRA on a half-precision base computes in float32 (ids stay ids)
+            weight = weight.to(x.dtype)
         x = self.dropout(x)
         scale = weight_ops.channels(self._norm_scale(weight.detach()), self.op_kind, self.op_args)
         lora = self._path(x) * self.scaling

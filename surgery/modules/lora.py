@@ -77,8 +77,12 @@ class LoRAOptions(Options):
 
 
 def warn_rank(r: int, site: SiteContext, kind: str) -> None:
-    """B·A has rank at most min(d_in, d_out): a larger r only costs memory (SurgeryWarning)."""
-    full = min(site.in_features or r, site.out_features or r)
+    """B·A has rank at most min(d_in, d_out) (d_in·prod(kernel) for a conv): a larger r only costs memory
+    (SurgeryWarning)."""
+    d_in = site.in_features or r
+    if site.op_kind == "conv":   # A (r, in, *kernel): B·A is (out, in·prod(kernel))
+        d_in *= math.prod(site.op_args.get("kernel", ()))
+    full = min(d_in, site.out_features or r)
     if r > full:
         warnings.warn(f"{kind}: r={r} exceeds min(d_in, d_out) = {full} at {site.module}: the update cannot have a "
                       f"rank above {full}, and the extra {r - full} rows only cost memory", SurgeryWarning,

@@ -19,8 +19,8 @@ from surgery.match.pattern import Match
 from surgery.rewrite import compose
 from surgery.modules.base import SiteContext
 from surgery.modules.registry import module_class
-from surgery.rewrite.attention import attach_intercept, attach_registry, registry_of
-from surgery.rewrite.host import (AdapterStore, Gate, Record, WeightSite, attach_weight_site, capture_anchor,
+from surgery.rewrite.attention import attach_intercept, attach_registry, keep_off_fast_path, registry_of
+from surgery.rewrite.host import (AdapterStore, mark_adapter, Gate, Record, WeightSite, attach_weight_site, capture_anchor,
                                   hook_capture, hook_value, input_anchor, output_anchor, value_anchor, wrap_weight)
 from surgery.spec.models import Rule
 
@@ -108,7 +108,7 @@ def _context(model: nn.Module, analysis: Analysis, match: Match, value: fx.Node,
 
 def _attention_facts(model, analysis: Analysis, match: Match) -> dict:
     """Heads, head size, KV heads and the k/v projection modules of one attention op."""
-    q = match.site.node.args[0]
+    q = match.site.extra.get("q", match.site.node.args[0])   # eager attention: the op node is probs @ v
     q_shape = q.meta["val"].shape
     heads, head_dim = int(q_shape[1]), int(q_shape[-1])
     facts = {"heads": heads, "head_dim": head_dim, "kv_heads": heads, "hidden": analysis.hidden_size,
@@ -284,6 +284,7 @@ def realize(model: nn.Module, analysis: Analysis, store: AdapterStore, record: R
             if dtype != ctx.dtype:
                 _compute_in(module, dtype, ctx.dtype)
         module.train(model.training)   # an adapter added to a model in eval mode must not run its dropout
+        mark_adapter(module)
         key = site_key(match)
         if key in modules:
             raise RewriteError(f"rule {rule_name!r} matched the site {key} twice")
@@ -397,6 +398,7 @@ def _realize_one(model, analysis, store, record, rule, match, value, module, key
             record.undo.append(attach_registry(model, registry, host, adapter, gate))
         else:
             record.undo.append(attach_intercept(host, adapter, gate))
+            record.undo.append(keep_off_fast_path(model, match.module, gate))
     elif action == "prepend":
         _realize_prepend(model, analysis, store, record, match, value, module, gate)
     else:
@@ -582,6 +584,11 @@ def _realize_prepend(model, analysis, store, record, match, value, module, gate)
     # the prompt goes in front of the model's input sequence; in an encoder-decoder that is the encoder's, whose
     # positions never reach the LM head (the decoder reads them through cross-attention): nothing is dropped
     other_stacks = len(set(analysis.stacks)) > 1
+    if other_stacks and not analysis.by_role.get("cross_attention.op"):
+        raise RewriteError(f"prompt tuning prepends positions to the model's input sequence, but this model's layers "
+                           f"form {len(set(analysis.stacks))} stacks that are not an encoder read by a decoder's "
+                           f"cross-attention ({', '.join(sorted(set(analysis.stacks))[:4])}), so no single sequence "
+                           f"carries the prompt through (a UNet's resolutions)")
     strip_anchor = None
     if heads and not other_stacks:
         # drop them where the value reaching the LM head leaves its module (before generate()'s logits_to_keep

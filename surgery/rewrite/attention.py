@@ -70,10 +70,9 @@ class RegistryAttention:
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
         self.original = original
         self.name = f"surgery_{original}"
-        if original == "eager":
-            raise RewriteError("attention adapters need an attention function from the registry; "
-                               "load the model with attn_implementation='sdpa'")
-        self.base = ALL_ATTENTION_FUNCTIONS[original]
+        # "eager" is no registered function: each attention class passes its own (the model file's
+        # eager_attention_forward, with its soft-capping and scaling) as the registry's default
+        self.base = None if original == "eager" else ALL_ATTENTION_FUNCTIONS[original]
         # one registered function per implementation, shared by every model in the process (transformers'
         # registry is global by name); it holds no state: adapters are found on the calling module
         # (module.__dict__[_SITES_ATTR]), so copies of a model carry theirs
@@ -86,16 +85,20 @@ class RegistryAttention:
     def __deepcopy__(self, memo):
         return self
 
+    def base_for(self, module: nn.Module) -> Callable:
+        return self.base if self.base is not None else eager_function(module)
+
     def __call__(self, module, query, key, value, attention_mask, **kwargs):
         adapters = [a for a, gate in module.__dict__.get(_SITES_ATTR, ()) if gate()]
+        base = self.base_for(module)
         if not adapters:
-            return self.base(module, query, key, value, attention_mask, **kwargs)
+            return base(module, query, key, value, attention_mask, **kwargs)
         causal = kwargs.get("is_causal")
         causal = getattr(module, "is_causal", True) if causal is None else causal
 
         def attend(q, k, v, prefix=0):
             mask = extend_mask(attention_mask, prefix, q, k, causal) if prefix else attention_mask
-            out, _ = self.base(module, q, k, v, mask, **{**kwargs, "is_causal": False if prefix else kwargs.get("is_causal")})
+            out, _ = base(module, q, k, v, mask, **{**kwargs, "is_causal": False if prefix else kwargs.get("is_causal")})
             return out
         return chain(adapters, attend)(query, key, value), None
 
@@ -124,8 +127,32 @@ def registry_of(model: nn.Module) -> RegistryAttention | None:
     return registry
 
 
+def eager_function(module: nn.Module) -> Callable:
+    """The eager attention function an attention class uses when no registered implementation is chosen: the one
+    its forward's module passes as the registry's default."""
+    import inspect
+    function = getattr(inspect.unwrap(type(module).forward), "__globals__", {}).get("eager_attention_forward")
+    if not callable(function):
+        raise RewriteError(f"{type(module).__name__} has no eager attention function surgery can call")
+    return function
+
+
+def uses_registry(module: nn.Module) -> bool:
+    """Whether the attention class's forward routes its attention through transformers' registry (DeBERTa's and
+    GPT-Neo's compute it themselves)."""
+    import inspect
+    forward = inspect.unwrap(type(module).forward)     # through decorators (deprecated-kwarg wrappers)
+    code = getattr(forward, "__code__", None)
+    return code is not None and "ALL_ATTENTION_FUNCTIONS" in code.co_names
+
+
 def attach_registry(model: nn.Module, registry: RegistryAttention, module: nn.Module, adapter: nn.Module,
                     gate: Callable[[], bool]) -> Callable[[], None]:
+    if not uses_registry(module):
+        raise RewriteError(f"{type(module).__name__} computes its attention itself, not through transformers' "
+                           f"attention registry, so attention adapters (prefix tuning, LLaMA-Adapter) cannot reach "
+                           f"its keys and values; adapters on projections and blocks apply")
+    registry.base_for(module)
     entry = (adapter, gate)
     module.__dict__.setdefault(_SITES_ATTR, []).append(entry)
     if model.config._attn_implementation != registry.name:
@@ -185,6 +212,8 @@ _MHA_GLOBALS["scaled_dot_product_attention"] = _mha_sdpa
 _ROUTED_MHA = types.FunctionType(_PLAIN_MHA.__code__, _MHA_GLOBALS, _PLAIN_MHA.__name__, _PLAIN_MHA.__defaults__,
                                  _PLAIN_MHA.__closure__)
 _ROUTED_MHA.__kwdefaults__ = _PLAIN_MHA.__kwdefaults__
+# its own torch-function re-dispatch (another mode on the stack) must come back to the routed copy
+_MHA_GLOBALS["multi_head_attention_forward"] = _ROUTED_MHA
 
 
 class _RoutedAttention(torch.overrides.TorchFunctionMode):
@@ -275,3 +304,63 @@ class _InterceptUndo:
         if not current:
             module.__dict__.pop(_INTERCEPT_ATTR, None)
             module.__dict__.pop("forward", None)
+
+
+# ---------------------------------------------------------------- torch's fused encoder fast path
+
+class _SlowPath(torch.overrides.TorchFunctionMode):
+    """A pass-through mode: while it is active, `has_torch_function` holds for every tensor, so
+    nn.TransformerEncoderLayer / nn.TransformerEncoder stay off their fused eval fast path (which calls no
+    attention function an adapter could reach)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+_FAST_PATH_MODULES = (nn.TransformerEncoderLayer, nn.TransformerEncoder)
+
+
+class _SlowPathHooks:
+    """Pre-hook entering, always-called post-hook leaving the mode, while the gate is on (per thread)."""
+
+    def __init__(self, gate: Callable[[], bool]):
+        self.gate, self.local = gate, threading.local()
+
+    def enter(self, module, args, kwargs=None):
+        stack = self.local.__dict__.setdefault("modes", [])
+        mode = _SlowPath() if self.gate() else None
+        if mode is not None:
+            mode.__enter__()
+        stack.append(mode)
+
+    def exit(self, module, args, out):
+        stack = self.local.__dict__.setdefault("modes", [])
+        mode = stack.pop() if stack else None
+        if mode is not None:
+            mode.__exit__(None, None, None)
+
+    def __getstate__(self):
+        return {"gate": self.gate}
+
+    def __setstate__(self, state):
+        self.gate, self.local = state["gate"], threading.local()
+
+
+def keep_off_fast_path(model: nn.Module, path: str, gate: Callable[[], bool]) -> Callable[[], None]:
+    """torch's encoder layers fuse the whole layer in eval mode without calling their attention module: while the
+    adapter is on, the layers and encoders around `path` take the regular path, so the adapters run."""
+    handles = []
+    parts = path.split(".")
+    for k in range(len(parts) + 1):
+        prefix = ".".join(parts[:k])
+        module = model.get_submodule(prefix) if prefix else model
+        if isinstance(module, _FAST_PATH_MODULES):
+            hooks = _SlowPathHooks(gate)
+            handles += [module.register_forward_pre_hook(hooks.enter),
+                        module.register_forward_hook(hooks.exit, always_call=True)]
+    return functools.partial(_remove_all, handles)
+
+
+def _remove_all(handles: list) -> None:
+    for handle in handles:
+        handle.remove()

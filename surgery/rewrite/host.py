@@ -446,12 +446,30 @@ class _CallMode(torch.overrides.TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if func in self.site.functions:
+        if func in self.site.functions and not getattr(_ADAPTER_DEPTH, "depth", 0):
+            # the host's own calls only: an adapter's dropout (inside a hook during this forward) is not counted
             index, self.count = self.count, self.count + 1
             for gate, fn in list(self.site.entries.get(index, ())):
                 if gate is None or gate():
                     out = fn(out)
         return out
+
+
+_ADAPTER_DEPTH = threading.local()   # per thread: how many adapter modules are running (their calls are not the host's)
+
+
+def _enter_adapter(module, args):
+    _ADAPTER_DEPTH.depth = getattr(_ADAPTER_DEPTH, "depth", 0) + 1
+
+
+def _leave_adapter(module, args, out):
+    _ADAPTER_DEPTH.depth = max(0, getattr(_ADAPTER_DEPTH, "depth", 0) - 1)
+
+
+def mark_adapter(module: nn.Module) -> None:
+    """Mark an adapter module's calls, so interception of the host's functional calls skips what it runs."""
+    module.register_forward_pre_hook(_enter_adapter)
+    module.register_forward_hook(_leave_adapter, always_call=True)
 
 
 class _InterceptSite:

@@ -1,6 +1,6 @@
 """Modules replaced after apply: a host module that carries adapters (hooks, a parametrization, a routed
 forward) and is later swapped for another one (`resize_token_embeddings`, a user's `model.lm_head = ...`) takes
-its adapters with it. Surgery remembers where each such module sits (parent, attribute name) and checks, at
+its adapters with it. Surgery remembers where each such module sits (its path) and checks, at
 every root forward and before merge/save/export, that it still sits there; if not, it raises, naming the
 module, instead of running, merging or saving without the adapter."""
 from __future__ import annotations
@@ -36,22 +36,30 @@ def record_hosts(model: nn.Module, store) -> None:
         for name, child in parent._modules.items():
             if child is not None and name != "surgery_adapters" and not parent_path.startswith("surgery_adapters") \
                     and _carries(child):
-                hosts.append((f"{parent_path}.{name}" if parent_path else name, parent, name, child))
+                hosts.append((f"{parent_path}.{name}" if parent_path else name, child))
     store.__dict__["hosts"] = hosts
 
 
-def check_hosts(store, doing: str) -> None:
-    """Raise if a module that carries adapters was replaced (or deleted) since apply."""
-    for path, parent, name, child in store.__dict__.get("hosts", ()):
-        if parent._modules.get(name) is not child:
+def _at(model: nn.Module, path: str):
+    module = model
+    for name in path.split("."):
+        module = module._modules.get(name) if module is not None else None
+    return module
+
+
+def check_hosts(model: nn.Module, store, doing: str) -> None:
+    """Raise if a module that carries adapters was replaced (or deleted, or moved with a replaced ancestor)
+    since apply."""
+    for path, child in store.__dict__.get("hosts", ()):
+        if _at(model, path) is not child:
             raise RewriteError(
                 f"{path} was replaced after its adapters were applied (e.g. by resize_token_embeddings), so its "
                 f"adapters no longer run; refusing to {doing}. Remove the adapters and apply them again to the "
                 f"new module (or change the model before applying)")
 
 
-def _check_hook(store, module, args, kwargs):
-    check_hosts(store, "run the forward")
+def _check_hook(store, model, args, kwargs):
+    check_hosts(model, store, "run the forward")
 
 
 def install_host_check(model: nn.Module, store) -> callable:
