@@ -3,7 +3,7 @@
     model = surgery.apply(model, "specs/houlsby.yaml")
 """
 from surgery.api import add_fusion, apply, disable, eject, plan, remove, set_active, trainable_parameters
-from surgery.rewrite.compose import Average, BatchSplit, Fuse, Parallel, Split, Stack
+from surgery.rewrite.compose import Average, BatchSplit, Fuse, MixedBatch, Parallel, Split, Stack
 from surgery.errors import LimitError, MatchError, RewriteError, SpecError, SurgeryError, SurgeryWarning
 from surgery.match import Match
 from surgery.modules.registry import register as register_module
@@ -23,3 +23,6 @@ from surgery.export import ExportError, draw, export  # noqa: E402
 __all__ += ["save", "load", "export", "draw", "CheckpointError", "ExportError"]
 from surgery.materialize import materialize  # noqa: E402
 __all__ += ["materialize"]
+from surgery.adalora import AdaLoRAAllocator  # noqa: E402
+__all__ += ["AdaLoRAAllocator"]
+__all__ += ["MixedBatch"]

@@ -15,7 +15,7 @@ from surgery.analyze import Analysis, analyze
 from surgery.errors import RewriteError, SpecError, SurgeryError
 from surgery.match import Match, match_spec
 from surgery.rewrite import Record, budget, realize, store_of
-from surgery.rewrite.compose import Average, Block, Fuse, Stack, block_from
+from surgery.rewrite.compose import Average, Block, Fuse, MixedBatch, Stack, block_from
 from surgery.rewrite.host import install_call_capture
 from surgery.rewrite.trainable import pause_inactive, resume, settled
 from surgery.spec import spec_from
@@ -250,11 +250,29 @@ def set_active(model: nn.Module, names: "str | Iterable[str] | Block | dict | No
                                    f"adapter {n!r} adapts {weight_sites[0].owner_path} on its weight (a "
                                    f"parametrization, which only adds up or averages): use Stack, an Average "
                                    f"of adapter names, or realize: activation")
+    if isinstance(block, MixedBatch):
+        _check_per_row(store, block)
     resume(store)
     store.runtime.active = names
     store.runtime.composition = block if isinstance(block, Block) else None
     trained.sync(store)
     pause_inactive(store)   # only the active adapters' parameters train
+
+
+def _check_per_row(store, block: MixedBatch) -> None:
+    """MixedBatch runs each row through its adapter at every hooked site; rewrites that act elsewhere (attention
+    prefixes, prompts, trained base weights, captured parallel/sub-layer inputs, replaced forwards, fusion) would
+    silently apply to every row or to none, so they are refused."""
+    for n in block.names():
+        record = store.records[n]
+        if not record.specs:
+            raise SurgeryError(f"MixedBatch: adapter {n!r} is an AdapterFusion set, which does not run per row")
+        for spec in record.specs:
+            for rule in spec.rules:
+                if rule.action not in MixedBatch.PER_ROW_ACTIONS:
+                    raise SurgeryError(f"MixedBatch: adapter {n!r} rule {rule.name!r} uses action {rule.action!r}, "
+                                       f"which does not act per row (supported: "
+                                       f"{', '.join(MixedBatch.PER_ROW_ACTIONS)}); run those rows separately")
 
 
 def _fusion_names(block) -> list[str]:

@@ -38,7 +38,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from surgery.errors import SurgeryError
-from surgery.modules.base import WeightAdapter
+from surgery.modules.base import WeightAdapter, is_weight_adapter_part
 from surgery.rewrite.compose import Average, Block, Stack
 from surgery.rewrite.host import WeightSite, attach_weight_site, store_of
 from surgery.rewrite.sites import check_hosts
@@ -371,7 +371,7 @@ def _merge(model: nn.Module, store, name: str | None, exact: bool, strict: bool)
         wrapped = {id(site.adapter) for site in record.weight_sites}
         for rule, modules in store.adapters[n].items():
             for key, module in modules.items():
-                if id(module) not in wrapped:
+                if id(module) not in wrapped and not is_weight_adapter_part(module):
                     report.not_merged[f"{n}/{rule}/{key}"] = (f"{type(module).__name__} is not a weight adapter: "
                                                              f"it stays in the forward")
         report.in_place += [param_names.get(id(p), "<unnamed>") for p in {id(p): p for p, _ in record.trained}.values()]

@@ -29,6 +29,8 @@ from torch import nn
 
 from surgery.api import _analysis, apply, plan, remove
 from surgery.errors import SurgeryError
+from surgery.io import peft_methods
+from surgery.modules.base import is_weight_adapter_part
 from surgery.modules.dora import DoRA
 from surgery.modules.ia3 import IA3
 from surgery.modules.lora import LoRA
@@ -154,7 +156,7 @@ def _check_supported(config: dict, unsupported: dict, peft_dir: Path, known: set
                 raise PeftFormatError(f"{peft_dir}: {field_name}={value!r} is a PEFT option this reader does not "
                                       f"know; it may change what the adapter computes, so from_peft refuses it")
     init = config.get("init_lora_weights", True)
-    if config.get("peft_type", "").upper() == "LORA" and init not in _LORA_PLAIN_INITS:
+    if config.get("peft_type", "").upper() == "LORA" and init not in _LORA_PLAIN_INITS + peft_methods.RECOMPUTED_INITS:
         raise PeftFormatError(f"{peft_dir}: init_lora_weights={init!r} is a LoRA variant or a base-weight "
                               f"rewrite (e.g. MiCA freezes lora_B; PiSSA/OLoRA/CorDA/LoftQ change the base weights) "
                               f"that from_peft does not implement; plain LoRA inits are {list(_LORA_PLAIN_INITS)}")
@@ -285,8 +287,11 @@ def from_peft(model: nn.Module, peft_dir, *, name: str = "default", example_inpu
     elif peft_type == "IA3":
         _check_supported(config, _IA3_UNSUPPORTED, peft_dir, _IA3_KNOWN)
         by_module = _tensors_by_module(tensors, {"ia3_l": "ia3_l"}, peft_dir)
+    elif peft_type in peft_methods.peft_types():
+        return peft_methods.from_peft_method(model, peft_dir, config, tensors, peft_type, name, example_inputs)
     else:
-        raise PeftFormatError(f"{peft_dir}: peft_type {config.get('peft_type')!r} is not supported (LORA, IA3)")
+        raise PeftFormatError(f"{peft_dir}: peft_type {config.get('peft_type')!r} is not supported (LORA, IA3, "
+                              f"{', '.join(sorted(peft_methods.peft_types()))})")
     config = _expand_all_linear(config, model)
     implied = _mha_paths(by_module, model)
     paths = _paths(config, by_module, model, peft_dir, implied)
@@ -331,6 +336,7 @@ def from_peft(model: nn.Module, peft_dir, *, name: str = "default", example_inpu
             rule_name = kind if len(groups) == 1 else f"{kind}_r{r}_alpha{alpha:g}".replace(".", "_")
             module = {"kind": kind, "r": r, "alpha": alpha, "dropout": float(config.get("lora_dropout") or 0.0),
                       "use_rslora": bool(config.get("use_rslora", False))}
+            module.update(peft_methods.lora_init(config, peft_dir))
         else:
             rule_name = "ia3_ffn" if group[1] else "ia3"
             module = {"kind": "ia3", "scale": "input" if group[1] else "output"}
@@ -382,6 +388,7 @@ def _called_as_module(analysis, path: str) -> bool:
 
 def _lora_module(sites, out_features: int) -> tuple[torch.Tensor, torch.Tensor, int, float, bool]:
     """One PEFT LoRA (A, B, r, alpha, use_rslora) computing the sum of the sites' deltas on one module."""
+    sites = peft_methods.plain_lora_sites(sites)     # PiSSA/OLoRA: rank 2r, as PEFT's weight conversion
     if len(sites) == 1 and sites[0].rows is None:
         lora = sites[0].adapter
         return lora.lora_A.detach(), lora.lora_B.detach(), lora.r, float(lora.alpha), lora.use_rslora
@@ -430,7 +437,7 @@ def to_peft(model: nn.Module, out_dir, *, name: str | None = None, example_input
     record = store.records[name]
     wrapped = {id(s.adapter) for s in record.weight_sites}
     others = [f"{rule}/{key}" for rule, modules in store.adapters[name].items()
-              for key, module in modules.items() if id(module) not in wrapped]
+              for key, module in modules.items() if id(module) not in wrapped and not is_weight_adapter_part(module)]
     if others or record.trained:
         what = others + [f"{len(record.trained)} trained base parameter(s)"] * bool(record.trained)
         raise SurgeryError(f"adapter {name!r} has rewrites PEFT's LoRA/IA3 cannot express: {', '.join(what[:6])}")
@@ -443,8 +450,10 @@ def to_peft(model: nn.Module, out_dir, *, name: str | None = None, example_input
         peft_type = "LORA"
     elif kinds == {IA3}:
         peft_type = "IA3"
+    elif peft_methods.method_type(kinds) is not None:
+        peft_type = peft_methods.method_type(kinds)
     else:
-        raise SurgeryError(f"to_peft writes LoRA, DoRA or IA3 adapter sets; {name!r} holds "
+        raise SurgeryError(f"to_peft writes LoRA, DoRA, IA3, VeRA, LoHa, OFT, BOFT or AdaLoRA adapter sets; {name!r} holds "
                            f"{', '.join(sorted(k.__name__ for k in kinds))}")
 
     analysis = _analysis(model, example_inputs)
@@ -459,7 +468,9 @@ def to_peft(model: nn.Module, out_dir, *, name: str | None = None, example_input
     tensors: dict[str, torch.Tensor] = {}
     fan_in_fan_out = any(s.layout == "in_out" and getattr(s.adapter, "op_kind", "linear") == "linear"
                          for s in record.weight_sites)   # an embedding's table is (num, dim) without it
-    if peft_type == "LORA":
+    if peft_type not in ("LORA", "IA3"):
+        tensors, config = peft_methods.to_peft_tensors(peft_type, record, by_module)
+    elif peft_type == "LORA":
         modules = {}
         dora = kinds == {DoRA}
         if dora and any(len(sites) > 1 or sites[0].rows is not None for sites in by_module.values()):

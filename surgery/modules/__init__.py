@@ -5,5 +5,6 @@ from surgery.modules import attention, bottleneck, ia3, lora, reft  # noqa: F401
 from surgery.modules import krona  # noqa: F401
 from surgery.modules import invertible  # noqa: F401
 from surgery.modules import dora, said, sparse  # noqa: F401
+from surgery.modules import adalora, loha, oft, vera  # noqa: F401
 
 __all__ = ["Options", "SiteContext", "WeightAdapter", "kinds", "module_class", "register"]

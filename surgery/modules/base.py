@@ -24,6 +24,8 @@ class SiteContext:
     weight: torch.Tensor | None = None  # wrap: the base weight in (out, in) layout (read-only; DoRA init)
     op_kind: str = "linear"             # wrap: "linear", "conv" or "embedding" (see surgery/modules/weight_ops.py)
     op_args: dict[str, Any] = field(default_factory=dict)   # wrap: conv stride/padding/dilation/groups/dims, ...
+    bias: torch.Tensor | None = None    # wrap: the op's base bias (rows of the site), or None (read-only; BOFT)
+    rows: tuple[int, int] | None = None  # wrap: the output rows of a packed weight the site covers; None: all
     host: nn.Module | None = None       # the host module at the site (replace/attend)
     source_dim: int | None = None       # parallel: last dimension of the span's input
     model: nn.Module | None = None
@@ -57,3 +59,12 @@ class WeightAdapter(nn.Module):
 
     def transform_bias(self, bias: torch.Tensor) -> torch.Tensor:
         return bias
+
+
+def is_weight_adapter_part(module: nn.Module) -> bool:
+    """Whether `module` (a rule's `shared` dict) only holds state of the rule's weight adapters, such as VeRA's
+    shared random projections: it then folds with them and is no rewrite of its own (merge, to_peft)."""
+    if getattr(module, "weight_adapter_part", False):
+        return True
+    return isinstance(module, nn.ModuleDict) and len(module) > 0 and all(
+        getattr(m, "weight_adapter_part", False) for m in module.values())

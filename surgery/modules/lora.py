@@ -13,6 +13,31 @@ without the base op's dilation: on a dilated conv its forward fails (numeric pad
 differs from its own merged weights (measured 1.5 at dilation 2); here A keeps the dilation, so both agree.
 On an embedding (PEFT's `lora.Embedding`): y += A[:, ids]ᵀ·Bᵀ·s with A (r, num_embeddings) zeros and
 B (dim, r) normal at init (PEFT's embedding init), delta (B·A)ᵀ·s on the (num_embeddings, dim) table.
+
+Three inits start from the base weight W (out, in) of a linear op instead, as PEFT's `init_lora_weights`:
+
+- `pissa` (Meng et al. 2024, "PiSSA: Principal Singular Values and Singular Vectors Adaptation", NeurIPS 2024,
+  arXiv:2404.02948): W = U S Vᵀ (exact SVD in float32), A = diag(√(S_r/s)) V_rᵀ, B = U_r diag(√(S_r/s)), so
+  s·B·A is W's top-r part;
+- `olora` (Büyükakyüz 2024, "OLoRA: Orthonormal Low-Rank Adaptation", arXiv:2406.01775): W = Q R, A = R[:r],
+  B = Q[:, :r].
+
+PEFT then overwrites the base weight with the residual W − s·B₀A₀. Here the base is left as it is (so
+`remove`, `disable` and a failed apply leave the user's weights untouched) and the frozen initial factors are
+kept as buffers `lora_A0`, `lora_B0`: the op computes W·x + s·(B·A·x' − B₀A₀·x) (x' the dropped-out input), which
+is PEFT's W_res·x + s·B·A·x' up to rounding, and equals the base op at init. Merge folds s·(BA − B₀A₀);
+`to_peft` writes it as a plain LoRA of rank 2r, A' = [A; A₀], B' = [B, −B₀] (PEFT's
+`path_initial_model_for_weight_conversion`), which loads onto the original base; `from_peft` of a directory
+whose `init_lora_weights` is "pissa"/"olora" (PEFT's unconverted save, meant for the residual base it recomputes
+at load) applies the same init, so the trained A, B meet the same residual.
+
+- `loftq` (Li et al. 2024, "LoftQ: LoRA-Fine-Tuning-Aware Quantization", ICLR 2024, arXiv:2310.08659, one
+  alternating step, PEFT's default loftq_iter=1) is for a base that will be quantized: with Q = NF4(W) (torchao,
+  block 64, double-quantized scales: what `surgery.quantize_nf4` stores), s·B·A is the top-r SVD of W − Q, so
+  Q + s·B·A ≈ W (A = diag(√(S_r/s)) V_rᵀ, B = U_r diag(√(S_r/s)); PEFT's init for s = 1). Apply it to the dense
+  model, then call `surgery.quantize_nf4(model)`: until the op's weight has been replaced (quantized, or
+  dequantized again for a merge) the forward and merge raise, since W + s·B·A would count the correction on top
+  of the unquantized W. torchao is imported only when this init runs.
 """
 from __future__ import annotations
 
@@ -31,6 +56,9 @@ from surgery.modules import weight_ops
 from surgery.modules.base import SiteContext, WeightAdapter
 from surgery.modules.registry import Options, register
 
+WEIGHT_INITS = ("pissa", "olora")   # inits computed from the base weight (residual kept in the forward)
+NF4_MODULE = "torchao.quantization.quantize_.workflows.nf4.nf4_tensor"
+
 
 class LoRAOptions(Options):
     kind: Literal["lora"] = "lora"
@@ -39,8 +67,11 @@ class LoRAOptions(Options):
     alpha: float = Field(8, gt=0, description="Scaling numerator: s = alpha/r (alpha/sqrt(r) with use_rslora).")
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the op's input before A (activation path only).")
     use_rslora: bool = Field(False, description="Rank-stabilized scaling alpha/sqrt(r).")
-    init: Literal["kaiming", "gaussian"] = Field(
-        "kaiming", description="A's init (B is always zero): kaiming-uniform(a=√5) or Gaussian with std 1/r.")
+    init: Literal["kaiming", "gaussian", "pissa", "olora", "loftq"] = Field(
+        "kaiming", description="kaiming/gaussian: A's init, B zero. pissa/olora: A and B from W's top-r SVD or QR, "
+                               "the initial product subtracted in the forward (the op equals the base op at init). "
+                               "loftq: s·B·A = top-r SVD of W − NF4(W); then call surgery.quantize_nf4(model). "
+                               "pissa/olora/loftq: linear ops only.")
     use_gating: bool = Field(False, description="UniPELT: a learned gate sigmoid(Linear(x)) averaged over the "
                                                 "sequence replaces the scaling (input-dependent, so not mergeable).")
 
@@ -65,10 +96,29 @@ class LoRA(WeightAdapter):
 
     def __init__(self, in_features: int, out_features: int, r: int = 8, alpha: float = 8, dropout: float = 0.0,
                  use_rslora: bool = False, init: str = "kaiming", use_gating: bool = False, op_kind: str = "linear",
-                 op_args: dict | None = None):
+                 op_args: dict | None = None, weight: torch.Tensor | None = None, host: nn.Module | None = None):
         super().__init__()
         if use_gating and op_kind != "linear":
             raise RewriteError(f"gated LoRA (use_gating) is defined on linear ops, not on a {op_kind}")
+        if init in WEIGHT_INITS + ("loftq",) and op_kind != "linear":
+            raise RewriteError(f"lora init {init!r} is defined on linear ops, not on a {op_kind}")
+        if init in WEIGHT_INITS:
+            if weight is None:
+                raise RewriteError(f"lora init {init!r} needs the base weight of the op, which is not a parameter")
+            if use_gating:
+                raise RewriteError(f"lora init {init!r} cannot be combined with use_gating")
+            if r > min(in_features, out_features):
+                raise RewriteError(f"lora init {init!r}: r={r} exceeds the weight's rank bound "
+                                   f"min({out_features}, {in_features})")
+            self._init_weight = [weight]     # unregistered: the base weight, read at (re)initialization only
+            self.register_buffer("lora_A0", torch.empty(r, in_features))
+            self.register_buffer("lora_B0", torch.empty(out_features, r))
+        if init == "loftq":
+            if not isinstance(weight, nn.Parameter) or use_gating:
+                raise RewriteError("lora init 'loftq' needs an op whose whole weight is a parameter (an nn.Linear, "
+                                   "as surgery.quantize_nf4 does) and no use_gating")
+            self._init_weight = [weight]     # the dense weight: the forward refuses to run while it is still there
+            self._host = [host]
         self.op_kind, self.op_args = op_kind, dict(op_args or {})
         groups = self.op_args.get("groups", 1)
         if op_kind == "conv" and r % groups:
@@ -94,6 +144,12 @@ class LoRA(WeightAdapter):
         self.reset_parameters()
 
     def reset_parameters(self):
+        if self.init in WEIGHT_INITS:
+            self._weight_init()
+            return
+        if self.init == "loftq":
+            self._loftq_init()
+            return
         if self.op_kind == "embedding":   # PEFT's lora.Embedding: A zeros, B normal
             nn.init.zeros_(self.lora_A)
             nn.init.normal_(self.lora_B)
@@ -103,12 +159,56 @@ class LoRA(WeightAdapter):
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B)
 
+    @torch.no_grad()
+    def _weight_init(self):
+        weight = self._init_weight[0].detach()
+        if weight.device.type == "meta":      # built without memory: surgery.materialize initializes it again
+            return
+        weight = weight.to(torch.float32)
+        r = self.r
+        if self.init == "pissa":
+            u, s, vh = torch.linalg.svd(weight, full_matrices=False)
+            root = torch.sqrt(s[:r] / self.scaling)
+            a, b = root[:, None] * vh[:r], u[:, :r] * root[None, :]
+        else:   # olora
+            q, rr = torch.linalg.qr(weight)
+            a, b = rr[:r], q[:, :r]
+        for target, value in ((self.lora_A, a), (self.lora_B, b), (self.lora_A0, a), (self.lora_B0, b)):
+            target.copy_(value.to(target.dtype))
+
+    @torch.no_grad()
+    def _loftq_init(self):
+        import importlib
+        weight = self._init_weight[0].detach()
+        if weight.device.type == "meta":      # built without memory: surgery.materialize initializes it again
+            return
+        try:
+            nf4 = importlib.import_module(NF4_MODULE)
+        except ImportError as exc:
+            raise RewriteError(f"lora init 'loftq' needs torchao's NF4 (pip install torchao): {exc}") from None
+        if weight.numel() % 64:
+            raise RewriteError(f"lora init 'loftq': the weight has {weight.numel()} entries, not a multiple of NF4's "
+                               f"block size 64")
+        dense = weight.to(torch.float32).contiguous()
+        scalers = dense.numel() // 64
+        quantized = nf4.to_nf4(dense, 64, math.gcd(scalers, 256)).get_original_weight().to(torch.float32)
+        u, s, vh = torch.linalg.svd(dense - quantized, full_matrices=False)
+        root = torch.sqrt(s[:self.r] / self.scaling)
+        self.lora_A.copy_((root[:, None] * vh[:self.r]).to(self.lora_A.dtype))
+        self.lora_B.copy_((u[:, :self.r] * root[None, :]).to(self.lora_B.dtype))
+
+    def _check_quantized(self):
+        if self.init == "loftq" and getattr(self._host[0], "weight", None) is self._init_weight[0]:
+            raise RewriteError("this LoftQ adapter corrects NF4(W)'s quantization error, but the op still holds the "
+                               "dense W: call surgery.quantize_nf4(model) first")
+
     @classmethod
     def build(cls, options: LoRAOptions, site: SiteContext, action: str) -> "LoRA":
         warn_rank(options.r, site, "lora")
+        weight = site.weight if options.init in WEIGHT_INITS + ("loftq",) else None
         return cls(site.in_features, site.out_features, r=options.r, alpha=options.alpha, dropout=options.dropout,
                    use_rslora=options.use_rslora, init=options.init, use_gating=options.use_gating,
-                   op_kind=site.op_kind, op_args=site.op_args)
+                   op_kind=site.op_kind, op_args=site.op_args, weight=weight, host=site.host)
 
     def _path(self, x):
         """B(A(x)) without the scaling, for the op's kind."""
@@ -120,13 +220,19 @@ class LoRA(WeightAdapter):
         return x @ self.lora_A.t() @ self.lora_B.t()
 
     def forward(self, x, y):
+        if self.init == "loftq":
+            self._check_quantized()
         delta = self._path(self.dropout(x))
         if self.gate is not None:
             return y + delta * torch.sigmoid(self.gate(x)).mean(dim=-2, keepdim=True)
+        if self.init in WEIGHT_INITS:
+            delta = delta - x @ self.lora_A0.t() @ self.lora_B0.t()
         return y + delta * self.scaling
 
     def _dense_delta(self) -> torch.Tensor:
         """s·B·A as a dense kernel: (out, in) for linear/embedding, (out, in, *kernel) for conv (any groups)."""
+        if self.init in WEIGHT_INITS:
+            return (self.lora_B @ self.lora_A - self.lora_B0 @ self.lora_A0) * self.scaling
         if self.op_kind != "conv":
             return (self.lora_B @ self.lora_A) * self.scaling
         groups = self.op_args.get("groups", 1)
@@ -142,6 +248,8 @@ class LoRA(WeightAdapter):
         return self._dense_delta()
 
     def transform_weight(self, weight):
+        if self.init == "loftq":
+            self._check_quantized()
         return weight + self.delta_weight().to(weight.dtype)
 
     def inverse_weight(self, merged):

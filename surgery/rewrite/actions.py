@@ -87,6 +87,11 @@ def _context(model: nn.Module, analysis: Analysis, match: Match, value: fx.Node,
         if weight is not None:
             w = weight.t() if info.layout == "in_out" else weight
             ctx.weight = w[rows[0]:rows[1]] if rows else w
+        ctx.rows = tuple(rows) if rows else None
+        bias = _base_parameter(model, info.bias) if info.bias else None
+        if bias is not None:
+            brows = info.bias_rows or packed
+            ctx.bias = bias[brows[0]:brows[1]] if brows else bias
         ctx.dtype, ctx.device = (weight.dtype, weight.device) if weight is not None else (ctx.dtype, ctx.device)
     try:
         ctx.host = model.get_submodule(match.module) if match.module else model

@@ -85,8 +85,43 @@ class Fuse(Block):
         super().__init__(*children, name=name)
 
 
+class MixedBatch(Block):
+    """One adapter per batch row, as PEFT's `adapter_names=[...]` forward argument: `MixedBatch("a", "b",
+    "__base__", "a")` runs row 0 and 3 through adapter a, row 1 through b, row 2 through none. At every hooked
+    site the rows of each adapter are gathered, run through it, and put back in place. Only rewrites computed
+    per site from the value and the op's inputs qualify (wrap on activations, insert_after, insert_before);
+    `set_active` refuses the others. The batch must have exactly one row per name (no beam search expansion)."""
+
+    BASE = "__base__"
+    PER_ROW_ACTIONS = ("wrap", "insert_after", "insert_before")
+
+    def __init__(self, *adapter_names: str):
+        if not adapter_names or not all(isinstance(n, str) for n in adapter_names):
+            raise ValueError(f"MixedBatch takes one adapter name (or {self.BASE!r}) per row, got {adapter_names!r}")
+        super().__init__(*adapter_names)
+
+    def names(self) -> list[str]:
+        return [n for n in dict.fromkeys(self.children) if n != self.BASE]
+
+    def groups(self, device) -> list[tuple[str, torch.Tensor | slice]]:
+        """(adapter, rows) for every adapter, rows as a slice when they are contiguous; cached per device."""
+        cache = self.__dict__.setdefault("_groups", {})
+        key = device
+        if key not in cache:
+            out = []
+            for name in self.names():
+                rows = [i for i, n in enumerate(self.children) if n == name]
+                contiguous = rows == list(range(rows[0], rows[-1] + 1))
+                out.append((name, slice(rows[0], rows[-1] + 1) if contiguous else
+                            torch.tensor(rows, dtype=torch.long, device=device)))
+            if all(isinstance(rows, slice) for _, rows in out):     # in row order, for one concatenation
+                out.sort(key=lambda item: item[1].start)
+            cache[key] = out
+        return cache[key]
+
+
 BLOCKS = {"stack": Stack, "average": Average, "batch_split": BatchSplit, "split": Split, "parallel": Parallel,
-          "fuse": Fuse}
+          "fuse": Fuse, "mixed_batch": MixedBatch}
 
 
 def block_from(data) -> Child:
@@ -139,6 +174,27 @@ def run(block: Child | None, by_name: dict[str, list], order: list[str], value: 
         parts = torch.split(value, sizes, dim=0)
         return torch.cat([run(c, by_name, order, p, _rows(args, sizes, i), fusions)
                           for i, (c, p) in enumerate(zip(kids, parts))], dim=0)
+    if isinstance(block, MixedBatch):
+        if value.shape[0] != len(block.children):
+            raise ValueError(f"MixedBatch names {len(block.children)} rows but the batch has {value.shape[0]} "
+                             f"(beam search and num_return_sequences expand the batch: name the expanded rows)")
+        parts = [(rows, run(name, by_name, order, value[rows], _select(args, rows), fusions))
+                 for name, rows in block.groups(value.device)]
+        if all(isinstance(rows, slice) for rows, _ in parts):     # rows grouped by adapter: one concatenation
+            pieces, position = [], 0
+            for rows, part in parts:                                  # groups() sorts contiguous groups
+                if rows.start > position:
+                    pieces.append(value[position:rows.start])
+                pieces.append(part)
+                position = rows.stop
+            if position < value.shape[0]:
+                pieces.append(value[position:])
+            return torch.cat(pieces, dim=0)
+        out = value
+        for rows, part in parts:
+            index = torch.arange(rows.start, rows.stop, device=value.device) if isinstance(rows, slice) else rows
+            out = out.index_copy(0, index, part)
+        return out
     if isinstance(block, Split):
         sizes = list(block.splits) + [value.shape[1] - sum(block.splits)]
         parts = torch.split(value, sizes, dim=1)
@@ -173,3 +229,9 @@ def _positions(args, sizes, i):
         return args
     start = sum(sizes[:i])
     return tuple(a[:, start:start + sizes[i]] if isinstance(a, torch.Tensor) and a.dim() > 2 else a for a in args)
+
+
+def _select(args, rows):
+    if not args:
+        return args
+    return tuple(a[rows] if isinstance(a, torch.Tensor) and a.dim() > 1 else a for a in args)

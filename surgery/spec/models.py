@@ -39,7 +39,7 @@ ROLES = (
     "head",                 # a head on a pooled value (sequence classification, image classification)
 )
 
-BLOCKS = ("stack", "average", "batch_split", "split", "parallel", "fuse")   # composition blocks (rewrite/compose.py)
+BLOCKS = ("stack", "average", "batch_split", "split", "parallel", "fuse", "mixed_batch")   # composition blocks (rewrite/compose.py)
 ACTIONS = ("insert_after", "insert_before", "parallel", "sublayer", "wrap", "replace", "attend", "prepend", "train")
 
 # What each action does, for docs/spec.md and the JSON Schema (a test checks every action has an entry).
@@ -306,7 +306,7 @@ class Spec(BaseModel):
         None, description="How named adapters combine, e.g. {average: [a, b], weights: [0.7, 0.3]} (the base plus the "
                           "weighted adapters' contributions; weights normalized to sum 1 unless normalize_weights: "
                           "false) or {fuse: [a, b]} (AdapterFusion); blocks: stack, average, batch_split, split, "
-                          "parallel, fuse.")
+                          "parallel, fuse, mixed_batch.")
 
     @field_validator("compose")
     @classmethod
