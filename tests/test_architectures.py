@@ -87,8 +87,23 @@ def _refusals() -> dict[tuple[str, str], Refusal]:
     refuse([a for a in ARCHS if a not in ("mamba",)], ["compacter", "compacterpp"],
            "the bottleneck width (hidden / 32 = 2) is not a multiple of phm_dim 4", r"phm_dim")
     # prompt tuning and invertible adapters act on the token embedding output: models whose input is not tokens
-    refuse(["unet"], ["prompt"], "no token embedding to prepend prompts to",
-           r"(?i)embedding")
+    refuse(["unet"], ["prompt"], "several stacks of layers (a UNet's resolutions) and no token embedding: no single "
+           "sequence to prepend prompts to", r"(?i)stacks")
+    # a new task head trained in full needs a head: base models without one (BertModel, CLIP's towers, a UNet)
+    headless = ["bert", "roberta", "distilbert", "albert", "deberta-v2", "electra", "xlm-roberta", "clip-text",
+                "clip-vision", "wav2vec2", "unet", "dit", "mamba"]
+    refuse(headless, ["lora_task_head"], "the model has no head (a base model without an LM or classification head)",
+           r"rule 'head' .*matched no site")
+    # q, k and v interleaved head by head in one packed output (BLOOM's and GPT-NeoX's query_key_value): adapting
+    # one of them alone is refused with the alternative (attention.qkv)
+    refuse(["bloom", "gpt_neox"], list(QKV_SPECS) + ["qlora", "said", "sparse", "lora_task_head", "diffusion_lora"],
+           "q, k and v interleaved head by head in one packed projection: adapt attention.qkv instead",
+           r"interleaved")
+    # attention computed by the model's own code, not through transformers' attention registry: the attention
+    # adapters cannot reach its keys and values
+    refuse(["deberta-v2", "gpt_neo", "bloom", "falcon"], ["prefix", "llama_adapter", "mam", "unipelt"],
+           "the attention class computes attention itself (not through transformers' registry)",
+           r"computes its attention itself|interleaved")
     return table
 
 
@@ -543,6 +558,8 @@ def check_gradients(model, spec, matches, inputs):
                      for r in spec.rules)         # BitFit: match {} (every bias)
     selected = {m.module for m in matches}
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    # a tied weight (GPT-2's LM head is its token embedding) is one tensor under every name that holds it
+    selected_ids = {id(p) for s in selected if s for _, p in model.get_submodule(s).named_parameters()}
     if not trainable:
         raise Wrong("nothing trains")
     for n, p in trainable:
@@ -551,7 +568,8 @@ def check_gradients(model, spec, matches, inputs):
         if not trains:
             raise Wrong(f"base parameter {n} trains, and the spec has no train rule")
         owner = n.rpartition(".")[0]
-        if not everywhere and not any(_within(owner, s) or _within(s, owner) for s in selected):
+        if not everywhere and id(p) not in selected_ids and not any(_within(owner, s) or _within(s, owner)
+                                                                      for s in selected):
             raise Wrong(f"base parameter {n} trains, outside every matched site")
     model.zero_grad(set_to_none=True)
     loss = sum(t.float().pow(2).mean() for t in _tensors(model(**inputs)) if t.is_floating_point())

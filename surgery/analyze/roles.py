@@ -746,7 +746,7 @@ def analyze(traced: Traced) -> Analysis:
     for node, info in linears.items():
         if layer_of(node) is None and node not in taken_linear and blocks:
             reaches = _walk_forward(info.value, lambda n: n.op == "output",
-                                    VIEW_LIKE | {"_to_copy", "float", "to", "div", "tanh", "mul"}, 16)
+                                    VIEW_LIKE | {"_to_copy", "float", "to", "div", "tanh", "mul", "add"}, 16)
             shape = _shape(info.value)
             if reaches and info.out_features != hidden and shape is not None:
                 add_linear(info, "lm_head" if len(shape) >= 3 else "head", None)

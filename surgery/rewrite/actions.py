@@ -50,6 +50,14 @@ def _dim(node) -> int | None:
     return int(val.shape[-1]) if isinstance(val, torch.Tensor) and val.dim() > 0 else None
 
 
+def _moe_output(analysis: Analysis, match: Match) -> fx.Node | None:
+    """The branch the layer's FFN residual add receives (the MoE block's combined output)."""
+    for site in analysis.by_role.get("ffn.residual_add", []):
+        if site.layer == match.layer and isinstance(site.extra.get("branch"), fx.Node):
+            return site.extra["branch"]
+    return None
+
+
 def _site_value(site: Site) -> fx.Node:
     return site.linear.value if site.linear is not None else site.node
 
@@ -115,7 +123,7 @@ def _attention_facts(model, analysis: Analysis, match: Match) -> dict:
              "k_proj": None, "v_proj": None}
     for role in ("attention.k", "attention.v"):
         for site in analysis.by_role.get(role, []):
-            if site.layer == match.layer and site.linear is not None:
+            if site.layer == match.layer and site.linear is not None and not site.extra.get("interleaved"):
                 info = site.linear
                 facts[role[-1] + "_proj"] = _projection(model, info, site.extra.get("packed"))
                 if role == "attention.k":
@@ -247,6 +255,9 @@ def realize(model: nn.Module, analysis: Analysis, store: AdapterStore, record: R
     record.undo.append(functools.partial(per_adapter.pop, rule_name))
     for match in matches:
         value = _through(_site_value(match.site), rule.through)
+        if match.site.linear is not None and match.site.linear.experts and rule.action in ("insert_after", "parallel"):
+            # MoE: what the FFN adds to the residual stream is the experts' combined output, not one expert's
+            value = _moe_output(analysis, match) or value
         if rule.action == "insert_before":   # the module sees the op's input, so it is sized by it
             inputs = match.site.node.all_input_nodes
             value = match.site.linear.x if match.site.linear is not None else (inputs[0] if inputs else value)

@@ -98,9 +98,21 @@ class RegistryAttention:
 
         def attend(q, k, v, prefix=0):
             mask = extend_mask(attention_mask, prefix, q, k, causal) if prefix else attention_mask
-            out, _ = base(module, q, k, v, mask, **{**kwargs, "is_causal": False if prefix else kwargs.get("is_causal")})
+            extra = {**kwargs, "is_causal": False if prefix else kwargs.get("is_causal")}
+            if prefix:
+                extra = {name: _extend_scores(value, prefix, k) for name, value in extra.items()}
+            out, _ = base(module, q, k, v, mask, **extra)
             return out
         return chain(adapters, attend)(query, key, value), None
+
+
+def _extend_scores(value, prefix: int, key: torch.Tensor):
+    """A score-shaped additive term the model passes along ([batch, heads, q, keys]: T5's relative position bias)
+    gets zero columns for the added keys, as the mask does; anything else is passed unchanged."""
+    if isinstance(value, torch.Tensor) and value.dim() == 4 and value.is_floating_point() \
+            and value.shape[-1] == key.shape[-2] - prefix:
+        return torch.cat([value.new_zeros(*value.shape[:-1], prefix), value], dim=-1)
+    return value
 
 
 _REGISTRIES: dict[str, RegistryAttention] = {}
