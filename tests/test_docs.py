@@ -204,7 +204,9 @@ def test_yaml_spec_block_loads(block: Block, tmp_path):
         pytest.skip("a fragment, not a whole spec")
     for spec in (ROOT / "specs").glob("*.yaml"):   # docs/spec.md's examples include shipped specs by relative path
         (tmp_path / spec.name).write_text(spec.read_text())
-    (tmp_path / "other.yaml").write_text("rules: []\n")   # the format overview's `include: [other.yaml]`
+    (tmp_path / "other.yaml").write_text(   # the format overview's `include: [other.yaml]` (a spec has rules)
+        "rules:\n  - name: other\n    match: {role: attention.output}\n    action: insert_after\n"
+        "    module: {kind: bottleneck, reduction_factor: 16}\n")
     path = tmp_path / "block.yaml"
     path.write_text(block.code)
     surgery.load_spec(path)
