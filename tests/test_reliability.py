@@ -76,7 +76,8 @@ class TrapLoRA(LoRA):
 
     @classmethod
     def build(cls, options, site, action):
-        cls.tick("build")
+        if torch.get_default_device().type != "meta":   # apply's memory estimate builds on meta first
+            cls.tick("build")
         return super().build(options, site, action)
 
     def transform_weight(self, weight):
