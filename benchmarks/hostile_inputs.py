@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 KINDS = {
     "values that make the model useless": ("test_every_float_option", "test_booleans_are", "test_composition_weights",
                                            "test_validate_with_model_refuses"),
-    "unbounded work": ("test_apply_estimates", "test_estimate_is", "test_said_subspace", "test_each_include",
+    "unbounded work": ("test_apply_estimates", "test_estimate_is", "test_estimating", "test_said_subspace", "test_each_include",
                        "test_include_depth", "test_nesting_depth", "test_deeply_nested_manifest"),
     "paths": ("test_a_checkpoint_names_only", "test_includes_stay", "test_save_does_not_follow"),
     "names": ("test_rule_names", "test_adapter_names", "test_saved_tensor_keys"),
