@@ -236,6 +236,8 @@ def set_active(model: nn.Module, names: "str | Iterable[str] | Block | dict | No
         if isinstance(block, Block):
             names += [n for n in _fusion_names(block) if n not in names]
     elif names is not None:
+        if not isinstance(names, (str, list, tuple)):
+            raise SurgeryError(f"set_active takes an adapter name, a list of names or a composition, not {names!r}")
         names = [names] if isinstance(names, str) else list(names)
     if names is not None:
         unknown = [n for n in names if n not in store.records]

@@ -191,6 +191,8 @@ def save(model: nn.Module, directory: str | os.PathLike) -> Path:
     Raises CheckpointError when `directory` is a file or cannot be written (temporary files are created
     exclusively and renamed into place, so no pre-existing file or symlink in the directory is written through).
     """
+    if not isinstance(directory, (str, os.PathLike)):
+        raise CheckpointError(f"save needs a directory path, not {type(directory).__name__}")
     store = store_of(model)
     if store is not None:
         check_hosts(model, store, "save")
@@ -400,6 +402,8 @@ def load(base_model: nn.Module, directory: str | os.PathLike, example_inputs: An
     `strict=False` only every saved tensor must fit the re-applied sites. On any error a `SurgeryError` is
     raised and the model is left as it was.
     """
+    if not isinstance(directory, (str, os.PathLike)):
+        raise CheckpointError(f"load needs a directory path, not {type(directory).__name__}")
     directory = Path(directory)
     manifest = read_manifest(directory)
     specs = []

@@ -105,7 +105,14 @@ def estimate(model: nn.Module, analysis, spec, all_matches) -> Estimate:
     """Bytes the rules' modules will hold, from meta-device builds of every site (nothing real is allocated).
 
     A site whose module cannot be built on the meta device (it reads weight values, or its options are wrong)
-    is left out: the real build reports its own error."""
+    is left out: the real build reports its own error. Kinds registered outside surgery are built here only
+    when their class sets `estimate_on_meta = True` (a build may have side effects surgery cannot see); the
+    global random state is restored afterwards, so the real build draws the same initial values."""
+    with torch.random.fork_rng(devices=[]):
+        return _estimate(model, analysis, spec, all_matches)
+
+
+def _estimate(model: nn.Module, analysis, spec, all_matches) -> Estimate:
     from surgery.rewrite.actions import _context, _site_value, _through
 
     out = Estimate()
@@ -123,6 +130,8 @@ def estimate(model: nn.Module, analysis, spec, all_matches) -> Estimate:
         try:
             cls = module_class(rule.module.kind)
         except ValueError:
+            continue
+        if not getattr(cls, "estimate_on_meta", cls.__module__.startswith("surgery.modules.")):
             continue
         name = matches[0].rule
         built, shared, seen, total, dtype = nn.ModuleDict(), nn.ModuleDict(), set(), 0, None
