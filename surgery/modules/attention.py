@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from surgery.errors import RewriteError
 from surgery.modules.base import SiteContext
 from surgery.modules.registry import Options, register
 
@@ -145,7 +146,9 @@ class AdaptionPrompt(nn.Module):
     @classmethod
     def build(cls, options: AdaptionPromptOptions, site: SiteContext, action: str) -> "AdaptionPrompt":
         if site.extra.get("k_proj") is None or site.extra.get("v_proj") is None:
-            raise ValueError("adaption prompts need separate key and value projections at this attention op")
+            raise RewriteError(f"LLaMA-Adapter projects its adaption prompts with the layer's own key and value "
+                               f"projections, but the attention op at {site.module} has no separate k and v "
+                               f"projections surgery can call (q, k and v interleaved in one packed output)")
         return cls(options.adapter_len, site.extra["hidden"], site.extra["kv_heads"], site.extra["head_dim"],
                    site.extra["k_proj"], site.extra["v_proj"])
 

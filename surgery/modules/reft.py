@@ -69,6 +69,7 @@ class ReftUnit(nn.Module):
 @register
 class ReftIntervention(nn.Module):
     Options = ReftOptions
+    input_positions = True    # intervenes at positions of the model's input sequence (the prompt)
 
     def __init__(self, dim, options: ReftOptions, runtime):
         super().__init__()

@@ -296,6 +296,12 @@ def realize(model: nn.Module, analysis: Analysis, store: AdapterStore, record: R
                 _compute_in(module, dtype, ctx.dtype)
         module.train(model.training)   # an adapter added to a model in eval mode must not run its dropout
         mark_adapter(module)
+        if getattr(cls, "input_positions", False) and analysis.by_role.get("cross_attention.op") \
+                and analysis.stacks and match.site.stack not in (None, analysis.stacks[0]):
+            raise RewriteError(f"rule {match.rule!r}: {rule.module.kind} intervenes at positions of the model's input "
+                               f"sequence, which in an encoder-decoder is the encoder's; the decoder stack "
+                               f"({match.site.stack}) has no input positions under generate(). Restrict the rule to "
+                               f"the encoder, e.g. `stack: {analysis.stacks[0].split('.')[-2] if '.' in analysis.stacks[0] else analysis.stacks[0]}`")
         key = site_key(match)
         if key in modules:
             raise RewriteError(f"rule {rule_name!r} matched the site {key} twice")
@@ -614,6 +620,19 @@ def _realize_prepend(model, analysis, store, record, match, value, module, gate)
                 break
         strip_anchor = strip_anchor or input_anchor(analysis, heads[0].linear.x, users=[heads[0].node])
     table = _token_embedding(model, analysis)
+    encoder_host = None
+    if other_stacks and table is not None:
+        # an encoder-decoder: generate() runs the encoder itself, so the prompt goes in at the encoder module
+        encoder_host = _embeds_host(model, table, within=analysis.stacks[0])
+    if encoder_host is not None:
+        flag = f"{record.name}/{match.rule}/prepended"
+        encoder = model.get_submodule(encoder_host)
+        record.undo.append(encoder.register_forward_pre_hook(
+            functools.partial(_prepend_encoder, module, length, table, gate), with_kwargs=True).remove)
+        # the root's attention mask also masks the cross-attention over the encoder's (now longer) output
+        record.undo.append(model.register_forward_pre_hook(
+            functools.partial(_extend_root_mask, length, gate), with_kwargs=True).remove)
+        return
     if heads:   # an LM: the root call (generate() and the KV cache go through it)
         host_path = "" if "inputs_embeds" in inspect.signature(model.forward).parameters else None
     else:
@@ -644,7 +663,35 @@ def _realize_prepend(model, analysis, store, record, match, value, module, gate)
     record.undo.append(host.register_forward_pre_hook(root, with_kwargs=True).remove)
 
 
-def _embeds_host(model: nn.Module, table: nn.Module) -> str | None:
+def _prepend_encoder(module, length, table, gate, mod, args, kwargs):
+    """An encoder's pre-hook: the prompt in front of its input embeddings; its mask is extended unless the root
+    call already did (generate() calls the encoder directly, with the caller's mask)."""
+    if not gate():
+        return None
+    kwargs = dict(kwargs)
+    if args and isinstance(args[0], torch.Tensor) and not args[0].is_floating_point():
+        ids, args = args[0], (None,) + tuple(args[1:])
+    else:
+        ids = kwargs.pop("input_ids", None)
+    embeds = table(ids) if ids is not None else kwargs.get("inputs_embeds")
+    if embeds is None:
+        return args, kwargs
+    seq = embeds.shape[1]
+    kwargs["inputs_embeds"] = module(embeds)
+    mask = kwargs.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[1] == seq:
+        kwargs["attention_mask"] = torch.cat([mask.new_ones(mask.shape[0], length), mask], dim=1)
+    return args, kwargs
+
+
+def _extend_root_mask(length, gate, mod, args, kwargs):
+    mask = kwargs.get("attention_mask")
+    if not gate() or not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+        return None
+    return args, {**kwargs, "attention_mask": torch.cat([mask.new_ones(mask.shape[0], length), mask], dim=1)}
+
+
+def _embeds_host(model: nn.Module, table: nn.Module, within: str | None = None) -> str | None:
     """The innermost module whose forward takes `inputs_embeds` and that holds the token table (LlamaModel
     inside LlamaForCausalLM / LlamaForSequenceClassification, GPT2Model inside GPT2ForSequenceClassification):
     the prompt goes in there, so the modules around it (a classifier pooling at the last non-pad token of
@@ -654,6 +701,8 @@ def _embeds_host(model: nn.Module, table: nn.Module) -> str | None:
         try:
             takes = "inputs_embeds" in inspect.signature(module.forward).parameters
         except (TypeError, ValueError):
+            continue
+        if within is not None and not (within == path or within.startswith(path + ".")):
             continue
         if takes and "attention_mask" in inspect.signature(module.forward).parameters and \
                 any(sub is table for sub in module.modules()):
