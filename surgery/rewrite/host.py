@@ -710,9 +710,17 @@ def cache_length(values) -> int:
         length = getattr(value, "get_seq_length", None)
         if callable(length) and not isinstance(value, torch.Tensor):
             try:
-                return int(length())
+                seen = int(length())
             except Exception:  # noqa: BLE001 - a cache that cannot say its length is treated as empty
-                return 0
+                seen = 0
+            previous = getattr(value, "has_previous_state", None)
+            if not seen and callable(previous):
+                # a recurrent (state-space) cache holds a state, not positions: a state means a decode step
+                try:
+                    seen = int(bool(previous()))
+                except Exception:  # noqa: BLE001 - asked per layer, or not at all: no state known
+                    seen = 0
+            return seen
         if isinstance(value, (tuple, list)) and value and all(
                 isinstance(layer, (tuple, list)) and len(layer) >= 2
                 and all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in layer[:2]) for layer in value):
