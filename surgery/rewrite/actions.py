@@ -324,7 +324,7 @@ def _realize_train_rows(model, analysis, store, record, rule, matches, gate):
         raise RewriteError(f"two rules named {rule_name!r} in adapter {record.name!r}")
     modules = nn.ModuleDict()
     per_adapter[rule_name] = modules
-    record.undo.append(lambda: per_adapter.pop(rule_name))
+    record.undo.append(functools.partial(per_adapter.pop, rule_name))
     holders: dict[int, list[tuple[str, str]]] = {}
     for path, owner in model.named_modules():
         for attr in list(owner._parameters) + (list(owner.parametrizations.keys())

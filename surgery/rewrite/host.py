@@ -672,22 +672,24 @@ def _keep_parameter_names(owner: nn.Module, names: list[str]) -> list[Callable[[
     """torch's parametrize moves `owner.<name>` to `owner.parametrizations.<name>.original`. Keep the base's
     names in `state_dict()` (so `save_pretrained`, `load_state_dict` and a base checkpoint round-trip): the
     state dict says `<prefix><name>`, and loading maps `<prefix><name>` back to the original. Both hooks do
-    nothing while the tensor is not parametrized, and several sites on one weight rename it once."""
+    nothing while the tensor is not parametrized, and several sites on one weight rename it once. The hooks
+    are partials of module-level functions (no closures), as every other hook here."""
+    return [owner.register_state_dict_post_hook(functools.partial(_save_base_names, list(names))).remove,
+            owner.register_load_state_dict_pre_hook(functools.partial(_load_base_names, list(names))).remove]
 
-    def saved(module, state_dict, prefix, local_metadata):
-        for name in names:
-            key = f"{prefix}parametrizations.{name}.original"
-            if key in state_dict and f"{prefix}{name}" not in state_dict:
-                state_dict[f"{prefix}{name}"] = state_dict.pop(key)
 
-    def loading(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-        for name in names:
-            key = f"{prefix}{name}"
-            if key in state_dict and parametrize.is_parametrized(module, name):
-                state_dict.setdefault(f"{prefix}parametrizations.{name}.original", state_dict.pop(key))
+def _save_base_names(names: list[str], module, state_dict, prefix, local_metadata) -> None:
+    for name in names:
+        key = f"{prefix}parametrizations.{name}.original"
+        if key in state_dict and f"{prefix}{name}" not in state_dict:
+            state_dict[f"{prefix}{name}"] = state_dict.pop(key)
 
-    return [owner.register_state_dict_post_hook(saved).remove,
-            owner.register_load_state_dict_pre_hook(loading).remove]
+
+def _load_base_names(names: list[str], module, state_dict, prefix, *rest) -> None:
+    for name in names:
+        key = f"{prefix}{name}"
+        if key in state_dict and parametrize.is_parametrized(module, name):
+            state_dict.setdefault(f"{prefix}parametrizations.{name}.original", state_dict.pop(key))
 
 
 def _remove_parametrizations(owner: nn.Module, names: list[str], site: WeightSite):
