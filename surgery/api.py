@@ -16,7 +16,7 @@ from surgery.errors import RewriteError, SpecError, SurgeryError
 from surgery.match import Match, match_spec
 from surgery.rewrite import Record, budget, realize, store_of
 from surgery.rewrite.compose import Average, Block, Fuse, MixedBatch, Stack, block_from
-from surgery.rewrite.host import install_call_capture
+from surgery.rewrite.host import install_call_capture, mark_adapters
 from surgery.rewrite.trainable import pause_inactive, resume, settled
 from surgery.spec import spec_from
 from surgery.spec.models import name_problem
@@ -139,6 +139,7 @@ def apply(model: nn.Module, spec: Any, *, example_inputs=None, name: str | None 
         record.undo.append(functools.partial(store.adapters.pop, name))
         for rule, matches in zip(spec.rules, all_matches):
             realize(model, analysis, store, record, rule, matches, site_extra)
+        mark_adapters(model, store)
         _set_trainable(model, store, record)
         store.records[name] = record
         trained.adopt(store, name, [p for p, _ in record.trained])

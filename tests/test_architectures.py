@@ -611,7 +611,6 @@ def test_plan_rows_show_the_role_of_every_site():
     assert rows and all(r["role"] == "attention.q" for r in rows), rows
 
 
-@pytest.mark.xfail(strict=True, raises=surgery.SurgeryError, reason="engine gap: torch.export of a returned cache")
 def test_seq2seq_example_inputs_with_a_cache_trace():
     """A user's example inputs for an encoder-decoder rarely say use_cache=False; the model then returns an
     EncoderDecoderCache, which torch.export cannot flatten. The engine traces without the cache itself."""

@@ -20,7 +20,7 @@ from surgery.rewrite import compose
 from surgery.modules.base import SiteContext
 from surgery.modules.registry import module_class
 from surgery.rewrite.attention import attach_intercept, attach_registry, keep_off_fast_path, registry_of
-from surgery.rewrite.host import (AdapterStore, mark_adapter, Gate, Record, WeightSite, attach_weight_site, capture_anchor,
+from surgery.rewrite.host import (AdapterStore, Gate, Record, WeightSite, attach_weight_site, capture_anchor,
                                   hook_capture, hook_value, input_anchor, output_anchor, value_anchor, wrap_weight)
 from surgery.spec.models import Rule
 
@@ -295,7 +295,6 @@ def realize(model: nn.Module, analysis: Analysis, store: AdapterStore, record: R
             if dtype != ctx.dtype:
                 _compute_in(module, dtype, ctx.dtype)
         module.train(model.training)   # an adapter added to a model in eval mode must not run its dropout
-        mark_adapter(module)
         if getattr(cls, "input_positions", False) and analysis.by_role.get("cross_attention.op") \
                 and analysis.stacks and match.site.stack not in (None, analysis.stacks[0]):
             raise RewriteError(f"rule {match.rule!r}: {rule.module.kind} intervenes at positions of the model's input "

@@ -466,10 +466,17 @@ def _leave_adapter(module, args, out):
     _ADAPTER_DEPTH.depth = max(0, getattr(_ADAPTER_DEPTH, "depth", 0) - 1)
 
 
-def mark_adapter(module: nn.Module) -> None:
-    """Mark an adapter module's calls, so interception of the host's functional calls skips what it runs."""
-    module.register_forward_pre_hook(_enter_adapter)
-    module.register_forward_hook(_leave_adapter, always_call=True)
+def mark_adapters(model: nn.Module, store: "AdapterStore") -> None:
+    """Where the host's functional calls are intercepted, mark every adapter module's calls (hooks counting the
+    depth), so the interception skips what adapters run; other models get no such hooks."""
+    if not any("_surgery_intercepts" in m.__dict__ for m in model.modules()):
+        return
+    for module in store.adapters.modules():
+        if isinstance(module, nn.ModuleDict) or "_surgery_marked" in module.__dict__:
+            continue
+        module.__dict__["_surgery_marked"] = True
+        module.register_forward_pre_hook(_enter_adapter)
+        module.register_forward_hook(_leave_adapter, always_call=True)
 
 
 class _InterceptSite:
