@@ -1,17 +1,16 @@
 """Roles from data flow, not from architecture names.
 
-The anchors are the ops every transformer has: linear-like ops on a parameter (`linear`, `addmm`, `mm`),
-the attention op (`scaled_dot_product_attention`, or softmax between two matmuls), adds, norms and embedding
+The anchors are the ops every transformer has: weight-bearing ops (`linear`, `addmm`, `mm`, x @ W.T, a grouped
+matmul on a 3-D expert parameter; convolutions and embedding lookups for `wrap`), the attention op (SDPA, or a
+softmax whose input is any score arithmetic on a product of two values, times a third), adds, norms and embedding
 lookups. From each attention op we walk back through view-like and rotary ops to the projections that feed it
-(q, k, v, or one packed qkv), forward to the output projection and on to the residual add; the FFN is what
-the block computes between the attention residual and the last residual add. Layers are the repeated
-containers (`...layers.3`) that hold one attention op each. Convolutions and embedding lookups reading a
-parameter are weight-bearing ops too (`_weight_op_info`): they carry a LinearInfo of kind "conv"/"embedding" on
-their sites (and on the `embedding` role) for `wrap`, but take no part in the roles above.
+(q, k, v, or a packed projection sliced by the columns each operand reads), forward to the output projection and
+on to the residual add; the FFN is the layer's other linears (routers excluded). Layers are the repeated units of
+the module tree (numbered children of one type) holding the attention ops, one per call; their containers are
+stacks, and attention whose keys come from another value than its queries is cross-attention.
 """
 from __future__ import annotations
 
-import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -27,7 +26,6 @@ VIEW_LIKE = {
     "repeat_interleave", "repeat", "unbind", "native_dropout", "_assert_tensor_metadata",
 }
 ROTARY_LIKE = {"mul", "add", "cat", "neg", "sub", "stack", "float", "type"}
-SCORE_LIKE = {"div", "mul", "add", "masked_fill", "where", "_softmax", "_to_copy", "to", "sub"}
 LINEAR_OPS = {"linear", "addmm", "mm", "matmul", "bmm"}
 NORM_OPS = {"layer_norm", "rms_norm", "group_norm", "native_layer_norm"}
 
@@ -114,13 +112,6 @@ class Analysis:
 def _shape(node) -> tuple | None:
     val = node.meta.get("val") if isinstance(node, fx.Node) else None
     return tuple(val.shape) if isinstance(val, torch.Tensor) else None
-
-
-def _int(x):
-    try:
-        return int(x)
-    except (TypeError, ValueError):
-        return None
 
 
 def _resolve_param(node, traced: Traced) -> tuple[str, tuple[int, int] | None] | None:
