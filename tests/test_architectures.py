@@ -96,7 +96,9 @@ def _refusals() -> dict[tuple[str, str], Refusal]:
            r"rule 'head' .*matched no site")
     # q, k and v interleaved head by head in one packed output (BLOOM's and GPT-NeoX's query_key_value): adapting
     # one of them alone is refused with the alternative (attention.qkv)
-    refuse(["bloom", "gpt_neox"], list(QKV_SPECS) + ["qlora", "said", "sparse", "lora_task_head", "diffusion_lora"],
+    refuse(["bloom", "gpt_neox", "falcon"], list(QKV_SPECS) + ["qlora", "said", "sparse", "lora_task_head",
+                                                            "diffusion_lora", "adalora", "boft", "loha", "oft",
+                                                            "olora", "pissa", "vera"],
            "engine gap: q, k and v interleaved head by head in one packed projection (adapting one alone is refused; "
            "attention.qkv works)",
            r"interleaved")
@@ -106,6 +108,7 @@ def _refusals() -> dict[tuple[str, str], Refusal]:
            "engine gap: the attention class computes attention itself, not through transformers' registry (attention "
            "adapters refused)",
            r"computes its attention itself|interleaved")
+    del table[("falcon", "ia3")]     # k and v of Falcon's grouped fused projection are not found: a gap (XFAIL)
     return table
 
 
@@ -155,26 +158,11 @@ XFAIL: dict[tuple[str, str], tuple[str, str]] = {
     ('gptj', 'pfeiffer'): ('refused', "a value no module boundary carries (functional or shared dropout, a shared layer's norm)"),
     ('gptj', 'pfeiffer_inv'): ('refused', "a value no module boundary carries (functional or shared dropout, a shared layer's norm)"),
     ('gptj', 'unipelt'): ('refused', "a value no module boundary carries (functional or shared dropout, a shared layer's norm)"),
-    ('gpt_neox', 'adalora'): ('refused', "RewriteError: rule 'adalora': attention.q of gpt_neox.layers.0.attention.query_key_value is interlea"),
     ('gpt_neox', 'adapterplus'): ('refused', "a value no module boundary carries (functional or shared dropout, a shared layer's norm)"),
-    ('gpt_neox', 'boft'): ('refused', "RewriteError: rule 'boft': attention.q of gpt_neox.layers.0.attention.query_key_value is interleaved"),
     ('gpt_neox', 'llama_adapter'): ('refused', "RewriteError: LLaMA-Adapter projects its adaption prompts with the layer's own key and value project"),
-    ('gpt_neox', 'loha'): ('refused', "RewriteError: rule 'loha': attention.q of gpt_neox.layers.0.attention.query_key_value is interleaved"),
-    ('gpt_neox', 'oft'): ('refused', "RewriteError: rule 'oft': attention.q of gpt_neox.layers.0.attention.query_key_value is interleaved "),
-    ('gpt_neox', 'olora'): ('refused', "RewriteError: rule 'olora': attention.q of gpt_neox.layers.0.attention.query_key_value is interleave"),
     ('gpt_neox', 'pfeiffer'): ('refused', "a value no module boundary carries (functional or shared dropout, a shared layer's norm)"),
     ('gpt_neox', 'pfeiffer_inv'): ('refused', "a value no module boundary carries (functional or shared dropout, a shared layer's norm)"),
-    ('gpt_neox', 'pissa'): ('refused', "RewriteError: rule 'pissa': attention.q of gpt_neox.layers.0.attention.query_key_value is interleave"),
     ('gpt_neox', 'unipelt'): ('refused', "a value no module boundary carries (functional or shared dropout, a shared layer's norm)"),
-    ('gpt_neox', 'vera'): ('refused', "RewriteError: rule 'vera': attention.q of gpt_neox.layers.0.attention.query_key_value is interleaved"),
-    ('bloom', 'adalora'): ('refused', "RewriteError: rule 'adalora': attention.q of transformer.h.0.self_attention.query_key_value is inter"),
-    ('bloom', 'boft'): ('refused', "RewriteError: rule 'boft': attention.q of transformer.h.0.self_attention.query_key_value is interlea"),
-    ('bloom', 'loha'): ('refused', "RewriteError: rule 'loha': attention.q of transformer.h.0.self_attention.query_key_value is interlea"),
-    ('bloom', 'oft'): ('refused', "RewriteError: rule 'oft': attention.q of transformer.h.0.self_attention.query_key_value is interleav"),
-    ('bloom', 'olora'): ('refused', "RewriteError: rule 'olora': attention.q of transformer.h.0.self_attention.query_key_value is interle"),
-    ('bloom', 'pissa'): ('refused', "RewriteError: rule 'pissa': attention.q of transformer.h.0.self_attention.query_key_value is interle"),
-    ('bloom', 'vera'): ('refused', "RewriteError: rule 'vera': attention.q of transformer.h.0.self_attention.query_key_value is interlea"),
-    ('falcon', 'ia3'): ('refused', "MatchError: /tmp/lead/snap3/specs/ia3.yaml:8:5: rules.0.match: rule 'ia3_kv' in spec 'ia3' matched n"),
     ('mixtral', 'ia3'): ('refused', 'RewriteError: model.layers.0.mlp.experts: its 4 experts are one 3-D parameter (model.layers.0.mlp.ex'),
     ('mixtral', 'qlora'): ('refused', 'RewriteError: model.layers.0.mlp.experts: its 4 experts are one 3-D parameter (model.layers.0.mlp.ex'),
     ('mixtral', 'said'): ('refused', 'RewriteError: model.layers.0.mlp.experts: its 4 experts are one 3-D parameter (model.layers.0.mlp.ex'),
@@ -222,6 +210,7 @@ XFAIL: dict[tuple[str, str], tuple[str, str]] = {
     ('dit', 'pfeiffer'): ('refused', "a value no module boundary carries (functional or shared dropout, a shared layer's norm)"),
     ('dit', 'pfeiffer_inv'): ('refused', "a value no module boundary carries (functional or shared dropout, a shared layer's norm)"),
     ('dit', 'unipelt'): ('refused', "a value no module boundary carries (functional or shared dropout, a shared layer's norm)"),
+    ("falcon", "ia3"): ("refused", "k and v of a grouped fused query_key_value not found (matched no site)"),
 }
 
 
@@ -627,3 +616,24 @@ def test_docs_are_current():
     from architectures_table import render
     path = ROOT / "docs" / "architectures.md"
     assert path.read_text() == render(), "docs/architectures.md is stale: run python tools/architectures_table.py"
+
+
+@pytest.mark.parametrize("arch", ["falcon", "bloom", "gpt_neox", "gpt2", "llama"])
+def test_q_on_a_fused_projection_is_its_columns_never_the_whole_output(arch):
+    """The query site of an attention op is the columns its q operand reads (a packed slice), or is marked
+    interleaved (refused for rules adapting it alone); never a whole fused projection, which would adapt k and v as
+    well (Falcon's grouped query_key_value was once LoRA'd whole by `attention.q`)."""
+    model = ARCHITECTURES[arch]()[0]
+    spec = {"rules": [{"name": "q", "match": {"role": "attention.q"}, "action": "wrap",
+                       "module": {"kind": "lora", "r": 2}, "expect": "any"},
+                      {"name": "op", "match": {"role": "attention.op"}, "action": "attend",
+                       "module": {"kind": "prefix", "prefix_length": 2}, "expect": "any"}]}
+    rows = surgery.plan(model, spec)
+    ops = {m.layer: m.site.node for m in rows if m.role == "attention.op"}
+    for m in rows:
+        if m.role != "attention.q" or m.site.extra.get("interleaved"):
+            continue
+        query = ops[m.layer].args[0].meta["val"]          # [batch, heads, seq, head_dim] at the op
+        packed = m.site.extra.get("packed")
+        width = packed[1] - packed[0] if packed else m.site.linear.out_features
+        assert width == query.shape[1] * query.shape[-1], (arch, m.module, packed, m.site.linear.out_features)

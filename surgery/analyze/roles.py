@@ -28,6 +28,7 @@ VIEW_LIKE = {
 ROTARY_LIKE = {"mul", "add", "cat", "neg", "sub", "stack", "float", "type"}
 LINEAR_OPS = {"linear", "addmm", "mm", "matmul", "bmm"}
 NORM_OPS = {"layer_norm", "rms_norm", "group_norm", "native_layer_norm"}
+QK_NORM = NORM_OPS | {"mean", "pow", "rsqrt", "sqrt", "var_mean", "sub"}   # per-head q/k norms (QK-norm)
 
 
 def op_name(node: fx.Node) -> str:
@@ -601,7 +602,7 @@ def analyze(traced: Traced) -> Analysis:
         layer = layer_of(op_node)
         srcs = {}
         for role, arg in (("q", q), ("k", k), ("v", v)):
-            hits = _walk_back(arg, is_linear, VIEW_LIKE | ROTARY_LIKE | {"div", "index"}, 64)
+            hits = _walk_back(arg, is_linear, VIEW_LIKE | ROTARY_LIKE | QK_NORM | {"div", "index"}, 64)
             srcs[role] = hits[0] if hits else None
         q_src, k_src = srcs["q"], srcs["k"]
         # cross-attention: keys computed from another value than the queries (the encoder's output)
@@ -628,9 +629,22 @@ def analyze(traced: Traced) -> Analysis:
             if srcs["v"] is not None:
                 add_linear(linears[srcs["v"]], f"{prefix}.v", layer)
         else:
+            operands = {"q": q, "k": k, "v": v}
             for role, src in srcs.items():
-                if src is not None:
-                    add_linear(linears[src], f"{prefix}.{role}", layer)
+                if src is None:
+                    continue
+                info = linears[src]
+                # a projection wider than what reaches the operand is packed with others (Persimmon's
+                # query_key_value when q and k pass a layer norm): the site is the operand's columns only
+                cols = _packed_columns(info.value, operands[role], traced.constants)
+                if cols is None:
+                    add_linear(info, f"{prefix}.{role}", layer)
+                    continue
+                taken_linear.add(info.node)
+                if cols == "interleaved":
+                    add(info.node, f"{prefix}.{role}", layer, module=info.owner, linear=info, interleaved=True)
+                else:
+                    add(info.node, f"{prefix}.{role}", layer, module=info.owner, linear=info, packed=cols)
         outs = _walk_forward(op_node, is_linear, VIEW_LIKE, 32)
         if outs:
             info = linears[outs[0]]
