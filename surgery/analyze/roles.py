@@ -474,6 +474,23 @@ class _SplitItem:
         return self.parent.target(tensor, *self.parent.args[1:], **self.parent.kwargs)[self.index]
 
 
+def _operand_width(operand, info: LinearInfo) -> float:
+    """Features per token an attention operand holds (heads x head_dim, whatever its layout), from the number of
+    tokens the projection reads. A projection no wider than this is the operand's own (partial rotary slices the
+    head dim without packing anything)."""
+    shape, x_shape = _shape(operand), _shape(info.x)
+    if not shape or not x_shape or not info.in_features:
+        return float("inf")
+    tokens = 1
+    for d in x_shape:
+        tokens *= int(d)
+    tokens //= info.in_features
+    size = 1
+    for d in shape:
+        size *= int(d)
+    return size / tokens if tokens else float("inf")
+
+
 def _base_value(node):
     """The value a chain of shape-only ops starts from."""
     while isinstance(node, fx.Node) and op_name(node) in VIEW_LIKE and node.all_input_nodes:
@@ -636,7 +653,8 @@ def analyze(traced: Traced) -> Analysis:
                 info = linears[src]
                 # a projection wider than what reaches the operand is packed with others (Persimmon's
                 # query_key_value when q and k pass a layer norm): the site is the operand's columns only
-                cols = _packed_columns(info.value, operands[role], traced.constants)
+                cols = _packed_columns(info.value, operands[role], traced.constants) \
+                    if info.out_features > _operand_width(operands[role], info) else None
                 if cols is None:
                     add_linear(info, f"{prefix}.{role}", layer)
                     continue
