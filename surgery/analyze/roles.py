@@ -627,42 +627,30 @@ def analyze(traced: Traced) -> Analysis:
                  and _base_value(linears[q_src].x) is not _base_value(linears[k_src].x))
         prefix = "cross_attention" if cross else "attention"
         add(op_node, f"{prefix}.op", layer, q=q, k=k, v=v)
-        if q_src is not None and q_src is k_src is srcs["v"]:
-            info = linears[q_src]
-            add_linear(info, f"{prefix}.qkv", layer)
-            for role, arg in (("q", q), ("k", k), ("v", v)):
-                cols = _packed_columns(info.value, arg, traced.constants)
-                if cols == "interleaved":
-                    add(info.node, f"{prefix}.{role}", layer, module=info.owner, linear=info, interleaved=True)
-                elif cols is not None:
-                    add(info.node, f"{prefix}.{role}", layer, module=info.owner, linear=info, packed=cols)
-        elif q_src is not None and q_src is k_src:
-            info = linears[q_src]       # packed q and k, separate v
-            add_linear(info, f"{prefix}.qkv", layer)
-            for role, arg in (("q", q), ("k", k)):
-                cols = _packed_columns(info.value, arg, traced.constants)
-                if cols not in (None, "interleaved"):
-                    add(info.node, f"{prefix}.{role}", layer, module=info.owner, linear=info, packed=cols)
-            if srcs["v"] is not None:
-                add_linear(linears[srcs["v"]], f"{prefix}.v", layer)
-        else:
-            operands = {"q": q, "k": k, "v": v}
-            for role, src in srcs.items():
-                if src is None:
-                    continue
-                info = linears[src]
-                # a projection wider than what reaches the operand is packed with others (Persimmon's
-                # query_key_value when q and k pass a layer norm): the site is the operand's columns only
-                cols = _packed_columns(info.value, operands[role], traced.constants) \
-                    if info.out_features > _operand_width(operands[role], info) else None
-                if cols is None:
+        # one projection feeding several operands is packed (GPT-2's c_attn, Falcon's query_key_value): a qkv site,
+        # and each operand's site is the columns it reads; a projection wider than what reaches its one operand is
+        # packed too (Persimmon's query_key_value when q and k pass a layer norm)
+        operands = {"q": q, "k": k, "v": v}
+        found = [src for src in srcs.values() if src is not None]
+        shared = {src for src in found if found.count(src) > 1}
+        for src in dict.fromkeys(found):
+            if src in shared:
+                add_linear(linears[src], f"{prefix}.qkv", layer)
+        for role, src in srcs.items():
+            if src is None:
+                continue
+            info = linears[src]
+            wider = src in shared or info.out_features > _operand_width(operands[role], info)
+            cols = _packed_columns(info.value, operands[role], traced.constants) if wider else None
+            if cols is None:
+                if src not in shared:
                     add_linear(info, f"{prefix}.{role}", layer)
-                    continue
-                taken_linear.add(info.node)
-                if cols == "interleaved":
-                    add(info.node, f"{prefix}.{role}", layer, module=info.owner, linear=info, interleaved=True)
-                else:
-                    add(info.node, f"{prefix}.{role}", layer, module=info.owner, linear=info, packed=cols)
+                continue
+            taken_linear.add(info.node)
+            if cols == "interleaved":
+                add(info.node, f"{prefix}.{role}", layer, module=info.owner, linear=info, interleaved=True)
+            else:
+                add(info.node, f"{prefix}.{role}", layer, module=info.owner, linear=info, packed=cols)
         outs = _walk_forward(op_node, is_linear, VIEW_LIKE, 32)
         if outs:
             info = linears[outs[0]]

@@ -60,6 +60,14 @@ class RuntimeState:
         self._local.call = value
 
     @property
+    def modes(self) -> dict[int, list]:
+        """This thread's torch-function modes entered by functional intercepts, per intercept site."""
+        modes = getattr(self._local, "modes", None)
+        if modes is None:
+            modes = self._local.modes = {}
+        return modes
+
+    @property
     def calls(self) -> dict[int, int]:
         """This thread's count of each repeated module's calls so far in the current root call (by id)."""
         calls = getattr(self._local, "calls", None)
@@ -492,8 +500,7 @@ class _InterceptSite:
                         module.register_forward_hook(self._exit, always_call=True)]
 
     def _modes(self) -> list:
-        table = self.runtime.calls.setdefault("modes", {})
-        return table.setdefault(id(self), [])
+        return self.runtime.modes.setdefault(id(self), [])
 
     def _enter(self, module, args):
         if self.call is not None and self.runtime.calls.get(id(module), 0) - 1 != self.call:
