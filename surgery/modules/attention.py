@@ -70,9 +70,12 @@ class PrefixTuning(nn.Module):
 
     Options = PrefixOptions
 
-    def __init__(self, length, kv_heads, head_dim, layer, *, mlp: PrefixMLP | None = None, dropout=0.0, gate_dim=None):
+    def __init__(self, length, kv_heads, head_dim, layer, *, mlp: PrefixMLP | None = None, dropout=0.0, gate_dim=None,
+                 offset: int | None = None):
         super().__init__()
         self.length, self.kv_heads, self.head_dim, self.layer = length, kv_heads, head_dim, layer
+        # where this layer's columns start in the shared MLP's output (layers of one width: layer x 2·Hkv·hd)
+        self.offset = layer * 2 * kv_heads * head_dim if offset is None else offset
         width = kv_heads * head_dim
         if mlp is None:
             self.prefix = nn.Parameter(torch.randn(length, 2 * width))
@@ -84,22 +87,26 @@ class PrefixTuning(nn.Module):
     def build(cls, options: PrefixOptions, site: SiteContext, action: str) -> "PrefixTuning":
         head_dim, kv_heads = site.extra["head_dim"], site.extra["kv_heads"]
         mlp = None
+        # every layer's key width: layers of several widths (a UNet's resolutions) lie end to end in the MLP's output
+        known = site.extra.get("kv_widths") or {}
+        widths = [known.get(i, kv_heads * head_dim) for i in range(site.num_layers)]
         if not options.flat:
             act = {"tanh": nn.Tanh, "relu": nn.ReLU, "gelu": nn.GELU}[options.non_linearity]()
             if "prefix_mlp" not in site.shared:
                 site.shared["prefix_mlp"] = PrefixMLP(options.prefix_length, site.extra["hidden"],
-                                                      options.bottleneck_size,
-                                                      2 * site.num_layers * kv_heads * head_dim, act)
+                                                      options.bottleneck_size, 2 * sum(widths), act)
             mlp = site.shared["prefix_mlp"]
+        layer = site.layer or 0
         return cls(options.prefix_length, kv_heads, head_dim, site.layer, mlp=mlp, dropout=options.dropout,
-                   gate_dim=site.extra["hidden"] if options.use_gating else None)
+                   gate_dim=(site.extra.get("input_dim") or site.extra["hidden"]) if options.use_gating else None,
+                   offset=2 * sum(widths[:layer]) if layer < len(widths) else None)
 
     def prefixes(self) -> torch.Tensor:
         """[P, 2·Hkv·hd] for this layer, from the flat parameter or the shared MLP."""
         if self._mlp[0] is None:
             return self.prefix
         width = 2 * self.kv_heads * self.head_dim
-        return self._mlp[0]((self.layer * width, (self.layer + 1) * width))
+        return self._mlp[0]((self.offset, self.offset + width))
 
     @property
     def needs_attention_input(self) -> bool:

@@ -130,7 +130,24 @@ def _attention_facts(model, analysis: Analysis, match: Match) -> dict:
                     width = (info.rows[1] - info.rows[0]) if info.rows else (
                         site.extra["packed"][1] - site.extra["packed"][0] if site.extra.get("packed") else info.out_features)
                     facts["kv_heads"] = width // head_dim
+    # the width of the hidden state entering the attention module (a UNet's resolutions differ from layer to
+    # layer), and every layer's key width (a prefix MLP shared by layers of several widths lays them end to end)
+    entering = _module_input_value(analysis, match.module)
+    facts["input_dim"] = int(entering.meta["val"].shape[-1]) if entering is not None else analysis.hidden_size
+    facts["kv_widths"] = _kv_widths(analysis, match.role)
     return facts
+
+
+def _kv_widths(analysis: Analysis, role: str) -> dict[int, int]:
+    """Layer -> heads x head_dim of the keys of its (first) attention op of `role`."""
+    widths: dict[int, int] = {}
+    for site in analysis.by_role.get(role, []):
+        k = site.extra.get("k")
+        shape = k.meta.get("val").shape if isinstance(k, fx.Node) and isinstance(k.meta.get("val"), torch.Tensor) \
+            else None
+        if site.layer is not None and site.layer not in widths and shape is not None and len(shape) == 4:
+            widths[site.layer] = int(shape[1]) * int(shape[-1])
+    return widths
 
 
 def _projection(model, info, packed):
@@ -577,6 +594,16 @@ def _module_input(analysis: Analysis, module: str):
             if b.module == module and b.side == "in" and isinstance(val, torch.Tensor) and val.dim() == 3:
                 return b
     raise RewriteError(f"cannot find the hidden-state input of {module}")
+
+
+def _module_input_value(analysis: Analysis, module: str):
+    """The graph value of `_module_input`, or None."""
+    for value, bounds in analysis.traced.boundaries.items():
+        val = value.meta.get("val")
+        if isinstance(val, torch.Tensor) and val.dim() == 3 and any(
+                b.module == module and b.side == "in" for b in bounds):
+            return value
+    return None
 
 
 def _realize_prepend(model, analysis, store, record, match, value, module, gate):

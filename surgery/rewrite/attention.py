@@ -100,17 +100,23 @@ class RegistryAttention:
             mask = extend_mask(attention_mask, prefix, q, k, causal) if prefix else attention_mask
             extra = {**kwargs, "is_causal": False if prefix else kwargs.get("is_causal")}
             if prefix:
-                extra = {name: _extend_scores(value, prefix, k) for name, value in extra.items()}
+                extra = {name: _extend_scores(value, prefix, k, key.shape[-2]) for name, value in extra.items()}
             out, _ = base(module, q, k, v, mask, **extra)
             return out
         return chain(adapters, attend)(query, key, value), None
 
 
-def _extend_scores(value, prefix: int, key: torch.Tensor):
-    """A score-shaped additive term the model passes along ([batch, heads, q, keys]: T5's relative position bias)
-    gets zero columns for the added keys, as the mask does; anything else is passed unchanged."""
-    if isinstance(value, torch.Tensor) and value.dim() == 4 and value.is_floating_point() \
-            and value.shape[-1] == key.shape[-2] - prefix:
+def _extend_scores(value, prefix: int, key: torch.Tensor, original: int):
+    """A score-shaped additive term the model passes along ([batch, heads, q, `original` keys]: T5's relative
+    position bias) gets zero columns for the added keys, as the mask does; over added keys alone (LLaMA-Adapter's
+    prompts) it is zeros; anything else is passed unchanged."""
+    if not (isinstance(value, torch.Tensor) and value.dim() == 4 and value.is_floating_point()
+            and value.shape[-1] == original):
+        return value
+    kept = key.shape[-2] - prefix
+    if kept <= 0:
+        return value.new_zeros(*value.shape[:-1], key.shape[-2])
+    if value.shape[-1] == kept:
         return torch.cat([value.new_zeros(*value.shape[:-1], prefix), value], dim=-1)
     return value
 
