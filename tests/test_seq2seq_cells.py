@@ -86,3 +86,94 @@ def test_unet_unipelt_gates_read_each_resolutions_width():
     with torch.no_grad():
         out = main_output(model, inputs)
     assert out.shape == base.shape and torch.isfinite(out).all()
+
+
+# ---------------------------------------------------------------- ReFT on encoder-decoders
+
+def _first_real(mask: torch.Tensor, n: int) -> torch.Tensor:
+    return mask.bool() & (mask.long().cumsum(1) - 1 < n)
+
+
+@pytest.mark.parametrize("arch", ["t5", "bart"])
+def test_reft_intervenes_at_each_stacks_own_positions(arch):
+    """Encoder blocks: the first 3 real tokens of input_ids (attention_mask); decoder blocks: the first 3 real
+    tokens of decoder_input_ids (decoder_attention_mask). Checked against hooks written from the definition
+    (h + Rᵀ(W h + b − R h)) with the same units on the base model."""
+    model, inputs, facts = _build(arch)
+    reference = copy.deepcopy(model)
+    surgery.apply(model, SPECS / "loreft.yaml", example_inputs=facts["apply_inputs"])
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in model.surgery_adapters.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    mask = torch.ones_like(inputs["input_ids"])
+    mask[1, :2] = 0                                  # left padding in the encoder's input
+    dmask = torch.ones_like(inputs["decoder_input_ids"])
+    dmask[0, :1] = 0                                 # and in the decoder's
+    call = {**inputs, "attention_mask": mask, "decoder_attention_mask": dmask, "use_cache": False}
+    units = {n.split(".")[-1]: m for n, m in model.surgery_adapters.named_modules()
+             if type(m).__name__ == "ReftIntervention"}
+    assert {m.stack_call.rpartition(".")[2] for m in units.values()} == {"encoder", "decoder"}
+    hooks = []
+    for block in facts["blocks"]:
+        key = block.replace(".", "_") + "__block_output"
+        unit = units[key].units[0]
+        where = _first_real(dmask if "decoder" in block else mask, 3)
+
+        def hook(mod, args, out, unit=unit, where=where):
+            h = out[0] if isinstance(out, tuple) else out
+            h = torch.where(where[..., None], unit(h), h)
+            return (h, *out[1:]) if isinstance(out, tuple) else h
+        hooks.append(reference.get_submodule(block).register_forward_hook(hook))
+    model.eval()
+    with torch.no_grad():
+        want = reference(**call).logits
+        got = model(**call).logits
+        with surgery.disable(model):
+            base = model(**call).logits
+    assert (got - base).abs().max() > 1e-4
+    assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+
+
+@pytest.mark.parametrize("arch", ["t5", "whisper"])
+def test_reft_on_encoder_decoder_generates_like_full_forwards(arch):
+    """The decoder's prompt is its start token: the next two positions are intervened in the decoding steps
+    too (they are among the first 3), so generate() with the cache equals full forwards; the encoder, which
+    generate() calls directly, is intervened at its own input's positions."""
+    model, inputs, facts = _build(arch)
+    surgery.apply(model, SPECS / "loreft.yaml", example_inputs=facts["apply_inputs"])
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in model.surgery_adapters.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    model.eval()
+    key = facts.get("encoder_input", "input_ids")
+    prompt = {key: inputs[key][:, :6] if key == "input_ids" else inputs[key]}
+    _generate_matches_full_forwards(model, prompt, seq2seq=True)
+
+
+def test_reft_decoding_steps_among_the_first_positions_are_intervened():
+    """A decoder-only prompt shorter than prefix_positions: the decoding steps' new positions among the first
+    real tokens are intervened, as in a full forward, so generate() with the cache equals full forwards."""
+    model, inputs, facts = _build("llama")
+    surgery.apply(model, SPECS / "loreft.yaml", example_inputs=facts["apply_inputs"])
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in model.surgery_adapters.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    model.eval()
+    _generate_matches_full_forwards(model, {"input_ids": inputs["input_ids"][:, :1]}, seq2seq=False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("spec", ["loreft", "prompt"])
+def test_unet_has_no_token_positions(spec):
+    """A UNet's layers form several stacks (its resolutions) that all cross-attend to a conditioning input, not
+    an encoder-decoder: methods at token positions are refused before anything is changed."""
+    pytest.importorskip("diffusers")
+    model, inputs, facts = _build("unet")
+    hooks = [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()]
+    with pytest.raises(surgery.SurgeryError, match=r"stacks that are not an encoder.*no token positions"):
+        surgery.apply(model, SPECS / f"{spec}.yaml", example_inputs=facts["apply_inputs"])
+    assert hooks == [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()]
+    assert not hasattr(model, "surgery_adapters")

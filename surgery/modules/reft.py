@@ -3,7 +3,11 @@
 LoReFT keeps R's rows orthonormal (a QR parametrization, see `Orthonormal`), NoReFT leaves R free, DiReFT also drops
 the −R h term. Positions are the first `prefix_positions` and last `suffix_positions` real tokens of each
 sequence (padding read from the call's attention mask). With a KV cache the intervention acts on the prompt
-(the first call) only, as pyreft does.
+(the first call), as pyreft does; a decoding step's new position is intervened only when it is among the first
+`prefix_positions` real tokens of the sequence (a prompt shorter than that: an encoder-decoder's decoder starts
+from one token), so generate() with the cache equals full forwards. In an encoder-decoder the positions are those
+of each stack's own input sequence: the encoder's input (token ids, or Whisper's feature frames after its
+convolutions), the decoder's `decoder_input_ids` (its mask `decoder_attention_mask`).
 """
 from __future__ import annotations
 
@@ -83,31 +87,43 @@ class ReftIntervention(nn.Module):
             self.units.append(make())
         self.tied = options.tied_weights
         self._runtime = [runtime]
+        self.stack_call: str | None = None   # an encoder-decoder's stack module whose call holds the positions
 
     @classmethod
     def build(cls, options: ReftOptions, site: SiteContext, action: str) -> "ReftIntervention":
-        return cls(site.dim, options, site.runtime)
+        module = cls(site.dim, options, site.runtime)
+        module.stack_call = site.extra.get("stack_call")
+        return module
 
-    def _positions(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Bool [batch, seq] selections of the first and last real tokens."""
+    def _call(self) -> dict:
+        """The inputs of the call whose sequence the positions index: the stack's own call, else the root's."""
         runtime = self._runtime[0]
-        call = runtime.call if runtime is not None else {}
-        mask = call.get("attention_mask")
+        if runtime is None:
+            return {}
+        call = runtime.call
+        if self.stack_call is not None:
+            return call.get("stacks", {}).get(self.stack_call, {})
+        return call
+
+    def _positions(self, hidden: torch.Tensor, call: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Bool [batch, seq] selections of the first and last real tokens of the sequence; after `past` cached
+        positions, the new ones among the first real tokens (the last are not known before the sequence ends)."""
+        mask, past = call.get("attention_mask"), int(call.get("cache_length") or 0)
         batch, seq = hidden.shape[:2]
-        if not isinstance(mask, torch.Tensor) or mask.shape != (batch, seq):
-            mask = torch.ones(batch, seq, dtype=torch.long, device=hidden.device)
+        if not isinstance(mask, torch.Tensor) or mask.shape != (batch, past + seq):
+            mask = torch.ones(batch, past + seq, dtype=torch.long, device=hidden.device)
         mask = mask.to(torch.long)
         rank = mask.cumsum(1) - 1
         real = mask.bool()
         first = real & (rank < self.prefix_positions)
-        last = real & ((mask.sum(1, keepdim=True) - 1 - rank) < self.suffix_positions)
-        return first, last
+        last = real & ((mask.sum(1, keepdim=True) - 1 - rank) < self.suffix_positions) & (past == 0)
+        return first[:, past:], last[:, past:]
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        runtime = self._runtime[0]
-        if runtime is not None and runtime.call.get("cached"):
+        call = self._call()
+        if int(call.get("cache_length") or 0) >= self.prefix_positions:
             return hidden
-        first, last = self._positions(hidden)
+        first, last = self._positions(hidden, call)
         out = hidden
         if self.prefix_positions:
             out = torch.where(first[..., None], self.units[0](hidden), out)

@@ -21,7 +21,8 @@ from surgery.modules.base import SiteContext
 from surgery.modules.registry import module_class
 from surgery.rewrite.attention import attach_intercept, attach_registry, keep_off_fast_path, registry_of
 from surgery.rewrite.host import (AdapterStore, Gate, Record, WeightSite, attach_weight_site, capture_anchor,
-                                  hook_capture, hook_value, input_anchor, output_anchor, value_anchor, wrap_weight)
+                                  hook_capture, hook_value, input_anchor, install_stack_capture, output_anchor,
+                                  value_anchor, wrap_weight)
 from surgery.spec.models import Rule
 
 
@@ -240,6 +241,30 @@ def _params_of(model: nn.Module, site: Site, analysis: Analysis) -> dict[str, nn
     return out
 
 
+def encoder_decoder(analysis: Analysis) -> bool:
+    """Whether the layers form an encoder read by the other stacks' cross-attention (T5, BART, Whisper): several
+    stacks, the first without cross-attention. A UNet's resolutions are stacks that all cross-attend to a
+    conditioning input, not to an encoder's sequence."""
+    cross = {s.stack for s in analysis.by_role.get("cross_attention.op", [])}
+    return len(set(analysis.stacks)) > 1 and bool(cross) and analysis.stacks[0] not in cross
+
+
+def _refuse_without_positions(analysis: Analysis, rule: Rule, cls, matches: list[Match]) -> None:
+    """Before anything is built: methods acting at token positions of the model's input sequence (prompt
+    tuning, ReFT) need one sequence; layers in several stacks that are not an encoder-decoder (a UNet's
+    resolutions, on feature maps of several sizes) have none."""
+    positions = getattr(cls, "input_positions", False) or rule.action == "prepend"
+    stacks = sorted(set(analysis.stacks))
+    if not positions or not matches or len(stacks) < 2 or encoder_decoder(analysis):
+        return
+    what = ("prompt tuning prepends positions to" if rule.action == "prepend"
+            else f"{rule.module.kind} intervenes at token positions of")
+    raise RewriteError(f"rule {matches[0].rule!r}: {what} the model's input sequence, but this model's layers form "
+                       f"{len(stacks)} stacks that are not an encoder read by a decoder's cross-attention "
+                       f"({', '.join(stacks[:4])}): the model has no token positions, so no single sequence "
+                       f"carries them through (a UNet's resolutions)")
+
+
 def realize(model: nn.Module, analysis: Analysis, store: AdapterStore, record: Record, rule: Rule,
             matches: list[Match], extra: dict | None = None) -> None:
     """Build the rule's module at every match and realize the action on the host. `extra` (the same dict
@@ -262,6 +287,7 @@ def realize(model: nn.Module, analysis: Analysis, store: AdapterStore, record: R
                                f"use expect: any to allow that")
         return
     cls = module_class(rule.module.kind)
+    _refuse_without_positions(analysis, rule, cls, matches)
     rule_name = matches[0].rule if matches else (rule.name or "rule")
     modules = nn.ModuleDict()
     shared = nn.ModuleDict()
@@ -270,6 +296,7 @@ def realize(model: nn.Module, analysis: Analysis, store: AdapterStore, record: R
         raise RewriteError(f"two rules named {rule_name!r} in adapter {name!r}")
     per_adapter[rule_name] = modules
     record.undo.append(functools.partial(per_adapter.pop, rule_name))
+    captured: set[str] = set()
     for match in matches:
         value = _through(_site_value(match.site), rule.through)
         if match.site.linear is not None and match.site.linear.experts and rule.action in ("insert_after", "parallel"):
@@ -296,6 +323,13 @@ def realize(model: nn.Module, analysis: Analysis, store: AdapterStore, record: R
                                f"{match.site.linear.kind} ({match.site.op})")
         ctx = _context(model, analysis, match, value, rule)
         ctx.extra.update(extra or {})
+        if getattr(cls, "input_positions", False) and match.site.stack and encoder_decoder(analysis):
+            # positions of the stack's own input sequence (generate() calls the encoder directly)
+            owner = match.site.stack.rpartition(".")[0]
+            ctx.extra["stack_call"] = owner
+            if owner not in captured:
+                captured.add(owner)
+                record.undo.append(install_stack_capture(model.get_submodule(owner), owner, store.runtime))
         ctx.shared, ctx.runtime, ctx.adapter = shared, store.runtime, per_adapter
         if ctx.device.type == "meta":   # a model without memory: its adapters are built without memory too
             with torch.device("meta"):
@@ -312,12 +346,6 @@ def realize(model: nn.Module, analysis: Analysis, store: AdapterStore, record: R
             if dtype != ctx.dtype:
                 _compute_in(module, dtype, ctx.dtype)
         module.train(model.training)   # an adapter added to a model in eval mode must not run its dropout
-        if getattr(cls, "input_positions", False) and analysis.by_role.get("cross_attention.op") \
-                and analysis.stacks and match.site.stack not in (None, analysis.stacks[0]):
-            raise RewriteError(f"rule {match.rule!r}: {rule.module.kind} intervenes at positions of the model's input "
-                               f"sequence, which in an encoder-decoder is the encoder's; the decoder stack "
-                               f"({match.site.stack}) has no input positions under generate(). Restrict the rule to "
-                               f"the encoder, e.g. `stack: {analysis.stacks[0].split('.')[-2] if '.' in analysis.stacks[0] else analysis.stacks[0]}`")
         key = site_key(match)
         if key in modules:
             raise RewriteError(f"rule {rule_name!r} matched the site {key} twice")
@@ -626,12 +654,7 @@ def _realize_prepend(model, analysis, store, record, match, value, module, gate)
              if isinstance(h.linear.x.meta.get("val"), torch.Tensor) and h.linear.x.meta["val"].dim() >= 3]
     # the prompt goes in front of the model's input sequence; in an encoder-decoder that is the encoder's, whose
     # positions never reach the LM head (the decoder reads them through cross-attention): nothing is dropped
-    other_stacks = len(set(analysis.stacks)) > 1
-    if other_stacks and not analysis.by_role.get("cross_attention.op"):
-        raise RewriteError(f"prompt tuning prepends positions to the model's input sequence, but this model's layers "
-                           f"form {len(set(analysis.stacks))} stacks that are not an encoder read by a decoder's "
-                           f"cross-attention ({', '.join(sorted(set(analysis.stacks))[:4])}), so no single sequence "
-                           f"carries the prompt through (a UNet's resolutions)")
+    other_stacks = len(set(analysis.stacks)) > 1      # an encoder-decoder (others are refused before any change)
     strip_anchor = None
     if heads and not other_stacks:
         # drop them where the value reaching the LM head leaves its module (before generate()'s logits_to_keep

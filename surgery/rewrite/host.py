@@ -792,6 +792,28 @@ def _capture_call(runtime: RuntimeState, signature, mod, args, kwargs):
     return args, kwargs
 
 
+def install_stack_capture(module: nn.Module, path: str, runtime: RuntimeState) -> Callable[[], None]:
+    """Record the call of one stack's module (an encoder-decoder's encoder or decoder: generate() calls the
+    encoder directly, not through the model) under `runtime.call["stacks"][path]`: its attention mask and how
+    many positions its cache holds, for modules acting at positions of that stack's own input sequence."""
+    try:
+        signature = inspect.signature(module.forward)
+    except (TypeError, ValueError):
+        signature = None
+    handle = module.register_forward_pre_hook(functools.partial(_capture_stack, runtime, signature, path),
+                                              with_kwargs=True)
+    return handle.remove
+
+
+def _capture_stack(runtime: RuntimeState, signature, path: str, mod, args, kwargs):
+    named = _bound_call(signature, args, kwargs)
+    mask = named.get("attention_mask")
+    length = cache_length(named.values())
+    runtime.call.setdefault("stacks", {})[path] = {
+        "attention_mask": mask if isinstance(mask, torch.Tensor) else None, "cache_length": length,
+        "cached": length > 0}
+
+
 def _replicate(value, copies: int):
     """Parallel composition: the batch repeated once per adapter (tensors with a batch dimension only)."""
     return torch.cat([value] * copies, dim=0) if isinstance(value, torch.Tensor) and value.dim() >= 1 else value
