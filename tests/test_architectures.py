@@ -153,7 +153,6 @@ def failure_kind(message: str) -> str:
 XFAIL: dict[tuple[str, str], tuple[str, str]] = {
     ('torch-encoder', 'qlora'): ('refused', 'LoRA dropout on a weight read functionally (MultiheadAttention in_proj)'),
     ('torch-encoder', 'unipelt'): ('wrong', 'trainable parameters get no gradient'),
-    ('gpt2-cls', 'lora_task_head'): ('refused', "MatchError: /tmp/lead/snap3/specs/lora_task_head.yaml:17:5: rules.1.match: rule 'head' in spec 'lora"),
     ('gptj', 'adapterplus'): ('refused', "a value no module boundary carries (functional or shared dropout, a shared layer's norm)"),
     ('gptj', 'pfeiffer'): ('refused', "a value no module boundary carries (functional or shared dropout, a shared layer's norm)"),
     ('gptj', 'pfeiffer_inv'): ('refused', "a value no module boundary carries (functional or shared dropout, a shared layer's norm)"),

@@ -177,3 +177,19 @@ def test_unet_has_no_token_positions(spec):
         surgery.apply(model, SPECS / f"{spec}.yaml", example_inputs=facts["apply_inputs"])
     assert hooks == [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()]
     assert not hasattr(model, "surgery_adapters")
+
+
+# ---------------------------------------------------------------- heads
+
+def test_head_role_covers_a_head_pooled_after_it():
+    """GPT2ForSequenceClassification's `score` reads every position and the model then indexes each row's last
+    real token: a classification head (`head`), not an LM head; a causal LM's head keeps `lm_head`."""
+    model, inputs, facts = _build("gpt2-cls")
+    rows = surgery.plan(model, {"rules": [{"name": "h", "match": {"role": "head"}, "action": "train",
+                                            "params": ["all"]}]})
+    assert [(r.role, r.module) for r in rows] == [("head", "score")]
+    assert not [r for r in surgery.plan(model, {"rules": [{"name": "h", "match": {"role": "lm_head"},
+                                                            "action": "train", "expect": "any"}]})]
+    lm, _, _ = _build("gpt2")
+    rows = surgery.plan(lm, {"rules": [{"name": "h", "match": {"role": ["head", "lm_head"]}, "action": "train"}]})
+    assert [(r.role, r.module) for r in rows] == [("lm_head", "lm_head")]

@@ -498,6 +498,25 @@ def _base_value(node):
     return node
 
 
+def _keeps_rank(value: fx.Node, rank: int, allowed: set[str], limit: int = 32) -> bool:
+    """Whether some path from `value` to the graph's output through `allowed` ops keeps `rank` dimensions all
+    the way (a sequence axis reaches the output)."""
+    seen, frontier = set(), [value]
+    while frontier and limit > 0:
+        node = frontier.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        limit -= 1
+        for user in node.users:
+            if user.op == "output":
+                return True
+            shape = _shape(user)
+            if op_name(user) in allowed and shape is not None and len(shape) >= rank:
+                frontier.append(user)
+    return False
+
+
 def analyze(traced: Traced) -> Analysis:
     graph = traced.graph
     nodes = [n for n in graph.nodes if n.op == "call_function"]
@@ -752,15 +771,18 @@ def analyze(traced: Traced) -> Analysis:
         if value_out is not None:
             add(value_out, "block.output", layer, module=path)
 
-    # Heads: a linear outside every layer, after the last one, whose result is returned. One that keeps a sequence
-    # axis is the LM head; one on a pooled value ([batch, features]) is a classification head.
+    # Heads: a linear outside every layer, after the last one, whose result is returned. One whose result keeps a
+    # sequence axis is the LM head; one on a pooled value ([batch, features]), or whose per-position result is
+    # pooled on its way out (GPT2ForSequenceClassification's score, indexed at each row's last real token), is a
+    # classification head.
+    head_path = VIEW_LIKE | {"_to_copy", "float", "to", "div", "tanh", "mul", "add", "index", "gather"}
     for node, info in linears.items():
         if layer_of(node) is None and node not in taken_linear and blocks:
-            reaches = _walk_forward(info.value, lambda n: n.op == "output",
-                                    VIEW_LIKE | {"_to_copy", "float", "to", "div", "tanh", "mul", "add"}, 16)
+            reaches = _walk_forward(info.value, lambda n: n.op == "output", head_path, 16)
             shape = _shape(info.value)
             if reaches and info.out_features != hidden and shape is not None:
-                add_linear(info, "lm_head" if len(shape) >= 3 else "head", None)
+                pooled = len(shape) < 3 or not _keeps_rank(info.value, len(shape), head_path)
+                add_linear(info, "head" if pooled else "lm_head", None)
 
     role_nodes = {id(s.node) for s in role_sites}
     generic = []
