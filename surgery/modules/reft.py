@@ -110,7 +110,18 @@ class ReftIntervention(nn.Module):
         positions, the new ones among the first real tokens (the last are not known before the sequence ends)."""
         mask, past = call.get("attention_mask"), int(call.get("cache_length") or 0)
         batch, seq = hidden.shape[:2]
-        if not isinstance(mask, torch.Tensor) or mask.shape != (batch, past + seq):
+        counted = call.get("cache_counted", True)
+        if not (isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[0] == batch):
+            mask = None
+        elif counted and mask.shape[1] != past + seq:
+            mask = None
+        elif not counted:
+            # a recurrent cache holds a state, not a count: the mask, covering the cached positions, counts them
+            mask = mask if mask.shape[1] > seq or (mask.shape[1] == seq and not past) else None
+            past = mask.shape[1] - seq if mask is not None else past
+        if mask is None:
+            if past and not counted:     # how many positions came before is unknown: only the prompt is intervened
+                return (torch.zeros(batch, seq, dtype=torch.bool, device=hidden.device),) * 2
             mask = torch.ones(batch, past + seq, dtype=torch.long, device=hidden.device)
         mask = mask.to(torch.long)
         rank = mask.cumsum(1) - 1
@@ -121,7 +132,8 @@ class ReftIntervention(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         call = self._call()
-        if int(call.get("cache_length") or 0) >= self.prefix_positions:
+        past = int(call.get("cache_length") or 0)
+        if past and past >= self.prefix_positions:     # a decoding step past the first positions
             return hidden
         first, last = self._positions(hidden, call)
         out = hidden

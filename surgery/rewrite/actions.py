@@ -140,14 +140,14 @@ def _attention_facts(model, analysis: Analysis, match: Match) -> dict:
 
 
 def _kv_widths(analysis: Analysis, role: str) -> dict[int, int]:
-    """Layer -> heads x head_dim of the keys of its (first) attention op of `role`."""
+    """Layer -> the width of its key projection (KV heads x head_dim), for the attention op of `role`."""
     widths: dict[int, int] = {}
-    for site in analysis.by_role.get(role, []):
-        k = site.extra.get("k")
-        shape = k.meta.get("val").shape if isinstance(k, fx.Node) and isinstance(k.meta.get("val"), torch.Tensor) \
-            else None
-        if site.layer is not None and site.layer not in widths and shape is not None and len(shape) == 4:
-            widths[site.layer] = int(shape[1]) * int(shape[-1])
+    for site in analysis.by_role.get(role.rpartition(".")[0] + ".k", []):
+        info, packed = site.linear, site.extra.get("packed")
+        if site.layer is None or site.layer in widths or info is None or site.extra.get("interleaved"):
+            continue
+        rows = info.rows or packed
+        widths[site.layer] = (rows[1] - rows[0]) if rows else info.out_features
     return widths
 
 

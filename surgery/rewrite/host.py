@@ -721,7 +721,14 @@ def cache_length(values) -> int:
 
     Recognized by what it is, whatever the argument is called (`past_key_values` through transformers 5.23,
     `cache` from 5.24): an object with `get_seq_length()` (transformers' `Cache`, `EncoderDecoderCache`), or the
-    legacy tuple of per-layer (key, value) tensors [batch, heads, positions, head_dim]."""
+    legacy tuple of per-layer (key, value) tensors [batch, heads, positions, head_dim]. A recurrent cache holding
+    a state counts 1 (see `cache_state`)."""
+    return cache_state(values)[0]
+
+
+def cache_state(values) -> tuple[int, bool]:
+    """(cache_length, whether that length counts the positions): a recurrent (state-space) cache holds a
+    state, not positions, so its 1 only says that this is a decoding step."""
     for value in values:
         length = getattr(value, "get_seq_length", None)
         if callable(length) and not isinstance(value, torch.Tensor):
@@ -733,15 +740,15 @@ def cache_length(values) -> int:
             if not seen and callable(previous):
                 # a recurrent (state-space) cache holds a state, not positions: a state means a decode step
                 try:
-                    seen = int(bool(previous()))
+                    return int(bool(previous())), False
                 except Exception:  # noqa: BLE001 - asked per layer, or not at all: no state known
-                    seen = 0
-            return seen
+                    return 0, True
+            return seen, True
         if isinstance(value, (tuple, list)) and value and all(
                 isinstance(layer, (tuple, list)) and len(layer) >= 2
                 and all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in layer[:2]) for layer in value):
-            return int(value[0][0].shape[-2])
-    return 0
+            return int(value[0][0].shape[-2]), True
+    return 0, True
 
 
 def _bound_call(signature, args: tuple, kwargs: dict) -> dict:
@@ -782,7 +789,7 @@ def _capture_call(runtime: RuntimeState, signature, mod, args, kwargs):
     named = _bound_call(signature, args, kwargs)
     mask = named.get("attention_mask")
     call = {"attention_mask": mask if isinstance(mask, torch.Tensor) else None}
-    call["cache_length"] = cache_length(named.values())
+    call["cache_length"], call["cache_counted"] = cache_state(named.values())
     call["cached"] = call["cache_length"] > 0
     first = args[0] if args else named.get("input_ids", named.get("inputs_embeds"))
     call["input"] = first if isinstance(first, torch.Tensor) else None
@@ -808,10 +815,10 @@ def install_stack_capture(module: nn.Module, path: str, runtime: RuntimeState) -
 def _capture_stack(runtime: RuntimeState, signature, path: str, mod, args, kwargs):
     named = _bound_call(signature, args, kwargs)
     mask = named.get("attention_mask")
-    length = cache_length(named.values())
+    length, counted = cache_state(named.values())
     runtime.call.setdefault("stacks", {})[path] = {
         "attention_mask": mask if isinstance(mask, torch.Tensor) else None, "cache_length": length,
-        "cached": length > 0}
+        "cache_counted": counted, "cached": length > 0}
 
 
 def _replicate(value, copies: int):
