@@ -193,3 +193,46 @@ def test_head_role_covers_a_head_pooled_after_it():
     lm, _, _ = _build("gpt2")
     rows = surgery.plan(lm, {"rules": [{"name": "h", "match": {"role": ["head", "lm_head"]}, "action": "train"}]})
     assert [(r.role, r.module) for r in rows] == [("lm_head", "lm_head")]
+
+
+# ---------------------------------------------------------------- Mamba
+
+@pytest.mark.parametrize("spec,pattern", [
+    ("vera", r"rule 'vera' .*matched no site.*no attention op \(no softmax between two matmuls, no SDPA\), so no "
+             r"site has the role attention\.q or attention\.v; nearest alternative: module globs on the linears of "
+             r"its layers, e\.g\. backbone\.layers\.\*\.mixer\.in_proj"),
+    ("parallel", r"`from` \(role='ffn\.residual'\) matches nothing.*no attention op.*no FFN sub-layer beside "
+                 r"attention.*nearest alternative: module globs"),
+], ids=["vera", "parallel"])
+def test_mamba_refusals_say_the_model_has_no_attention(spec, pattern):
+    model, inputs, facts = _build("mamba")
+    with pytest.raises(surgery.MatchError, match=pattern):
+        surgery.apply(model, SPECS / f"{spec}.yaml")
+    assert not hasattr(model, "surgery_adapters")
+
+
+def test_mamba_alternative_globs_match():
+    """The nearest alternative the refusal names is a pattern that works."""
+    model, inputs, facts = _build("mamba")
+    spec = {"rules": [{"name": "lora", "match": {"module": ["backbone.layers.*.mixer.in_proj",
+                                                            "backbone.layers.*.mixer.x_proj"]},
+                       "action": "wrap", "module": {"kind": "lora", "r": 2}, "expect": "every_layer"}]}
+    assert len(surgery.plan(model, spec)) == 4
+
+
+def test_mamba_prompt_tuning_is_prompts_before_the_embeddings():
+    """Prompt tuning on a Mamba LM: the prompt embeddings go in front of the token embeddings and the logits of
+    the caller's positions come out (the prompts' are dropped before the LM head's logits_to_keep slice, so
+    generate() keeps its last position); generate() with the recurrent cache equals full forwards."""
+    model, inputs, facts = _build("mamba")
+    base = copy.deepcopy(model)
+    surgery.apply(model, SPECS / "prompt.yaml", example_inputs=facts["apply_inputs"])
+    prompt = next(m for m in model.surgery_adapters.modules() if type(m).__name__ == "PromptTuning")
+    ids = inputs["input_ids"]
+    with torch.no_grad():
+        embeds = base.get_input_embeddings()(ids)
+        full = torch.cat([prompt.prompt_embedding.expand(ids.shape[0], -1, -1), embeds], dim=1)
+        want = base(inputs_embeds=full, use_cache=False).logits[:, prompt.length:]
+        got = model(input_ids=ids, use_cache=False).logits
+    assert got.shape == want.shape and torch.allclose(got, want, atol=1e-5)
+    _generate_matches_full_forwards(model.eval(), {"input_ids": ids[:, :6]}, seq2seq=False)

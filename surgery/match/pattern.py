@@ -216,10 +216,44 @@ def _nearest(pattern: Pattern, analysis: Analysis) -> str:
             if sites:
                 sample = ", ".join(f"{s.module or '<root>'} ({s.role or s.op}, layer {s.layer})" for s, _ in sites[:4])
                 hints.append(f"without `{drop}` it matches {len(sites)} site(s), e.g. {sample}")
+    no_attention = _no_attention_hint(pattern, analysis)
+    if no_attention:
+        hints.insert(0, no_attention)
     if not hints:
         present = sorted(r for r in analysis.by_role)
         hints.append(f"roles present in this model: {', '.join(present)}")
     return "; ".join(hints)
+
+
+def _no_attention_hint(pattern: Pattern | None, analysis: Analysis, roles: list[str] | None = None) -> str | None:
+    """For attention roles, or the residual around an FFN, on a model without any attention op (a state-space
+    model): say so, and name the nearest alternative, module globs on the linears of its layers."""
+    roles = roles if roles is not None else _as_list(pattern.role)
+    attention = [r for r in roles if r.split(".")[0] in ("attention", "cross_attention")]
+    residual = [r for r in roles if r in ("ffn.residual", "ffn.residual_add") and not analysis.by_role.get(r)]
+    if not (attention or residual) or analysis.by_role.get("attention.op") or \
+            analysis.by_role.get("cross_attention.op"):
+        return None
+    order = {n: i for i, n in enumerate(analysis.traced.graph.nodes)}
+    globs = []
+    if analysis.blocks:
+        block = analysis.blocks[0]
+        container = block.rpartition(".")[0]
+        linears = sorted((s for s in analysis.sites if s.layer == 0 and s.linear is not None
+                          and s.linear.kind == "linear" and s.module.startswith(block + ".")),
+                         key=lambda s: order.get(s.node, 0))
+        for site in linears:
+            glob = f"{container}.*{site.module[len(block):]}" if container else f"*{site.module[len(block):]}"
+            if glob not in globs:
+                globs.append(glob)
+    alternative = (f"; nearest alternative: module globs on the linears of its layers, e.g. "
+                   f"{', '.join(globs[:6])}") if globs else ""
+    if attention:
+        what = f"so no site has the role {' or '.join(attention)}"
+    else:
+        what = ("so its blocks have no FFN sub-layer beside attention: the linears found as ffn.in/ffn.out are the "
+                f"block's only sub-layer (e.g. a state-space model's mixer), with no residual add of its own ({residual[0]})")
+    return f"the model has no attention op (no softmax between two matmuls, no SDPA), {what}{alternative}"
 
 
 _ANY_LAYER = object()
@@ -250,8 +284,10 @@ def match_rule(rule: Rule, index: int, analysis: Analysis, spec_name: str | None
             # what find(rule.from_, analysis, restrict_layer=site.layer) would return first
             source = sources_by_layer.get(site.layer if site.layer is not None else _ANY_LAYER)
             if source is None:
+                why = _no_attention_hint(rule.from_, analysis)
                 raise MatchError(f"rule {name!r}: `from` ({_describe(rule.from_)}) matches nothing in layer "
-                                 f"{site.layer} for the site {site.module} ({site.node.name})")
+                                 f"{site.layer} for the site {site.module} ({site.node.name})"
+                                 + (f": {why}" if why else ""))
         # positional: on `match: {}` over a 200-layer graph (13k sites) keywords cost a third of the call
         matches.append(Match(name, site.node.name, site.module, site.role, site.layer, site, source, bindings))
     _check_expect(rule, name, matches, analysis, spec_name)

@@ -662,8 +662,8 @@ def _realize_prepend(model, analysis, store, record, match, value, module, gate)
         node, strip_anchor = heads[0].linear.x, None
         while strip_anchor is None and isinstance(node, fx.Node):
             strip_anchor = output_anchor(analysis, node)
-            if strip_anchor is None and op_name(node) in ("slice", "view", "reshape", "_unsafe_view", "alias") \
-                    and node.args:
+            if strip_anchor is None and op_name(node) in ("slice", "view", "reshape", "_unsafe_view", "alias", "to",
+                                                          "_to_copy") and node.args:
                 node = node.args[0]
             else:
                 break
