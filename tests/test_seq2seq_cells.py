@@ -49,6 +49,7 @@ def test_score_term_over_added_keys_alone_is_zeros():
     assert torch.equal(extended[..., 10:], bias) and not extended[..., :10].any()
 
 
+@pytest.mark.slow
 def test_t5_llama_adapter_runs_and_generates_like_full_forwards():
     model, inputs, facts = _build("t5")
     with torch.no_grad():
@@ -135,7 +136,7 @@ def test_reft_intervenes_at_each_stacks_own_positions(arch):
     assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
 
 
-@pytest.mark.parametrize("arch", ["t5", "whisper"])
+@pytest.mark.parametrize("arch", ["t5", pytest.param("whisper", marks=pytest.mark.slow)])
 def test_reft_on_encoder_decoder_generates_like_full_forwards(arch):
     """The decoder's prompt is its start token: the next two positions are intervened in the decoding steps
     too (they are among the first 3), so generate() with the cache equals full forwards; the encoder, which

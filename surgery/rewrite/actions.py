@@ -253,9 +253,13 @@ def _refuse_without_positions(analysis: Analysis, rule: Rule, cls, matches: list
     """Before anything is built: methods acting at token positions of the model's input sequence (prompt
     tuning, ReFT) need one sequence; layers in several stacks that are not an encoder-decoder (a UNet's
     resolutions, on feature maps of several sizes) have none."""
-    positions = getattr(cls, "input_positions", False) or rule.action == "prepend"
     stacks = sorted(set(analysis.stacks))
-    if not positions or not matches or len(stacks) < 2 or encoder_decoder(analysis):
+    if not matches or len(stacks) < 2 or encoder_decoder(analysis):
+        return
+    # prompts need one sequence; ReFT reads the root call's positions, unless the stacks cross-attend to another
+    # input without being a decoder (a UNet's resolutions read the text encoder's states)
+    if not (rule.action == "prepend" or (getattr(cls, "input_positions", False)
+                                          and analysis.by_role.get("cross_attention.op"))):
         return
     what = ("prompt tuning prepends positions to" if rule.action == "prepend"
             else f"{rule.module.kind} intervenes at token positions of")
