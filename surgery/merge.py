@@ -38,6 +38,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from surgery.errors import SurgeryError
+from surgery.modules import columns as cols
 from surgery.modules.base import WeightAdapter, is_weight_adapter_part
 from surgery.rewrite.compose import Average, Block, Stack
 from surgery.rewrite.host import WeightSite, attach_weight_site, store_of
@@ -121,11 +122,24 @@ def _base_param(owner: nn.Module, name: str) -> nn.Parameter:
     return getattr(owner, name)
 
 
-def _part(param: torch.Tensor, site: WeightSite, is_bias: bool) -> torch.Tensor:
-    """The view of `param` the site covers, in (out, in) layout for weights; writes go to the parameter."""
-    tensor = param if is_bias or site.layout != "in_out" else param.t()
-    rows = site.bias_rows if is_bias else site.rows
-    return tensor[rows[0]:rows[1]] if rows is not None else tensor
+class _Part:
+    """The part of `param` the site covers (a row slice, or an index set of rows: q of BLOOM's interleaved
+    query_key_value), in (out, in) layout for weights: `read()` a copy, `write()` into the parameter in place."""
+
+    def __init__(self, param: torch.Tensor, site: WeightSite, is_bias: bool):
+        self.tensor = param if is_bias or site.layout != "in_out" else param.t()
+        self.rows = site.bias_rows if is_bias else site.rows
+        self.dtype = param.dtype
+
+    def read(self) -> torch.Tensor:
+        return cols.take(self.tensor, self.rows).detach().clone()
+
+    def write(self, value: torch.Tensor) -> None:
+        cols.put_(self.tensor, self.rows, value)
+
+
+def _part(param: torch.Tensor, site: WeightSite, is_bias: bool) -> _Part:
+    return _Part(param, site, is_bias)
 
 
 def _names_by_param(model: nn.Module) -> dict[int, list[str]]:
@@ -210,17 +224,17 @@ def _fold(site: WeightSite, is_bias: bool, exact: bool, adapter_state: dict) -> 
     adapter = site.adapter
     param = _base_param(site.owner, site.bias_name if is_bias else site.weight_name)
     part = _part(param, site, is_bias)
-    orig = part.detach().clone()
+    orig = part.read()
     new = adapter.transform_bias(orig) if is_bias else adapter.transform_weight(orig)
     if new is orig:            # this adapter leaves the tensor as it is (LoRA's bias)
         return None
-    part.copy_(new)
+    part.write(new)
     try:
         inverse = getattr(adapter, "inverse_bias" if is_bias else "inverse_weight", None)
         rows = None if is_bias else getattr(adapter, "covered_rows", None)
-        mode, kept = _keep(orig, part.detach().clone(), inverse, exact, rows)
+        mode, kept = _keep(orig, part.read(), inverse, exact, rows)
     except BaseException:
-        part.copy_(orig)
+        part.write(orig)
         raise
     return _Folded(site, is_bias, param, site.bias_rows if is_bias else site.rows, mode, kept, adapter_state)
 
@@ -229,30 +243,30 @@ def _unfold(folded: _Folded) -> None:
     site = folded.site
     part = _part(folded.param, site, folded.is_bias)
     if folded.mode == "copy":
-        part.copy_(folded.kept)
+        part.write(folded.kept)
         return
     if folded.mode == "rows":
-        part.index_copy_(0, folded.kept.index, folded.kept.values)
+        part.write(part.read().index_copy_(0, folded.kept.index, folded.kept.values))
         return
     inverse = site.adapter.inverse_bias if folded.is_bias else site.adapter.inverse_weight
     with _adapter_values(site.adapter, folded.adapter_state):
-        restored = inverse(part.detach().clone())
+        restored = inverse(part.read())
     if folded.mode == "residual":
         residual = folded.kept
         restored = restored + residual.values.to(restored.dtype)
         restored = restored.contiguous()
         restored.view(-1)[residual.patch_index] = residual.patch_values
-    part.copy_(restored)
+    part.write(restored)
 
 
 def _refold(folded: _Folded) -> None:
     """Undo `_unfold` (a failed unmerge): fold the values that were merged into the restored base again."""
     site = folded.site
     part = _part(folded.param, site, folded.is_bias)
-    base = part.detach().clone()
+    base = part.read()
     with _adapter_values(site.adapter, folded.adapter_state):
         new = site.adapter.transform_bias(base) if folded.is_bias else site.adapter.transform_weight(base)
-    part.copy_(new)
+    part.write(new)
 
 
 def _nbytes(kept) -> int:
@@ -439,15 +453,15 @@ def _fold_weighted(step: list[tuple[str, float]], plan: dict, done: dict) -> Non
                 if is_bias and not site.bias_name:
                     continue
                 param = _base_param(site.owner, site.bias_name if is_bias else site.weight_name)
-                base = _part(param, site, is_bias).detach().clone()
+                base = _part(param, site, is_bias).read()
                 new = site.adapter.transform_bias(base) if is_bias else site.adapter.transform_weight(base)
                 if new is base:
                     continue
                 contributions.append((n, site, is_bias, param, (new - base) * w, snapshot))
     for n, site, is_bias, param, delta, snapshot in contributions:
         part = _part(param, site, is_bias)
-        orig = part.detach().clone()
-        part.add_(delta.to(part.dtype))
+        orig = part.read()
+        part.write(orig + delta.to(part.dtype))
         done[n].folded.append(_Folded(site, is_bias, param, site.bias_rows if is_bias else site.rows, "copy",
                                       orig, snapshot))
 

@@ -17,13 +17,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
+from surgery.modules.columns import Columns, columns
 from surgery.trace.export import Boundary, Traced
 
 VIEW_LIKE = {
     "view", "reshape", "_unsafe_view", "transpose", "permute", "contiguous", "clone", "expand", "unsqueeze",
     "squeeze", "flatten", "unflatten", "select", "getitem", "split", "split_with_sizes", "chunk", "slice",
     "_to_copy", "to", "alias", "detach", "type_as", "expand_as", "t", "dropout", "lift_fresh_copy",
-    "repeat_interleave", "repeat", "unbind", "native_dropout", "_assert_tensor_metadata",
+    "repeat_interleave", "repeat", "unbind", "native_dropout", "_assert_tensor_metadata", "broadcast_to",
 }
 ROTARY_LIKE = {"mul", "add", "cat", "neg", "sub", "stack", "float", "type"}
 LINEAR_OPS = {"linear", "addmm", "mm", "matmul", "bmm"}
@@ -390,18 +391,23 @@ def _repeated_unit(path: str, module_types: dict[str, type]) -> bool:
     return kind is not None and all(t is kind for t in siblings)
 
 
-def _packed_columns(linear_value: fx.Node, operand: fx.Node, constants: dict) -> tuple[int, int] | None | str:
+def _packed_columns(linear_value: fx.Node, operand: fx.Node, constants: dict) -> tuple[tuple[int, int] | Columns | None, bool]:
     """Which output columns of a packed projection reach `operand`: evaluate the shape ops on the path from the
-    projection's output on a tensor of column indices. (start, stop) for a contiguous range, "interleaved" for
-    another set, None when the path is not made of shape ops alone."""
-    path = _path_back(operand, linear_value)
-    if path is None:
-        return None
+    projection's output on a tensor of column indices. (start, stop) for a contiguous range, a `Columns` index set
+    for columns interleaved with the other operands' (BLOOM's [q_h, k_h, v_h] per head), None for all of them or
+    when the path is not made of shape ops alone. Second: whether the operand holds them in ascending order (head
+    by head, each head's features in order), so projecting new tokens on those columns gives the operand's
+    layout (LLaMA-Adapter's prompts)."""
     val = linear_value.meta.get("val")
     if not isinstance(val, torch.Tensor):
-        return None
+        return None, True
     width = val.shape[-1]
-    current = torch.arange(width).expand(*val.shape).clone()
+    current = _columns_by_flow(linear_value, operand, constants)
+    path = _path_back(operand, linear_value) if current is None else []
+    if path is None:
+        return None, True
+    if current is None:   # one path's shape ops, up to the first other op
+        current = torch.arange(width).expand(*val.shape).clone()
     for node in path:
         if not isinstance(node, _SplitItem) and op_name(node) not in _COLUMN_OPS:
             break
@@ -418,16 +424,97 @@ def _packed_columns(linear_value: fx.Node, operand: fx.Node, constants: dict) ->
         if isinstance(result, (tuple, list)):
             break
         current = result
-    cols = torch.unique(current)
-    lo, hi = int(cols.min()), int(cols.max()) + 1
+    flat = current.flatten()
+    cols, inverse = torch.unique(flat, return_inverse=True)
     if cols.numel() == width:
-        return None
-    return (lo, hi) if cols.numel() == hi - lo else "interleaved"
+        return None, True
+    first = torch.full((cols.numel(),), flat.numel()).scatter_reduce(0, inverse, torch.arange(flat.numel()), "amin")
+    return columns(cols.tolist()), bool((first.argsort() == torch.arange(cols.numel())).all())
 
 
 _COLUMN_OPS = {"view", "reshape", "_unsafe_view", "transpose", "permute", "contiguous", "clone", "select", "slice",
                "unflatten", "flatten", "expand", "unsqueeze", "squeeze", "alias", "getitem", "index", "t",
-               "narrow", "detach", "lift_fresh_copy", "_to_copy", "to"}
+               "narrow", "detach", "lift_fresh_copy", "_to_copy", "to", "broadcast_to"}
+
+
+def _columns_by_flow(linear_value: fx.Node, operand: fx.Node, constants: dict, limit: int = 256) -> torch.Tensor | None:
+    """The operand as a tensor of the projection's column numbers: the ops between the two evaluated on indices.
+    Shape ops (view, transpose, slice, split, index, cat, expand) are replayed; any other op whose output has the
+    shape of (or broadcasts from) its first input from the projection passes that input's columns on (rotary
+    embedding, a per-head norm, a dtype cast: each position keeps the column it comes from). So a partial rotary
+    that slices each head into a rotated and a passed part and concatenates them (GPT-NeoX) keeps every column of
+    the head. None when the ops between are not all of this kind."""
+    between, frontier = {operand}, [operand]
+    while frontier and limit > 0:           # ancestors of the operand down to the projection (bounded)
+        node = frontier.pop()
+        limit -= 1
+        if node is linear_value:
+            continue
+        for a in node.all_input_nodes:
+            if a not in between and a.op != "placeholder":
+                between.add(a)
+                frontier.append(a)
+    if linear_value not in between or limit <= 0:
+        return None
+    derived, frontier = {linear_value}, [linear_value]
+    while frontier:                          # ... that the projection's output reaches
+        for user in frontier.pop().users:
+            if user in between and user not in derived:
+                derived.add(user)
+                frontier.append(user)
+    values = {linear_value: torch.arange(linear_value.meta["val"].shape[-1]).expand(*linear_value.meta["val"].shape)}
+    order, seen, stack = [], set(), [operand]
+    while stack:                             # in order, inputs first
+        node = stack[-1]
+        pending = [a for a in node.all_input_nodes if a in derived and a not in seen and a is not linear_value]
+        if pending:
+            stack.append(pending[0])
+            continue
+        stack.pop()
+        if node not in seen:
+            seen.add(node)
+            order.append(node)
+    for node in order:
+        derived = [a for a in node.all_input_nodes if a in values]
+        if not derived:
+            continue
+        try:
+            values[node] = _column_step(node, values, constants)
+        except Exception:  # noqa: BLE001 - an op we cannot replay on indices
+            return None
+        if values[node] is None:
+            return None
+    out = values.get(operand)
+    return out if isinstance(out, torch.Tensor) else None
+
+
+def _column_step(node: fx.Node, values: dict, constants: dict):
+    """One op of `_columns_by_flow` on index tensors (see there); None when it cannot be followed."""
+    op = op_name(node)
+
+    def sub(a):
+        if isinstance(a, (list, tuple)):
+            return type(a)(sub(x) for x in a)
+        if isinstance(a, fx.Node) and a in values:
+            return values[a]
+        return _constant(a, constants)
+
+    if op == "getitem" and isinstance(values.get(node.args[0]), (tuple, list)):
+        return values[node.args[0]][node.args[1]]
+    if op in _COLUMN_OPS or op in ("cat", "split", "split_with_sizes", "chunk", "unbind", "stack"):
+        args, kwargs = sub(list(node.args)), sub(dict(node.kwargs)) if node.kwargs else {}
+        if not _has_node(args) and not _has_node(list(kwargs.values())):
+            return node.target(*args, **kwargs)
+    first = next(values[a] for a in node.all_input_nodes if a in values)
+    shape = _shape(node)
+    if not isinstance(first, torch.Tensor) or shape is None:
+        return None
+    if tuple(first.shape) == shape:
+        return first
+    try:
+        return first.broadcast_to(shape)
+    except RuntimeError:
+        return None
 
 
 def _path_back(start: fx.Node, target: fx.Node, limit: int = 64) -> list[fx.Node] | None:
@@ -660,16 +747,15 @@ def analyze(traced: Traced) -> Analysis:
                 continue
             info = linears[src]
             wider = src in shared or info.out_features > _operand_width(operands[role], info)
-            cols = _packed_columns(info.value, operands[role], traced.constants) if wider else None
+            cols, in_order = _packed_columns(info.value, operands[role], traced.constants) if wider else (None, True)
             if cols is None:
                 if src not in shared:
                     add_linear(info, f"{prefix}.{role}", layer)
                 continue
             taken_linear.add(info.node)
-            if cols == "interleaved":
-                add(info.node, f"{prefix}.{role}", layer, module=info.owner, linear=info, interleaved=True)
-            else:
-                add(info.node, f"{prefix}.{role}", layer, module=info.owner, linear=info, packed=cols)
+            add(info.node, f"{prefix}.{role}", layer, module=info.owner, linear=info, packed=cols,
+                **({"interleaved": True} if isinstance(cols, Columns) else {}),
+                **({} if in_order else {"permuted": True}))
         outs = _walk_forward(op_node, is_linear, VIEW_LIKE, 32)
         if outs:
             info = linears[outs[0]]

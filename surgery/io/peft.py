@@ -30,6 +30,7 @@ from torch import nn
 from surgery.api import _analysis, apply, plan, remove
 from surgery.errors import SurgeryError
 from surgery.io import peft_methods
+from surgery.modules import columns as cols
 from surgery.modules.base import is_weight_adapter_part
 from surgery.modules.dora import DoRA
 from surgery.modules.ia3 import IA3
@@ -351,8 +352,8 @@ def from_peft(model: nn.Module, peft_dir, *, name: str = "default", example_inpu
                 found = by_module[site.owner_path]
                 if peft_type == "LORA":
                     lora_b = found["lora_B"]
-                    if site.rows is not None:   # one slice of a packed weight PEFT adapts whole
-                        lora_b = lora_b[site.rows[0]:site.rows[1]]
+                    if site.rows is not None:   # one slice (or index set) of a packed weight PEFT adapts whole
+                        lora_b = cols.take(lora_b, site.rows)
                     _copy(site.adapter.lora_A, found["lora_A"], site.owner_path, "lora_A")
                     _copy(site.adapter.lora_B, lora_b, site.owner_path, "lora_B")
                     if dora:
@@ -397,9 +398,9 @@ def _lora_module(sites, out_features: int) -> tuple[torch.Tensor, torch.Tensor, 
     offset = 0
     for site in sites:
         lora = site.adapter
-        lo, hi = site.rows if site.rows is not None else (0, out_features)
         a_rows.append(lora.lora_A.detach())
-        b[lo:hi, offset:offset + lora.r] = lora.lora_B.detach() * lora.scaling
+        block = cols.put(b[:, offset:offset + lora.r], site.rows, lora.lora_B.detach() * lora.scaling)
+        b[:, offset:offset + lora.r] = block      # B's rows of this site (a slice, or q's heads of BLOOM)
         offset += lora.r
     return torch.cat(a_rows), b, rank, float(rank), False      # alpha = rank: PEFT's scaling is 1
 
@@ -416,8 +417,7 @@ def _ia3_module(sites, in_features: int, out_features: int, path: str) -> tuple[
         return vector[None, :], True
     vector = torch.ones(out_features)
     for site in outputs:
-        lo, hi = site.rows if site.rows is not None else (0, out_features)
-        vector[lo:hi] = vector[lo:hi] * site.adapter.ia3_l.detach()
+        vector = cols.put(vector, site.rows, cols.take(vector, site.rows) * site.adapter.ia3_l.detach())
     return vector[:, None], False
 
 

@@ -155,7 +155,7 @@ class AdaptionPrompt(nn.Module):
         if site.extra.get("k_proj") is None or site.extra.get("v_proj") is None:
             raise RewriteError(f"LLaMA-Adapter projects its adaption prompts with the layer's own key and value "
                                f"projections, but the attention op at {site.module} has no separate k and v "
-                               f"projections surgery can call (q, k and v interleaved in one packed output)")
+                               f"projections surgery can call (none found, or their columns reordered on the way to the attention)")
         return cls(options.adapter_len, site.extra["hidden"], site.extra["kv_heads"], site.extra["head_dim"],
                    site.extra["k_proj"], site.extra["v_proj"])
 

@@ -17,6 +17,7 @@ from surgery.analyze.roles import Analysis, Site, op_name, stack_entries
 from surgery.errors import RewriteError
 from surgery.match.pattern import Match
 from surgery.rewrite import compose
+from surgery.modules import columns as cols
 from surgery.modules.base import SiteContext
 from surgery.modules.registry import module_class
 from surgery.rewrite.attention import attach_intercept, attach_registry, keep_off_fast_path, registry_of
@@ -90,17 +91,17 @@ def _context(model: nn.Module, analysis: Analysis, match: Match, value: fx.Node,
         packed = match.site.extra.get("packed")
         rows = info.rows or packed
         ctx.in_features = info.in_features
-        ctx.out_features = (rows[1] - rows[0]) if rows else info.out_features
+        ctx.out_features = cols.width(rows, info.out_features)
         ctx.op_kind, ctx.op_args = info.kind, dict(info.op_args)
         weight = _base_parameter(model, info.weight)
         if weight is not None:
             w = weight.t() if info.layout == "in_out" else weight
-            ctx.weight = w[rows[0]:rows[1]] if rows else w
-        ctx.rows = tuple(rows) if rows else None
+            ctx.weight = cols.take(w, rows)
+        ctx.rows = (rows if isinstance(rows, cols.Columns) else tuple(rows)) if rows else None
         bias = _base_parameter(model, info.bias) if info.bias else None
         if bias is not None:
             brows = info.bias_rows or packed
-            ctx.bias = bias[brows[0]:brows[1]] if brows else bias
+            ctx.bias = cols.take(bias, brows)
         ctx.dtype, ctx.device = (weight.dtype, weight.device) if weight is not None else (ctx.dtype, ctx.device)
     try:
         ctx.host = model.get_submodule(match.module) if match.module else model
@@ -124,13 +125,11 @@ def _attention_facts(model, analysis: Analysis, match: Match) -> dict:
              "k_proj": None, "v_proj": None}
     for role in ("attention.k", "attention.v"):
         for site in analysis.by_role.get(role, []):
-            if site.layer == match.layer and site.linear is not None and not site.extra.get("interleaved"):
-                info = site.linear
+            if site.layer == match.layer and site.linear is not None and not site.extra.get("permuted"):
+                info = site.linear     # (permuted: the operand reorders its columns; new tokens' k/v would not fit)
                 facts[role[-1] + "_proj"] = _projection(model, info, site.extra.get("packed"))
                 if role == "attention.k":
-                    width = (info.rows[1] - info.rows[0]) if info.rows else (
-                        site.extra["packed"][1] - site.extra["packed"][0] if site.extra.get("packed") else info.out_features)
-                    facts["kv_heads"] = width // head_dim
+                    facts["kv_heads"] = cols.width(info.rows or site.extra.get("packed"), info.out_features) // head_dim
     # the width of the hidden state entering the attention module (a UNet's resolutions differ from layer to
     # layer), and every layer's key width (a prefix MLP shared by layers of several widths lays them end to end)
     entering = _module_input_value(analysis, match.module)
@@ -144,10 +143,9 @@ def _kv_widths(analysis: Analysis, role: str) -> dict[int, int]:
     widths: dict[int, int] = {}
     for site in analysis.by_role.get(role.rpartition(".")[0] + ".k", []):
         info, packed = site.linear, site.extra.get("packed")
-        if site.layer is None or site.layer in widths or info is None or site.extra.get("interleaved"):
+        if site.layer is None or site.layer in widths or info is None:
             continue
-        rows = info.rows or packed
-        widths[site.layer] = (rows[1] - rows[0]) if rows else info.out_features
+        widths[site.layer] = cols.width(info.rows or packed, info.out_features)   # a range or an index set
     return widths
 
 
@@ -163,14 +161,13 @@ def _project(model, info, packed, rows, x):
     owner = model.get_submodule(info.owner)
     weight = getattr(owner, info.weight.rpartition(".")[2])
     bias = getattr(model.get_submodule(info.bias.rpartition(".")[0]), info.bias.rpartition(".")[2]) if info.bias else None
-    a, b = rows
     if info.layout == "in_out":
-        out = x @ weight[:, a:b]
+        out = x @ cols.take(weight, rows, dim=1)
     else:
-        out = x @ weight[a:b].t()
+        out = x @ cols.take(weight, rows).t()
     if bias is not None:
         brows = info.bias_rows or packed or rows
-        out = out + bias[brows[0]:brows[1]]
+        out = out + cols.take(bias, brows)
     return out
 
 
@@ -313,11 +310,13 @@ def realize(model: nn.Module, analysis: Analysis, store: AdapterStore, record: R
             table = _token_embedding_site(analysis)
             if table is not None:      # prompts go into inputs_embeds: the token embedding's width (ALBERT: 128)
                 value = table.node
-        if match.site.extra.get("interleaved") and rule.action in ("wrap", "insert_after", "insert_before"):
-            raise RewriteError(f"rule {match.rule!r}: {match.role} of {match.module} is interleaved with the other "
-                               f"projections head by head in one packed output (BLOOM's query_key_value); adapting "
-                               f"q, k or v alone is not supported there: match role attention.qkv (the whole packed "
-                               f"projection) instead")
+        packed = match.site.extra.get("packed") if match.site.linear is not None else None
+        if packed is not None and rule.action == "insert_before" or (
+                packed is not None and rule.action in ("insert_after", "parallel") and value is not match.site.linear.value):
+            raise RewriteError(f"rule {match.rule!r}: {match.role} of {match.module} is some of the output columns of "
+                               f"a packed projection (q, k and v in one output); {rule.action}"
+                               f"{' with through' if rule.through else ''} there would act on the input or output of "
+                               f"all of them. Use wrap, or insert_after/parallel (which act on its columns only)")
         if rule.action == "wrap" and match.site.linear is None:
             raise RewriteError(f"rule {match.rule!r}: wrap needs a weight-bearing op (linear, conv1d/2d/3d, "
                                f"embedding), but {match.node} ({match.role or match.site.op}) is not one")
@@ -326,6 +325,8 @@ def realize(model: nn.Module, analysis: Analysis, store: AdapterStore, record: R
                                f"{'/'.join(getattr(cls, 'op_kinds', ('linear',)))} ops, but {match.module} is a "
                                f"{match.site.linear.kind} ({match.site.op})")
         ctx = _context(model, analysis, match, value, rule)
+        if packed is not None and rule.action in ("insert_after", "parallel"):
+            ctx.dim = cols.width(packed)     # the module sees the site's columns of the packed output only
         ctx.extra.update(extra or {})
         if getattr(cls, "input_positions", False) and match.site.stack and encoder_decoder(analysis):
             # positions of the stack's own input sequence (generate() calls the encoder directly)
@@ -409,9 +410,11 @@ def _realize_train_rows(model, analysis, store, record, rule, matches, gate):
 
 def _realize_one(model, analysis, store, record, rule, match, value, module, key, gate):
     action = rule.action
+    packed = match.site.extra.get("packed") if match.site.linear is not None else None
     if action == "insert_after":
         anchor = value_anchor(analysis, value)
-        record.undo.append(hook_value(model, anchor, module, gate))
+        fn = functools.partial(_on_columns, module, packed) if packed is not None else module
+        record.undo.append(hook_value(model, anchor, fn, gate))
     elif action == "insert_before":
         node = match.site.node
         arg = node.all_input_nodes[0] if node.all_input_nodes else None
@@ -430,7 +433,10 @@ def _realize_one(model, analysis, store, record, rule, match, value, module, key
         runtime = store.runtime
         record.undo.append(hook_capture(model, capture_anchor(analysis, source), runtime, slot))
         anchor = value_anchor(analysis, value)
-        record.undo.append(hook_value(model, anchor, functools.partial(_parallel, module, runtime, slot, record.name), gate))
+        fn = functools.partial(_parallel, module, runtime, slot, record.name)
+        if packed is not None:
+            fn = functools.partial(_on_columns, fn, packed)
+        record.undo.append(hook_value(model, anchor, fn, gate))
     elif action == "sublayer":
         _realize_sublayer(model, analysis, store, record, match, module, key, gate)
     elif action == "wrap":
@@ -546,6 +552,12 @@ def _cast_output(dtype, module, args, out):
 
 # The functions hooks run are partials of these module-level functions and small classes, never closures: a
 # deepcopy of the model then rebinds them to the copy's modules, and the model pickles.
+
+def _on_columns(fn, packed, y):
+    """fn on the columns of a packed projection's output that one site covers (q of GPT-2's c_attn, or BLOOM's q
+    heads), written back in place of them; the other columns pass unchanged."""
+    return cols.put(y, packed, fn(cols.take(y, packed, -1)), -1)
+
 
 def _parallel(module, runtime, slot, name, y):
     return y + module(_my_part(runtime, name, runtime.slots.pop(slot), y))

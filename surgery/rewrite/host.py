@@ -23,6 +23,8 @@ from torch.nn.utils import parametrize
 from surgery.analyze.roles import Analysis, LinearInfo, op_name, stack_entries, stack_paths
 from surgery.rewrite import compose
 from surgery.errors import RewriteError
+from surgery.modules import columns as cols
+from surgery.modules.columns import Columns
 from surgery.trace.export import Boundary
 
 STATE_ATTR = "surgery_adapters"
@@ -231,11 +233,11 @@ class WeightSite:
     weight_name: str
     bias_name: str | None
     layout: str
-    rows: tuple[int, int] | None
-    bias_rows: tuple[int, int] | None
+    rows: tuple[int, int] | Columns | None     # the output rows covered (surgery/modules/columns.py); None: all
+    bias_rows: tuple[int, int] | Columns | None
     adapter: nn.Module
     realized: str      # "activation" or "weight"
-    packed: tuple[int, int] | None = None
+    packed: tuple[int, int] | Columns | None = None   # output columns of the op's result the site covers
     gate: Callable[[], bool] = lambda: True
     call: int | None = None     # one call of a module called several times per forward
     undo: list = field(default_factory=list)
@@ -592,15 +594,14 @@ def transformed(site: WeightSite, tensor: torch.Tensor, *, bias: bool) -> torch.
         tensor = tensor.t()
     if rows is None:
         out = transform(tensor)
-    else:
-        a, b = rows
-        out = torch.cat([tensor[:a], transform(tensor[a:b]), tensor[b:]], dim=0)
+    else:   # a slice or an index set of the output rows (q, k or v of a packed projection)
+        out = cols.put(tensor, rows, transform(cols.take(tensor, rows)))
     if not bias and site.layout == "in_out":
         out = out.t()
     return out.to(tensor.dtype)   # a float32 adapter on a half-precision weight computes in float32
 
 
-def wrap_weight(model: nn.Module, analysis: Analysis, info: LinearInfo, packed: tuple[int, int] | None,
+def wrap_weight(model: nn.Module, analysis: Analysis, info: LinearInfo, packed: tuple[int, int] | Columns | None,
                 adapter: nn.Module, rule: str, key: str, gate: Callable[[], bool], realize: str) -> WeightSite:
     """Decide how a weight-bearing op is adapted and attach it. The site can be detached and attached again
     (merge/unmerge) with `attach_weight_site` and `site.detach()`."""
@@ -665,9 +666,11 @@ def _adapt_input(adapter: nn.Module, x, args):
     return adapter.adapt_input(x).to(x.dtype)
 
 
-def _adapt_call(adapter: nn.Module, packed: tuple[int, int] | None, out, args):
+def _adapt_call(adapter: nn.Module, packed, out, args):
     if packed is None:
         return adapter(args[0], out)
+    if isinstance(packed, cols.Columns):   # columns interleaved head by head: written back by index, k/v untouched
+        return cols.put(out, packed, adapter(args[0], cols.take(out, packed, -1)), -1)
     a, b = packed
     part = adapter(args[0], out[..., a:b])
     return out + F.pad(part - out[..., a:b], (a, out.shape[-1] - b))
