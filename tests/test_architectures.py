@@ -34,6 +34,7 @@ import pytest
 import torch
 
 import surgery
+from surgery.modules import columns
 from architectures import ARCHITECTURES, kind_of, main_output
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -96,21 +97,12 @@ def _refusals() -> dict[tuple[str, str], Refusal]:
                 "clip-vision", "wav2vec2", "unet", "dit"]
     refuse(headless, ["lora_task_head"], "the model has no head (a base model without an LM or classification head)",
            r"rule 'head' .*matched no site")
-    # q, k and v interleaved head by head in one packed output (BLOOM's and GPT-NeoX's query_key_value): adapting
-    # one of them alone is refused with the alternative (attention.qkv)
-    refuse(["bloom", "gpt_neox", "falcon"], list(QKV_SPECS) + ["qlora", "said", "sparse", "lora_task_head",
-                                                            "diffusion_lora", "adalora", "boft", "loha", "oft",
-                                                            "olora", "pissa", "vera"],
-           "engine gap: q, k and v interleaved head by head in one packed projection (adapting one alone is refused; "
-           "attention.qkv works)",
-           r"interleaved")
     # attention computed by the model's own code, not through transformers' attention registry: the attention
     # adapters cannot reach its keys and values
     refuse(["deberta-v2", "gpt_neo", "bloom", "falcon"], ["prefix", "llama_adapter", "mam", "unipelt"],
            "engine gap: the attention class computes attention itself, not through transformers' registry (attention "
            "adapters refused)",
            r"computes its attention itself|interleaved")
-    del table[("falcon", "ia3")]     # k and v of Falcon's grouped fused projection are not found: a gap (XFAIL)
     return table
 
 
@@ -160,7 +152,6 @@ XFAIL: dict[tuple[str, str], tuple[str, str]] = {
     ('gptj', 'pfeiffer_inv'): ('refused', "a value no module boundary carries (functional or shared dropout, a shared layer's norm)"),
     ('gptj', 'unipelt'): ('refused', "a value no module boundary carries (functional or shared dropout, a shared layer's norm)"),
     ('gpt_neox', 'adapterplus'): ('refused', "a value no module boundary carries (functional or shared dropout, a shared layer's norm)"),
-    ('gpt_neox', 'llama_adapter'): ('refused', "RewriteError: LLaMA-Adapter projects its adaption prompts with the layer's own key and value project"),
     ('gpt_neox', 'pfeiffer'): ('refused', "a value no module boundary carries (functional or shared dropout, a shared layer's norm)"),
     ('gpt_neox', 'pfeiffer_inv'): ('refused', "a value no module boundary carries (functional or shared dropout, a shared layer's norm)"),
     ('gpt_neox', 'unipelt'): ('refused', "a value no module boundary carries (functional or shared dropout, a shared layer's norm)"),
@@ -182,7 +173,6 @@ XFAIL: dict[tuple[str, str], tuple[str, str]] = {
     ('dit', 'pfeiffer'): ('refused', "a value no module boundary carries (functional or shared dropout, a shared layer's norm)"),
     ('dit', 'pfeiffer_inv'): ('refused', "a value no module boundary carries (functional or shared dropout, a shared layer's norm)"),
     ('dit', 'unipelt'): ('refused', "a value no module boundary carries (functional or shared dropout, a shared layer's norm)"),
-    ("falcon", "ia3"): ("refused", "k and v of a grouped fused query_key_value not found (matched no site)"),
 }
 
 
@@ -592,9 +582,9 @@ def test_docs_are_current():
 
 @pytest.mark.parametrize("arch", ["falcon", "bloom", "gpt_neox", "gpt2", "llama"])
 def test_q_on_a_fused_projection_is_its_columns_never_the_whole_output(arch):
-    """The query site of an attention op is the columns its q operand reads (a packed slice), or is marked
-    interleaved (refused for rules adapting it alone); never a whole fused projection, which would adapt k and v as
-    well (Falcon's grouped query_key_value was once LoRA'd whole by `attention.q`)."""
+    """The query site of an attention op is the columns its q operand reads (a packed slice, or an index set where
+    q, k and v are interleaved head by head); never a whole fused projection, which would adapt k and v as well
+    (Falcon's grouped query_key_value was once LoRA'd whole by `attention.q`)."""
     model = ARCHITECTURES[arch]()[0]
     spec = {"rules": [{"name": "q", "match": {"role": "attention.q"}, "action": "wrap",
                        "module": {"kind": "lora", "r": 2}, "expect": "any"},
@@ -603,9 +593,9 @@ def test_q_on_a_fused_projection_is_its_columns_never_the_whole_output(arch):
     rows = surgery.plan(model, spec)
     ops = {m.layer: m.site.node for m in rows if m.role == "attention.op"}
     for m in rows:
-        if m.role != "attention.q" or m.site.extra.get("interleaved"):
+        if m.role != "attention.q":
             continue
         query = ops[m.layer].args[0].meta["val"]          # [batch, heads, seq, head_dim] at the op
         packed = m.site.extra.get("packed")
-        width = packed[1] - packed[0] if packed else m.site.linear.out_features
+        width = columns.width(packed, m.site.linear.out_features)
         assert width == query.shape[1] * query.shape[-1], (arch, m.module, packed, m.site.linear.out_features)
