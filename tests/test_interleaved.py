@@ -267,3 +267,26 @@ def test_insert_after_a_packed_q_acts_on_its_columns():
     with pytest.raises(RewriteError, match="packed projection"):
         surgery.apply(_base("bloom"), {"rules": [{"name": "b", "match": {"role": "attention.q"},
                                                   "action": "insert_before", "module": {"kind": "bottleneck"}}]})
+
+
+@pytest.mark.parametrize("kind", ["dora", "oft"])
+def test_adapters_that_keep_the_base_weight_read_the_live_rows(kind):
+    """DoRA (and OFT on a packed site) use the base weight on the activation path. q's heads of an interleaved
+    projection are no view of the parameter: they are read from it when used, so a base weight changed after
+    apply (a merge of another adapter set, load_state_dict) gives the same output on activations as on the weight."""
+    model, ids = _base("bloom"), _ids()
+    module = {"kind": kind, **({"r": 2} if kind == "dora" else {"block_size": 8})}
+    spec = lambda realize: {"rules": [{"name": "m", "match": {"role": "attention.q"}, "action": "wrap",   # noqa: E731
+                                       "module": module, "realize": realize}]}
+    on_weight = copy.deepcopy(model)
+    surgery.apply(model, spec("activation"))
+    surgery.apply(on_weight, spec("weight"))
+    _randomize(model)
+    on_weight.surgery_adapters.load_state_dict(model.surgery_adapters.state_dict())
+    path = _packed_path(model)
+    with torch.no_grad():
+        for m in (model, on_weight):
+            weight = dict(m.named_parameters())[f"{path}.weight"] if f"{path}.weight" in dict(m.named_parameters()) \
+                else m.get_submodule(path).parametrizations.weight.original
+            weight.mul_(1.25)
+        torch.testing.assert_close(model(input_ids=ids).logits, on_weight(input_ids=ids).logits, atol=1e-5, rtol=1e-5)

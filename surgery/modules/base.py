@@ -25,7 +25,8 @@ class SiteContext:
     op_kind: str = "linear"             # wrap: "linear", "conv" or "embedding" (see surgery/modules/weight_ops.py)
     op_args: dict[str, Any] = field(default_factory=dict)   # wrap: conv stride/padding/dilation/groups/dims, ...
     bias: torch.Tensor | None = None    # wrap: the op's base bias (rows of the site), or None (read-only; BOFT)
-    rows: tuple[int, int] | None = None  # wrap: the output rows of a packed weight the site covers; None: all
+    rows: Any = None  # wrap: the output rows of a packed weight the site covers, (start, stop) or Columns; None: all
+    live_weight: Any = None   # wrap on Columns: a LiveRows reading `weight`'s rows from the parameter (weight is a copy)
     host: nn.Module | None = None       # the host module at the site (replace/attend)
     source_dim: int | None = None       # parallel: last dimension of the span's input
     model: nn.Module | None = None

@@ -138,3 +138,22 @@ def put_(tensor: torch.Tensor, rows, part: torch.Tensor, dim: int = 0) -> None:
         tensor.index_copy_(dim, rows.tensor(tensor.device), part.to(tensor.dtype))
     else:
         tensor.narrow(dim, rows[0], rows[1] - rows[0]).copy_(part)
+
+
+class LiveRows:
+    """The covered rows of a live parameter, read when called: what an adapter that needs the base weight on the
+    activation path (DoRA, OFT on a packed site) holds for an index set, which no view of the parameter can be.
+    Reads follow the parameter (merges into it, `load_state_dict`, `.to()`); nothing is copied while idle."""
+
+    def __init__(self, param: torch.Tensor, rows, transposed: bool = False):
+        self._param = [param]     # a list: not registered as a parameter of whatever module holds this
+        self.rows, self.transposed = rows, transposed
+
+    def __call__(self) -> torch.Tensor:
+        param = self._param[0]
+        return take(param.t() if self.transposed else param, self.rows)
+
+
+def live(weight):
+    """`weight` as a tensor: a LiveRows read now, anything else as it is."""
+    return weight() if isinstance(weight, LiveRows) else weight

@@ -20,7 +20,7 @@ from torch import nn
 
 from surgery.errors import RewriteError
 from surgery.modules.lora import warn_rank
-from surgery.modules import weight_ops
+from surgery.modules import columns, weight_ops
 from surgery.modules.base import SiteContext
 from surgery.modules.lora import LoRA
 from surgery.modules.registry import Options, register
@@ -43,14 +43,17 @@ class DoRA(LoRA):
     inverse_weight = None   # the row norms make W' non-invertible from W' alone: merge keeps a copy for unmerge
 
     def __init__(self, weight: torch.Tensor, r: int = 8, alpha: float = 8, dropout: float = 0.0,
-                 use_rslora: bool = False, init: str = "kaiming", op_kind: str = "linear", op_args: dict | None = None):
+                 use_rslora: bool = False, init: str = "kaiming", op_kind: str = "linear", op_args: dict | None = None,
+                 live_weight=None):
         op_args = dict(op_args or {})
         out_features, in_features = weight.shape[0], weight.shape[1] * op_args.get("groups", 1)
         super().__init__(in_features, out_features, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora,
                          init=init, op_kind=op_kind, op_args=op_args)
         # The activation path needs the base weight itself; held unregistered so it is neither saved nor trained
         # here. A Parameter is kept as the object (it survives .to()); a slice/transpose view shares its storage.
-        self._base_weight = [weight if isinstance(weight, nn.Parameter) else weight.detach()]
+        # q's heads of an interleaved projection (no view can select them): read from the parameter when used
+        self._base_weight = [live_weight if live_weight is not None else
+                             weight if isinstance(weight, nn.Parameter) else weight.detach()]
         self.magnitude = nn.Parameter(self._row_norm(self._dense(weight.detach())))
 
     @classmethod
@@ -60,13 +63,14 @@ class DoRA(LoRA):
                                f"but this op's weight is not a parameter of the model")
         warn_rank(options.r, site, "dora")
         return cls(site.weight, r=options.r, alpha=options.alpha, dropout=options.dropout,
-                   use_rslora=options.use_rslora, init=options.init, op_kind=site.op_kind, op_args=site.op_args)
+                   use_rslora=options.use_rslora, init=options.init, op_kind=site.op_kind, op_args=site.op_args,
+                   live_weight=site.live_weight)
 
     def reset_parameters(self):
         super().reset_parameters()
         if getattr(self, "magnitude", None) is not None:   # LoRA's __init__ resets before magnitude exists
             with torch.no_grad():
-                self.magnitude.copy_(self._row_norm(self._dense(self._base_weight[0].detach())))
+                self.magnitude.copy_(self._row_norm(self._dense(columns.live(self._base_weight[0]).detach())))
 
     @staticmethod
     def _row_norm(weight: torch.Tensor) -> torch.Tensor:
@@ -82,7 +86,7 @@ class DoRA(LoRA):
         return self.magnitude.to(weight.dtype) / self._row_norm(combined).detach()
 
     def forward(self, x, y):
-        weight = self._base_weight[0]
+        weight = columns.live(self._base_weight[0])
         if x.is_floating_point():   # a float32 DoRA on a half-precision base computes in float32 (ids stay ids)
             weight = weight.to(x.dtype)
         x = self.dropout(x)

@@ -36,6 +36,7 @@ from pydantic import Field
 from torch import nn
 
 from surgery.errors import RewriteError
+from surgery.modules import columns
 from surgery.modules.base import SiteContext, WeightAdapter
 from surgery.modules.registry import Options, register
 
@@ -62,7 +63,7 @@ class _Rotation(WeightAdapter):
     def _setup_site(self, site: SiteContext | None):
         self.packed = site is not None and site.rows is not None
         self.adapts_input = not self.packed
-        self._base = [site.weight if self.packed else None, site.bias if site is not None else None]
+        self._base = [(site.live_weight or site.weight) if self.packed else None, site.bias if site is not None else None]
 
     def rotation(self) -> torch.Tensor:    # (d_in, d_in), applied as x @ M
         raise NotImplementedError
@@ -76,7 +77,7 @@ class _Rotation(WeightAdapter):
     def forward(self, x, y):
         scale = self.scale()
         if self.packed:
-            weight = self._base[0].detach()
+            weight = columns.live(self._base[0]).detach()
             y = y + F.linear(x @ self.rotation().to(x.dtype) - x, weight.to(x.dtype))
         if scale is None:
             return y

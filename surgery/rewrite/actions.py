@@ -97,6 +97,8 @@ def _context(model: nn.Module, analysis: Analysis, match: Match, value: fx.Node,
         if weight is not None:
             w = weight.t() if info.layout == "in_out" else weight
             ctx.weight = cols.take(w, rows)
+            if isinstance(rows, cols.Columns):   # an index set is a copy: adapters that keep W read it live
+                ctx.live_weight = cols.LiveRows(weight, rows, transposed=info.layout == "in_out")
         ctx.rows = (rows if isinstance(rows, cols.Columns) else tuple(rows)) if rows else None
         bias = _base_parameter(model, info.bias) if info.bias else None
         if bias is not None:
