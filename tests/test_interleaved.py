@@ -290,3 +290,63 @@ def test_adapters_that_keep_the_base_weight_read_the_live_rows(kind):
                 else m.get_submodule(path).parametrizations.weight.original
             weight.mul_(1.25)
         torch.testing.assert_close(model(input_ids=ids).logits, on_weight(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+
+
+class _Block(torch.nn.Module):
+    """Attention over a packed projection laid out [q_h, k_h, v_h] per head, whose keys reach the attention with
+    their heads in another order (indexed by a permutation): the same columns, in another order."""
+
+    def __init__(self, d=32, heads=2):
+        super().__init__()
+        self.qkv, self.out, self.heads = torch.nn.Linear(d, 3 * d), torch.nn.Linear(d, d), heads
+        self.ff = torch.nn.Linear(d, d)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).view(b, t, self.heads, 3, d // self.heads).unbind(3)
+        k = k[:, :, [1, 0]]
+        q, k, v = (z.transpose(1, 2) for z in (q, k, v))
+        a = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        h = x + self.out(a.transpose(1, 2).reshape(b, t, d))
+        return h + self.ff(torch.relu(h))
+
+
+class _Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(VOCAB, 32)
+        self.layers = torch.nn.ModuleList([_Block(), _Block()])
+        self.head = torch.nn.Linear(32, VOCAB)
+
+    def forward(self, input_ids):
+        h = self.embed(input_ids)
+        for layer in self.layers:
+            h = layer(h)
+        return self.head(h)
+
+
+def test_columns_reordered_on_the_way_are_adapted_but_never_projected_for_new_tokens():
+    """k's columns reach the attention in another order (its heads permuted): LoRA on k still changes exactly
+    k's columns (the order does not matter to a weight delta), and the site is marked so that nothing projects
+    new tokens on those columns expecting the operand's head order (LLaMA-Adapter's prompt keys)."""
+    torch.manual_seed(0)
+    model, ids = _Net().eval(), _ids()
+    matches = surgery.plan(model, {"rules": [{"name": "x", "match": {"role": ["attention.q", "attention.k"]},
+                                              "action": "train"}]})
+    by_role = {m.role: m.site for m in matches if m.layer == 0}
+    k_cols = [h * 48 + 16 + j for h in range(2) for j in range(16)]
+    assert indices(by_role["attention.k"].extra["packed"], 96) == k_cols
+    assert by_role["attention.k"].extra.get("permuted") and not by_role["attention.q"].extra.get("permuted")
+    base = copy.deepcopy(model)
+    surgery.apply(model, {"rules": [{"name": "k", "match": {"role": "attention.k"}, "action": "wrap",
+                                     "module": {"kind": "lora", "r": 2}}]})
+    _randomize(model)
+    seen = {}
+    for tag, m in (("base", base), ("lora", model)):
+        handle = m.layers[0].qkv.register_forward_hook(lambda mod, a, out, tag=tag: seen.update({tag: out.detach()}))
+        with torch.no_grad():
+            m(ids)
+        handle.remove()
+    others = [i for i in range(96) if i not in set(k_cols)]
+    assert torch.equal(seen["lora"][..., others], seen["base"][..., others])
+    assert not torch.equal(seen["lora"][..., k_cols], seen["base"][..., k_cols])

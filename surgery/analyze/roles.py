@@ -402,7 +402,7 @@ def _packed_columns(linear_value: fx.Node, operand: fx.Node, constants: dict) ->
     if not isinstance(val, torch.Tensor):
         return None, True
     width = val.shape[-1]
-    current = _columns_by_flow(linear_value, operand, constants)
+    current, ordered = _columns_by_flow(linear_value, operand, constants)
     path = _path_back(operand, linear_value) if current is None else []
     if path is None:
         return None, True
@@ -429,7 +429,7 @@ def _packed_columns(linear_value: fx.Node, operand: fx.Node, constants: dict) ->
     if cols.numel() == width:
         return None, True
     first = torch.full((cols.numel(),), flat.numel()).scatter_reduce(0, inverse, torch.arange(flat.numel()), "amin")
-    return columns(cols.tolist()), bool((first.argsort() == torch.arange(cols.numel())).all())
+    return columns(cols.tolist()), ordered and bool((first.argsort() == torch.arange(cols.numel())).all())
 
 
 _COLUMN_OPS = {"view", "reshape", "_unsafe_view", "transpose", "permute", "contiguous", "clone", "select", "slice",
@@ -437,13 +437,15 @@ _COLUMN_OPS = {"view", "reshape", "_unsafe_view", "transpose", "permute", "conti
                "narrow", "detach", "lift_fresh_copy", "_to_copy", "to", "broadcast_to"}
 
 
-def _columns_by_flow(linear_value: fx.Node, operand: fx.Node, constants: dict, limit: int = 256) -> torch.Tensor | None:
+def _columns_by_flow(linear_value: fx.Node, operand: fx.Node, constants: dict,
+                     limit: int = 256) -> tuple[torch.Tensor | None, bool]:
     """The operand as a tensor of the projection's column numbers: the ops between the two evaluated on indices.
     Shape ops (view, transpose, slice, split, index, cat, expand) are replayed; any other op whose output has the
     shape of (or broadcasts from) its first input from the projection passes that input's columns on (rotary
     embedding, a per-head norm, a dtype cast: each position keeps the column it comes from). So a partial rotary
     that slices each head into a rotated and a passed part and concatenates them (GPT-NeoX) keeps every column of
-    the head. None when the ops between are not all of this kind."""
+    the head. None when the ops between are not all of this kind. Second: False when an op other than those
+    replayed and the elementwise ones passed columns on (it may reorder them: a flip, a gather)."""
     between, frontier = {operand}, [operand]
     while frontier and limit > 0:           # ancestors of the operand down to the projection (bounded)
         node = frontier.pop()
@@ -455,7 +457,7 @@ def _columns_by_flow(linear_value: fx.Node, operand: fx.Node, constants: dict, l
                 between.add(a)
                 frontier.append(a)
     if linear_value not in between or limit <= 0:
-        return None
+        return None, False
     derived, frontier = {linear_value}, [linear_value]
     while frontier:                          # ... that the projection's output reaches
         for user in frontier.pop().users:
@@ -474,22 +476,29 @@ def _columns_by_flow(linear_value: fx.Node, operand: fx.Node, constants: dict, l
         if node not in seen:
             seen.add(node)
             order.append(node)
+    ordered = True
     for node in order:
-        derived = [a for a in node.all_input_nodes if a in values]
-        if not derived:
+        if not any(a in values for a in node.all_input_nodes):
             continue
         try:
-            values[node] = _column_step(node, values, constants)
+            values[node], replayed = _column_step(node, values, constants)
         except Exception:  # noqa: BLE001 - an op we cannot replay on indices
-            return None
+            return None, False
         if values[node] is None:
-            return None
+            return None, False
+        ordered = ordered and (replayed or op_name(node) in _ELEMENTWISE)
     out = values.get(operand)
-    return out if isinstance(out, torch.Tensor) else None
+    return (out, ordered) if isinstance(out, torch.Tensor) else (None, False)
+
+
+# ops that keep each position's meaning (a per-head norm mixes within the head, not its order)
+_ELEMENTWISE = (ROTARY_LIKE - {"cat", "stack"}) | QK_NORM | {
+    "div", "neg", "type_as", "dropout", "native_dropout", "to", "_to_copy", "contiguous", "clone", "scalar_tensor"}
 
 
 def _column_step(node: fx.Node, values: dict, constants: dict):
-    """One op of `_columns_by_flow` on index tensors (see there); None when it cannot be followed."""
+    """One op of `_columns_by_flow` on index tensors (see there): (its value, whether it was replayed); value None
+    when it cannot be followed."""
     op = op_name(node)
 
     def sub(a):
@@ -500,21 +509,21 @@ def _column_step(node: fx.Node, values: dict, constants: dict):
         return _constant(a, constants)
 
     if op == "getitem" and isinstance(values.get(node.args[0]), (tuple, list)):
-        return values[node.args[0]][node.args[1]]
+        return values[node.args[0]][node.args[1]], True
     if op in _COLUMN_OPS or op in ("cat", "split", "split_with_sizes", "chunk", "unbind", "stack"):
         args, kwargs = sub(list(node.args)), sub(dict(node.kwargs)) if node.kwargs else {}
         if not _has_node(args) and not _has_node(list(kwargs.values())):
-            return node.target(*args, **kwargs)
+            return node.target(*args, **kwargs), True
     first = next(values[a] for a in node.all_input_nodes if a in values)
     shape = _shape(node)
     if not isinstance(first, torch.Tensor) or shape is None:
-        return None
+        return None, False
     if tuple(first.shape) == shape:
-        return first
+        return first, False
     try:
-        return first.broadcast_to(shape)
+        return first.broadcast_to(shape), False
     except RuntimeError:
-        return None
+        return None, False
 
 
 def _path_back(start: fx.Node, target: fx.Node, limit: int = 64) -> list[fx.Node] | None:
