@@ -211,13 +211,20 @@ def test_generate_with_cache_equals_full_forwards(arch):
             torch.testing.assert_close(step, ref, atol=1e-4, rtol=1e-4)
 
 
-def test_to_peft_of_lora_on_interleaved_q_and_v_loads_in_peft(tmp_path):
+@pytest.mark.parametrize("spec", ["lora", "ia3"])
+def test_to_peft_of_interleaved_sites_loads_in_peft(spec, tmp_path):
     """One PEFT LoRA on BLOOM's query_key_value computes our q and v sites: B holds each site's rows (q's and v's
-    heads), PEFT's output equals ours."""
+    heads); one IA3 vector holds k's and v's scales with ones on q's heads. PEFT's output equals ours. DoRA on
+    part of the projection has no PEFT form: refused, naming it."""
     peft = pytest.importorskip("peft")
     model, ids = _base("bloom"), _ids()
     base = copy.deepcopy(model)
-    surgery.apply(model, "lora")
+    if spec == "lora":
+        dora = copy.deepcopy(model)
+        surgery.apply(dora, "dora")
+        with pytest.raises(surgery.SurgeryError, match="DoRA on part of a packed weight"):
+            surgery.to_peft(dora, tmp_path / "dora")
+    surgery.apply(model, spec)
     _randomize(model)
     with torch.no_grad():
         ours = model(input_ids=ids).logits
