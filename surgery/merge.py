@@ -137,6 +137,13 @@ class _Part:
     def write(self, value: torch.Tensor) -> None:
         cols.put_(self.tensor, self.rows, value)
 
+    def write_rows(self, index: torch.Tensor, values: torch.Tensor) -> None:
+        """Write `values` into rows `index` of the part (in place on the parameter for a whole tensor)."""
+        if self.rows is None:
+            self.tensor.index_copy_(0, index, values)
+        else:
+            self.write(self.read().index_copy_(0, index, values))
+
 
 def _part(param: torch.Tensor, site: WeightSite, is_bias: bool) -> _Part:
     return _Part(param, site, is_bias)
@@ -246,7 +253,7 @@ def _unfold(folded: _Folded) -> None:
         part.write(folded.kept)
         return
     if folded.mode == "rows":
-        part.write(part.read().index_copy_(0, folded.kept.index, folded.kept.values))
+        part.write_rows(folded.kept.index, folded.kept.values)
         return
     inverse = site.adapter.inverse_bias if folded.is_bias else site.adapter.inverse_weight
     with _adapter_values(site.adapter, folded.adapter_state):
