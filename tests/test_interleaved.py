@@ -95,7 +95,7 @@ def _projection_io(model, path, ids):
 def _randomize(model, seed=1):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in model.surgery_adapters.named_parameters():
+        for p in model.surgery_adapters.parameters():
             p.add_(torch.randn(p.shape, generator=g) * 0.3)
 
 
@@ -131,7 +131,7 @@ def test_lora_on_q_is_the_hand_computation_and_merges(arch, realize, tmp_path):
     _randomize(model)
     site = next(s for s in store_of(model).records["default"].weight_sites if s.owner_path == path)
     assert site.realized == ("activation" if realize == "auto" else "weight")
-    x, y0, logits0 = _projection_io(base, path, ids)
+    x, y0, _ = _projection_io(base, path, ids)
     _, y, logits = _projection_io(model, path, ids)
     q = _expected(arch)["q"]
     others = [i for i in range(y.shape[-1]) if i not in set(q)]
@@ -162,7 +162,6 @@ def test_lora_on_q_is_the_hand_computation_and_merges(arch, realize, tmp_path):
     assert all(torch.equal(after[k], v) for k, v in weights.items())
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, logits, atol=1e-6, rtol=0)
-    del logits0
 
 
 @pytest.mark.parametrize("kind", ["ia3", "dora", "oft", "pissa", "olora", "vera", "boft", "loha", "adalora"])
@@ -178,7 +177,7 @@ def test_methods_on_interleaved_columns(kind):
                "loha": {"r": 2}, "adalora": {"init_r": 2, "target_r": 2}}[kind]
     module = {"kind": kind if kind not in ("pissa", "olora") else "lora", **options}
     surgery.apply(model, {"rules": [{"name": "m", "match": {"role": roles}, "action": "wrap", "module": module}]})
-    _, y0, logits0 = _projection_io(base, path, ids)
+    _, y0, _ = _projection_io(base, path, ids)
     _, y_init, _ = _projection_io(model, path, ids)
     torch.testing.assert_close(y_init, y0, atol=1e-5, rtol=1e-5)      # every one of these starts at the base
     _randomize(model)
