@@ -34,7 +34,6 @@ def _model(arch: str):
     }[arch]
     base.update(cfg)
     config = getattr(transformers, f"{name}Config")(**base)
-    config._attn_implementation = "eager"
     torch.manual_seed(0)
     model = getattr(transformers, f"{name}ForCausalLM")(config).eval()
     model.generation_config.eos_token_id = None
