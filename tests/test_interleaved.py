@@ -355,3 +355,22 @@ def test_columns_reordered_on_the_way_are_adapted_but_never_projected_for_new_to
     others = [i for i in range(96) if i not in set(k_cols)]
     assert torch.equal(seen["lora"][..., others], seen["base"][..., others])
     assert not torch.equal(seen["lora"][..., k_cols], seen["base"][..., k_cols])
+
+
+def test_parallel_into_a_packed_q_adds_to_its_columns_only():
+    """A parallel branch whose destination is attention.q of an interleaved projection is sized by q's columns
+    and added to them only."""
+    model, ids = _base("bloom"), _ids()
+    base = copy.deepcopy(model)
+    path = _packed_path(model)
+    surgery.apply(model, {"rules": [{"name": "p", "match": {"role": "attention.q"}, "action": "parallel",
+                                     "from": {"role": "attention.residual"},
+                                     "module": {"kind": "bottleneck", "reduction_factor": 16.0}}]})
+    _randomize(model)
+    ups = [m for n, m in model.surgery_adapters.named_modules() if n.endswith(".up")]
+    assert ups and all(m.out_features == HEADS * HEAD_DIM for m in ups)
+    _, y0, _ = _projection_io(base, path, ids)
+    _, y, _ = _projection_io(model, path, ids)
+    q = _expected("bloom")["q"]
+    others = [i for i in range(y.shape[-1]) if i not in set(q)]
+    assert torch.equal(y[..., others], y0[..., others]) and not torch.equal(y[..., q], y0[..., q])
