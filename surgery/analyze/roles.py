@@ -5,8 +5,8 @@ matmul on a 3-D expert parameter; convolutions and embedding lookups for `wrap`)
 softmax whose input is any score arithmetic on a product of two values, times a third), adds, norms and embedding
 lookups. From each attention op we walk back through view-like and rotary ops to the projections that feed it
 (q, k, v, or a packed projection sliced by the columns each operand reads: a range, or an index set where q, k
-and v are interleaved head by head, found by evaluating the ops in between on column numbers), forward to the output projection and
-on to the residual add; the FFN is the layer's other linears (routers excluded). Layers are the repeated units of
+and v are interleaved head by head, found by evaluating the ops in between on column numbers), forward to the
+output projection and on to the residual add; the FFN is the layer's other linears (routers excluded). Layers are the repeated units of
 the module tree (numbered children of one type) holding the attention ops, one per call; their containers are
 stacks, and attention whose keys come from another value than its queries is cross-attention.
 """
