@@ -22,6 +22,7 @@ from torch.nn.utils import parametrize
 
 from surgery.analyze.roles import Analysis, LinearInfo, op_name, stack_entries, stack_paths
 from surgery.rewrite import compose
+from surgery.rewrite.torchcalls import forward_line, torch_call_site, torch_fn_key
 from surgery.errors import RewriteError
 from surgery.trace.export import Boundary
 
@@ -422,19 +423,33 @@ _FUNCTIONS = {"dropout": (F.dropout, torch.dropout)}
 @dataclass(frozen=True)
 class FunctionalAnchor:
     """The `index`-th call (0-based, in call order) of an interceptable function during one call of `module`:
-    a value no module boundary carries (OPT's, BART's and Whisper's `F.dropout` on the residual branch)."""
+    a value no module boundary carries (OPT's, BART's and Whisper's `F.dropout` on the residual branch).
+
+    With `where` (a source file and line), `op` is the torch-level function as torch.export records it in a
+    node's `torch_fn` meta (e.g. "method_descriptor.add" for `a + b`), and the index counts that function's
+    calls made from that line of the innermost `forward` on the stack during the module's call: an elementwise
+    op in a forward, such as the sum of a parallel block's attention and MLP outputs (GPT-J, GPT-NeoX, Phi) or
+    a DiT's gated FFN output."""
 
     module: str
     call: int
     calls: int
     op: str
     index: int
+    where: tuple[str, int] | None = None
+    shape: tuple | None = None      # (dims, last dim) of the traced value, checked at run time
+
+
+def torch_call_anchor(value: fx.Node) -> FunctionalAnchor | None:
+    """The torch-level call in a module's forward producing `value` (see surgery/rewrite/torchcalls.py)."""
+    site = torch_call_site(value)
+    return FunctionalAnchor(**site) if site is not None else None
 
 
 def functional_anchor(value: fx.Node) -> FunctionalAnchor | None:
     op = op_name(value)
     if op not in INTERCEPTABLE:
-        return None
+        return torch_call_anchor(value)
     entries = stack_entries(value)
     if not entries:
         return None
@@ -454,9 +469,15 @@ class _CallMode(torch.overrides.TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if func in self.site.functions and not getattr(_ADAPTER_DEPTH, "depth", 0):
+        if self.site.matches(func) and not getattr(_ADAPTER_DEPTH, "depth", 0):
             # the host's own calls only: an adapter's dropout (inside a hook during this forward) is not counted
             index, self.count = self.count, self.count + 1
+            expected = self.site.shapes.get(index)
+            if expected is not None and (not isinstance(out, torch.Tensor) or
+                                         (out.dim(), out.shape[-1] if out.dim() else None) != expected):
+                raise RewriteError(f"the {index}-th call of {self.site.op} at {self.site.where[0]}:"
+                                   f"{self.site.where[1]} gives {tuple(getattr(out, 'shape', ()))}, not the traced "
+                                   f"value's {expected} (dims, width): the model runs other code than when traced")
             for gate, fn in list(self.site.entries.get(index, ())):
                 if gate is None or gate():
                     out = fn(out)
@@ -492,7 +513,9 @@ class _InterceptSite:
     only that module's forward is affected (per thread: the modes live in the runtime's thread state)."""
 
     def __init__(self, module: nn.Module, anchor: FunctionalAnchor, runtime: RuntimeState):
-        self.functions = _FUNCTIONS[anchor.op]
+        self.functions = _FUNCTIONS.get(anchor.op, ())
+        self.op, self.where = anchor.op, anchor.where
+        self.shapes: dict[int, tuple] = {}
         self.entries: dict[int, list] = {}
         self.call = anchor.call if anchor.calls > 1 else None
         self.runtime = runtime
@@ -501,6 +524,11 @@ class _InterceptSite:
 
     def _modes(self) -> list:
         return self.runtime.modes.setdefault(id(self), [])
+
+    def matches(self, func) -> bool:
+        if self.where is None:
+            return func in self.functions
+        return torch_fn_key(func) == self.op and forward_line() == self.where
 
     def _enter(self, module, args):
         if self.call is not None and self.runtime.calls.get(id(module), 0) - 1 != self.call:
@@ -523,13 +551,15 @@ def intercept_call(model: nn.Module, anchor: FunctionalAnchor, gate, fn) -> Call
     module = model.get_submodule(anchor.module)
     runtime = store_of(model, create=True).runtime
     table = module.__dict__.setdefault("_surgery_intercepts", {})
-    key = (anchor.op, anchor.call)
+    key = (anchor.op, anchor.call) if anchor.where is None else (anchor.op, anchor.where, anchor.call)
     uncount = count_calls(module, runtime) if anchor.calls > 1 else None
     if key not in table:
         table[key] = _InterceptSite(module, anchor, runtime)
     site = table[key]
     entry = (gate, fn)
     site.entries.setdefault(anchor.index, []).append(entry)
+    if anchor.shape is not None:
+        site.shapes[anchor.index] = anchor.shape
     return functools.partial(_undo_intercept, module, key, site, anchor.index, entry, uncount)
 
 
