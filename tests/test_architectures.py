@@ -153,8 +153,6 @@ def failure_kind(message: str) -> str:
 # Cells that fail on today's engine: (arch, spec) -> (observed outcome, what). Delete entries as the engine
 # is fixed; `python tools/architectures_table.py --run` prints the observed table.
 XFAIL: dict[tuple[str, str], tuple[str, str]] = {
-    ('torch-encoder', 'qlora'): ('refused', 'LoRA dropout on a weight read functionally (MultiheadAttention in_proj)'),
-    ('torch-encoder', 'unipelt'): ('wrong', 'trainable parameters get no gradient'),
     ('gpt_neox', 'llama_adapter'): ('refused', "RewriteError: LLaMA-Adapter projects its adaption prompts with the layer's own key and value project"),
     ('gpt_neox', 'unipelt'): ('refused', "RewriteError: rule 'lora': attention.q of gpt_neox.layers.0.attention.query_key_value is interleaved"),
     ('mixtral', 'ia3'): ('refused', 'RewriteError: model.layers.0.mlp.experts: its 4 experts are one 3-D parameter (model.layers.0.mlp.ex'),

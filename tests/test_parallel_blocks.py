@@ -213,3 +213,20 @@ def test_intercepted_call_with_another_shape_is_refused_at_run_time():
     hook_value(net, wrong, _double, Gate(store.runtime, "default"))
     with pytest.raises(RewriteError, match="traced"):
         net(x)
+
+
+@pytest.mark.slow
+def test_torch_compile_runs_intercepted_blocks_eagerly():
+    """Dynamo cannot trace the source-line check: without fullgraph it runs those forwards eagerly (same logits);
+    with fullgraph it fails rather than compiling the blocks without their adapters."""
+    model, inputs, facts = ARCHITECTURES["gptj"]()
+    surgery.apply(model, "pfeiffer")
+    _perturb(model)
+    with torch.no_grad():
+        eager = model(**inputs, use_cache=False).logits
+        compiled = torch.compile(model, backend="eager")(**inputs, use_cache=False).logits
+        torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=0)
+        torch._dynamo.reset()
+        with pytest.raises(Exception):
+            torch.compile(model, backend="eager", fullgraph=True)(**inputs, use_cache=False)
+    torch._dynamo.reset()

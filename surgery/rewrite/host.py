@@ -239,6 +239,7 @@ class WeightSite:
     packed: tuple[int, int] | None = None
     gate: Callable[[], bool] = lambda: True
     call: int | None = None     # one call of a module called several times per forward
+    routed: tuple | None = None  # a projection nn.MultiheadAttention reads functionally, on activations (mha.py)
     undo: list = field(default_factory=list)
     attached: bool = True
 
@@ -528,7 +529,12 @@ class _InterceptSite:
     def matches(self, func) -> bool:
         if self.where is None:
             return func in self.functions
-        return torch_fn_key(func) == self.op and forward_line() == self.where
+        if torch_fn_key(func) != self.op:
+            return False
+        if torch.compiler.is_compiling():
+            raise RewriteError(f"{self.op} at {self.where[0]}:{self.where[1]} is intercepted by its source line, "
+                               f"which torch.compile cannot trace; run this model eagerly (or compile its submodules)")
+        return forward_line() == self.where
 
     def _enter(self, module, args):
         if self.call is not None and self.runtime.calls.get(id(module), 0) - 1 != self.call:
@@ -653,20 +659,33 @@ def wrap_weight(model: nn.Module, analysis: Analysis, info: LinearInfo, packed: 
         whole_module = any(b.module == owner_path and b.side == "in" and b.loc == ("arg", 0)
                            for b in analysis.boundaries(info.x))
     mode = realize if realize != "auto" else ("activation" if whole_module else "weight")
+    dropout = getattr(adapter, "dropout", None)
+    # what a weight parametrization cannot express: dropout on the adapter's input, a gate read from it
+    needs_input = getattr(adapter, "activation_only", False) or isinstance(getattr(adapter, "gate", None), nn.Module) \
+        or (isinstance(dropout, nn.Dropout) and dropout.p > 0)
+    routed = None
+    if not whole_module and (mode == "activation" or needs_input):
+        from surgery.rewrite import mha
+        routed = mha.routing(model, owner_path, weight_name, rows)
+        if routed is not None and analysis.calls(owner_path) <= 1:
+            mode = "activation"
     if mode == "weight" and getattr(adapter, "activation_only", False):
         raise RewriteError(f"{owner_path}: {type(adapter).__name__} here is not an op of the base kind (e.g. LoRA on "
                            f"a grouped conv), so it needs the activation path, which this op does not allow")
-    if mode == "activation" and not whole_module:
+    if mode == "activation" and not whole_module and routed is None:
         raise RewriteError(f"{owner_path}: the op reads its weight without calling the module, so it can only be "
                            f"adapted on the weight (realize: weight)")
     if mode == "weight" and isinstance(getattr(adapter, "dropout", None), nn.Dropout) and adapter.dropout.p > 0:
         raise RewriteError(f"{owner_path}: dropout on the adapter's input needs the activation path, "
                            f"which this op does not allow; set dropout: 0")
+    if mode == "weight" and isinstance(getattr(adapter, "gate", None), nn.Module):
+        raise RewriteError(f"{owner_path}: a gated adapter (use_gating) reads its gate from the op's input, which "
+                           f"needs the activation path, which this op does not allow")
     if mode == "weight" and analysis.calls(owner_path) > 1:
         raise RewriteError(f"{owner_path} is called {analysis.calls(owner_path)} times per forward (a shared layer); "
                            f"a per-call adapter needs the activation path, which this op does not allow")
     site = WeightSite(rule, key, owner, owner_path, weight_name, bias_name, info.layout, rows, bias_rows, adapter,
-                      mode, packed=packed, gate=gate, call=call)
+                      mode, packed=packed, gate=gate, call=call, routed=routed if mode == "activation" else None)
     attach_weight_site(site)
     return site
 
@@ -675,7 +694,13 @@ def attach_weight_site(site: WeightSite) -> None:
     """Realize the adapter of a weight site on the host (hooks or parametrizations); record how to detach."""
     owner, adapter, gate, packed = site.owner, site.adapter, site.gate, site.packed
     undo = []
-    if site.realized == "activation":
+    if site.realized == "activation" and site.routed is not None:
+        from surgery.rewrite import mha
+        if adapter.adapts_input:
+            raise RewriteError(f"{site.owner_path}: {type(adapter).__name__} changes the op's input, which "
+                               f"nn.MultiheadAttention's functional projection does not allow")
+        undo.append(mha.attach(site))
+    elif site.realized == "activation":
         if adapter.adapts_input:
             undo.append(dispatch(owner, "in", ("arg", 0), gate, functools.partial(_adapt_input, adapter),
                                  call=site.call))

@@ -53,13 +53,18 @@ def _skipped_files() -> frozenset:
     return skipped
 
 
+# torch.compile runs the rest of a function after a graph break as `torch_dynamo_resume_in_<name>_at_<line>`
+_RESUMED_FORWARD = "torch_dynamo_resume_in_forward_at_"
+
+
+@torch.compiler.disable     # Dynamo cannot trace frame inspection: it runs here, on the real frames
 def forward_line() -> tuple[str, int] | None:
     """(file, line) the innermost running `forward` is at: where the current torch-level call comes from."""
     skipped = _skipped_files()
     frame = sys._getframe(1)
     while frame is not None:
         code = frame.f_code
-        if code.co_name == "forward" and code.co_filename not in skipped:
+        if (code.co_name == "forward" or code.co_name.startswith(_RESUMED_FORWARD)) and code.co_filename not in skipped:
             return code.co_filename, frame.f_lineno
         frame = frame.f_back
     return None
