@@ -322,8 +322,9 @@ def value_anchor(analysis: Analysis, value: fx.Node) -> Boundary:
     if anchor is None:
         raise RewriteError(
             f"the value of node {value.name} ({op_name(value)} in {stack_paths(value)[-1:] or ['<root>']}) is not "
-            f"the input or output of any module, nor the result of a functional call surgery can intercept "
-            f"({', '.join(sorted(INTERCEPTABLE))}), so it cannot be changed on the host model")
+            f"the input or output of any module, nor the whole result of a torch-level call in a module's forward "
+            f"that surgery can intercept ({', '.join(sorted(INTERCEPTABLE))}, or a call torch.export recorded with "
+            f"its forward's source line), so it cannot be changed on the host model")
     return anchor
 
 
