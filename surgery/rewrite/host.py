@@ -516,7 +516,7 @@ class _InterceptSite:
 
     def __init__(self, module: nn.Module, anchor: FunctionalAnchor, runtime: RuntimeState):
         self.functions = _FUNCTIONS.get(anchor.op, ())
-        self.op, self.where = anchor.op, anchor.where
+        self.op, self.where, self.name = anchor.op, anchor.where, anchor.op.rpartition(".")[2]
         self.shapes: dict[int, tuple] = {}
         self.entries: dict[int, list] = {}
         self.call = anchor.call if anchor.calls > 1 else None
@@ -530,7 +530,7 @@ class _InterceptSite:
     def matches(self, func) -> bool:
         if self.where is None:
             return func in self.functions
-        if torch_fn_key(func) != self.op:
+        if getattr(func, "__name__", None) != self.name or torch_fn_key(func) != self.op:
             return False
         if torch.compiler.is_compiling():
             raise RewriteError(f"{self.op} at {self.where[0]}:{self.where[1]} is intercepted by its source line, "
