@@ -52,14 +52,16 @@ def _record(model, blocks):
     return seen, handles
 
 
-def _inputs(arch, inputs):
+def _inputs(inputs):
     return dict(inputs, use_cache=False) if "input_ids" in inputs else dict(inputs)
 
 
 @pytest.mark.parametrize("arch", ["gptj", "gpt_neox", "phi", "dit", "gpt2", "llama"])
 def test_pfeiffer_reads_the_sublayer_sum(arch):
     """Each block's output is z + A(z), z the base block's output (residual + branch), and the adapter's input
-    is z: AdapterHub's SeqBn on a pre-LN sub-layer, where the branch is the parallel sum (or a DiT's gated FFN)."""
+    is z: AdapterHub's SeqBn on a pre-LN sub-layer, where the branch is the parallel sum (or a DiT's gated FFN).
+    GPT-2 (sequential) checks the other kind: the last block's adapter must not take the stack's final norm
+    (ln_f, the last add's only user) for a post-sub-layer norm (it read ln_f(z) and ln_f was applied twice)."""
     model, inputs, facts = ARCHITECTURES[arch]()
     surgery.apply(model, "pfeiffer", example_inputs=facts["apply_inputs"])
     _perturb(model)
@@ -70,7 +72,7 @@ def test_pfeiffer_reads_the_sublayer_sum(arch):
              for a in adapters.values()]
     seen, handles = _record(model, facts["blocks"])
     with torch.no_grad():
-        model(**_inputs(arch, inputs))
+        model(**_inputs(inputs))
     for h in hooks + handles:
         h.remove()
     assert len(down_inputs) == facts["num_layers"]
