@@ -145,16 +145,6 @@ def failure_kind(message: str) -> str:
 # Cells that fail on today's engine: (arch, spec) -> (observed outcome, what). Delete entries as the engine
 # is fixed; `python tools/architectures_table.py --run` prints the observed table.
 XFAIL: dict[tuple[str, str], tuple[str, str]] = {
-    ('torch-encoder', 'qlora'): ('refused', 'LoRA dropout on a weight read functionally (MultiheadAttention in_proj)'),
-    ('torch-encoder', 'unipelt'): ('wrong', 'trainable parameters get no gradient'),
-    ('gptj', 'adapterplus'): ('refused', "a value no module boundary carries (functional or shared dropout, a shared layer's norm)"),
-    ('gptj', 'pfeiffer'): ('refused', "a value no module boundary carries (functional or shared dropout, a shared layer's norm)"),
-    ('gptj', 'pfeiffer_inv'): ('refused', "a value no module boundary carries (functional or shared dropout, a shared layer's norm)"),
-    ('gptj', 'unipelt'): ('refused', "a value no module boundary carries (functional or shared dropout, a shared layer's norm)"),
-    ('gpt_neox', 'adapterplus'): ('refused', "a value no module boundary carries (functional or shared dropout, a shared layer's norm)"),
-    ('gpt_neox', 'pfeiffer'): ('refused', "a value no module boundary carries (functional or shared dropout, a shared layer's norm)"),
-    ('gpt_neox', 'pfeiffer_inv'): ('refused', "a value no module boundary carries (functional or shared dropout, a shared layer's norm)"),
-    ('gpt_neox', 'unipelt'): ('refused', "a value no module boundary carries (functional or shared dropout, a shared layer's norm)"),
     ('mixtral', 'ia3'): ('refused', 'RewriteError: model.layers.0.mlp.experts: its 4 experts are one 3-D parameter (model.layers.0.mlp.ex'),
     ('mixtral', 'qlora'): ('refused', 'RewriteError: model.layers.0.mlp.experts: its 4 experts are one 3-D parameter (model.layers.0.mlp.ex'),
     ('mixtral', 'said'): ('refused', 'RewriteError: model.layers.0.mlp.experts: its 4 experts are one 3-D parameter (model.layers.0.mlp.ex'),
@@ -165,14 +155,6 @@ XFAIL: dict[tuple[str, str], tuple[str, str]] = {
     ('qwen2_moe', 'qlora'): ('refused', 'RewriteError: model.layers.0.mlp.experts: its 4 experts are one 3-D parameter (model.layers.0.mlp.ex'),
     ('qwen2_moe', 'said'): ('refused', 'RewriteError: model.layers.0.mlp.experts: its 4 experts are one 3-D parameter (model.layers.0.mlp.ex'),
     ('qwen2_moe', 'sparse'): ('refused', 'RewriteError: model.layers.0.mlp.experts: its 4 experts are one 3-D parameter (model.layers.0.mlp.ex'),
-    ('phi', 'adapterplus'): ('refused', "a value no module boundary carries (functional or shared dropout, a shared layer's norm)"),
-    ('phi', 'pfeiffer'): ('refused', "a value no module boundary carries (functional or shared dropout, a shared layer's norm)"),
-    ('phi', 'pfeiffer_inv'): ('refused', "a value no module boundary carries (functional or shared dropout, a shared layer's norm)"),
-    ('phi', 'unipelt'): ('refused', "a value no module boundary carries (functional or shared dropout, a shared layer's norm)"),
-    ('dit', 'adapterplus'): ('refused', "a value no module boundary carries (functional or shared dropout, a shared layer's norm)"),
-    ('dit', 'pfeiffer'): ('refused', "a value no module boundary carries (functional or shared dropout, a shared layer's norm)"),
-    ('dit', 'pfeiffer_inv'): ('refused', "a value no module boundary carries (functional or shared dropout, a shared layer's norm)"),
-    ('dit', 'unipelt'): ('refused', "a value no module boundary carries (functional or shared dropout, a shared layer's norm)"),
 }
 
 

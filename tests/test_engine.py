@@ -175,11 +175,12 @@ def test_rule_matching_nothing_is_an_error_and_model_untouched(name):
 def test_failure_during_rewrite_rolls_back():
     model = make_minigpt().eval()
     before = state(model)
-    # the second rule cannot be realized (dropout on MHA's functionally-read out_proj weight): nothing stays
+    # the second rule cannot be realized (IA3 scaling the input of MHA's functionally-read out_proj, asked on
+    # activations: the functional projection's input cannot be changed): nothing stays
     spec = {"rules": [
         {"name": "a", "match": {"role": "ffn.out"}, "action": "insert_after", "module": {"kind": "bottleneck"}},
-        {"name": "b", "match": {"role": "attention.output"}, "action": "wrap",
-         "module": {"kind": "lora", "dropout": 0.1}}]}
+        {"name": "b", "match": {"role": "attention.output"}, "action": "wrap", "realize": "activation",
+         "module": {"kind": "ia3", "scale": "input"}}]}
     with pytest.raises(surgery.RewriteError):
         surgery.apply(model, spec, example_inputs=model.example_inputs())
     assert_same_state(before, state(model))

@@ -724,7 +724,9 @@ def analyze(traced: Traced) -> Analysis:
         branch = a if residual is b else b
         norm = None
         users = list(add_node.users)
-        if len(users) == 1 and op_name(users[0]) in NORM_OPS:
+        # a post-sub-layer norm (BERT's) is the layer's own; the norm after a pre-LN stack's last layer (GPT-2's
+        # ln_f) reads the last add alone too, but belongs to no layer
+        if len(users) == 1 and op_name(users[0]) in NORM_OPS and layer_of(users[0]) == layer:
             norm = users[0]
         add(add_node, f"{prefix}.residual_add", layer, branch=branch, residual=residual, norm=norm)
         if isinstance(residual, fx.Node):

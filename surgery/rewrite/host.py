@@ -22,6 +22,7 @@ from torch.nn.utils import parametrize
 
 from surgery.analyze.roles import Analysis, LinearInfo, op_name, stack_entries, stack_paths
 from surgery.rewrite import compose
+from surgery.rewrite.torchcalls import forward_line, torch_call_site, torch_fn_key
 from surgery.errors import RewriteError
 from surgery.modules import columns as cols
 from surgery.modules.columns import Columns
@@ -240,6 +241,7 @@ class WeightSite:
     packed: tuple[int, int] | Columns | None = None   # output columns of the op's result the site covers
     gate: Callable[[], bool] = lambda: True
     call: int | None = None     # one call of a module called several times per forward
+    routed: tuple | None = None  # a projection nn.MultiheadAttention reads functionally, on activations (mha.py)
     undo: list = field(default_factory=list)
     attached: bool = True
 
@@ -322,8 +324,9 @@ def value_anchor(analysis: Analysis, value: fx.Node) -> Boundary:
     if anchor is None:
         raise RewriteError(
             f"the value of node {value.name} ({op_name(value)} in {stack_paths(value)[-1:] or ['<root>']}) is not "
-            f"the input or output of any module, nor the result of a functional call surgery can intercept "
-            f"({', '.join(sorted(INTERCEPTABLE))}), so it cannot be changed on the host model")
+            f"the input or output of any module, nor the whole result of a torch-level call in a module's forward "
+            f"that surgery can intercept ({', '.join(sorted(INTERCEPTABLE))}, or a call torch.export recorded with "
+            f"its forward's source line), so it cannot be changed on the host model")
     return anchor
 
 
@@ -424,19 +427,33 @@ _FUNCTIONS = {"dropout": (F.dropout, torch.dropout)}
 @dataclass(frozen=True)
 class FunctionalAnchor:
     """The `index`-th call (0-based, in call order) of an interceptable function during one call of `module`:
-    a value no module boundary carries (OPT's, BART's and Whisper's `F.dropout` on the residual branch)."""
+    a value no module boundary carries (OPT's, BART's and Whisper's `F.dropout` on the residual branch).
+
+    With `where` (a source file and line), `op` is the torch-level function as torch.export records it in a
+    node's `torch_fn` meta (e.g. "method_descriptor.add" for `a + b`), and the index counts that function's
+    calls made from that line of the innermost `forward` on the stack during the module's call: an elementwise
+    op in a forward, such as the sum of a parallel block's attention and MLP outputs (GPT-J, GPT-NeoX, Phi) or
+    a DiT's gated FFN output."""
 
     module: str
     call: int
     calls: int
     op: str
     index: int
+    where: tuple[str, int] | None = None
+    shape: tuple | None = None      # (dims, last dim) of the traced value, checked at run time
+
+
+def torch_call_anchor(value: fx.Node) -> FunctionalAnchor | None:
+    """The torch-level call in a module's forward producing `value` (see surgery/rewrite/torchcalls.py)."""
+    site = torch_call_site(value)
+    return FunctionalAnchor(**site) if site is not None else None
 
 
 def functional_anchor(value: fx.Node) -> FunctionalAnchor | None:
     op = op_name(value)
     if op not in INTERCEPTABLE:
-        return None
+        return torch_call_anchor(value)
     entries = stack_entries(value)
     if not entries:
         return None
@@ -456,9 +473,15 @@ class _CallMode(torch.overrides.TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if func in self.site.functions and not getattr(_ADAPTER_DEPTH, "depth", 0):
+        if self.site.matches(func) and not getattr(_ADAPTER_DEPTH, "depth", 0):
             # the host's own calls only: an adapter's dropout (inside a hook during this forward) is not counted
             index, self.count = self.count, self.count + 1
+            expected = self.site.shapes.get(index)
+            if expected is not None and (not isinstance(out, torch.Tensor) or
+                                         (out.dim(), out.shape[-1] if out.dim() else None) != expected):
+                raise RewriteError(f"the {index}-th call of {self.site.op} at {self.site.where[0]}:"
+                                   f"{self.site.where[1]} gives {tuple(getattr(out, 'shape', ()))}, not the traced "
+                                   f"value's {expected} (dims, width): the model runs other code than when traced")
             for gate, fn in list(self.site.entries.get(index, ())):
                 if gate is None or gate():
                     out = fn(out)
@@ -494,7 +517,9 @@ class _InterceptSite:
     only that module's forward is affected (per thread: the modes live in the runtime's thread state)."""
 
     def __init__(self, module: nn.Module, anchor: FunctionalAnchor, runtime: RuntimeState):
-        self.functions = _FUNCTIONS[anchor.op]
+        self.functions = _FUNCTIONS.get(anchor.op, ())
+        self.op, self.where, self.name = anchor.op, anchor.where, anchor.op.rpartition(".")[2]
+        self.shapes: dict[int, tuple] = {}
         self.entries: dict[int, list] = {}
         self.call = anchor.call if anchor.calls > 1 else None
         self.runtime = runtime
@@ -503,6 +528,16 @@ class _InterceptSite:
 
     def _modes(self) -> list:
         return self.runtime.modes.setdefault(id(self), [])
+
+    def matches(self, func) -> bool:
+        if self.where is None:
+            return func in self.functions
+        if getattr(func, "__name__", None) != self.name or torch_fn_key(func) != self.op:
+            return False
+        if torch.compiler.is_compiling():
+            raise RewriteError(f"{self.op} at {self.where[0]}:{self.where[1]} is intercepted by its source line, "
+                               f"which torch.compile cannot trace; run this model eagerly (or compile its submodules)")
+        return forward_line() == self.where
 
     def _enter(self, module, args):
         if self.call is not None and self.runtime.calls.get(id(module), 0) - 1 != self.call:
@@ -525,13 +560,15 @@ def intercept_call(model: nn.Module, anchor: FunctionalAnchor, gate, fn) -> Call
     module = model.get_submodule(anchor.module)
     runtime = store_of(model, create=True).runtime
     table = module.__dict__.setdefault("_surgery_intercepts", {})
-    key = (anchor.op, anchor.call)
+    key = (anchor.op, anchor.call) if anchor.where is None else (anchor.op, anchor.where, anchor.call)
     uncount = count_calls(module, runtime) if anchor.calls > 1 else None
     if key not in table:
         table[key] = _InterceptSite(module, anchor, runtime)
     site = table[key]
     entry = (gate, fn)
     site.entries.setdefault(anchor.index, []).append(entry)
+    if anchor.shape is not None:
+        site.shapes[anchor.index] = anchor.shape
     return functools.partial(_undo_intercept, module, key, site, anchor.index, entry, uncount)
 
 
@@ -624,20 +661,33 @@ def wrap_weight(model: nn.Module, analysis: Analysis, info: LinearInfo, packed: 
         whole_module = any(b.module == owner_path and b.side == "in" and b.loc == ("arg", 0)
                            for b in analysis.boundaries(info.x))
     mode = realize if realize != "auto" else ("activation" if whole_module else "weight")
+    dropout = getattr(adapter, "dropout", None)
+    # what a weight parametrization cannot express: dropout on the adapter's input, a gate read from it
+    needs_input = getattr(adapter, "activation_only", False) or isinstance(getattr(adapter, "gate", None), nn.Module) \
+        or (isinstance(dropout, nn.Dropout) and dropout.p > 0)
+    routed = None
+    if not whole_module and (mode == "activation" or needs_input):
+        from surgery.rewrite import mha
+        routed = mha.routing(model, owner_path, weight_name, rows)
+        if routed is not None and analysis.calls(owner_path) <= 1:
+            mode = "activation"
     if mode == "weight" and getattr(adapter, "activation_only", False):
         raise RewriteError(f"{owner_path}: {type(adapter).__name__} here is not an op of the base kind (e.g. LoRA on "
                            f"a grouped conv), so it needs the activation path, which this op does not allow")
-    if mode == "activation" and not whole_module:
+    if mode == "activation" and not whole_module and routed is None:
         raise RewriteError(f"{owner_path}: the op reads its weight without calling the module, so it can only be "
                            f"adapted on the weight (realize: weight)")
     if mode == "weight" and isinstance(getattr(adapter, "dropout", None), nn.Dropout) and adapter.dropout.p > 0:
         raise RewriteError(f"{owner_path}: dropout on the adapter's input needs the activation path, "
                            f"which this op does not allow; set dropout: 0")
+    if mode == "weight" and isinstance(getattr(adapter, "gate", None), nn.Module):
+        raise RewriteError(f"{owner_path}: a gated adapter (use_gating) reads its gate from the op's input, which "
+                           f"needs the activation path, which this op does not allow")
     if mode == "weight" and analysis.calls(owner_path) > 1:
         raise RewriteError(f"{owner_path} is called {analysis.calls(owner_path)} times per forward (a shared layer); "
                            f"a per-call adapter needs the activation path, which this op does not allow")
     site = WeightSite(rule, key, owner, owner_path, weight_name, bias_name, info.layout, rows, bias_rows, adapter,
-                      mode, packed=packed, gate=gate, call=call)
+                      mode, packed=packed, gate=gate, call=call, routed=routed if mode == "activation" else None)
     attach_weight_site(site)
     return site
 
@@ -646,7 +696,13 @@ def attach_weight_site(site: WeightSite) -> None:
     """Realize the adapter of a weight site on the host (hooks or parametrizations); record how to detach."""
     owner, adapter, gate, packed = site.owner, site.adapter, site.gate, site.packed
     undo = []
-    if site.realized == "activation":
+    if site.realized == "activation" and site.routed is not None:
+        from surgery.rewrite import mha
+        if adapter.adapts_input:
+            raise RewriteError(f"{site.owner_path}: {type(adapter).__name__} changes the op's input, which "
+                               f"nn.MultiheadAttention's functional projection does not allow")
+        undo.append(mha.attach(site))
+    elif site.realized == "activation":
         if adapter.adapts_input:
             undo.append(dispatch(owner, "in", ("arg", 0), gate, functools.partial(_adapt_input, adapter),
                                  call=site.call))
