@@ -13,14 +13,16 @@ import torch
 from torch import fx, nn
 from torch.nn.utils import parametrize
 
-from surgery.analyze.roles import Analysis, Site, op_name, stack_entries
+from surgery.analyze.roles import SDPA_OPS, Analysis, Site, op_name, stack_entries
 from surgery.errors import RewriteError
 from surgery.match.pattern import Match
 from surgery.rewrite import compose
 from surgery.modules import columns as cols
 from surgery.modules.base import SiteContext
 from surgery.modules.registry import module_class
-from surgery.rewrite.attention import attach_intercept, attach_registry, keep_off_fast_path, registry_of
+from surgery.rewrite.attention import (attach_intercept, attach_registry, keep_off_fast_path, registry_of,
+                                       uses_registry)
+from surgery.rewrite.shadow import attach_shadow
 from surgery.rewrite.host import (AdapterStore, Gate, Record, WeightSite, attach_weight_site, capture_anchor,
                                   hook_capture, hook_value, input_anchor, install_stack_capture, output_anchor,
                                   value_anchor, wrap_weight)
@@ -467,11 +469,13 @@ def _realize_one(model, analysis, store, record, rule, match, value, module, key
             record.undo.append(hook_capture(model, anchor, store.runtime, slot))
             adapter = functools.partial(_with_attention_input, module, store.runtime, slot)
         registry = registry_of(model)
-        if registry is not None:
+        if registry is not None and uses_registry(host):
             record.undo.append(attach_registry(model, registry, host, adapter, gate))
-        else:
+        elif op_name(match.site.node) in SDPA_OPS or isinstance(host, nn.MultiheadAttention):
             record.undo.append(attach_intercept(host, adapter, gate))
             record.undo.append(keep_off_fast_path(model, match.module, gate))
+        else:   # softmax attention the module computes with its own ops (rewrite/shadow.py)
+            record.undo.append(attach_shadow(host, adapter, gate))
     elif action == "prepend":
         _realize_prepend(model, analysis, store, record, match, value, module, gate)
     else:
