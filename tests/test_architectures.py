@@ -97,12 +97,6 @@ def _refusals() -> dict[tuple[str, str], Refusal]:
                 "clip-vision", "wav2vec2", "unet", "dit"]
     refuse(headless, ["lora_task_head"], "the model has no head (a base model without an LM or classification head)",
            r"rule 'head' .*matched no site")
-    # attention computed by the model's own code, not through transformers' attention registry: the attention
-    # adapters cannot reach its keys and values
-    refuse(["deberta-v2", "gpt_neo", "bloom", "falcon"], ["prefix", "llama_adapter", "mam", "unipelt"],
-           "engine gap: the attention class computes attention itself, not through transformers' registry (attention "
-           "adapters refused)",
-           r"computes its attention itself|interleaved")
     return table
 
 

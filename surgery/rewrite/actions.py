@@ -125,6 +125,9 @@ def _attention_facts(model, analysis: Analysis, match: Match) -> dict:
     q = match.site.extra.get("q", match.site.node.args[0])   # eager attention: the op node is probs @ v
     q_shape = q.meta["val"].shape
     heads, head_dim = int(q_shape[1]), int(q_shape[-1])
+    if len(q_shape) != 4 and analysis.hidden_size:
+        # heads folded into the batch ([batch * heads, seq, head_dim]: DeBERTa, BLOOM): from the widths
+        heads = analysis.hidden_size // head_dim
     facts = {"heads": heads, "head_dim": head_dim, "kv_heads": heads, "hidden": analysis.hidden_size,
              "k_proj": None, "v_proj": None}
     for role in ("attention.k", "attention.v"):

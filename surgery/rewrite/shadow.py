@@ -149,6 +149,8 @@ def _with_shape(node: _Node, x: torch.Tensor, axis: int, length: int) -> torch.T
     if sizes[axis] != -1:
         sizes[axis] = length
     func = _out_of_place(node.func)
+    if func is torch.Tensor.view:     # the same values; the added keys' tensor may not be viewable (an expand)
+        func = torch.Tensor.reshape
     if where == "var":
         return func(x, *sizes)
     if where == "seq":
