@@ -40,6 +40,8 @@ def _fingerprint(model: nn.Module, example_inputs) -> tuple | None:
     try:
         config = getattr(model, "config", None)
         config_repr = config.to_json_string(use_diff=False) if hasattr(config, "to_json_string") else repr(config)
+        # the attention implementation (eager or sdpa) changes the graph but is no key of the config's JSON
+        config_repr = (config_repr, getattr(config, "_attn_implementation", None))
         tensors = tuple((n, tuple(t.shape), str(t.dtype), t.device.type)
                         for n, t in list(model.named_parameters()) + list(model.named_buffers()))
         modules = tuple((n, type(m).__qualname__) for n, m in model.named_modules())

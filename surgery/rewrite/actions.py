@@ -22,7 +22,7 @@ from surgery.modules.base import SiteContext
 from surgery.modules.registry import module_class
 from surgery.rewrite.attention import (attach_intercept, attach_registry, keep_off_fast_path, registry_of,
                                        uses_registry)
-from surgery.rewrite.shadow import attach_shadow
+from surgery.rewrite.shadow import attach_shadow, check_traced
 from surgery.rewrite.host import (AdapterStore, Gate, Record, WeightSite, attach_weight_site, capture_anchor,
                                   hook_capture, hook_value, input_anchor, install_stack_capture, output_anchor,
                                   value_anchor, wrap_weight)
@@ -478,6 +478,7 @@ def _realize_one(model, analysis, store, record, rule, match, value, module, key
             record.undo.append(attach_intercept(host, adapter, gate))
             record.undo.append(keep_off_fast_path(model, match.module, gate))
         else:   # softmax attention the module computes with its own ops (rewrite/shadow.py)
+            check_traced(match.site.node, match.module)
             record.undo.append(attach_shadow(host, adapter, gate))
     elif action == "prepend":
         _realize_prepend(model, analysis, store, record, match, value, module, gate)

@@ -566,3 +566,51 @@ class _ShadowUndo:
             self.module.__dict__.pop(_SHADOW_ATTR, None)
             self.module.__dict__.pop("forward", None)
 
+
+
+# ---------------------------------------------------------------- at apply: the traced attention op
+
+# the traced (aten) names of what the replay follows
+_TRACED_SCORE_OPS = _SCORE_OPS | {"_to_copy", "_unsafe_view", "alias", "lift_fresh_copy", "masked_fill_", "copy"}
+_TRACED_PROB_OPS = _PROB_OPS | {"_to_copy", "_unsafe_view", "alias", "native_dropout", "getitem", "expand"}
+
+
+def _traced_name(node) -> str:
+    from surgery.analyze import roles
+    name = roles.op_name(node)
+    return name[:-1] if name.endswith("_") and not name.startswith("_") else name
+
+
+def check_traced(out_node, module: str) -> None:
+    """Refuse at apply, naming the op, an eager attention op whose traced score or probability path has an op the
+    shadow replay does not follow (the same test runs again on every call, on the ops the forward really runs)."""
+    from surgery.analyze import roles
+    node, seen = out_node.args[0], 0
+    while roles.op_name(node) not in roles.NORMALIZATIONS:
+        name = _traced_name(node)
+        if name not in _TRACED_PROB_OPS or seen > 16:
+            raise _refuse(module, f"the op {name!r} between the softmax and its product with the values is not one "
+                                  f"the replay understands")
+        node, seen = next(a for a in node.all_input_nodes), seen + 1
+    scores, want = node.args[0], roles._last2(node)
+    products = roles._walk_back(scores, lambda n: roles.op_name(n) in roles.PRODUCTS and roles._last2(n) == want,
+                                roles._SCORE_PATH, 32)
+    if not products:
+        raise _refuse(module, "no product of queries and keys found upstream of the softmax")
+    product = products[0]
+    if roles.op_name(product) not in _PRODUCTS:
+        raise _refuse(module, f"the scores are a {roles.op_name(product)!r}, which the replay does not follow")
+    ancestors, stack = set(), [scores]
+    while stack:
+        n = stack.pop()
+        if n in ancestors or n.op != "call_function":
+            continue
+        ancestors.add(n)
+        stack.extend(n.all_input_nodes)
+    on_path = {product}
+    for n in out_node.graph.nodes:
+        if n in ancestors and n is not product and any(a in on_path for a in n.all_input_nodes):
+            on_path.add(n)
+            if _traced_name(n) not in _TRACED_SCORE_OPS:
+                raise _refuse(module, f"the op {_traced_name(n)!r} between the score product and the softmax is not "
+                                      f"one the replay understands")
