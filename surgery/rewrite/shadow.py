@@ -41,6 +41,7 @@ from torch import nn
 
 from surgery.errors import RewriteError
 from surgery.rewrite.attention import chain
+from surgery.rewrite.host import _ADAPTER_DEPTH
 
 _SHADOW_ATTR = "_surgery_shadow"
 
@@ -281,7 +282,14 @@ class ShadowMode(torch.overrides.TorchFunctionMode):
                 return out
             return replay(k[:, :, :prefix], v[:, :, :prefix], out if main else None)
 
-        return chain(self.adapters, attend)(q_operand, k_canon, v_canon)
+        # the adapters and the replay are no calls of the host's: a functional intercept around this module
+        # (host.py: the n-th F.dropout of a forward) must not count their dropout
+        depth = getattr(_ADAPTER_DEPTH, "depth", 0)
+        _ADAPTER_DEPTH.depth = depth + 1
+        try:
+            return chain(self.adapters, attend)(q_operand, k_canon, v_canon)
+        finally:
+            _ADAPTER_DEPTH.depth = depth
 
     def _score_product(self, softmax: _Node) -> _Node:
         """The nearest product upstream of the softmax whose output has the scores' [query, key] shape."""
