@@ -264,3 +264,15 @@ def test_unknown_score_op_at_run_time_raises_naming_it():
     model.layers[1].attn.stable = True
     with pytest.raises(RewriteError, match="amax"):
         model(ids)
+
+
+@pytest.mark.slow
+def test_custom_attention_compiles_with_graph_breaks():
+    """torch.compile runs the recording mode as Python (graph breaks there) and gives the eager outputs."""
+    torch.manual_seed(0)
+    model = _Model().eval()
+    ids = torch.randint(0, 50, (2, 7))
+    surgery.apply(model, "prefix")
+    want = model(ids)
+    compiled = torch.compile(model, backend="aot_eager")
+    torch.testing.assert_close(compiled(ids), want, atol=ATOL, rtol=0)
