@@ -68,6 +68,7 @@ IDS = torch.randint(3, 96, (2, 8), generator=torch.Generator().manual_seed(1))
 LEFT_PAD = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1], [1] * 8])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spec", ["prefix", "llama_adapter"])
 def test_llama_eager_shadow_equals_registry(spec, monkeypatch):
     base, registry, shadow = _pair(_llama, spec, monkeypatch)
@@ -108,6 +109,7 @@ def _falcon(implementation, **extra):
     return FalconForCausalLM._from_config(cfg, attn_implementation=implementation).eval()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra", [{"new_decoder_architecture": True, "num_kv_heads": 2},
                                    {"new_decoder_architecture": False, "multi_query": True}], ids=["rotary-gqa", "multi-query"])
 def test_falcon_eager_shadow_equals_sdpa_intercept(extra):
