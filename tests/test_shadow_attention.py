@@ -160,10 +160,34 @@ class _StableAttention(_Attention):
         super().__init__(stable=True)
 
 
+class _FoldedAttention(_Attention):
+    """Heads folded into the batch and the keys scaled before the product (DeBERTa's layout), `.mT`, a tanh
+    soft-cap, a bool mask by `masked_fill`, explicit key lengths in the views."""
+
+    def forward(self, x, mask, prefix=None):
+        b, n = x.shape[:2]
+        q, k, v = self.split(self.q(x)), self.split(self.k(x)), self.split(self.v(x))
+        allowed = mask == 0
+        if prefix is not None:
+            pk, pv = prefix
+            k, v = torch.cat([pk, k], 2), torch.cat([pv, v], 2)
+            allowed = torch.cat([allowed.new_ones(*allowed.shape[:-1], pk.shape[2]), allowed], -1)
+        keys = k.shape[2]
+        qf = q.reshape(b * self.heads, n, self.head_dim)
+        kf = k.reshape(b * self.heads, keys, self.head_dim).mT / math.sqrt(self.head_dim)
+        vf = v.reshape(b * self.heads, keys, self.head_dim)
+        scores = torch.bmm(qf, kf).view(b, self.heads, n, keys)
+        scores = 5.0 * torch.tanh(scores / 5.0)
+        scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+        probs = self.drop(scores.softmax(-1)).view(b * self.heads, n, keys)
+        out = torch.bmm(probs, vf).view(b, self.heads, n, -1).transpose(1, 2).reshape(b, n, -1)
+        return self.o(out)
+
+
 class _Block(nn.Module):
-    def __init__(self, stable=False):
+    def __init__(self, attention=_Attention):
         super().__init__()
-        self.attn = _StableAttention() if stable else _Attention()
+        self.attn = attention()
         self.norm1, self.norm2 = nn.LayerNorm(32), nn.LayerNorm(32)
         self.fc1, self.fc2 = nn.Linear(32, 64), nn.Linear(64, 32)
 
@@ -173,10 +197,10 @@ class _Block(nn.Module):
 
 
 class _Model(nn.Module):
-    def __init__(self, stable=False):
+    def __init__(self, attention=_Attention):
         super().__init__()
         self.embed = nn.Embedding(50, 32)
-        self.layers = nn.ModuleList([_Block(stable), _Block(stable)])
+        self.layers = nn.ModuleList([_Block(attention), _Block(attention)])
         self.head = nn.Linear(32, 50)
 
     def forward(self, ids, prefixes=None):
@@ -191,9 +215,10 @@ def _heads(flat, batch, heads=4):
     return flat.view(flat.shape[0], heads, -1).transpose(0, 1).unsqueeze(0).expand(batch, -1, -1, -1)
 
 
-def test_custom_attention_prefix_equals_concatenation():
+@pytest.mark.parametrize("attention", [_Attention, _FoldedAttention], ids=["matmul", "folded-bmm"])
+def test_custom_attention_prefix_equals_concatenation(attention):
     torch.manual_seed(0)
-    model = _Model().eval()
+    model = _Model(attention).eval()
     ids = torch.randint(0, 50, (2, 7))
     base = model(ids)
     surgery.apply(model, "prefix")
@@ -247,7 +272,7 @@ def test_custom_attention_llama_adapter_equals_separate_softmax():
 
 def test_unknown_score_op_is_refused_naming_it():
     torch.manual_seed(0)
-    model = _Model(stable=True).eval()
+    model = _Model(_StableAttention).eval()
     ids = torch.randint(0, 50, (2, 7))
     base = model(ids)
     with pytest.raises(RewriteError, match="amax"):

@@ -51,7 +51,7 @@ _RENAME = {"truediv": "div", "true_divide": "div", "divide": "div", "multiply": 
 _PRODUCTS = {"matmul", "bmm", "baddbmm"}
 _SOFTMAX = {"softmax"}
 # ops from the keys/values in [batch, heads, positions, head_dim] to a product's operand
-_LAYOUT = {"transpose", "permute", "view", "reshape", "contiguous", "clone", "expand", "to", "float", "half",
+_LAYOUT = {"transpose", "mT", "permute", "view", "reshape", "contiguous", "clone", "expand", "to", "float", "half",
            "bfloat16", "double", "type", "type_as", "detach", "repeat_interleave"}
 _SCALAR = {"div", "mul"}
 # score arithmetic the replay understands (elementwise, key axis last)
@@ -68,6 +68,8 @@ _RESHAPES = {"view", "reshape", "expand"}
 
 def op_name(func) -> str:
     name = getattr(func, "__name__", "") or ""
+    if name == "__get__":     # a property: x.mT, x.T
+        name = getattr(getattr(func, "__self__", None), "__name__", name)
     if name.startswith("__") and name.endswith("__"):
         name = name[2:-2]
         if name[:1] == "i" and name[1:] in ("add", "sub", "mul", "truediv", "div", "matmul"):
@@ -372,6 +374,9 @@ class ShadowMode(torch.overrides.TorchFunctionMode):
         name, out = node.name, node.out
         if name == "transpose":
             a, b = [d % out.dim() for d in node.args[1:3]]
+            return b if axis == a else a if axis == b else axis
+        if name == "mT":
+            a, b = out.dim() - 2, out.dim() - 1
             return b if axis == a else a if axis == b else axis
         if name == "permute":
             dims = node.args[1:] if len(node.args) > 2 else node.args[1]
