@@ -303,3 +303,16 @@ def test_custom_attention_compiles_with_graph_breaks():
     want = model(ids)
     compiled = torch.compile(model, backend="aot_eager")
     torch.testing.assert_close(compiled(ids), want, atol=ATOL, rtol=0)
+
+
+@pytest.mark.slow
+def test_custom_attention_exports_with_dynamic_shapes(tmp_path):
+    """torch.export (symbolic batch and sequence sizes) records the replay; the program gives the eager outputs at
+    other sizes."""
+    torch.manual_seed(0)
+    model = _Model(_FoldedAttention).eval()
+    surgery.apply(model, "prefix")
+    path = surgery.export(model, tmp_path / "model.pt2", example_inputs=(torch.randint(0, 50, (2, 7)),), format="pt2")
+    program = torch.export.load(str(path)).module()
+    ids = torch.randint(0, 50, (3, 5))
+    torch.testing.assert_close(program(ids), model(ids), atol=ATOL, rtol=0)

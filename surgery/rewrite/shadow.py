@@ -141,7 +141,8 @@ def _shape_args(node: _Node) -> tuple[str, list] | None:
     rest = node.args[1:]
     if len(rest) == 1 and isinstance(rest[0], (list, tuple, torch.Size)):
         return "seq", list(rest[0])
-    if rest and all(isinstance(r, int) for r in rest):
+    if rest and all(isinstance(r, (int, torch.SymInt)) or (isinstance(r, torch.Tensor) and r.dim() == 0)
+                    for r in rest):   # symbolic sizes (torch.export), traced sizes (torch.jit.trace)
         return "var", list(rest)
     return None
 
@@ -149,7 +150,7 @@ def _shape_args(node: _Node) -> tuple[str, list] | None:
 def _with_shape(node: _Node, x: torch.Tensor, axis: int, length: int) -> torch.Tensor:
     """Replay a view/reshape/expand on `x` with the size at `axis` of its target shape set to `length`."""
     where, sizes = _shape_args(node)
-    if sizes[axis] != -1:
+    if not (isinstance(sizes[axis], int) and sizes[axis] == -1):
         sizes[axis] = length
     func = _out_of_place(node.func)
     if func is torch.Tensor.view:     # the same values; the added keys' tensor may not be viewable (an expand)
@@ -486,7 +487,8 @@ class _Replay:
 
     @staticmethod
     def neutral(t: torch.Tensor, value, keys: int) -> torch.Tensor:
-        return torch.full((*t.shape[:-1], 1), value, dtype=t.dtype, device=t.device)
+        make = torch.ones if value else torch.zeros    # value: 0, 1, False or True
+        return make((*t.shape[:-1], 1), dtype=t.dtype, device=t.device)
 
     def check(self, node: _Node, out: torch.Tensor, length: int):
         want = tuple(node.out.shape[:-1])
