@@ -132,6 +132,7 @@ class _Attention(nn.Module):
     def __init__(self, dim=32, heads=4, stable=False):
         super().__init__()
         self.heads, self.head_dim, self.stable = heads, dim // heads, stable
+        self.renormalize = False
         self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
         self.drop = nn.Dropout(0.1)
 
@@ -149,6 +150,8 @@ class _Attention(nn.Module):
         if self.stable:
             scores = scores - scores.amax(-1, keepdim=True)
         probs = self.drop(F.softmax(scores, dim=-1))
+        if self.renormalize:
+            probs = F.normalize(probs, p=1.0, dim=-1)
         out = torch.matmul(probs, v).transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)
         return self.o(out)
 
@@ -290,6 +293,10 @@ def test_unknown_score_op_at_run_time_raises_naming_it():
     surgery.apply(model, "prefix")
     model.layers[1].attn.stable = True
     with pytest.raises(RewriteError, match="amax"):
+        model(ids)
+    model.layers[1].attn.stable = False
+    model.layers[1].attn.renormalize = True     # after the softmax
+    with pytest.raises(RewriteError, match="normalize"):
         model(ids)
 
 

@@ -243,7 +243,10 @@ class ShadowMode(torch.overrides.TorchFunctionMode):
         node, path = self.producers.get(id(left)), []
         while node is not None and node.name != "softmax":
             made = [(p, t) for p, t in node.tensors() if id(t) in node.inputs]
-            if node.name not in _PROB_OPS or not made:
+            if not made:
+                return None
+            if node.name not in _PROB_OPS:
+                self._unfollowed(node)
                 return None
             p, t = made[0]
             path.append((node, p))
@@ -251,6 +254,19 @@ class ShadowMode(torch.overrides.TorchFunctionMode):
         if node is None or not self._last_axis_softmax(node):
             return None
         return node, path[::-1], left, right
+
+    def _unfollowed(self, op: _Node):
+        """A product whose left operand comes from a softmax over the last axis through `op`, which the replay does
+        not follow: refused, naming the op."""
+        node = op
+        for _ in range(16):
+            made = [t for _, t in node.tensors() if id(t) in node.inputs]
+            if not made:
+                return
+            node = node.producer(made[0])
+            if node.name == "softmax" and self._last_axis_softmax(node):
+                raise _refuse(self.module_name, f"the op {op.name!r} between the softmax and its product with the "
+                                                f"values is not one the replay understands")
 
     @staticmethod
     def _last_axis_softmax(node: _Node) -> bool:
