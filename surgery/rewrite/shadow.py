@@ -264,6 +264,8 @@ class ShadowMode(torch.overrides.TorchFunctionMode):
             if not made:
                 return
             node = node.producer(made[0])
+            if node.name in _PRODUCTS:     # another product's output (the attention's own, then the output linear)
+                return
             if node.name == "softmax" and self._last_axis_softmax(node):
                 raise _refuse(self.module_name, f"the op {op.name!r} between the softmax and its product with the "
                                                 f"values is not one the replay understands")
