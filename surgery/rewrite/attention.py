@@ -7,6 +7,7 @@ other module whose forward calls `F.scaled_dot_product_attention` (nn.MultiheadA
 has that call routed through its adapters during that module's forward only: the instance's forward runs the
 class's forward inside a torch-function mode (per thread, lexically scoped) that routes the attention call by
 the module's adapters; torch.nn.functional itself is never changed, and torch.compile(fullgraph=True) traces it.
+Softmax attention a module computes with its own ops (no SDPA, no registry) is realized in rewrite/shadow.py.
 """
 from __future__ import annotations
 

@@ -47,9 +47,8 @@ _SHADOW_ATTR = "_surgery_shadow"
 
 # how an op is named once its variants are folded: __iadd__, add_, __radd__ -> add; __truediv__ -> div
 _RENAME = {"truediv": "div", "true_divide": "div", "divide": "div", "multiply": "mul", "subtract": "sub",
-           "swapaxes": "transpose", "swapdims": "transpose", "matmul": "matmul"}
+           "swapaxes": "transpose", "swapdims": "transpose"}
 _PRODUCTS = {"matmul", "bmm", "baddbmm"}
-_SOFTMAX = {"softmax"}
 # ops from the keys/values in [batch, heads, positions, head_dim] to a product's operand
 _LAYOUT = {"transpose", "mT", "permute", "view", "reshape", "contiguous", "clone", "expand", "to", "float", "half",
            "bfloat16", "double", "type", "type_as", "detach", "repeat_interleave"}
@@ -451,12 +450,11 @@ class _Replay:
         pk_operand = self.along(self.k_chain, pk, length)
         node = self.score_node
         bias, _, k_operand = self.mode._operands(node.func, node.args, node.kwargs)
-        values = {}
-        for path, t in node.tensors():
-            if t is k_operand:
-                values[path] = pk_operand
-            elif t is bias and t.dim() > 0 and t.shape[-1] == keys:
-                values[path] = self.neutral(t, 0, keys)   # baddbmm's added term (ALiBi): none for added keys
+        paths = list(node.tensors())
+        # the keys are the last operand (q @ k^T; baddbmm(bias, q, k^T)), also where q and k are one tensor
+        values = {[p for p, t in paths if t is k_operand][-1]: pk_operand}
+        if bias is not None and paths[0][1] is bias and bias.dim() > 0 and bias.shape[-1] == keys:
+            values[paths[0][0]] = self.neutral(bias, 0, keys)   # baddbmm's added term (ALiBi): none for added keys
         args, kwargs = _substitute(node, values)
         shadow = {id(node): _out_of_place(node.func)(*args, **kwargs)}
         self.check(node, shadow[id(node)], length)
