@@ -187,6 +187,21 @@ class _FoldedAttention(_Attention):
         return self.o(out)
 
 
+class _EinsumAttention(_Attention):
+    """Products by einsum; the values' product puts the heads after the queries ('bhij,bhjd->bihd')."""
+
+    def forward(self, x, mask, prefix=None):
+        b, n = x.shape[:2]
+        q, k, v = self.split(self.q(x)), self.split(self.k(x)), self.split(self.v(x))
+        if prefix is not None:
+            pk, pv = prefix
+            k, v = torch.cat([pk, k], 2), torch.cat([pv, v], 2)
+            mask = torch.cat([mask.new_zeros(*mask.shape[:-1], pk.shape[2]), mask], -1)
+        scores = torch.einsum("bhid,bhjd->bhij", q, k) * self.head_dim ** -0.5 + mask
+        probs = self.drop(scores.softmax(dim=-1))
+        return self.o(torch.einsum("bhij,bhjd->bihd", probs, v).reshape(b, n, -1))
+
+
 class _Block(nn.Module):
     def __init__(self, attention=_Attention):
         super().__init__()
@@ -218,7 +233,8 @@ def _heads(flat, batch, heads=4):
     return flat.view(flat.shape[0], heads, -1).transpose(0, 1).unsqueeze(0).expand(batch, -1, -1, -1)
 
 
-@pytest.mark.parametrize("attention", [_Attention, _FoldedAttention], ids=["matmul", "folded-bmm"])
+@pytest.mark.parametrize("attention", [_Attention, _FoldedAttention, _EinsumAttention],
+                         ids=["matmul", "folded-bmm", "einsum"])
 def test_custom_attention_prefix_equals_concatenation(attention):
     torch.manual_seed(0)
     model = _Model(attention).eval()

@@ -308,6 +308,8 @@ def _product_operands(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
         return node.args[1], node.args[2]
     if op in ("matmul", "bmm"):
         return node.args[0], node.args[1]
+    if op == "einsum" and len(node.args) > 1 and isinstance(node.args[1], (list, tuple)) and len(node.args[1]) == 2:
+        return node.args[1][0], node.args[1][1]
     return None
 
 
@@ -340,14 +342,14 @@ def _attention_ops(graph: fx.Graph) -> list[tuple[fx.Node, fx.Node, fx.Node, fx.
         scores = _last2(node)
         products = _walk_back(node.args[0], lambda n: op_name(n) in PRODUCTS and _last2(n) == scores,
                               _SCORE_PATH, 32)
-        outs = _walk_forward(node, lambda n: op_name(n) in ("matmul", "bmm"), VIEW_LIKE | {"type_as"}, 8)
-        if not products or not outs or _product_operands(products[0]) is None:
+        outs = _walk_forward(node, lambda n: op_name(n) in ("matmul", "bmm", "einsum"), VIEW_LIKE | {"type_as"}, 8)
+        if not products or not outs or _product_operands(products[0]) is None or _product_operands(outs[0]) is None:
             continue
         q, k = _product_operands(products[0])
         out = outs[0]
         while op_name(k) in ("transpose", "permute", "div", "mul") and isinstance(k.args[0], fx.Node):
             k = k.args[0]
-        found.append((out, q, k, out.args[1]))
+        found.append((out, q, k, _product_operands(out)[1]))
     return found
 
 

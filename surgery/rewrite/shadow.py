@@ -8,7 +8,7 @@ that records the forward's tensor ops. When the product `probs @ v` runs, whose 
 softmax over the last axis, the mode knows from the recorded ops:
 
 - the score product (the nearest product upstream of the softmax whose output has the scores' [query, key]
-  shape), its q operand and its k operand;
+  shape: `matmul`, `bmm`, `baddbmm`, a two-operand `einsum`), its q operand and its k operand;
 - the score program: every op from the score product to the softmax input (scale, mask add, `masked_fill`,
   `where`, ALiBi or relative-position terms, a soft-cap, views), with its other operands;
 - the key chain and the value chain: the layout and scalar ops (transposes, views, head repeats, a scale, a
@@ -48,7 +48,7 @@ _SHADOW_ATTR = "_surgery_shadow"
 # how an op is named once its variants are folded: __iadd__, add_, __radd__ -> add; __truediv__ -> div
 _RENAME = {"truediv": "div", "true_divide": "div", "divide": "div", "multiply": "mul", "subtract": "sub",
            "swapaxes": "transpose", "swapdims": "transpose"}
-_PRODUCTS = {"matmul", "bmm", "baddbmm"}
+_PRODUCTS = {"matmul", "bmm", "baddbmm", "einsum"}
 # ops from the keys/values in [batch, heads, positions, head_dim] to a product's operand
 _LAYOUT = {"transpose", "mT", "permute", "view", "reshape", "contiguous", "clone", "expand", "to", "float", "half",
            "bfloat16", "double", "type", "type_as", "detach", "repeat_interleave"}
@@ -169,6 +169,18 @@ def _view_axis(in_shape, out_shape, ax_out: int) -> int | None:
     return found[-1] if found else None
 
 
+def _einsum(args) -> tuple[str, list, str] | None:
+    """(input subscripts, operands, output subscripts) of a two-operand einsum without an ellipsis."""
+    if not args or not isinstance(args[0], str):
+        return None
+    operands = list(args[1]) if len(args) == 2 and isinstance(args[1], (list, tuple)) else list(args[1:])
+    spec = args[0].replace(" ", "")
+    if "->" not in spec or "." in spec or len(operands) != 2:
+        return None
+    inputs, output = spec.split("->")
+    return inputs.split(","), operands, output
+
+
 class ShadowError(RewriteError):
     """An attention op surgery's shadow replay cannot follow (the adapters would otherwise be skipped)."""
 
@@ -223,6 +235,9 @@ class ShadowMode(torch.overrides.TorchFunctionMode):
     def _operands(self, func, args, kwargs):
         """(input, left, right) of a product (input: baddbmm's added term, else None)."""
         name = op_name(func)
+        if name == "einsum":
+            parsed = _einsum(args)
+            return (None, None, None) if parsed is None else (None, *parsed[1])
         if name == "baddbmm":
             named = dict(zip(("input", "batch1", "batch2"), args))
             named.update({k: v for k, v in kwargs.items() if k in ("input", "batch1", "batch2")})
@@ -239,6 +254,10 @@ class ShadowMode(torch.overrides.TorchFunctionMode):
         _, left, right = self._operands(func, args, kwargs)
         if not isinstance(left, torch.Tensor) or not isinstance(right, torch.Tensor):
             return None
+        if op_name(func) == "einsum":   # probs' last axis (the keys) summed against the values'
+            (lp, rp), _, outp = _einsum(args)
+            if lp[-1] in outp or lp[-1] not in rp:
+                return None
         node, path = self.producers.get(id(left)), []
         while node is not None and node.name != "softmax":
             made = [(p, t) for p, t in node.tensors() if id(t) in node.inputs]
@@ -281,15 +300,24 @@ class ShadowMode(torch.overrides.TorchFunctionMode):
         score_node = self._score_product(softmax)
         _, q_operand, k_operand = self._operands(score_node.func, score_node.args, score_node.kwargs)
         program = self._program(score_node, softmax)
-        k_canon, k_chain = self._canonical(k_operand, k_operand.dim() - 1, "key")
-        v_canon, v_chain = self._canonical(v_operand, v_operand.dim() - 2, "value")
+        k_axis, v_axis = k_operand.dim() - 1, v_operand.dim() - 2
+        if score_node.name == "einsum":
+            (_, kp), _, outp = _einsum(score_node.args)
+            if outp[-1] not in kp:
+                raise _refuse(self.module_name, f"the einsum {score_node.args[0]!r} does not put the keys last")
+            k_axis = kp.index(outp[-1])
+        if op_name(func) == "einsum":
+            (pp, vp), _, _ = _einsum(args)
+            v_axis = vp.index(pp[-1])
+        k_canon, k_chain = self._canonical(k_operand, k_axis, "key")
+        v_canon, v_chain = self._canonical(v_operand, v_axis, "value")
         for node, _ in prob_chain:
             if node.name in _MULTIPLICATIVE:
                 self._check_broadcast(node, scores.shape[-1], "after the softmax")
         dtype = softmax.kwargs.get("dtype") or next((a for a in softmax.args[2:] if isinstance(a, torch.dtype)), None)
         main_scores = scores if dtype is None else scores.to(dtype)
-        replay = _Replay(self, score_node, program, k_chain, v_chain, prob_chain, func, kwargs, dtype, main_scores,
-                         q_operand)
+        replay = _Replay(self, score_node, program, k_chain, v_chain, prob_chain, (func, args, kwargs), dtype,
+                         main_scores, q_operand)
 
         def attend(q, k, v, prefix=0):
             if q is not q_operand:
@@ -424,11 +452,11 @@ class ShadowMode(torch.overrides.TorchFunctionMode):
 class _Replay:
     """attend(q, [k_p, k], [v_p, v], prefix) for one call of the attention op (see the module docstring)."""
 
-    def __init__(self, mode: ShadowMode, score_node, program, k_chain, v_chain, prob_chain, product, product_kwargs,
-                 dtype, main_scores, q_operand):
+    def __init__(self, mode: ShadowMode, score_node, program, k_chain, v_chain, prob_chain, call, dtype,
+                 main_scores, q_operand):
         self.mode, self.score_node, self.program = mode, score_node, program
         self.k_chain, self.v_chain, self.prob_chain = k_chain, v_chain, prob_chain
-        self.product, self.product_kwargs = product, product_kwargs
+        self.call = call       # (func, args, kwargs) of the model's probs @ v
         self.dtype, self.main_scores, self.q_operand = dtype, main_scores, q_operand
 
     def refuse(self, what):
@@ -527,6 +555,17 @@ class _Replay:
             probs = _out_of_place(node.func)(*args, **kwargs)
         return probs
 
+    def product(self, probs: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """The model's probs @ v call on other probabilities and values."""
+        func, args, kwargs = self.call
+        _, left, right = self.mode._operands(func, args, kwargs)
+        node = _Node(func, args, kwargs, None, {}, -1)
+        paths = list(node.tensors())
+        values_path = [p for p, t in paths if t is right][-1]
+        probs_path = next(p for p, t in paths if t is left and p != values_path)
+        args, kwargs = _substitute(node, {probs_path: probs, values_path: values})
+        return func(*args, **kwargs)
+
     def __call__(self, pk: torch.Tensor, pv: torch.Tensor, main_out: torch.Tensor | None) -> torch.Tensor:
         length = pk.shape[2]
         s_p = self.scores(pk)
@@ -535,13 +574,16 @@ class _Replay:
         pv_operand = self.along(self.v_chain, pv, length)
         if main_out is None:
             p_p = torch.softmax(s_p, dim=-1)
-            return self.product(self.probabilities(p_p, length, True), pv_operand, **self.product_kwargs)
+            return self.product(self.probabilities(p_p, length, True), pv_operand)
         s_m = self.main_scores
         lse_m = torch.logsumexp(s_m, dim=-1, keepdim=True)
         lse = torch.logaddexp(lse_m, torch.logsumexp(s_p, dim=-1, keepdim=True))
         r = self.probabilities(torch.exp(lse_m - lse).to(s_p.dtype), 1, False)
         p_p = self.probabilities(torch.exp(s_p - lse), length, True)
-        return r * main_out + self.product(p_p, pv_operand, **self.product_kwargs)
+        if op_name(self.call[0]) == "einsum":    # its output need not keep the queries' rows last but one
+            _, probs, values = self.mode._operands(*self.call)
+            return self.product(probs * r, values) + self.product(p_p, pv_operand)
+        return r * main_out + self.product(p_p, pv_operand)
 
 
 # ---------------------------------------------------------------- attaching to a module
@@ -616,7 +658,7 @@ def check_traced(out_node, module: str) -> None:
     """Refuse at apply, naming the op, an eager attention op whose traced score or probability path has an op the
     shadow replay does not follow (the same test runs again on every call, on the ops the forward really runs)."""
     from surgery.analyze import roles
-    node, seen = out_node.args[0], 0
+    node, seen = roles._product_operands(out_node)[0], 0
     while roles.op_name(node) not in roles.NORMALIZATIONS:
         name = _traced_name(node)
         if name not in _TRACED_PROB_OPS or seen > 16:
