@@ -640,24 +640,27 @@ class _Replaced:
         return type(self.host).forward(self.host, *args, **kwargs)
 
 
+def _hidden_inputs(analysis: Analysis, module: str) -> list:
+    """(value, boundary) of a module's 3-D inputs, those as wide as the hidden state first (BLOOM's attention
+    also takes ALiBi, [batch * heads, 1, keys])."""
+    found = [(value, b) for value, bounds in analysis.traced.boundaries.items() for b in bounds
+             if b.module == module and b.side == "in" and isinstance(value.meta.get("val"), torch.Tensor)
+             and value.meta["val"].dim() == 3]
+    return sorted(found, key=lambda vb: vb[0].meta["val"].shape[-1] != analysis.hidden_size)
+
+
 def _module_input(analysis: Analysis, module: str):
     """The first hidden-state input ([batch, seq, dim]) of a module."""
-    for value, bounds in analysis.traced.boundaries.items():
-        for b in bounds:
-            val = value.meta.get("val")
-            if b.module == module and b.side == "in" and isinstance(val, torch.Tensor) and val.dim() == 3:
-                return b
+    found = _hidden_inputs(analysis, module)
+    if found:
+        return found[0][1]
     raise RewriteError(f"cannot find the hidden-state input of {module}")
 
 
 def _module_input_value(analysis: Analysis, module: str):
     """The graph value of `_module_input`, or None."""
-    for value, bounds in analysis.traced.boundaries.items():
-        val = value.meta.get("val")
-        if isinstance(val, torch.Tensor) and val.dim() == 3 and any(
-                b.module == module and b.side == "in" for b in bounds):
-            return value
-    return None
+    found = _hidden_inputs(analysis, module)
+    return found[0][0] if found else None
 
 
 def _realize_prepend(model, analysis, store, record, match, value, module, gate):
