@@ -628,13 +628,13 @@ def transformed(site: WeightSite, tensor: torch.Tensor, *, bias: bool) -> torch.
     rows = site.bias_rows if bias else site.rows
     transform = site.adapter.transform_bias if bias else site.adapter.transform_weight
     if not bias and site.layout == "in_out":
-        tensor = tensor.t()
+        tensor = tensor.transpose(-2, -1)   # MoE experts (experts, in, out): per expert
     if rows is None:
         out = transform(tensor)
     else:   # a slice or an index set of the output rows (q, k or v of a packed projection)
         out = cols.put(tensor, rows, transform(cols.take(tensor, rows)))
     if not bias and site.layout == "in_out":
-        out = out.t()
+        out = out.transpose(-2, -1)
     return out.to(tensor.dtype)   # a float32 adapter on a half-precision weight computes in float32
 
 
@@ -654,9 +654,16 @@ def wrap_weight(model: nn.Module, analysis: Analysis, info: LinearInfo, packed: 
     # a module called several times (ALBERT's shared layer) is one site per call: hooks of that call only
     call = out_bounds[0].call if out_bounds and out_bounds[0].calls > 1 else None
     if info.experts:
-        raise RewriteError(f"{owner_path}: its {info.experts} experts are one 3-D parameter ({info.weight}) read by "
-                           f"a grouped matmul; wrapping per-expert weights is not supported yet (adapt the attention, "
-                           f"a shared expert, or insert after the MoE block instead)")
+        # the model's own grouped matmul reads the parameter: the adapter is realized on it (W + ΔW per expert)
+        if realize == "activation":
+            raise RewriteError(f"{owner_path}: its {info.experts} experts are one 3-D parameter ({info.weight}) read "
+                               f"by a grouped matmul, not a module call: they can only be adapted on the weight "
+                               f"(realize: weight or auto)")
+        if isinstance(getattr(adapter, "dropout", None), nn.Dropout) and adapter.dropout.p > 0:
+            raise RewriteError(f"{owner_path}: its {info.experts} experts are one 3-D parameter ({info.weight}) "
+                               f"adapted on the weight, where dropout on the adapter's input has no place (PEFT's "
+                               f"target_parameters refuses lora_dropout too); set dropout: 0")
+        whole_module = False
     if whole_module and info.kind == "conv":   # the module's input is the conv's (no padding_mode other than zeros)
         whole_module = any(b.module == owner_path and b.side == "in" and b.loc == ("arg", 0)
                            for b in analysis.boundaries(info.x))
