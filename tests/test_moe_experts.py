@@ -1,0 +1,244 @@
+"""MoE experts stored as one 3-D parameter read by a grouped matmul (transformers 5's Mixtral and Qwen2-MoE,
+`mlp.experts.gate_up_proj` (experts, 2·inter, hidden) and `mlp.experts.down_proj` (experts, hidden, inter)).
+
+Weight adapters act on that parameter, per expert, through a parametrization: the model's own grouped matmul
+(its routing untouched) reads W_e + ΔW_e. Checked against hand computations: the same model with the adapted
+weights written into the 3-D parameter. And the FFN adapters of a MoE layer sit once after the combined output
+(Qwen2-MoE adds a gated shared expert to the routed experts' output).
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import surgery
+from architectures import mixtral, qwen2_moe
+
+ARCHS = {"mixtral": mixtral, "qwen2_moe": qwen2_moe}
+EXPERTS = 4
+
+
+def _spec(kind, roles, **options):
+    return {"version": 1, "name": kind, "rules": [
+        {"name": kind, "match": {"role": roles}, "action": "wrap", "module": {"kind": kind, **options}}]}
+
+
+def _logits(model, inputs):
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+def _experts(model):
+    return [layer.mlp.experts for layer in model.model.layers]
+
+
+def _site(model, layer, param, rule=None):
+    """The adapter of one expert parameter (of the only rule, or of `rule`)."""
+    rules = model.surgery_adapters.adapters["default"]
+    (rule,) = rules.values() if rule is None else (rules[rule],)
+    return rule[f"model_layers_{layer}_mlp_experts__{param}"]
+
+
+def _fold_dense_sites(model, by_hand):
+    """Write the adapters of the model's 2-D weights (Qwen2-MoE's shared expert, attention) into `by_hand`."""
+    from surgery.rewrite.host import store_of
+    with torch.no_grad():
+        for site in store_of(model).records["default"].weight_sites:
+            weight = by_hand.get_parameter(f"{site.owner_path}.{site.weight_name}")
+            if weight.dim() == 2:
+                weight.copy_(site.adapter.transform_weight(weight))
+
+
+def _perturb(model, seed=0, scale=0.1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.surgery_adapters.parameters():
+            if p.is_floating_point():
+                p.add_(torch.randn(p.shape, generator=g) * scale)
+
+
+@pytest.fixture(params=list(ARCHS))
+def built(request):
+    model, inputs, _ = ARCHS[request.param]()
+    return request.param, model, inputs
+
+
+def test_lora_on_experts_is_each_expert_plus_its_own_low_rank_update(built):
+    """W_e + s·B_e·A_e in the 3-D parameter, A (experts, r, in), B (experts, out, r): the forward equals the
+    base model with those weights written in; merge equals it; unmerge gives the base weights back bit for bit."""
+    _, model, inputs = built
+    base = copy.deepcopy(model)
+    surgery.apply(model, _spec("lora", ["ffn.out", "ffn.in"], r=4, alpha=8))
+    lora = _site(model, 0, "down_proj")
+    experts = _experts(base)[0]
+    assert lora.lora_A.shape == (EXPERTS, 4, experts.down_proj.shape[2])
+    assert lora.lora_B.shape == (EXPERTS, experts.down_proj.shape[1], 4)
+    assert torch.equal(_logits(model, inputs), _logits(base, inputs))     # B = 0: identity at init
+    _perturb(model)
+
+    by_hand = copy.deepcopy(base)
+    with torch.no_grad():
+        for layer, expert in enumerate(_experts(by_hand)):
+            for param in ("gate_up_proj", "down_proj"):
+                site = _site(model, layer, param)
+                weight = getattr(expert, param)
+                for e in range(EXPERTS):
+                    weight[e] += site.scaling * site.lora_B[e] @ site.lora_A[e]
+    _fold_dense_sites(model, by_hand)
+    adapted = _logits(model, inputs)
+    assert (adapted - _logits(base, inputs)).abs().max() > 1e-3
+    torch.testing.assert_close(adapted, _logits(by_hand, inputs), rtol=0, atol=1e-5)
+
+    originals = [getattr(e, p).detach().clone() for e in _experts(base) for p in ("gate_up_proj", "down_proj")]
+    surgery.merge(model)
+    assert not any(hasattr(e, "parametrizations") for e in _experts(model))
+    torch.testing.assert_close(_logits(model, inputs), adapted, rtol=0, atol=1e-5)
+    surgery.unmerge(model)
+    restored = [e.parametrizations[p].original.detach() for e in _experts(model) for p in ("gate_up_proj", "down_proj")]
+    assert all(torch.equal(a, b) for a, b in zip(restored, originals))
+    torch.testing.assert_close(_logits(model, inputs), adapted, rtol=0, atol=0)
+
+
+def test_lora_gradients_reach_exactly_the_routed_experts():
+    """One token routes to 2 of 4 experts per layer: their A and B get gradients, the others' exactly zero; the
+    base parameters stay frozen."""
+    model, _, _ = mixtral()
+    surgery.apply(model, _spec("lora", ["ffn.out"], r=4, alpha=8))
+    _perturb(model)     # B ≠ 0, so A gets a gradient too
+    routed = {}
+    hooks = [layer.mlp.gate.register_forward_hook(
+        lambda mod, args, out, i=i: routed.__setitem__(i, set(out[2].flatten().tolist())))
+        for i, layer in enumerate(model.model.layers)]
+    inputs = {"input_ids": torch.tensor([[5]])}
+    model(**inputs).logits.pow(2).mean().backward()
+    for h in hooks:
+        h.remove()
+    assert len(routed) == 2 and all(len(r) == 2 for r in routed.values())
+    for layer, experts in routed.items():
+        lora = _site(model, layer, "down_proj")
+        for e in range(EXPERTS):
+            for grad in (lora.lora_A.grad[e], lora.lora_B.grad[e]):
+                assert (grad.abs().max() > 0) == (e in experts), (layer, e)
+    assert all(p.grad is None for n, p in model.named_parameters() if "surgery_adapters" not in n)
+
+
+def test_ia3_on_experts_scales_each_experts_input_columns(built):
+    """IA3 on ffn.out scales its input: a vector per expert, (experts, in), ones at init (identity)."""
+    _, model, inputs = built
+    base = copy.deepcopy(model)
+    surgery.apply(model, "ia3")
+    ia3 = _site(model, 0, "down_proj", "ia3_ffn")
+    assert ia3.ia3_l.shape == (EXPERTS, _experts(base)[0].down_proj.shape[2])
+    assert torch.equal(_logits(model, inputs), _logits(base, inputs))
+    _perturb(model)
+    by_hand = copy.deepcopy(base)
+    with torch.no_grad():
+        for layer, expert in enumerate(_experts(by_hand)):
+            expert.down_proj.mul_(_site(model, layer, "down_proj", "ia3_ffn").ia3_l[:, None, :])
+    _fold_dense_sites(model, by_hand)     # k and v (and Qwen2-MoE's shared expert down_proj)
+    torch.testing.assert_close(_logits(model, inputs), _logits(by_hand, inputs), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind,options", [("said", {"d": 64}), ("sparse", {"k": 50, "select": "magnitude"})])
+def test_said_and_sparse_deltas_span_the_whole_expert_tensor(kind, options):
+    """The delta has the 3-D parameter's shape (experts × out × in entries); sparse magnitude picks the largest
+    entries across experts; merge equals the unmerged forward."""
+    model, inputs, _ = mixtral()
+    base = copy.deepcopy(model)
+    surgery.apply(model, _spec(kind, ["ffn.out"], **options))
+    assert torch.equal(_logits(model, inputs), _logits(base, inputs))
+    _perturb(model)
+    adapter = _site(model, 0, "down_proj")
+    weight = _experts(base)[0].down_proj
+    delta = adapter.delta_weight()
+    assert delta.shape == weight.shape
+    if kind == "sparse":
+        chosen = torch.zeros(weight.numel(), dtype=torch.bool)
+        chosen[adapter.indices] = True
+        assert weight.abs().flatten()[chosen].min() >= weight.abs().flatten()[~chosen].max()
+    by_hand = copy.deepcopy(base)
+    with torch.no_grad():
+        for layer, expert in enumerate(_experts(by_hand)):
+            expert.down_proj.add_(_site(model, layer, "down_proj").delta_weight())
+    adapted = _logits(model, inputs)
+    torch.testing.assert_close(adapted, _logits(by_hand, inputs), rtol=0, atol=1e-5)
+    surgery.merge(model)
+    torch.testing.assert_close(_logits(model, inputs), adapted, rtol=0, atol=1e-5)
+
+
+def test_experts_adapters_save_and_load(tmp_path):
+    model, inputs, _ = mixtral()
+    fresh = copy.deepcopy(model)
+    surgery.apply(model, _spec("lora", ["ffn.out", "ffn.in"], r=2, alpha=4))
+    _perturb(model)
+    expected = _logits(model, inputs)
+    surgery.save(model, tmp_path / "moe")
+    loaded = surgery.load(fresh, tmp_path / "moe")
+    torch.testing.assert_close(_logits(loaded, inputs), expected, rtol=0, atol=0)
+    # the base names stay in the model's own state dict (save_pretrained, a base checkpoint)
+    keys = set(loaded.state_dict())
+    assert "model.layers.0.mlp.experts.down_proj" in keys
+    assert not any("parametrizations" in k for k in keys)
+
+
+def test_adapters_without_a_per_expert_form_are_refused_and_leave_the_model_untouched():
+    model, inputs, _ = mixtral()
+    before = _logits(model, inputs)
+    for spec in (_spec("dora", ["ffn.out"]), _spec("lora", ["ffn.out"], dropout=0.1),
+                 {"version": 1, "name": "x", "rules": [{"name": "x", "match": {"role": "ffn.out"}, "action": "wrap",
+                                                        "realize": "activation", "module": {"kind": "ia3"}}]}):
+        with pytest.raises(surgery.RewriteError, match=r"experts|3-D parameter"):
+            surgery.apply(model, spec)
+        assert not hasattr(model, "surgery_adapters")
+        assert not any(hasattr(e, "parametrizations") for e in _experts(model))
+        assert torch.equal(_logits(model, inputs), before)
+
+
+def _ffn_sites(model, rule):
+    return sorted(model.surgery_adapters.adapters["default"][rule].keys())
+
+
+def test_qwen2_moe_ffn_adapter_sits_once_after_the_combined_moe_output():
+    """Qwen2-MoE's FFN is routed experts + a sigmoid-gated shared expert, added; both are ffn.out. Houlsby's FFN
+    adapter goes once per layer after their sum (it was inserted twice: also after the shared expert's
+    down_proj), and equals bottleneck(moe_output) + moe_output there."""
+    model, inputs, _ = qwen2_moe()
+    base = copy.deepcopy(model)
+    surgery.apply(model, "houlsby")
+    assert _ffn_sites(model, "ffn_adapter") == ["model_layers_0_mlp_experts", "model_layers_1_mlp_experts"]
+    _perturb(model)
+    adapters = model.surgery_adapters.adapters["default"]
+    by_hand = copy.deepcopy(base)
+    for layer, block in enumerate(by_hand.model.layers):
+        ffn = adapters["ffn_adapter"][f"model_layers_{layer}_mlp_experts"]
+        attn = adapters["attention_adapter"][f"model_layers_{layer}_self_attn_o_proj"]
+        block.mlp.register_forward_hook(lambda mod, args, out, a=ffn: a(out))
+        block.self_attn.o_proj.register_forward_hook(lambda mod, args, out, a=attn: a(out))
+    torch.testing.assert_close(_logits(model, inputs), _logits(by_hand, inputs), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("spec", ["parallel", "mam"])
+def test_qwen2_moe_parallel_adapter_adds_to_the_combined_moe_output(spec):
+    """Parallel adapters (and MAM's FFN part) on Qwen2-MoE: one per layer, moe(x) + adapter(h) with h the FFN
+    sub-layer's residual input (crashed: the shared expert's output is (tokens, hidden), h (batch, seq, hidden))."""
+    model, inputs, _ = qwen2_moe()
+    surgery.apply(model, spec)
+    assert _ffn_sites(model, "ffn_adapter") == ["model_layers_0_mlp_experts", "model_layers_1_mlp_experts"]
+    _perturb(model)
+    block = model.model.layers[1]
+    seen = {}
+    hooks = [block.post_attention_layernorm.register_forward_pre_hook(lambda m, a: seen.__setitem__("h", a[0])),
+             block.mlp.register_forward_pre_hook(lambda m, a: seen.__setitem__("x", a[0])),
+             block.mlp.register_forward_hook(lambda m, a, out: seen.__setitem__("y", out))]
+    _logits(model, inputs)
+    for h in hooks:
+        h.remove()
+    with torch.no_grad(), surgery.disable(model):
+        plain = block.mlp(seen["x"])
+    ffn = model.surgery_adapters.adapters["default"]["ffn_adapter"]["model_layers_1_mlp_experts"]
+    with torch.no_grad():
+        expected = plain + ffn(seen["h"])
+    assert seen["y"].shape == seen["h"].shape
+    torch.testing.assert_close(seen["y"], expected, rtol=0, atol=1e-5)
