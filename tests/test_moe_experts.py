@@ -242,3 +242,30 @@ def test_qwen2_moe_parallel_adapter_adds_to_the_combined_moe_output(spec):
         expected = plain + ffn(seen["h"])
     assert seen["y"].shape == seen["h"].shape
     torch.testing.assert_close(seen["y"], expected, rtol=0, atol=1e-5)
+
+
+def test_qlora_on_moe_quantizes_the_linears_and_keeps_the_experts_dense():
+    """NF4 is a 2-D linear weight the grouped matmul cannot read: quantize_nf4's default selection leaves the
+    expert parameters dense (warning), an explicit one naming them is refused; LoRA then applies to both."""
+    pytest.importorskip("torchao")
+    from surgery.quantize import is_nf4
+    model, inputs, _ = mixtral()
+    with pytest.raises(surgery.SurgeryError, match="3-D parameter read by a grouped matmul"):
+        surgery.quantize_nf4(model, {"role": "ffn.out"})
+    assert not any(is_nf4(p) for p in model.parameters())
+    with pytest.warns(surgery.SurgeryWarning, match="stay dense"):
+        surgery.quantize_nf4(model)
+    assert is_nf4(model.model.layers[0].self_attn.q_proj.weight)
+    assert not is_nf4(model.model.layers[0].mlp.experts.down_proj)
+    quantized = _logits(model, inputs)
+    surgery.apply(model, _spec("lora", ["attention.q", "attention.v", "ffn.in", "ffn.out"], r=4, alpha=8))
+    assert torch.equal(_logits(model, inputs), quantized)
+    _perturb(model)
+    assert (_logits(model, inputs) - quantized).abs().max() > 1e-3
+
+
+def test_to_peft_refuses_expert_parameters_by_name(tmp_path):
+    model, _, _ = mixtral()
+    surgery.apply(model, _spec("lora", ["ffn.out"], r=2))
+    with pytest.raises(surgery.SurgeryError, match="target_parameters"):
+        surgery.to_peft(model, tmp_path / "peft")
