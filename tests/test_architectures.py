@@ -145,8 +145,6 @@ def failure_kind(message: str) -> str:
 # Cells that fail on today's engine: (arch, spec) -> (observed outcome, what). Delete entries as the engine
 # is fixed; `python tools/architectures_table.py --run` prints the observed table.
 XFAIL: dict[tuple[str, str], tuple[str, str]] = {
-    ('mixtral', 'qlora'): ('refused', 'RewriteError: LoRA on 4 experts stored as one 3-D parameter acts on the weight: dropout, use_gating '),
-    ('qwen2_moe', 'qlora'): ('refused', 'RewriteError: LoRA on 4 experts stored as one 3-D parameter acts on the weight: dropout, use_gating '),
 }
 
 

@@ -9,6 +9,7 @@ weights written into the 3-D parameter. And the FFN adapters of a MoE layer sit 
 from __future__ import annotations
 
 import copy
+import pickle
 
 import pytest
 import torch
@@ -124,6 +125,67 @@ def test_lora_gradients_reach_exactly_the_routed_experts():
     assert all(p.grad is None for n, p in model.named_parameters() if "surgery_adapters" not in n)
 
 
+def test_lora_dropout_on_experts_runs_inside_the_models_grouped_matmul():
+    """LoRA with dropout needs the op's input: it is added to the result of the model's own grouped matmul,
+    s·B_e·A_e·dropout(x) for each token's expert (no parametrization). In eval it equals the weights written in;
+    merge folds it, unmerge restores the bits and the grouped path; in training the dropout acts on the LoRA
+    path only and gradients reach the routed experts only."""
+    from surgery.rewrite.host import store_of
+    model, inputs, _ = mixtral()
+    base = copy.deepcopy(model)
+    surgery.apply(model, _spec("lora", ["ffn.out", "ffn.in"], r=4, alpha=8, dropout=0.5))
+    assert {s.realized for s in store_of(model).records["default"].weight_sites} == {"grouped"}
+    assert not any(hasattr(e, "parametrizations") for e in _experts(model))
+    assert torch.equal(_logits(model, inputs), _logits(base, inputs))
+    _perturb(model)
+    by_hand = copy.deepcopy(base)
+    with torch.no_grad():
+        for layer, expert in enumerate(_experts(by_hand)):
+            for param in ("gate_up_proj", "down_proj"):
+                site = _site(model, layer, param)
+                getattr(expert, param).add_(site.scaling * site.lora_B @ site.lora_A)
+    adapted = _logits(model, inputs)
+    assert (adapted - _logits(base, inputs)).abs().max() > 1e-3
+    torch.testing.assert_close(adapted, _logits(by_hand, inputs), rtol=0, atol=1e-5)
+    for twin in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):   # the hooks are the copy's own
+        assert torch.equal(_logits(twin, inputs), adapted)
+        with surgery.disable(twin):
+            assert torch.equal(_logits(twin, inputs), _logits(base, inputs))
+        assert torch.equal(_logits(model, inputs), adapted)
+    originals = [e.down_proj.detach().clone() for e in _experts(model)]
+    surgery.merge(model)
+    torch.testing.assert_close(_logits(model, inputs), adapted, rtol=0, atol=1e-5)
+    surgery.unmerge(model)
+    assert all(torch.equal(e.down_proj, o) for e, o in zip(_experts(model), originals))
+    torch.testing.assert_close(_logits(model, inputs), adapted, rtol=0, atol=0)
+
+    model.train()
+    torch.manual_seed(0)
+    dropped = model(**inputs).logits
+    assert (dropped - adapted).abs().max() > 1e-3                    # the LoRA path's dropout acts in training
+    with surgery.disable(model):
+        torch.testing.assert_close(model(**inputs).logits, _logits(base, inputs), rtol=0, atol=1e-5)
+    routed = {}
+    hooks = [layer.mlp.gate.register_forward_hook(
+        lambda mod, args, out, i=i: routed.__setitem__(i, set(out[2].flatten().tolist())))
+        for i, layer in enumerate(model.model.layers)]
+    model.zero_grad()
+    for site in store_of(model).records["default"].weight_sites:
+        site.adapter.dropout.p = 0.0      # every A row sees its input: a zero gradient means an unrouted expert
+    model(input_ids=torch.tensor([[5]])).logits.pow(2).mean().backward()
+    for h in hooks:
+        h.remove()
+    for layer, experts in routed.items():
+        lora = _site(model, layer, "down_proj")
+        for e in range(EXPERTS):
+            assert (lora.lora_A.grad[e].abs().max() > 0) == (e in experts), (layer, e)
+            assert (lora.lora_B.grad[e].abs().max() > 0) == (e in experts), (layer, e)
+    surgery.remove(model)
+    assert not any("_surgery_grouped" in e.__dict__ or e._forward_hooks or e._forward_pre_hooks
+                   for e in _experts(model))
+    torch.testing.assert_close(_logits(model.eval(), inputs), _logits(base, inputs), rtol=0, atol=0)
+
+
 def test_ia3_on_experts_scales_each_experts_input_columns(built):
     """IA3 on ffn.out scales its input: a vector per expert, (experts, in), ones at init (identity)."""
     _, model, inputs = built
@@ -186,10 +248,12 @@ def test_experts_adapters_save_and_load(tmp_path):
 def test_adapters_without_a_per_expert_form_are_refused_and_leave_the_model_untouched():
     model, inputs, _ = mixtral()
     before = _logits(model, inputs)
-    for spec in (_spec("dora", ["ffn.out"]), _spec("lora", ["ffn.out"], dropout=0.1),
+    lora_on_weight = _spec("lora", ["ffn.out"], dropout=0.1)
+    lora_on_weight["rules"][0]["realize"] = "weight"
+    for spec in (_spec("dora", ["ffn.out"]), lora_on_weight,
                  {"version": 1, "name": "x", "rules": [{"name": "x", "match": {"role": "ffn.out"}, "action": "wrap",
                                                         "realize": "activation", "module": {"kind": "ia3"}}]}):
-        with pytest.raises(surgery.RewriteError, match=r"experts|3-D parameter"):
+        with pytest.raises(surgery.RewriteError, match=r"experts|3-D parameter|dropout"):
             surgery.apply(model, spec)
         assert not hasattr(model, "surgery_adapters")
         assert not any(hasattr(e, "parametrizations") for e in _experts(model))

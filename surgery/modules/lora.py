@@ -43,8 +43,10 @@ On MoE experts stored as one 3-D parameter (experts, out, in) read by a grouped 
 Qwen2-MoE), each expert e has its own pair: A (experts, r, in), B (experts, out, r), and W_e + s·B_e·A_e is what
 the model's own grouped matmul reads (a parametrization of that parameter; PEFT's `target_parameters` /
 `lora.ParamWrapper`, whose Linear(in, r·experts) A is this A row for row). A_e is kaiming-uniform with fan-in
-`in` (as each of PEFT's rows), B zero. There the adapter acts on the weight only, so dropout, gating and the
-weight-derived inits are refused (PEFT's ParamWrapper refuses dropout and variants too).
+`in` (as each of PEFT's rows), B zero. With dropout (which PEFT's ParamWrapper refuses) the adapter runs inside
+the model's grouped matmul instead (surgery/rewrite/experts.py): y + s·B_e·A_e·dropout(x) for each row block of
+expert e, computed for all rows at once (x·[A_1; ...; A_E]ᵀ, masked to each row's expert, times [B_1 ... B_E]ᵀ),
+so the routing is the model's own. Gating and the weight-derived inits are refused on experts.
 """
 from __future__ import annotations
 
@@ -108,10 +110,9 @@ class LoRA(WeightAdapter):
                  experts: int | None = None):
         super().__init__()
         self.experts = experts
-        if experts and (use_gating or dropout or init not in ("kaiming", "gaussian")):
-            raise RewriteError(f"LoRA on {experts} experts stored as one 3-D parameter acts on the weight: dropout, "
-                               f"use_gating and init {init!r} need the op's input or one 2-D weight (use dropout: 0, "
-                               f"init: kaiming or gaussian)")
+        if experts and (use_gating or init not in ("kaiming", "gaussian")):
+            raise RewriteError(f"LoRA on {experts} experts stored as one 3-D parameter: use_gating and init {init!r} "
+                               f"are defined on one 2-D weight (use init: kaiming or gaussian, no use_gating)")
         if use_gating and op_kind != "linear":
             raise RewriteError(f"gated LoRA (use_gating) is defined on linear ops, not on a {op_kind}")
         if init in WEIGHT_INITS + ("loftq",) and op_kind != "linear":
@@ -240,9 +241,22 @@ class LoRA(WeightAdapter):
             return F.embedding(x, self.lora_A.t(), self.op_args.get("padding_idx")) @ self.lora_B.t()
         return x @ self.lora_A.t() @ self.lora_B.t()
 
+    def grouped(self, x: torch.Tensor, y: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        """Experts: y (rows, out) of the grouped matmul of x (rows, in) sorted by expert, offs (experts,) the
+        cumulative row counts; returns y + s·B_e·A_e·dropout(x_row) for each row's expert e."""
+        from surgery.modules.experts import expert_of_rows
+        experts, r = self.experts, self.r
+        a = self.lora_A.reshape(experts * r, -1)                     # (experts·r, in)
+        b = self.lora_B.transpose(1, 2).reshape(experts * r, -1)     # (experts·r, out)
+        h = self.dropout(x.to(a.dtype)) @ a.t()                      # every expert's A on every row
+        mask = expert_of_rows(offs, x.shape[0], experts).to(h.dtype)  # ... kept for the row's own expert only
+        h = (h.view(-1, experts, r) * mask[:, :, None]).reshape(-1, experts * r)
+        return y + ((h @ b) * self.scaling).to(y.dtype)
+
     def forward(self, x, y):
         if self.experts:
-            raise RewriteError("LoRA on experts stored as one 3-D parameter is realized on the weight only")
+            raise RewriteError("LoRA on experts stored as one 3-D parameter runs on the weight or inside the grouped "
+                               "matmul (grouped)")
         if self.init == "loftq":
             self._check_quantized()
         delta = self._path(self.dropout(x))
