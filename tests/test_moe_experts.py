@@ -333,3 +333,34 @@ def test_to_peft_refuses_expert_parameters_by_name(tmp_path):
     surgery.apply(model, _spec("lora", ["ffn.out"], r=2))
     with pytest.raises(surgery.SurgeryError, match="target_parameters"):
         surgery.to_peft(model, tmp_path / "peft")
+
+
+def test_lora_on_experts_equals_peft_target_parameters_for_the_same_weights():
+    """PEFT's LoRA on expert parameters (`target_parameters`, lora.ParamWrapper): A is Linear(in, r·experts)
+    (row e·r + i is A_e's row i), B is Linear(r·experts, out) (column i·experts + e is B_e's column i)."""
+    peft = pytest.importorskip("peft")
+    from peft.tuners.lora.layer import ParamWrapper
+    model, inputs, _ = mixtral()
+    reference = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=[], target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n, p in reference.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    surgery.apply(model, _spec("lora", ["ffn.in", "ffn.out"], r=4, alpha=8))
+    wrappers = [m for m in reference.modules() if isinstance(m, ParamWrapper)]
+    assert len(wrappers) == 4
+    with torch.no_grad():
+        for wrapper in wrappers:
+            layer = next(i for i, block in enumerate(reference.base_model.model.model.layers)
+                         if any(w is wrapper for w in block.modules()))
+            ours = _site(model, layer, wrapper.parameter_name)
+            a, b = wrapper.lora_A["default"].weight, wrapper.lora_B["default"].weight
+            ours.lora_A.copy_(a.reshape(EXPERTS, 4, -1))
+            ours.lora_B.copy_(b.reshape(b.shape[0], 4, EXPERTS).permute(2, 0, 1))
+    with torch.no_grad():
+        expected = reference(**inputs).logits
+    with surgery.disable(model):
+        assert (expected - _logits(model, inputs)).abs().max() > 1e-3     # the LoRA changes the output
+    torch.testing.assert_close(_logits(model, inputs), expected, rtol=0, atol=1e-5)
