@@ -364,3 +364,58 @@ def test_lora_on_experts_equals_peft_target_parameters_for_the_same_weights():
     with surgery.disable(model):
         assert (expected - _logits(model, inputs)).abs().max() > 1e-3     # the LoRA changes the output
     torch.testing.assert_close(_logits(model, inputs), expected, rtol=0, atol=1e-5)
+
+
+class _FlatFFN(torch.nn.Module):
+    """An FFN that works on the tokens flattened, (tokens, hidden), as MoE blocks do."""
+
+    def __init__(self, hidden):
+        super().__init__()
+        self.fc1, self.fc2 = torch.nn.Linear(hidden, 2 * hidden), torch.nn.Linear(2 * hidden, hidden)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x.reshape(-1, x.shape[-1]))))
+
+
+class _FlatBlock(torch.nn.Module):
+    def __init__(self, hidden=32, heads=4):
+        super().__init__()
+        self.attn = torch.nn.MultiheadAttention(hidden, heads, batch_first=True)
+        self.ln1, self.ln2 = torch.nn.LayerNorm(hidden), torch.nn.LayerNorm(hidden)
+        self.ffn = _FlatFFN(hidden)
+
+    def forward(self, x):
+        x = self.ln1(x + self.attn(x, x, x, need_weights=False)[0])
+        return self.ln2(x + self.ffn(x).view_as(x))
+
+
+class _FlatModel(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(50, 32)
+        self.blocks = torch.nn.Sequential(_FlatBlock(), _FlatBlock())
+
+    def forward(self, ids):
+        return self.blocks(self.embed(ids))
+
+
+def test_a_parallel_adapter_adds_to_a_branch_that_flattens_its_tokens():
+    """The FFN branch is (tokens, hidden), its residual input (batch, seq, hidden): the parallel adapter's output
+    is added in the branch's shape (it crashed with a broadcast error)."""
+    torch.manual_seed(0)
+    model = _FlatModel().eval()
+    ids = torch.randint(0, 50, (2, 5))
+    surgery.apply(model, "parallel", example_inputs=(ids,))
+    _perturb(model)
+    seen = {}
+    block = model.blocks[1]
+    hooks = [block.ln1.register_forward_hook(lambda m, a, out: seen.__setitem__("h", out)),
+             block.ffn.register_forward_hook(lambda m, a, out: seen.__setitem__("y", out))]
+    with torch.no_grad():
+        model(ids)
+        for h in hooks:
+            h.remove()
+        with surgery.disable(model):
+            plain = block.ffn(seen["h"])
+        adapter = model.surgery_adapters.adapters["default"]["ffn_adapter"]["blocks_1_ffn_fc2"]
+        torch.testing.assert_close(seen["y"], plain + adapter(seen["h"]).reshape(plain.shape), rtol=0, atol=1e-5)

@@ -589,7 +589,10 @@ def _on_columns(fn, packed, y):
 
 
 def _parallel(module, runtime, slot, name, y):
-    return y + module(_my_part(runtime, name, runtime.slots.pop(slot), y))
+    h = module(_my_part(runtime, name, runtime.slots.pop(slot), y))
+    if h.shape != y.shape and h.numel() == y.numel() and h.shape[-1] == y.shape[-1]:
+        h = h.reshape(y.shape)    # the branch holds the tokens flattened, (tokens, hidden) (a MoE block's experts)
+    return y + h
 
 
 def _sublayer(module, runtime, slot_h, slot_x, norm, name, out):
