@@ -419,3 +419,18 @@ def test_a_parallel_adapter_adds_to_a_branch_that_flattens_its_tokens():
             plain = block.ffn(seen["h"])
         adapter = model.surgery_adapters.adapters["default"]["ffn_adapter"]["blocks_1_ffn_fc2"]
         torch.testing.assert_close(seen["y"], plain + adapter(seen["h"]).reshape(plain.shape), rtol=0, atol=1e-5)
+
+
+def test_memory_budget_counts_every_experts_adapter():
+    """The apply's memory estimate builds each site's module as realize does: a LoRA per expert counts
+    experts × r × (in + out), not one 2-D LoRA of the same width (a shared expert of Qwen2-MoE has that width)."""
+    from surgery.api import _analysis
+    from surgery.match import match_spec
+    from surgery.rewrite.budget import estimate
+    model, inputs, _ = qwen2_moe()
+    spec = surgery.load_spec(_spec("lora", ["ffn.in", "ffn.out"], r=2, alpha=2))
+    surgery.apply(model, spec)
+    held = sum(p.numel() * p.element_size() for p in model.surgery_adapters.parameters())
+    surgery.remove(model)
+    analysis = _analysis(model, None)
+    assert estimate(model, analysis, spec, match_spec(spec, analysis)).total == held
