@@ -434,3 +434,39 @@ def test_memory_budget_counts_every_experts_adapter():
     surgery.remove(model)
     analysis = _analysis(model, None)
     assert estimate(model, analysis, spec, match_spec(spec, analysis)).total == held
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_two_expert_loras_stack_and_average(dropout):
+    """Two LoRA sets on the experts (on the weight, or inside the grouped matmul with dropout): a Stack adds both
+    deltas, an Average w_a·Δa + w_b·Δb; a BatchSplit cannot split tokens sorted by expert inside the grouped
+    matmul and says so."""
+    model, inputs, _ = mixtral()
+    base = copy.deepcopy(model)
+    for name in ("a", "b"):
+        surgery.apply(model, _spec("lora", ["ffn.out"], r=2, alpha=2, dropout=dropout), name=name)
+    _perturb(model)
+    rules = model.surgery_adapters.adapters
+
+    def by_hand(weights):
+        twin = copy.deepcopy(base)
+        with torch.no_grad():
+            for layer, expert in enumerate(_experts(twin)):
+                for name, w in weights.items():
+                    lora = rules[name]["lora"][f"model_layers_{layer}_mlp_experts__down_proj"]
+                    expert.down_proj.add_(w * lora.scaling * lora.lora_B @ lora.lora_A)
+        return _logits(twin, inputs)
+
+    torch.testing.assert_close(_logits(model, inputs), by_hand({"a": 1.0, "b": 1.0}), rtol=0, atol=1e-5)
+    surgery.set_active(model, surgery.Average("a", "b", weights=[0.3, 0.7]))
+    torch.testing.assert_close(_logits(model, inputs), by_hand({"a": 0.3, "b": 0.7}), rtol=0, atol=1e-5)
+    surgery.set_active(model, "b")
+    torch.testing.assert_close(_logits(model, inputs), by_hand({"b": 1.0}), rtol=0, atol=1e-5)
+    if dropout:
+        with pytest.raises(surgery.SurgeryError, match="sorted by expert"):
+            surgery.set_active(model, surgery.BatchSplit("a", "b", batch_sizes=[1, 1]))
+        model.surgery_adapters.runtime.composition = surgery.BatchSplit("a", "b", batch_sizes=[1, 1])
+        with pytest.raises(surgery.RewriteError, match="sorted by expert"):    # and at run time, if set anyway
+            _logits(model, inputs)
+        surgery.set_active(model, "a")     # the failed call left no mode behind
+        torch.testing.assert_close(_logits(model, inputs), by_hand({"a": 1.0}), rtol=0, atol=1e-5)

@@ -23,7 +23,7 @@ from torch.nn.utils import parametrize
 from surgery.analyze.roles import Analysis, LinearInfo, op_name, stack_entries, stack_paths
 from surgery.rewrite import compose
 from surgery.rewrite.torchcalls import forward_line, torch_call_site, torch_fn_key
-from surgery.rewrite.experts import attach_grouped, grouped_index
+from surgery.rewrite.experts import attach_grouped, grouped_functions, grouped_index
 from surgery.errors import RewriteError
 from surgery.modules import columns as cols
 from surgery.modules.columns import Columns
@@ -243,7 +243,8 @@ class WeightSite:
     gate: Callable[[], bool] = lambda: True
     call: int | None = None     # one call of a module called several times per forward
     routed: tuple | None = None  # a projection nn.MultiheadAttention reads functionally, on activations (mha.py)
-    grouped: int | None = None  # realized "grouped": which grouped matmul of its module (MoE experts, experts.py)
+    grouped: tuple | None = None  # realized "grouped": (which grouped matmul of its module, the functions it is
+    #                               called as) (MoE experts, surgery/rewrite/experts.py)
     undo: list = field(default_factory=list)
     attached: bool = True
 
@@ -671,7 +672,7 @@ def wrap_weight(model: nn.Module, analysis: Analysis, info: LinearInfo, packed: 
             raise RewriteError(f"{owner_path} is called {analysis.calls(owner_path)} times per forward (a shared "
                                f"layer); adapters of its experts would act on every call")
         site = WeightSite(rule, key, owner, owner_path, weight_name, None, info.layout, None, None, adapter, mode,
-                          gate=gate, grouped=grouped_index(analysis, info) if mode == "grouped" else None)
+                          gate=gate, grouped=(grouped_index(analysis, info), grouped_functions(info)) if mode == "grouped" else None)
         attach_weight_site(site)
         return site
     if whole_module and info.kind == "conv":   # the module's input is the conv's (no padding_mode other than zeros)
@@ -714,7 +715,7 @@ def attach_weight_site(site: WeightSite) -> None:
     owner, adapter, gate, packed = site.owner, site.adapter, site.gate, site.packed
     undo = []
     if site.realized == "grouped":   # MoE experts: after the model's own grouped matmul (surgery/rewrite/experts.py)
-        undo.append(attach_grouped(owner, site.grouped, gate, adapter))
+        undo.append(attach_grouped(owner, *site.grouped, gate, adapter))
     elif site.realized == "activation" and site.routed is not None:
         from surgery.rewrite import mha
         if adapter.adapts_input:
