@@ -470,3 +470,17 @@ def test_two_expert_loras_stack_and_average(dropout):
             _logits(model, inputs)
         surgery.set_active(model, "a")     # the failed call left no mode behind
         torch.testing.assert_close(_logits(model, inputs), by_hand({"a": 1.0}), rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_expert_loras_compile_with_fullgraph(dropout):
+    """torch.compile(fullgraph=True) traces the parametrization and the grouped-matmul mode (the op check is
+    by identity) and gives the eager output."""
+    model, inputs, _ = mixtral()
+    surgery.apply(model, _spec("lora", ["ffn.in", "ffn.out"], r=2, alpha=2, dropout=dropout))
+    _perturb(model)
+    eager = _logits(model, inputs)
+    with torch.no_grad():
+        compiled = torch.compile(model, fullgraph=True)(**inputs).logits
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-5)
