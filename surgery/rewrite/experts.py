@@ -22,8 +22,8 @@ from surgery.errors import RewriteError
 from surgery.rewrite import compose
 
 GROUPED_OPS = ("grouped_mm_fallback", "_grouped_mm", "grouped_mm")   # as roles.py names them in the graph
-_TORCH_GROUPED = tuple(f for f in (getattr(torch, "_grouped_mm", None), getattr(torch.nn.functional, "grouped_mm", None))
-                       if f is not None)
+_TORCH_GROUPED = tuple(f for f in (getattr(torch, "_grouped_mm", None),
+                                   getattr(torch.nn.functional, "grouped_mm", None)) if f is not None)
 
 
 def grouped_functions(info: LinearInfo) -> tuple:

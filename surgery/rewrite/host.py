@@ -671,8 +671,9 @@ def wrap_weight(model: nn.Module, analysis: Analysis, info: LinearInfo, packed: 
         if analysis.calls(owner_path) > 1:
             raise RewriteError(f"{owner_path} is called {analysis.calls(owner_path)} times per forward (a shared "
                                f"layer); adapters of its experts would act on every call")
+        grouped = (grouped_index(analysis, info), grouped_functions(info)) if mode == "grouped" else None
         site = WeightSite(rule, key, owner, owner_path, weight_name, None, info.layout, None, None, adapter, mode,
-                          gate=gate, grouped=(grouped_index(analysis, info), grouped_functions(info)) if mode == "grouped" else None)
+                          gate=gate, grouped=grouped)
         attach_weight_site(site)
         return site
     if whole_module and info.kind == "conv":   # the module's input is the conv's (no padding_mode other than zeros)
