@@ -484,3 +484,39 @@ def test_expert_loras_compile_with_fullgraph(dropout):
     with torch.no_grad():
         compiled = torch.compile(model, fullgraph=True)(**inputs).logits
     torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_experts_stored_in_out_transposed_with_biases(dropout):
+    """GPT-OSS stores its experts (experts, in, out) (`is_transposed`) with per-expert biases: the LoRA delta is
+    added transposed, on the weight or inside the grouped matmul, and the model equals the weights written in."""
+    import transformers
+    cfg = transformers.GptOssConfig(vocab_size=96, hidden_size=64, intermediate_size=32, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,
+                                    num_experts_per_tok=2, max_position_embeddings=64, sliding_window=8,
+                                    layer_types=["sliding_attention", "full_attention"])
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = transformers.GptOssForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("bias"):
+                p.normal_(0, 0.1)
+    ids = torch.randint(3, 96, (2, 8))
+    base = copy.deepcopy(model)
+    spec = _spec("lora", ["ffn.out"], r=2, alpha=4, dropout=dropout)
+    spec["rules"][0]["match"]["module"] = "*.mlp.experts"
+    surgery.apply(model, spec)
+    _perturb(model)
+    by_hand = copy.deepcopy(base)
+    sites = model.surgery_adapters.adapters["default"]["lora"]
+    assert {k for k in sites if k.endswith("down_proj")} == {f"model_layers_{i}_mlp_experts__down_proj" for i in (0, 1)}
+    with torch.no_grad():
+        for key, lora in sites.items():    # GPT-OSS's gate_up_proj also writes the hidden width: ffn.out too
+            layer, param = int(key.split("_")[2]), key.rpartition("__")[2]
+            weight = getattr(by_hand.model.layers[layer].mlp.experts, param)    # (experts, in, out)
+            assert weight.shape == (EXPERTS, lora.lora_A.shape[2], lora.lora_B.shape[1])
+            weight.add_((lora.scaling * lora.lora_B @ lora.lora_A).transpose(-2, -1))
+    adapted = _logits(model, {"input_ids": ids})
+    assert (adapted - _logits(base, {"input_ids": ids})).abs().max() > 1e-3
+    torch.testing.assert_close(adapted, _logits(by_hand, {"input_ids": ids}), rtol=0, atol=1e-5)
