@@ -520,3 +520,23 @@ def test_experts_stored_in_out_transposed_with_biases(dropout):
     adapted = _logits(model, {"input_ids": ids})
     assert (adapted - _logits(base, {"input_ids": ids})).abs().max() > 1e-3
     torch.testing.assert_close(adapted, _logits(by_hand, {"input_ids": ids}), rtol=0, atol=1e-5)
+
+
+def test_adapters_inside_the_grouped_matmul_refuse_to_be_skipped():
+    """An experts module that computes its experts without the grouped matmul (the implementation switched to
+    transformers' batched_mm after apply) would bypass adapters that live inside it: an error, never a silent
+    base output. Adapters on the weight follow any implementation."""
+    model, inputs, _ = mixtral()
+    surgery.apply(model, _spec("lora", ["ffn.out"], r=2, dropout=0.1), name="inside")
+    surgery.apply(model, _spec("lora", ["ffn.in"], r=2), name="weight")
+    _perturb(model)
+    expected = _logits(model, inputs)
+    model.config._experts_implementation = "batched_mm"
+    with pytest.raises(surgery.RewriteError, match="computed its experts another way"):
+        _logits(model, inputs)
+    surgery.set_active(model, "weight")
+    on_weight = _logits(model, inputs)
+    model.config._experts_implementation = "grouped_mm"
+    torch.testing.assert_close(_logits(model, inputs), on_weight, rtol=0, atol=1e-5)
+    surgery.set_active(model, ["inside", "weight"])
+    torch.testing.assert_close(_logits(model, inputs), expected, rtol=0, atol=1e-5)

@@ -107,8 +107,16 @@ class GroupedSites:
 
     def _exit(self, module, args, out):
         modes = self._modes()
-        if modes:
-            modes.pop().__exit__(None, None, None)
+        if not modes:
+            return
+        mode = modes.pop()
+        mode.__exit__(None, None, None)
+        live = [i for i, entries in self.entries.items() if any(gate() for gate, _ in entries)]
+        if live and mode.count <= max(live):
+            # another experts implementation ran (transformers' batched_mm or eager loop): the adapters did not
+            raise RewriteError(f"the experts module ran {mode.count} grouped matmul(s), and its adapters act after "
+                               f"grouped matmul {max(live)}: it computed its experts another way (e.g. "
+                               f"config._experts_implementation changed since the adapters were applied), without them")
 
 
 def _op_ref(func):
