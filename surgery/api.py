@@ -255,6 +255,11 @@ def set_active(model: nn.Module, names: "str | Iterable[str] | Block | dict | No
                                    f"adapter {n!r} adapts {weight_sites[0].owner_path} on its weight (a "
                                    f"parametrization, which only adds up or averages): use Stack, an Average "
                                    f"of adapter names, or realize: activation")
+            grouped = [s for s in store.records[n].weight_sites if s.realized == "grouped"]
+            if grouped:
+                raise SurgeryError(f"{type(block).__name__} needs every adapter to see batch rows, but adapter {n!r} "
+                                   f"adapts the MoE experts of {grouped[0].owner_path} inside their grouped matmul, "
+                                   f"where tokens are sorted by expert: use Stack or an Average of adapter names")
     if isinstance(block, MixedBatch):
         _check_per_row(store, block)
     resume(store)

@@ -127,7 +127,7 @@ class _Part:
     query_key_value), in (out, in) layout for weights: `read()` a copy, `write()` into the parameter in place."""
 
     def __init__(self, param: torch.Tensor, site: WeightSite, is_bias: bool):
-        self.tensor = param if is_bias or site.layout != "in_out" else param.t()
+        self.tensor = param if is_bias or site.layout != "in_out" else param.transpose(-2, -1)   # experts: per expert
         self.rows = site.bias_rows if is_bias else site.rows
         self.dtype = param.dtype
 

@@ -15,12 +15,17 @@ Merging into NF4 is lossy: the merged weight would be rounded to 4 bits again, l
 `surgery.merge` refuses it with an error naming `surgery.dequantize_nf4`. Merge into a dequantized copy instead:
 `dequantize_nf4(model)` (or `dequantize_nf4(model, torch.bfloat16)`, which casts the whole model), then
 `surgery.merge(model)`.
+
+MoE experts stored as one 3-D parameter read by a grouped matmul (transformers 5's Mixtral, Qwen2-MoE) are not
+quantized: an NF4 tensor is a 2-D linear weight, which the grouped matmul cannot read. The default selection leaves
+them dense with a `SurgeryWarning`; a `match` that selects them is an error.
 """
 from __future__ import annotations
 
 import importlib
 import math
 import sys
+import warnings
 from typing import Any
 
 import torch
@@ -28,7 +33,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from surgery.api import plan
-from surgery.errors import SurgeryError
+from surgery.errors import SurgeryError, SurgeryWarning
 from surgery.progress import quiet_libraries
 
 NF4_MODULE = "torchao.quantization.quantize_.workflows.nf4.nf4_tensor"
@@ -56,10 +61,19 @@ def quantize_nf4(model: nn.Module, match: dict | None = None, *, example_inputs=
     nf4 = _torchao_nf4()
     spec = {"name": "nf4", "rules": [{"name": "nf4", "match": match or {"role": BLOCK_LINEARS}, "action": "train"}]}
     owners: dict[int, tuple[str, nn.Linear]] = {}
+    experts: list[str] = []
     for m in plan(model, spec, example_inputs=example_inputs):
         info = m.site.linear
         if info is None:
             raise SurgeryError(f"quantize_nf4: {m.module} ({m.node}) is not a weight-bearing op")
+        if info.experts:
+            if match:
+                raise SurgeryError(f"quantize_nf4: {info.weight} holds {info.experts} MoE experts as one 3-D "
+                                   f"parameter read by a grouped matmul; torchao's NF4 tensor is a 2-D nn.Linear "
+                                   f"weight that the grouped matmul cannot read, so experts stay dense (leave them "
+                                   f"out of `match`)")
+            experts.append(info.weight)
+            continue
         owner = model.get_submodule(info.owner)
         if not isinstance(owner, nn.Linear) or info.weight != f"{info.owner}.weight" or info.rows is not None:
             raise SurgeryError(f"quantize_nf4: {info.owner} is a {type(owner).__name__}, not an nn.Linear that "
@@ -93,6 +107,10 @@ def quantize_nf4(model: nn.Module, match: dict | None = None, *, example_inputs=
         for owner, weight in done:
             owner.weight = weight
         raise SurgeryError(f"quantize_nf4 failed, the model is unchanged: {type(exc).__name__}: {exc}") from exc
+    if experts:
+        warnings.warn(f"quantize_nf4: {len(experts)} MoE expert parameter(s) ({', '.join(experts[:2])}"
+                      f"{', ...' if len(experts) > 2 else ''}) are 3-D tensors read by a grouped matmul, which NF4 "
+                      f"cannot back: they stay dense (adapters on them still apply)", SurgeryWarning, stacklevel=2)
     return model
 
 

@@ -139,16 +139,6 @@ def failure_kind(message: str) -> str:
 # Cells that fail on today's engine: (arch, spec) -> (observed outcome, what). Delete entries as the engine
 # is fixed; `python tools/architectures_table.py --run` prints the observed table.
 XFAIL: dict[tuple[str, str], tuple[str, str]] = {
-    ('mixtral', 'ia3'): ('refused', 'RewriteError: model.layers.0.mlp.experts: its 4 experts are one 3-D parameter (model.layers.0.mlp.ex'),
-    ('mixtral', 'qlora'): ('refused', 'RewriteError: model.layers.0.mlp.experts: its 4 experts are one 3-D parameter (model.layers.0.mlp.ex'),
-    ('mixtral', 'said'): ('refused', 'RewriteError: model.layers.0.mlp.experts: its 4 experts are one 3-D parameter (model.layers.0.mlp.ex'),
-    ('mixtral', 'sparse'): ('refused', 'RewriteError: model.layers.0.mlp.experts: its 4 experts are one 3-D parameter (model.layers.0.mlp.ex'),
-    ('qwen2_moe', 'ia3'): ('refused', 'RewriteError: model.layers.0.mlp.experts: its 4 experts are one 3-D parameter (model.layers.0.mlp.ex'),
-    ('qwen2_moe', 'mam'): ('crash', 'a shape error in the rewritten forward'),
-    ('qwen2_moe', 'parallel'): ('crash', 'a shape error in the rewritten forward'),
-    ('qwen2_moe', 'qlora'): ('refused', 'RewriteError: model.layers.0.mlp.experts: its 4 experts are one 3-D parameter (model.layers.0.mlp.ex'),
-    ('qwen2_moe', 'said'): ('refused', 'RewriteError: model.layers.0.mlp.experts: its 4 experts are one 3-D parameter (model.layers.0.mlp.ex'),
-    ('qwen2_moe', 'sparse'): ('refused', 'RewriteError: model.layers.0.mlp.experts: its 4 experts are one 3-D parameter (model.layers.0.mlp.ex'),
 }
 
 

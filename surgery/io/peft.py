@@ -445,6 +445,11 @@ def to_peft(model: nn.Module, out_dir, *, name: str | None = None, example_input
     if gated:
         raise SurgeryError(f"adapter {name!r} has gated LoRA (UniPELT) on {', '.join(gated[:4])}: PEFT's LoRA has "
                            f"no gate")
+    moe = [f"{s.owner_path}.{s.weight_name}" for s in record.weight_sites if getattr(s.adapter, "experts", None)]
+    if moe:
+        raise SurgeryError(f"adapter {name!r} adapts MoE experts stored as one 3-D parameter ({', '.join(moe[:2])}"
+                           f"{', ...' if len(moe) > 2 else ''}); PEFT holds those as `target_parameters`, which "
+                           f"to_peft does not write yet (surgery.save keeps them)")
     kinds = {type(s.adapter) for s in record.weight_sites}
     if kinds in ({LoRA}, {DoRA}):
         peft_type = "LORA"

@@ -27,6 +27,8 @@ class SiteContext:
     bias: torch.Tensor | None = None    # wrap: the op's base bias (rows of the site), or None (read-only; BOFT)
     rows: Any = None  # wrap: the output rows of a packed weight the site covers, (start, stop) or Columns; None: all
     live_weight: Any = None   # wrap on Columns: a LiveRows reading `weight`'s rows from the parameter (weight is a copy)
+    experts: int | None = None          # wrap: MoE experts stored as one 3-D parameter read by a grouped matmul:
+    #                                     `weight` is then (experts, out, in) and the module adapts every expert
     host: nn.Module | None = None       # the host module at the site (replace/attend)
     source_dim: int | None = None       # parallel: last dimension of the span's input
     model: nn.Module | None = None
@@ -42,12 +44,16 @@ class WeightAdapter(nn.Module):
     Two realizations must agree: on activations (`adapt_input` before the op, `forward(x, y)` after it, x the
     op's input and y its output) and on the weight (`transform_weight`/`transform_bias`, in (out, in) layout),
     which is also what merging folds into the base.
+
+    A module that sets `supports_experts` also adapts MoE experts stored as one 3-D parameter (`SiteContext.experts`):
+    there it is realized on the weight only, and `transform_weight` receives (experts, out, in).
     """
 
     mergeable: bool = True
     adapts_input: bool = False   # True when adapt_input is not the identity
     op_kinds: tuple[str, ...] = ("linear",)   # weight-bearing op kinds it computes right (conv, embedding: opt in)
     activation_only: bool = False   # True when the adapted op is no op of the base kind (no weight path, no merge)
+    supports_experts: bool = False  # True when it adapts a 3-D (experts, out, in) weight per expert
 
     def adapt_input(self, x: torch.Tensor) -> torch.Tensor:
         return x

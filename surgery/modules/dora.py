@@ -41,6 +41,7 @@ class DoRAOptions(Options):
 class DoRA(LoRA):
     Options = DoRAOptions
     inverse_weight = None   # the row norms make W' non-invertible from W' alone: merge keeps a copy for unmerge
+    supports_experts = False   # LoRA's per-expert factors, but no per-expert magnitude yet
 
     def __init__(self, weight: torch.Tensor, r: int = 8, alpha: float = 8, dropout: float = 0.0,
                  use_rslora: bool = False, init: str = "kaiming", op_kind: str = "linear", op_args: dict | None = None,

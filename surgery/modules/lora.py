@@ -38,6 +38,15 @@ at load) applies the same init, so the trained A, B meet the same residual.
   model, then call `surgery.quantize_nf4(model)`: until the op's weight has been replaced (quantized, or
   dequantized again for a merge) the forward and merge raise, since W + s·B·A would count the correction on top
   of the unquantized W. torchao is imported only when this init runs.
+
+On MoE experts stored as one 3-D parameter (experts, out, in) read by a grouped matmul (transformers 5's Mixtral,
+Qwen2-MoE), each expert e has its own pair: A (experts, r, in), B (experts, out, r), and W_e + s·B_e·A_e is what
+the model's own grouped matmul reads (a parametrization of that parameter; PEFT's `target_parameters` /
+`lora.ParamWrapper`, whose Linear(in, r·experts) A is this A row for row). A_e is kaiming-uniform with fan-in
+`in` (as each of PEFT's rows), B zero. With dropout (which PEFT's ParamWrapper refuses) the adapter runs inside
+the model's grouped matmul instead (surgery/rewrite/experts.py): y + s·B_e·A_e·dropout(x) for each row block of
+expert e, computed for all rows at once (x·[A_1; ...; A_E]ᵀ, masked to each row's expert, times [B_1 ... B_E]ᵀ),
+so the routing is the model's own. Gating and the weight-derived inits are refused on experts.
 """
 from __future__ import annotations
 
@@ -93,11 +102,17 @@ def warn_rank(r: int, site: SiteContext, kind: str) -> None:
 class LoRA(WeightAdapter):
     Options = LoRAOptions
     op_kinds = ("linear", "conv", "embedding")
+    supports_experts = True
 
     def __init__(self, in_features: int, out_features: int, r: int = 8, alpha: float = 8, dropout: float = 0.0,
                  use_rslora: bool = False, init: str = "kaiming", use_gating: bool = False, op_kind: str = "linear",
-                 op_args: dict | None = None, weight: torch.Tensor | None = None, host: nn.Module | None = None):
+                 op_args: dict | None = None, weight: torch.Tensor | None = None, host: nn.Module | None = None,
+                 experts: int | None = None):
         super().__init__()
+        self.experts = experts
+        if experts and (use_gating or init not in ("kaiming", "gaussian")):
+            raise RewriteError(f"LoRA on {experts} experts stored as one 3-D parameter: use_gating and init {init!r} "
+                               f"are defined on one 2-D weight (use init: kaiming or gaussian, no use_gating)")
         if use_gating and op_kind != "linear":
             raise RewriteError(f"gated LoRA (use_gating) is defined on linear ops, not on a {op_kind}")
         if init in WEIGHT_INITS + ("loftq",) and op_kind != "linear":
@@ -136,6 +151,9 @@ class LoRA(WeightAdapter):
             ones = (1,) * len(kernel_size)
             self.lora_A = nn.Parameter(torch.empty(r, in_features, *kernel_size))
             self.lora_B = nn.Parameter(torch.empty(out_features, r // groups, *ones))
+        elif experts:
+            self.lora_A = nn.Parameter(torch.empty(experts, r, in_features))
+            self.lora_B = nn.Parameter(torch.empty(experts, out_features, r))
         else:
             self.lora_A = nn.Parameter(torch.empty(r, in_features))
             self.lora_B = nn.Parameter(torch.empty(out_features, r))
@@ -155,6 +173,10 @@ class LoRA(WeightAdapter):
             nn.init.normal_(self.lora_B)
         elif self.init == "gaussian":
             nn.init.normal_(self.lora_A, std=1 / self.r)
+        elif self.experts:
+            with torch.no_grad():
+                for a in self.lora_A:     # per expert: fan-in `in`, as nn.init computes it on a (r, in) matrix
+                    nn.init.kaiming_uniform_(a, a=math.sqrt(5))
         else:
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B)
@@ -208,7 +230,7 @@ class LoRA(WeightAdapter):
         weight = site.weight if options.init in WEIGHT_INITS + ("loftq",) else None
         return cls(site.in_features, site.out_features, r=options.r, alpha=options.alpha, dropout=options.dropout,
                    use_rslora=options.use_rslora, init=options.init, use_gating=options.use_gating,
-                   op_kind=site.op_kind, op_args=site.op_args, weight=weight, host=site.host)
+                   op_kind=site.op_kind, op_args=site.op_args, weight=weight, host=site.host, experts=site.experts)
 
     def _path(self, x):
         """B(A(x)) without the scaling, for the op's kind."""
@@ -219,7 +241,22 @@ class LoRA(WeightAdapter):
             return F.embedding(x, self.lora_A.t(), self.op_args.get("padding_idx")) @ self.lora_B.t()
         return x @ self.lora_A.t() @ self.lora_B.t()
 
+    def grouped(self, x: torch.Tensor, y: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        """Experts: y (rows, out) of the grouped matmul of x (rows, in) sorted by expert, offs (experts,) the
+        cumulative row counts; returns y + s·B_e·A_e·dropout(x_row) for each row's expert e."""
+        from surgery.modules.experts import expert_of_rows
+        experts, r = self.experts, self.r
+        a = self.lora_A.reshape(experts * r, -1)                     # (experts·r, in)
+        b = self.lora_B.transpose(1, 2).reshape(experts * r, -1)     # (experts·r, out)
+        h = self.dropout(x.to(a.dtype)) @ a.t()                      # every expert's A on every row
+        mask = expert_of_rows(offs, x.shape[0], experts).to(h.dtype)  # ... kept for the row's own expert only
+        h = (h.view(-1, experts, r) * mask[:, :, None]).reshape(-1, experts * r)
+        return y + ((h @ b) * self.scaling).to(y.dtype)
+
     def forward(self, x, y):
+        if self.experts:
+            raise RewriteError("LoRA on experts stored as one 3-D parameter runs on the weight or inside the grouped "
+                               "matmul (grouped)")
         if self.init == "loftq":
             self._check_quantized()
         delta = self._path(self.dropout(x))
@@ -230,7 +267,8 @@ class LoRA(WeightAdapter):
         return y + delta * self.scaling
 
     def _dense_delta(self) -> torch.Tensor:
-        """s·B·A as a dense kernel: (out, in) for linear/embedding, (out, in, *kernel) for conv (any groups)."""
+        """s·B·A as a dense kernel: (out, in) for linear/embedding, (out, in, *kernel) for conv (any groups),
+        (experts, out, in) for experts (a batched product, one per expert)."""
         if self.init in WEIGHT_INITS:
             return (self.lora_B @ self.lora_A - self.lora_B0 @ self.lora_A0) * self.scaling
         if self.op_kind != "conv":

@@ -6,11 +6,15 @@ P_t(θ) = (H G Π H B pad(θ))[:D_t] / √(D_t · ΣG²), with H the (unnormaliz
 n_t = 2^⌈log₂ max(D_t, d)⌉, B random signs, Π a random permutation, G Gaussian. H is applied by the fast
 transform, so a tensor of D_t entries costs O(D_t) memory and O(D_t log D_t) time, never a D_t×d matrix.
 
+On MoE experts stored as one 3-D parameter, P_t maps to all experts × out × in entries of it (one tensor,
+one λ_t), viewed as (experts, out, in).
+
 θ_d is one vector shared by all sites of a rule: it lives in the rule's shared modules (`SiteContext.shared`,
 saved and counted once), and every site's adapter holds an unregistered reference to it.
 """
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Literal
 
@@ -79,12 +83,14 @@ class SAIDOptions(Options):
 @register
 class IntrinsicSAID(WeightAdapter):
     Options = SAIDOptions
+    supports_experts = True
 
-    def __init__(self, out_features: int, in_features: int, subspace: Subspace, seed: int):
+    def __init__(self, out_features: int, in_features: int, subspace: Subspace, seed: int, experts: int | None = None):
         super().__init__()
         self.out_features, self.in_features = out_features, in_features
+        self.shape = (experts, out_features, in_features) if experts else (out_features, in_features)
         self._subspace = [subspace]   # unregistered: the rule's shared modules hold (and save) it once
-        self.projection = Fastfood(subspace.theta.numel(), out_features * in_features, seed)
+        self.projection = Fastfood(subspace.theta.numel(), math.prod(self.shape), seed)
         self.scale = nn.Parameter(torch.ones(()))
 
     @classmethod
@@ -92,14 +98,15 @@ class IntrinsicSAID(WeightAdapter):
         if site.shared is None:
             raise RewriteError("said couples all sites of a rule through one subspace: it needs the rule's "
                                "shared modules (SiteContext.shared)")
-        size = (site.out_features or 0) * (site.in_features or 0)
+        size = (site.out_features or 0) * (site.in_features or 0) * (site.experts or 1)
         if options.d > size:
             warnings.warn(f"said: d={options.d} exceeds the {size} entries of the weight at {site.module}: its "
                           f"projection is sized by d (memory O(d) per weight) and cannot reach more than {size} "
                           f"directions", SurgeryWarning, stacklevel=2)
         if "subspace" not in site.shared:
             site.shared["subspace"] = Subspace(options.d)
-        return cls(site.out_features, site.in_features, site.shared["subspace"], site_seed(options.seed, site))
+        return cls(site.out_features, site.in_features, site.shared["subspace"], site_seed(options.seed, site),
+                   experts=site.experts)
 
     @property
     def theta(self) -> nn.Parameter:
@@ -111,9 +118,11 @@ class IntrinsicSAID(WeightAdapter):
             self.theta.zero_()
 
     def delta_weight(self) -> torch.Tensor:
-        return (self.scale.float() * self.projection(self.theta)).view(self.out_features, self.in_features)
+        return (self.scale.float() * self.projection(self.theta)).view(self.shape)
 
     def forward(self, x, y):
+        if len(self.shape) != 2:
+            raise RewriteError("SAID on experts stored as one 3-D parameter is realized on the weight only")
         return y + F.linear(x, self.delta_weight().to(x.dtype))
 
     def transform_weight(self, weight):

@@ -4,9 +4,13 @@ The index set is chosen once, when the adapter is built: the k entries of larges
 at random (`random`, seeded per site), or the k entries of largest squared gradient accumulated over
 calibration batches the user passes to `surgery.apply(..., calibration=...)` (`gradient`, as FISH masks do).
 Only the k values train; the adapter's state is the k values plus their k flat indices.
+
+On MoE experts stored as one 3-D parameter, the indices run over all experts × out × in entries of it, viewed as
+(experts, out, in): `k`/`density` count that whole tensor, and magnitude picks the largest entries across experts.
 """
 from __future__ import annotations
 
+import math
 import zlib
 from typing import Any, Iterable, Literal
 
@@ -43,17 +47,19 @@ class SparseOptions(Options):
 @register
 class SparseDelta(WeightAdapter):
     Options = SparseOptions
+    supports_experts = True
 
-    def __init__(self, out_features: int, in_features: int, indices: torch.Tensor):
+    def __init__(self, out_features: int, in_features: int, indices: torch.Tensor, experts: int | None = None):
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
+        self.shape = (experts, out_features, in_features) if experts else (out_features, in_features)
         self.register_buffer("indices", indices.to(torch.long).sort().values)
         self.values = nn.Parameter(torch.zeros(indices.numel()))
 
     @classmethod
     def build(cls, options: SparseOptions, site: SiteContext, action: str) -> "SparseDelta":
-        size = site.out_features * site.in_features
+        size = site.out_features * site.in_features * (site.experts or 1)
         k = options.k if options.k is not None else max(1, round(options.density * size))
         if k > size:
             raise RewriteError(f"{site.module}: sparse k={k} exceeds the weight's {size} entries")
@@ -63,16 +69,18 @@ class SparseDelta(WeightAdapter):
         else:
             score = _weight_magnitude(site) if options.select == "magnitude" else _calibration_score(site)
             indices = torch.topk(score.reshape(-1).float().cpu(), k).indices
-        return cls(site.out_features, site.in_features, indices)
+        return cls(site.out_features, site.in_features, indices, experts=site.experts)
 
     def reset_parameters(self):
         nn.init.zeros_(self.values)
 
     def delta_weight(self) -> torch.Tensor:
-        flat = torch.zeros(self.out_features * self.in_features, dtype=self.values.dtype, device=self.values.device)
-        return flat.index_put((self.indices,), self.values).view(self.out_features, self.in_features)
+        flat = torch.zeros(math.prod(self.shape), dtype=self.values.dtype, device=self.values.device)
+        return flat.index_put((self.indices,), self.values).view(self.shape)
 
     def forward(self, x, y):
+        if len(self.shape) != 2:
+            raise RewriteError("sparse deltas on experts stored as one 3-D parameter are realized on the weight only")
         # y[..., row] += value · x[..., col] for each of the k entries: O(tokens · k), no dense delta
         rows, cols = self.indices // self.in_features, self.indices % self.in_features
         return y.index_add(-1, rows, x[..., cols] * self.values.to(x.dtype))

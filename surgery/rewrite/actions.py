@@ -62,6 +62,18 @@ def _moe_output(analysis: Analysis, match: Match) -> fx.Node | None:
     return None
 
 
+def _moe_layer_experts(analysis: Analysis, match: Match) -> Site | None:
+    """The layer's routed experts (an ffn.out on a 3-D expert parameter), when `match` is an FFN output of a MoE
+    layer: the routed experts themselves, or a shared expert whose output the MoE block adds to theirs."""
+    if match.role != "ffn.out" or match.layer is None:
+        return None
+    for site in analysis.by_role.get("ffn.out", []):
+        if site.layer == match.layer and site.stack == match.site.stack and site.linear is not None \
+                and site.linear.experts:
+            return site
+    return None
+
+
 def _site_value(site: Site) -> fx.Node:
     return site.linear.value if site.linear is not None else site.node
 
@@ -96,8 +108,9 @@ def _context(model: nn.Module, analysis: Analysis, match: Match, value: fx.Node,
         ctx.out_features = cols.width(rows, info.out_features)
         ctx.op_kind, ctx.op_args = info.kind, dict(info.op_args)
         weight = _base_parameter(model, info.weight)
+        ctx.experts = info.experts
         if weight is not None:
-            w = weight.t() if info.layout == "in_out" else weight
+            w = weight.transpose(-2, -1) if info.layout == "in_out" else weight   # experts: (experts, out, in)
             ctx.weight = cols.take(w, rows)
             if isinstance(rows, cols.Columns):   # an index set is a copy: adapters that keep W read it live
                 ctx.live_weight = cols.LiveRows(weight, rows, transposed=info.layout == "in_out")
@@ -305,11 +318,19 @@ def realize(model: nn.Module, analysis: Analysis, store: AdapterStore, record: R
     per_adapter[rule_name] = modules
     record.undo.append(functools.partial(per_adapter.pop, rule_name))
     captured: set[str] = set()
+    combined: set = set()     # MoE outputs already adapted by this rule
     for match in matches:
         value = _through(_site_value(match.site), rule.through)
-        if match.site.linear is not None and match.site.linear.experts and rule.action in ("insert_after", "parallel"):
-            # MoE: what the FFN adds to the residual stream is the experts' combined output, not one expert's
-            value = _moe_output(analysis, match) or value
+        experts_site = _moe_layer_experts(analysis, match) if rule.action in ("insert_after", "parallel") else None
+        moe_key = None
+        if experts_site is not None and _moe_output(analysis, match) is not None:
+            # MoE: what the FFN adds to the residual stream is the combined output of the routed experts (and of
+            # a shared expert, Qwen2-MoE's): one adapter per FFN sub-layer there, not one per expert branch
+            value = _moe_output(analysis, match)
+            if value in combined:
+                continue
+            combined.add(value)
+            moe_key = re.sub(r"[^0-9A-Za-z_]", "_", experts_site.module or "root")
         if rule.action == "insert_before":   # the module sees the op's input, so it is sized by it
             inputs = match.site.node.all_input_nodes
             value = match.site.linear.x if match.site.linear is not None else (inputs[0] if inputs else value)
@@ -331,6 +352,10 @@ def realize(model: nn.Module, analysis: Analysis, store: AdapterStore, record: R
             raise RewriteError(f"rule {match.rule!r}: {rule.module.kind} adapts "
                                f"{'/'.join(getattr(cls, 'op_kinds', ('linear',)))} ops, but {match.module} is a "
                                f"{match.site.linear.kind} ({match.site.op})")
+        if rule.action == "wrap" and match.site.linear.experts and not getattr(cls, "supports_experts", False):
+            raise RewriteError(f"rule {match.rule!r}: {match.module}'s {match.site.linear.experts} experts are one 3-D "
+                               f"parameter ({match.site.linear.weight}) read by a grouped matmul; {rule.module.kind} "
+                               f"does not adapt per-expert weights (lora, ia3, said and sparse do)")
         ctx = _context(model, analysis, match, value, rule)
         if packed is not None and rule.action in ("insert_after", "parallel"):
             ctx.dim = cols.width(packed)     # the module sees the site's columns of the packed output only
@@ -358,7 +383,9 @@ def realize(model: nn.Module, analysis: Analysis, store: AdapterStore, record: R
             if dtype != ctx.dtype:
                 _compute_in(module, dtype, ctx.dtype)
         module.train(model.training)   # an adapter added to a model in eval mode must not run its dropout
-        key = site_key(match)
+        key = moe_key or site_key(match)
+        if rule.action == "wrap" and match.site.linear.experts:   # one module holds several expert parameters
+            key += "__" + match.site.linear.weight.rpartition(".")[2]
         if key in modules:
             raise RewriteError(f"rule {rule_name!r} matched the site {key} twice")
         modules[key] = module
@@ -570,7 +597,10 @@ def _on_columns(fn, packed, y):
 
 
 def _parallel(module, runtime, slot, name, y):
-    return y + module(_my_part(runtime, name, runtime.slots.pop(slot), y))
+    h = module(_my_part(runtime, name, runtime.slots.pop(slot), y))
+    if h.shape != y.shape and h.numel() == y.numel() and h.shape[-1] == y.shape[-1]:
+        h = h.reshape(y.shape)    # the branch holds the tokens flattened, (tokens, hidden) (a MoE block's experts)
+    return y + h
 
 
 def _sublayer(module, runtime, slot_h, slot_x, norm, name, out):

@@ -23,6 +23,7 @@ from torch.nn.utils import parametrize
 from surgery.analyze.roles import Analysis, LinearInfo, op_name, stack_entries, stack_paths
 from surgery.rewrite import compose
 from surgery.rewrite.torchcalls import forward_line, torch_call_site, torch_fn_key
+from surgery.rewrite.experts import attach_grouped, grouped_functions, grouped_index
 from surgery.errors import RewriteError
 from surgery.modules import columns as cols
 from surgery.modules.columns import Columns
@@ -242,6 +243,8 @@ class WeightSite:
     gate: Callable[[], bool] = lambda: True
     call: int | None = None     # one call of a module called several times per forward
     routed: tuple | None = None  # a projection nn.MultiheadAttention reads functionally, on activations (mha.py)
+    grouped: tuple | None = None  # realized "grouped": (which grouped matmul of its module, the functions it is
+    #                               called as) (MoE experts, surgery/rewrite/experts.py)
     undo: list = field(default_factory=list)
     attached: bool = True
 
@@ -628,13 +631,13 @@ def transformed(site: WeightSite, tensor: torch.Tensor, *, bias: bool) -> torch.
     rows = site.bias_rows if bias else site.rows
     transform = site.adapter.transform_bias if bias else site.adapter.transform_weight
     if not bias and site.layout == "in_out":
-        tensor = tensor.t()
+        tensor = tensor.transpose(-2, -1)   # MoE experts (experts, in, out): per expert
     if rows is None:
         out = transform(tensor)
     else:   # a slice or an index set of the output rows (q, k or v of a packed projection)
         out = cols.put(tensor, rows, transform(cols.take(tensor, rows)))
     if not bias and site.layout == "in_out":
-        out = out.t()
+        out = out.transpose(-2, -1)
     return out.to(tensor.dtype)   # a float32 adapter on a half-precision weight computes in float32
 
 
@@ -654,9 +657,25 @@ def wrap_weight(model: nn.Module, analysis: Analysis, info: LinearInfo, packed: 
     # a module called several times (ALBERT's shared layer) is one site per call: hooks of that call only
     call = out_bounds[0].call if out_bounds and out_bounds[0].calls > 1 else None
     if info.experts:
-        raise RewriteError(f"{owner_path}: its {info.experts} experts are one 3-D parameter ({info.weight}) read by "
-                           f"a grouped matmul; wrapping per-expert weights is not supported yet (adapt the attention, "
-                           f"a shared expert, or insert after the MoE block instead)")
+        # the model's own grouped matmul reads the parameter: the adapter is realized on it (W + ΔW per expert),
+        # or, when it needs the op's input (dropout) or activation is asked for, on the grouped matmul's result
+        dropout = isinstance(getattr(adapter, "dropout", None), nn.Dropout) and adapter.dropout.p > 0
+        mode = "grouped" if realize == "activation" or (realize == "auto" and dropout) else "weight"
+        if mode == "weight" and dropout:
+            raise RewriteError(f"{owner_path}: dropout on the adapter's input needs the activation path; set dropout: "
+                               f"0 or realize: auto")
+        if mode == "grouped" and not callable(getattr(adapter, "grouped", None)):
+            raise RewriteError(f"{owner_path}: its {info.experts} experts are one 3-D parameter ({info.weight}) read "
+                               f"by a grouped matmul; {type(adapter).__name__} adapts them on the weight only "
+                               f"(realize: weight or auto, and no dropout)")
+        if analysis.calls(owner_path) > 1:
+            raise RewriteError(f"{owner_path} is called {analysis.calls(owner_path)} times per forward (a shared "
+                               f"layer); adapters of its experts would act on every call")
+        grouped = (grouped_index(analysis, info), grouped_functions(info)) if mode == "grouped" else None
+        site = WeightSite(rule, key, owner, owner_path, weight_name, None, info.layout, None, None, adapter, mode,
+                          gate=gate, grouped=grouped)
+        attach_weight_site(site)
+        return site
     if whole_module and info.kind == "conv":   # the module's input is the conv's (no padding_mode other than zeros)
         whole_module = any(b.module == owner_path and b.side == "in" and b.loc == ("arg", 0)
                            for b in analysis.boundaries(info.x))
@@ -696,7 +715,9 @@ def attach_weight_site(site: WeightSite) -> None:
     """Realize the adapter of a weight site on the host (hooks or parametrizations); record how to detach."""
     owner, adapter, gate, packed = site.owner, site.adapter, site.gate, site.packed
     undo = []
-    if site.realized == "activation" and site.routed is not None:
+    if site.realized == "grouped":   # MoE experts: after the model's own grouped matmul (surgery/rewrite/experts.py)
+        undo.append(attach_grouped(owner, *site.grouped, gate, adapter))
+    elif site.realized == "activation" and site.routed is not None:
         from surgery.rewrite import mha
         if adapter.adapts_input:
             raise RewriteError(f"{site.owner_path}: {type(adapter).__name__} changes the op's input, which "

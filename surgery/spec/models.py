@@ -49,7 +49,8 @@ ACTION_DOCS = {
     "insert_before": "the matched op's input x becomes `module(x)` for that op only",
     "parallel": "the matched value y becomes `y + module(x)`, with x the value matched by `from` in the same layer",
     "sublayer": "a residual sub-layer `out = norm(h + x)`, matched at its residual add, becomes `module(h, x, norm)`",
-    "wrap": "a weight-bearing op (linear, Conv1D, conv1d/2d/3d, embedding lookup, packed q/k/v slices) is adapted: `realize: activation` (hooks), "
+    "wrap": "a weight-bearing op (linear, Conv1D, conv1d/2d/3d, embedding lookup, packed q/k/v slices, MoE experts stored as one "
+            "3-D parameter, per expert) is adapted: `realize: activation` (hooks; for experts, after the model's grouped matmul), "
             "`weight` (a parametrization), or `auto`",
     "replace": "the matched module's forward is replaced by the module",
     "attend": "the module runs at the attention op (role `attention.op`) with its q, k, v and the model's own "
