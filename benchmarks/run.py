@@ -203,7 +203,7 @@ def group_mixed_batch(args):
             f = r[mode]
             what = f"{r['batch'][1]}+{f['new_tokens']} tokens, KV cache" if mode == "generate" else \
                 f"forward of {r['batch'][1]} tokens"
-            note = f"; floor (base 16 rows / 4x4 rows) {f['floor']:.2f}x" if "floor" in f else ""
+            note = f"; floor (base: 16 rows / 4x4 rows) {f['floor']:.2f}x"
             rows.append(("mixed batch 4 LoRA x 4 rows", f"LLaMA 512: {mode}, {what}: mixed / 4 calls of 4 rows",
                          _ratio_cell(f["seconds"], "mixed", "separate", f["mixed_vs_separate"],
                                      f["mixed_vs_separate_iqr"]) + note, "<= 0.6x",
