@@ -112,3 +112,23 @@ def test_minigpt_refuses_prompts_of_different_lengths(minigpt):
         run("minigpt", minigpt, token_ids(2, 5))
 
 
+
+
+def test_gated_prefix_llama_adapter_and_mam_rows():
+    # UniPELT's gated prefix reads the attention input (taken at its rows); LLaMA-Adapter projects its prompt
+    # with the layer's own k/v projections, which another row's adapter (UniPELT's LoRA) wraps: inside, only the
+    # calling adapter's rewrites run, as in its alone-run
+    model = make_llama().eval()
+    for spec in ("unipelt", "llama_adapter", "mam"):
+        surgery.apply(model, f"specs/{spec}.yaml", name=spec)
+    perturb(model, 0.2)
+    rows = ["unipelt", "__base__", "llama_adapter", "mam", "unipelt", "llama_adapter"]
+    ids = token_ids(len(rows), 7, seed=3)
+    check_rows(model, "llama", rows, ids)
+    new = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    own = []
+    for i, name in enumerate(rows):
+        with use(model, name):
+            own.append(model.generate(ids[i:i + 1], **new))
+    surgery.set_active(model, surgery.MixedBatch(*rows))
+    assert torch.equal(model.generate(ids, **new), torch.cat(own))

@@ -21,7 +21,7 @@ from torch import fx, nn
 from torch.nn.utils import parametrize
 
 from surgery.analyze.roles import Analysis, LinearInfo, op_name, stack_entries, stack_paths
-from surgery.rewrite import compose
+from surgery.rewrite import compose, mixed
 from surgery.rewrite.torchcalls import forward_line, torch_call_site, torch_fn_key
 from surgery.errors import RewriteError
 from surgery.modules import columns as cols
@@ -127,7 +127,7 @@ class Dispatcher:
             by_name.setdefault(g.name, []).append(fn)
         runtime = live[0][0].runtime
         fusions = {g.name: fn for g, fn in self.fusions if g()}
-        return compose.run(runtime.composition, by_name, list(by_name), value, args, fusions)
+        return compose.run(mixed.composition(runtime), by_name, list(by_name), value, args, fusions)
 
     def _post(self, mod, args, out):
         return _set(out, self.loc, self.run(_get(out, self.loc), args, mod))

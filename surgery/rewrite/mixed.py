@@ -80,15 +80,35 @@ def attention(entries: list, make_attend: Callable, query, key, value, chain: Ca
     by_name: dict[str, list] = {}
     for adapter, gate in entries:
         by_name.setdefault(gate.name, []).append(adapter)
+    call = entries[0][1].runtime.call
+    previous = call.get(ONLY)
     parts = []
-    for name, rows in block.groups(query.device):
-        if name in by_name:
-            attend = chain(by_name[name], make_attend(rows))
-            parts.append((rows, attend(query[rows], key[rows], value[rows])))
+    try:
+        for name, rows in block.groups(query.device):
+            if name in by_name:
+                # modules the adapter calls itself (LLaMA-Adapter projects its prompt with the layer's k/v
+                # projections) run as in that adapter's alone-run: only its own rewrites, on no particular rows
+                call[ONLY] = name
+                attend = chain(by_name[name], make_attend(rows))
+                parts.append((rows, attend(query[rows], key[rows], value[rows])))
+    finally:
+        call[ONLY] = previous
     rest = rest_rows(block, set(by_name), query.device)
     if rest is not None:
         parts.append((rest, make_attend(rest)(query[rest], key[rest], value[rest])))
     return place(parts, batch)
+
+
+ONLY = "mixed_only"   # runtime.call key: the one adapter whose rewrites run (inside an adapter's own module calls)
+
+
+def composition(runtime):
+    """What a hooked site combines now: the runtime's composition, or, inside an attention adapter's own calls
+    of host modules under a MixedBatch, that adapter alone."""
+    block = runtime.composition
+    if isinstance(block, MixedBatch) and runtime.call.get(ONLY) is not None:
+        return runtime.call[ONLY]
+    return block
 
 
 # ---------------------------------------------------------------- prompts
