@@ -132,3 +132,23 @@ def test_gated_prefix_llama_adapter_and_mam_rows():
             own.append(model.generate(ids[i:i + 1], **new))
     surgery.set_active(model, surgery.MixedBatch(*rows))
     assert torch.equal(model.generate(ids, **new), torch.cat(own))
+
+
+def test_gpt2_prompts_keep_their_learned_positions():
+    # GPT-2's positions are learned absolute embeddings: a padded row must get the position ids it has alone
+    from models import make_gpt2
+    model = make_gpt2().eval()
+    surgery.apply(model, prompt_spec(6), name="p6")
+    surgery.apply(model, prompt_spec(3), name="p3")
+    surgery.apply(model, "specs/lora.yaml", name="lora")
+    perturb(model, 0.3)
+    rows = ["p6", "__base__", "p3", "lora", "p6"]
+    ids = token_ids(len(rows), 7, seed=2)
+    check_rows(model, "gpt2", rows, ids)
+    new = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    own = []
+    for i, name in enumerate(rows):
+        with use(model, name):
+            own.append(model.generate(ids[i:i + 1], **new))
+    surgery.set_active(model, surgery.MixedBatch(*rows))
+    assert torch.equal(model.generate(ids, **new), torch.cat(own))
