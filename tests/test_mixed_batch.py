@@ -152,3 +152,21 @@ def test_gpt2_prompts_keep_their_learned_positions():
             own.append(model.generate(ids[i:i + 1], **new))
     surgery.set_active(model, surgery.MixedBatch(*rows))
     assert torch.equal(model.generate(ids, **new), torch.cat(own))
+
+
+def test_functional_dropout_sites_follow_the_composition():
+    # OPT's attention output leaves through F.dropout (no module boundary): the intercepted value is routed by
+    # the composition as a hooked one is (it applied every active adapter to every row before)
+    import architectures
+    built = architectures.opt()
+    model = built[0] if isinstance(built, tuple) else built
+    adapter = {"name": "a", "match": {"role": "attention.output"}, "action": "insert_after", "through": ["dropout"],
+               "module": {"kind": "bottleneck", "reduction_factor": 4}}
+    surgery.apply(model, {"version": 1, "rules": [adapter]}, name="h")
+    surgery.apply(model, "specs/lora.yaml", name="lora")
+    perturb(model, 0.3)
+    ids = token_ids(4, 6, vocab=architectures.VOCAB)
+    check_rows(model, "llama", ["h", "__base__", "lora", "h"], ids)
+    surgery.set_active(model, surgery.BatchSplit("h", "lora", batch_sizes=[2, 2]))
+    split = run("llama", model, ids)
+    torch.testing.assert_close(split, alone(model, "llama", ["h", "h", "lora", "lora"], ids), atol=1e-5, rtol=0)

@@ -188,7 +188,9 @@ def run(block: Child | None, by_name: dict[str, list], order: list[str], value: 
     if isinstance(block, MixedBatch):
         if value.shape[0] != len(block.children):
             raise ValueError(f"MixedBatch names {len(block.children)} rows but the batch has {value.shape[0]} "
-                             f"(beam search and num_return_sequences expand the batch: name the expanded rows)")
+                             f"(beam search and num_return_sequences expand the batch: name the expanded rows; a "
+                             f"site whose value flattens batch and positions, as OPT's FFN [batch·seq, hidden], "
+                             f"cannot be routed by row)")
         for fn in by_name.get(MixedBatch.WHOLE, ()):
             value = fn(value, args)
         parts = [(rows, run(name, by_name, order, value[rows], _select(args, rows), fusions))
