@@ -11,6 +11,8 @@ Groups (each module also runs alone: `python benchmarks/<module>.py --help`):
   memory         peak memory of train steps, surgery vs PEFT, a fresh process per method (lora_vs_peft.py)
   matcher        match_rule time per pattern on a 200-layer LLaMA-shaped graph on meta (matcher.py)
   decode         time per generated token with the KV cache, base and a few specs (decode.py, run as a script)
+  mixed_batch    4 LoRA adapters over 16 rows routed 4/4/4/4 in one call vs 4 calls of 4 rows, and vs PEFT's
+                 adapter_names=[...]: generate() with the KV cache and a full forward (mixed_batch.py)
 
 Comparisons are interleaved and reported as the median of per-round ratios (benchmarks/common.py). Threads:
 one intra-op thread by default on CPU. On a 2-core machine shared with other jobs, two threads wait on each
@@ -33,9 +35,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-GROUPS = ("apply", "lora_train", "houlsby_train", "inference", "memory", "matcher", "decode")
+GROUPS = ("apply", "lora_train", "houlsby_train", "inference", "memory", "matcher", "decode", "mixed_batch")
 GOALS = {"train_vs_peft": 1.00, "houlsby_vs_reference": 1.05, "merged_vs_base": 1.02, "minilm_apply_s": 3.0,
-         "apply_7b_s": 10.0, "apply_7b_rss_mib": 1024.0, "matcher_ms": 50.0}
+         "apply_7b_s": 10.0, "apply_7b_rss_mib": 1024.0, "matcher_ms": 50.0, "mixed_vs_separate": 0.6,
+         "mixed_vs_peft_mixed": 1.0}
 
 
 def _verdict(value: float, goal: float, iqr=None) -> str:
@@ -187,6 +190,32 @@ def group_decode(args):
     return results, rows
 
 
+def group_mixed_batch(args):
+    """benchmarks/mixed_batch.py: generate() with prompts of 64 and 128 tokens (32 new), a forward of 64 tokens."""
+    from benchmarks import mixed_batch
+    results = [mixed_batch.run(seq=64, new_tokens=32, repeats=args.mixed_repeats),
+               mixed_batch.run(seq=128, new_tokens=32, repeats=args.mixed_repeats, modes=("generate",))]
+    rows = []
+    for r in results:
+        for mode in ("generate", "forward"):
+            if mode not in r:
+                continue
+            f = r[mode]
+            what = f"{r['batch'][1]}+{f['new_tokens']} tokens, KV cache" if mode == "generate" else \
+                f"forward of {r['batch'][1]} tokens"
+            note = f"; floor (base: 16 rows / 4x4 rows) {f['floor']:.2f}x"
+            rows.append(("mixed batch 4 LoRA x 4 rows", f"LLaMA 512: {mode}, {what}: mixed / 4 calls of 4 rows",
+                         _ratio_cell(f["seconds"], "mixed", "separate", f["mixed_vs_separate"],
+                                     f["mixed_vs_separate_iqr"]) + note, "<= 0.6x",
+                         _verdict(f["mixed_vs_separate"], GOALS["mixed_vs_separate"], f["mixed_vs_separate_iqr"])))
+            rows.append(("mixed batch 4 LoRA x 4 rows", f"LLaMA 512: {mode}, {what}: mixed / PEFT adapter_names",
+                         _ratio_cell(f["seconds"], "mixed", "peft_mixed", f["mixed_vs_peft_mixed"],
+                                     f["mixed_vs_peft_mixed_iqr"]), "<= 1.00x",
+                         _verdict(f["mixed_vs_peft_mixed"], GOALS["mixed_vs_peft_mixed"],
+                                  f["mixed_vs_peft_mixed_iqr"])))
+    return results, rows
+
+
 # ------------------------------------------------------------------------------------------------- main
 
 def machine(args) -> dict:
@@ -233,6 +262,7 @@ def main(argv=None):
     parser.add_argument("--matcher-layers", type=int, default=200)
     parser.add_argument("--matcher-repeats", type=int, default=5)
     parser.add_argument("--decode-specs", default="lora,houlsby,ia3,prefix", help="specs for the decode group")
+    parser.add_argument("--mixed-repeats", type=int, default=8, help="timed rounds per mixed_batch comparison")
     args = parser.parse_args(argv)
     if args.threads is None:
         args.threads = 1 if args.device == "cpu" else (os.cpu_count() or 1)

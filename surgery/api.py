@@ -270,9 +270,9 @@ def set_active(model: nn.Module, names: "str | Iterable[str] | Block | dict | No
 
 
 def _check_per_row(store, block: MixedBatch) -> None:
-    """MixedBatch runs each row through its adapter at every hooked site; rewrites that act elsewhere (attention
-    prefixes, prompts, trained base weights, captured parallel/sub-layer inputs, replaced forwards, fusion) would
-    silently apply to every row or to none, so they are refused."""
+    """MixedBatch runs each row through its adapter at every hooked site; rewrites that do not act per row
+    (trained base weights, replaced forwards, fusion) would silently apply to every row or to none, so they are
+    refused."""
     for n in block.names():
         record = store.records[n]
         if not record.specs:

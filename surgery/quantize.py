@@ -94,13 +94,22 @@ def quantize_nf4(model: nn.Module, match: dict | None = None, *, example_inputs=
         if owner.weight.numel() % block_size:
             raise SurgeryError(f"quantize_nf4: {path}.weight has {owner.weight.numel()} entries, not a multiple of "
                                f"block_size {block_size}")
+    loftq = _loftq_adapters(model)
+    for path, owner in owners.values():
+        adapter = loftq.get(id(owner))
+        if adapter is not None and (adapter.loftq_quantizer != "torchao" or (block_size, scaler_block_size) != (64, 256)):
+            raise SurgeryError(f"quantize_nf4: the LoftQ adapter at {path} corrected the error of "
+                               f"{adapter.loftq_quantizer} NF4 with block 64 (and torchao's scaler blocks of 256), "
+                               f"not of this quantizer; quantize with the one it was initialized for")
     done: list[tuple[nn.Linear, nn.Parameter]] = []
     try:
         for path, owner in owners.values():
             weight = owner.weight
             scalers = weight.numel() // block_size
+            # a LoftQ adapter's last step quantized W - L·R (W for one step): the stored base is that step's Q
+            source = loftq[id(owner)].loftq_source() if id(owner) in loftq else weight.detach()
             # torchao needs whole scaler blocks: the largest divisor of the scale count up to scaler_block_size
-            quantized = nf4.to_nf4(weight.detach().contiguous(), block_size, math.gcd(scalers, scaler_block_size))
+            quantized = nf4.to_nf4(source.contiguous(), block_size, math.gcd(scalers, scaler_block_size))
             owner.weight = nn.Parameter(quantized, requires_grad=False)
             done.append((owner, weight))
     except Exception as exc:
@@ -112,6 +121,18 @@ def quantize_nf4(model: nn.Module, match: dict | None = None, *, example_inputs=
                       f"{', ...' if len(experts) > 2 else ''}) are 3-D tensors read by a grouped matmul, which NF4 "
                       f"cannot back: they stay dense (adapters on them still apply)", SurgeryWarning, stacklevel=2)
     return model
+
+
+def _loftq_adapters(model: nn.Module) -> dict[int, nn.Module]:
+    """id(owner module) -> the LoftQ-initialized LoRA adapting its weight (surgery.modules.lora)."""
+    from surgery.rewrite.host import store_of
+    store = store_of(model)
+    out = {}
+    for record in (store.records.values() if store is not None else ()):
+        for site in record.weight_sites:
+            if getattr(site.adapter, "init", None) == "loftq":
+                out[id(site.owner)] = site.adapter
+    return out
 
 
 def dequantize_nf4(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:

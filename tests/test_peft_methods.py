@@ -503,13 +503,12 @@ def test_mixed_batch_rows_equal_each_row_run_alone(rows):
 
 
 def test_mixed_batch_refuses_what_does_not_act_per_row():
+    # prefix, prompt, parallel and sub-layer adapters do act per row: tests/test_mixed_batch.py
     model = make_llama().eval()
     surgery.apply(model, "specs/lora.yaml", name="a")
-    surgery.apply(model, "specs/prefix.yaml", name="p")
-    surgery.apply(model, "specs/parallel.yaml", name="par")
-    for name, action in (("p", "attend"), ("par", "parallel")):
-        with pytest.raises(surgery.SurgeryError, match=f"action {action!r}"):
-            surgery.set_active(model, surgery.MixedBatch("a", name))
+    surgery.apply(model, "specs/ln_tuning.yaml", name="norms")
+    with pytest.raises(surgery.SurgeryError, match="action 'train'"):
+        surgery.set_active(model, surgery.MixedBatch("a", "norms"))
     with pytest.raises(surgery.SurgeryError, match="no adapter named 'x'"):
         surgery.set_active(model, surgery.MixedBatch("a", "x"))
     surgery.set_active(model, surgery.MixedBatch("a", "__base__"))

@@ -31,13 +31,18 @@ is PEFT's W_res·x + s·B·A·x' up to rounding, and equals the base op at init.
 whose `init_lora_weights` is "pissa"/"olora" (PEFT's unconverted save, meant for the residual base it recomputes
 at load) applies the same init, so the trained A, B meet the same residual.
 
-- `loftq` (Li et al. 2024, "LoftQ: LoRA-Fine-Tuning-Aware Quantization", ICLR 2024, arXiv:2310.08659, one
-  alternating step, PEFT's default loftq_iter=1) is for a base that will be quantized: with Q = NF4(W) (torchao,
-  block 64, double-quantized scales: what `surgery.quantize_nf4` stores), s·B·A is the top-r SVD of W − Q, so
-  Q + s·B·A ≈ W (A = diag(√(S_r/s)) V_rᵀ, B = U_r diag(√(S_r/s)); PEFT's init for s = 1). Apply it to the dense
-  model, then call `surgery.quantize_nf4(model)`: until the op's weight has been replaced (quantized, or
-  dequantized again for a merge) the forward and merge raise, since W + s·B·A would count the correction on top
-  of the unquantized W. torchao is imported only when this init runs.
+- `loftq` (Li et al. 2024, "LoftQ: LoRA-Fine-Tuning-Aware Quantization", ICLR 2024, arXiv:2310.08659,
+  Algorithm 1) is for a base that will be quantized. `loftq_iter` T alternating steps (PEFT's
+  `LoftQConfig.loftq_iter`, default 1): starting from L₀R₀ = 0, step t quantizes Q_t = NF4(W − L_{t−1}R_{t−1})
+  and sets L_tR_t to the top-r SVD of W − Q_t; the result is Q_T and s·B·A = L_TR_T (A = diag(√(S_r/s)) V_rᵀ,
+  B = U_r diag(√(S_r/s))), so Q_T + s·B·A ≈ W, and ‖W − Q_t − L_tR_t‖ falls with t (`loftq_errors`). The
+  quantizer (`loftq_quantizer`): `torchao` (block 64, double-quantized scales: what `surgery.quantize_nf4`
+  stores; it then quantizes W − L_{T−1}R_{T−1}, so the stored base is Q_T) or `bitsandbytes` (PEFT's LoftQ
+  quantizer, `Params4bit(compress_statistics=False, quant_type="nf4")`, float32 block scales:
+  `modules/nf4.py`, no bitsandbytes needed); with it, put `loftq_quantized()` (PEFT's new base weight) in the op,
+  or a bitsandbytes NF4 of it. PEFT sets B·A (not s·B·A) to L_TR_T: for alpha = r both are the same. Apply it
+  to the dense model, then replace the op's weight: until then the forward and merge raise, since W + s·B·A
+  would count the correction on top of the unquantized W. torchao is imported only when it is the quantizer.
 
 On MoE experts stored as one 3-D parameter (experts, out, in) read by a grouped matmul (transformers 5's Mixtral,
 Qwen2-MoE), each expert e has its own pair: A (experts, r, in), B (experts, out, r), and W_e + s·B_e·A_e is what
@@ -83,6 +88,11 @@ class LoRAOptions(Options):
                                "pissa/olora/loftq: linear ops only.")
     use_gating: bool = Field(False, description="UniPELT: a learned gate sigmoid(Linear(x)) averaged over the "
                                                 "sequence replaces the scaling (input-dependent, so not mergeable).")
+    loftq_iter: int = Field(1, ge=1, le=64, description="init loftq: alternating quantize / low-rank steps "
+                                                        "(PEFT's LoftQConfig.loftq_iter).")
+    loftq_quantizer: Literal["torchao", "bitsandbytes"] = Field(
+        "torchao", description="init loftq: torchao's NF4 (double-quantized scales, what surgery.quantize_nf4 "
+                               "stores) or bitsandbytes' NF4 with float32 scales (PEFT's LoftQ).")
 
 
 def warn_rank(r: int, site: SiteContext, kind: str) -> None:
@@ -107,9 +117,10 @@ class LoRA(WeightAdapter):
     def __init__(self, in_features: int, out_features: int, r: int = 8, alpha: float = 8, dropout: float = 0.0,
                  use_rslora: bool = False, init: str = "kaiming", use_gating: bool = False, op_kind: str = "linear",
                  op_args: dict | None = None, weight: torch.Tensor | None = None, host: nn.Module | None = None,
-                 experts: int | None = None):
+                 experts: int | None = None, loftq_iter: int = 1, loftq_quantizer: str = "torchao"):
         super().__init__()
         self.experts = experts
+        self.loftq_iter, self.loftq_quantizer = loftq_iter, loftq_quantizer
         if experts and (use_gating or init not in ("kaiming", "gaussian")):
             raise RewriteError(f"LoRA on {experts} experts stored as one 3-D parameter: use_gating and init {init!r} "
                                f"are defined on one 2-D weight (use init: kaiming or gaussian, no use_gating)")
@@ -198,26 +209,63 @@ class LoRA(WeightAdapter):
         for target, value in ((self.lora_A, a), (self.lora_B, b), (self.lora_A0, a), (self.lora_B0, b)):
             target.copy_(value.to(target.dtype))
 
-    @torch.no_grad()
-    def _loftq_init(self):
+    def _nf4(self):
+        """The quantizer: dense float32 -> its NF4 round trip (float32)."""
+        if self.loftq_quantizer == "bitsandbytes":
+            from surgery.modules.nf4 import nf4_round_trip
+            return nf4_round_trip
         import importlib
-        weight = self._init_weight[0].detach()
-        if weight.device.type == "meta":      # built without memory: surgery.materialize initializes it again
-            return
         try:
             nf4 = importlib.import_module(NF4_MODULE)
         except ImportError as exc:
             raise RewriteError(f"lora init 'loftq' needs torchao's NF4 (pip install torchao): {exc}") from None
-        if weight.numel() % 64:
+        return lambda dense: nf4.to_nf4(dense.contiguous(), 64, math.gcd(dense.numel() // 64, 256)) \
+            .get_original_weight().to(torch.float32)
+
+    @torch.no_grad()
+    def loftq_steps(self) -> list[dict]:
+        """LoftQ's alternating steps from the dense base weight (deterministic: the same every call): per step t,
+        `source` (W − L_{t−1}R_{t−1}, what is quantized), `quantized` (Q_t), `low_rank` (L_tR_t, the top-r SVD of
+        W − Q_t as (u·√S, √S·vh)) and `error` ‖W − Q_t − L_tR_t‖ (Frobenius)."""
+        weight = self._init_weight[0].detach()
+        if self.loftq_quantizer == "torchao" and weight.numel() % 64:
             raise RewriteError(f"lora init 'loftq': the weight has {weight.numel()} entries, not a multiple of NF4's "
                                f"block size 64")
-        dense = weight.to(torch.float32).contiguous()
-        scalers = dense.numel() // 64
-        quantized = nf4.to_nf4(dense, 64, math.gcd(scalers, 256)).get_original_weight().to(torch.float32)
-        u, s, vh = torch.linalg.svd(dense - quantized, full_matrices=False)
-        root = torch.sqrt(s[:self.r] / self.scaling)
-        self.lora_A.copy_((root[:, None] * vh[:self.r]).to(self.lora_A.dtype))
-        self.lora_B.copy_((u[:, :self.r] * root[None, :]).to(self.lora_B.dtype))
+        quantize = self._nf4()
+        dense = weight.to(torch.float32)
+        steps, low = [], torch.zeros_like(dense)
+        for _ in range(self.loftq_iter):
+            source = dense - low
+            quantized = quantize(source)
+            u, s, vh = torch.linalg.svd(dense - quantized, full_matrices=False)
+            root = torch.sqrt(s[:self.r])
+            left, right = u[:, :self.r] * root[None, :], root[:, None] * vh[:self.r]
+            low = left @ right
+            steps.append({"source": source, "quantized": quantized, "low_rank": (left, right),
+                          "error": float(torch.linalg.norm(dense - quantized - low))})
+        return steps
+
+    def loftq_errors(self) -> list[float]:
+        """‖W − Q_t − L_tR_t‖ after each alternating step t = 1..loftq_iter (falls with t, Li et al. 2023)."""
+        return [step["error"] for step in self.loftq_steps()]
+
+    def loftq_source(self) -> torch.Tensor:
+        """What the base must be quantized from so that it holds Q_T: W − L_{T−1}R_{T−1} (W for one step)."""
+        return self.loftq_steps()[-1]["source"].to(self._init_weight[0].dtype)
+
+    def loftq_quantized(self) -> torch.Tensor:
+        """Q_T, the dequantized base the correction was computed for (PEFT writes it as the op's weight)."""
+        return self.loftq_steps()[-1]["quantized"].to(self._init_weight[0].dtype)
+
+    @torch.no_grad()
+    def _loftq_init(self):
+        weight = self._init_weight[0].detach()
+        if weight.device.type == "meta":      # built without memory: surgery.materialize initializes it again
+            return
+        left, right = self.loftq_steps()[-1]["low_rank"]
+        root = math.sqrt(1 / self.scaling)         # s·B·A = L·R
+        self.lora_A.copy_((right * root).to(self.lora_A.dtype))
+        self.lora_B.copy_((left * root).to(self.lora_B.dtype))
 
     def _check_quantized(self):
         if self.init == "loftq" and getattr(self._host[0], "weight", None) is self._init_weight[0]:
@@ -230,7 +278,8 @@ class LoRA(WeightAdapter):
         weight = site.weight if options.init in WEIGHT_INITS + ("loftq",) else None
         return cls(site.in_features, site.out_features, r=options.r, alpha=options.alpha, dropout=options.dropout,
                    use_rslora=options.use_rslora, init=options.init, use_gating=options.use_gating,
-                   op_kind=site.op_kind, op_args=site.op_args, weight=weight, host=site.host, experts=site.experts)
+                   op_kind=site.op_kind, op_args=site.op_args, weight=weight, host=site.host, experts=site.experts,
+                   loftq_iter=options.loftq_iter, loftq_quantizer=options.loftq_quantizer)
 
     def _path(self, x):
         """B(A(x)) without the scaling, for the op's kind."""

@@ -16,7 +16,7 @@ from torch.nn.utils import parametrize
 from surgery.analyze.roles import SDPA_OPS, Analysis, Site, op_name, stack_entries
 from surgery.errors import RewriteError
 from surgery.match.pattern import Match
-from surgery.rewrite import compose
+from surgery.rewrite import compose, mixed
 from surgery.modules import columns as cols
 from surgery.modules.base import SiteContext
 from surgery.modules.registry import module_class
@@ -497,7 +497,7 @@ def _realize_one(model, analysis, store, record, rule, match, value, module, key
             slot = f"{record.name}/{match.rule}/{key}/input"
             anchor = _module_input(analysis, match.module)
             record.undo.append(hook_capture(model, anchor, store.runtime, slot))
-            adapter = functools.partial(_with_attention_input, module, store.runtime, slot)
+            adapter = functools.partial(_with_attention_input, module, store.runtime, slot, record.name)
         registry = registry_of(model)
         if registry is not None and uses_registry(host):
             record.undo.append(attach_registry(model, registry, host, adapter, gate))
@@ -616,6 +616,8 @@ def _sublayer_branch(module, runtime, slot_x, name, h):
 def _my_part(runtime, name: str, captured: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """The rows (BatchSplit, Parallel) and positions (Split) of a value captured for the whole call that adapter
     `name` sees under the active composition, so it matches `value`, the part the composition hands it."""
+    if isinstance(runtime.composition, compose.MixedBatch) and not runtime.disabled:
+        return captured[runtime.composition.rows_of(name, captured.device)]    # this adapter's rows
     if captured.shape[:2] == value.shape[:2] or runtime.composition is None:
         return captured
     window = _window(runtime.composition, name, (0, captured.shape[0]), (0, captured.shape[1]))
@@ -654,8 +656,10 @@ def _window(block, name: str, rows: tuple[int, int], cols: tuple[int, int]):
     return None
 
 
-def _with_attention_input(module, runtime, slot, q, k, v, attend):
-    return module(q, k, v, attend, attention_input=runtime.slots[slot])
+def _with_attention_input(module, runtime, slot, name, q, k, v, attend):
+    captured = runtime.slots[slot]
+    return module(q, k, v, attend, attention_input=_my_part(runtime, name, captured, captured)
+                  if captured.shape[0] != q.shape[0] else captured)
 
 
 class _Replaced:
@@ -767,8 +771,38 @@ def _realize_prepend(model, analysis, store, record, match, value, module, gate)
                                       functools.partial(_prepend, module, runtime, flag), gate))
     if strip_anchor is not None:
         record.undo.append(hook_value(model, strip_anchor, functools.partial(_strip, runtime, flag, length), gate))
+        # a mixed-adapter batch's prompts (right-aligned to one width) are dropped for the whole batch at once
+        record.undo.append(hook_value(model, strip_anchor, functools.partial(_strip_mixed, runtime),
+                                      _MixedGate(runtime)))
+    prompts = host.__dict__.setdefault(mixed.PROMPTS_ATTR, [])
+    prompts.append((gate, module))
+    record.undo.append(functools.partial(_forget_prompt, host, (gate, module)))
     root = functools.partial(_prepend_root, module, runtime, flag, length, table, gate)
     record.undo.append(host.register_forward_pre_hook(root, with_kwargs=True).remove)
+
+
+class _MixedGate:
+    """On while a MixedBatch is active: its functions run once on the whole batch (compose.run)."""
+
+    name = compose.MixedBatch.WHOLE
+
+    def __init__(self, runtime):
+        self.runtime = runtime
+
+    def __call__(self) -> bool:
+        return not self.runtime.disabled and isinstance(self.runtime.composition, compose.MixedBatch)
+
+
+def _forget_prompt(host, entry) -> None:
+    prompts = host.__dict__.get(mixed.PROMPTS_ATTR, [])
+    prompts[:] = [e for e in prompts if not (e[0] is entry[0] and e[1] is entry[1])]
+    if not prompts:
+        host.__dict__.pop(mixed.PROMPTS_ATTR, None)
+
+
+def _strip_mixed(runtime, hidden):
+    width = runtime.call.pop("mixed_strip", 0)
+    return hidden[:, width:] if width else hidden
 
 
 def _prepend_encoder(module, length, table, gate, mod, args, kwargs):
@@ -776,6 +810,9 @@ def _prepend_encoder(module, length, table, gate, mod, args, kwargs):
     call already did (generate() calls the encoder directly, with the caller's mask)."""
     if not gate():
         return None
+    if isinstance(gate.runtime.composition, compose.MixedBatch):
+        raise RewriteError("MixedBatch: prompts at an encoder-decoder's encoder are not routed per row (the encoder "
+                           "runs apart from the root call under generate()); run the prompt rows separately")
     kwargs = dict(kwargs)
     if args and isinstance(args[0], torch.Tensor) and not args[0].is_floating_point():
         ids, args = args[0], (None,) + tuple(args[1:])
@@ -867,6 +904,8 @@ def _strip(runtime, flag, length, hidden):
 def _prepend_root(module, runtime, flag, length, table, gate, mod, args, kwargs):
     if not gate():
         return None
+    if isinstance(runtime.composition, compose.MixedBatch) and not runtime.disabled:
+        return _prepend_mixed(runtime, table, runtime.composition, mod, args, kwargs)
     kwargs = dict(kwargs)
     if table is not None and not runtime.call.get("cached"):
         if args and isinstance(args[0], torch.Tensor) and not args[0].is_floating_point():
@@ -890,6 +929,64 @@ def _prepend_root(module, runtime, flag, length, table, gate, mod, args, kwargs)
     mask = kwargs.get("attention_mask")
     if isinstance(mask, torch.Tensor) and mask.dim() == 2:
         kwargs["attention_mask"] = torch.cat([mask.new_ones(mask.shape[0], length), mask], dim=1)
+    return args, kwargs
+
+
+def _prepend_mixed(runtime, table, block, mod, args, kwargs):
+    """The root pre-hook under a MixedBatch, for every prompt adapter of the host at once (the first prompt
+    adapter's hook of the call does it): each row's own prompt, right-aligned, padding masked, positions as alone."""
+    if "mixed_prompts" in runtime.call:
+        return None
+    modules, lengths = mixed.prompt_lengths(mod, block)
+    runtime.call["mixed_prompts"] = lengths
+    width, padded = max(lengths), len(set(lengths)) > 1
+    if not width:
+        return None
+    params = inspect.signature(mod.forward).parameters
+    if padded and table is None:
+        mixed.refuse_padding(mod, lengths, "takes no inputs_embeds, so the prompts go in inside the model, where "
+                                          "no attention mask reaches to hide padding positions")
+    if padded and not {"attention_mask", "position_ids"} <= set(params):
+        mixed.refuse_padding(mod, lengths, "takes no attention_mask and position_ids to hide padding positions and "
+                                          "keep each row's positions")
+    kwargs = dict(kwargs)
+    cached = runtime.call.get("cached")
+    positional = bool(args) and isinstance(args[0], torch.Tensor) and not args[0].is_floating_point()
+    ids = args[0] if positional else kwargs.get("input_ids")
+    first = ids if ids is not None else kwargs.get("inputs_embeds")
+    if first is None:
+        return args, kwargs
+    batch, seq = first.shape[:2]
+    mixed.check_rows(block, batch)
+    device = first.device
+    lead = torch.tensor(lengths, device=device)[:, None]
+    positions = kwargs.get("position_ids")
+    if table is not None and not cached:
+        if positional:
+            args = (None,) + tuple(args[1:])
+        kwargs.pop("input_ids", None)
+        embeds = table(ids) if ids is not None else kwargs["inputs_embeds"]
+        kwargs["inputs_embeds"] = mixed.prompted_embeds(modules, block, lengths, embeds)
+        runtime.call["mixed_strip"] = width
+        if isinstance(positions, torch.Tensor) or padded:
+            own = positions if isinstance(positions, torch.Tensor) else torch.arange(seq, device=device)[None]
+            kwargs["position_ids"] = torch.cat([mixed.prefix_positions(lengths, device),
+                                                own.expand(batch, -1) + lead], dim=1)
+        types = kwargs.get("token_type_ids")
+        if isinstance(types, torch.Tensor) and types.dim() == 2:
+            kwargs["token_type_ids"] = torch.cat([types.new_zeros(batch, width), types], dim=1)
+    elif cached:
+        if isinstance(positions, torch.Tensor):
+            kwargs["position_ids"] = positions + lead
+        elif padded:   # alone, a row's positions continue from its own prompt and tokens
+            start = runtime.call["cache_length"] - width
+            kwargs["position_ids"] = lead + start + torch.arange(seq, device=device)[None]
+    mask = kwargs.get("attention_mask")
+    if mask is None and padded:
+        mask = torch.ones(batch, runtime.call.get("cache_length", 0) - width * bool(cached) + seq, device=device,
+                          dtype=torch.long)
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+        kwargs["attention_mask"] = torch.cat([mixed.prefix_mask(lengths, mask), mask], dim=1)
     return args, kwargs
 
 

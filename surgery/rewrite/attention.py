@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from surgery.errors import RewriteError
+from surgery.rewrite import mixed
 
 
 def extend_mask(mask, prefix: int, query: torch.Tensor, key: torch.Tensor, causal: bool):
@@ -90,21 +91,27 @@ class RegistryAttention:
         return self.base if self.base is not None else eager_function(module)
 
     def __call__(self, module, query, key, value, attention_mask, **kwargs):
-        adapters = [a for a, gate in module.__dict__.get(_SITES_ATTR, ()) if gate()]
+        entries = [(a, gate) for a, gate in module.__dict__.get(_SITES_ATTR, ()) if gate()]
         base = self.base_for(module)
-        if not adapters:
+        if not entries:
             return base(module, query, key, value, attention_mask, **kwargs)
         causal = kwargs.get("is_causal")
         causal = getattr(module, "is_causal", True) if causal is None else causal
+        batch = query.shape[0]
 
-        def attend(q, k, v, prefix=0):
-            mask = extend_mask(attention_mask, prefix, q, k, causal) if prefix else attention_mask
-            extra = {**kwargs, "is_causal": False if prefix else kwargs.get("is_causal")}
-            if prefix:
-                extra = {name: _extend_scores(value, prefix, k, key.shape[-2]) for name, value in extra.items()}
-            out, _ = base(module, q, k, v, mask, **extra)
-            return out
-        return chain(adapters, attend)(query, key, value), None
+        def make_attend(rows):   # the model's attention on `rows` (None: all) of a mixed-adapter batch
+            row_mask = attention_mask if rows is None else mixed.take(attention_mask, rows, batch)
+            row_kwargs = kwargs if rows is None else {n: mixed.take(v, rows, batch) for n, v in kwargs.items()}
+
+            def attend(q, k, v, prefix=0):
+                mask = extend_mask(row_mask, prefix, q, k, causal) if prefix else row_mask
+                extra = {**row_kwargs, "is_causal": False if prefix else row_kwargs.get("is_causal")}
+                if prefix:
+                    extra = {name: _extend_scores(value, prefix, k, key.shape[-2]) for name, value in extra.items()}
+                out, _ = base(module, q, k, v, mask, **extra)
+                return out
+            return attend
+        return mixed.attention(entries, make_attend, query, key, value, chain), None
 
 
 def _extend_scores(value, prefix: int, key: torch.Tensor, original: int):
@@ -192,21 +199,27 @@ def _detach_registry(model: nn.Module, registry: RegistryAttention, module: nn.M
 
 # ---------------------------------------------------------------- F.scaled_dot_product_attention in a module
 
-def _intercepting(original: Callable, adapters: list) -> Callable:
-    """F.scaled_dot_product_attention with the adapters around it."""
+def _intercepting(original: Callable, entries: list) -> Callable:
+    """F.scaled_dot_product_attention with the adapters of `entries` [(adapter, gate), ...] around it."""
     names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale")
 
     def sdpa(*args, **kwargs):
         bound = dict(zip(names, args))
         bound.update(kwargs)
-        mask, causal = bound.get("attn_mask"), bool(bound.get("is_causal", False))
+        full_mask, causal = bound.get("attn_mask"), bool(bound.get("is_causal", False))
         rest = {k: v for k, v in bound.items() if k in ("dropout_p", "scale", "enable_gqa")}
+        batch = bound["query"].shape[0]
 
-        def attend(q, k, v, prefix=0):
-            if prefix:
-                return original(q, k, v, attn_mask=extend_mask(mask, prefix, q, k, causal), is_causal=False, **rest)
-            return original(q, k, v, attn_mask=mask, is_causal=causal, **rest)
-        return chain(adapters, attend)(bound["query"], bound["key"], bound["value"])
+        def make_attend(rows):   # the attention on `rows` (None: all) of a mixed-adapter batch
+            mask = full_mask if rows is None else mixed.take(full_mask, rows, batch)
+
+            def attend(q, k, v, prefix=0):
+                if prefix:
+                    return original(q, k, v, attn_mask=extend_mask(mask, prefix, q, k, causal), is_causal=False,
+                                    **rest)
+                return original(q, k, v, attn_mask=mask, is_causal=causal, **rest)
+            return attend
+        return mixed.attention(entries, make_attend, bound["query"], bound["key"], bound["value"], chain)
     return sdpa
 
 
@@ -242,14 +255,14 @@ class _RoutedAttention(torch.overrides.TorchFunctionMode):
     other threads and code outside the forward see the plain function; torch.compile(fullgraph=True) traces it.
     While it is active nn.MultiheadAttention also stays off its fused fast path (which calls no attention op)."""
 
-    def __init__(self, adapters: list):
+    def __init__(self, entries: list):
         super().__init__()
-        self.adapters = adapters
+        self.entries = entries      # [(adapter, gate), ...] live now
         self.routed = 0
 
     def route(self, *args, **kwargs):
         self.routed += 1
-        return _intercepting(_PLAIN_SDPA, self.adapters)(*args, **kwargs)
+        return _intercepting(_PLAIN_SDPA, self.entries)(*args, **kwargs)
 
     def __torch_function__(self, func, arg_types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -267,7 +280,7 @@ class _RoutedAttention(torch.overrides.TorchFunctionMode):
 
 def _intercepted_forward(self, *args, **kwargs):
     """The module's own forward, run inside a mode that routes its attention calls through the active adapters."""
-    active = [adapter for adapter, on in self.__dict__[_INTERCEPT_ATTR] if on()]
+    active = [(adapter, on) for adapter, on in self.__dict__[_INTERCEPT_ATTR] if on()]
     if not active:
         return type(self).forward(self, *args, **kwargs)
     mode = _RoutedAttention(active)

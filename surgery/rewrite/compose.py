@@ -88,12 +88,16 @@ class Fuse(Block):
 class MixedBatch(Block):
     """One adapter per batch row, as PEFT's `adapter_names=[...]` forward argument: `MixedBatch("a", "b",
     "__base__", "a")` runs row 0 and 3 through adapter a, row 1 through b, row 2 through none. At every hooked
-    site the rows of each adapter are gathered, run through it, and put back in place. Only rewrites computed
-    per site from the value and the op's inputs qualify (wrap on activations, insert_after, insert_before);
-    `set_active` refuses the others. The batch must have exactly one row per name (no beam search expansion)."""
+    site the rows of each adapter are gathered, run through it, and put back in place; values captured earlier in
+    the call (parallel and sub-layer adapters) are taken at the same rows; an attention op runs each adapter's
+    rows with its prefix (rewrite/mixed.py); prompts of different lengths are right-aligned and their padding
+    masked. Rewrites that act per row qualify (wrap on activations, insert_after, insert_before, parallel,
+    sublayer, attend, prepend); `set_active` refuses the others (train, replace, fusion). The batch must have
+    exactly one row per name (no beam search expansion)."""
 
     BASE = "__base__"
-    PER_ROW_ACTIONS = ("wrap", "insert_after", "insert_before")
+    WHOLE = "__batch__"     # the gate name of functions that run once on the whole batch, before the rows split
+    PER_ROW_ACTIONS = ("wrap", "insert_after", "insert_before", "parallel", "sublayer", "attend", "prepend")
 
     def __init__(self, *adapter_names: str):
         if not adapter_names or not all(isinstance(n, str) for n in adapter_names):
@@ -102,6 +106,13 @@ class MixedBatch(Block):
 
     def names(self) -> list[str]:
         return [n for n in dict.fromkeys(self.children) if n != self.BASE]
+
+    def rows_of(self, name: str, device) -> torch.Tensor | slice:
+        """Adapter `name`'s rows (a slice when contiguous)."""
+        for n, rows in self.groups(device):
+            if n == name:
+                return rows
+        raise KeyError(f"MixedBatch names no row of adapter {name!r}")
 
     def groups(self, device) -> list[tuple[str, torch.Tensor | slice]]:
         """(adapter, rows) for every adapter, rows as a slice when they are contiguous; cached per device."""
@@ -177,7 +188,11 @@ def run(block: Child | None, by_name: dict[str, list], order: list[str], value: 
     if isinstance(block, MixedBatch):
         if value.shape[0] != len(block.children):
             raise ValueError(f"MixedBatch names {len(block.children)} rows but the batch has {value.shape[0]} "
-                             f"(beam search and num_return_sequences expand the batch: name the expanded rows)")
+                             f"(beam search and num_return_sequences expand the batch: name the expanded rows; a "
+                             f"site whose value flattens batch and positions, as OPT's FFN [batch·seq, hidden], "
+                             f"cannot be routed by row)")
+        for fn in by_name.get(MixedBatch.WHOLE, ()):
+            value = fn(value, args)
         parts = [(rows, run(name, by_name, order, value[rows], _select(args, rows), fusions))
                  for name, rows in block.groups(value.device)]
         if all(isinstance(rows, slice) for rows, _ in parts):     # rows grouped by adapter: one concatenation
@@ -191,6 +206,8 @@ def run(block: Child | None, by_name: dict[str, list], order: list[str], value: 
                 pieces.append(value[position:])
             return torch.cat(pieces, dim=0)
         out = value
+        if any(part.shape[1:] != value.shape[1:] for _, part in parts):   # every row grew (prompts of one length)
+            out = parts[0][1].new_empty(value.shape[:1] + parts[0][1].shape[1:])
         for rows, part in parts:
             index = torch.arange(rows.start, rows.stop, device=value.device) if isinstance(rows, slice) else rows
             out = out.index_copy(0, index, part)

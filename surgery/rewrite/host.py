@@ -21,7 +21,7 @@ from torch import fx, nn
 from torch.nn.utils import parametrize
 
 from surgery.analyze.roles import Analysis, LinearInfo, op_name, stack_entries, stack_paths
-from surgery.rewrite import compose
+from surgery.rewrite import compose, mixed
 from surgery.rewrite.torchcalls import forward_line, torch_call_site, torch_fn_key
 from surgery.rewrite.experts import attach_grouped, grouped_functions, grouped_index
 from surgery.errors import RewriteError
@@ -128,7 +128,7 @@ class Dispatcher:
             by_name.setdefault(g.name, []).append(fn)
         runtime = live[0][0].runtime
         fusions = {g.name: fn for g, fn in self.fusions if g()}
-        return compose.run(runtime.composition, by_name, list(by_name), value, args, fusions)
+        return compose.run(mixed.composition(runtime), by_name, list(by_name), value, args, fusions)
 
     def _post(self, mod, args, out):
         return _set(out, self.loc, self.run(_get(out, self.loc), args, mod))
@@ -485,10 +485,27 @@ class _CallMode(torch.overrides.TorchFunctionMode):
                 raise RewriteError(f"the {index}-th call of {self.site.op} at {self.site.where[0]}:"
                                    f"{self.site.where[1]} gives {tuple(getattr(out, 'shape', ()))}, not the traced "
                                    f"value's {expected} (dims, width): the model runs other code than when traced")
+            runtime = self.site.runtime
+            block = None if runtime.disabled else mixed.composition(runtime)
+            pending: dict[str, list] = {}     # adapters' functions: combined as the composition says, as at a hook
             for gate, fn in list(self.site.entries.get(index, ())):
-                if gate is None or gate():
+                if gate is not None and not gate():
+                    continue
+                if gate is None or block is None:     # captures (in order), or adapters stacked
+                    out = _run_pending(block, pending, out)
                     out = fn(out)
+                else:
+                    pending.setdefault(gate.name, []).append(functools.partial(_value_only, fn))
+            out = _run_pending(block, pending, out)
         return out
+
+
+def _run_pending(block, pending: dict, value):
+    if not pending:
+        return value
+    out = compose.run(block, pending, list(pending), value, None, {})
+    pending.clear()
+    return out
 
 
 _ADAPTER_DEPTH = threading.local()   # per thread: how many adapter modules are running (their calls are not the host's)
