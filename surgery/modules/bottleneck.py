@@ -92,6 +92,7 @@ class BottleneckAdapter(nn.Module):
     """
 
     Options = BottleneckOptions
+    unit_scaling = False   # a constant scaling of 1.0 (set in __init__)
 
     def __init__(self, dim: int, bottleneck: int, *, in_dim: int | None = None, mode: str = "insert",
                  non_linearity="relu", init_weights="bert", residual=True, original_ln_before=False,
@@ -127,6 +128,7 @@ class BottleneckAdapter(nn.Module):
             self.scaling = nn.Parameter(torch.ones(dim))
         else:
             self.register_buffer("scaling", torch.tensor(float(scaling)), persistent=False)
+            self.unit_scaling = float(scaling) == 1.0   # x * 1.0 is x: the multiply is skipped (exact)
         self.init_weights = init_weights
         self.reset_parameters()
 
@@ -208,7 +210,8 @@ class BottleneckAdapter(nn.Module):
         out = self.up(self.act(self.down(h)))
         if self.drop_path is not None:
             out = self.drop_path(out)
-        out = out * self.scaling
+        if not self.unit_scaling:
+            out = out * self.scaling
         if self.dropout is not None:
             out = self.dropout(out)
         if self.gate is not None:
