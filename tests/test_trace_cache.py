@@ -257,3 +257,23 @@ def test_the_command_line_in_a_second_process_does_not_trace(tmp_path):
     assert "(torch.export)" in outs[0].stderr and "read from the cache" not in outs[0].stderr
     assert "(torch.export)" not in outs[1].stderr and "read from the cache" in outs[1].stderr
     assert outs[0].stdout == outs[1].stdout
+
+
+def test_code_next_to_the_model_class_is_part_of_the_key(tmp_path, monkeypatch):
+    """A helper the forward calls from a file beside the model's class: editing it gives another key."""
+    package = tmp_path / "cache_key_models"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "helpers.py").write_text("def act(x):\n    return x.relu()\n")
+    (package / "model.py").write_text(
+        "import torch\nfrom cache_key_models.helpers import act\n\n"
+        "class Net(torch.nn.Module):\n    def __init__(self):\n        super().__init__()\n"
+        "        self.fc = torch.nn.Linear(4, 4)\n\n    def forward(self, x):\n        return act(self.fc(x))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from cache_key_models.model import Net
+    model = Net()
+    fingerprint = surgery.api._fingerprint(model, None)
+    before = cache.entry_key(model, fingerprint)
+    assert cache.entry_key(Net(), surgery.api._fingerprint(Net(), None)) == before     # deterministic
+    (package / "helpers.py").write_text("def act(x):\n    return x.tanh()\n")
+    assert cache.entry_key(model, fingerprint) != before

@@ -8,8 +8,9 @@ the cache off: nothing is read or written.
 
 The key is a SHA-256 over everything the traced graph depends on: the model's structure fingerprint (the one the
 process cache uses: class, config, parameter and buffer names/shapes/dtypes/devices, module tree, example inputs'
-structure), the config's attention implementation, the contents of the source file of every module class in the
-model and of surgery's own package, and the surgery, torch, transformers and Python versions. A model whose
+structure), the config's attention implementation, the contents of the Python files beside the source file of
+every module class in the model (its own file and the helpers next to it) and of surgery's own package, and the
+surgery, torch, transformers and Python versions. A model whose
 class is defined where no source file can be read (a notebook cell, `python -c`) is not cached.
 
 A file is trusted only if its header names this format and key and the SHA-256 of its payload matches; a file
@@ -18,8 +19,8 @@ Writes go to a temporary file in the same directory, renamed over the entry (ato
 the new one, or none). At most `MAX_ENTRIES` entries are kept (the least recently used go first).
 
 Graph nodes are stored with their op, target (an aten/prims/custom operator by name, or `operator.getitem`),
-arguments, and the metadata surgery reads (`META_KEYS`); tensor metadata come back as FakeTensors of the same
-shape, stride, dtype and device. A graph with anything else (a higher-order operator, a `get_attr`, a symbolic
+arguments, and their metadata (all of it but `DROPPED_META`); tensor metadata come back as FakeTensors of the
+same shape, stride, dtype and device. A graph with anything else (a higher-order operator, a `get_attr`, a symbolic
 size) is not cached: it is traced each time, as without the cache.
 """
 from __future__ import annotations
@@ -44,7 +45,9 @@ from surgery.trace.export import Boundary, Traced
 FORMAT = 1
 MAGIC = b"surgery-trace"
 MAX_ENTRIES = 64
-META_KEYS = ("val", "nn_module_stack", "torch_fn")
+# node metadata torch.export writes that surgery never reads (tensor_meta repeats `val`); every other key is
+# stored, and a graph whose metadata holds a value this format cannot store exactly is not cached
+DROPPED_META = frozenset({"stack_trace", "tensor_meta"})
 SUFFIX = ".trace"
 _PY_TARGETS = {"getitem": operator.getitem}
 _PACKAGE_DIR = Path(__file__).resolve().parent.parent   # surgery/: its code is part of the key
@@ -87,8 +90,19 @@ def _file_hash(path: str) -> str:
     return _FILE_HASHES[memo]
 
 
+def _directory_hash(directory: str) -> str:
+    """SHA-256 over the Python files of `directory` (not its subdirectories): a module class's own file and the
+    helpers beside it that its forward may call."""
+    digest = hashlib.sha256()
+    for entry in sorted(os.scandir(directory), key=lambda e: e.name):
+        if entry.name.endswith(".py") and entry.is_file():
+            digest.update(f"{entry.name}:{_file_hash(entry.path)}\n".encode())
+    return digest.hexdigest()
+
+
 def _class_sources(model: nn.Module) -> list[tuple[str, str]]:
-    """(class, hash of its source file) for every module class in the model; Unserializable without a file."""
+    """(class, hash of the Python files beside its source file) for every module class in the model;
+    Unserializable for a class without a source file."""
     out = {}
     for module in model.modules():
         for cls in type(module).__mro__:
@@ -103,7 +117,7 @@ def _class_sources(model: nn.Module) -> list[tuple[str, str]]:
                 path = None
             if not path or not os.path.isfile(path):
                 raise Unserializable(f"no source file for {name}")
-            out[name] = _file_hash(path)
+            out[name] = _directory_hash(os.path.dirname(os.path.abspath(path)))
     return sorted(out.items())
 
 
@@ -264,7 +278,7 @@ def encode(traced: Traced) -> dict:
             raise Unserializable(f"Traced.{f.name}")
     nodes = []
     for n in traced.graph.nodes:
-        meta = {k: _enc(n.meta[k]) for k in META_KEYS if k in n.meta}
+        meta = {k: _enc(v) for k, v in n.meta.items() if k not in DROPPED_META}
         nodes.append([n.name, n.op, _target(n), _enc(n.args), _enc(n.kwargs), meta, [u.name for u in n.users]])
     return {
         "nodes": nodes,
