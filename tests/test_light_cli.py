@@ -62,9 +62,14 @@ def test_a_broken_spec_is_reported_without_torch(tmp_path):
 def test_the_torch_free_options_are_the_module_classes_options():
     """Every built-in kind's module class takes its Options from surgery/modules/options.py, the catalog spec
     validation reads; the activation names the options accept are the ones the modules build."""
+    import surgery.modules
     from surgery.modules import options, registry
     from surgery.modules.bottleneck import ACTIVATIONS
-    assert set(registry.kinds()) >= set(options.BUILTIN)
+    package = Path(surgery.modules.__file__).parent
+    registering = {p.stem for p in package.glob("*.py") if "\n@register\n" in p.read_text()}
+    assert registering == set(registry.BUILTIN_MODULES)
+    builtin_kinds = {k for k, cls in registry.kinds().items() if cls.__module__.split(".")[-1] in registering}
+    assert builtin_kinds == set(options.BUILTIN)     # every module file that registers a kind is a built-in
     for kind, opts in options.BUILTIN.items():
         assert registry.module_class(kind).Options is opts
     assert options.ACTIVATION_NAMES == tuple(ACTIVATIONS)

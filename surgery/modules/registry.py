@@ -77,6 +77,12 @@ def kinds() -> dict[str, type]:
     return dict(_REGISTRY)
 
 
+# the files of surgery/modules that register the built-in kinds (importing one registers its kinds)
+BUILTIN_MODULES = ("adalora", "attention", "bottleneck", "dora", "ia3", "invertible", "krona", "loha", "lora", "oft",
+                   "reft", "said", "sparse", "vera")
+
+
 def _ensure_builtins():
-    from surgery.modules import (adalora, attention, bottleneck, dora, ia3, invertible, krona, loha,  # noqa: F401
-                                 lora, oft, reft, said, sparse, vera)   # importing a module registers its kind
+    import importlib
+    for name in BUILTIN_MODULES:
+        importlib.import_module(f"surgery.modules.{name}")
