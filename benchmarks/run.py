@@ -13,6 +13,9 @@ Groups (each module also runs alone: `python benchmarks/<module>.py --help`):
   decode         time per generated token with the KV cache, base and a few specs (decode.py, run as a script)
   mixed_batch    4 LoRA adapters over 16 rows routed 4/4/4/4 in one call vs 4 calls of 4 rows, and vs PEFT's
                  adapter_names=[...]: generate() with the KV cache and a full forward (mixed_batch.py)
+  meta_apply     apply of specs/lora.yaml on the LLaMA-7B, LLaMA-70B and Mixtral-8x7B shapes on meta vs PEFT's
+                 get_peft_model, a fresh process each, peak RSS; the 7B apply with the trace read from the
+                 on-disk cache; every shipped spec on the 7B shape (meta_apply.py; always on CPU)
 
 Comparisons are interleaved and reported as the median of per-round ratios (benchmarks/common.py). Threads:
 one intra-op thread by default on CPU. On a 2-core machine shared with other jobs, two threads wait on each
@@ -35,10 +38,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-GROUPS = ("apply", "lora_train", "houlsby_train", "inference", "memory", "matcher", "decode", "mixed_batch")
+GROUPS = ("apply", "lora_train", "houlsby_train", "inference", "memory", "matcher", "decode", "mixed_batch",
+          "meta_apply")
 GOALS = {"train_vs_peft": 1.00, "houlsby_vs_reference": 1.05, "merged_vs_base": 1.02, "minilm_apply_s": 3.0,
          "apply_7b_s": 10.0, "apply_7b_rss_mib": 1024.0, "matcher_ms": 50.0, "mixed_vs_separate": 0.6,
-         "mixed_vs_peft_mixed": 1.0}
+         "mixed_vs_peft_mixed": 1.0,
+         # issue 20: apply on meta shapes against PEFT's get_peft_model in the same run
+         "meta_7b_vs_peft": 2.0, "meta_7b_rss_mib": 600.0, "meta_depth_vs_7b": 1.3, "meta_sweep_vs_peft": 3.0}
 
 
 def _verdict(value: float, goal: float, iqr=None) -> str:
@@ -216,6 +222,41 @@ def group_mixed_batch(args):
     return results, rows
 
 
+def group_meta_apply(args):
+    from benchmarks.meta_apply import bench
+    result = bench(repeats=args.meta_repeats, with_sweep=True)
+    shapes = {r["shape"]: r for r in result["shapes"]}
+    seven = shapes["llama7b"]
+    rows = []
+    for r in result["shapes"]:
+        figure = (f"{r['surgery_cpu']:.2f} / {r['peft_cpu']:.2f} s CPU = {r['ratio']:.1f}x; peak RSS "
+                  f"{r['surgery_peak_rss_mib']:.0f} / {r['peft_peak_rss_mib']:.0f} MiB")
+        if r is seven:
+            goal = f"<= {GOALS['meta_7b_vs_peft']:.0f}x, <= {GOALS['meta_7b_rss_mib']:.0f} MiB"
+            verdict = _all_goals(("time", _verdict(r["ratio"], GOALS["meta_7b_vs_peft"])),
+                                 ("RSS", _verdict(r["surgery_peak_rss_mib"], GOALS["meta_7b_rss_mib"])))
+        else:
+            depth = r["surgery_cpu"] / seven["surgery_cpu"]
+            figure += f"; {depth:.2f}x the 7B apply"
+            goal, verdict = f"<= {GOALS['meta_depth_vs_7b']}x 7B", _verdict(depth, GOALS["meta_depth_vs_7b"])
+        rows.append(("apply on meta", f"{r['label']}, lora q,v ({r['sites']} sites): surgery / PEFT", figure, goal,
+                     verdict))
+    if "warm" in result:
+        w = result["warm"]
+        rows.append(("apply on meta", "LLaMA-7B shape, trace read from the on-disk cache (new process)",
+                     f"{w['warm_cpu']:.2f} s CPU (cold {w['cold_cpu']:.2f} s); {w['warm_cpu'] / seven['peft_cpu']:.1f}x "
+                     f"PEFT", "", ""))
+    sweep = result.get("sweep")
+    if sweep:
+        slow = sweep["slowest"]
+        rows.append(("apply on meta", f"LLaMA-7B shape, every shipped spec ({len(sweep['rows'])}), slowest",
+                     f"{slow['cpu']:.2f} s CPU ({slow['spec']}) = {slow['vs_peft_lora']:.1f}x PEFT LoRA",
+                     f"<= {GOALS['meta_sweep_vs_peft']:.0f}x", _verdict(slow["vs_peft_lora"], GOALS["meta_sweep_vs_peft"])))
+        rows += [("apply on meta", f"  {r['spec']}", f"{r['cpu']:.2f} s CPU = {r['vs_peft_lora']:.1f}x PEFT LoRA"
+                  if "cpu" in r else f"error: {r['error']}", "", "") for r in sweep["rows"]]
+    return result, rows
+
+
 # ------------------------------------------------------------------------------------------------- main
 
 def machine(args) -> dict:
@@ -263,6 +304,7 @@ def main(argv=None):
     parser.add_argument("--matcher-repeats", type=int, default=5)
     parser.add_argument("--decode-specs", default="lora,houlsby,ia3,prefix", help="specs for the decode group")
     parser.add_argument("--mixed-repeats", type=int, default=8, help="timed rounds per mixed_batch comparison")
+    parser.add_argument("--meta-repeats", type=int, default=2, help="fresh processes per side and shape (meta_apply)")
     args = parser.parse_args(argv)
     if args.threads is None:
         args.threads = 1 if args.device == "cpu" else (os.cpu_count() or 1)

@@ -21,6 +21,7 @@ from surgery.rewrite.trainable import pause_inactive, resume, settled
 from surgery.spec import spec_from
 from surgery.spec.models import name_problem
 from surgery.trace import trace
+from surgery.trace.cache import cached_trace
 from surgery.rewrite import trained
 from surgery.rewrite.sites import install_host_check, record_hosts
 from surgery.rewrite.wrappers import unwrapping
@@ -75,7 +76,7 @@ def _analysis(model: nn.Module, example_inputs) -> Analysis:
         with disable(model):
             result = analyze(trace(model, example_inputs))
     else:
-        result = analyze(trace(model, example_inputs))
+        result = analyze(cached_trace(model, example_inputs, key))   # from the disk cache when traced before
         if key is not None:
             _STRUCTURE_CACHE[key] = result
             while len(_STRUCTURE_CACHE) > 8:

@@ -9,6 +9,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 ROOT = Path(__file__).resolve().parent.parent
 SPECS = ROOT / "specs"
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+# the on-disk trace cache (surgery/trace/cache.py) is off in the suite and in the processes it starts: every test
+# traces as it says; tests/test_trace_cache.py turns it on in a temporary directory
+os.environ.setdefault("SURGERY_CACHE", "0")
 
 
 @pytest.fixture

@@ -277,6 +277,7 @@ def test_apply_and_export_without_the_io_stage_say_so(monkeypatch, capsys):
     monkeypatch.chdir(ROOT)
     for name in ("save", "export"):
         monkeypatch.delattr(surgery, name, raising=False)
+        monkeypatch.delitem(surgery._LAZY, name)   # imported on first use: not there either
     assert cli.main(["apply", "examples.models:minigpt", "--spec", "specs/lora.yaml", "--out", "unused"]) == 1
     assert cli.main(["export", "examples.models:minigpt", "--spec", "specs/lora.yaml", "--out", "unused.onnx"]) == 1
     err = capsys.readouterr().err.splitlines()

@@ -24,26 +24,7 @@ from torch import nn
 
 from surgery.modules.base import SiteContext, WeightAdapter
 from surgery.modules.registry import Options, register
-
-
-class AdaLoRAOptions(Options):
-    """AdaLoRA (Zhang et al. 2023): W + B·(A ⊙ E)·alpha/init_r in SVD form, E zero at init, the rank budget moved between sites by `surgery.AdaLoRAAllocator`; PEFT's AdaLoraConfig defaults."""
-
-    kind: Literal["adalora"] = "adalora"
-    supported_actions = ("wrap",)
-    init_r: int = Field(12, ge=1, description="Initial rank of every site (the triplets the allocator prunes).")
-    target_r: int = Field(8, ge=0, description="Average rank per site after the budget schedule.")
-    alpha: float = Field(8, description="Scaling numerator (PEFT's lora_alpha; 0 or less: init_r).")
-    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the op's input (activation path only).")
-    tinit: int = Field(0, ge=0, description="Steps at the full budget before pruning starts.")
-    tfinal: int = Field(0, ge=0, description="Final steps with the allocation fixed.")
-    deltaT: int = Field(1, ge=1, description="Reallocate every deltaT steps.")
-    beta1: float = Field(0.85, gt=0, lt=1, description="EMA coefficient of the importance.")
-    beta2: float = Field(0.85, gt=0, lt=1, description="EMA coefficient of the importance's uncertainty.")
-    orth_reg_weight: float = Field(0.5, ge=0, description="Weight of the orthogonality penalty added to the loss.")
-    total_step: int | None = Field(None, ge=1, description="Total training steps (or give it to the allocator).")
-    ranknum: float | None = Field(None, gt=0, description="Rank the scaling divides by (default init_r; a pruned "
-                                                          "PEFT checkpoint keeps its initial rank here).")
+from surgery.modules.options import AdaLoRAOptions  # noqa: F401  (defined without torch: spec validation)
 
 
 @register

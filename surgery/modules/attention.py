@@ -16,6 +16,7 @@ from torch import nn
 from surgery.errors import RewriteError
 from surgery.modules.base import SiteContext
 from surgery.modules.registry import Options, register
+from surgery.modules.options import PrefixOptions, AdaptionPromptOptions, PromptOptions  # noqa: F401  (defined without torch: spec validation)
 
 
 def _as_heads(flat: torch.Tensor, heads: int, head_dim: int, like: torch.Tensor) -> torch.Tensor:
@@ -24,17 +25,6 @@ def _as_heads(flat: torch.Tensor, heads: int, head_dim: int, like: torch.Tensor)
     if like.shape[1] != heads:
         prefix = prefix.repeat_interleave(like.shape[1] // heads, dim=1)
     return prefix.expand(like.shape[0], -1, -1, -1).to(like.dtype)
-
-
-class PrefixOptions(Options):
-    kind: Literal["prefix"] = "prefix"
-    supported_actions = ("attend",)
-    prefix_length: int = 30
-    flat: bool = False
-    bottleneck_size: int = 512
-    non_linearity: Literal["tanh", "relu", "gelu"] = "tanh"
-    dropout: float = 0.0
-    use_gating: bool = False
 
 
 class PrefixMLP(nn.Module):
@@ -130,12 +120,6 @@ class PrefixTuning(nn.Module):
             self._mlp = [None]
 
 
-class AdaptionPromptOptions(Options):
-    kind: Literal["adaption_prompt"] = "adaption_prompt"
-    supported_actions = ("attend",)
-    adapter_len: int = 10
-
-
 @register
 class AdaptionPrompt(nn.Module):
     """LLaMA-Adapter: learned prompts projected by the layer's own (frozen) k/v projections, attended through
@@ -167,14 +151,6 @@ class AdaptionPrompt(nn.Module):
         pv = _as_heads(v_proj(prompt), self.kv_heads, self.head_dim, value)
         extra = attend(query, pk, pv, prefix=pk.shape[2])
         return out + self.adaption_gate.to(out.dtype) * extra
-
-
-class PromptOptions(Options):
-    kind: Literal["prompt"] = "prompt"
-    supported_actions = ("prepend",)
-    prompt_length: int = 10
-    init: Literal["random_uniform", "normal"] | dict = "random_uniform"
-    random_uniform_scale: float = 0.5
 
 
 @register

@@ -21,6 +21,7 @@ from surgery.errors import RewriteError
 from surgery.modules.base import SiteContext
 from surgery.modules.phm import PHMLayer, PHMOptions, PHMRule
 from surgery.modules.registry import Options, register
+from surgery.modules.options import BottleneckOptions  # noqa: F401  (defined without torch: spec validation)
 
 
 class QuickGELU(nn.Module):
@@ -36,9 +37,6 @@ ACTIVATIONS = {
     "relu6": nn.ReLU6, "leakyrelu": nn.LeakyReLU, "identity": nn.Identity, "linear": nn.Identity,
 }
 
-PositiveFactor = Annotated[float, Field(gt=0)]
-Width = Annotated[int, Field(ge=1)]
-
 
 def _per_layer(value, layer: int | None, what: str):
     """A scalar, or AdapterHub's per-layer mapping {layer: value, ..., "default": value}."""
@@ -50,59 +48,6 @@ def _per_layer(value, layer: int | None, what: str):
     if "default" in value:
         return value["default"]
     raise RewriteError(f"{what} gives no value for layer {layer} and no 'default': {value}")
-
-
-class _BottleneckFields(Options):
-    kind: Literal["bottleneck"] = "bottleneck"
-    reduction_factor: Union[PositiveFactor, dict[Union[int, str], PositiveFactor]] = Field(
-        16, description="Bottleneck width = max(1, int(d // reduction_factor)); or {layer: factor, default: factor}.")
-    bottleneck_size: Union[Width, dict[Union[int, str], Width], None] = Field(
-        None, description="An explicit bottleneck width (or {layer: width, default: width}); overrides reduction_factor.")
-    non_linearity: Literal[tuple(ACTIVATIONS)] = Field(  # type: ignore[valid-type]
-        "relu", description="Activation between down and up projection (transformers' names: swish = silu).")
-    init_weights: Literal["bert", "houlsby", "mam", "mam_adapter", "lora", "zeros"] = Field(
-        "bert", description="bert: N(0, 0.02); houlsby: truncated N(0, 0.01) in ±0.02; mam/lora: kaiming down, zero "
-                            "up (identity at init); zeros: both zero.")
-    residual: Union[bool, None] = Field(
-        None, description="Add the adapter's input (insertions) or residual (sublayer) to its output; default yes "
-                          "except for action parallel.")
-    original_ln_before: bool = Field(
-        False, description="sublayer: apply the model's add and norm before the adapter, z = norm(h + x).")
-    original_ln_after: bool = Field(
-        True, description="sublayer: apply the model's add and norm after the adapter, norm(out + x).")
-    residual_before_ln: Union[bool, Literal["post_add"]] = Field(
-        True, description="sublayer: the adapter's residual is h (true), z (false) or h + x (post_add).")
-    adapter_residual_before_ln: bool = Field(
-        False, description="Add the residual before (true) or after (false) the adapter's own ln_after.")
-    is_parallel: Union[bool, None] = Field(
-        None, description="The adapter reads the sub-layer input x and is added to h (ParBn); implied by action "
-                          "parallel.")
-    scaling: Union[float, Literal["learned", "channel"]] = Field(
-        1.0, description="Multiplies the adapter output: a number, a learned scalar, or a learned vector per channel.")
-    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter output.")
-    stochastic_depth: float = Field(
-        0.0, ge=0, lt=1, description="Drop a sample's whole adapter output with this probability in training.")
-    ln_before: bool = Field(False, description="A new LayerNorm on the adapter input.")
-    ln_after: bool = Field(False, description="A new LayerNorm on the adapter output.")
-    use_gating: bool = Field(False, description="Scale the output by mean over tokens of sigmoid(Linear(d, 1)(input)).")
-    phm_layer: bool = Field(False, description="Down and up projections as PHM layers (Compacter); see phm_*.")
-
-    @field_validator("reduction_factor", "bottleneck_size")
-    @classmethod
-    def _layer_keys(cls, value):
-        if isinstance(value, dict):
-            bad = [k for k in value if not (isinstance(k, int) or k == "default" or str(k).lstrip("-").isdigit())]
-            if bad:
-                raise ValueError(f"per-layer keys are layer indices or 'default', not {bad}")
-        return value
-
-
-class BottleneckOptions(PHMOptions, _BottleneckFields):
-    """Bottleneck adapters with AdapterHub's BnConfig options (same names, meanings, defaults): Houlsby, Pfeiffer,
-    parallel, Adapter+, Compacter (PHM projections). Placement is the spec's `match`; `sublayer` gives the model's
-    own residual add and norm to the adapter."""
-
-    supported_actions = ("insert_after", "insert_before", "parallel", "sublayer")
 
 
 def site_width(site: SiteContext, action: str) -> int | None:
@@ -147,6 +92,7 @@ class BottleneckAdapter(nn.Module):
     """
 
     Options = BottleneckOptions
+    unit_scaling = False   # a constant scaling of 1.0 (set in __init__)
 
     def __init__(self, dim: int, bottleneck: int, *, in_dim: int | None = None, mode: str = "insert",
                  non_linearity="relu", init_weights="bert", residual=True, original_ln_before=False,
@@ -182,6 +128,7 @@ class BottleneckAdapter(nn.Module):
             self.scaling = nn.Parameter(torch.ones(dim))
         else:
             self.register_buffer("scaling", torch.tensor(float(scaling)), persistent=False)
+            self.unit_scaling = float(scaling) == 1.0   # x * 1.0 is x: the multiply is skipped (exact)
         self.init_weights = init_weights
         self.reset_parameters()
 
@@ -263,7 +210,8 @@ class BottleneckAdapter(nn.Module):
         out = self.up(self.act(self.down(h)))
         if self.drop_path is not None:
             out = self.drop_path(out)
-        out = out * self.scaling
+        if not self.unit_scaling:
+            out = out * self.scaling
         if self.dropout is not None:
             out = self.dropout(out)
         if self.gate is not None:

@@ -24,17 +24,7 @@ from surgery.modules import columns, weight_ops
 from surgery.modules.base import SiteContext
 from surgery.modules.lora import LoRA
 from surgery.modules.registry import Options, register
-
-
-class DoRAOptions(Options):
-    kind: Literal["dora"] = "dora"
-    supported_actions = ("wrap",)
-    r: int = Field(8, ge=1, description="Rank of the direction update B·A.")
-    alpha: float = Field(8, gt=0, description="Scaling numerator: s = alpha/r (alpha/sqrt(r) with use_rslora).")
-    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the op's input (activation path only).")
-    use_rslora: bool = Field(False, description="Rank-stabilized scaling alpha/sqrt(r).")
-    init: Literal["kaiming", "gaussian"] = Field(
-        "kaiming", description="A's init (B is always zero): kaiming-uniform(a=√5) or Gaussian with std 1/r.")
+from surgery.modules.options import DoRAOptions  # noqa: F401  (defined without torch: spec validation)
 
 
 @register

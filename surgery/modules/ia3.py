@@ -25,13 +25,7 @@ from surgery.errors import RewriteError
 from surgery.modules import weight_ops
 from surgery.modules.base import SiteContext, WeightAdapter
 from surgery.modules.registry import Options, register
-
-
-class IA3Options(Options):
-    kind: Literal["ia3"] = "ia3"
-    supported_actions = ("wrap",)
-    scale: Literal["output", "input", "auto"] = Field(
-        "auto", description="Which side the vector scales; auto: the input for ffn.out, the output otherwise.")
+from surgery.modules.options import IA3Options  # noqa: F401  (defined without torch: spec validation)
 
 
 @register

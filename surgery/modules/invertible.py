@@ -18,6 +18,7 @@ from surgery.errors import RewriteError
 from surgery.modules.base import SiteContext
 from surgery.modules.bottleneck import ACTIVATIONS, site_width
 from surgery.modules.registry import Options, register
+from surgery.modules.options import InvertibleOptions  # noqa: F401  (defined without torch: spec validation)
 
 
 def _subnet(dims_in: int, dims_out: int, non_linearity: str, reduction_factor: float) -> nn.Sequential:
@@ -79,33 +80,6 @@ class GLOWCoupling(nn.Module):
         s2, t2 = self.s2(x2).split((self.split1, self.split1), -1)
         x1 = (y1 - t2) / self.e(s2)
         return torch.cat((x1, x2), -1)
-
-
-class InvertibleOptions(Options):
-    """Invertible adapters (MAD-X): a NICE or GLOW coupling block on a value (the embedding output); with
-    `inverse_of`, the exact inverse of another rule's block, sharing its weights (before the LM head)."""
-
-    kind: Literal["invertible"] = "invertible"
-    supported_actions = ("insert_after", "insert_before")
-    block_type: Literal["nice", "glow"] = Field("nice", description="NICE (additive) or GLOW (affine) coupling.")
-    reduction_factor: float = Field(2, gt=0, description="Each subnet's hidden width is its input width // this.")
-    non_linearity: Literal[tuple(ACTIVATIONS)] = Field(  # type: ignore[valid-type]
-        "relu", description="The subnets' activation (MAD-X uses the adapter's own).")
-    init_weights: Literal["bert", "zeros"] = Field(
-        "bert", description="bert: N(0, 0.02) as AdapterHub; zeros: subnet outputs zero, the block starts as identity.")
-    clamp: float = Field(5.0, gt=0, description="GLOW: the scales lie within exp(±clamp).")
-    inverse_of: Union[str, None] = Field(
-        None, description="Run the inverse of the block that this adapter's rule of that name built (shared weights).")
-
-    @model_validator(mode="after")
-    def _inverse_takes_no_block_options(self):
-        if self.inverse_of is not None:
-            defaults = InvertibleOptions.model_fields
-            given = [k for k in self.model_fields_set - {"kind", "inverse_of"} if getattr(self, k) != defaults[k].default]
-            if given:
-                raise ValueError(f"inverse_of uses the block of rule {self.inverse_of!r}; {sorted(given)} belong "
-                                 f"on that rule")
-        return self
 
 
 @register

@@ -17,16 +17,7 @@ from torch import nn
 from surgery.errors import RewriteError
 from surgery.modules.base import SiteContext, WeightAdapter
 from surgery.modules.registry import Options, register
-
-
-class KronAOptions(Options):
-    kind: Literal["krona"] = "krona"
-    supported_actions = ("wrap",)
-    a_out: int | None = Field(None, ge=1, description="Rows of A; must divide the op's output size. Default: "
-                                                      "the divisor nearest √out from below.")
-    a_in: int | None = Field(None, ge=1, description="Columns of A; must divide the op's input size. Default: "
-                                                     "the divisor nearest √in from below.")
-    scale: float = Field(1.0, description="s in W + s·(A ⊗ B).")
+from surgery.modules.options import KronAOptions  # noqa: F401  (defined without torch: spec validation)
 
 
 def near_sqrt_divisor(n: int) -> int:

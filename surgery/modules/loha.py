@@ -20,18 +20,7 @@ from torch import nn
 
 from surgery.modules.base import SiteContext, WeightAdapter
 from surgery.modules.registry import Options, register
-
-
-class LoHaOptions(Options):
-    """LoHa (Hyeon-Woo et al. 2022, FedPara): W + (W1a·W1b) ⊙ (W2a·W2b)·alpha/r, W2b zero at init; PEFT's LoHaConfig defaults."""
-
-    kind: Literal["loha"] = "loha"
-    supported_actions = ("wrap",)
-    r: int = Field(8, ge=1, description="Rank of each of the two factors.")
-    alpha: float = Field(8, gt=0, description="Scaling numerator: s = alpha/r.")
-    rank_dropout: float = Field(0.0, ge=0, lt=1, description="Training only: drop output rows of the delta.")
-    module_dropout: float = Field(0.0, ge=0, lt=1, description="Training only: skip the adapter with this "
-                                                               "probability.")
+from surgery.modules.options import LoHaOptions  # noqa: F401  (defined without torch: spec validation)
 
 
 @register

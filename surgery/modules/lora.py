@@ -69,30 +69,10 @@ from surgery.errors import RewriteError
 from surgery.modules import weight_ops
 from surgery.modules.base import SiteContext, WeightAdapter
 from surgery.modules.registry import Options, register
+from surgery.modules.options import LoRAOptions  # noqa: F401  (defined without torch: spec validation)
 
 WEIGHT_INITS = ("pissa", "olora")   # inits computed from the base weight (residual kept in the forward)
 NF4_MODULE = "torchao.quantization.quantize_.workflows.nf4.nf4_tensor"
-
-
-class LoRAOptions(Options):
-    kind: Literal["lora"] = "lora"
-    supported_actions = ("wrap",)
-    r: int = Field(8, ge=1, description="Rank of the update B·A.")
-    alpha: float = Field(8, gt=0, description="Scaling numerator: s = alpha/r (alpha/sqrt(r) with use_rslora).")
-    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the op's input before A (activation path only).")
-    use_rslora: bool = Field(False, description="Rank-stabilized scaling alpha/sqrt(r).")
-    init: Literal["kaiming", "gaussian", "pissa", "olora", "loftq"] = Field(
-        "kaiming", description="kaiming/gaussian: A's init, B zero. pissa/olora: A and B from W's top-r SVD or QR, "
-                               "the initial product subtracted in the forward (the op equals the base op at init). "
-                               "loftq: s·B·A = top-r SVD of W − NF4(W); then call surgery.quantize_nf4(model). "
-                               "pissa/olora/loftq: linear ops only.")
-    use_gating: bool = Field(False, description="UniPELT: a learned gate sigmoid(Linear(x)) averaged over the "
-                                                "sequence replaces the scaling (input-dependent, so not mergeable).")
-    loftq_iter: int = Field(1, ge=1, le=64, description="init loftq: alternating quantize / low-rank steps "
-                                                        "(PEFT's LoftQConfig.loftq_iter).")
-    loftq_quantizer: Literal["torchao", "bitsandbytes"] = Field(
-        "torchao", description="init loftq: torchao's NF4 (double-quantized scales, what surgery.quantize_nf4 "
-                               "stores) or bitsandbytes' NF4 with float32 scales (PEFT's LoftQ).")
 
 
 def warn_rank(r: int, site: SiteContext, kind: str) -> None:

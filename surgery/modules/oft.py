@@ -39,6 +39,7 @@ from surgery.errors import RewriteError
 from surgery.modules import columns
 from surgery.modules.base import SiteContext, WeightAdapter
 from surgery.modules.registry import Options, register
+from surgery.modules.options import OFTOptions, BOFTOptions  # noqa: F401  (defined without torch: spec validation)
 
 
 def _divisors(n: int) -> list[int]:
@@ -100,21 +101,6 @@ class _Rotation(WeightAdapter):
             merged = merged / scale.to(merged.dtype)[:, None]
         rotation = self.rotation().to(merged.dtype)
         return torch.linalg.solve(rotation, merged.t()).t()
-
-
-class OFTOptions(Options):
-    """OFT (Qiu et al. 2023): W·Rᵀ (the input rotated by R), R block-diagonal with Cayley-transformed skew-symmetric blocks, the identity at init; PEFT's OFTConfig defaults (5-term Neumann series)."""
-
-    kind: Literal["oft"] = "oft"
-    supported_actions = ("wrap",)
-    r: int = Field(0, ge=0, description="Number of diagonal blocks (0: from block_size). Give r or block_size.")
-    block_size: int = Field(32, ge=0, description="Size b of each block (0: from r); r·b = d_in.")
-    block_share: bool = Field(False, description="One block shared by all r blocks.")
-    module_dropout: float = Field(0.0, ge=0, lt=1, description="Training only: this fraction of blocks is the "
-                                                               "identity (multiplicative dropout).")
-    use_cayley_neumann: bool = Field(True, description="PEFT's truncated Neumann series for the Cayley transform "
-                                                       "(false: the exact inverse).")
-    num_cayley_neumann_terms: int = Field(5, ge=1, description="Terms of the Neumann series.")
 
 
 @register
@@ -207,17 +193,6 @@ def butterfly_permutation(n: int, blocks: int, half: int, factors: int) -> torch
     for i in range(0, n, block):
         indices[i:i + block] = indices[i:i + block][sorted_order]
     return indices
-
-
-class BOFTOptions(Options):
-    """BOFT (Liu et al. 2024): (W·Mᵀ) ⊙ s, M a product of butterfly factors P·D·Pᵀ with exact Cayley blocks, s a trained output scale, the identity at init; PEFT's BOFTConfig defaults."""
-
-    kind: Literal["boft"] = "boft"
-    supported_actions = ("wrap",)
-    block_size: int = Field(4, ge=0, description="Size H of each block (0: from block_num). Give one of the two.")
-    block_num: int = Field(0, ge=0, description="Number D of blocks per factor (0: from block_size); D·H = d_in.")
-    n_butterfly_factor: int = Field(1, ge=1, description="Number m of butterfly factors (1: block-diagonal OFT).")
-    dropout: float = Field(0.0, ge=0, lt=1, description="Training only: multiplicative dropout of blocks.")
 
 
 @register

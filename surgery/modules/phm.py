@@ -14,24 +14,7 @@ from pydantic import Field
 from torch import nn
 
 from surgery.modules.registry import Options
-
-
-class PHMOptions(Options):
-    """AdapterHub's BnConfig PHM knobs (same names and defaults), for modules whose projections are PHM layers."""
-
-    phm_dim: int = Field(4, ge=1, description="n: the number of Kronecker terms and the rule matrices' size.")
-    shared_phm_rule: bool = Field(True, description="One rule tensor C for every PHM layer of the adapter set.")
-    factorized_phm_rule: bool = Field(False, description="C = left (n×n×1) · right (n×1×n).")
-    factorized_phm_W: bool = Field(True, description="Each block W_i = W_left_i · W_right_i of rank phm_rank.")
-    phm_rank: int = Field(1, ge=1, description="The rank of the factorized blocks.")
-    phm_c_init: Literal["normal", "uniform"] = Field(
-        "normal", description="Rule init: N(0, phm_init_range) shared / N(0, 0.01) own, or uniform.")
-    phm_init_range: float = Field(1e-4, gt=0, description="Std of the shared rule's (and the `normal` W) init.")
-    learn_phm: bool = Field(True, description="Whether the rule tensor trains.")
-    hypercomplex_nonlinearity: Literal["glorot-uniform", "glorot-normal", "phm", "normal"] = Field(
-        "glorot-uniform", description="Init of the W blocks: xavier uniform, xavier normal (glorot-normal, phm), or "
-                                      "N(0, phm_init_range).")
-    phm_bias: bool = Field(True, description="A bias on each PHM layer.")
+from surgery.modules.options import PHMOptions  # noqa: F401  (defined without torch: spec validation)
 
 
 class PHMRule(nn.Module):

@@ -19,19 +19,7 @@ from torch.nn.utils import parametrize
 
 from surgery.modules.base import SiteContext
 from surgery.modules.registry import Options, register
-
-
-class ReftOptions(Options):
-    kind: Literal["reft"] = "reft"
-    supported_actions = ("insert_after",)
-    r: int = 1
-    prefix_positions: int = 3
-    suffix_positions: int = 0
-    orthogonal: bool = True
-    subtract_projection: bool = True
-    tied_weights: bool = False
-    dropout: float = 0.05
-    non_linearity: Union[Literal["identity", "tanh", "relu", "gelu"], None] = None
+from surgery.modules.options import ReftOptions  # noqa: F401  (defined without torch: spec validation)
 
 
 class Orthonormal(nn.Module):

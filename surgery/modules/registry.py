@@ -41,13 +41,35 @@ def module_class(kind: str):
     try:
         return _REGISTRY[kind]
     except KeyError:
-        near = difflib.get_close_matches(str(kind), _REGISTRY, n=1)
-        hint = f" (did you mean {near[0]!r}?)" if near else ""
-        raise ValueError(f"unknown module kind {kind!r}{hint}; known kinds: {', '.join(sorted(_REGISTRY))}") from None
+        raise _unknown(kind) from None
 
 
 def options_model(kind: str) -> type[Options]:
-    return module_class(kind).Options
+    """The Options model of `kind`. A built-in kind's comes from surgery/modules/options.py without importing its
+    module (nor torch): validating a spec needs pydantic only."""
+    if kind in _REGISTRY:
+        return _REGISTRY[kind].Options
+    builtin = _builtin_options()
+    if isinstance(kind, str) and kind in builtin:
+        return builtin[kind]
+    raise _unknown(kind)
+
+
+def kind_names() -> list[str]:
+    """Every kind a spec may name (built-in and registered), sorted, without importing a module class."""
+    return sorted(set(_REGISTRY) | set(_builtin_options()))
+
+
+def _unknown(kind) -> ValueError:
+    names = kind_names()
+    near = difflib.get_close_matches(str(kind), names, n=1)
+    hint = f" (did you mean {near[0]!r}?)" if near else ""
+    return ValueError(f"unknown module kind {kind!r}{hint}; known kinds: {', '.join(names)}")
+
+
+def _builtin_options() -> dict[str, type[Options]]:
+    from surgery.modules.options import BUILTIN
+    return BUILTIN
 
 
 def kinds() -> dict[str, type]:
@@ -55,5 +77,12 @@ def kinds() -> dict[str, type]:
     return dict(_REGISTRY)
 
 
+# the files of surgery/modules that register the built-in kinds (importing one registers its kinds)
+BUILTIN_MODULES = ("adalora", "attention", "bottleneck", "dora", "ia3", "invertible", "krona", "loha", "lora", "oft",
+                   "reft", "said", "sparse", "vera")
+
+
 def _ensure_builtins():
-    import surgery.modules  # noqa: F401  (registers the built-in kinds)
+    import importlib
+    for name in BUILTIN_MODULES:
+        importlib.import_module(f"surgery.modules.{name}")

@@ -26,6 +26,7 @@ from torch import nn
 from surgery.errors import RewriteError, SurgeryWarning
 from surgery.modules.base import SiteContext, WeightAdapter
 from surgery.modules.registry import Options, register
+from surgery.modules.options import SAIDOptions  # noqa: F401  (defined without torch: spec validation)
 from surgery.modules.sparse import site_seed
 
 
@@ -71,13 +72,6 @@ class Subspace(nn.Module):
     def __init__(self, d: int):
         super().__init__()
         self.theta = nn.Parameter(torch.zeros(d))
-
-
-class SAIDOptions(Options):
-    kind: Literal["said"] = "said"
-    supported_actions = ("wrap",)
-    d: int = Field(1000, ge=1, description="Dimension of the shared subspace.")
-    seed: int = Field(0, description="Seed of the random projections (regenerated, never saved).")
 
 
 @register

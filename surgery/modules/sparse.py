@@ -22,26 +22,12 @@ from surgery.errors import RewriteError
 from surgery.progress import progress, stage
 from surgery.modules.base import SiteContext, WeightAdapter
 from surgery.modules.registry import Options, register
+from surgery.modules.options import SparseOptions  # noqa: F401  (defined without torch: spec validation)
 
 
 def site_seed(seed: int, site: SiteContext) -> int:
     """A seed that differs per site but is the same every time the same spec is applied to the same model."""
     return zlib.crc32(f"{seed}:{site.module}:{site.role}:{site.out_features}x{site.in_features}".encode())
-
-
-class SparseOptions(Options):
-    kind: Literal["sparse"] = "sparse"
-    supported_actions = ("wrap",)
-    k: int | None = Field(None, ge=1, description="Entries per weight that train (or give `density`).")
-    density: float | None = Field(None, gt=0, le=1, description="Fraction of each weight's entries that train.")
-    select: Literal["magnitude", "random", "gradient"] = "magnitude"
-    seed: int = 0
-
-    @model_validator(mode="after")
-    def _one_size(self):
-        if (self.k is None) == (self.density is None):
-            raise ValueError("give exactly one of `k` (entries per weight) or `density` (a fraction)")
-        return self
 
 
 @register

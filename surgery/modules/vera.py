@@ -23,19 +23,7 @@ from torch import nn
 
 from surgery.modules.base import SiteContext, WeightAdapter
 from surgery.modules.registry import Options, register
-
-
-class VeRAOptions(Options):
-    """VeRA (Kopiczko et al. 2024): W + Λ_b·B·Λ_d·A with A, B frozen random matrices shared by the rule's sites (saved once) and only the vectors λ_d (r, init 0.1) and λ_b (d_out, init 0) trained; PEFT's VeraConfig defaults."""
-
-    kind: Literal["vera"] = "vera"
-    supported_actions = ("wrap",)
-    r: int = Field(256, ge=1, description="Rank of the shared random matrices A (r, d_in) and B (d_out, r).")
-    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the op's input before A (activation path only).")
-    d_initial: float = Field(0.1, description="Initial value of every element of λ_d (λ_b starts at zero).")
-    projection_prng_key: int = Field(0, description="Seed of the CPU generator that draws A then B.")
-    save_projection: bool = Field(True, description="Save A and B in the checkpoint (else drawn again from the "
-                                                    "key at load).")
+from surgery.modules.options import VeRAOptions  # noqa: F401  (defined without torch: spec validation)
 
 
 def kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:

@@ -120,6 +120,13 @@ class Dispatcher:
     def run(self, value, args, module=None):
         if self.call is not None and self.runtime.calls.get(id(module), 0) - 1 != self.call:
             return value
+        if len(self.entries) == 1 and not self.fusions:   # one adapter here, nothing to compose: call it
+            gate, fn = self.entries[0]
+            if not gate():
+                return value
+            composition = gate.runtime.composition
+            if composition is None or (isinstance(composition, str) and composition == gate.name):
+                return fn(value, args)
         live = [(g, fn) for g, fn in self.entries if g()]
         if not live:
             return value
@@ -852,6 +859,15 @@ def _bound_call(signature, args: tuple, kwargs: dict) -> dict:
     """The root call's inputs by the forward's parameter names (positional ones included)."""
     if signature is None:
         return dict(kwargs)
+    if not kwargs:   # the common call, model(ids): the leading positional parameters, without binding
+        named = {}
+        for (name, parameter), value in zip(signature.parameters.items(), args):
+            if parameter.kind not in (parameter.POSITIONAL_ONLY, parameter.POSITIONAL_OR_KEYWORD):
+                break
+            named[name] = value
+        else:
+            if len(named) == len(args):
+                return named
     try:
         bound = signature.bind_partial(*args, **kwargs)
     except TypeError:

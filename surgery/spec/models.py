@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, WithJsonSchema, field_validator,
                       model_validator)
 
-from surgery.modules.registry import kinds as registered_kinds, options_model
+from surgery.modules.registry import kind_names as registered_kinds, options_model
 from surgery.modules.values import ValueProblem
 
 ROLES = (

@@ -1,0 +1,209 @@
+"""Apply on big model shapes built on the meta device, side by side with PEFT (issue 20's figures).
+
+    python benchmarks/meta_apply.py [--shapes llama7b,llama70b,mixtral] [--repeats 2] [--sweep] [--out f.json]
+
+Shapes (transformers configs, weights on the meta device, so no memory for them): the LLaMA-7B shape (hidden 4096,
+32 layers, FFN 11008, 32 heads), the LLaMA-70B shape (hidden 8192, 80 layers, FFN 28672, 64 heads, 8 KV heads)
+and the Mixtral-8x7B shape (hidden 4096, 32 layers, 8 experts of FFN 14336, top 2, 8 KV heads).
+
+Each figure is one call in a fresh interpreter with one intra-op thread (benchmarks/common.py: in_subprocess), so
+nothing is cached from an earlier run: `surgery.apply(model, "specs/lora.yaml")` (trace, analysis, match,
+rewrite) against PEFT's `get_peft_model(model, LoraConfig(r=8, lora_alpha=8, target_modules=["q_proj",
+"v_proj"]))` on the same shape (the same sites: checked by count). Time is the process CPU time of that call
+alone (the imports and the model's construction are outside it), the median over `--repeats` processes per side,
+surgery and PEFT alternating; peak RSS is the process's high-water mark (VmHWM) after the call, and its rise above
+the RSS before the call. The on-disk trace cache is off for these (SURGERY_CACHE=0); `warm` is the 7B apply in
+a process that finds the model's trace in the cache (surgery/trace/cache.py) written by the process before it.
+
+`--sweep`: every shipped spec on the 7B shape, each in its own fresh process (trace included), against PEFT's
+LoRA time of the same run (what `benchmarks/meta_sweep.py` lists in one process, where only the first spec
+pays the trace).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+SHAPES = {
+    "llama7b": ("LLaMA-7B shape (32 layers)", "llama",
+                dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                     num_key_value_heads=32, vocab_size=32000)),
+    "llama70b": ("LLaMA-70B shape (80 layers, 8 KV heads)", "llama",
+                 dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                      num_key_value_heads=8, vocab_size=32000)),
+    "mixtral": ("Mixtral-8x7B shape (32 layers, 8 experts)", "mixtral",
+                dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                     num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2, vocab_size=32000)),
+}
+PEFT_TARGETS = ["q_proj", "v_proj"]
+
+
+def _rss_mib(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def build(shape: str):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
+    _, family, config = SHAPES[shape]
+    config_cls, model_cls = (LlamaConfig, LlamaForCausalLM) if family == "llama" else (MixtralConfig, MixtralForCausalLM)
+    with torch.device("meta"):
+        return model_cls(config_cls(**config))
+
+
+def apply_child(shape: str, method: str, spec: str = "specs/lora.yaml", cache_dir: str | None = None) -> dict:
+    """In a fresh process: build `shape` on meta, then time one apply by `method` (surgery or peft)."""
+    import warnings
+    warnings.filterwarnings("ignore")
+    if cache_dir:
+        os.environ.update(SURGERY_CACHE="1", SURGERY_CACHE_DIR=cache_dir)
+    else:
+        os.environ["SURGERY_CACHE"] = "0"
+    import logging
+    import surgery
+    if method == "peft":
+        import peft
+    model = build(shape)
+    messages = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            messages.append(record.getMessage())
+    logger = logging.getLogger("surgery")
+    logger.addHandler(Collect())
+    logger.setLevel(logging.INFO)
+    Path("/proc/self/clear_refs").write_text("5")
+    before = _rss_mib("VmRSS")
+    wall, cpu = time.perf_counter(), time.process_time()
+    if method == "surgery":
+        surgery.apply(model, spec)
+        cpu_s, wall_s = time.process_time() - cpu, time.perf_counter() - wall
+        sites = len(model.surgery_adapters.records["default"].weight_sites) or None
+        trainable = surgery.trainable_parameters(model)[0]
+    else:
+        model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=8, lora_dropout=0.0,
+                                                           target_modules=PEFT_TARGETS))
+        cpu_s, wall_s = time.process_time() - cpu, time.perf_counter() - wall
+        sites = sum(1 for n, _ in model.named_modules() if n.endswith("lora_A.default"))
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    peak = _rss_mib("VmHWM")
+    return {"shape": shape, "method": method, "spec": spec, "cpu": cpu_s, "wall": wall_s, "sites": sites,
+            "trainable": trainable, "peak_rss_mib": peak, "rss_rise_mib": peak - before,
+            "traced": any("torch.export" in m for m in messages),
+            "from_cache": any("read from the cache" in m for m in messages)}
+
+
+def _run(**kwargs) -> dict:
+    from benchmarks.common import in_subprocess
+    return in_subprocess("benchmarks.meta_apply:apply_child", timeout=1800, **kwargs)
+
+
+def _median(runs: list[dict], key: str) -> float:
+    return statistics.median(r[key] for r in runs)
+
+
+def compare(shape: str, repeats: int = 2) -> dict:
+    """surgery vs PEFT LoRA q,v on `shape`, `repeats` fresh processes each, alternating."""
+    runs = {"surgery": [], "peft": []}
+    for i in range(repeats):
+        for method in (("surgery", "peft") if i % 2 == 0 else ("peft", "surgery")):
+            runs[method].append(_run(shape=shape, method=method))
+    s, p = runs["surgery"], runs["peft"]
+    if s[0]["sites"] != p[0]["sites"] or s[0]["trainable"] != p[0]["trainable"]:
+        raise AssertionError(f"{shape}: surgery and PEFT adapt different sites: {s[0]} vs {p[0]}")
+    return {"shape": shape, "label": SHAPES[shape][0], "sites": s[0]["sites"], "trainable": s[0]["trainable"],
+            "surgery_cpu": _median(s, "cpu"), "peft_cpu": _median(p, "cpu"),
+            "surgery_wall": _median(s, "wall"), "peft_wall": _median(p, "wall"),
+            "ratio": _median(s, "cpu") / _median(p, "cpu"),
+            "surgery_peak_rss_mib": max(r["peak_rss_mib"] for r in s),
+            "surgery_rss_rise_mib": max(r["rss_rise_mib"] for r in s),
+            "peft_peak_rss_mib": max(r["peak_rss_mib"] for r in p), "runs": runs}
+
+
+def warm(shape: str = "llama7b") -> dict:
+    """The apply in a new process that finds the trace in the on-disk cache (a first process writes it)."""
+    with tempfile.TemporaryDirectory() as directory:
+        cold = _run(shape=shape, method="surgery", cache_dir=directory)
+        hot = _run(shape=shape, method="surgery", cache_dir=directory)
+    assert cold["traced"] and hot["from_cache"] and not hot["traced"], (cold, hot)
+    return {"shape": shape, "cold_cpu": cold["cpu"], "warm_cpu": hot["cpu"], "warm_peak_rss_mib": hot["peak_rss_mib"]}
+
+
+def sweep(peft_cpu: float | None = None) -> dict:
+    """Every shipped spec on the 7B shape, each in a fresh process (trace included), vs PEFT's LoRA time."""
+    if peft_cpu is None:
+        peft_cpu = _run(shape="llama7b", method="peft")["cpu"]
+    rows = []
+    for path in sorted((ROOT / "specs").glob("*.yaml")):
+        try:
+            r = _run(shape="llama7b", method="surgery", spec=str(path.relative_to(ROOT)))
+            rows.append({"spec": path.name, "cpu": r["cpu"], "wall": r["wall"], "vs_peft_lora": r["cpu"] / peft_cpu,
+                         "peak_rss_mib": r["peak_rss_mib"], "trainable": r["trainable"]})
+        except RuntimeError as exc:   # a spec that does not apply to a LLaMA (e.g. diffusion_lora): say so
+            last = [line for line in str(exc).splitlines() if line.strip()][-1]
+            rows.append({"spec": path.name, "error": last[:200]})
+        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    timed = [r for r in rows if "cpu" in r]
+    slowest = max(timed, key=lambda r: r["cpu"])
+    return {"peft_lora_cpu": peft_cpu, "rows": rows, "slowest": slowest}
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def bench(shapes=("llama7b", "llama70b", "mixtral"), repeats: int = 2, with_sweep: bool = False,
+          with_warm: bool = True) -> dict:
+    os.environ.setdefault("BENCH_THREADS", "1")
+    result = {"commit": commit(), "shapes": [compare(s, repeats) for s in shapes]}
+    if with_warm:
+        result["warm"] = warm()
+    if with_sweep:
+        seven = next((r for r in result["shapes"] if r["shape"] == "llama7b"), None)
+        result["sweep"] = sweep(seven["peft_cpu"] if seven else None)
+    return result
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shapes", default=",".join(SHAPES))
+    parser.add_argument("--repeats", type=int, default=2, help="fresh processes per side and shape")
+    parser.add_argument("--sweep", action="store_true", help="also every shipped spec on the 7B shape")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    result = bench(args.shapes.split(","), args.repeats, args.sweep)
+    for r in result["shapes"]:
+        print(f"{r['label']:<44} surgery {r['surgery_cpu']:6.2f} s  PEFT {r['peft_cpu']:5.2f} s  "
+              f"= {r['ratio']:5.1f}x  ({r['sites']} sites; peak RSS {r['surgery_peak_rss_mib']:.0f} / "
+              f"{r['peft_peak_rss_mib']:.0f} MiB)")
+    if "warm" in result:
+        w = result["warm"]
+        print(f"7B, trace read from the on-disk cache: {w['warm_cpu']:.2f} s (cold {w['cold_cpu']:.2f} s)")
+    if "sweep" in result:
+        for r in result["sweep"]["rows"]:
+            print(f"  {r['spec']:<22} " + (f"{r['cpu']:6.2f} s = {r['vs_peft_lora']:.1f}x PEFT LoRA" if "cpu" in r
+                                            else f"error: {r['error']}"))
+    print(f"commit {result['commit']}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1, default=str) + "\n")
+
+
+if __name__ == "__main__":
+    main()

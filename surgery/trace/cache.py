@@ -1,0 +1,429 @@
+"""The on-disk cache of traced models: a new process that plans, applies, validates, exports or draws on a model
+traced before reads the `Traced` graph back instead of running torch.export again (a LLaMA-7B shape: 3 s of CPU
+to trace, a small fraction of that to read).
+
+An entry is one file, `<key>.trace`, under the cache directory: `$SURGERY_CACHE_DIR`, else
+`$XDG_CACHE_HOME/surgery/traces`, else `~/.cache/surgery/traces`. `SURGERY_CACHE=0` (or off/false/no) turns
+the cache off: nothing is read or written.
+
+The key is a SHA-256 over everything the traced graph depends on: the model's structure fingerprint (the one the
+process cache uses: class, config, parameter and buffer names/shapes/dtypes/devices, module tree, example inputs'
+structure), the config's attention implementation, the contents of the Python files beside the source file of
+every module class in the model (its own file and the helpers next to it) and of surgery's own package, and the
+surgery, torch, transformers and Python versions. A model whose
+class is defined where no source file can be read (a notebook cell, `python -c`) is not cached.
+
+A file is trusted only if its header names this format and key and the SHA-256 of its payload matches; a file
+that fails any check, or whose payload cannot be rebuilt into a graph, is deleted and the model traced again.
+Writes go to a temporary file in the same directory, renamed over the entry (atomic: a reader sees the old entry,
+the new one, or none). At most `MAX_ENTRIES` entries are kept (the least recently used go first).
+
+Graph nodes are stored with their op, target (an aten/prims/custom operator by name, or `operator.getitem`),
+arguments, and their metadata (all of it but `DROPPED_META`); tensor metadata come back as FakeTensors of the
+same shape, stride, dtype and device. A graph with anything else (a higher-order operator, a `get_attr`, a symbolic
+size) is not cached: it is traced each time, as without the cache.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import inspect
+import json
+import logging
+import operator
+import os
+import sys
+import tempfile
+import zlib
+from pathlib import Path
+
+import torch
+from torch import fx, nn
+
+from surgery.trace.export import Boundary, Traced
+
+FORMAT = 1
+MAGIC = b"surgery-trace"
+MAX_ENTRIES = 64
+# node metadata torch.export writes that surgery never reads (tensor_meta repeats `val`); every other key is
+# stored, and a graph whose metadata holds a value this format cannot store exactly is not cached
+DROPPED_META = frozenset({"stack_trace", "tensor_meta"})
+SUFFIX = ".trace"
+_PY_TARGETS = {"getitem": operator.getitem}
+_PACKAGE_DIR = Path(__file__).resolve().parent.parent   # surgery/: its code is part of the key
+
+logger = logging.getLogger("surgery")
+
+
+class Unserializable(Exception):
+    """This traced graph (or model) holds something the cache does not store exactly: trace it each time."""
+
+
+class Corrupt(Exception):
+    """An entry that fails a check: deleted and rebuilt."""
+
+
+def enabled() -> bool:
+    """False when `SURGERY_CACHE` is 0, off, false or no."""
+    return os.environ.get("SURGERY_CACHE", "1").strip().lower() not in ("0", "off", "false", "no")
+
+
+def cache_dir() -> Path:
+    """`$SURGERY_CACHE_DIR`, else `$XDG_CACHE_HOME/surgery/traces`, else `~/.cache/surgery/traces`."""
+    explicit = os.environ.get("SURGERY_CACHE_DIR")
+    if explicit:
+        return Path(explicit)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "surgery" / "traces"
+
+
+# ------------------------------------------------------------------------------------------------ the key
+
+_FILE_HASHES: dict[tuple, str] = {}
+
+
+def _file_hash(path: str) -> str:
+    stat = os.stat(path)
+    memo = (path, stat.st_mtime_ns, stat.st_size)
+    if memo not in _FILE_HASHES:
+        _FILE_HASHES[memo] = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    return _FILE_HASHES[memo]
+
+
+def _directory_hash(directory: str) -> str:
+    """SHA-256 over the Python files of `directory` (not its subdirectories): a module class's own file and the
+    helpers beside it that its forward may call."""
+    digest = hashlib.sha256()
+    for entry in sorted(os.scandir(directory), key=lambda e: e.name):
+        if entry.name.endswith(".py") and entry.is_file():
+            digest.update(f"{entry.name}:{_file_hash(entry.path)}\n".encode())
+    return digest.hexdigest()
+
+
+def _class_sources(model: nn.Module) -> list[tuple[str, str]]:
+    """(class, hash of the Python files beside its source file) for every module class in the model;
+    Unserializable for a class without a source file."""
+    out = {}
+    for module in model.modules():
+        for cls in type(module).__mro__:
+            if cls is nn.Module or cls is object:
+                break
+            name = f"{cls.__module__}.{cls.__qualname__}"
+            if name in out:
+                continue
+            try:
+                path = inspect.getsourcefile(cls)
+            except (TypeError, OSError):
+                path = None
+            if not path or not os.path.isfile(path):
+                raise Unserializable(f"no source file for {name}")
+            out[name] = _directory_hash(os.path.dirname(os.path.abspath(path)))
+    return sorted(out.items())
+
+
+def _versions() -> dict:
+    from importlib import metadata
+    versions = {"python": list(sys.version_info[:3]), "torch": torch.__version__}
+    for package in ("surgery", "transformers", "diffusers"):
+        module = sys.modules.get(package)
+        version = getattr(module, "__version__", None)
+        if version is None:
+            try:
+                version = metadata.version(package)
+            except metadata.PackageNotFoundError:
+                version = None
+        versions[package] = version
+    code = hashlib.sha256()
+    for path in sorted(_PACKAGE_DIR.rglob("*.py")):
+        code.update(f"{path.relative_to(_PACKAGE_DIR)}:{_file_hash(str(path))}\n".encode())
+    versions["surgery_code"] = code.hexdigest()
+    return versions
+
+
+def entry_key(model: nn.Module, fingerprint) -> str:
+    """The entry's name: SHA-256 of what the traced graph depends on (module docstring). Unserializable when a
+    module class has no source file."""
+    config = getattr(model, "config", None)
+    parts = {"format": FORMAT, "fingerprint": repr(fingerprint), "versions": _versions(),
+             "sources": _class_sources(model),
+             "attention": repr(getattr(config, "_attn_implementation", None))}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=repr).encode()).hexdigest()
+
+
+# ------------------------------------------------------------------------------------------------ values
+
+def _enc(x):
+    """An argument or metadata value as JSON data; tagged objects for what JSON lacks."""
+    if x is None or isinstance(x, (bool, int, str)):
+        return x
+    if isinstance(x, float):
+        return {"f": repr(x)}      # exact, and inf/nan too
+    if isinstance(x, fx.Node):
+        return {"n": x.name}
+    if isinstance(x, tuple):
+        return {"tuple": [_enc(v) for v in x]}
+    if isinstance(x, list):
+        return [_enc(v) for v in x]
+    if isinstance(x, dict):
+        if not all(isinstance(k, str) for k in x):
+            raise Unserializable(f"dict with non-string keys: {list(x)[:3]}")
+        return {"dict": [[k, _enc(v)] for k, v in x.items()]}
+    if isinstance(x, torch.dtype):
+        return {"dtype": str(x).removeprefix("torch.")}
+    if isinstance(x, torch.device):
+        return {"device": str(x)}
+    if isinstance(x, torch.layout):
+        return {"layout": str(x).removeprefix("torch.")}
+    if isinstance(x, torch.memory_format):
+        return {"memory_format": str(x).removeprefix("torch.")}
+    if isinstance(x, torch.Tensor):
+        shape, stride = list(x.shape), list(x.stride()) if x.layout == torch.strided else None
+        if not all(type(d) is int for d in shape + (stride or [])):
+            raise Unserializable("a symbolic size")
+        return {"T": [shape, stride, str(x.dtype).removeprefix("torch."), str(x.device), bool(x.requires_grad)]}
+    raise Unserializable(f"a {type(x).__name__} value")
+
+
+def _torch_attr(kind: str, name: str):
+    value = getattr(torch, name, None)
+    expected = {"dtype": torch.dtype, "layout": torch.layout, "memory_format": torch.memory_format}[kind]
+    if not isinstance(value, expected):
+        raise Corrupt(f"not a torch {kind}: {name!r}")
+    return value
+
+
+def _dec(x, nodes: dict, fake):
+    if x is None or isinstance(x, (bool, int, str)):
+        return x
+    if isinstance(x, list):
+        return [_dec(v, nodes, fake) for v in x]
+    if not isinstance(x, dict) or len(x) != 1:
+        raise Corrupt(f"unexpected value {x!r:.80}")
+    (tag, v), = x.items()
+    if tag == "f":
+        return float(v)
+    if tag == "n":
+        return nodes[v]
+    if tag == "tuple":
+        return tuple(_dec(a, nodes, fake) for a in v)
+    if tag == "dict":
+        return {k: _dec(a, nodes, fake) for k, a in v}
+    if tag == "device":
+        return torch.device(v)
+    if tag in ("dtype", "layout", "memory_format"):
+        return _torch_attr(tag, v)
+    if tag == "T":
+        return fake(*v)
+    raise Corrupt(f"unknown tag {tag!r}")
+
+
+class _FakeTensors:
+    """FakeTensors (one FakeTensorMode) by shape, stride, dtype, device and requires_grad; equal metadata share
+    one tensor (the graph's values are read, never written: the layers of a model repeat the same few)."""
+
+    def __init__(self):
+        from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+        self.mode, self.cls, self.made = FakeTensorMode(allow_non_fake_inputs=True), FakeTensor, {}
+
+    def __call__(self, shape, stride, dtype, device, requires_grad):
+        key = (tuple(shape), None if stride is None else tuple(stride), dtype, device, requires_grad)
+        if key not in self.made:
+            dtype = _torch_attr("dtype", dtype)
+            meta = (torch.empty(shape, dtype=dtype, device="meta") if stride is None else
+                    torch.empty_strided(shape, stride, dtype=dtype, device="meta"))
+            t = self.cls(self.mode, meta, torch.device(device))
+            if requires_grad:
+                t.requires_grad_(True)
+            self.made[key] = t
+        return self.made[key]
+
+
+def _target(node: fx.Node):
+    if node.op in ("placeholder", "output"):
+        return node.target
+    if node.op != "call_function":
+        raise Unserializable(f"a {node.op} node")
+    t = node.target
+    if isinstance(t, torch._ops.OpOverload):
+        return {"op": [t.namespace, t._opname, t._overloadname]}
+    for name, fn in _PY_TARGETS.items():
+        if t is fn:
+            return {"py": name}
+    raise Unserializable(f"a call of {t!r}")
+
+
+def _resolve(target):
+    if isinstance(target, str):
+        return target
+    if "op" in target:
+        namespace, name, overload = target["op"]
+        try:
+            return getattr(getattr(getattr(torch.ops, namespace), name), overload)
+        except (AttributeError, RuntimeError) as exc:
+            raise Corrupt(f"no operator {namespace}::{name}.{overload}") from exc
+    if target.get("py") in _PY_TARGETS:
+        return _PY_TARGETS[target["py"]]
+    raise Corrupt(f"unknown target {target!r}")
+
+
+# ------------------------------------------------------------------------------------------------ Traced
+
+_FIELDS = {"graph", "boundaries", "params", "buffers", "calls", "module_types", "users", "constants"}
+
+
+def encode(traced: Traced) -> dict:
+    """`traced` as JSON data; Unserializable when it holds what this format does not store exactly."""
+    for f in dataclasses.fields(traced):
+        if f.name not in _FIELDS and getattr(traced, f.name) not in (None, {}, [], ()):
+            raise Unserializable(f"Traced.{f.name}")
+    nodes = []
+    for n in traced.graph.nodes:
+        meta = {k: _enc(v) for k, v in n.meta.items() if k not in DROPPED_META}
+        nodes.append([n.name, n.op, _target(n), _enc(n.args), _enc(n.kwargs), meta, [u.name for u in n.users]])
+    return {
+        "nodes": nodes,
+        "boundaries": [[v.name, [_enc(dataclasses.astuple(b)) for b in bs]] for v, bs in traced.boundaries.items()],
+        "params": traced.params, "buffers": traced.buffers, "calls": traced.calls,
+        "module_types": {k: f"{t.__module__}.{t.__qualname__}" for k, t in traced.module_types.items()},
+        "users": [[n.name, [u.name for u in us]] for n, us in traced.users.items()],
+        "constants": {k: [str(t.dtype).removeprefix("torch."), list(t.shape), t.tolist()]
+                      for k, t in traced.constants.items()},
+    }
+
+
+def decode(data: dict, model: nn.Module) -> Traced:
+    """Rebuild the Traced of `encode`; the module types are the live model's (checked by name)."""
+    fake = _FakeTensors()
+    graph = fx.Graph()
+    nodes: dict[str, fx.Node] = {}
+    for name, op, target, args, kwargs, meta, _ in data["nodes"]:
+        node = graph.create_node(op, _resolve(target), _dec(args, nodes, fake), _dec(kwargs, nodes, fake), name=name)
+        if node.name != name:
+            raise Corrupt(f"node {name!r} came back as {node.name!r}")
+        node.meta.update({k: _dec(v, nodes, fake) for k, v in meta.items()})
+        nodes[name] = node
+    for name, *_, users in data["nodes"]:   # the users in their traced order (analysis reads the first ones)
+        node = nodes[name]
+        if set(users) != {u.name for u in node.users}:
+            raise Corrupt(f"users of {name!r} differ from the graph's")
+        node.users = dict.fromkeys(nodes[u] for u in users)
+    live = dict(model.named_modules())
+    module_types = {}
+    for path, qualified in data["module_types"].items():
+        cls = type(live[path]) if path in live else None
+        if cls is None or f"{cls.__module__}.{cls.__qualname__}" != qualified:
+            raise Corrupt(f"module {path!r} is not a {qualified}")
+        module_types[path] = cls
+    boundaries = {nodes[v]: [Boundary(*_dec(b, nodes, fake)) for b in bs] for v, bs in data["boundaries"]}
+    constants = {k: torch.tensor(values, dtype=_torch_attr("dtype", dtype)).reshape(shape)
+                 for k, (dtype, shape, values) in data["constants"].items()}
+    return Traced(graph=graph, boundaries=boundaries, params=dict(data["params"]), buffers=dict(data["buffers"]),
+                  calls=dict(data["calls"]), module_types=module_types,
+                  users={nodes[n]: [nodes[u] for u in us] for n, us in data["users"]}, constants=constants)
+
+
+# ------------------------------------------------------------------------------------------------ files
+
+def _path(key: str) -> Path:
+    if len(key) != 64 or any(c not in "0123456789abcdef" for c in key):
+        raise ValueError(f"not a cache key: {key!r}")
+    return cache_dir() / (key + SUFFIX)
+
+
+def _header(key: str, payload: bytes) -> bytes:
+    return MAGIC + b" " + json.dumps({"format": FORMAT, "key": key, "sha256": hashlib.sha256(payload).hexdigest(),
+                                      "size": len(payload)}).encode() + b"\n"
+
+
+def read(key: str, model: nn.Module) -> Traced | None:
+    """The cached Traced of `key`, or None (a missing entry; a bad one is deleted first)."""
+    path = _path(key)
+    try:
+        blob = path.read_bytes()
+    except OSError:
+        return None
+    try:
+        head, _, payload = blob.partition(b"\n")
+        magic, _, header = head.partition(b" ")
+        if magic != MAGIC:
+            raise Corrupt("not a surgery trace file")
+        header = json.loads(header)
+        if header.get("format") != FORMAT or header.get("key") != key:
+            raise Corrupt("another format or key")
+        if header.get("size") != len(payload) or header.get("sha256") != hashlib.sha256(payload).hexdigest():
+            raise Corrupt("truncated or altered (size or SHA-256 mismatch)")
+        traced = decode(json.loads(zlib.decompress(payload)), model)
+    except Exception as exc:  # noqa: BLE001 - whatever is wrong with the file, it is not trusted
+        logger.info("trace cache: %s is unusable (%s): deleted, tracing again", path, exc)
+        with _suppress_os_error():
+            path.unlink()
+        return None
+    with _suppress_os_error():
+        os.utime(path)   # recently used: kept when the cache is trimmed
+    return traced
+
+
+def write(key: str, traced: Traced) -> Path | None:
+    """Store `traced` under `key` (temp file + rename); None when it cannot be stored exactly or written."""
+    try:
+        payload = zlib.compress(json.dumps(encode(traced), separators=(",", ":")).encode(), 1)
+    except Unserializable as exc:
+        logger.debug("trace cache: not stored (%s)", exc)
+        return None
+    path = _path(key)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=SUFFIX, dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(_header(key, payload) + payload)
+            os.replace(tmp, path)
+        except BaseException:
+            with _suppress_os_error():
+                os.unlink(tmp)
+            raise
+        _trim(path.parent)
+    except OSError as exc:   # a read-only or full disk costs a trace next time, nothing else
+        logger.debug("trace cache: not written (%s)", exc)
+        return None
+    return path
+
+
+def _trim(directory: Path) -> None:
+    """Keep the MAX_ENTRIES most recently used entries; temporary files of writers that died an hour ago go."""
+    import time
+    entries = sorted(directory.glob("[0-9a-f]*" + SUFFIX), key=lambda p: p.stat().st_mtime, reverse=True)
+    stale = [p for p in directory.glob(".tmp-*" + SUFFIX) if p.stat().st_mtime < time.time() - 3600]
+    for old in entries[MAX_ENTRIES:] + stale:
+        with _suppress_os_error():
+            old.unlink()
+
+
+class _suppress_os_error:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        return kind is not None and issubclass(kind, OSError)
+
+
+def cached_trace(model: nn.Module, example_inputs, fingerprint) -> Traced:
+    """`surgery.trace.trace(model, example_inputs)`, read from the cache when an entry for this model exists and
+    written to it when not (`fingerprint`: the structure fingerprint; None, or the cache off, traces)."""
+    from surgery import trace as stage2
+    if fingerprint is None or not enabled():
+        return stage2.trace(model, example_inputs)
+    try:
+        key = entry_key(model, fingerprint)
+    except Unserializable as exc:
+        logger.debug("trace cache: not used (%s)", exc)
+        return stage2.trace(model, example_inputs)
+    from surgery.progress import stage
+    if _path(key).is_file():
+        with stage(f"trace {type(model).__name__}: read from the cache {_path(key)}"):
+            traced = read(key, model)
+        if traced is not None:
+            return traced
+    traced = stage2.trace(model, example_inputs)
+    write(key, traced)
+    return traced

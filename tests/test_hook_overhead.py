@@ -1,0 +1,57 @@
+"""What a hooked adapter adds per forward on a small model (issue 20): a boundary with one adapter and nothing
+to compose calls it directly (no composition machinery), and a bottleneck whose scaling is the constant 1.0
+does not multiply by it. Both leave the output bit for bit the same."""
+from __future__ import annotations
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import surgery
+from models import make_minigpt
+from surgery.modules.bottleneck import BottleneckAdapter
+from surgery.rewrite import compose
+
+
+class CountOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_unit_scaling_is_not_multiplied_and_others_are():
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 16)
+    counts = {}
+    for scaling in (1.0, 0.5, "learned"):
+        adapter = BottleneckAdapter(16, 4, scaling=scaling, init_weights="mam")
+        torch.nn.init.normal_(adapter.up.weight)
+        with CountOps() as mode:
+            out = adapter(x)
+        counts[scaling] = mode.ops.count("mul")
+        h = adapter.up(adapter.act(adapter.down(x)))
+        expected = x + (h if scaling == 1.0 else h * adapter.scaling)
+        assert torch.equal(out, expected), scaling
+    assert counts == {1.0: 0, 0.5: 1, "learned": 1}
+
+
+def test_one_adapter_at_a_boundary_skips_the_composition(monkeypatch):
+    model = make_minigpt()
+    ids = model.example_inputs()[0]
+    surgery.apply(model, "houlsby", example_inputs=(ids,))
+    expected = model(ids)
+    calls = []
+    real = compose.run
+    monkeypatch.setattr(compose, "run", lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert torch.equal(model(ids), expected)
+    assert calls == []                                     # one adapter per site: called directly
+    surgery.apply(model, "houlsby", name="second", example_inputs=(ids,))
+    surgery.set_active(model, surgery.Average("default", "second", weights=[0.5, 0.5]))
+    averaged = model(ids)
+    assert calls                                           # two adapters: composed as the runtime says
+    surgery.set_active(model, "default")
+    assert torch.equal(model(ids), expected)               # a single active name: the same as alone
+    assert not torch.equal(averaged, expected)
