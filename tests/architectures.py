@@ -235,6 +235,13 @@ def mixtral():
                     num_experts_per_tok=2, facts={"experts": 4})
 
 
+def gpt_oss():
+    # attention sinks: a learned per-head logit concatenated to the scores before the softmax, sliced off after;
+    # experts stored (experts, in, out) with biases
+    return _decoder("GptOssConfig", "GptOssForCausalLM", num_key_value_heads=2, head_dim=16, intermediate_size=64,
+                    num_local_experts=4, num_experts_per_tok=2, facts={"experts": 4})
+
+
 def qwen2():
     return _decoder("Qwen2Config", "Qwen2ForCausalLM", num_key_value_heads=2)
 
@@ -403,7 +410,7 @@ ARCHITECTURES = {
     "electra": electra, "xlm-roberta": xlm_roberta, "clip-text": clip_text, "wav2vec2": wav2vec2,
     "torch-encoder": torch_encoder, "bert-cls": bert_cls,
     "gpt2": gpt2, "gpt2-cls": gpt2_cls, "gpt_neo": gpt_neo, "gptj": gptj, "gpt_neox": gpt_neox, "opt": opt,
-    "bloom": bloom, "falcon": falcon, "llama": llama, "mistral": mistral, "mixtral": mixtral, "qwen2": qwen2,
+    "bloom": bloom, "falcon": falcon, "llama": llama, "mistral": mistral, "mixtral": mixtral, "gpt_oss": gpt_oss, "qwen2": qwen2,
     "qwen2_moe": qwen2_moe, "qwen3": qwen3, "phi": phi, "phi3": phi3, "gemma": gemma, "gemma2": gemma2,
     "gemma3_text": gemma3_text, "olmo": olmo, "stablelm": stablelm, "starcoder2": starcoder2, "mamba": mamba,
     "t5": t5, "bart": bart, "mbart": mbart, "whisper": whisper,
@@ -436,7 +443,7 @@ KINDS = {
                      "torch-encoder", "bert-cls"], "encoder"),
     "wav2vec2": "audio",
     **dict.fromkeys(["gpt2", "gpt2-cls", "gpt_neo", "gptj", "gpt_neox", "opt", "bloom", "falcon", "llama", "mistral",
-                     "mixtral", "qwen2", "qwen2_moe", "qwen3", "phi", "phi3", "gemma", "gemma2", "gemma3_text", "olmo",
+                     "mixtral", "gpt_oss", "qwen2", "qwen2_moe", "qwen3", "phi", "phi3", "gemma", "gemma2", "gemma3_text", "olmo",
                      "stablelm", "starcoder2"], "decoder"),
     "mamba": "ssm",
     **dict.fromkeys(["t5", "bart", "mbart", "whisper"], "seq2seq"),

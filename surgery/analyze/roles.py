@@ -340,7 +340,7 @@ def _attention_ops(graph: fx.Graph) -> list[tuple[fx.Node, fx.Node, fx.Node, fx.
         if shape is None or len(shape) < 2 or dim not in (-1, len(shape) - 1):
             continue
         scores = _last2(node)
-        products = _walk_back(node.args[0], lambda n: op_name(n) in PRODUCTS and _last2(n) == scores,
+        products = _walk_back(node.args[0], lambda n: op_name(n) in PRODUCTS and _scores_of(_last2(n), scores),
                               _SCORE_PATH, 32)
         outs = _walk_forward(node, lambda n: op_name(n) in ("matmul", "bmm", "einsum"), VIEW_LIKE | {"type_as"}, 8)
         if not products or not outs or _product_operands(products[0]) is None or _product_operands(outs[0]) is None:
@@ -351,6 +351,13 @@ def _attention_ops(graph: fx.Graph) -> list[tuple[fx.Node, fx.Node, fx.Node, fx.
             k = k.args[0]
         found.append((out, q, k, _product_operands(out)[1]))
     return found
+
+
+def _scores_of(product: tuple | None, normalized: tuple) -> bool:
+    """A product's [query, key] output feeds a normalization over `normalized` = [query, key + extra]: the same
+    queries, and keys the normalization may extend with extra columns (GPT-OSS's per-head attention sinks,
+    concatenated to the scores before the softmax and sliced off after it)."""
+    return product is not None and product[0] == normalized[0] and product[1] <= normalized[1]
 
 
 class _AnyScoreOp(set):
