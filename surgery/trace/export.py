@@ -296,13 +296,16 @@ def _unrolled(model: nn.Module, args, kwargs):
     param_order = {n: i for i, (n, _) in enumerate(model.named_parameters(remove_duplicate=False))}
     buffer_order = {n: i for i, (n, _) in enumerate(model.named_buffers(remove_duplicate=False))}
     calls = dict(calls)
+    constants = dict(getattr(signature, "inputs_to_lifted_tensor_constants", {}) or {})
+    values = {ph: program.constants.get(name) for ph, name in constants.items()}
     try:
-        graph = unroll.unroll(program.graph, stacks, params, buffers, calls, param_order, buffer_order)
-        graph = unroll.renamed(graph)
+        names = unroll.unroll(program.graph, stacks, params, buffers, calls, param_order, buffer_order,
+                              constants, values)
+        graph = unroll.renamed(program.graph, names)
         graph.lint()
     except unroll.Refused:
         return None
-    return graph, params, buffers, calls, program
+    return graph, params, buffers, calls, values
 
 
 def _trace(model: nn.Module, example_inputs, full: bool = False) -> Traced:
@@ -317,10 +320,10 @@ def _trace(model: nn.Module, example_inputs, full: bool = False) -> Traced:
         except Exception as exc:  # noqa: BLE001 - any tracer failure becomes one clear error
             raise SurgeryError(f"torch.export could not trace {type(model).__name__}: {type(exc).__name__}: {exc}") from exc
         signature = program.graph_signature
+        lifted = getattr(signature, "inputs_to_lifted_tensor_constants", {}) or {}
         result = (program.graph, dict(signature.inputs_to_parameters), dict(signature.inputs_to_buffers),
-                  dict(calls), program)
-    graph, params, buffers, calls, program = result
-    signature = program.graph_signature
+                  dict(calls), {ph: program.constants.get(name) for ph, name in lifted.items()})
+    graph, params, buffers, calls, constants = result
     boundaries: dict[fx.Node, list[Boundary]] = defaultdict(list)
     for node in list(graph.nodes):
         if node.op == "call_function" and node.target is torch.ops.surgery.mark.default:
@@ -339,7 +342,6 @@ def _trace(model: nn.Module, example_inputs, full: bool = False) -> Traced:
     traced = Traced(graph=graph, boundaries=dict(boundaries), params=params, buffers=buffers, calls=dict(calls),
                     module_types=module_types)
     traced.users = {n: list(n.users) for n in graph.nodes}
-    lifted = getattr(signature, "inputs_to_lifted_tensor_constants", {}) or {}
-    traced.constants = {ph: program.constants[name].detach().clone() for ph, name in lifted.items()
-                        if isinstance(program.constants.get(name), torch.Tensor) and program.constants[name].numel() <= 4096}
+    traced.constants = {ph: value.detach().clone() for ph, value in constants.items()
+                        if isinstance(value, torch.Tensor) and value.numel() <= 4096}
     return traced

@@ -188,9 +188,13 @@ class Refused(Exception):
 
 
 def unroll(graph: fx.Graph, stacks: list[Stack], params: dict[str, str], buffers: dict[str, str],
-           calls: dict[str, int], param_order: dict[str, int], buffer_order: dict[str, int]) -> fx.Graph:
-    """Copy each stack's template layer into the missing layers' places. `params`/`buffers` (placeholder name ->
-    qualified name) and `calls` are updated in place. Raises Refused when something does not check out."""
+           calls: dict[str, int], param_order: dict[str, int], buffer_order: dict[str, int],
+           constants: dict[str, str], values: dict[str, object]) -> dict[str, str]:
+    """Copy each stack's template layer into the missing layers' places, in `graph`. `params`/`buffers`
+    (placeholder name -> qualified name), `constants` (placeholder name -> the export's name of a lifted constant),
+    `values` (placeholder name -> the constant) and `calls` are updated in place. Returns the placeholders' new
+    names (lifted constants are numbered in order of use, as the export numbers them), for `renamed`. Raises
+    Refused when something does not check out."""
     nodes = list(graph.nodes)
     position = {n: i for i, n in enumerate(nodes)}
     placeholders = {n.name: n for n in nodes if n.op == "placeholder"}
@@ -215,9 +219,6 @@ def unroll(graph: fx.Graph, stacks: list[Stack], params: dict[str, str], buffers
             entry = s.entry(i)
             if calls.get(entry) != 1 or not members[(k, i)]:
                 raise Refused(f"{entry} ran {calls.get(entry, 0)} times")
-            inner = [m for m in calls if m == entry or m.startswith(entry + ".")]
-            if any(calls[m] != 1 for m in inner):
-                raise Refused(f"a module of {entry} ran more than once")
         # contiguous and in order, nothing else between the layers
         first, last = position[members[(k, 0)][0]], position[members[(k, s.keep - 1)][-1]]
         expected = [n for i in range(s.keep) for n in members[(k, i)]]
@@ -242,9 +243,10 @@ def unroll(graph: fx.Graph, stacks: list[Stack], params: dict[str, str], buffers
 
     for k, s in enumerate(stacks):
         _check_same(members[(k, s.keep - 2)], members[(k, s.keep - 1)], s.entry(s.keep - 2), s.entry(s.keep - 1),
-                    region, tensor_of, k)
+                    region, tensor_of, k, constants, values)
 
     new_tensors: list[tuple[str, str, fx.Node, bool]] = []    # (placeholder name, qualified name, template ph, is_param)
+    constant_copies: dict[tuple[fx.Node, int], fx.Node] = {}
     replace_after: dict[fx.Node, fx.Node] = {}
     for k, s in enumerate(stacks):
         t = s.keep - 1
@@ -269,6 +271,16 @@ def unroll(graph: fx.Graph, stacks: list[Stack], params: dict[str, str], buffers
                     if qual != tensor_of[a.name]:
                         return _tensor_placeholder(graph, placeholders, tensor_of, new_tensors, a, qual,
                                                    a.name in params)
+                if a.op == "placeholder" and a.name in constants:
+                    target = _swap(constants[a.name], old, new)
+                    if target != constants[a.name]:
+                        if (a, j) not in constant_copies:
+                            with graph.inserting_before(a):
+                                ph = graph.placeholder(f"_surgery_constant_{len(constant_copies)}")
+                            ph.meta = dict(a.meta)
+                            constants[ph.name], values[ph.name] = target, values.get(a.name)
+                            constant_copies[(a, j)] = ph
+                        return constant_copies[(a, j)]
                 return a
             with graph.inserting_after(anchor):
                 pass
@@ -298,11 +310,47 @@ def unroll(graph: fx.Graph, stacks: list[Stack], params: dict[str, str], buffers
         n.replace_all_uses_with(c, delete_user_cb=lambda u, k=k: not (
             (region.get(u) or (None,))[0] == k or _is_copy_of(u, k, stacks)))
     _order_placeholders(graph, new_tensors, params, buffers, param_order, buffer_order)
+    names = _number_constants(graph, constants, values) if constant_copies else {}
     for table in (params, buffers):     # in placeholder order, as the export's signature lists them
         ordered = [(n.name, table[n.name]) for n in graph.nodes if n.op == "placeholder" and n.name in table]
         table.clear()
         table.update(ordered)
-    return graph
+    return names
+
+
+def _number_constants(graph: fx.Graph, constants: dict[str, str], values: dict) -> dict[str, str]:
+    """Lifted constants numbered in order of first use (`...lifted_tensor_<n>`), their placeholders in that order
+    after the parameters and buffers: the names and order of a full export."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    phs = [n for n in graph.nodes if n.op == "placeholder" and n.name in constants]
+    first = {n: min((order[u] for u in n.users), default=1 << 30) for n in phs}
+    phs.sort(key=lambda n: first[n])
+    names, new_constants, new_values = {}, {}, {}
+    for count, ph in enumerate(phs):
+        target = re.sub(r"lifted_tensor_\d+$", f"lifted_tensor_{count}", constants[ph.name])
+        name = "c_" + _sanitize(target)
+        if name in new_constants:
+            raise Refused(f"constant name {name} taken")
+        names[ph.name] = name
+        new_constants[name] = target
+        if ph.name in values:
+            new_values[name] = values[ph.name]
+    others = [n for n in graph.nodes if n.op == "placeholder" and n.name not in constants]
+    tensors = [n for n in others if n.name.startswith(("p_", "b_"))]
+    if others[:len(tensors)] != tensors:
+        raise Refused("placeholders out of the export's order")
+    anchor = tensors[-1] if tensors else None
+    for ph in phs:
+        if anchor is None:
+            next(iter(graph.nodes)).prepend(ph)
+        else:
+            anchor.append(ph)
+        anchor = ph
+    constants.clear()
+    constants.update(new_constants)
+    values.clear()
+    values.update(new_values)
+    return names
 
 
 def _is_copy_of(node: fx.Node, k: int, stacks: list[Stack]) -> bool:
@@ -372,7 +420,8 @@ def _order_placeholders(graph, new_tensors, params, buffers, param_order, buffer
         first_other.prepend(n)
 
 
-def _check_same(prev: list[fx.Node], tmpl: list[fx.Node], prev_path: str, tmpl_path: str, region, tensor_of, k):
+def _check_same(prev: list[fx.Node], tmpl: list[fx.Node], prev_path: str, tmpl_path: str, region, tensor_of, k,
+                constants, values):
     """The template layer and its predecessor are one graph: same ops, constants, value shapes and marks, and
     inputs that correspond."""
     if len(prev) != len(tmpl):
@@ -394,6 +443,13 @@ def _check_same(prev: list[fx.Node], tmpl: list[fx.Node], prev_path: str, tmpl_p
             if x.op == "placeholder" and y.op == "placeholder" and x.name in tensor_of and y.name in tensor_of:
                 return _swap(tensor_of[x.name], prev_path, tmpl_path) == tensor_of[y.name] \
                     and tensor_of[x.name] != tensor_of[y.name]
+            if x.op == "placeholder" and y.op == "placeholder" and x.name in constants and y.name in constants:
+                vx, vy = values.get(x.name), values.get(y.name)
+                return (re.sub(r"lifted_tensor_\d+$", "", _swap(constants[x.name], prev_path, tmpl_path))
+                        == re.sub(r"lifted_tensor_\d+$", "", constants[y.name]) and constants[x.name] != constants[y.name]
+                        and isinstance(vx, torch.Tensor) and isinstance(vy, torch.Tensor)
+                        and vx.dtype == vy.dtype and vx.shape == vy.shape and vx.device == vy.device
+                        and (vx.is_meta or bool(torch.equal(vx, vy))))
             return False
         if isinstance(x, (list, tuple)):
             return isinstance(y, (list, tuple)) and type(x) is type(y) and len(x) == len(y) and \
@@ -416,25 +472,27 @@ def _check_same(prev: list[fx.Node], tmpl: list[fx.Node], prev_path: str, tmpl_p
             args_a = (a.args[0], _mark_tag(a.args[1], prev_path, tmpl_path))
         if not same(args_a, b.args) or not same(dict(a.kwargs), dict(b.kwargs)):
             raise Refused(f"{prev_path} and {tmpl_path} differ in the inputs of {a.name} / {b.name}")
-        sa = [_swap(p, prev_path, tmpl_path) for p in _paths(a)]
-        if sa != _paths(b):
+        sa = [(_stack_key(key, prev_path, tmpl_path), _swap(p, prev_path, tmpl_path))
+              for key, (p, _) in (a.meta.get("nn_module_stack") or {}).items()]
+        if sa != [(key, p) for key, (p, _) in (b.meta.get("nn_module_stack") or {}).items()]:
             raise Refused(f"{prev_path} and {tmpl_path} differ in modules at {a.name} / {b.name}")
 
 
-def renamed(graph: fx.Graph) -> fx.Graph:
+def renamed(graph: fx.Graph, names: dict[str, str] | None = None) -> fx.Graph:
     """A copy of `graph` whose nodes are named afresh in graph order, as torch.export names them (placeholders
     keep their names): a copied layer's `linear_9` becomes the `linear_37` a full export has."""
     out = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     for n in graph.nodes:
         if n.op == "placeholder":
-            name = n.name
+            name = (names or {}).get(n.name, n.name)
         else:
             m = re.match(r"(.*)_(\d+)$", n.name)
             name = m.group(1) if m else n.name
-        c = out.create_node(n.op, n.target, fx.map_arg(n.args, env.__getitem__),
+        target = name if n.op == "placeholder" else n.target
+        c = out.create_node(n.op, target, fx.map_arg(n.args, env.__getitem__),
                             fx.map_arg(n.kwargs, env.__getitem__), name=name, type_expr=n.type)
-        if n.op == "placeholder" and c.name != n.name:
+        if n.op == "placeholder" and c.name != name:
             raise Refused(f"placeholder {n.name} renamed")
         c.meta = n.meta
         env[n] = c
