@@ -299,10 +299,8 @@ def _unrolled(model: nn.Module, args, kwargs):
     constants = dict(getattr(signature, "inputs_to_lifted_tensor_constants", {}) or {})
     values = {ph: program.constants.get(name) for ph, name in constants.items()}
     try:
-        names = unroll.unroll(program.graph, stacks, params, buffers, calls, param_order, buffer_order,
+        graph = unroll.unroll(program.graph, stacks, params, buffers, calls, param_order, buffer_order,
                               constants, values)
-        graph = unroll.renamed(program.graph, names)
-        graph.lint()
     except unroll.Refused:
         return None
     return graph, params, buffers, calls, values

@@ -189,12 +189,11 @@ class Refused(Exception):
 
 def unroll(graph: fx.Graph, stacks: list[Stack], params: dict[str, str], buffers: dict[str, str],
            calls: dict[str, int], param_order: dict[str, int], buffer_order: dict[str, int],
-           constants: dict[str, str], values: dict[str, object]) -> dict[str, str]:
-    """Copy each stack's template layer into the missing layers' places, in `graph`. `params`/`buffers`
-    (placeholder name -> qualified name), `constants` (placeholder name -> the export's name of a lifted constant),
-    `values` (placeholder name -> the constant) and `calls` are updated in place. Returns the placeholders' new
-    names (lifted constants are numbered in order of use, as the export numbers them), for `renamed`. Raises
-    Refused when something does not check out."""
+           constants: dict[str, str], values: dict[str, object]) -> fx.Graph:
+    """The graph of the whole model from the marked graph of the truncated one: each stack's template layer
+    copied into the missing layers' places. `params`/`buffers` (placeholder name -> qualified name), `constants`
+    (placeholder name -> the export's name of a lifted constant), `values` (placeholder name -> the constant) and
+    `calls` are updated in place to the whole model's. Raises Refused when something does not check out."""
     nodes = list(graph.nodes)
     position = {n: i for i, n in enumerate(nodes)}
     placeholders = {n.name: n for n in nodes if n.op == "placeholder"}
@@ -245,124 +244,237 @@ def unroll(graph: fx.Graph, stacks: list[Stack], params: dict[str, str], buffers
         _check_same(members[(k, s.keep - 2)], members[(k, s.keep - 1)], s.entry(s.keep - 2), s.entry(s.keep - 1),
                     region, tensor_of, k, constants, values)
 
-    new_tensors: list[tuple[str, str, fx.Node, bool]] = []    # (placeholder name, qualified name, template ph, is_param)
-    constant_copies: dict[tuple[fx.Node, int], fx.Node] = {}
-    replace_after: dict[fx.Node, fx.Node] = {}
+    return _build(nodes, stacks, members, region, params, buffers, calls, param_order, buffer_order, constants,
+                  values)
+
+
+_LIFTED = re.compile(r"lifted_tensor_(\d+)$")
+
+
+def _base_name(name: str) -> str:
+    """The name torch.export numbers (`linear_9` -> `linear`): naming the nodes afresh in graph order gives the
+    names a full export gives."""
+    m = re.match(r"(.*)_(\d+)$", name)
+    return m.group(1) if m else name
+
+
+def _build(nodes, stacks, members, region, params, buffers, calls, param_order, buffer_order, constants, values):
+    """The unrolled graph, built in one pass in a new fx.Graph: placeholders first (the new layers' parameters,
+    buffers and constants where a full export puts them), then every node of the truncated graph, each stack's
+    copies right after its template, every node named afresh in that order."""
+    tensor_of = {**params, **buffers}
+    by_name = {n.name: n for n in nodes if n.op == "placeholder"}
+    order = {n: i for i, n in enumerate(nodes)}
+    plans = []           # per stack: (k, stack, template, index in predecessor, old path, template end)
     for k, s in enumerate(stacks):
-        t = s.keep - 1
-        template, previous = members[(k, t)], members[(k, t - 1)]
-        old = s.entry(t)
-        prev_copy = {n: i for i, n in enumerate(previous)}
-        index = {n: i for i, n in enumerate(template)}
-        last_nodes = template
-        anchor = template[-1]
+        template, previous = members[(k, s.keep - 1)], members[(k, s.keep - 2)]
+        plans.append((k, s, template, {n: i for i, n in enumerate(previous)}, s.entry(s.keep - 1), template[-1]))
+    end_of = {p[5]: p for p in plans}
+
+    # the placeholders the copies read: (template placeholder, layer) -> (name, qualified name or target, kind)
+    new_ph: dict[tuple[fx.Node, int], list] = {}
+    first_use: dict = {}       # placeholder key -> sort key of its first reader in the final order
+    for n in nodes:
+        for a in n.all_input_nodes:
+            if a.op == "placeholder" and a not in first_use:
+                first_use[a] = (order[n], 0, 0)
+    for k, s, template, _, old, end in plans:
         for j in range(s.keep, s.length):
             new = s.entry(j)
-            env: dict[fx.Node, fx.Node] = {}
-            copies: list[fx.Node] = []
+            for i, t in enumerate(template):
+                for a in t.all_input_nodes:
+                    if a.op != "placeholder" or (a, j) in new_ph:
+                        continue
+                    if a.name in tensor_of:
+                        qual = _swap(tensor_of[a.name], old, new)
+                        if qual == tensor_of[a.name]:
+                            continue
+                        kind = "p" if a.name in params else "b"
+                        new_ph[(a, j)] = [f"{kind}_{_sanitize(qual)}", qual, kind]
+                    elif a.name in constants:
+                        target = _swap(constants[a.name], old, new)
+                        if target == constants[a.name]:
+                            continue
+                        new_ph[(a, j)] = [None, target, "c"]
+                    else:
+                        continue
+                    first_use[(a, j)] = (order[end], j, i + 1)
+    # lifted constants are numbered in order of first use, as the export numbers them
+    const_keys = [n for n in nodes if n.op == "placeholder" and n.name in constants] + \
+        [key for key, v in new_ph.items() if v[2] == "c"]
+    const_keys.sort(key=lambda key: first_use.get(key, (1 << 30, 0, 0)))
+    const_name: dict = {}
+    originals = [key for key in const_keys if isinstance(key, fx.Node)]
+    numbers = [int(m.group(1)) if (m := _LIFTED.search(constants[key.name])) else None for key in originals]
+    if [x for x in numbers if x is not None] != sorted(x for x in numbers if x is not None):
+        raise Refused("lifted constants not numbered in order of use")
+    count = 0
+    targets: dict = {}
+    for key in const_keys:
+        target = constants[key.name] if isinstance(key, fx.Node) else new_ph[key][1]
+        if _LIFTED.search(target):
+            target = _LIFTED.sub(f"lifted_tensor_{count}", target)
+            count += 1
+        targets[key] = target
+        const_name[key] = "c_" + _sanitize(target) if (not isinstance(key, fx.Node) or target != constants[key.name]) \
+            else key.name
+    for key, v in new_ph.items():
+        if v[2] == "c":
+            v[0] = const_name[key]
 
-            def arg_of(a: fx.Node) -> fx.Node:
-                if a in env:
-                    return env[a]
-                if a in prev_copy:
-                    return last_nodes[prev_copy[a]]
-                if a.op == "placeholder" and a.name in tensor_of:
-                    qual = _swap(tensor_of[a.name], old, new)
-                    if qual != tensor_of[a.name]:
-                        return _tensor_placeholder(graph, placeholders, tensor_of, new_tensors, a, qual,
-                                                   a.name in params)
-                if a.op == "placeholder" and a.name in constants:
-                    target = _swap(constants[a.name], old, new)
-                    if target != constants[a.name]:
-                        if (a, j) not in constant_copies:
-                            with graph.inserting_before(a):
-                                ph = graph.placeholder(f"_surgery_constant_{len(constant_copies)}")
-                            ph.meta = dict(a.meta)
-                            constants[ph.name], values[ph.name] = target, values.get(a.name)
-                            constant_copies[(a, j)] = ph
-                        return constant_copies[(a, j)]
-                return a
-            with graph.inserting_after(anchor):
-                pass
-            for n in template:
-                with graph.inserting_after(anchor):
-                    c = graph.node_copy(n, arg_of)
-                c.meta = dict(n.meta)
-                stack = n.meta.get("nn_module_stack")
-                if stack:
-                    c.meta["nn_module_stack"] = {_stack_key(key, old, new): (_swap(p, old, new), ty)
-                                                 for key, (p, ty) in stack.items()}
-                if _is_mark(c):
-                    c.args = (c.args[0], _mark_tag(c.args[1], old, new))
-                env[n] = c
-                copies.append(c)
-                anchor = c
-            last_nodes = copies
-            for m in [m for m in calls if m == old or m.startswith(old + ".")]:
-                calls[_swap(m, old, new)] = calls[m]
-        # what read the template from outside the stack reads the last copy
-        if last_nodes is not template:
-            for n in template:
-                c = last_nodes[index[n]]
-                replace_after[n] = c
-    for n, c in replace_after.items():
-        k = region[n][0]
-        n.replace_all_uses_with(c, delete_user_cb=lambda u, k=k: not (
-            (region.get(u) or (None,))[0] == k or _is_copy_of(u, k, stacks)))
-    _order_placeholders(graph, new_tensors, params, buffers, param_order, buffer_order)
-    names = _number_constants(graph, constants, values) if constant_copies else {}
-    for table in (params, buffers):     # in placeholder order, as the export's signature lists them
-        ordered = [(n.name, table[n.name]) for n in graph.nodes if n.op == "placeholder" and n.name in table]
-        table.clear()
-        table.update(ordered)
-    return names
+    # placeholder order: parameters, buffers (each in the model's order), constants (numbered), the rest
+    def ph_key(key):
+        if isinstance(key, fx.Node):
+            name = key.name
+            if name in params:
+                return (0, param_order.get(params[name], 1 << 30), 0)
+            if name in buffers:
+                return (1, buffer_order.get(buffers[name], 1 << 30), 0)
+            if name in constants:
+                return (2, const_keys.index(key), 0)
+            return (3, order[key], 0)
+        name, qual, kind = new_ph[key]
+        if kind == "p":
+            return (0, param_order.get(qual, 1 << 30), 0)
+        if kind == "b":
+            return (1, buffer_order.get(qual, 1 << 30), 0)
+        return (2, const_keys.index(key), 0)
+    old_phs = [n for n in nodes if n.op == "placeholder"]
+    if old_phs != sorted(old_phs, key=ph_key):
+        raise Refused("placeholders are not in the export's order")
+    all_phs = sorted(old_phs + list(new_ph), key=ph_key)
 
-
-def _number_constants(graph: fx.Graph, constants: dict[str, str], values: dict) -> dict[str, str]:
-    """Lifted constants numbered in order of first use (`...lifted_tensor_<n>`), their placeholders in that order
-    after the parameters and buffers: the names and order of a full export."""
-    order = {n: i for i, n in enumerate(graph.nodes)}
-    phs = [n for n in graph.nodes if n.op == "placeholder" and n.name in constants]
-    first = {n: min((order[u] for u in n.users), default=1 << 30) for n in phs}
-    phs.sort(key=lambda n: first[n])
-    names, new_constants, new_values = {}, {}, {}
-    for count, ph in enumerate(phs):
-        target = re.sub(r"lifted_tensor_\d+$", f"lifted_tensor_{count}", constants[ph.name])
-        name = "c_" + _sanitize(target)
-        if name in new_constants:
-            raise Refused(f"constant name {name} taken")
-        names[ph.name] = name
-        new_constants[name] = target
-        if ph.name in values:
-            new_values[name] = values[ph.name]
-    others = [n for n in graph.nodes if n.op == "placeholder" and n.name not in constants]
-    tensors = [n for n in others if n.name.startswith(("p_", "b_"))]
-    if others[:len(tensors)] != tensors:
-        raise Refused("placeholders out of the export's order")
-    anchor = tensors[-1] if tensors else None
-    for ph in phs:
-        if anchor is None:
-            next(iter(graph.nodes)).prepend(ph)
+    out = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    copy_ph: dict[tuple[fx.Node, int], fx.Node] = {}
+    new_params, new_buffers, new_constants, new_values = {}, {}, {}, {}
+    for key in all_phs:
+        if isinstance(key, fx.Node):
+            name = const_name.get(key, key.name)
+            ph = out.create_node("placeholder", name, name=name, type_expr=key.type)
+            ph.meta = key.meta
+            env[key] = ph
+            if key.name in params:
+                new_params[name] = params[key.name]
+            elif key.name in buffers:
+                new_buffers[name] = buffers[key.name]
+            elif key.name in constants:
+                new_constants[name] = targets[key]
+                if key.name in values:
+                    new_values[name] = values[key.name]
         else:
-            anchor.append(ph)
-        anchor = ph
-    constants.clear()
-    constants.update(new_constants)
-    values.clear()
-    values.update(new_values)
-    return names
+            name, qual, kind = new_ph[key]
+            src = key[0]
+            ph = out.create_node("placeholder", name, name=name, type_expr=src.type)
+            ph.meta = dict(src.meta)
+            copy_ph[key] = ph
+            if kind == "p":
+                new_params[name] = qual
+            elif kind == "b":
+                new_buffers[name] = qual
+            else:
+                new_constants[name] = targets[key]
+                if src.name in values:
+                    new_values[name] = values[src.name]
+        if ph.name != name:
+            raise Refused(f"placeholder name {name} taken")
+
+    last_of: dict[fx.Node, fx.Node] = {}       # a template node -> its last copy, as read from outside the stack
+
+    def outside(a: fx.Node, k) -> fx.Node:
+        r = region.get(a)
+        if a in last_of and (k is None or r[0] != k):
+            return last_of[a]
+        return env[a]
+
+    for n in nodes:
+        if n.op == "placeholder":
+            continue
+        k = (region.get(n) or (None,))[0]
+        c = out.create_node(n.op, n.target, fx.map_arg(n.args, lambda a: outside(a, k)),
+                            fx.map_arg(n.kwargs, lambda a: outside(a, k)), name=_base_name(n.name), type_expr=n.type)
+        c.meta = n.meta
+        env[n] = c
+        if n in end_of:
+            _copies(out, end_of[n], env, copy_ph, last_of, outside, calls)
+    out.lint()
+    for table, new_table in ((params, new_params), (buffers, new_buffers), (constants, new_constants),
+                             (values, new_values)):
+        table.clear()
+        table.update(new_table)
+    return out
 
 
-def _is_copy_of(node: fx.Node, k: int, stacks: list[Stack]) -> bool:
-    """A copied layer of stack k (its nodes are not in the region map)."""
-    s = stacks[k]
-    prefix = s.path + "." if s.path else ""
-    for p in _paths(node):
-        if p.startswith(prefix):
-            rest = p[len(prefix):].split(".", 1)[0]
-            if rest.isdigit() and s.keep <= int(rest) < s.length:
-                return True
-    return False
+def _copies(out: fx.Graph, plan, env, copy_ph, last_of, outside, calls):
+    """Layers keep..length-1 of one stack, each a copy of the template reading the previous copy."""
+    k, s, template, prev_index, old, _ = plan
+    previous = [env[t] for t in template]
+    stacks_meta = [_stack_pattern(t.meta.get("nn_module_stack"), old) for t in template]
+    marks = [_is_mark(t) for t in template]
+    inner = [m for m in calls if m == old or m.startswith(old + ".")]
+    for j in range(s.keep, s.length):
+        new = s.entry(j)
+        local: dict[fx.Node, fx.Node] = {}
+
+        def arg(a: fx.Node) -> fx.Node:
+            if a in local:
+                return local[a]
+            if a in prev_index:
+                return previous[prev_index[a]]
+            if (a, j) in copy_ph:
+                return copy_ph[(a, j)]
+            return outside(a, k)
+        current = []
+        for t, pattern, mark in zip(template, stacks_meta, marks):
+            args = _map(t.args, arg)
+            if mark:
+                args = (args[0], _mark_tag(t.args[1], old, new))
+            c = out.create_node(t.op, t.target, args, _map(t.kwargs, arg), name=_base_name(t.name),
+                                type_expr=t.type)
+            meta = dict(t.meta)
+            if pattern is not None:
+                meta["nn_module_stack"] = {(lead + new + key_rest if swapped else key):
+                                           ((new + path_rest if swapped else path), ty)
+                                           for swapped, lead, key_rest, path_rest, key, path, ty in pattern}
+            c.meta = meta
+            local[t] = c
+            current.append(c)
+        previous = current
+        for m in inner:
+            calls[_swap(m, old, new)] = calls[m]
+    for t, c in zip(template, previous):
+        last_of[t] = c
+
+
+def _map(a, fn):
+    """fx.map_arg without its generality: nodes in tuples, lists, dicts and slices."""
+    if isinstance(a, fx.Node):
+        return fn(a)
+    if isinstance(a, tuple):
+        return tuple(_map(x, fn) for x in a)
+    if isinstance(a, list):
+        return [_map(x, fn) for x in a]
+    if isinstance(a, dict):
+        return {key: _map(v, fn) for key, v in a.items()}
+    if isinstance(a, slice):
+        return slice(_map(a.start, fn), _map(a.stop, fn), _map(a.step, fn))
+    return a
+
+
+def _stack_pattern(stack, old: str):
+    """A module stack as parts to put another layer's path into: (swapped, lead, key rest, path rest, key,
+    path, type) per entry."""
+    if not stack:
+        return None
+    pattern = []
+    for key, (path, ty) in stack.items():
+        swapped = path == old or path.startswith(old + ".")
+        lead = "L__self__" if key.startswith("L__self__") else ""
+        body = key[len(lead):]
+        if swapped and not (body == old or body.startswith((old + ".", old + "@"))):
+            raise Refused(f"module stack key {key} does not name {path}")
+        pattern.append((swapped, lead, body[len(old):], path[len(old):], key, path, ty))
+    return pattern
 
 
 def _stack_key(key: str, old: str, new: str) -> str:
@@ -373,51 +485,6 @@ def _stack_key(key: str, old: str, new: str) -> str:
         if base.startswith(lead) and _swap(base[len(lead):], old, new) != base[len(lead):]:
             return lead + _swap(base[len(lead):], old, new) + at + call
     return key
-
-
-def _tensor_placeholder(graph, placeholders, tensor_of, new_tensors, template_ph, qual, is_param) -> fx.Node:
-    name = ("p_" if is_param else "b_") + _sanitize(qual)
-    if name in placeholders:
-        if tensor_of.get(name) != qual:
-            raise Refused(f"placeholder name {name} taken")
-        return placeholders[name]
-    with graph.inserting_before(template_ph):
-        ph = graph.placeholder(name)
-    if ph.name != name:
-        raise Refused(f"placeholder name {name} taken")
-    ph.meta = dict(template_ph.meta)
-    placeholders[name] = ph
-    tensor_of[name] = qual
-    new_tensors.append((name, qual, ph, is_param))
-    return ph
-
-
-def _order_placeholders(graph, new_tensors, params, buffers, param_order, buffer_order):
-    """Put the new placeholders where a full export puts them: parameters, then buffers, each in the model's
-    order, then the rest (constants, user inputs) as they were. Left as they are when the export's own order is
-    not that one."""
-    for name, qual, _, is_param in new_tensors:
-        (params if is_param else buffers)[name] = qual
-    if not new_tensors:
-        return
-    new = {t[2] for t in new_tensors}
-    phs = [n for n in graph.nodes if n.op == "placeholder"]
-
-    def key(n):
-        if n.name in params:
-            return (0, param_order.get(params[n.name], 1 << 30))
-        return (1, buffer_order.get(buffers[n.name], 1 << 30))
-    tensors = [n for n in phs if n.name in params or n.name in buffers]
-    old = [n for n in phs if n not in new]
-    old_tensors = [n for n in tensors if n not in new]
-    if old[:len(old_tensors)] != old_tensors or old_tensors != sorted(old_tensors, key=key):
-        return
-    rest = [n for n in phs if n not in set(tensors)]
-    first_other = next((n for n in graph.nodes if n.op != "placeholder"), None)
-    if first_other is None:
-        return
-    for n in sorted(tensors, key=key) + rest:
-        first_other.prepend(n)
 
 
 def _check_same(prev: list[fx.Node], tmpl: list[fx.Node], prev_path: str, tmpl_path: str, region, tensor_of, k,
@@ -476,24 +543,3 @@ def _check_same(prev: list[fx.Node], tmpl: list[fx.Node], prev_path: str, tmpl_p
               for key, (p, _) in (a.meta.get("nn_module_stack") or {}).items()]
         if sa != [(key, p) for key, (p, _) in (b.meta.get("nn_module_stack") or {}).items()]:
             raise Refused(f"{prev_path} and {tmpl_path} differ in modules at {a.name} / {b.name}")
-
-
-def renamed(graph: fx.Graph, names: dict[str, str] | None = None) -> fx.Graph:
-    """A copy of `graph` whose nodes are named afresh in graph order, as torch.export names them (placeholders
-    keep their names): a copied layer's `linear_9` becomes the `linear_37` a full export has."""
-    out = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {}
-    for n in graph.nodes:
-        if n.op == "placeholder":
-            name = (names or {}).get(n.name, n.name)
-        else:
-            m = re.match(r"(.*)_(\d+)$", n.name)
-            name = m.group(1) if m else n.name
-        target = name if n.op == "placeholder" else n.target
-        c = out.create_node(n.op, target, fx.map_arg(n.args, env.__getitem__),
-                            fx.map_arg(n.kwargs, env.__getitem__), name=name, type_expr=n.type)
-        if n.op == "placeholder" and c.name != name:
-            raise Refused(f"placeholder {n.name} renamed")
-        c.meta = n.meta
-        env[n] = c
-    return out
