@@ -231,6 +231,9 @@ def test_shared_or_hooked_layers_are_not_truncated():
     model.layers[3] = model.layers[1]                                     # one layer object twice
     assert unroll.find_stacks(model) == []
     model = Stack().eval()
+    model.alias = model.layers                                            # the container reachable twice
+    assert unroll.find_stacks(model) == []
+    model = Stack().eval()
     model.layers[4].ff[0].register_forward_hook(lambda m, i, o: o * 3)
     assert unroll.find_stacks(model) == []
     assert not _same_plan(model)

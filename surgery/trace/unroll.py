@@ -93,6 +93,9 @@ def find_stacks(model: nn.Module) -> list[Stack]:
     for _, t in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False)):
         if t is not None:
             counts[id(t)] += 1
+    module_counts: dict[int, int] = defaultdict(int)
+    for _, m in model.named_modules(remove_duplicate=False):
+        module_counts[id(m)] += 1
     stacks: list[Stack] = []
     taken: list[str] = []
     for path, module in model.named_modules():
@@ -104,7 +107,9 @@ def find_stacks(model: nn.Module) -> list[Stack]:
         if keys != [str(i) for i in range(len(keys))]:
             continue
         entries = list(module)
-        if any(e is None or any(e is o for o in entries[:i]) for i, e in enumerate(entries)):
+        if module_counts[id(module)] != 1 or any(
+                e is None or module_counts[id(m)] != 1 for e in entries for m in e.modules()):
+            taken.append(path)      # a layer (or the container) reachable twice: reached again by another path
             continue
         structures = [_structure(e, counts) for e in entries]
         if any(s is None for s in structures):
