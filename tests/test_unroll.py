@@ -223,6 +223,9 @@ def test_layers_that_differ_are_traced():
     assert unroll.find_stacks(Stack(last=lambda i, n: i == n - 1)) == []     # a kind only at the end
     assert not _same_plan(Stack(last=lambda i, n: i == n - 1).eval())
     assert not _same_plan(Stack(between=True).eval())                      # ops between the layers
+    last_tensor = dict(scale=lambda i, n: torch.tensor([2.0 if i == n - 1 else 1.0]))   # lifted constants
+    assert unroll.find_stacks(Stack(**last_tensor)) == []
+    assert not _same_plan(Stack(**last_tensor).eval())
 
 
 def test_shared_or_hooked_layers_are_not_truncated():

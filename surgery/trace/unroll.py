@@ -60,8 +60,19 @@ def _plain(value) -> bool:
 
 
 def _attributes(module: nn.Module) -> dict:
-    return {k: (tuple(v) if isinstance(v, list) else v) for k, v in vars(module).items()
-            if not k.startswith("__") and k != "training" and _plain(v)}
+    """A module's plain attributes: scalars, tuples of them, and tensors that are neither parameters nor buffers
+    (an export lifts those as constants: small ones by value)."""
+    out = {}
+    for k, v in vars(module).items():
+        if k.startswith("__") or k == "training":
+            continue
+        if _plain(v):
+            out[k] = tuple(v) if isinstance(v, list) else v
+        elif isinstance(v, torch.Tensor):
+            small = v.numel() <= 4096 and not v.is_meta
+            out[k] = ("tensor", tuple(v.shape), str(v.dtype), v.device.type,
+                      tuple(v.detach().cpu().flatten().tolist()) if small else None)
+    return out
 
 
 def _hooked(module: nn.Module) -> bool:
