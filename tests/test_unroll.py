@@ -27,8 +27,9 @@ from surgery.trace import export as trace_export
 from surgery.trace import trace, unroll
 
 LAYERS = 4
-# architectures whose layers are not truncated, and why: a shared layer called many times (ALBERT), kinds that
-# alternate to the end (Gemma 2's sliding/global layers; GPT-Neo's global/local), no layer container (UNet)
+# architectures whose layers are not truncated at 4 layers, and why: a shared layer called many times (ALBERT),
+# kinds that alternate (Gemma 2's sliding/global layers, GPT-Neo's global/local: a prefix holding each kind twice
+# is all 4; test_alternating_layers_unroll has 6), no layer container (UNet)
 FULL = {"albert", "gemma2", "gpt_neo", "unet"}
 QUICK = {"llama", "t5", "falcon", "bert", "mixtral", "whisper"}
 SPECS = ["lora", "houlsby", "prefix", "prompt", "ia3", "top_layers", "lora_task_head", "pfeiffer", "ln_tuning",
@@ -105,12 +106,12 @@ def _plan_rows(spec, analysis):
 ARCHS = [pytest.param(a, marks=() if a in QUICK else pytest.mark.slow) for a in A.ARCHITECTURES]
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_unrolled_trace_is_the_full_trace(arch):
-    model, _, facts = build(arch)
+def _check_equal(arch, layers=LAYERS, expect_unrolled=None):
+    model, _, facts = build(arch, layers)
     inputs = facts["apply_inputs"]
     full, fast, unrolled = _traced_both(model, inputs)
-    assert unrolled == (arch not in FULL), f"{arch}: unrolled={unrolled}"
+    expected = (arch not in FULL) if expect_unrolled is None else expect_unrolled
+    assert unrolled == expected, f"{arch}: unrolled={unrolled}"
     assert _graph_rows(fast) == _graph_rows(full)
     assert list(fast.params.items()) == list(full.params.items())
     assert list(fast.buffers.items()) == list(full.buffers.items())
@@ -124,6 +125,31 @@ def test_unrolled_trace_is_the_full_trace(arch):
     assert _site_rows(a_fast) == _site_rows(a_full)
     for spec in SPECS:
         assert _plan_rows(spec, a_fast) == _plan_rows(spec, a_full), f"{arch}: plan of {spec}"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_unrolled_trace_is_the_full_trace(arch):
+    _check_equal(arch)
+
+
+@pytest.mark.parametrize("arch", ["gemma2", pytest.param("gpt_neo", marks=pytest.mark.slow)])
+def test_alternating_layers_unroll(arch):
+    """Sliding-window and global layers in turn: kinds of period 2, a prefix of 4 of 6 layers."""
+    assert [(s.keep, s.period) for s in unroll.find_stacks(build(arch, 6)[0])] == [(4, 2)]
+    _check_equal(arch, 6, expect_unrolled=True)
+
+
+def test_prefix_plans():
+    """(keep, start, period) for kinds of layers: the shortest prefix holding each kind of the repeating tail
+    twice and ending in the stack's last kind; None where nothing would be saved."""
+    plan = unroll._plan_prefix
+    assert plan(list("AAAAAAAA")) == (2, 0, 1)
+    assert plan(list("ABBBBBBB")) == (3, 1, 1)                  # T5: block 0 holds the position bias
+    assert plan(list("DDDMMMMMMM")) == (5, 3, 1)                # first 3 dense, then MoE
+    assert plan(list("ABABABABA")) == (5, 0, 2)                 # ends in the prefix's last kind
+    assert plan(list("LLLLLG" * 4 + "LL")) == (14, 0, 6)        # Gemma 3's 5 local : 1 global
+    assert plan(list("AAAAAB")) is None                         # a kind only at the end
+    assert plan(list("ABAB")) is None
 
 
 def _seeded(model):

@@ -2,10 +2,11 @@
 
 A model's depth is repeated layers (an `nn.ModuleList` of blocks called once each, in order). Exporting all 32 (or
 80) of them costs time linear in depth for graphs that are copies of each other. Here each such stack is
-temporarily replaced by a prefix of its layers that holds every kind of layer the rest of the stack has twice in
-a row (LLaMA: 2 of 32; T5, whose block 0 holds the relative position bias: 3; first-k-dense-then-MoE: k + 2), the
-shorter model is exported with its module marks, and the graph of the missing layers j is copied from the
-prefix's last layer (the template, same kind): its inputs from the previous layer map to the previous copy's
+temporarily replaced by a prefix of its layers that holds each kind of the stack's repeating tail twice (LLaMA: 2
+of 32; T5, whose block 0 holds the relative position bias: 3; first-k-dense-then-MoE: k + 2; sliding and global
+layers in turn: 4, of period 2), the shorter model is exported with its module marks, and the graph of each
+missing layer j is copied from the prefix's layer of its kind in the last period (the template): its inputs from
+the previous layer map to the previous layer's
 values, values computed outside the layers (masks, rotary tables) stay shared, its parameter and buffer
 placeholders become layer j's, and module paths in the metadata and marks name layer j. The nodes after the
 stack then read the last copy. Nodes are finally renamed in graph order, as `torch.export` names them, so the
@@ -17,7 +18,7 @@ What is checked, not assumed (any failure: `None`, and the caller exports the wh
   not a kind); parameters shared with anything else, hooks, parametrizations or instance-level forwards on a
   layer keep its stack whole;
 - after the export: every kept layer ran exactly once; each stack's layers are contiguous in the graph, in order,
-  with nothing else between them; the template and its predecessor are the same graph (same ops, constants,
+  with nothing else between them; each template and the previous layer of its kind are the same graph (same ops, constants,
   shapes, marks, and inputs corresponding: their own nodes at the same positions, the same shared values, or
   their own parameters); nothing outside a stack reads a layer but the last one, and a layer reads only itself,
   its predecessor and values outside the stack.
@@ -39,8 +40,9 @@ MIN_SAVED = 1      # truncate a stack only when it saves at least this many laye
 
 @dataclass
 class Stack:
-    """A layer container and how much of it is traced: entries [0, keep) run; [keep, length) are copies of
-    entry keep - 1 (the template)."""
+    """A layer container and how much of it is traced: entries [0, keep) run; from `start` on the kinds repeat
+    with `period` (1: one kind; 2: alternating local/global layers), and entry j >= keep is a copy of the
+    template of its phase in the prefix's last period."""
 
     path: str            # the container's module path ("model.layers")
     parent: nn.Module
@@ -48,9 +50,33 @@ class Stack:
     container: nn.ModuleList
     keep: int
     length: int
+    start: int = 0
+    period: int = 1
 
     def entry(self, i: int) -> str:
         return f"{self.path}.{i}" if self.path else str(i)
+
+    def template(self, j: int) -> int:
+        """The prefix layer entry j is a copy of (j itself inside the prefix)."""
+        if j < self.keep:
+            return j
+        return self.keep - self.period + (j - self.keep) % self.period
+
+
+def _plan_prefix(kinds: list) -> tuple[int, int, int] | None:
+    """(keep, start, period): the shortest prefix holding every phase of the repeating tail twice, and ending
+    in the same phase as the whole stack (so the last layer is a copy of the prefix's last)."""
+    n = len(kinds)
+    best = None
+    for period in range(1, n // 2 + 1):
+        start = n - period
+        while start > 0 and kinds[start - 1] == kinds[start - 1 + period]:
+            start -= 1
+        keep = start + 2 * period
+        keep += (n - keep) % period
+        if keep < n and (best is None or keep < best[0]):
+            best = (keep, start, period)
+    return best
 
 
 def _plain(value) -> bool:
@@ -134,16 +160,14 @@ def find_stacks(model: nn.Module) -> list[Stack]:
         kinds = [(s, tuple(sorted((k, repr(v)) for k, v in a.items() if k not in index_like)))
                  for s, a in zip(structures, attrs)]
         n = len(entries)
-        start = n - 1
-        while start > 0 and kinds[start - 1] == kinds[n - 1]:
-            start -= 1
-        keep = max(start + 2, 2)
         taken.append(path)
-        if n - keep < MIN_SAVED:
+        planned = _plan_prefix(kinds)
+        if planned is None or n - planned[0] < MIN_SAVED:
             continue
+        keep, start, period = planned
         parent_path, _, attr = path.rpartition(".")
         stacks.append(Stack(path=path, parent=model.get_submodule(parent_path), attr=attr, container=module,
-                            keep=keep, length=n))
+                            keep=keep, length=n, start=start, period=period))
     return stacks
 
 
@@ -257,8 +281,10 @@ def unroll(graph: fx.Graph, stacks: list[Stack], params: dict[str, str], buffers
             raise Refused(f"{n.name} reads {a.name} of another layer")
 
     for k, s in enumerate(stacks):
-        _check_same(members[(k, s.keep - 2)], members[(k, s.keep - 1)], s.entry(s.keep - 2), s.entry(s.keep - 1),
-                    region, tensor_of, k, constants, values)
+        if s.template(s.length - 1) != s.keep - 1:
+            raise Refused(f"{s.path}: the last layer is not of the prefix's last kind")
+        for t in range(s.keep - s.period, s.keep):     # each phase's template against its previous occurrence
+            _check_same(members, k, s, t, region, tensor_of, constants, values)
 
     return _build(nodes, stacks, members, region, params, buffers, calls, param_order, buffer_order, constants,
                   values)
@@ -279,13 +305,11 @@ def _build(nodes, stacks, members, region, params, buffers, calls, param_order, 
     buffers and constants where a full export puts them), then every node of the truncated graph, each stack's
     copies right after its template, every node named afresh in that order."""
     tensor_of = {**params, **buffers}
-    by_name = {n.name: n for n in nodes if n.op == "placeholder"}
     order = {n: i for i, n in enumerate(nodes)}
-    plans = []           # per stack: (k, stack, template, index in predecessor, old path, template end)
+    plans = []           # per stack: (k, stack, prefix end)
     for k, s in enumerate(stacks):
-        template, previous = members[(k, s.keep - 1)], members[(k, s.keep - 2)]
-        plans.append((k, s, template, {n: i for i, n in enumerate(previous)}, s.entry(s.keep - 1), template[-1]))
-    end_of = {p[5]: p for p in plans}
+        plans.append((k, s, members[(k, s.keep - 1)][-1]))
+    end_of = {p[2]: p for p in plans}
 
     # the placeholders the copies read: (template placeholder, layer) -> (name, qualified name or target, kind)
     new_ph: dict[tuple[fx.Node, int], list] = {}
@@ -294,9 +318,10 @@ def _build(nodes, stacks, members, region, params, buffers, calls, param_order, 
         for a in n.all_input_nodes:
             if a.op == "placeholder" and a not in first_use:
                 first_use[a] = (order[n], 0, 0)
-    for k, s, template, _, old, end in plans:
+    for k, s, end in plans:
         for j in range(s.keep, s.length):
-            new = s.entry(j)
+            new, old = s.entry(j), s.entry(s.template(j))
+            template = members[(k, s.template(j))]
             for i, t in enumerate(template):
                 for a in t.all_input_nodes:
                     if a.op != "placeholder" or (a, j) in new_ph:
@@ -412,7 +437,7 @@ def _build(nodes, stacks, members, region, params, buffers, calls, param_order, 
         c.meta = n.meta
         env[n] = c
         if n in end_of:
-            _copies(out, end_of[n], env, copy_ph, last_of, outside, calls)
+            _copies(out, end_of[n], members, env, copy_ph, last_of, outside, calls)
     out.lint()
     for table, new_table in ((params, new_params), (buffers, new_buffers), (constants, new_constants),
                              (values, new_values)):
@@ -421,15 +446,20 @@ def _build(nodes, stacks, members, region, params, buffers, calls, param_order, 
     return out
 
 
-def _copies(out: fx.Graph, plan, env, copy_ph, last_of, outside, calls):
-    """Layers keep..length-1 of one stack, each a copy of the template reading the previous copy."""
-    k, s, template, prev_index, old, _ = plan
-    previous = [env[t] for t in template]
-    stacks_meta = [_stack_pattern(t.meta.get("nn_module_stack"), old) for t in template]
-    marks = [_is_mark(t) for t in template]
-    inner = [m for m in calls if m == old or m.startswith(old + ".")]
+def _copies(out: fx.Graph, plan, members, env, copy_ph, last_of, outside, calls):
+    """Layers keep..length-1 of one stack, each a copy of its template reading the layer before it."""
+    k, s, _ = plan
+    layer_nodes = {i: [env[n] for n in members[(k, i)]] for i in range(s.keep)}
+    templates = {}
+    for t in range(s.keep - s.period, s.keep):
+        template, old = members[(k, t)], s.entry(t)
+        templates[t] = (template, old, {n: i for i, n in enumerate(members[(k, t - 1)])},
+                        [_stack_pattern(n.meta.get("nn_module_stack"), old) for n in template],
+                        [_is_mark(n) for n in template], [m for m in calls if m == old or m.startswith(old + ".")])
     for j in range(s.keep, s.length):
+        template, old, prev_index, patterns, marks, inner = templates[s.template(j)]
         new = s.entry(j)
+        previous = layer_nodes[j - 1]
         local: dict[fx.Node, fx.Node] = {}
 
         def arg(a: fx.Node) -> fx.Node:
@@ -441,7 +471,7 @@ def _copies(out: fx.Graph, plan, env, copy_ph, last_of, outside, calls):
                 return copy_ph[(a, j)]
             return outside(a, k)
         current = []
-        for t, pattern, mark in zip(template, stacks_meta, marks):
+        for t, pattern, mark in zip(template, patterns, marks):
             args = _map(t.args, arg)
             if mark:
                 args = (args[0], _mark_tag(t.args[1], old, new))
@@ -455,10 +485,10 @@ def _copies(out: fx.Graph, plan, env, copy_ph, last_of, outside, calls):
             c.meta = meta
             local[t] = c
             current.append(c)
-        previous = current
+        layer_nodes[j] = current
         for m in inner:
             calls[_swap(m, old, new)] = calls[m]
-    for t, c in zip(template, previous):
+    for t, c in zip(members[(k, s.keep - 1)], layer_nodes[s.length - 1]):
         last_of[t] = c
 
 
@@ -503,14 +533,20 @@ def _stack_key(key: str, old: str, new: str) -> str:
     return key
 
 
-def _check_same(prev: list[fx.Node], tmpl: list[fx.Node], prev_path: str, tmpl_path: str, region, tensor_of, k,
-                constants, values):
-    """The template layer and its predecessor are one graph: same ops, constants, value shapes and marks, and
-    inputs that correspond."""
+def _check_same(members, k: int, s: Stack, t: int, region, tensor_of, constants, values):
+    """Layer t (a template) and the previous layer of its kind, t - period, are one graph: same ops, constants,
+    value shapes and marks, and inputs that correspond (their own nodes at the same positions, their
+    predecessors' nodes at the same positions, the same shared values, their own parameters)."""
+    p = t - s.period
+    prev, tmpl = members[(k, p)], members[(k, t)]
+    prev_path, tmpl_path = s.entry(p), s.entry(t)
     if len(prev) != len(tmpl):
         raise Refused(f"{prev_path} and {tmpl_path} differ in size ({len(prev)} / {len(tmpl)} ops)")
     at_prev = {n: i for i, n in enumerate(prev)}
     at_tmpl = {n: i for i, n in enumerate(tmpl)}
+    at_tmpl_pred = {n: i for i, n in enumerate(members[(k, t - 1)])}
+    same_kind_pred = p - 1 >= s.start     # the two predecessors are of one kind too: positions must agree
+    at_prev_pred = {n: i for i, n in enumerate(members[(k, p - 1)])} if p >= 1 else {}
 
     def same(x, y) -> bool:
         if isinstance(x, fx.Node) or isinstance(y, fx.Node):
@@ -518,9 +554,11 @@ def _check_same(prev: list[fx.Node], tmpl: list[fx.Node], prev_path: str, tmpl_p
                 return False
             if x in at_prev and y in at_tmpl:
                 return at_prev[x] == at_tmpl[y]
-            if y in at_prev:                       # the template reads its predecessor
+            if y in at_tmpl_pred:                  # the template reads its predecessor
+                if x in at_prev_pred:
+                    return not same_kind_pred or at_prev_pred[x] == at_tmpl_pred[y]
                 rx = region.get(x)
-                return rx is None or rx[0] != k or rx[1] == region[y][1] - 1
+                return rx is None or rx[0] != k
             if x is y:                             # a shared value from outside the stack
                 return region.get(x) is None or region[x][0] != k
             if x.op == "placeholder" and y.op == "placeholder" and x.name in tensor_of and y.name in tensor_of:
