@@ -9,8 +9,6 @@ adapter values give equal outputs, and the cases that must fall back to the full
 from __future__ import annotations
 
 import copy
-import os
-import re
 
 import pytest
 import torch

@@ -17,7 +17,7 @@ import torch
 from torch import fx, nn
 
 from surgery.errors import SurgeryError
-from surgery.progress import quiet_libraries, stage
+from surgery.progress import logger, quiet_libraries, stage
 from surgery.trace import unroll
 
 
@@ -283,7 +283,11 @@ def _export_marked(model: nn.Module, args, kwargs, what: str):
 def _unrolled(model: nn.Module, args, kwargs):
     """The marked graph of `model` from an export of one layer per kind (surgery/trace/unroll.py): (graph,
     params, buffers, calls, program), or None where the model's layers are not truncated or do not check out."""
-    stacks = unroll.find_stacks(model)
+    try:
+        stacks = unroll.find_stacks(model)
+    except Exception as exc:  # noqa: BLE001 - an odd module tree: the full export
+        logger.debug("layers not truncated: %s: %s", type(exc).__name__, exc)
+        return None
     if not stacks:
         return None
     try:
@@ -301,7 +305,8 @@ def _unrolled(model: nn.Module, args, kwargs):
     try:
         graph = unroll.unroll(program.graph, stacks, params, buffers, calls, param_order, buffer_order,
                               constants, values)
-    except unroll.Refused:
+    except Exception as exc:  # noqa: BLE001 - unroll.Refused, or anything unforeseen: the full export, never a guess
+        logger.debug("layers exported whole: %s: %s", type(exc).__name__, exc)
         return None
     return graph, params, buffers, calls, values
 

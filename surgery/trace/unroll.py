@@ -236,7 +236,6 @@ def unroll(graph: fx.Graph, stacks: list[Stack], params: dict[str, str], buffers
     `calls` are updated in place to the whole model's. Raises Refused when something does not check out."""
     nodes = list(graph.nodes)
     position = {n: i for i, n in enumerate(nodes)}
-    placeholders = {n.name: n for n in nodes if n.op == "placeholder"}
     tensor_of = {**params, **buffers}
     # region of each node: (stack index, layer) or None
     entry_region = {s.entry(i): (k, i) for k, s in enumerate(stacks) for i in range(s.keep)}
