@@ -5,14 +5,18 @@ same process, with the full export (`SURGERY_FULL_TRACE=1`, every layer traced) 
     python benchmarks/depth.py [--models llama7b llama70b mixtral] [--json out.json]
 
 Each model runs in a fresh interpreter with one intra-op thread: PEFT first, then surgery (which pays the
-process's first torch.export), then, on a fresh model of the same shape, surgery with the full export. Times are
-process CPU seconds (on a machine shared with other jobs the CPU time is what the wall time would be on an idle
-one). Peak RSS is the process's high-water mark (VmHWM) after surgery's apply, before the full-export run.
+process's first torch.export), then, on a fresh model of the same shape, surgery with the full export; a full
+garbage collection before each (otherwise one collection of the objects torch and transformers made at import,
+about 0.3 s, lands in whichever step happens to trigger it). Times are process CPU seconds (on a machine shared
+with other jobs the CPU time is what the wall time would be on an idle one), the median of `--repeats` fresh
+processes. Peak RSS is the process's high-water mark (VmHWM) after surgery's apply, before the full-export run.
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import statistics
 import os
 import subprocess
 import sys
@@ -60,10 +64,12 @@ def child(name: str) -> dict:
     import surgery
 
     model = build(name)
+    gc.collect()
     cpu = time.process_time()
     get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
     peft = time.process_time() - cpu
     model = build(name)
+    gc.collect()
     cpu = time.process_time()
     surgery.apply(model, ROOT / "specs" / "lora.yaml")
     ours = time.process_time() - cpu
@@ -72,6 +78,7 @@ def child(name: str) -> dict:
     model = build(name)
     surgery.api._STRUCTURE_CACHE.clear()     # the process cache would answer for a model of the same shape
     os.environ["SURGERY_FULL_TRACE"] = "1"
+    gc.collect()
     cpu = time.process_time()
     surgery.apply(model, ROOT / "specs" / "lora.yaml")
     full = time.process_time() - cpu
@@ -82,14 +89,22 @@ def child(name: str) -> dict:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--repeats", type=int, default=3, help="fresh processes per model (the median is shown)")
     parser.add_argument("--json", default=None, help="write the rows as JSON here")
     args = parser.parse_args(argv)
     rows = []
     for name in args.models:
-        code = f"import json, benchmarks.depth as d; print(json.dumps(d.child({name!r})))"
-        out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                             env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}, check=True)
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        runs = []
+        for _ in range(args.repeats):
+            code = f"import json, benchmarks.depth as d; print(json.dumps(d.child({name!r})))"
+            out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                                 env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}, check=True)
+            runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        row = dict(runs[0])
+        for key in ("peft_cpu_s", "surgery_cpu_s", "full_trace_cpu_s", "peak_rss_mib"):
+            row[key] = statistics.median(r[key] for r in runs)
+        row["runs"] = runs
+        rows.append(row)
     base = next((r for r in rows if r["model"] == "LLaMA-7B"), None)
     print(f"{'model':14} {'layers':>6} {'sites':>5} {'PEFT (s)':>9} {'surgery (s)':>11} {'x PEFT':>7} "
           f"{'x 7B':>5} {'full export (s)':>15} {'peak RSS (MiB)':>14}")
