@@ -389,15 +389,24 @@ def stack_entries(node: fx.Node) -> list[tuple[str, int]]:
     return out
 
 
-def _repeated_unit(path: str, module_types: dict[str, type]) -> bool:
-    """A numbered child of a container whose numbered children all have one type (a ModuleList of layers)."""
+def _numbered_children(module_types: dict[str, type]) -> dict[str, list[type]]:
+    """Container path -> the types of its numbered children."""
+    out: dict[str, list[type]] = defaultdict(list)
+    for name, t in module_types.items():
+        parent, _, index = name.rpartition(".")
+        if index.isdigit():
+            out[parent].append(t)
+    return out
+
+
+def _repeated_unit(path: str, module_types: dict[str, type], numbered: dict | None = None) -> bool:
+    """A numbered child of a container whose numbered children all have one type (a ModuleList of layers).
+    `numbered`: `_numbered_children(module_types)`, computed once for many paths."""
     parent, _, index = path.rpartition(".")
     if not index.isdigit():
         return False
-    prefix = parent + "." if parent else ""
     kind = module_types.get(path)
-    siblings = [t for name, t in module_types.items()
-                if name.startswith(prefix) and name[len(prefix):].isdigit()]
+    siblings = (numbered if numbered is not None else _numbered_children(module_types)).get(parent, [])
     return kind is not None and all(t is kind for t in siblings)
 
 
@@ -644,10 +653,11 @@ def analyze(traced: Traced) -> Analysis:
     # attention, the outermost such units holding weight-bearing ops. A layer's stack is its container.
     types = traced.module_types
     unit_cache: dict[str, bool] = {}
+    numbered = _numbered_children(types)
 
     def is_unit(path):
         if path not in unit_cache:
-            unit_cache[path] = _repeated_unit(path, types)
+            unit_cache[path] = _repeated_unit(path, types, numbered)
         return unit_cache[path]
 
     blocks_at: list[tuple[str, int]] = []
@@ -852,6 +862,11 @@ def analyze(traced: Traced) -> Analysis:
                     add_linear(linears[n], "ffn.in", layer)
             close_sublayer(out.value, "ffn", layer)
 
+    module_output: dict[str, fx.Node] = {}     # module -> the first value marked as its output
+    for value, bs in traced.boundaries.items():
+        for b in bs:
+            if b.side == "out":
+                module_output.setdefault(b.module, value)
     for node in nodes:
         op = op_name(node)
         if op in NORM_OPS:
@@ -861,10 +876,9 @@ def analyze(traced: Traced) -> Analysis:
         elif op == "rsqrt":
             # a decomposed RMSNorm: the norm is the output of the module that computes the rsqrt
             module = innermost(node)
-            for value, bs in traced.boundaries.items():
-                if any(b.module == module and b.side == "out" for b in bs):
-                    add(value, "norm", layer_of(value), module=module)
-                    break
+            if module in module_output:
+                value = module_output[module]
+                add(value, "norm", layer_of(value), module=module)
 
     # Block inputs and outputs: the hidden state entering and leaving each layer's call. A block returning a
     # tuple (hidden, attention weights, ...) has as its output the element of the input's shape.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -16,7 +17,8 @@ import torch
 from torch import fx, nn
 
 from surgery.errors import SurgeryError
-from surgery.progress import quiet_libraries, stage
+from surgery.progress import logger, quiet_libraries, stage
+from surgery.trace import unroll
 
 
 @torch.library.custom_op("surgery::mark", mutates_args=())
@@ -241,11 +243,19 @@ def _split_inputs(example_inputs) -> tuple[tuple, dict]:
     raise SurgeryError(f"example_inputs must be a tensor, a tuple, a dict or (args, kwargs); got {type(example_inputs).__name__}")
 
 
-def trace(model: nn.Module, example_inputs=None) -> Traced:
+FULL_TRACE_ENV = "SURGERY_FULL_TRACE"
+
+
+def trace(model: nn.Module, example_inputs=None, *, full: bool | None = None) -> Traced:
     """Export `model` with marks and return the canonical graph. The model is not changed, and neither is the
-    user's random state (tracing runs the forward: dropout, random example inputs)."""
+    user's random state (tracing runs the forward: dropout, random example inputs).
+
+    Repeated layers are exported once per kind and unrolled (surgery/trace/unroll.py): the graph is the one a full
+    export gives. `full=True`, or the environment variable `SURGERY_FULL_TRACE=1`, exports every layer."""
+    if full is None:
+        full = os.environ.get(FULL_TRACE_ENV, "") not in ("", "0")
     with torch.random.fork_rng(devices=_rng_devices(model)):
-        return _trace(model, example_inputs)
+        return _trace(model, example_inputs, full)
 
 
 def _rng_devices(model: nn.Module) -> list:
@@ -254,26 +264,69 @@ def _rng_devices(model: nn.Module) -> list:
     return sorted({d.index or 0 for d in devices if d.type == "cuda"})
 
 
-def _trace(model: nn.Module, example_inputs) -> Traced:
-    if example_inputs is None:
-        example_inputs = derive_example_inputs(model)
-    args, kwargs = _split_inputs(example_inputs)
-    kwargs = _without_cache(model, kwargs)
+def _export_marked(model: nn.Module, args, kwargs, what: str):
+    """torch.export of `model` with its module marks: (program, calls)."""
     calls: dict[str, int] = defaultdict(int)
     was_training = model.training
     handles = _install_marks(model, calls)
     try:
         model.eval()
-        with stage(f"trace {type(model).__name__} (torch.export)"), quiet_libraries(), torch.no_grad():
+        with stage(f"trace {type(model).__name__} ({what})"), quiet_libraries(), torch.no_grad():
             program = torch.export.export(model, args, kwargs, strict=False)
-    except Exception as exc:  # noqa: BLE001 - any tracer failure becomes one clear error
-        raise SurgeryError(f"torch.export could not trace {type(model).__name__}: {type(exc).__name__}: {exc}") from exc
     finally:
         for h in handles:
             h.remove()
         model.train(was_training)
-    graph = program.graph
+    return program, calls
+
+
+def _unrolled(model: nn.Module, args, kwargs):
+    """The marked graph of `model` from an export of one layer per kind (surgery/trace/unroll.py): (graph,
+    params, buffers, calls, program), or None where the model's layers are not truncated or do not check out."""
+    try:
+        stacks = unroll.find_stacks(model)
+    except Exception as exc:  # noqa: BLE001 - an odd module tree: the full export
+        logger.debug("layers not truncated: %s: %s", type(exc).__name__, exc)
+        return None
+    if not stacks:
+        return None
+    try:
+        with unroll.truncated(stacks):
+            program, calls = _export_marked(model, args, kwargs, "torch.export, one layer per kind")
+    except Exception:  # noqa: BLE001 - a model that needs all its layers: the full export says what fails
+        return None
     signature = program.graph_signature
+    params, buffers = dict(signature.inputs_to_parameters), dict(signature.inputs_to_buffers)
+    param_order = {n: i for i, (n, _) in enumerate(model.named_parameters(remove_duplicate=False))}
+    buffer_order = {n: i for i, (n, _) in enumerate(model.named_buffers(remove_duplicate=False))}
+    calls = dict(calls)
+    constants = dict(getattr(signature, "inputs_to_lifted_tensor_constants", {}) or {})
+    values = {ph: program.constants.get(name) for ph, name in constants.items()}
+    try:
+        graph = unroll.unroll(program.graph, stacks, params, buffers, calls, param_order, buffer_order,
+                              constants, values)
+    except Exception as exc:  # noqa: BLE001 - unroll.Refused, or anything unforeseen: the full export, never a guess
+        logger.debug("layers exported whole: %s: %s", type(exc).__name__, exc)
+        return None
+    return graph, params, buffers, calls, values
+
+
+def _trace(model: nn.Module, example_inputs, full: bool = False) -> Traced:
+    if example_inputs is None:
+        example_inputs = derive_example_inputs(model)
+    args, kwargs = _split_inputs(example_inputs)
+    kwargs = _without_cache(model, kwargs)
+    result = None if full else _unrolled(model, args, kwargs)
+    if result is None:
+        try:
+            program, calls = _export_marked(model, args, kwargs, "torch.export")
+        except Exception as exc:  # noqa: BLE001 - any tracer failure becomes one clear error
+            raise SurgeryError(f"torch.export could not trace {type(model).__name__}: {type(exc).__name__}: {exc}") from exc
+        signature = program.graph_signature
+        lifted = getattr(signature, "inputs_to_lifted_tensor_constants", {}) or {}
+        result = (program.graph, dict(signature.inputs_to_parameters), dict(signature.inputs_to_buffers),
+                  dict(calls), {ph: program.constants.get(name) for ph, name in lifted.items()})
+    graph, params, buffers, calls, constants = result
     boundaries: dict[fx.Node, list[Boundary]] = defaultdict(list)
     for node in list(graph.nodes):
         if node.op == "call_function" and node.target is torch.ops.surgery.mark.default:
@@ -289,10 +342,9 @@ def _trace(model: nn.Module, example_inputs) -> Traced:
         bs[:] = [Boundary(b.module, b.side, b.loc, b.call, calls.get(b.module, 1)) for b in bs]
         bs.sort(key=lambda b: -len(b.module))
     module_types = {name: type(m) for name, m in model.named_modules()}
-    traced = Traced(graph=graph, boundaries=dict(boundaries), params=dict(signature.inputs_to_parameters),
-                    buffers=dict(signature.inputs_to_buffers), calls=dict(calls), module_types=module_types)
+    traced = Traced(graph=graph, boundaries=dict(boundaries), params=params, buffers=buffers, calls=dict(calls),
+                    module_types=module_types)
     traced.users = {n: list(n.users) for n in graph.nodes}
-    lifted = getattr(signature, "inputs_to_lifted_tensor_constants", {}) or {}
-    traced.constants = {ph: program.constants[name].detach().clone() for ph, name in lifted.items()
-                        if isinstance(program.constants.get(name), torch.Tensor) and program.constants[name].numel() <= 4096}
+    traced.constants = {ph: value.detach().clone() for ph, value in constants.items()
+                        if isinstance(value, torch.Tensor) and value.numel() <= 4096}
     return traced

@@ -1,0 +1,598 @@
+"""Trace one layer of each kind, not the whole depth: truncate the layer stacks, export, unroll the graph.
+
+A model's depth is repeated layers (an `nn.ModuleList` of blocks called once each, in order). Exporting all 32 (or
+80) of them costs time linear in depth for graphs that are copies of each other. Here each such stack is
+temporarily replaced by a prefix of its layers that holds each kind of the stack's repeating tail twice (LLaMA: 2
+of 32; T5, whose block 0 holds the relative position bias: 3; first-k-dense-then-MoE: k + 2; sliding and global
+layers in turn: 4, of period 2), the shorter model is exported with its module marks, and the graph of each
+missing layer j is copied from the prefix's layer of its kind in the last period (the template): its inputs from
+the previous layer map to the previous layer's
+values, values computed outside the layers (masks, rotary tables) stay shared, its parameter and buffer
+placeholders become layer j's, and module paths in the metadata and marks name layer j. The nodes after the
+stack then read the last copy. Nodes are finally renamed in graph order, as `torch.export` names them, so the
+result is the graph a full export gives.
+
+What is checked, not assumed (any failure: `None`, and the caller exports the whole model):
+- a layer's kind is its module tree (types), its parameters' and buffers' names, shapes and dtypes, and its
+  modules' plain attributes (an attribute that differs between every layer, such as `layer_idx`, is an index,
+  not a kind); parameters shared with anything else, hooks, parametrizations or instance-level forwards on a
+  layer keep its stack whole;
+- after the export: every kept layer ran exactly once; each stack's layers are contiguous in the graph, in order,
+  with nothing else between them; each template and the previous layer of its kind are the same graph (same ops, constants,
+  shapes, marks, and inputs corresponding: their own nodes at the same positions, the same shared values, or
+  their own parameters); nothing outside a stack reads a layer but the last one, and a layer reads only itself,
+  its predecessor and values outside the stack.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+from torch import fx, nn
+
+SCALARS = (int, float, str, bool, type(None), torch.dtype)
+MIN_SAVED = 1      # truncate a stack only when it saves at least this many layers
+
+
+@dataclass
+class Stack:
+    """A layer container and how much of it is traced: entries [0, keep) run; from `start` on the kinds repeat
+    with `period` (1: one kind; 2: alternating local/global layers), and entry j >= keep is a copy of the
+    template of its phase in the prefix's last period."""
+
+    path: str            # the container's module path ("model.layers")
+    parent: nn.Module
+    attr: str
+    container: nn.ModuleList
+    keep: int
+    length: int
+    start: int = 0
+    period: int = 1
+
+    def entry(self, i: int) -> str:
+        return f"{self.path}.{i}" if self.path else str(i)
+
+    def template(self, j: int) -> int:
+        """The prefix layer entry j is a copy of (j itself inside the prefix)."""
+        if j < self.keep:
+            return j
+        return self.keep - self.period + (j - self.keep) % self.period
+
+
+def _plan_prefix(kinds: list) -> tuple[int, int, int] | None:
+    """(keep, start, period): the shortest prefix holding every phase of the repeating tail twice, and ending
+    in the same phase as the whole stack (so the last layer is a copy of the prefix's last)."""
+    n = len(kinds)
+    best = None
+    for period in range(1, n // 2 + 1):
+        start = n - period
+        while start > 0 and kinds[start - 1] == kinds[start - 1 + period]:
+            start -= 1
+        keep = start + 2 * period
+        keep += (n - keep) % period
+        if keep < n and (best is None or keep < best[0]):
+            best = (keep, start, period)
+    return best
+
+
+def _plain(value) -> bool:
+    if isinstance(value, SCALARS):
+        return True
+    return isinstance(value, (tuple, list)) and len(value) <= 16 and all(isinstance(v, SCALARS) for v in value)
+
+
+def _attributes(module: nn.Module) -> dict:
+    """A module's plain attributes: scalars, tuples of them, and tensors that are neither parameters nor buffers
+    (an export lifts those as constants: small ones by value)."""
+    out = {}
+    for k, v in vars(module).items():
+        if k.startswith("__") or k == "training":
+            continue
+        if _plain(v):
+            out[k] = tuple(v) if isinstance(v, list) else v
+        elif isinstance(v, torch.Tensor):
+            small = v.numel() <= 4096 and not v.is_meta
+            out[k] = ("tensor", tuple(v.shape), str(v.dtype), v.device.type,
+                      tuple(v.detach().cpu().flatten().tolist()) if small else None)
+    return out
+
+
+def _hooked(module: nn.Module) -> bool:
+    hooks = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+    return (any(getattr(module, h, None) for h in hooks) or "forward" in vars(module)
+            or bool(getattr(module, "parametrizations", None)))
+
+
+def _structure(entry: nn.Module, counts: dict) -> tuple | None:
+    """The entry's module tree, tensors and hooks (None: never truncate its stack)."""
+    modules = []
+    for rel, m in entry.named_modules(remove_duplicate=False):
+        if _hooked(m):
+            return None
+        modules.append((rel, type(m).__module__, type(m).__qualname__))
+    tensors = []
+    for kind, named in (("p", entry.named_parameters(remove_duplicate=False)),
+                        ("b", entry.named_buffers(remove_duplicate=False))):
+        for rel, t in named:
+            if t is None or counts.get(id(t), 0) != 1:     # shared with another layer or with the rest of the model
+                return None
+            tensors.append((kind, rel, tuple(t.shape), str(t.dtype), t.device.type, bool(t.requires_grad)))
+    return tuple(modules), tuple(tensors)
+
+
+def find_stacks(model: nn.Module) -> list[Stack]:
+    """The outermost layer containers worth truncating, with their prefix length."""
+    counts: dict[int, int] = defaultdict(int)
+    for _, t in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False)):
+        if t is not None:
+            counts[id(t)] += 1
+    module_counts: dict[int, int] = defaultdict(int)
+    for _, m in model.named_modules(remove_duplicate=False):
+        module_counts[id(m)] += 1
+    stacks: list[Stack] = []
+    taken: list[str] = []
+    for path, module in model.named_modules():
+        if any(path.startswith(t + ".") for t in taken):
+            continue
+        if type(module) is not nn.ModuleList or len(module) < 3:
+            continue
+        keys = list(module._modules)
+        if keys != [str(i) for i in range(len(keys))]:
+            continue
+        entries = list(module)
+        if module_counts[id(module)] != 1 or any(
+                e is None or module_counts[id(m)] != 1 for e in entries for m in e.modules()):
+            taken.append(path)      # a layer (or the container) reachable twice: reached again by another path
+            continue
+        structures = [_structure(e, counts) for e in entries]
+        if any(s is None for s in structures):
+            taken.append(path)
+            continue
+        attrs = [{(rel, k): v for rel, m in e.named_modules(remove_duplicate=False)
+                  for k, v in _attributes(m).items()} for e in entries]
+        keys_all = set().union(*attrs)
+        # an attribute whose value differs between every two layers (layer_idx) indexes them; others are kinds
+        index_like = {k for k in keys_all if len({repr(a.get(k)) for a in attrs}) == len(entries)}
+        kinds = [(s, tuple(sorted((k, repr(v)) for k, v in a.items() if k not in index_like)))
+                 for s, a in zip(structures, attrs)]
+        n = len(entries)
+        taken.append(path)
+        planned = _plan_prefix(kinds)
+        if planned is None or n - planned[0] < MIN_SAVED:
+            continue
+        keep, start, period = planned
+        parent_path, _, attr = path.rpartition(".")
+        stacks.append(Stack(path=path, parent=model.get_submodule(parent_path), attr=attr, container=module,
+                            keep=keep, length=n, start=start, period=period))
+    return stacks
+
+
+@contextlib.contextmanager
+def truncated(stacks: list[Stack]):
+    """Each stack's container replaced by a ModuleList of its first `keep` entries; the user's own container
+    objects are put back however the block ends (an error, Ctrl-C)."""
+    done = []
+    try:
+        for s in stacks:
+            short = nn.ModuleList(list(s.container)[:s.keep])
+            short.training = s.container.training
+            s.parent._modules[s.attr] = short
+            done.append(s)
+        yield
+    finally:
+        for s in done:
+            s.parent._modules[s.attr] = s.container
+
+
+# ------------------------------------------------------------------------------------------------- the graph
+
+def _paths(node: fx.Node) -> list[str]:
+    return [path for path, _ in (node.meta.get("nn_module_stack") or {}).values()]
+
+
+def _swap(path: str, old: str, new: str) -> str:
+    if path == old:
+        return new
+    if path.startswith(old + "."):
+        return new + path[len(old):]
+    return path
+
+
+def _mark_tag(tag: str, old: str, new: str) -> str:
+    name, side, loc, call = json.loads(tag)
+    return json.dumps([_swap(name, old, new), side, loc, call])
+
+
+def _is_mark(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target is torch.ops.surgery.mark.default
+
+
+def _sanitize(name: str) -> str:
+    return re.sub(r"[^a-zA-Z0-9]", "_", name).lower()
+
+
+def _val_key(val):
+    if isinstance(val, torch.Tensor):
+        return ("T", tuple(val.shape), val.dtype)
+    if isinstance(val, (tuple, list)):
+        return tuple(_val_key(v) for v in val)
+    return type(val).__name__
+
+
+class Refused(Exception):
+    """The truncated graph does not check out: export the whole model instead."""
+
+
+def unroll(graph: fx.Graph, stacks: list[Stack], params: dict[str, str], buffers: dict[str, str],
+           calls: dict[str, int], param_order: dict[str, int], buffer_order: dict[str, int],
+           constants: dict[str, str], values: dict[str, object]) -> fx.Graph:
+    """The graph of the whole model from the marked graph of the truncated one: each stack's template layer
+    copied into the missing layers' places. `params`/`buffers` (placeholder name -> qualified name), `constants`
+    (placeholder name -> the export's name of a lifted constant), `values` (placeholder name -> the constant) and
+    `calls` are updated in place to the whole model's. Raises Refused when something does not check out."""
+    nodes = list(graph.nodes)
+    position = {n: i for i, n in enumerate(nodes)}
+    tensor_of = {**params, **buffers}
+    # region of each node: (stack index, layer) or None
+    entry_region = {s.entry(i): (k, i) for k, s in enumerate(stacks) for i in range(s.keep)}
+    region: dict[fx.Node, tuple[int, int]] = {}
+    for n in nodes:
+        if n.op != "call_function":
+            continue
+        hits = {entry_region[p] for p in _paths(n) if p in entry_region}
+        if len(hits) > 1:
+            raise Refused(f"{n.name} runs in two layers")
+        if hits:
+            region[n] = hits.pop()
+    members: dict[tuple[int, int], list[fx.Node]] = defaultdict(list)
+    for n in nodes:
+        if n in region:
+            members[region[n]].append(n)
+    for k, s in enumerate(stacks):
+        for i in range(s.keep):
+            entry = s.entry(i)
+            if calls.get(entry) != 1 or not members[(k, i)]:
+                raise Refused(f"{entry} ran {calls.get(entry, 0)} times")
+        # contiguous and in order, nothing else between the layers
+        first, last = position[members[(k, 0)][0]], position[members[(k, s.keep - 1)][-1]]
+        expected = [n for i in range(s.keep) for n in members[(k, i)]]
+        between = [n for n in nodes[first:last + 1] if n.op == "call_function"]
+        if between != expected:
+            raise Refused(f"{s.path}: other ops run between its layers")
+
+    # who reads a layer: itself, the next layer, or (the last layer only) anything after the stack
+    for n in nodes:
+        mine = region.get(n)
+        for a in n.all_input_nodes:
+            theirs = region.get(a)
+            if theirs is None or theirs == mine:
+                continue
+            k, i = theirs
+            if mine is not None and mine[0] == k and mine[1] == i + 1:
+                continue
+            if mine is None or mine[0] != k:
+                if i == stacks[k].keep - 1:
+                    continue
+            raise Refused(f"{n.name} reads {a.name} of another layer")
+
+    for k, s in enumerate(stacks):
+        if s.template(s.length - 1) != s.keep - 1:
+            raise Refused(f"{s.path}: the last layer is not of the prefix's last kind")
+        for t in range(s.keep - s.period, s.keep):     # each phase's template against its previous occurrence
+            _check_same(members, k, s, t, region, tensor_of, constants, values)
+
+    return _build(nodes, stacks, members, region, params, buffers, calls, param_order, buffer_order, constants,
+                  values)
+
+
+_LIFTED = re.compile(r"lifted_tensor_(\d+)$")
+
+
+def _base_name(name: str) -> str:
+    """The name torch.export numbers (`linear_9` -> `linear`): naming the nodes afresh in graph order gives the
+    names a full export gives."""
+    m = re.match(r"(.*)_(\d+)$", name)
+    return m.group(1) if m else name
+
+
+def _build(nodes, stacks, members, region, params, buffers, calls, param_order, buffer_order, constants, values):
+    """The unrolled graph, built in one pass in a new fx.Graph: placeholders first (the new layers' parameters,
+    buffers and constants where a full export puts them), then every node of the truncated graph, each stack's
+    copies right after its template, every node named afresh in that order."""
+    tensor_of = {**params, **buffers}
+    order = {n: i for i, n in enumerate(nodes)}
+    plans = []           # per stack: (k, stack, prefix end)
+    for k, s in enumerate(stacks):
+        plans.append((k, s, members[(k, s.keep - 1)][-1]))
+    end_of = {p[2]: p for p in plans}
+
+    # the placeholders the copies read: (template placeholder, layer) -> (name, qualified name or target, kind)
+    new_ph: dict[tuple[fx.Node, int], list] = {}
+    first_use: dict = {}       # placeholder key -> sort key of its first reader in the final order
+    for n in nodes:
+        for a in n.all_input_nodes:
+            if a.op == "placeholder" and a not in first_use:
+                first_use[a] = (order[n], 0, 0)
+    for k, s, end in plans:
+        for j in range(s.keep, s.length):
+            new, old = s.entry(j), s.entry(s.template(j))
+            template = members[(k, s.template(j))]
+            for i, t in enumerate(template):
+                for a in t.all_input_nodes:
+                    if a.op != "placeholder" or (a, j) in new_ph:
+                        continue
+                    if a.name in tensor_of:
+                        qual = _swap(tensor_of[a.name], old, new)
+                        if qual == tensor_of[a.name]:
+                            continue
+                        kind = "p" if a.name in params else "b"
+                        new_ph[(a, j)] = [f"{kind}_{_sanitize(qual)}", qual, kind]
+                    elif a.name in constants:
+                        target = _swap(constants[a.name], old, new)
+                        if target == constants[a.name]:
+                            continue
+                        new_ph[(a, j)] = [None, target, "c"]
+                    else:
+                        continue
+                    first_use[(a, j)] = (order[end], j, i + 1)
+    # lifted constants are numbered in order of first use, as the export numbers them
+    const_keys = [n for n in nodes if n.op == "placeholder" and n.name in constants] + \
+        [key for key, v in new_ph.items() if v[2] == "c"]
+    const_keys.sort(key=lambda key: first_use.get(key, (1 << 30, 0, 0)))
+    const_name: dict = {}
+    originals = [key for key in const_keys if isinstance(key, fx.Node)]
+    numbers = [int(m.group(1)) if (m := _LIFTED.search(constants[key.name])) else None for key in originals]
+    if [x for x in numbers if x is not None] != sorted(x for x in numbers if x is not None):
+        raise Refused("lifted constants not numbered in order of use")
+    count = 0
+    targets: dict = {}
+    for key in const_keys:
+        target = constants[key.name] if isinstance(key, fx.Node) else new_ph[key][1]
+        if _LIFTED.search(target):
+            target = _LIFTED.sub(f"lifted_tensor_{count}", target)
+            count += 1
+        targets[key] = target
+        const_name[key] = "c_" + _sanitize(target) if (not isinstance(key, fx.Node) or target != constants[key.name]) \
+            else key.name
+    for key, v in new_ph.items():
+        if v[2] == "c":
+            v[0] = const_name[key]
+
+    # placeholder order: parameters, buffers (each in the model's order), constants (numbered), the rest
+    def ph_key(key):
+        if isinstance(key, fx.Node):
+            name = key.name
+            if name in params:
+                return (0, param_order.get(params[name], 1 << 30), 0)
+            if name in buffers:
+                return (1, buffer_order.get(buffers[name], 1 << 30), 0)
+            if name in constants:
+                return (2, const_keys.index(key), 0)
+            return (3, order[key], 0)
+        name, qual, kind = new_ph[key]
+        if kind == "p":
+            return (0, param_order.get(qual, 1 << 30), 0)
+        if kind == "b":
+            return (1, buffer_order.get(qual, 1 << 30), 0)
+        return (2, const_keys.index(key), 0)
+    old_phs = [n for n in nodes if n.op == "placeholder"]
+    if old_phs != sorted(old_phs, key=ph_key):
+        raise Refused("placeholders are not in the export's order")
+    all_phs = sorted(old_phs + list(new_ph), key=ph_key)
+
+    out = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    copy_ph: dict[tuple[fx.Node, int], fx.Node] = {}
+    new_params, new_buffers, new_constants, new_values = {}, {}, {}, {}
+    for key in all_phs:
+        if isinstance(key, fx.Node):
+            name = const_name.get(key, key.name)
+            ph = out.create_node("placeholder", name, name=name, type_expr=key.type)
+            ph.meta = key.meta
+            env[key] = ph
+            if key.name in params:
+                new_params[name] = params[key.name]
+            elif key.name in buffers:
+                new_buffers[name] = buffers[key.name]
+            elif key.name in constants:
+                new_constants[name] = targets[key]
+                if key.name in values:
+                    new_values[name] = values[key.name]
+        else:
+            name, qual, kind = new_ph[key]
+            src = key[0]
+            ph = out.create_node("placeholder", name, name=name, type_expr=src.type)
+            ph.meta = dict(src.meta)
+            copy_ph[key] = ph
+            if kind == "p":
+                new_params[name] = qual
+            elif kind == "b":
+                new_buffers[name] = qual
+            else:
+                new_constants[name] = targets[key]
+                if src.name in values:
+                    new_values[name] = values[src.name]
+        if ph.name != name:
+            raise Refused(f"placeholder name {name} taken")
+
+    last_of: dict[fx.Node, fx.Node] = {}       # a template node -> its last copy, as read from outside the stack
+
+    def outside(a: fx.Node, k) -> fx.Node:
+        r = region.get(a)
+        if a in last_of and (k is None or r[0] != k):
+            return last_of[a]
+        return env[a]
+
+    for n in nodes:
+        if n.op == "placeholder":
+            continue
+        k = (region.get(n) or (None,))[0]
+        c = out.create_node(n.op, n.target, fx.map_arg(n.args, lambda a: outside(a, k)),
+                            fx.map_arg(n.kwargs, lambda a: outside(a, k)), name=_base_name(n.name), type_expr=n.type)
+        c.meta = n.meta
+        env[n] = c
+        if n in end_of:
+            _copies(out, end_of[n], members, env, copy_ph, last_of, outside, calls)
+    out.lint()
+    for table, new_table in ((params, new_params), (buffers, new_buffers), (constants, new_constants),
+                             (values, new_values)):
+        table.clear()
+        table.update(new_table)
+    return out
+
+
+def _copies(out: fx.Graph, plan, members, env, copy_ph, last_of, outside, calls):
+    """Layers keep..length-1 of one stack, each a copy of its template reading the layer before it."""
+    k, s, _ = plan
+    layer_nodes = {i: [env[n] for n in members[(k, i)]] for i in range(s.keep)}
+    templates = {}
+    for t in range(s.keep - s.period, s.keep):
+        template, old = members[(k, t)], s.entry(t)
+        templates[t] = (template, old, {n: i for i, n in enumerate(members[(k, t - 1)])},
+                        [_stack_pattern(n.meta.get("nn_module_stack"), old) for n in template],
+                        [_is_mark(n) for n in template], [m for m in calls if m == old or m.startswith(old + ".")])
+    for j in range(s.keep, s.length):
+        template, old, prev_index, patterns, marks, inner = templates[s.template(j)]
+        new = s.entry(j)
+        previous = layer_nodes[j - 1]
+        local: dict[fx.Node, fx.Node] = {}
+
+        def arg(a: fx.Node) -> fx.Node:
+            if a in local:
+                return local[a]
+            if a in prev_index:
+                return previous[prev_index[a]]
+            if (a, j) in copy_ph:
+                return copy_ph[(a, j)]
+            return outside(a, k)
+        current = []
+        for t, pattern, mark in zip(template, patterns, marks):
+            args = _map(t.args, arg)
+            if mark:
+                args = (args[0], _mark_tag(t.args[1], old, new))
+            c = out.create_node(t.op, t.target, args, _map(t.kwargs, arg), name=_base_name(t.name),
+                                type_expr=t.type)
+            meta = dict(t.meta)
+            if pattern is not None:
+                meta["nn_module_stack"] = {(lead + new + key_rest if swapped else key):
+                                           ((new + path_rest if swapped else path), ty)
+                                           for swapped, lead, key_rest, path_rest, key, path, ty in pattern}
+            c.meta = meta
+            local[t] = c
+            current.append(c)
+        layer_nodes[j] = current
+        for m in inner:
+            calls[_swap(m, old, new)] = calls[m]
+    for t, c in zip(members[(k, s.keep - 1)], layer_nodes[s.length - 1]):
+        last_of[t] = c
+
+
+def _map(a, fn):
+    """fx.map_arg without its generality: nodes in tuples, lists, dicts and slices."""
+    if isinstance(a, fx.Node):
+        return fn(a)
+    if isinstance(a, tuple):
+        return tuple(_map(x, fn) for x in a)
+    if isinstance(a, list):
+        return [_map(x, fn) for x in a]
+    if isinstance(a, dict):
+        return {key: _map(v, fn) for key, v in a.items()}
+    if isinstance(a, slice):
+        return slice(_map(a.start, fn), _map(a.stop, fn), _map(a.step, fn))
+    return a
+
+
+def _stack_pattern(stack, old: str):
+    """A module stack as parts to put another layer's path into: (swapped, lead, key rest, path rest, key,
+    path, type) per entry."""
+    if not stack:
+        return None
+    pattern = []
+    for key, (path, ty) in stack.items():
+        swapped = path == old or path.startswith(old + ".")
+        lead = "L__self__" if key.startswith("L__self__") else ""
+        body = key[len(lead):]
+        if swapped and not (body == old or body.startswith((old + ".", old + "@"))):
+            raise Refused(f"module stack key {key} does not name {path}")
+        pattern.append((swapped, lead, body[len(old):], path[len(old):], key, path, ty))
+    return pattern
+
+
+def _stack_key(key: str, old: str, new: str) -> str:
+    base, at, call = key.rpartition("@")
+    if not at or not call.isdigit():
+        base, at, call = key, "", ""
+    for lead in ("L__self__", ""):
+        if base.startswith(lead) and _swap(base[len(lead):], old, new) != base[len(lead):]:
+            return lead + _swap(base[len(lead):], old, new) + at + call
+    return key
+
+
+def _check_same(members, k: int, s: Stack, t: int, region, tensor_of, constants, values):
+    """Layer t (a template) and the previous layer of its kind, t - period, are one graph: same ops, constants,
+    value shapes and marks, and inputs that correspond (their own nodes at the same positions, their
+    predecessors' nodes at the same positions, the same shared values, their own parameters)."""
+    p = t - s.period
+    prev, tmpl = members[(k, p)], members[(k, t)]
+    prev_path, tmpl_path = s.entry(p), s.entry(t)
+    if len(prev) != len(tmpl):
+        raise Refused(f"{prev_path} and {tmpl_path} differ in size ({len(prev)} / {len(tmpl)} ops)")
+    at_prev = {n: i for i, n in enumerate(prev)}
+    at_tmpl = {n: i for i, n in enumerate(tmpl)}
+    at_tmpl_pred = {n: i for i, n in enumerate(members[(k, t - 1)])}
+    same_kind_pred = p - 1 >= s.start     # the two predecessors are of one kind too: positions must agree
+    at_prev_pred = {n: i for i, n in enumerate(members[(k, p - 1)])} if p >= 1 else {}
+
+    def same(x, y) -> bool:
+        if isinstance(x, fx.Node) or isinstance(y, fx.Node):
+            if not (isinstance(x, fx.Node) and isinstance(y, fx.Node)):
+                return False
+            if x in at_prev and y in at_tmpl:
+                return at_prev[x] == at_tmpl[y]
+            if y in at_tmpl_pred:                  # the template reads its predecessor
+                if x in at_prev_pred:
+                    return not same_kind_pred or at_prev_pred[x] == at_tmpl_pred[y]
+                rx = region.get(x)
+                return rx is None or rx[0] != k
+            if x is y:                             # a shared value from outside the stack
+                return region.get(x) is None or region[x][0] != k
+            if x.op == "placeholder" and y.op == "placeholder" and x.name in tensor_of and y.name in tensor_of:
+                return _swap(tensor_of[x.name], prev_path, tmpl_path) == tensor_of[y.name] \
+                    and tensor_of[x.name] != tensor_of[y.name]
+            if x.op == "placeholder" and y.op == "placeholder" and x.name in constants and y.name in constants:
+                vx, vy = values.get(x.name), values.get(y.name)
+                return (re.sub(r"lifted_tensor_\d+$", "", _swap(constants[x.name], prev_path, tmpl_path))
+                        == re.sub(r"lifted_tensor_\d+$", "", constants[y.name]) and constants[x.name] != constants[y.name]
+                        and isinstance(vx, torch.Tensor) and isinstance(vy, torch.Tensor)
+                        and vx.dtype == vy.dtype and vx.shape == vy.shape and vx.device == vy.device
+                        and (vx.is_meta or bool(torch.equal(vx, vy))))
+            return False
+        if isinstance(x, (list, tuple)):
+            return isinstance(y, (list, tuple)) and type(x) is type(y) and len(x) == len(y) and \
+                all(same(a, b) for a, b in zip(x, y))
+        if isinstance(x, dict):
+            return isinstance(y, dict) and x.keys() == y.keys() and all(same(x[key], y[key]) for key in x)
+        if type(x) is not type(y):
+            return False
+        if isinstance(x, float) and x != x:
+            return y != y
+        return x == y
+
+    for a, b in zip(prev, tmpl):
+        if a.op != b.op or a.target != b.target:
+            raise Refused(f"{prev_path} and {tmpl_path} differ at {a.name} / {b.name}")
+        if _val_key(a.meta.get("val")) != _val_key(b.meta.get("val")):
+            raise Refused(f"{prev_path} and {tmpl_path} differ in shape at {a.name} / {b.name}")
+        args_a = a.args
+        if _is_mark(a):
+            args_a = (a.args[0], _mark_tag(a.args[1], prev_path, tmpl_path))
+        if not same(args_a, b.args) or not same(dict(a.kwargs), dict(b.kwargs)):
+            raise Refused(f"{prev_path} and {tmpl_path} differ in the inputs of {a.name} / {b.name}")
+        sa = [(_stack_key(key, prev_path, tmpl_path), _swap(p, prev_path, tmpl_path))
+              for key, (p, _) in (a.meta.get("nn_module_stack") or {}).items()]
+        if sa != [(key, p) for key, (p, _) in (b.meta.get("nn_module_stack") or {}).items()]:
+            raise Refused(f"{prev_path} and {tmpl_path} differ in modules at {a.name} / {b.name}")
