@@ -28,7 +28,7 @@ LAYERS = 4
 # architectures whose layers are not truncated at 4 layers, and why: a shared layer called many times (ALBERT),
 # kinds that alternate (Gemma 2's sliding/global layers, GPT-Neo's global/local: a prefix holding each kind twice
 # is all 4; test_alternating_layers_unroll has 6), no layer container (UNet)
-FULL = {"albert", "gemma2", "gpt_neo", "unet"}
+FULL = {"albert", "gemma2", "gpt_neo", "gpt_oss", "unet"}   # alternating kinds: all 4 layers are the prefix
 QUICK = {"llama", "t5", "falcon", "bert", "mixtral", "whisper"}
 SPECS = ["lora", "houlsby", "prefix", "prompt", "ia3", "top_layers", "lora_task_head", "pfeiffer", "ln_tuning",
          "unipelt"]
@@ -130,7 +130,8 @@ def test_unrolled_trace_is_the_full_trace(arch):
     _check_equal(arch)
 
 
-@pytest.mark.parametrize("arch", ["gemma2", pytest.param("gpt_neo", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("arch", ["gemma2", pytest.param("gpt_neo", marks=pytest.mark.slow),
+                                  pytest.param("gpt_oss", marks=pytest.mark.slow)])
 def test_alternating_layers_unroll(arch):
     """Sliding-window and global layers in turn: kinds of period 2, a prefix of 4 of 6 layers."""
     assert [(s.keep, s.period) for s in unroll.find_stacks(build(arch, 6)[0])] == [(4, 2)]
