@@ -1,0 +1,98 @@
+"""Decoders outside the architecture matrix's first set (hybrid attention + state-space stacks, parallel blocks
+that add their branches one by one, a head forwarding `use_cache` through **kwargs): tiny random-weight models
+built from transformers configs (hidden 64, 2 layers, vocab 96)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import surgery
+from surgery.rewrite.host import cache_length
+from architectures import _decoder, _ids
+
+
+def _roles(model, spec):
+    return [(m.role, m.layer, m.module) for m in surgery.plan(model, surgery.load_spec(spec))]
+
+
+def _spec(rules):
+    return {"version": 1, "name": "t", "rules": rules}
+
+
+def bamba():
+    # layer 0 a Mamba-2 mixer, layer 1 attention; both with a gated FFN; one layer class for both
+    return _decoder("BambaConfig", "BambaForCausalLM", num_key_value_heads=2, attn_layer_indices=[1],
+                    mamba_n_heads=8, mamba_d_head=16, mamba_n_groups=1, mamba_d_state=8, mamba_d_conv=4,
+                    mamba_expand=2, mamba_chunk_size=4)
+
+
+def jamba():
+    # layers of two classes in one ModuleList: JambaMambaDecoderLayer, JambaAttentionDecoderLayer
+    return _decoder("JambaConfig", "JambaForCausalLM", num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
+                    expert_layer_period=2, expert_layer_offset=1, attn_layer_period=2, attn_layer_offset=1,
+                    mamba_d_state=8, mamba_d_conv=4, mamba_expand=2, mamba_dt_rank=8, use_mamba_kernels=False)
+
+
+@pytest.mark.parametrize("build", [bamba, jamba])
+def test_hybrid_layers_are_numbered_by_position_in_the_stack(build):
+    """The attention of model.layers.1 is layer 1 (it was layer 0: layers were counted by attention ops, so
+    `layers: [0]` selected the second block), and the state-space layer is a layer with its own block.output."""
+    model, _, _ = build()
+    rows = _roles(model, _spec([
+        {"name": "q", "match": {"role": "attention.q"}, "action": "wrap", "module": {"kind": "lora", "r": 2}},
+        {"name": "ffn", "match": {"role": "ffn.out"}, "action": "wrap", "module": {"kind": "lora", "r": 2}}]))
+    assert [(layer, module) for role, layer, module in rows if role == "attention.q"] == \
+        [(1, "model.layers.1.self_attn.q_proj")]
+    reft = _roles(model, "specs/loreft.yaml")
+    assert sorted((layer, module) for role, layer, module in reft if role == "block.output") == \
+        [(0, "model.layers.0"), (1, "model.layers.1")]
+    assert {layer for role, layer, module in rows if role == "ffn.out"} == {0, 1}
+    assert all(module.startswith(f"model.layers.{layer}.") for role, layer, module in rows if role == "ffn.out")
+
+
+def test_hybrid_attention_in_every_layer_is_refused_saying_which_layers_lack_it():
+    model, _, _ = bamba()
+    with pytest.raises(surgery.SurgeryError, match=r"every layer but matched none in layers \[0\]"):
+        surgery.plan(model, surgery.load_spec(_spec([
+            {"name": "lora", "match": {"role": ["attention.q", "attention.v"]}, "action": "wrap",
+             "module": {"kind": "lora", "r": 2}, "expect": "every_layer"}])))
+
+
+def test_parallel_block_adding_branches_one_by_one_has_ffn_residual_add():
+    """Cohere: h = residual + attention(norm(residual)) + mlp(norm(residual)); the FFN's sub-layer closes at the
+    second add, its residual the stream (was: no ffn.residual_add, Pfeiffer refused)."""
+    model, inputs, _ = _decoder("CohereConfig", "CohereForCausalLM", num_key_value_heads=2, logit_scale=0.0625)
+    rows = _roles(model, _spec([{"name": "ffn_adapter", "match": {"role": "ffn.residual_add"}, "action": "sublayer",
+                                 "module": {"kind": "bottleneck", "reduction_factor": 16}}]))
+    assert sorted((layer, module) for _, layer, module in rows) == [(0, "model.layers.0"), (1, "model.layers.1")]
+    base = model(**inputs).logits
+    surgery.apply(model, surgery.load_spec("specs/pfeiffer.yaml"))
+    with torch.no_grad():
+        for p in model.surgery_adapters.parameters():
+            p.normal_(0, 0.05)
+        out = model(**inputs).logits
+        with surgery.disable(model):
+            off = model(**inputs).logits
+    assert (off - base).abs().max() < 1e-5 and (out - base).abs().max() > 1e-4
+
+
+def test_hybrid_cache_length_is_the_longest_layers():
+    """MiniMax's cache: layer 0 (linear attention) holds a state, no positions; get_seq_length() (layer 0) says
+    0 after a prefill of 8, which made prompt tuning prepend its prompt again at every decoding step."""
+    model, inputs, _ = _decoder("MiniMaxConfig", "MiniMaxForCausalLM", num_key_value_heads=2, head_dim=16,
+                                num_local_experts=4, num_experts_per_tok=2,
+                                layer_types=["linear_attention", "full_attention"])
+    with torch.no_grad():
+        cache = model(**inputs, use_cache=True).past_key_values
+    assert cache.get_seq_length() == 0       # the library's answer, layer 0
+    assert cache_length([cache]) == inputs["input_ids"].shape[1]
+
+
+def test_trace_passes_use_cache_false_through_kwargs():
+    """GraniteMoeForCausalLM.forward takes use_cache only through **kwargs: tracing built a DynamicCache and
+    torch.export refused it ("could not trace")."""
+    model, _, _ = _decoder("GraniteMoeConfig", "GraniteMoeForCausalLM", num_key_value_heads=2, num_local_experts=4,
+                           num_experts_per_tok=2, embedding_multiplier=12.0, residual_multiplier=0.22,
+                           attention_multiplier=0.0078125, logits_scaling=8.0)
+    rows = _roles(model, "specs/lora.yaml")
+    assert {(r, layer) for r, layer, _ in rows} == {(r, layer) for layer in (0, 1) for r in ("attention.q", "attention.v")}
