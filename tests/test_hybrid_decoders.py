@@ -74,6 +74,11 @@ def test_parallel_block_adding_branches_one_by_one_has_ffn_residual_add():
         with surgery.disable(model):
             off = model(**inputs).logits
     assert (off - base).abs().max() < 1e-5 and (out - base).abs().max() > 1e-4
+    # the FFN adapter replaces the FFN branch, never the whole sum: the attention branch still reaches the output
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.mul_(2.0)
+        assert (model(**inputs).logits - out).abs().max() > 1e-4
 
 
 def test_hybrid_cache_length_is_the_longest_layers():

@@ -528,6 +528,15 @@ def _realize_sublayer(model, analysis, store, record, match, module, key, gate):
     runtime = store.runtime
     slot_h, slot_x = f"{record.name}/{match.rule}/{key}/h", f"{record.name}/{match.rule}/{key}/x"
     record.undo.append(hook_capture(model, capture_anchor(analysis, residual), runtime, slot_x))
+    if residual not in match.site.node.args[:2]:
+        # a parallel block's add of the branch onto a partial sum (Cohere: residual + attention + mlp): the add's
+        # output carries the sibling branch too, so only the branch is replaced, by module(h, x) - x
+        if norm_node is not None:
+            raise RewriteError(f"rule {match.rule!r}: the sub-layer at {match.node} adds its branch to a partial "
+                               f"sum of parallel branches and then normalizes it; not supported")
+        record.undo.append(hook_value(model, value_anchor(analysis, branch),
+                                      functools.partial(_sublayer_branch, module, runtime, slot_x, record.name), gate))
+        return
     if norm_node is not None:
         norm_anchor = output_anchor(analysis, norm_node)
         norm_input = input_anchor(analysis, match.site.node)
