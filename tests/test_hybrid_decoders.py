@@ -101,3 +101,23 @@ def test_trace_passes_use_cache_false_through_kwargs():
                            attention_multiplier=0.0078125, logits_scaling=8.0)
     rows = _roles(model, "specs/lora.yaml")
     assert {(r, layer) for r, layer, _ in rows} == {(r, layer) for layer in (0, 1) for r in ("attention.q", "attention.v")}
+
+
+def test_a_trace_read_from_the_cache_intercepts_torch_calls_as_a_fresh_one(tmp_path, monkeypatch):
+    """Granite scales each branch (`branch * residual_multiplier`, no module boundary): Pfeiffer's FFN adapter
+    reads it through its source line. The disk cache dropped `stack_trace`, so the second process (a cache hit)
+    refused "not at any module boundary" what the first applied."""
+    import collections
+    monkeypatch.setenv("SURGERY_CACHE", "1")
+    monkeypatch.setenv("SURGERY_CACHE_DIR", str(tmp_path / "cache"))
+    outputs = []
+    for _ in range(2):      # a fresh trace written to the cache, then a new process reading it back
+        monkeypatch.setattr(surgery.api, "_STRUCTURE_CACHE", collections.OrderedDict())
+        model, inputs, _ = _decoder("GraniteConfig", "GraniteForCausalLM", num_key_value_heads=2,
+                                    embedding_multiplier=12.0, residual_multiplier=0.22,
+                                    attention_multiplier=0.0078125, logits_scaling=8.0)
+        surgery.apply(model, surgery.load_spec("specs/pfeiffer.yaml"))
+        with torch.no_grad():
+            outputs.append(model(**inputs).logits)
+    assert len(list((tmp_path / "cache").glob("*.trace"))) == 1
+    assert torch.equal(outputs[0], outputs[1])

@@ -737,10 +737,16 @@ def analyze(traced: Traced) -> Analysis:
             other = b if a in down else a
             if (a in down) == (b in down) or _shape(other) != _shape(n):
                 return False
-            # the residual stream, or (a parallel block adding its branches one by one: Cohere's
-            # residual + attention + mlp) the stream plus a sibling branch computed from the same input
-            return other in up or (op_name(other) == "add" and any(
-                x in up and _shape(x) == _shape(n) for x in other.all_input_nodes))
+            # the residual stream; the stream plus a sibling branch computed from the same input (a parallel block
+            # adding its branches one by one: Cohere's residual + attention + mlp); or the stream times a constant
+            # (MiniMax's residual * alpha + branch * beta)
+            if other in up:
+                return True
+            inputs = other.all_input_nodes
+            if op_name(other) == "add":
+                return any(x in up and _shape(x) == _shape(n) for x in inputs)
+            return (op_name(other) == "mul" and len(inputs) == 1 and inputs[0] in up
+                    and _shape(inputs[0]) == _shape(n))
         down: set[fx.Node] = set()
         frontier, add_node, budget = [branch_value], None, 96
         while frontier and budget > 0 and add_node is None:
@@ -764,8 +770,8 @@ def analyze(traced: Traced) -> Analysis:
         residual = b if a in down else a
         branch = a if residual is b else b
         if residual not in up:
-            # a parallel block's partial sum (residual + attention): the sub-layer's residual is the stream the
-            # branch was computed from; the model's add then adds the sibling branch on top
+            # a parallel block's partial sum (residual + attention), or a scaled stream: the sub-layer's residual
+            # is the stream the branch was computed from
             residual = next(x for x in residual.all_input_nodes if x in up and _shape(x) == _shape(add_node))
         norm = None
         users = list(add_node.users)
