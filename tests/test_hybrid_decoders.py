@@ -121,3 +121,28 @@ def test_a_trace_read_from_the_cache_intercepts_torch_calls_as_a_fresh_one(tmp_p
             outputs.append(model(**inputs).logits)
     assert len(list((tmp_path / "cache").glob("*.trace"))) == 1
     assert torch.equal(outputs[0], outputs[1])
+
+
+def _ernie_moe():
+    # a router with a score-correction bias (a frozen nn.Parameter) added before the top-k: it selects experts,
+    # the routing weights are gathered from the uncorrected scores
+    return _decoder("Ernie4_5_MoeConfig", "Ernie4_5_MoeForCausalLM", num_key_value_heads=2, head_dim=16,
+                    moe_num_experts=4, moe_k=2, moe_intermediate_size=32, moe_layer_start_index=0,
+                    moe_num_shared_experts=1)
+
+
+def test_a_parameter_read_only_to_select_is_not_trained():
+    """Ernie 4.5 MoE's only biases are the routers' e_score_correction_bias: BitFit marked them trainable, and a
+    training step had no gradient at all (torch: "element 0 of tensors does not require grad"); top_layers
+    trained them with the block and they never got a gradient."""
+    model, inputs, _ = _ernie_moe()
+    with pytest.raises(surgery.SurgeryError, match=r"e_score_correction_bias reach the output only through a "
+                                                    r"selection"):
+        surgery.apply(model, surgery.load_spec("specs/bitfit.yaml"))
+    assert not any(p.requires_grad for n, p in model.named_parameters() if "e_score" in n)
+    model, inputs, _ = _ernie_moe()
+    surgery.apply(model, surgery.load_spec("specs/top_layers.yaml"))
+    trained = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trained and not any("e_score_correction_bias" in n for n in trained)
+    model(**inputs).logits.sum().backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad)

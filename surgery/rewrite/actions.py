@@ -13,6 +13,7 @@ import torch
 from torch import fx, nn
 from torch.nn.utils import parametrize
 
+from surgery.analyze.gradients import without_gradient
 from surgery.analyze.roles import SDPA_OPS, Analysis, Site, op_name, stack_entries
 from surgery.errors import RewriteError
 from surgery.match.pattern import Match
@@ -297,14 +298,21 @@ def realize(model: nn.Module, analysis: Analysis, store: AdapterStore, record: R
         return
     if rule.action == "train":
         before = len(record.trained)
+        selection_only = without_gradient(analysis.traced)   # read only to select (top-k indices): no gradient
+        skipped = []
         for match in matches:
             for pname, param in _params_of(model, match.site, analysis).items():
                 kind = "bias" if "bias" in pname.rpartition(".")[2].split("_") else "weight"  # in_proj_bias too
                 if "all" in rule.params or kind in rule.params:
+                    if pname in selection_only:
+                        skipped.append(pname)
+                        continue
                     record.trained.append((param, param.requires_grad))
         if matches and len(record.trained) == before and rule.expect != "any":
+            why = (f"; {', '.join(sorted(set(skipped))[:3])} reach the output only through a selection (top-k "
+                   f"indices), so no gradient reaches them" if skipped else "")
             raise RewriteError(f"rule {matches[0].rule!r} matched {len(matches)} site(s) but they read no "
-                               f"{'/'.join(rule.params)} parameters to train (e.g. a model without biases); "
+                               f"{'/'.join(rule.params)} parameters to train (e.g. a model without biases){why}; "
                                f"use expect: any to allow that")
         return
     cls = module_class(rule.module.kind)
