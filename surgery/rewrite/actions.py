@@ -1016,7 +1016,9 @@ def _token_embedding(model, analysis: Analysis) -> nn.Module | None:
 def _token_embedding_site(analysis: Analysis) -> Site | None:
     for site in analysis.by_role.get("embedding", []):
         ids = site.node.args[1] if len(site.node.args) > 1 else None
-        while isinstance(ids, fx.Node) and ids.op == "call_function" and op_name(ids) in ("view", "reshape", "_unsafe_view"):
+        # through reshapes and copies to the table's device or dtype (Llama 4: input_ids.to(weight.device))
+        while isinstance(ids, fx.Node) and ids.op == "call_function" and op_name(ids) in (
+                "view", "reshape", "_unsafe_view", "to", "_to_copy", "alias", "clone", "contiguous"):
             ids = ids.args[0]
         if isinstance(ids, fx.Node) and ids.op == "placeholder" and ids.name not in analysis.traced.params \
                 and ids.name not in analysis.traced.buffers and site.module:
