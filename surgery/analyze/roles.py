@@ -7,8 +7,10 @@ lookups. From each attention op we walk back through view-like and rotary ops to
 (q, k, v, or a packed projection sliced by the columns each operand reads: a range, or an index set where q, k
 and v are interleaved head by head, found by evaluating the ops in between on column numbers), forward to the
 output projection and on to the residual add; the FFN is the layer's other linears (routers excluded). Layers are the repeated units of
-the module tree (numbered children of one type) holding the attention ops, one per call; their containers are
-stacks, and attention whose keys come from another value than its queries is cross-attention.
+the module tree (numbered children of one type) holding the attention ops, one per call, and every other numbered
+child of their containers (a hybrid model's state-space or linear-attention layers, of other types), numbered by
+position; their containers are stacks, and attention whose keys come from another value than its queries is
+cross-attention.
 """
 from __future__ import annotations
 
