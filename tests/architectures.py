@@ -288,6 +288,26 @@ def starcoder2():
     return _decoder("Starcoder2Config", "Starcoder2ForCausalLM", num_key_value_heads=2, sliding_window=4)
 
 
+def cohere():
+    # a parallel block adding its branches one by one: residual + attention(norm(x)) + mlp(norm(x)); logit scale
+    return _decoder("CohereConfig", "CohereForCausalLM", num_key_value_heads=2, logit_scale=0.0625)
+
+
+def granitemoe():
+    # the head's forward takes use_cache only through **kwargs; embedding/residual/attention/logit multipliers
+    return _decoder("GraniteMoeConfig", "GraniteMoeForCausalLM", num_key_value_heads=2, num_local_experts=4,
+                    num_experts_per_tok=2, embedding_multiplier=12.0, residual_multiplier=0.22,
+                    attention_multiplier=0.0078125, logits_scaling=8.0, facts={"experts": 4})
+
+
+def minimax():
+    # hybrid: layer 0 linear (lightning) attention, no softmax; layer 1 softmax attention; MoE FFNs; residuals
+    # scaled (residual * alpha + branch * beta); its cache's get_seq_length() (layer 0's) is 0 while decoding
+    return _decoder("MiniMaxConfig", "MiniMaxForCausalLM", num_key_value_heads=2, head_dim=16, num_local_experts=4,
+                    num_experts_per_tok=2, layer_types=["linear_attention", "full_attention"],
+                    facts={"experts": 4})
+
+
 def mamba():
     from transformers import MambaConfig, MambaForCausalLM
     cfg = MambaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, state_size=8, expand=2,
@@ -412,7 +432,8 @@ ARCHITECTURES = {
     "gpt2": gpt2, "gpt2-cls": gpt2_cls, "gpt_neo": gpt_neo, "gptj": gptj, "gpt_neox": gpt_neox, "opt": opt,
     "bloom": bloom, "falcon": falcon, "llama": llama, "mistral": mistral, "mixtral": mixtral, "gpt_oss": gpt_oss, "qwen2": qwen2,
     "qwen2_moe": qwen2_moe, "qwen3": qwen3, "phi": phi, "phi3": phi3, "gemma": gemma, "gemma2": gemma2,
-    "gemma3_text": gemma3_text, "olmo": olmo, "stablelm": stablelm, "starcoder2": starcoder2, "mamba": mamba,
+    "gemma3_text": gemma3_text, "olmo": olmo, "stablelm": stablelm, "starcoder2": starcoder2, "cohere": cohere,
+    "granitemoe": granitemoe, "minimax": minimax, "mamba": mamba,
     "t5": t5, "bart": bart, "mbart": mbart, "whisper": whisper,
     "vit": vit, "clip-vision": clip_vision,
     "unet": unet, "dit": dit,
@@ -444,7 +465,7 @@ KINDS = {
     "wav2vec2": "audio",
     **dict.fromkeys(["gpt2", "gpt2-cls", "gpt_neo", "gptj", "gpt_neox", "opt", "bloom", "falcon", "llama", "mistral",
                      "mixtral", "gpt_oss", "qwen2", "qwen2_moe", "qwen3", "phi", "phi3", "gemma", "gemma2", "gemma3_text", "olmo",
-                     "stablelm", "starcoder2"], "decoder"),
+                     "stablelm", "starcoder2", "cohere", "granitemoe", "minimax"], "decoder"),
     "mamba": "ssm",
     **dict.fromkeys(["t5", "bart", "mbart", "whisper"], "seq2seq"),
     **dict.fromkeys(["vit", "clip-vision"], "vision"),

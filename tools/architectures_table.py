@@ -112,7 +112,7 @@ def write_xfail(results) -> None:
     src = path.read_text()
     head = "XFAIL: dict[tuple[str, str], tuple[str, str]] = {\n"
     start = src.index(head) + len(head)
-    end = src.index("\n}\n", start)
+    end = src.index("\n}\n", start - 1)     # start - 1: an empty table
     path.write_text(src[:start] + "\n".join(lines) + src[end:])
 
 

@@ -7,8 +7,10 @@ lookups. From each attention op we walk back through view-like and rotary ops to
 (q, k, v, or a packed projection sliced by the columns each operand reads: a range, or an index set where q, k
 and v are interleaved head by head, found by evaluating the ops in between on column numbers), forward to the
 output projection and on to the residual add; the FFN is the layer's other linears (routers excluded). Layers are the repeated units of
-the module tree (numbered children of one type) holding the attention ops, one per call; their containers are
-stacks, and attention whose keys come from another value than its queries is cross-attention.
+the module tree (numbered children of one type) holding the attention ops, one per call, and every other numbered
+child of their containers (a hybrid model's state-space or linear-attention layers, of other types), numbered by
+position; their containers are stacks, and attention whose keys come from another value than its queries is
+cross-attention.
 """
 from __future__ import annotations
 
@@ -662,9 +664,26 @@ def analyze(traced: Traced) -> Analysis:
 
     blocks_at: list[tuple[str, int]] = []
     for op_node, *_ in attention:
-        units = [e for e in stack_entries(op_node) if is_unit(e[0])]
+        entries = stack_entries(op_node)
+        units = [e for e in entries if is_unit(e[0])]
+        if not units:
+            # a hybrid stack: numbered layers of several types (attention layers between state-space ones)
+            units = [e for e in entries if e[0].rpartition(".")[2].isdigit()]
         if units and units[-1] not in blocks_at:
             blocks_at.append(units[-1])
+    if attention and blocks_at:
+        # every numbered child of a stack holding attention is a layer, with attention or without (a hybrid
+        # model's state-space layers): layers are numbered by position in the stack, in call order
+        containers = {path.rpartition(".")[0] for path, _ in blocks_at}
+        ordered: list[tuple[str, int]] = []
+        seen: set[tuple[str, int]] = set()
+        for node in nodes:
+            for entry in stack_entries(node):
+                parent, _, index = entry[0].rpartition(".")
+                if parent in containers and index.isdigit() and entry not in seen:
+                    seen.add(entry)
+                    ordered.append(entry)
+        blocks_at = ordered + [b for b in blocks_at if b not in seen]
     if not attention:
         for node in linears:
             units = [e for e in stack_entries(node) if is_unit(e[0])]
@@ -718,7 +737,18 @@ def analyze(traced: Traced) -> Analysis:
                 return False
             a, b = n.args[0], n.args[1]
             other = b if a in down else a
-            return (a in down) != (b in down) and other in up and _shape(other) == _shape(n)
+            if (a in down) == (b in down) or _shape(other) != _shape(n):
+                return False
+            # the residual stream; the stream plus a sibling branch computed from the same input (a parallel block
+            # adding its branches one by one: Cohere's residual + attention + mlp); or the stream times a constant
+            # (MiniMax's residual * alpha + branch * beta)
+            if other in up:
+                return True
+            inputs = other.all_input_nodes
+            if op_name(other) == "add":
+                return any(x in up and _shape(x) == _shape(n) for x in inputs)
+            return (op_name(other) == "mul" and len(inputs) == 1 and inputs[0] in up
+                    and _shape(inputs[0]) == _shape(n))
         down: set[fx.Node] = set()
         frontier, add_node, budget = [branch_value], None, 96
         while frontier and budget > 0 and add_node is None:
@@ -741,6 +771,10 @@ def analyze(traced: Traced) -> Analysis:
         a, b = add_node.args[0], add_node.args[1]
         residual = b if a in down else a
         branch = a if residual is b else b
+        if residual not in up:
+            # a parallel block's partial sum (residual + attention), or a scaled stream: the sub-layer's residual
+            # is the stream the branch was computed from
+            residual = next(x for x in residual.all_input_nodes if x in up and _shape(x) == _shape(add_node))
         norm = None
         users = list(add_node.users)
         # a post-sub-layer norm (BERT's) is the layer's own; the norm after a pre-LN stack's last layer (GPT-2's

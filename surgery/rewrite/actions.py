@@ -13,6 +13,7 @@ import torch
 from torch import fx, nn
 from torch.nn.utils import parametrize
 
+from surgery.analyze.gradients import without_gradient
 from surgery.analyze.roles import SDPA_OPS, Analysis, Site, op_name, stack_entries
 from surgery.errors import RewriteError
 from surgery.match.pattern import Match
@@ -297,14 +298,21 @@ def realize(model: nn.Module, analysis: Analysis, store: AdapterStore, record: R
         return
     if rule.action == "train":
         before = len(record.trained)
+        selection_only = without_gradient(analysis.traced)   # read only to select (top-k indices): no gradient
+        skipped = []
         for match in matches:
             for pname, param in _params_of(model, match.site, analysis).items():
                 kind = "bias" if "bias" in pname.rpartition(".")[2].split("_") else "weight"  # in_proj_bias too
                 if "all" in rule.params or kind in rule.params:
+                    if pname in selection_only:
+                        skipped.append(pname)
+                        continue
                     record.trained.append((param, param.requires_grad))
         if matches and len(record.trained) == before and rule.expect != "any":
+            why = (f"; {', '.join(sorted(set(skipped))[:3])} reach the output only through a selection (top-k "
+                   f"indices), so no gradient reaches them" if skipped else "")
             raise RewriteError(f"rule {matches[0].rule!r} matched {len(matches)} site(s) but they read no "
-                               f"{'/'.join(rule.params)} parameters to train (e.g. a model without biases); "
+                               f"{'/'.join(rule.params)} parameters to train (e.g. a model without biases){why}; "
                                f"use expect: any to allow that")
         return
     cls = module_class(rule.module.kind)
@@ -528,6 +536,15 @@ def _realize_sublayer(model, analysis, store, record, match, module, key, gate):
     runtime = store.runtime
     slot_h, slot_x = f"{record.name}/{match.rule}/{key}/h", f"{record.name}/{match.rule}/{key}/x"
     record.undo.append(hook_capture(model, capture_anchor(analysis, residual), runtime, slot_x))
+    if residual not in match.site.node.args[:2]:
+        # a parallel block's add of the branch onto a partial sum (Cohere: residual + attention + mlp): the add's
+        # output carries the sibling branch too, so only the branch is replaced, by module(h, x) - x
+        if norm_node is not None:
+            raise RewriteError(f"rule {match.rule!r}: the sub-layer at {match.node} adds its branch to a partial "
+                               f"sum of parallel branches and then normalizes it; not supported")
+        record.undo.append(hook_value(model, value_anchor(analysis, branch),
+                                      functools.partial(_sublayer_branch, module, runtime, slot_x, record.name), gate))
+        return
     if norm_node is not None:
         norm_anchor = output_anchor(analysis, norm_node)
         norm_input = input_anchor(analysis, match.site.node)
@@ -999,7 +1016,9 @@ def _token_embedding(model, analysis: Analysis) -> nn.Module | None:
 def _token_embedding_site(analysis: Analysis) -> Site | None:
     for site in analysis.by_role.get("embedding", []):
         ids = site.node.args[1] if len(site.node.args) > 1 else None
-        while isinstance(ids, fx.Node) and ids.op == "call_function" and op_name(ids) in ("view", "reshape", "_unsafe_view"):
+        # through reshapes and copies to the table's device or dtype (Llama 4: input_ids.to(weight.device))
+        while isinstance(ids, fx.Node) and ids.op == "call_function" and op_name(ids) in (
+                "view", "reshape", "_unsafe_view", "to", "_to_copy", "alias", "clone", "contiguous"):
             ids = ids.args[0]
         if isinstance(ids, fx.Node) and ids.op == "placeholder" and ids.name not in analysis.traced.params \
                 and ids.name not in analysis.traced.buffers and site.module:

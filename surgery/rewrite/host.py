@@ -840,6 +840,13 @@ def cache_state(values) -> tuple[int, bool]:
                 seen = int(length())
             except Exception:  # noqa: BLE001 - a cache that cannot say its length is treated as empty
                 seen = 0
+            if not seen:
+                # a hybrid model's cache (MiniMax): layer 0 may hold no positions (linear attention, a state)
+                # while the attention layers do; the length is the longest layer's
+                try:
+                    seen = max((int(length(i)) for i in range(len(value.layers))), default=0)
+                except Exception:  # noqa: BLE001 - no per-layer length: the overall one stands
+                    seen = 0
             previous = getattr(value, "has_previous_state", None)
             if not seen and callable(previous):
                 # a recurrent (state-space) cache holds a state, not positions: a state means a decode step

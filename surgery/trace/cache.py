@@ -46,8 +46,10 @@ FORMAT = 1
 MAGIC = b"surgery-trace"
 MAX_ENTRIES = 64
 # node metadata torch.export writes that surgery never reads (tensor_meta repeats `val`); every other key is
-# stored, and a graph whose metadata holds a value this format cannot store exactly is not cached
-DROPPED_META = frozenset({"stack_trace", "tensor_meta"})
+# stored, and a graph whose metadata holds a value this format cannot store exactly is not cached. `stack_trace`
+# is kept: a torch-level call in a forward (Granite's `branch * residual_multiplier`) is intercepted by its source
+# line (surgery/rewrite/torchcalls.py); without it a cache hit refused what a fresh trace applies
+DROPPED_META = frozenset({"tensor_meta"})
 SUFFIX = ".trace"
 _PY_TARGETS = {"getitem": operator.getitem}
 _PACKAGE_DIR = Path(__file__).resolve().parent.parent   # surgery/: its code is part of the key

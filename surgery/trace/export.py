@@ -142,7 +142,8 @@ def default_example_inputs(model: nn.Module, batch: int = 2, seq: int = 8):
 
 def _without_cache(model: nn.Module, kwargs: dict) -> dict:
     """Tracing never builds a KV cache (torch.export cannot return one): `use_cache=False` where the forward
-    takes it and the caller did not say."""
+    takes it and the caller did not say, by name or through `**kwargs` passed on to a model whose config has
+    `use_cache` (transformers' GraniteMoE: the head's forward forwards it to the base model's)."""
     if "use_cache" in kwargs:
         return kwargs
     try:
@@ -150,6 +151,9 @@ def _without_cache(model: nn.Module, kwargs: dict) -> dict:
     except (TypeError, ValueError):
         return kwargs
     if "use_cache" in params:
+        return {**kwargs, "use_cache": False}
+    if (getattr(getattr(model, "config", None), "use_cache", None) is not None
+            and any(p.kind is p.VAR_KEYWORD for p in params.values())):
         return {**kwargs, "use_cache": False}
     return kwargs
 def derive_example_inputs(model: nn.Module, batch: int = 2, seq: int = 8):
