@@ -793,9 +793,14 @@ def analyze(traced: Traced) -> Analysis:
             hits = _walk_back(arg, is_linear, VIEW_LIKE | ROTARY_LIKE | QK_NORM | {"div", "index"}, 64)
             srcs[role] = hits[0] if hits else None
         q_src, k_src = srcs["q"], srcs["k"]
-        # cross-attention: keys computed from another value than the queries (the encoder's output)
-        cross = (q_src is not None and k_src is not None and q_src is not k_src
-                 and _base_value(linears[q_src].x) is not _base_value(linears[k_src].x))
+        # cross-attention: keys computed from another value than the queries (the encoder's output), not one
+        # computed from the other on the way (Segformer/PVT: keys from a strided conv and norm of the queries'
+        # hidden state; Funnel: queries from the pooled hidden state of the keys): still self-attention
+        cross = False
+        if q_src is not None and k_src is not None and q_src is not k_src:
+            q_in, k_in = _base_value(linears[q_src].x), _base_value(linears[k_src].x)
+            cross = (q_in is not k_in and q_in not in ancestors(linears[k_src].x, limit=64)
+                     and k_in not in ancestors(linears[q_src].x, limit=64))
         prefix = "cross_attention" if cross else "attention"
         add(op_node, f"{prefix}.op", layer, q=q, k=k, v=v)
         # one projection feeding several operands is packed (GPT-2's c_attn, Falcon's query_key_value): a qkv site,

@@ -140,7 +140,10 @@ class AdaptionPrompt(nn.Module):
             raise RewriteError(f"LLaMA-Adapter projects its adaption prompts with the layer's own key and value "
                                f"projections, but the attention op at {site.module} has no separate k and v "
                                f"projections surgery can call (none found, or their columns reordered on the way to the attention)")
-        return cls(options.adapter_len, site.extra["hidden"], site.extra["kv_heads"], site.extra["head_dim"],
+        # the prompts are read by the layer's key projection: its input width (a hierarchical model's stages,
+        # Swin's 16 then 32, differ from the first attention's)
+        dim = site.extra.get("k_in") or site.extra["hidden"]
+        return cls(options.adapter_len, dim, site.extra["kv_heads"], site.extra["head_dim"],
                    site.extra["k_proj"], site.extra["v_proj"])
 
     def forward(self, query, key, value, attend):

@@ -151,6 +151,7 @@ def _attention_facts(model, analysis: Analysis, match: Match) -> dict:
                 facts[role[-1] + "_proj"] = _projection(model, info, site.extra.get("packed"))
                 if role == "attention.k":
                     facts["kv_heads"] = cols.width(info.rows or site.extra.get("packed"), info.out_features) // head_dim
+                    facts["k_in"] = info.in_features    # what the key projection reads (a stage's own width)
     # the width of the hidden state entering the attention module (a UNet's resolutions differ from layer to
     # layer), and every layer's key width (a prefix MLP shared by layers of several widths lays them end to end)
     entering = _module_input_value(analysis, match.module)
@@ -272,6 +273,15 @@ def _refuse_without_positions(analysis: Analysis, rule: Rule, cls, matches: list
     tuning, ReFT) need one sequence; layers in several stacks that are not an encoder-decoder (a UNet's
     resolutions, on feature maps of several sizes) have none."""
     stacks = sorted(set(analysis.stacks))
+    if rule.action == "prepend":
+        # a token sequence is [batch, positions, width]; a conv stem's feature map ([batch, channels, h, w], a
+        # ConvNeXt) has no position axis to prepend to
+        for m in matches:
+            val = _site_value(m.site).meta.get("val")
+            if isinstance(val, torch.Tensor) and val.dim() != 3:
+                raise RewriteError(f"rule {m.rule!r}: prompt tuning prepends positions to a token sequence "
+                                   f"[batch, positions, width], but the model's input to its layers at {m.module} is "
+                                   f"{list(val.shape)} (a feature map): the model has no token positions")
     if not matches or len(stacks) < 2 or encoder_decoder(analysis):
         return
     # prompts need one sequence; ReFT reads the root call's positions, unless the stacks cross-attend to another

@@ -1,0 +1,103 @@
+"""Encoder and vision families outside the architecture matrix's first set (issue: break the promise on models
+it was not tested on). Each test is one kind of defect found, on the smallest model that shows it."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import surgery
+
+transformers = pytest.importorskip("transformers")
+
+LORA_QV = {"version": 1, "name": "qv", "rules": [
+    {"name": "lora", "match": {"role": ["attention.q", "attention.v"]}, "action": "wrap",
+     "module": {"kind": "lora", "r": 2}, "expect": "every_layer"}]}
+
+
+def _pixels(size=32):
+    return {"pixel_values": torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))}
+
+
+def _segformer():
+    cfg = transformers.SegformerConfig(num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[16, 32],
+                                       patch_sizes=[7, 3], strides=[4, 2], num_attention_heads=[1, 2],
+                                       mlp_ratios=[2, 2])
+    torch.manual_seed(0)
+    return transformers.SegformerModel(cfg).eval(), _pixels()
+
+
+def _funnel():
+    cfg = transformers.FunnelConfig(vocab_size=96, d_model=64, n_head=4, d_head=16, d_inner=128, block_sizes=[1, 1])
+    torch.manual_seed(0)
+    ids = torch.randint(3, 96, (2, 8), generator=torch.Generator().manual_seed(1))
+    return transformers.FunnelBaseModel(cfg).eval(), {"input_ids": ids}
+
+
+@pytest.mark.parametrize("build", [_segformer, _funnel], ids=["segformer-reduced-keys", "funnel-pooled-queries"])
+def test_attention_whose_keys_or_queries_are_the_other_reduced_is_self_attention(build):
+    """Segformer (PVT) computes its keys and values from the hidden state through a strided conv and a norm (fewer
+    positions than the queries); Funnel's first layer after pooling reads its queries from the pooled hidden state
+    and its keys from the unpooled one. Both are self-attention of the layer's own stream: `attention.q` is in every
+    layer. They were read as cross-attention, so LoRA on attention.q/v skipped those layers without a word (the
+    every_layer check excused the layer's stack, as a decoder-only role)."""
+    model, inputs = build()
+    rows = surgery.plan(model, LORA_QV, example_inputs=inputs)
+    layers = {(r.role, r.layer) for r in rows}
+    assert layers == {(role, i) for role in ("attention.q", "attention.v") for i in (0, 1)}, sorted(layers)
+    analysis_roles = surgery.plan(model, {"version": 1, "name": "x", "rules": [
+        {"name": "x", "match": {"role": "cross_attention.op"}, "action": "wrap", "module": {"kind": "lora", "r": 2},
+         "expect": "any"}]}, example_inputs=inputs)
+    assert analysis_roles == []
+
+
+def test_bart_cross_attention_is_still_cross_attention():
+    cfg = transformers.BartConfig(vocab_size=96, d_model=32, encoder_layers=1, decoder_layers=1,
+                                  encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64,
+                                  decoder_ffn_dim=64, max_position_embeddings=32)
+    torch.manual_seed(0)
+    model = transformers.BartModel(cfg).eval()
+    ids = torch.randint(3, 96, (2, 6), generator=torch.Generator().manual_seed(1))
+    rows = surgery.plan(model, {"version": 1, "name": "x", "rules": [
+        {"name": "x", "match": {"role": "cross_attention.q"}, "action": "wrap", "module": {"kind": "lora", "r": 2}}]},
+        example_inputs={"input_ids": ids, "decoder_input_ids": ids, "use_cache": False})
+    assert [r.module for r in rows] == ["decoder.layers.0.encoder_attn.q_proj"]
+
+
+def test_adaption_prompt_has_its_stage_width():
+    """LLaMA-Adapter's prompts are read by each layer's own key projection, so they have that projection's input
+    width: Swin's stages are 16 then 32 wide. The prompts were sized by the first attention's width, and the
+    second stage's forward crashed (mat1 and mat2 shapes cannot be multiplied)."""
+    cfg = transformers.SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[2, 4],
+                                  window_size=4)
+    torch.manual_seed(0)
+    model = transformers.SwinModel(cfg).eval()
+    inputs = _pixels()
+    with torch.no_grad():
+        base = model(**inputs).last_hidden_state
+    spec = {"version": 1, "name": "adapter", "rules": [
+        {"name": "a", "match": {"role": "attention.op"}, "action": "attend",
+         "module": {"kind": "adaption_prompt", "adapter_len": 4}, "expect": "every_layer"}]}
+    surgery.apply(model, spec, example_inputs=inputs)
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).last_hidden_state, base)          # the zero gate: identity at init
+        for name, p in model.surgery_adapters.named_parameters():
+            if name.endswith("adaption_gate"):
+                p.fill_(0.5)
+        assert (model(**inputs).last_hidden_state - base).abs().max() > 1e-4
+
+
+def test_prompt_tuning_on_a_feature_map_is_refused_before_any_change():
+    """ConvNeXt's layers read a conv stem's feature map [batch, channels, h, w]: there are no token positions to
+    prepend a prompt to. Prompt tuning crashed inside the rewritten forward (tensors must have the same number of
+    dimensions); it is refused at apply, naming what the model lacks, and the model is left as it was."""
+    cfg = transformers.ConvNextConfig(hidden_sizes=[16, 32], depths=[1, 1], num_stages=2)
+    torch.manual_seed(0)
+    model = transformers.ConvNextModel(cfg).eval()
+    inputs = _pixels()
+    spec = {"version": 1, "name": "prompt", "rules": [
+        {"name": "prompt", "match": {"role": "embedding.output"}, "action": "prepend",
+         "module": {"kind": "prompt", "prompt_length": 4}}]}
+    with pytest.raises(surgery.SurgeryError, match=r"no token positions.*|feature map"):
+        surgery.apply(model, spec, example_inputs=inputs)
+    assert not hasattr(model, "surgery_adapters")
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
