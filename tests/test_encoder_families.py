@@ -101,3 +101,18 @@ def test_prompt_tuning_on_a_feature_map_is_refused_before_any_change():
         surgery.apply(model, spec, example_inputs=inputs)
     assert not hasattr(model, "surgery_adapters")
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+def test_a_mark_of_a_mark_missing_from_its_inputs_users_traces():
+    """M2M-100's sinusoidal position embedding reads the scaled token embedding: torch.export left the mark of
+    that module's input without a use recorded on the mark it reads, and erasing the marks crashed every spec
+    with `SystemError: ... _update_args_kwargs` (a KeyError inside torch.fx), before any role was found."""
+    cfg = transformers.M2M100Config(vocab_size=96, d_model=32, encoder_layers=1, decoder_layers=1,
+                                    encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64,
+                                    decoder_ffn_dim=64, max_position_embeddings=32, dropout=0.0, pad_token_id=0)
+    torch.manual_seed(0)
+    model = transformers.M2M100ForConditionalGeneration(cfg).eval()
+    ids = torch.randint(3, 96, (2, 6), generator=torch.Generator().manual_seed(1))
+    rows = surgery.plan(model, LORA_QV, example_inputs={"input_ids": ids, "decoder_input_ids": ids})
+    assert sorted(r.module for r in rows if r.role == "attention.q") == [
+        "model.decoder.layers.0.self_attn.q_proj", "model.encoder.layers.0.self_attn.q_proj"]

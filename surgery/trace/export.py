@@ -332,6 +332,12 @@ def _trace(model: nn.Module, example_inputs, full: bool = False) -> Traced:
                   dict(calls), {ph: program.constants.get(name) for ph, name in lifted.items()})
     graph, params, buffers, calls, constants = result
     boundaries: dict[fx.Node, list[Boundary]] = defaultdict(list)
+    for node in graph.nodes:
+        # a mark of a mark whose input does not list it among its users (torch.export leaves M2M-100's
+        # embed_positions input mark so): repair the use, else replacing and erasing the inner mark fails
+        arg = node.args[0] if node.op == "call_function" and node.target is torch.ops.surgery.mark.default else None
+        if isinstance(arg, fx.Node) and node not in arg.users:
+            arg.users[node] = None
     for node in list(graph.nodes):
         if node.op == "call_function" and node.target is torch.ops.surgery.mark.default:
             value = node.args[0]
