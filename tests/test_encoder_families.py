@@ -116,3 +116,79 @@ def test_a_mark_of_a_mark_missing_from_its_inputs_users_traces():
     rows = surgery.plan(model, LORA_QV, example_inputs={"input_ids": ids, "decoder_input_ids": ids})
     assert sorted(r.module for r in rows if r.role == "attention.q") == [
         "model.decoder.layers.0.self_attn.q_proj", "model.encoder.layers.0.self_attn.q_proj"]
+
+
+def _convnext():
+    cfg = transformers.ConvNextConfig(hidden_sizes=[16, 32], depths=[1, 1], num_stages=2)
+    torch.manual_seed(0)
+    return transformers.ConvNextModel(cfg).eval(), _pixels()
+
+
+REFT = {"version": 1, "name": "reft", "rules": [
+    {"name": "reft", "match": {"role": "block.output"}, "action": "insert_after",
+     "module": {"kind": "reft", "r": 1, "prefix_positions": 2, "suffix_positions": 1}, "expect": "every_layer"}]}
+PROMPT = {"version": 1, "name": "prompt", "rules": [
+    {"name": "prompt", "match": {"role": "embedding.output"}, "action": "prepend",
+     "module": {"kind": "prompt", "prompt_length": 4}}]}
+
+
+@pytest.mark.parametrize("build,spec,says", [
+    (_convnext, REFT, r"feature map"),                    # [batch, channels, h, w]: ReFT crashed inside the forward
+    (_funnel, REFT, r"8 positions .* has 4 positions"),   # pooled: the last positions were other tokens
+    (_funnel, PROMPT, r"8 positions .* has 4 positions"),  # the output had 9 positions, the base model's 4
+], ids=["convnext-reft", "funnel-reft", "funnel-prompt"])
+def test_position_methods_refuse_layers_that_change_the_sequence(build, spec, says):
+    """Prompt tuning and ReFT act at positions of the model's input sequence. Where the layers read a feature map
+    (ConvNeXt) or pool the sequence (Funnel), those positions do not carry through: ReFT crashed on the feature map
+    and intervened at the wrong tokens after pooling, and the prompt came out as extra positions of the output
+    (shape [2, 9, 64] for the base model's [2, 4, 64]). Each is refused at apply, saying why, model untouched."""
+    model, inputs = build()
+    with pytest.raises(surgery.SurgeryError, match=says):
+        surgery.apply(model, spec, example_inputs=inputs)
+    assert not hasattr(model, "surgery_adapters")
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+def _flux():
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    model = diffusers.FluxTransformer2DModel(patch_size=1, in_channels=8, num_layers=1, num_single_layers=1,
+                                             attention_head_dim=8, num_attention_heads=4, joint_attention_dim=32,
+                                             pooled_projection_dim=16, axes_dims_rope=(2, 2, 4)).eval()
+    g = torch.Generator().manual_seed(1)
+    inputs = {"hidden_states": torch.randn(2, 16, 8, generator=g),
+              "encoder_hidden_states": torch.randn(2, 6, 32, generator=g),
+              "pooled_projections": torch.randn(2, 16, generator=g), "timestep": torch.tensor([0.5, 0.5]),
+              "img_ids": torch.zeros(16, 3), "txt_ids": torch.zeros(6, 3)}
+    return model, inputs
+
+
+def test_every_layer_excuses_only_cross_attention_missing_from_a_stack():
+    """`expect: every_layer` excused any role missing from a whole stack (meant for cross-attention, which only
+    a decoder's layers have). Flux's single-stream blocks have no attention output projection (one proj_out reads
+    the attention and the MLP concatenated): Houlsby's attention adapter went into the double-stream blocks only,
+    without a word. It is refused, naming the layers without the site."""
+    model, inputs = _flux()
+    spec = {"version": 1, "name": "out", "rules": [
+        {"name": "o", "match": {"role": "attention.output"}, "action": "wrap", "module": {"kind": "lora", "r": 2},
+         "expect": "every_layer"}]}
+    with pytest.raises(surgery.SurgeryError, match=r"matched none in layers \[1\]"):
+        surgery.plan(model, spec, example_inputs=inputs)
+
+
+def test_joint_attention_streams():
+    """Joint attention (Flux, SD3): one attention op over the image and text tokens laid end to end, its output
+    split back, each part through its stream's own output projection. Only the text stream's (`to_add_out`) was an
+    attention output; and the blocks' hidden state was the text stream, which Flux's last block returns only to be
+    dropped: ReFT's interventions there got no gradient and changed nothing. Both projections are attention
+    outputs, and the hidden state is the stream that reaches the model's output, in every layer."""
+    model, inputs = _flux()
+    spec = {"version": 1, "name": "x", "rules": [
+        {"name": "x", "match": {"role": ["attention.output", "block.input", "block.output"]}, "action": "wrap",
+         "module": {"kind": "lora", "r": 2}, "expect": "any"}]}
+    rows = surgery.plan(model, spec, example_inputs=inputs)
+    assert sorted(r.module for r in rows if r.role == "attention.output") == [
+        "transformer_blocks.0.attn.to_add_out", "transformer_blocks.0.attn.to_out.0"]
+    for r in rows:
+        if r.role.startswith("block."):
+            assert tuple(r.site.node.meta["val"].shape) == (2, 16, 32), (r.role, r.module)   # the image tokens

@@ -827,8 +827,11 @@ def analyze(traced: Traced) -> Analysis:
                 **({"interleaved": True} if isinstance(cols, Columns) else {}),
                 **({} if in_order else {"permuted": True}))
         outs = _walk_forward(op_node, is_linear, VIEW_LIKE, 32)
-        if outs:
-            info = linears[outs[0]]
+        # joint attention (SD3, Flux): one op over two streams laid end to end, its output split back, each part
+        # through its stream's own output projection; every one is an attention output
+        split = len(outs) > 1 and len({linears[o].owner for o in outs}) == len(outs)
+        for out in (outs if split else outs[:1]):
+            info = linears[out]
             add_linear(info, f"{prefix}.output", layer)
             if not cross:
                 hidden = hidden or info.out_features
@@ -867,12 +870,35 @@ def analyze(traced: Traced) -> Analysis:
             layer = block_index.get((bd.module, bd.call))
             if layer is not None:
                 (ins_of if bd.side == "in" else outs_of)[layer].append((_loc_order(bd.loc), value))
+    def reaches_output(value, budget=4000) -> bool:
+        seen, frontier = set(), [value]
+        while frontier and budget > 0:
+            node = frontier.pop()
+            if node in seen:
+                continue
+            seen.add(node)
+            budget -= 1
+            if node.op == "output":
+                return True
+            frontier.extend(node.users)
+        return False
+
+    # two streams through the blocks (SD3's and Flux's image and text tokens): the hidden state is the stream the
+    # last layer returns to the model's output (Flux's last block also returns the text tokens, which are dropped),
+    # and in every other layer the one of its shape
+    def _ordered(table, layer):
+        return [v for _, v in sorted(table.get(layer, []), key=lambda t: t[0])]
+
+    last_outs = [o for o in _ordered(outs_of, len(blocks) - 1) if len(_shape(o) or ()) >= 2] if blocks else []
+    kept = [o for o in last_outs if reaches_output(o)]
+    stream = _shape(kept[0]) if len(kept) == 1 else None
     block_io: dict[int, tuple] = {}
     for layer in range(len(blocks)):
-        ins = [v for _, v in sorted(ins_of.get(layer, []), key=lambda t: t[0])]
-        outs = [v for _, v in sorted(outs_of.get(layer, []), key=lambda t: t[0])]
+        ins = _ordered(ins_of, layer)
+        outs = _ordered(outs_of, layer)
         # the hidden state: the first input with the shape of an output (not a mask or a position bias)
-        pair = next(((i, o) for i in ins for o in outs if _shape(i) == _shape(o)), None)
+        pair = next(((i, o) for i in ins for o in outs if _shape(i) == _shape(o) == stream), None) if stream else None
+        pair = pair or next(((i, o) for i in ins for o in outs if _shape(i) == _shape(o)), None)
         block_io[layer] = pair if pair else (ins[0] if ins else None, outs[0] if outs else None)
     block_width = {layer: _shape(v)[-1] for layer, (v, _) in block_io.items() if v is not None}
     for layer, infos in per_layer.items():

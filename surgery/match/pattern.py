@@ -304,9 +304,12 @@ def _check_expect(rule: Rule, name: str, matches: list[Match], analysis: Analysi
                          f"Nearest: {_nearest(rule.match, analysis)}")
     if expect == "every_layer":
         wanted = pattern_layers(rule.match, analysis.num_layers, analysis.stacks) or set(range(analysis.num_layers))
-        if rule.match.role is not None and analysis.stacks:
-            # a role only some stacks have (cross-attention: decoder layers) is expected in every layer of those
-            having = {s.stack for r in _as_list(rule.match.role) for s in analysis.by_role.get(r, [])}
+        roles = _as_list(rule.match.role) if rule.match.role is not None else []
+        if roles and analysis.stacks and all(r.startswith("cross_attention.") for r in roles):
+            # a role only some stacks have (cross-attention: decoder layers) is expected in every layer of those;
+            # another role missing from a whole stack is missing (Segformer's first stage, once its attention was
+            # read as cross-attention; Flux's single-stream blocks have no attention output projection)
+            having = {s.stack for r in roles for s in analysis.by_role.get(r, [])}
             wanted = {i for i in wanted if analysis.stacks[i] in having}
         missing = sorted(wanted - {m.layer for m in matches})
         if missing:

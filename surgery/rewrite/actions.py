@@ -273,15 +273,34 @@ def _refuse_without_positions(analysis: Analysis, rule: Rule, cls, matches: list
     tuning, ReFT) need one sequence; layers in several stacks that are not an encoder-decoder (a UNet's
     resolutions, on feature maps of several sizes) have none."""
     stacks = sorted(set(analysis.stacks))
-    if rule.action == "prepend":
-        # a token sequence is [batch, positions, width]; a conv stem's feature map ([batch, channels, h, w], a
-        # ConvNeXt) has no position axis to prepend to
+    if rule.action == "prepend" or getattr(cls, "input_positions", False):
+        # a token sequence is [batch, positions, width]; a conv stem's feature map ([batch, channels, h, w]: a
+        # ConvNeXt's layers, a UNet's or a VAE's blocks) has no position axis to prepend to or intervene at
+        what = ("prompt tuning prepends positions to" if rule.action == "prepend"
+                else f"{rule.module.kind} intervenes at positions of")
         for m in matches:
             val = _site_value(m.site).meta.get("val")
             if isinstance(val, torch.Tensor) and val.dim() != 3:
-                raise RewriteError(f"rule {m.rule!r}: prompt tuning prepends positions to a token sequence "
-                                   f"[batch, positions, width], but the model's input to its layers at {m.module} is "
-                                   f"{list(val.shape)} (a feature map): the model has no token positions")
+                raise RewriteError(f"rule {m.rule!r}: {what} a token sequence [batch, positions, width], but "
+                                   f"the value at {m.module} ({m.role}) is {list(val.shape)} (a feature map): "
+                                   f"the model has no token positions there")
+        # the positions are the model's input sequence's: a layer whose sequence is another (Funnel's pooled
+        # one, Flux's single-stream blocks on text and image tokens laid end to end) would put them elsewhere,
+        # and a prompt could not be dropped again where the positions were pooled
+        if not encoder_decoder(analysis):
+            first = [s for s in analysis.by_role.get("block.input", []) if s.layer == 0]
+            seq = first and first[0].node.meta.get("val")
+            sites = [(m.module, m.role, _site_value(m.site).meta.get("val")) for m in matches]
+            if rule.action == "prepend":
+                sites = [(s.module, s.role, s.node.meta.get("val")) for s in analysis.by_role.get("block.output", [])]
+            for module, role, val in sites:
+                if (isinstance(seq, torch.Tensor) and isinstance(val, torch.Tensor) and seq.dim() == val.dim() == 3
+                        and val.shape[1] != seq.shape[1]):
+                    raise RewriteError(f"rule {matches[0].rule!r}: {what} the model's input sequence "
+                                       f"({seq.shape[1]} positions entering the first layer), but the value at "
+                                       f"{module} ({role}) has {val.shape[1]} positions: its layers change the "
+                                       f"sequence (pooling, or another sequence joined to it), so the positions "
+                                       f"do not carry through")
     if not matches or len(stacks) < 2 or encoder_decoder(analysis):
         return
     # prompts need one sequence; ReFT reads the root call's positions, unless the stacks cross-attend to another
@@ -321,8 +340,10 @@ def realize(model: nn.Module, analysis: Analysis, store: AdapterStore, record: R
         if matches and len(record.trained) == before and rule.expect != "any":
             why = (f"; {', '.join(sorted(set(skipped))[:3])} reach the output only through a selection (top-k "
                    f"indices), so no gradient reaches them" if skipped else "")
+            what = "" if "all" in rule.params else "/".join(rule.params) + " "
             raise RewriteError(f"rule {matches[0].rule!r} matched {len(matches)} site(s) but they read no "
-                               f"{'/'.join(rule.params)} parameters to train (e.g. a model without biases){why}; "
+                               f"{what}parameters to train (e.g. a model without biases, or norms without an affine "
+                               f"weight){why}; "
                                f"use expect: any to allow that")
         return
     cls = module_class(rule.module.kind)
