@@ -172,6 +172,14 @@ def torch_encoder():
                                  biases=True)
 
 
+def funnel():
+    # pooling between blocks: the second block's first layer reads queries from the pooled hidden state and keys
+    # from the unpooled one (self-attention, not cross-attention), and has half the positions of the input
+    from transformers import FunnelBaseModel, FunnelConfig
+    cfg = FunnelConfig(vocab_size=VOCAB, d_model=HIDDEN, n_head=HEADS, d_head=16, d_inner=128, block_sizes=[1, 1])
+    return _hf(FunnelBaseModel, cfg, ["encoder.blocks.0.0", "encoder.blocks.1.0"], "encoder")
+
+
 # ---------------------------------------------------------------- decoders
 
 def _decoder(cfg_name, model_name, blocks="model.layers", **cfg):
@@ -356,6 +364,11 @@ def mbart():
     return _bart_like("MBartConfig", "MBartForConditionalGeneration")
 
 
+def m2m_100():
+    # a sinusoidal position embedding reading the scaled token embedding (its input mark once broke the trace)
+    return _bart_like("M2M100Config", "M2M100ForConditionalGeneration")
+
+
 def whisper():
     from transformers import WhisperConfig, WhisperForConditionalGeneration
     cfg = WhisperConfig(vocab_size=VOCAB, d_model=HIDDEN, encoder_layers=LAYERS, decoder_layers=LAYERS,
@@ -425,18 +438,35 @@ def dit():
                                  generate=False, biases=True)
 
 
+def flux():
+    from diffusers import FluxTransformer2DModel
+    # joint attention over image and text tokens laid end to end, one output projection per stream; single-stream
+    # blocks whose one proj_out reads the attention and the MLP concatenated (no attention output projection)
+    torch.manual_seed(0)
+    model = FluxTransformer2DModel(patch_size=1, in_channels=8, num_layers=1, num_single_layers=1,
+                                   attention_head_dim=8, num_attention_heads=4, joint_attention_dim=32,
+                                   pooled_projection_dim=16, axes_dims_rope=(2, 2, 4)).eval()
+    g = torch.Generator().manual_seed(1)
+    inputs = {"hidden_states": torch.randn(BATCH, 16, 8, generator=g),
+              "encoder_hidden_states": torch.randn(BATCH, 6, 32, generator=g),
+              "pooled_projections": torch.randn(BATCH, 16, generator=g), "timestep": torch.tensor([0.5, 0.5]),
+              "img_ids": torch.zeros(16, 3), "txt_ids": torch.zeros(6, 3)}
+    return model, inputs, _facts("diffusion", 2, ["transformer_blocks.0", "single_transformer_blocks.0"], hidden=32,
+                                 apply_inputs=inputs, generate=False, biases=True)
+
+
 ARCHITECTURES = {
     "bert": bert, "roberta": roberta, "distilbert": distilbert, "albert": albert, "deberta-v2": deberta_v2,
     "electra": electra, "xlm-roberta": xlm_roberta, "clip-text": clip_text, "wav2vec2": wav2vec2,
-    "torch-encoder": torch_encoder, "bert-cls": bert_cls,
+    "torch-encoder": torch_encoder, "bert-cls": bert_cls, "funnel": funnel,
     "gpt2": gpt2, "gpt2-cls": gpt2_cls, "gpt_neo": gpt_neo, "gptj": gptj, "gpt_neox": gpt_neox, "opt": opt,
     "bloom": bloom, "falcon": falcon, "llama": llama, "mistral": mistral, "mixtral": mixtral, "gpt_oss": gpt_oss, "qwen2": qwen2,
     "qwen2_moe": qwen2_moe, "qwen3": qwen3, "phi": phi, "phi3": phi3, "gemma": gemma, "gemma2": gemma2,
     "gemma3_text": gemma3_text, "olmo": olmo, "stablelm": stablelm, "starcoder2": starcoder2, "cohere": cohere,
     "granitemoe": granitemoe, "minimax": minimax, "mamba": mamba,
-    "t5": t5, "bart": bart, "mbart": mbart, "whisper": whisper,
+    "t5": t5, "bart": bart, "mbart": mbart, "m2m_100": m2m_100, "whisper": whisper,
     "vit": vit, "clip-vision": clip_vision,
-    "unet": unet, "dit": dit,
+    "unet": unet, "dit": dit, "flux": flux,
 }
 
 
@@ -461,14 +491,14 @@ def kind_of(arch: str) -> str:
 
 KINDS = {
     **dict.fromkeys(["bert", "roberta", "distilbert", "albert", "deberta-v2", "electra", "xlm-roberta", "clip-text",
-                     "torch-encoder", "bert-cls"], "encoder"),
+                     "torch-encoder", "bert-cls", "funnel"], "encoder"),
     "wav2vec2": "audio",
     **dict.fromkeys(["gpt2", "gpt2-cls", "gpt_neo", "gptj", "gpt_neox", "opt", "bloom", "falcon", "llama", "mistral",
                      "mixtral", "gpt_oss", "qwen2", "qwen2_moe", "qwen3", "phi", "phi3", "gemma", "gemma2", "gemma3_text", "olmo",
                      "stablelm", "starcoder2", "cohere", "granitemoe", "minimax"], "decoder"),
     "mamba": "ssm",
-    **dict.fromkeys(["t5", "bart", "mbart", "whisper"], "seq2seq"),
+    **dict.fromkeys(["t5", "bart", "mbart", "m2m_100", "whisper"], "seq2seq"),
     **dict.fromkeys(["vit", "clip-vision"], "vision"),
-    **dict.fromkeys(["unet", "dit"], "diffusion"),
+    **dict.fromkeys(["unet", "dit", "flux"], "diffusion"),
 }
 assert set(KINDS) == set(ARCHITECTURES)

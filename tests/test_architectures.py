@@ -91,7 +91,8 @@ def _refusals() -> dict[tuple[str, str], Refusal]:
            "the bottleneck width (hidden / 32 = 2) is not a multiple of phm_dim 4", r"phm_dim")
     # prompt tuning and invertible adapters act on the token embedding output: models whose input is not tokens
     refuse(["unet"], ["prompt", "direft", "loreft", "noreft"], "no token positions: several stacks of layers (a "
-           "UNet's resolutions, on feature maps) that are not an encoder-decoder", r"(?i)stacks .*no token positions")
+           "UNet's resolutions, on feature maps) that are not an encoder-decoder, whose sequences change length",
+           r"(?i)stacks .*no token positions|positions: its layers change the sequence")
     # a new task head trained in full needs a head: base models without one (BertModel, CLIP's towers, a UNet)
     headless = ["bert", "roberta", "distilbert", "albert", "deberta-v2", "electra", "xlm-roberta", "clip-text",
                 "clip-vision", "wav2vec2", "unet", "dit"]

@@ -259,6 +259,13 @@ def _no_attention_hint(pattern: Pattern | None, analysis: Analysis, roles: list[
 _ANY_LAYER = object()
 
 
+def _positions(site: Site):
+    """The leading dimensions (batch, positions) of a site's value, or None where unknown."""
+    node = site.linear.value if site.linear is not None else site.node
+    val = node.meta.get("val") if hasattr(node, "meta") else None
+    return tuple(val.shape[:-1]) if hasattr(val, "shape") and val.dim() >= 2 else None
+
+
 def _first_by_layer(found: list[tuple[Site, dict]]) -> dict:
     """The first site found in each layer, and the first of all under _ANY_LAYER (for sites outside layers):
     one pass over the sources instead of a search per matched site."""
@@ -272,7 +279,11 @@ def _first_by_layer(found: list[tuple[Site, dict]]) -> dict:
 def match_rule(rule: Rule, index: int, analysis: Analysis, spec_name: str | None = None) -> list[Match]:
     name = rule.name or f"rule{index}"
     found = find(rule.match, analysis)
-    sources_by_layer = _first_by_layer(find(rule.from_, analysis)) if rule.from_ is not None else None
+    sources = find(rule.from_, analysis) if rule.from_ is not None else None
+    sources_by_layer = _first_by_layer(sources) if sources is not None else None
+    sources_in_layer: dict = {}
+    for s, _ in sources or ():
+        sources_in_layer.setdefault(s.layer, []).append(s)
     seen, matches = set(), []
     for site, bindings in found:
         key = (site.node, site.role, site.extra.get("packed"))
@@ -281,8 +292,12 @@ def match_rule(rule: Rule, index: int, analysis: Analysis, spec_name: str | None
         seen.add(key)
         source = None
         if sources_by_layer is not None:
-            # what find(rule.from_, analysis, restrict_layer=site.layer) would return first
+            # what find(rule.from_, analysis, restrict_layer=site.layer) would return first; of several in the
+            # layer (Flux's double blocks: one residual per stream), the first over the site's positions
             source = sources_by_layer.get(site.layer if site.layer is not None else _ANY_LAYER)
+            if source is not None and site.layer is not None:
+                source = next((s for s in sources_in_layer.get(site.layer, ()) if _positions(s) == _positions(site)),
+                              source)
             if source is None:
                 why = _no_attention_hint(rule.from_, analysis)
                 raise MatchError(f"rule {name!r}: `from` ({_describe(rule.from_)}) matches nothing in layer "

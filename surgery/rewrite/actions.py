@@ -350,6 +350,7 @@ def realize(model: nn.Module, analysis: Analysis, store: AdapterStore, record: R
     _refuse_without_positions(analysis, rule, cls, matches)
     rule_name = matches[0].rule if matches else (rule.name or "rule")
     modules = nn.ModuleDict()
+    nodes_of: dict[str, fx.Node] = {}
     shared = nn.ModuleDict()
     per_adapter = store.adapters[name]
     if rule_name in per_adapter:
@@ -425,8 +426,16 @@ def realize(model: nn.Module, analysis: Analysis, store: AdapterStore, record: R
         key = moe_key or site_key(match)
         if rule.action == "wrap" and match.site.linear.experts:   # one module holds several expert parameters
             key += "__" + match.site.linear.weight.rpartition(".")[2]
+        if key in modules and key in nodes_of and nodes_of[key] is not match.site.node and not moe_key:
+            # another value of the same role in the same module call: Flux's double blocks close an FFN (and an
+            # attention output) per stream, two ffn.residual_add in one block; the second gets an ordinal
+            n = 2
+            while f"{key}__{n}" in modules:
+                n += 1
+            key = f"{key}__{n}"
         if key in modules:
             raise RewriteError(f"rule {rule_name!r} matched the site {key} twice")
+        nodes_of[key] = match.site.node
         modules[key] = module
         _realize_one(model, analysis, store, record, rule, match, value, module, key, gate)
     if len(shared):
