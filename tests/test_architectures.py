@@ -91,13 +91,20 @@ def _refusals() -> dict[tuple[str, str], Refusal]:
            "the bottleneck width (hidden / 32 = 2) is not a multiple of phm_dim 4", r"phm_dim")
     # prompt tuning and invertible adapters act on the token embedding output: models whose input is not tokens
     refuse(["unet"], ["prompt", "direft", "loreft", "noreft"], "no token positions: several stacks of layers (a "
-           "UNet's resolutions, on feature maps) that are not an encoder-decoder, whose sequences change length",
-           r"(?i)stacks .*no token positions|positions: its layers change the sequence")
+           "UNet's resolutions, on feature maps) that are not an encoder-decoder", r"(?i)stacks .*no token positions")
     # a new task head trained in full needs a head: base models without one (BertModel, CLIP's towers, a UNet)
     headless = ["bert", "roberta", "distilbert", "albert", "deberta-v2", "electra", "xlm-roberta", "clip-text",
                 "clip-vision", "wav2vec2", "unet", "dit"]
-    refuse(headless, ["lora_task_head"], "the model has no head (a base model without an LM or classification head)",
-           r"rule 'head' .*matched no site")
+    refuse(headless + ["funnel"], ["lora_task_head"],
+           "the model has no head (a base model without an LM or classification head)", r"rule 'head' .*matched no site")
+    # Funnel pools the sequence between blocks: positions of the input do not reach the last layer
+    refuse(["funnel"], ["prompt", "direft", "loreft", "noreft"], "the layers pool the sequence (8 positions in, 4 "
+           "out): the input's positions do not carry through",
+           r"8 positions .* has 4 positions|stacks .*no token positions")
+    # Flux's single-stream blocks: one proj_out reads the attention and the MLP concatenated
+    refuse(["flux"], ["houlsby", "houlsby_inv", "compacter"], "the single-stream blocks have no attention output "
+           "projection (one proj_out reads the attention and the MLP concatenated)",
+           r"expects a site in every layer but matched none in layers \[1\]: pattern \(role='attention\.output'\)")
     return table
 
 
@@ -162,6 +169,11 @@ XFAIL: dict[tuple[str, str], tuple[str, str]] = {
     ('minimax', 'prefix'): ('refused', "linear attention (no softmax) not recognized: no attention roles in a hybrid model's linear-attention layers"),
     ('minimax', 'unipelt'): ('refused', "linear attention (no softmax) not recognized: no attention roles in a hybrid model's linear-attention layers"),
     ('minimax', 'vera'): ('refused', "linear attention (no softmax) not recognized: no attention roles in a hybrid model's linear-attention layers"),
+    ("funnel", "llama_adapter"): ("crash", "attention adapters refused at the first forward, not at apply (Funnel's relative attention)"),
+    ("funnel", "mam"): ("crash", "attention adapters refused at the first forward, not at apply (Funnel's relative attention)"),
+    ("funnel", "prefix"): ("crash", "attention adapters refused at the first forward, not at apply (Funnel's relative attention)"),
+    ("funnel", "unipelt"): ("crash", "attention adapters refused at the first forward, not at apply (Funnel's relative attention)"),
+    ("flux", "prompt"): ("refused", "refused as a UNet's stacks: the single-stream blocks join the text tokens to the image sequence"),
 }
 
 

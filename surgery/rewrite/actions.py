@@ -284,6 +284,11 @@ def _refuse_without_positions(analysis: Analysis, rule: Rule, cls, matches: list
                 raise RewriteError(f"rule {m.rule!r}: {what} a token sequence [batch, positions, width], but "
                                    f"the value at {m.module} ({m.role}) is {list(val.shape)} (a feature map): "
                                    f"the model has no token positions there")
+    if matches and len(stacks) > 1 and not encoder_decoder(analysis):
+        _refuse_stacks(analysis, rule, cls, matches, stacks)
+    if rule.action == "prepend" or getattr(cls, "input_positions", False):
+        what = ("prompt tuning prepends positions to" if rule.action == "prepend"
+                else f"{rule.module.kind} intervenes at positions of")
         # the positions are the model's input sequence's: a layer whose sequence is another (Funnel's pooled
         # one, Flux's single-stream blocks on text and image tokens laid end to end) would put them elsewhere,
         # and a prompt could not be dropped again where the positions were pooled
@@ -301,8 +306,9 @@ def _refuse_without_positions(analysis: Analysis, rule: Rule, cls, matches: list
                                        f"{module} ({role}) has {val.shape[1]} positions: its layers change the "
                                        f"sequence (pooling, or another sequence joined to it), so the positions "
                                        f"do not carry through")
-    if not matches or len(stacks) < 2 or encoder_decoder(analysis):
-        return
+
+
+def _refuse_stacks(analysis: Analysis, rule: Rule, cls, matches: list[Match], stacks: list[str]) -> None:
     # prompts need one sequence; ReFT reads the root call's positions, unless the stacks cross-attend to another
     # input without being a decoder (a UNet's resolutions read the text encoder's states)
     if not (rule.action == "prepend" or (getattr(cls, "input_positions", False)
