@@ -98,9 +98,8 @@ def _refusals() -> dict[tuple[str, str], Refusal]:
     refuse(headless + ["funnel"], ["lora_task_head"],
            "the model has no head (a base model without an LM or classification head)", r"rule 'head' .*matched no site")
     # Funnel pools the sequence between blocks: positions of the input do not reach the last layer
-    refuse(["funnel"], ["prompt", "direft", "loreft", "noreft"], "the layers pool the sequence (8 positions in, 4 "
-           "out): the input's positions do not carry through",
-           r"8 positions .* has 4 positions|stacks .*no token positions")
+    refuse(["funnel"], ["prompt"], "the layers pool the sequence (8 positions in, 4 out): the input's positions "
+           "do not carry through", r"8 positions .* has 4 positions|stacks .*no token positions")
     # Flux's single-stream blocks: one proj_out reads the attention and the MLP concatenated
     refuse(["flux"], ["houlsby", "houlsby_inv", "compacter"], "the single-stream blocks have no attention output "
            "projection (one proj_out reads the attention and the MLP concatenated)",

@@ -286,18 +286,14 @@ def _refuse_without_positions(analysis: Analysis, rule: Rule, cls, matches: list
                                    f"the model has no token positions there")
     if matches and len(stacks) > 1 and not encoder_decoder(analysis):
         _refuse_stacks(analysis, rule, cls, matches, stacks)
-    if rule.action == "prepend" or getattr(cls, "input_positions", False):
-        what = ("prompt tuning prepends positions to" if rule.action == "prepend"
-                else f"{rule.module.kind} intervenes at positions of")
-        # the positions are the model's input sequence's: a layer whose sequence is another (Funnel's pooled
-        # one, Flux's single-stream blocks on text and image tokens laid end to end) would put them elsewhere,
-        # and a prompt could not be dropped again where the positions were pooled
+    if rule.action == "prepend":
+        what = "prompt tuning prepends positions to"
+        # the prompt's positions are dropped again at the last layer's output: layers that change the number of
+        # positions on the way (Funnel's pooling) leave pooled prompt positions in the output
         if not encoder_decoder(analysis):
             first = [s for s in analysis.by_role.get("block.input", []) if s.layer == 0]
             seq = first and first[0].node.meta.get("val")
-            sites = [(m.module, m.role, _site_value(m.site).meta.get("val")) for m in matches]
-            if rule.action == "prepend":
-                sites = [(s.module, s.role, s.node.meta.get("val")) for s in analysis.by_role.get("block.output", [])]
+            sites = [(s.module, s.role, s.node.meta.get("val")) for s in analysis.by_role.get("block.output", [])]
             for module, role, val in sites:
                 if (isinstance(seq, torch.Tensor) and isinstance(val, torch.Tensor) and seq.dim() == val.dim() == 3
                         and val.shape[1] != seq.shape[1]):
