@@ -176,8 +176,9 @@ def funnel():
     # pooling between blocks: the second block's first layer reads queries from the pooled hidden state and keys
     # from the unpooled one (self-attention, not cross-attention), and has half the positions of the input
     from transformers import FunnelBaseModel, FunnelConfig
-    cfg = FunnelConfig(vocab_size=VOCAB, d_model=HIDDEN, n_head=HEADS, d_head=16, d_inner=128, block_sizes=[1, 1])
-    return _hf(FunnelBaseModel, cfg, ["encoder.blocks.0.0", "encoder.blocks.1.0"], "encoder")
+    per = max(LAYERS // 2, 1)
+    cfg = FunnelConfig(vocab_size=VOCAB, d_model=HIDDEN, n_head=HEADS, d_head=16, d_inner=128, block_sizes=[per, per])
+    return _hf(FunnelBaseModel, cfg, [f"encoder.blocks.{b}.{i}" for b in range(2) for i in range(per)], "encoder")
 
 
 # ---------------------------------------------------------------- decoders
@@ -312,7 +313,7 @@ def minimax():
     # hybrid: layer 0 linear (lightning) attention, no softmax; layer 1 softmax attention; MoE FFNs; residuals
     # scaled (residual * alpha + branch * beta); its cache's get_seq_length() (layer 0's) is 0 while decoding
     return _decoder("MiniMaxConfig", "MiniMaxForCausalLM", num_key_value_heads=2, head_dim=16, num_local_experts=4,
-                    num_experts_per_tok=2, layer_types=["linear_attention", "full_attention"],
+                    num_experts_per_tok=2, layer_types=["linear_attention", "full_attention"] * (LAYERS // 2),
                     facts={"experts": 4})
 
 
@@ -443,7 +444,8 @@ def flux():
     # joint attention over image and text tokens laid end to end, one output projection per stream; single-stream
     # blocks whose one proj_out reads the attention and the MLP concatenated (no attention output projection)
     torch.manual_seed(0)
-    model = FluxTransformer2DModel(patch_size=1, in_channels=8, num_layers=1, num_single_layers=1,
+    per = max(LAYERS // 2, 1)
+    model = FluxTransformer2DModel(patch_size=1, in_channels=8, num_layers=per, num_single_layers=per,
                                    attention_head_dim=8, num_attention_heads=4, joint_attention_dim=32,
                                    pooled_projection_dim=16, axes_dims_rope=(2, 2, 4)).eval()
     g = torch.Generator().manual_seed(1)
@@ -451,7 +453,8 @@ def flux():
               "encoder_hidden_states": torch.randn(BATCH, 6, 32, generator=g),
               "pooled_projections": torch.randn(BATCH, 16, generator=g), "timestep": torch.tensor([0.5, 0.5]),
               "img_ids": torch.zeros(16, 3), "txt_ids": torch.zeros(6, 3)}
-    return model, inputs, _facts("diffusion", 2, ["transformer_blocks.0", "single_transformer_blocks.0"], hidden=32,
+    blocks = [f"transformer_blocks.{i}" for i in range(per)] + [f"single_transformer_blocks.{i}" for i in range(per)]
+    return model, inputs, _facts("diffusion", 2 * per, blocks, hidden=32,
                                  apply_inputs=inputs, generate=False, biases=True)
 
 

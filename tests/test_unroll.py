@@ -28,7 +28,7 @@ LAYERS = 4
 # architectures whose layers are not truncated at 4 layers, and why: a shared layer called many times (ALBERT),
 # kinds that alternate (Gemma 2's sliding/global layers, GPT-Neo's global/local: a prefix holding each kind twice
 # is all 4; test_alternating_layers_unroll has 6), no layer container (UNet)
-FULL = {"albert", "gemma2", "gpt_neo", "gpt_oss", "unet"}   # alternating kinds: all 4 layers are the prefix
+FULL = {"albert", "gemma2", "gpt_neo", "gpt_oss", "unet", "funnel", "flux", "minimax"}   # nothing to save: the prefix is the whole stack
 QUICK = {"llama", "t5", "falcon", "bert", "mixtral", "whisper"}
 SPECS = ["lora", "houlsby", "prefix", "prompt", "ia3", "top_layers", "lora_task_head", "pfeiffer", "ln_tuning",
          "unipelt"]
