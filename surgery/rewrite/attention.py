@@ -311,30 +311,40 @@ def attach_intercept(module: nn.Module, adapter: nn.Module, gate: Callable[[], b
     The forward is wrapped on the instance (rather than changed in a pre-hook and restored in a post-hook), so
     the change is lexically scoped and torch.compile(fullgraph=True) traces it. Adapters at one op compose in
     the order they were attached (the first attached innermost). Nothing outside the module changes."""
-    entries = module.__dict__.get(_INTERCEPT_ATTR)
+    return wrap_forward(module, _INTERCEPT_ATTR, _InterceptedForward, adapter, gate, "intercept its attention")
+
+
+def wrap_forward(module: nn.Module, attr: str, forward_cls: type, adapter, gate: Callable[[], bool],
+                 what: str) -> Callable[[], None]:
+    """Add (adapter, gate) to the list `module.__dict__[attr]`, the first one replacing the instance's forward
+    by `forward_cls(module)` (which reads that list); returns the undo. Refused (RewriteError) where something
+    else already replaced the instance's forward."""
+    entries = module.__dict__.get(attr)
     if entries is None:
         if "forward" in module.__dict__:
-            raise RewriteError(f"{type(module).__name__}: its forward is already replaced; cannot also intercept "
-                               f"its attention")
-        entries = module.__dict__[_INTERCEPT_ATTR] = []
-        module.forward = _InterceptedForward(module)
+            raise RewriteError(f"{type(module).__name__}: its forward is already replaced; cannot also {what}")
+        entries = module.__dict__[attr] = []
+        module.forward = forward_cls(module)
     entries.append((adapter, gate))
-    return _InterceptUndo(module, adapter, gate)
+    return _ForwardUndo(module, attr, adapter, gate)
 
 
-class _InterceptUndo:
-    def __init__(self, module, adapter, gate):
-        self.module, self.adapter, self.gate = module, adapter, gate
+class _ForwardUndo:
+    """Removes one (adapter, gate) of `wrap_forward`; the last one removed restores the class's forward.
+    A class, not a closure, so an adapted model deep-copies and pickles."""
+
+    def __init__(self, module, attr, adapter, gate):
+        self.module, self.attr, self.adapter, self.gate = module, attr, adapter, gate
 
     def __call__(self):
         module = self.module
         # look the list up again: torch.export (the trace of a later apply) restores module attributes as copies
-        current = module.__dict__.get(_INTERCEPT_ATTR)
+        current = module.__dict__.get(self.attr)
         if current is None:
             return
         current[:] = [(a, g) for a, g in current if not (a is self.adapter and g is self.gate)]
         if not current:
-            module.__dict__.pop(_INTERCEPT_ATTR, None)
+            module.__dict__.pop(self.attr, None)
             module.__dict__.pop("forward", None)
 
 

@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from surgery.errors import RewriteError
-from surgery.rewrite.attention import chain
+from surgery.rewrite.attention import chain, wrap_forward
 from surgery.rewrite.host import _ADAPTER_DEPTH
 
 _SHADOW_ATTR = "_surgery_shadow"
@@ -615,30 +615,7 @@ class _ShadowForward:
 def attach_shadow(module: nn.Module, adapter: Callable, gate: Callable[[], bool]) -> Callable[[], None]:
     """While `module`'s forward runs, its softmax attention goes through the adapters (composed in attach
     order, the first attached innermost, as at the other attention ops). Nothing outside the module changes."""
-    entries = module.__dict__.get(_SHADOW_ATTR)
-    if entries is None:
-        if "forward" in module.__dict__:
-            raise RewriteError(f"{type(module).__name__}: its forward is already replaced; cannot also adapt its "
-                               f"attention")
-        entries = module.__dict__[_SHADOW_ATTR] = []
-        module.forward = _ShadowForward(module)
-    entries.append((adapter, gate))
-    return _ShadowUndo(module, adapter, gate)
-
-
-class _ShadowUndo:
-    def __init__(self, module, adapter, gate):
-        self.module, self.adapter, self.gate = module, adapter, gate
-
-    def __call__(self):
-        current = self.module.__dict__.get(_SHADOW_ATTR)
-        if current is None:
-            return
-        current[:] = [(a, g) for a, g in current if not (a is self.adapter and g is self.gate)]
-        if not current:
-            self.module.__dict__.pop(_SHADOW_ATTR, None)
-            self.module.__dict__.pop("forward", None)
-
+    return wrap_forward(module, _SHADOW_ATTR, _ShadowForward, adapter, gate, "adapt its attention")
 
 
 # ---------------------------------------------------------------- at apply: the traced attention op
