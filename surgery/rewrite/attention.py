@@ -362,15 +362,20 @@ class _SlowPath(torch.overrides.TorchFunctionMode):
 _FAST_PATH_MODULES = (nn.TransformerEncoderLayer, nn.TransformerEncoder)
 
 
-class _SlowPathHooks:
-    """Pre-hook entering, always-called post-hook leaving the mode, while the gate is on (per thread)."""
+class ModeHooks:
+    """A module's pre-hook enters the torch-function mode `mode_for(module)` returns (None: none this call), an
+    always-called post-hook leaves it; a stack per thread, so nested and concurrent calls each leave their own.
+    A copy (deepcopy, pickle) starts with no call in flight."""
 
-    def __init__(self, gate: Callable[[], bool]):
-        self.gate, self.local = gate, threading.local()
+    def __init__(self):
+        self.local = threading.local()
+
+    def mode_for(self, module):
+        raise NotImplementedError
 
     def enter(self, module, args, kwargs=None):
         stack = self.local.__dict__.setdefault("modes", [])
-        mode = _SlowPath() if self.gate() else None
+        mode = self.mode_for(module)
         if mode is not None:
             mode.__enter__()
         stack.append(mode)
@@ -382,10 +387,24 @@ class _SlowPathHooks:
             mode.__exit__(None, None, None)
 
     def __getstate__(self):
-        return {"gate": self.gate}
+        state = dict(self.__dict__)
+        del state["local"]
+        return state
 
     def __setstate__(self, state):
-        self.gate, self.local = state["gate"], threading.local()
+        self.__dict__.update(state)
+        self.local = threading.local()
+
+
+class _SlowPathHooks(ModeHooks):
+    """The slow-path mode while the gate is on."""
+
+    def __init__(self, gate: Callable[[], bool]):
+        super().__init__()
+        self.gate = gate
+
+    def mode_for(self, module):
+        return _SlowPath() if self.gate() else None
 
 
 def keep_off_fast_path(model: nn.Module, path: str, gate: Callable[[], bool]) -> Callable[[], None]:

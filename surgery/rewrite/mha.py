@@ -26,7 +26,8 @@ from torch import nn
 
 from surgery.errors import RewriteError
 from surgery.rewrite import compose
-from surgery.rewrite.attention import _FAST_PATH_MODULES, _MHA_GLOBALS, _PLAIN_MHA, _ROUTED_MHA, _SlowPathHooks
+from surgery.rewrite.attention import (_FAST_PATH_MODULES, _MHA_GLOBALS, _PLAIN_MHA, _ROUTED_MHA, ModeHooks,
+                                       _SlowPathHooks)
 
 SITES_ATTR = "_surgery_mha_sites"
 _LOCAL = threading.local()      # per thread: the projection sites of the nn.MultiheadAttention call running now
@@ -125,30 +126,11 @@ class _Mode(torch.overrides.TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-class _Enter:
-    """The module's pre-hook enters the mode, an always-called post-hook leaves it (a stack per thread)."""
+class _Enter(ModeHooks):
+    """The routing mode while one of the module's sites is on."""
 
-    def __init__(self):
-        self.local = threading.local()
-
-    def enter(self, module, args):
-        stack = self.local.__dict__.setdefault("modes", [])
-        mode = _Mode(module) if any(gate() for gate, *_ in module.__dict__.get(SITES_ATTR, ())) else None
-        if mode is not None:
-            mode.__enter__()
-        stack.append(mode)
-
-    def exit(self, module, args, out):
-        stack = self.local.__dict__.setdefault("modes", [])
-        mode = stack.pop() if stack else None
-        if mode is not None:
-            mode.__exit__(None, None, None)
-
-    def __getstate__(self):     # a copy (deepcopy, pickle) starts with no call in flight
-        return {}
-
-    def __setstate__(self, state):
-        self.local = threading.local()
+    def mode_for(self, module):
+        return _Mode(module) if any(gate() for gate, *_ in module.__dict__.get(SITES_ATTR, ())) else None
 
 
 def _adapt(state: dict, kind: str, chunk, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
