@@ -649,6 +649,13 @@ def analyze(traced: Traced) -> Analysis:
         return n in linears
 
     attention = _attention_ops(graph)
+    entries_memo: dict[fx.Node, list[tuple[str, int]]] = {}
+
+    def entries_of(node: fx.Node) -> list[tuple[str, int]]:
+        entries = entries_memo.get(node)
+        if entries is None:
+            entries = entries_memo[node] = stack_entries(node)
+        return entries
 
     # Layers: the repeated units of the module tree (a numbered child of a container whose numbered children share
     # one type) holding the attention ops, one per call (a module called N times is N layers); for a model without
@@ -664,7 +671,7 @@ def analyze(traced: Traced) -> Analysis:
 
     blocks_at: list[tuple[str, int]] = []
     for op_node, *_ in attention:
-        entries = stack_entries(op_node)
+        entries = entries_of(op_node)
         units = [e for e in entries if is_unit(e[0])]
         if not units:
             # a hybrid stack: numbered layers of several types (attention layers between state-space ones)
@@ -678,7 +685,7 @@ def analyze(traced: Traced) -> Analysis:
         ordered: list[tuple[str, int]] = []
         seen: set[tuple[str, int]] = set()
         for node in nodes:
-            for entry in stack_entries(node):
+            for entry in entries_of(node):
                 parent, _, index = entry[0].rpartition(".")
                 if parent in containers and index.isdigit() and entry not in seen:
                     seen.add(entry)
@@ -686,7 +693,7 @@ def analyze(traced: Traced) -> Analysis:
         blocks_at = ordered + [b for b in blocks_at if b not in seen]
     if not attention:
         for node in linears:
-            units = [e for e in stack_entries(node) if is_unit(e[0])]
+            units = [e for e in entries_of(node) if is_unit(e[0])]
             if units and units[0] not in blocks_at:
                 blocks_at.append(units[0])
     block_index = {b: i for i, b in enumerate(blocks_at)}
@@ -695,7 +702,7 @@ def analyze(traced: Traced) -> Analysis:
     path_layer: dict[tuple, int | None] = {}
 
     def layer_of(node) -> int | None:
-        key = tuple(stack_entries(node))
+        key = tuple(entries_of(node))
         if key not in path_layer:
             layer = None
             for entry in reversed(key):
@@ -717,6 +724,8 @@ def analyze(traced: Traced) -> Analysis:
         taken_linear.add(info.node)
         add(info.node, role, layer, module=info.owner, linear=info, **extra)
 
+    inputs_of: dict[fx.Node, list[fx.Node]] = {}
+
     def ancestors(value: fx.Node, limit: int = 400) -> set[fx.Node]:
         seen, frontier = set(), [value]
         while frontier and len(seen) < limit:
@@ -724,7 +733,10 @@ def analyze(traced: Traced) -> Analysis:
             if node in seen or not isinstance(node, fx.Node):
                 continue
             seen.add(node)
-            frontier.extend(node.all_input_nodes)
+            inputs = inputs_of.get(node)
+            if inputs is None:
+                inputs = inputs_of[node] = node.all_input_nodes
+            frontier.extend(inputs)
         return seen
 
     def close_sublayer(branch_value, prefix, layer):
@@ -857,8 +869,9 @@ def analyze(traced: Traced) -> Analysis:
     per_layer: dict[int, list[LinearInfo]] = defaultdict(list)
     for node, info in linears.items():
         layer = layer_of(node)
+        owner = info.owner.split(".")
         if layer is not None and node not in taken_linear and not any(
-                info.owner.startswith(m + ".") for m in attention_modules):
+                ".".join(owner[:i]) in attention_modules for i in range(1, len(owner))):
             per_layer[layer].append(info)
     ins_of: dict[int, list[tuple[tuple, fx.Node]]] = defaultdict(list)
     outs_of: dict[int, list[tuple[tuple, fx.Node]]] = defaultdict(list)

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import fx, nn
+from torch.fx.immutable_collections import immutable_dict
 
 SCALARS = (int, float, str, bool, type(None), torch.dtype)
 MIN_SAVED = 1      # truncate a stack only when it saves at least this many layers
@@ -431,8 +432,8 @@ def _build(nodes, stacks, members, region, params, buffers, calls, param_order, 
         if n.op == "placeholder":
             continue
         k = (region.get(n) or (None,))[0]
-        c = out.create_node(n.op, n.target, fx.map_arg(n.args, lambda a: outside(a, k)),
-                            fx.map_arg(n.kwargs, lambda a: outside(a, k)), name=_base_name(n.name), type_expr=n.type)
+        c = _node(out, n.op, n.target, _map(n.args, lambda a: outside(a, k)),
+                  _map(n.kwargs, lambda a: outside(a, k)), _base_name(n.name), n.type)
         c.meta = n.meta
         env[n] = c
         if n in end_of:
@@ -449,46 +450,101 @@ def _copies(out: fx.Graph, plan, members, env, copy_ph, last_of, outside, calls)
     """Layers keep..length-1 of one stack, each a copy of its template reading the layer before it."""
     k, s, _ = plan
     layer_nodes = {i: [env[n] for n in members[(k, i)]] for i in range(s.keep)}
-    templates = {}
-    for t in range(s.keep - s.period, s.keep):
-        template, old = members[(k, t)], s.entry(t)
-        templates[t] = (template, old, {n: i for i, n in enumerate(members[(k, t - 1)])},
-                        [_stack_pattern(n.meta.get("nn_module_stack"), old) for n in template],
-                        [_is_mark(n) for n in template], [m for m in calls if m == old or m.startswith(old + ".")])
+    templates = {t: _Template(members[(k, t)], members[(k, t - 1)], s.entry(t), calls, copy_ph,
+                              lambda a: outside(a, k)) for t in range(s.keep - s.period, s.keep)}
     for j in range(s.keep, s.length):
-        template, old, prev_index, patterns, marks, inner = templates[s.template(j)]
+        template = templates[s.template(j)]
         new = s.entry(j)
         previous = layer_nodes[j - 1]
-        local: dict[fx.Node, fx.Node] = {}
+        current: list[fx.Node] = []
 
-        def arg(a: fx.Node) -> fx.Node:
-            if a in local:
-                return local[a]
-            if a in prev_index:
-                return previous[prev_index[a]]
-            if (a, j) in copy_ph:
-                return copy_ph[(a, j)]
-            return outside(a, k)
-        current = []
-        for t, pattern, mark in zip(template, patterns, marks):
-            args = _map(t.args, arg)
-            if mark:
-                args = (args[0], _mark_tag(t.args[1], old, new))
-            c = out.create_node(t.op, t.target, args, _map(t.kwargs, arg), name=_base_name(t.name),
-                                type_expr=t.type)
-            meta = dict(t.meta)
-            if pattern is not None:
+        def resolve(slot):
+            kind, x = slot
+            if kind == 0:
+                return current[x]
+            if kind == 1:
+                return previous[x]
+            if kind == 2:
+                return copy_ph[(x, j)]
+            return x
+        for t, name, args, kwargs, stack, tag in template.recipes:
+            args = tuple(resolve(a) if type(a) is tuple else a for a in args) if type(args) is list \
+                else _map(args, lambda a: resolve(template.slot(a)))
+            if tag is not None:
+                args = (args[0], tag if type(tag) is str else tag[0] + json.dumps(new + tag[1]) + tag[2])
+            kwargs = _map(kwargs, lambda a: resolve(template.slot(a))) if kwargs else kwargs
+            c = _node(out, t.op, t.target, args, kwargs, name, t.type)
+            meta = c.meta
+            meta.update(t.meta)
+            if stack is not None:
                 meta["nn_module_stack"] = {(lead + new + key_rest if swapped else key):
                                            ((new + path_rest if swapped else path), ty)
-                                           for swapped, lead, key_rest, path_rest, key, path, ty in pattern}
-            c.meta = meta
-            local[t] = c
+                                           for swapped, lead, key_rest, path_rest, key, path, ty in stack}
             current.append(c)
         layer_nodes[j] = current
-        for m in inner:
-            calls[_swap(m, old, new)] = calls[m]
+        for m in template.inner:
+            calls[_swap(m, old=template.path, new=new)] = calls[m]
     for t, c in zip(members[(k, s.keep - 1)], layer_nodes[s.length - 1]):
         last_of[t] = c
+
+
+class _Template:
+    """What copying one template layer needs, worked out once: per node its name, its arguments with each input
+    node as a slot (0: a node of the copy itself, by position; 1: of the layer before, by position; 2: a
+    placeholder the copy has its own of; 3: a value from outside the stack, shared), its module stack pattern
+    and, for a mark, its tag split around the module path."""
+
+    def __init__(self, template, previous, path, calls, copy_ph, outside):
+        self.path = path
+        self.own = {n: i for i, n in enumerate(template)}
+        self.prev = {n: i for i, n in enumerate(previous)}
+        self.copy_ph = {a for a, _ in copy_ph}
+        self.outside = outside
+        self.inner = [m for m in calls if m == path or m.startswith(path + ".")]
+        self.recipes = []
+        for n in template:
+            flat = type(n.args) is tuple and all(type(a) is fx.Node or isinstance(a, SCALARS) for a in n.args)
+            args = [self.slot(a) if type(a) is fx.Node else a for a in n.args] if flat else n.args
+            tag = None
+            if _is_mark(n):
+                tag = self._tag(n.args[1])
+            self.recipes.append((n, _base_name(n.name), args, n.kwargs,
+                                 _stack_pattern(n.meta.get("nn_module_stack"), path), tag))
+
+    def slot(self, a: fx.Node) -> tuple:
+        if a in self.own:
+            return (0, self.own[a])
+        if a in self.prev:
+            return (1, self.prev[a])
+        if a in self.copy_ph:
+            return (2, a)
+        return (3, self.outside(a))
+
+    def _tag(self, tag: str) -> "tuple[str, str, str] | str":
+        """A mark's tag as (head, path after the layer's, tail): head + json.dumps(new layer + path) + tail; the
+        tag itself where its module is not in the layer."""
+        name, side, loc, call = json.loads(tag)
+        if name != self.path and not name.startswith(self.path + "."):
+            return tag
+        head, tail = json.dumps([None, side, loc, call]).split("null", 1)
+        return head, name[len(self.path):], tail
+
+
+def _node(graph: fx.Graph, op: str, target, args: tuple, kwargs: dict, name: str, type_expr) -> fx.Node:
+    """`graph.create_node(op, target, args, kwargs, name=name, type_expr=type_expr)` without its scan of the
+    arguments for raw SymInts (six times the rest of its cost; these arguments come from an exported graph,
+    where there are none). Where this torch's Graph lacks the parts it uses: create_node itself."""
+    namespace = getattr(graph, "_graph_namespace", None)
+    table = getattr(graph, "_find_nodes_lookup_table", None)
+    if namespace is None or table is None or not hasattr(graph, "_insert") or graph.owning_module is not None:
+        return graph.create_node(op, target, args, kwargs, name=name, type_expr=type_expr)
+    name = namespace.create_name(name, None)
+    node = fx.Node(graph, name, op, target, args, kwargs if kwargs else immutable_dict(), type_expr)
+    namespace.associate_name_with_obj(name, node)
+    graph._insert(node)
+    table.insert(node)
+    graph._len += 1
+    return node
 
 
 def _map(a, fn):
