@@ -634,6 +634,26 @@ def _keeps_rank(value: fx.Node, rank: int, allowed: set[str], limit: int = 32) -
     return False
 
 
+class _Ancestors:
+    """The first `limit` nodes a depth-first walk up from `value` visits, walked only as far as membership tests
+    need: `x in ancestors` answers as the whole set would."""
+
+    def __init__(self, value: fx.Node, limit: int):
+        self.seen: set[fx.Node] = set()
+        self.frontier = [value]
+        self.limit = limit
+
+    def __contains__(self, x) -> bool:
+        seen, frontier = self.seen, self.frontier
+        while x not in seen and frontier and len(seen) < self.limit:
+            node = frontier.pop()
+            if node in seen or not isinstance(node, fx.Node):
+                continue
+            seen.add(node)
+            frontier.extend(node.all_input_nodes)
+        return x in seen
+
+
 def analyze(traced: Traced) -> Analysis:
     graph = traced.graph
     nodes = [n for n in graph.nodes if n.op == "call_function"]
@@ -724,20 +744,8 @@ def analyze(traced: Traced) -> Analysis:
         taken_linear.add(info.node)
         add(info.node, role, layer, module=info.owner, linear=info, **extra)
 
-    inputs_of: dict[fx.Node, list[fx.Node]] = {}
-
-    def ancestors(value: fx.Node, limit: int = 400) -> set[fx.Node]:
-        seen, frontier = set(), [value]
-        while frontier and len(seen) < limit:
-            node = frontier.pop()
-            if node in seen or not isinstance(node, fx.Node):
-                continue
-            seen.add(node)
-            inputs = inputs_of.get(node)
-            if inputs is None:
-                inputs = inputs_of[node] = node.all_input_nodes
-            frontier.extend(inputs)
-        return seen
+    def ancestors(value: fx.Node, limit: int = 400) -> "_Ancestors":
+        return _Ancestors(value, limit)
 
     def close_sublayer(branch_value, prefix, layer):
         """The residual add closing a sub-layer: the first add downstream of the branch whose other operand is a

@@ -36,6 +36,7 @@ from torch import fx, nn
 from torch.fx.immutable_collections import immutable_dict
 
 SCALARS = (int, float, str, bool, type(None), torch.dtype)
+_SCALAR_TYPES = frozenset(SCALARS)
 MIN_SAVED = 1      # truncate a stack only when it saves at least this many layers
 
 
@@ -81,7 +82,7 @@ def _plan_prefix(kinds: list) -> tuple[int, int, int] | None:
 
 
 def _plain(value) -> bool:
-    if isinstance(value, SCALARS):
+    if type(value) in _SCALAR_TYPES or isinstance(value, SCALARS):
         return True
     return isinstance(value, (tuple, list)) and len(value) <= 16 and all(isinstance(v, SCALARS) for v in value)
 
@@ -108,21 +109,28 @@ def _hooked(module: nn.Module) -> bool:
             or bool(getattr(module, "parametrizations", None)))
 
 
-def _structure(entry: nn.Module, counts: dict) -> tuple | None:
-    """The entry's module tree, tensors and hooks (None: never truncate its stack)."""
-    modules = []
+def _describe(entry: nn.Module, counts: dict, module_counts: dict) -> tuple | None:
+    """The entry's kind, in one walk of its modules: (module tree, tensors, plain attributes by (module, name)).
+    None (never truncate its stack): a module or tensor reachable twice (shared with another layer or the rest
+    of the model), or a hooked module."""
+    modules, tensors, attrs = [], [], {}
     for rel, m in entry.named_modules(remove_duplicate=False):
-        if _hooked(m):
+        if module_counts.get(id(m), 0) != 1 or _hooked(m):
             return None
         modules.append((rel, type(m).__module__, type(m).__qualname__))
-    tensors = []
-    for kind, named in (("p", entry.named_parameters(remove_duplicate=False)),
-                        ("b", entry.named_buffers(remove_duplicate=False))):
-        for rel, t in named:
-            if t is None or counts.get(id(t), 0) != 1:     # shared with another layer or with the rest of the model
-                return None
-            tensors.append((kind, rel, tuple(t.shape), str(t.dtype), t.device.type, bool(t.requires_grad)))
-    return tuple(modules), tuple(tensors)
+        prefix = rel + "." if rel else ""
+        for kind, table in (("p", m._parameters), ("b", m._buffers)):
+            for name, t in table.items():
+                if t is None:
+                    continue
+                if counts.get(id(t), 0) != 1:
+                    return None
+                tensors.append((kind, prefix + name, tuple(t.shape), str(t.dtype), t.device.type,
+                                bool(t.requires_grad)))
+        for k, v in _attributes(m).items():
+            attrs[(rel, k)] = v
+    tensors.sort(key=lambda x: x[0] != "p")     # parameters first, then buffers, each in module order
+    return tuple(modules), tuple(tensors), attrs
 
 
 def find_stacks(model: nn.Module) -> list[Stack]:
@@ -145,16 +153,14 @@ def find_stacks(model: nn.Module) -> list[Stack]:
         if keys != [str(i) for i in range(len(keys))]:
             continue
         entries = list(module)
-        if module_counts[id(module)] != 1 or any(
-                e is None or module_counts[id(m)] != 1 for e in entries for m in e.modules()):
-            taken.append(path)      # a layer (or the container) reachable twice: reached again by another path
-            continue
-        structures = [_structure(e, counts) for e in entries]
-        if any(s is None for s in structures):
+        described = [None] if module_counts[id(module)] != 1 else \
+            [_describe(e, counts, module_counts) if e is not None else None for e in entries]
+        if any(d is None for d in described):
+            # a layer (or the container) reachable twice, a shared tensor, a hook: keep the stack whole
             taken.append(path)
             continue
-        attrs = [{(rel, k): v for rel, m in e.named_modules(remove_duplicate=False)
-                  for k, v in _attributes(m).items()} for e in entries]
+        structures = [d[:2] for d in described]
+        attrs = [d[2] for d in described]
         keys_all = set().union(*attrs)
         # an attribute whose value differs between every two layers (layer_idx) indexes them; others are kinds
         index_like = {k for k in keys_all if len({repr(a.get(k)) for a in attrs}) == len(entries)}
@@ -162,7 +168,8 @@ def find_stacks(model: nn.Module) -> list[Stack]:
                  for s, a in zip(structures, attrs)]
         n = len(entries)
         taken.append(path)
-        planned = _plan_prefix(kinds)
+        numbered: dict = {}
+        planned = _plan_prefix([numbered.setdefault(kind, len(numbered)) for kind in kinds])
         if planned is None or n - planned[0] < MIN_SAVED:
             continue
         keep, start, period = planned
