@@ -42,7 +42,7 @@ from torch import fx, nn
 
 from surgery.trace.export import Boundary, Traced
 
-FORMAT = 1
+FORMAT = 2
 MAGIC = b"surgery-trace"
 MAX_ENTRIES = 64
 # node metadata torch.export writes that surgery never reads (tensor_meta repeats `val`); every other key is
@@ -270,7 +270,7 @@ def _resolve(target):
 
 # ------------------------------------------------------------------------------------------------ Traced
 
-_FIELDS = {"graph", "boundaries", "params", "buffers", "calls", "module_types", "users", "constants"}
+_FIELDS = {"graph", "boundaries", "params", "buffers", "calls", "module_types", "constants"}
 
 
 def encode(traced: Traced) -> dict:
@@ -287,7 +287,6 @@ def encode(traced: Traced) -> dict:
         "boundaries": [[v.name, [_enc(dataclasses.astuple(b)) for b in bs]] for v, bs in traced.boundaries.items()],
         "params": traced.params, "buffers": traced.buffers, "calls": traced.calls,
         "module_types": {k: f"{t.__module__}.{t.__qualname__}" for k, t in traced.module_types.items()},
-        "users": [[n.name, [u.name for u in us]] for n, us in traced.users.items()],
         "constants": {k: [str(t.dtype).removeprefix("torch."), list(t.shape), t.tolist()]
                       for k, t in traced.constants.items()},
     }
@@ -320,8 +319,7 @@ def decode(data: dict, model: nn.Module) -> Traced:
     constants = {k: torch.tensor(values, dtype=_torch_attr("dtype", dtype)).reshape(shape)
                  for k, (dtype, shape, values) in data["constants"].items()}
     return Traced(graph=graph, boundaries=boundaries, params=dict(data["params"]), buffers=dict(data["buffers"]),
-                  calls=dict(data["calls"]), module_types=module_types,
-                  users={nodes[n]: [nodes[u] for u in us] for n, us in data["users"]}, constants=constants)
+                  calls=dict(data["calls"]), module_types=module_types, constants=constants)
 
 
 # ------------------------------------------------------------------------------------------------ files

@@ -55,7 +55,6 @@ class Traced:
     buffers: dict[str, str]
     calls: dict[str, int]                           # module path -> how many times it was called
     module_types: dict[str, type]
-    users: dict[fx.Node, list[fx.Node]] = field(default_factory=dict)
     constants: dict[str, torch.Tensor] = field(default_factory=dict)   # placeholder name -> lifted constant
 
 
@@ -285,8 +284,8 @@ def _export_marked(model: nn.Module, args, kwargs, what: str):
 
 
 def _unrolled(model: nn.Module, args, kwargs):
-    """The marked graph of `model` from an export of one layer per kind (surgery/trace/unroll.py): (graph,
-    params, buffers, calls, program), or None where the model's layers are not truncated or do not check out."""
+    """The graph of `model` from an export of one layer per kind (surgery/trace/unroll.py): (graph, params,
+    buffers, calls, constants, marks), or None where the model's layers are not truncated or do not check out."""
     try:
         stacks = unroll.find_stacks(model)
     except Exception as exc:  # noqa: BLE001 - an odd module tree: the full export
@@ -307,12 +306,12 @@ def _unrolled(model: nn.Module, args, kwargs):
     constants = dict(getattr(signature, "inputs_to_lifted_tensor_constants", {}) or {})
     values = {ph: program.constants.get(name) for ph, name in constants.items()}
     try:
-        graph = unroll.unroll(program.graph, stacks, params, buffers, calls, param_order, buffer_order,
-                              constants, values)
+        graph, marks = unroll.unroll(program.graph, stacks, params, buffers, calls, param_order, buffer_order,
+                                     constants, values)
     except Exception as exc:  # noqa: BLE001 - unroll.Refused, or anything unforeseen: the full export, never a guess
         logger.debug("layers exported whole: %s: %s", type(exc).__name__, exc)
         return None
-    return graph, params, buffers, calls, values
+    return graph, params, buffers, calls, values, marks
 
 
 def _trace(model: nn.Module, example_inputs, full: bool = False) -> Traced:
@@ -329,9 +328,11 @@ def _trace(model: nn.Module, example_inputs, full: bool = False) -> Traced:
         signature = program.graph_signature
         lifted = getattr(signature, "inputs_to_lifted_tensor_constants", {}) or {}
         result = (program.graph, dict(signature.inputs_to_parameters), dict(signature.inputs_to_buffers),
-                  dict(calls), {ph: program.constants.get(name) for ph, name in lifted.items()})
-    graph, params, buffers, calls, constants = result
+                  dict(calls), {ph: program.constants.get(name) for ph, name in lifted.items()}, [])
+    graph, params, buffers, calls, constants, marks = result
     boundaries: dict[fx.Node, list[Boundary]] = defaultdict(list)
+    for value, module, side, loc, call in marks:     # taken out of the graph by the unroll already
+        boundaries[value].append(Boundary(module, side, tuple(loc), call))
     for node in graph.nodes:
         # a mark of a mark whose input does not list it among its users (torch.export leaves M2M-100's
         # embed_positions input mark so): repair the use, else replacing and erasing the inner mark fails
@@ -354,7 +355,6 @@ def _trace(model: nn.Module, example_inputs, full: bool = False) -> Traced:
     module_types = {name: type(m) for name, m in model.named_modules()}
     traced = Traced(graph=graph, boundaries=dict(boundaries), params=params, buffers=buffers, calls=dict(calls),
                     module_types=module_types)
-    traced.users = {n: list(n.users) for n in graph.nodes}
     traced.constants = {ph: value.detach().clone() for ph, value in constants.items()
                         if isinstance(value, torch.Tensor) and value.numel() <= 4096}
     return traced

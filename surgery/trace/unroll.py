@@ -237,11 +237,12 @@ class Refused(Exception):
 
 def unroll(graph: fx.Graph, stacks: list[Stack], params: dict[str, str], buffers: dict[str, str],
            calls: dict[str, int], param_order: dict[str, int], buffer_order: dict[str, int],
-           constants: dict[str, str], values: dict[str, object]) -> fx.Graph:
+           constants: dict[str, str], values: dict[str, object]) -> tuple[fx.Graph, list[tuple]]:
     """The graph of the whole model from the marked graph of the truncated one: each stack's template layer
-    copied into the missing layers' places. `params`/`buffers` (placeholder name -> qualified name), `constants`
-    (placeholder name -> the export's name of a lifted constant), `values` (placeholder name -> the constant) and
-    `calls` are updated in place to the whole model's. Raises Refused when something does not check out."""
+    copied into the missing layers' places, and its module marks taken out as (value, module, side, loc, call),
+    in graph order. `params`/`buffers` (placeholder name -> qualified name), `constants` (placeholder name -> the
+    export's name of a lifted constant), `values` (placeholder name -> the constant) and `calls` are updated in
+    place to the whole model's. Raises Refused when something does not check out."""
     nodes = list(graph.nodes)
     position = {n: i for i, n in enumerate(nodes)}
     tensor_of = {**params, **buffers}
@@ -435,26 +436,32 @@ def _build(nodes, stacks, members, region, params, buffers, calls, param_order, 
             return last_of[a]
         return env[a]
 
+    marks: list[tuple] = []
     for n in nodes:
         if n.op == "placeholder":
             continue
         k = (region.get(n) or (None,))[0]
-        c = _node(out, n.op, n.target, _map(n.args, lambda a: outside(a, k)),
-                  _map(n.kwargs, lambda a: outside(a, k)), _base_name(n.name), n.type)
-        c.meta = n.meta
-        env[n] = c
+        if _is_mark(n) and isinstance(n.args[0], fx.Node):
+            env[n] = value = outside(n.args[0], k)
+            marks.append((value, *json.loads(n.args[1])))
+        else:
+            c = _node(out, n.op, n.target, _map(n.args, lambda a: outside(a, k)),
+                      _map(n.kwargs, lambda a: outside(a, k)), _base_name(n.name), n.type)
+            c.meta = n.meta
+            env[n] = c
         if n in end_of:
-            _copies(out, end_of[n], members, env, copy_ph, last_of, outside, calls)
+            _copies(out, end_of[n], members, env, copy_ph, last_of, outside, calls, marks)
     out.lint()
     for table, new_table in ((params, new_params), (buffers, new_buffers), (constants, new_constants),
                              (values, new_values)):
         table.clear()
         table.update(new_table)
-    return out
+    return out, marks
 
 
-def _copies(out: fx.Graph, plan, members, env, copy_ph, last_of, outside, calls):
-    """Layers keep..length-1 of one stack, each a copy of its template reading the layer before it."""
+def _copies(out: fx.Graph, plan, members, env, copy_ph, last_of, outside, calls, marks):
+    """Layers keep..length-1 of one stack, each a copy of its template reading the layer before it; a mark is
+    not copied but recorded in `marks` as (value, module, side, loc, call)."""
     k, s, _ = plan
     layer_nodes = {i: [env[n] for n in members[(k, i)]] for i in range(s.keep)}
     templates = {t: _Template(members[(k, t)], members[(k, t - 1)], s.entry(t), calls, copy_ph,
@@ -477,8 +484,11 @@ def _copies(out: fx.Graph, plan, members, env, copy_ph, last_of, outside, calls)
         for t, name, args, kwargs, stack, tag in template.recipes:
             args = tuple(resolve(a) if type(a) is tuple else a for a in args) if type(args) is list \
                 else _map(args, lambda a: resolve(template.slot(a)))
-            if tag is not None:
-                args = (args[0], tag if type(tag) is str else tag[0] + json.dumps(new + tag[1]) + tag[2])
+            if tag is not None:        # a mark: the copy reads its input
+                swapped, module, side, loc, call = tag
+                marks.append((args[0], new + module if swapped else module, side, loc, call))
+                current.append(args[0])
+                continue
             kwargs = _map(kwargs, lambda a: resolve(template.slot(a))) if kwargs else kwargs
             c = _node(out, t.op, t.target, args, kwargs, name, t.type)
             meta = c.meta
@@ -512,9 +522,7 @@ class _Template:
         for n in template:
             flat = type(n.args) is tuple and all(type(a) is fx.Node or isinstance(a, SCALARS) for a in n.args)
             args = [self.slot(a) if type(a) is fx.Node else a for a in n.args] if flat else n.args
-            tag = None
-            if _is_mark(n):
-                tag = self._tag(n.args[1])
+            tag = self._tag(n.args[1]) if _is_mark(n) and isinstance(n.args[0], fx.Node) else None
             self.recipes.append((n, _base_name(n.name), args, n.kwargs,
                                  _stack_pattern(n.meta.get("nn_module_stack"), path), tag))
 
@@ -527,14 +535,12 @@ class _Template:
             return (2, a)
         return (3, self.outside(a))
 
-    def _tag(self, tag: str) -> "tuple[str, str, str] | str":
-        """A mark's tag as (head, path after the layer's, tail): head + json.dumps(new layer + path) + tail; the
-        tag itself where its module is not in the layer."""
+    def _tag(self, tag: str) -> tuple:
+        """A mark's tag as (module in the layer, path after the layer's or the whole path, side, loc, call)."""
         name, side, loc, call = json.loads(tag)
-        if name != self.path and not name.startswith(self.path + "."):
-            return tag
-        head, tail = json.dumps([None, side, loc, call]).split("null", 1)
-        return head, name[len(self.path):], tail
+        if name == self.path or name.startswith(self.path + "."):
+            return True, name[len(self.path):], side, loc, call
+        return False, name, side, loc, call
 
 
 def _node(graph: fx.Graph, op: str, target, args: tuple, kwargs: dict, name: str, type_expr) -> fx.Node:
