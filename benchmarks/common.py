@@ -209,6 +209,9 @@ def allocator_peak_mib(fn: Callable[[], object]) -> float:
 def in_subprocess(target: str, timeout: float | None = None, **kwargs) -> dict:
     """Call `module:function(**kwargs)` in a fresh interpreter and return the dict it returns (sent as JSON)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    # an installed package runs from compiled bytecode: a child that compiles every module it imports (where
+    # PYTHONDONTWRITEBYTECODE is set, as in some sandboxes) would time the compiler
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     done = subprocess.run([sys.executable, "-m", "benchmarks.common", target, json.dumps(kwargs)],
                           capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout)
     if done.returncode != 0:

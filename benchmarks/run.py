@@ -229,15 +229,17 @@ def group_meta_apply(args):
     seven = shapes["llama7b"]
     rows = []
     for r in result["shapes"]:
-        figure = (f"{r['surgery_cpu']:.2f} / {r['peft_cpu']:.2f} s CPU = {r['ratio']:.1f}x; peak RSS "
-                  f"{r['surgery_peak_rss_mib']:.0f} / {r['peft_peak_rss_mib']:.0f} MiB")
+        figure = (f"first apply in a process {r['surgery_cpu']:.2f} / {r['peft_cpu']:.2f} s CPU = {r['ratio']:.1f}x, "
+                  f"second {r['next_surgery_cpu']:.2f} / {r['next_peft_cpu']:.2f} s = {r['next_ratio']:.1f}x; "
+                  f"peak RSS {r['surgery_peak_rss_mib']:.0f} / {r['peft_peak_rss_mib']:.0f} MiB")
         if r is seven:
             goal = f"<= {GOALS['meta_7b_vs_peft']:.0f}x, <= {GOALS['meta_7b_rss_mib']:.0f} MiB"
             verdict = _all_goals(("time", _verdict(r["ratio"], GOALS["meta_7b_vs_peft"])),
                                  ("RSS", _verdict(r["surgery_peak_rss_mib"], GOALS["meta_7b_rss_mib"])))
         else:
             depth = r["surgery_cpu"] / seven["surgery_cpu"]
-            figure += f"; {depth:.2f}x the 7B apply"
+            figure += (f"; {depth:.2f}x the 7B apply (second: "
+                       f"{r['next_surgery_cpu'] / seven['next_surgery_cpu']:.2f}x)")
             goal, verdict = f"<= {GOALS['meta_depth_vs_7b']}x 7B", _verdict(depth, GOALS["meta_depth_vs_7b"])
         rows.append(("apply on meta", f"{r['label']}, lora q,v ({r['sites']} sites): surgery / PEFT", figure, goal,
                      verdict))
@@ -248,12 +250,22 @@ def group_meta_apply(args):
                      f"PEFT", "", ""))
     sweep = result.get("sweep")
     if sweep:
-        slow = sweep["slowest"]
-        rows.append(("apply on meta", f"LLaMA-7B shape, every shipped spec ({len(sweep['rows'])}), slowest",
-                     f"{slow['cpu']:.2f} s CPU ({slow['spec']}) = {slow['vs_peft_lora']:.1f}x PEFT LoRA",
-                     f"<= {GOALS['meta_sweep_vs_peft']:.0f}x", _verdict(slow["vs_peft_lora"], GOALS["meta_sweep_vs_peft"])))
-        rows += [("apply on meta", f"  {r['spec']}", f"{r['cpu']:.2f} s CPU = {r['vs_peft_lora']:.1f}x PEFT LoRA"
-                  if "cpu" in r else f"error: {r['error']}", "", "") for r in sweep["rows"]]
+        slow, one = sweep["slowest"], sweep["one_process"]
+        one_slow = one["slowest"]
+        rows.append(("apply on meta", f"LLaMA-7B shape, every shipped spec ({len(sweep['rows'])}) in one process "
+                     f"(meta_sweep.py; the trace, {one['trace_cpu']:.2f} s, paid before the first), slowest",
+                     f"{one_slow['cpu_seconds']:.3f} s CPU ({one_slow['spec']}) = {one_slow['vs_peft_lora']:.1f}x "
+                     f"PEFT LoRA", f"<= {GOALS['meta_sweep_vs_peft']:.0f}x",
+                     _verdict(one_slow["vs_peft_lora"], GOALS["meta_sweep_vs_peft"])))
+        rows.append(("apply on meta", "  the same, each spec in a fresh process (trace included), slowest",
+                     f"{slow['cpu']:.2f} s CPU ({slow['spec']}) = {slow['vs_peft_lora']:.1f}x PEFT LoRA", "", ""))
+        fresh = {r["spec"]: r for r in sweep["rows"]}
+        for r in one["rows"]:
+            f = fresh.get(r["spec"], {})
+            figure = (f"{r['cpu_seconds']:.3f} s CPU = {r['vs_peft_lora']:.1f}x PEFT LoRA; fresh process "
+                      f"{f['cpu']:.2f} s = {f['vs_peft_lora']:.1f}x" if "cpu_seconds" in r and "cpu" in f
+                      else f"error: {r.get('error') or f.get('error')}")
+            rows.append(("apply on meta", f"  {r['spec']}", figure, "", ""))
     return result, rows
 
 

@@ -77,7 +77,7 @@ class LinearInfo:
         return self.weight.rpartition(".")[0]
 
 
-@dataclass
+@dataclass(slots=True)
 class Site:
     """One place a pattern can match: a node with a role (or none), its layer and the module it comes from."""
 

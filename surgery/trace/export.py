@@ -31,7 +31,7 @@ def _(x, tag):
     return torch.empty_like(x)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Boundary:
     """A value's place at a module boundary: `side` is "in" or "out"; `loc` says where in the call.
 

@@ -37,6 +37,7 @@ from torch.fx.immutable_collections import immutable_dict
 
 SCALARS = (int, float, str, bool, type(None), torch.dtype)
 _SCALAR_TYPES = frozenset(SCALARS)
+_NO_KWARGS = immutable_dict()    # one empty kwargs for every copied node without any (fx never mutates it)
 MIN_SAVED = 1      # truncate a stack only when it saves at least this many layers
 
 
@@ -471,6 +472,7 @@ def _copies(out: fx.Graph, plan, members, env, copy_ph, last_of, outside, calls,
         new = s.entry(j)
         previous = layer_nodes[j - 1]
         current: list[fx.Node] = []
+        stacks: dict[tuple, dict] = {}
 
         def resolve(slot):
             kind, x = slot
@@ -494,9 +496,10 @@ def _copies(out: fx.Graph, plan, members, env, copy_ph, last_of, outside, calls,
             meta = c.meta
             meta.update(t.meta)
             if stack is not None:
-                meta["nn_module_stack"] = {(lead + new + key_rest if swapped else key):
-                                           ((new + path_rest if swapped else path), ty)
-                                           for swapped, lead, key_rest, path_rest, key, path, ty in stack}
+                # one module stack per module of the copy, shared by its nodes as by the template's
+                meta["nn_module_stack"] = stacks.get(stack) or stacks.setdefault(stack, {
+                    (lead + new + key_rest if swapped else key): ((new + path_rest if swapped else path), ty)
+                    for swapped, lead, key_rest, path_rest, key, path, ty in stack})
             current.append(c)
         layer_nodes[j] = current
         for m in template.inner:
@@ -523,8 +526,9 @@ class _Template:
             flat = type(n.args) is tuple and all(type(a) is fx.Node or isinstance(a, SCALARS) for a in n.args)
             args = [self.slot(a) if type(a) is fx.Node else a for a in n.args] if flat else n.args
             tag = self._tag(n.args[1]) if _is_mark(n) and isinstance(n.args[0], fx.Node) else None
+            pattern = _stack_pattern(n.meta.get("nn_module_stack"), path)
             self.recipes.append((n, _base_name(n.name), args, n.kwargs,
-                                 _stack_pattern(n.meta.get("nn_module_stack"), path), tag))
+                                 tuple(pattern) if pattern is not None else None, tag))
 
     def slot(self, a: fx.Node) -> tuple:
         if a in self.own:
@@ -552,7 +556,7 @@ def _node(graph: fx.Graph, op: str, target, args: tuple, kwargs: dict, name: str
     if namespace is None or table is None or not hasattr(graph, "_insert") or graph.owning_module is not None:
         return graph.create_node(op, target, args, kwargs, name=name, type_expr=type_expr)
     name = namespace.create_name(name, None)
-    node = fx.Node(graph, name, op, target, args, kwargs if kwargs else immutable_dict(), type_expr)
+    node = fx.Node(graph, name, op, target, args, kwargs if kwargs else _NO_KWARGS, type_expr)
     namespace.associate_name_with_obj(name, node)
     graph._insert(node)
     table.insert(node)
