@@ -64,6 +64,7 @@ def child(name: str) -> dict:
     torch.set_num_threads(1)
     from peft import LoraConfig, get_peft_model
     import surgery
+    import surgery.api  # noqa: F401 - `surgery.apply` imports its module on first use: an import, outside the clock
 
     model = build(name)
     gc.collect()

@@ -7,11 +7,12 @@ Shapes (transformers configs, weights on the meta device, so no memory for them)
 and the Mixtral-8x7B shape (hidden 4096, 32 layers, 8 experts of FFN 14336, top 2, 8 KV heads).
 
 Each figure is one call in a fresh interpreter with one intra-op thread (benchmarks/common.py: in_subprocess), so
-nothing is cached from an earlier run (`next`: the same, after one apply of the same method to a small model in that
-process, so that torch's and each library's one-time imports are not in the figure): `surgery.apply(model, "specs/lora.yaml")` (trace, analysis, match,
-rewrite) against PEFT's `get_peft_model(model, LoraConfig(r=8, lora_alpha=8, target_modules=["q_proj",
-"v_proj"]))` on the same shape (the same sites: checked by count). Time is the process CPU time of that call
-alone (the imports and the model's construction are outside it), the median over `--repeats` processes per side,
+nothing is cached from an earlier run: `surgery.apply(model, "specs/lora.yaml")` (trace, analysis, match, rewrite)
+against PEFT's `get_peft_model(model, LoraConfig(r=8, lora_alpha=8, target_modules=["q_proj", "v_proj"]))` on the
+same shape (the same sites: checked by count). Time is the process CPU time of that call alone: the imports
+(`surgery.api`, `peft`) and the model's construction are outside it; what a first call imports by itself (torch
+its export machinery on the process's first torch.export, about 0.15 s) is inside. `next`: the same, after one
+apply of the same method to a small model in that process (the second apply in a process). The median over `--repeats` processes per side,
 surgery and PEFT alternating; peak RSS is the process's high-water mark (VmHWM) after the call, and its rise above
 the RSS before the call. The on-disk trace cache is off for these (SURGERY_CACHE=0); `warm` is the 7B apply in
 a process that finds the model's trace in the cache (surgery/trace/cache.py) written by the process before it.
@@ -87,6 +88,7 @@ def apply_child(shape: str, method: str, spec: str = "specs/lora.yaml", cache_di
         os.environ["SURGERY_CACHE"] = "0"
     import logging
     import surgery
+    import surgery.api  # noqa: F401 - `surgery.apply` imports its module on first use: an import, outside the clock
     if method == "peft":
         import peft
     if after_one:
