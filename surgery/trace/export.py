@@ -263,7 +263,8 @@ def trace(model: nn.Module, example_inputs=None, *, full: bool | None = None) ->
 
 def _rng_devices(model: nn.Module) -> list:
     """The accelerator devices whose RNG a forward of `model` may draw from (fork_rng forks only these)."""
-    devices = {t.device for t in model.parameters()} | {t.device for t in model.buffers()}
+    devices = {t.device for m in model.modules() for table in (m._parameters, m._buffers)
+               for t in table.values() if t is not None}
     return sorted({d.index or 0 for d in devices if d.type == "cuda"})
 
 
@@ -300,8 +301,15 @@ def _unrolled(model: nn.Module, args, kwargs):
         return None
     signature = program.graph_signature
     params, buffers = dict(signature.inputs_to_parameters), dict(signature.inputs_to_buffers)
-    param_order = {n: i for i, (n, _) in enumerate(model.named_parameters(remove_duplicate=False))}
-    buffer_order = {n: i for i, (n, _) in enumerate(model.named_buffers(remove_duplicate=False))}
+    # the order named_parameters / named_buffers (remove_duplicate=False) give, from one walk
+    param_order: dict[str, int] = {}
+    buffer_order: dict[str, int] = {}
+    for path, module in model.named_modules(remove_duplicate=False):
+        prefix = path + "." if path else ""
+        for order, table in ((param_order, module._parameters), (buffer_order, module._buffers)):
+            for name, t in table.items():
+                if t is not None:
+                    order[prefix + name] = len(order)
     calls = dict(calls)
     constants = dict(getattr(signature, "inputs_to_lifted_tensor_constants", {}) or {})
     values = {ph: program.constants.get(name) for ph, name in constants.items()}

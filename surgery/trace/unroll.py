@@ -136,13 +136,14 @@ def _describe(entry: nn.Module, counts: dict, module_counts: dict) -> tuple | No
 
 def find_stacks(model: nn.Module) -> list[Stack]:
     """The outermost layer containers worth truncating, with their prefix length."""
-    counts: dict[int, int] = defaultdict(int)
-    for _, t in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False)):
-        if t is not None:
-            counts[id(t)] += 1
+    counts: dict[int, int] = defaultdict(int)           # how many places hold each tensor, and each module
     module_counts: dict[int, int] = defaultdict(int)
     for _, m in model.named_modules(remove_duplicate=False):
         module_counts[id(m)] += 1
+        for table in (m._parameters, m._buffers):
+            for t in table.values():
+                if t is not None:
+                    counts[id(t)] += 1
     stacks: list[Stack] = []
     taken: list[str] = []
     for path, module in model.named_modules():
