@@ -78,15 +78,15 @@ def main(argv=None) -> list[dict]:
     build_seconds = time.perf_counter() - wall
     print(f"LLaMA-7B shape on the meta device ({sum(p.numel() for p in model.parameters()) / 1e9:.2f} B "
           f"parameters): built in {build_seconds:.1f} s; RSS {start_rss:.0f} MiB after imports", flush=True)
-    print(f"{'spec':<20} {'seconds':>8} {'cpu s':>7} {'trainable':>13} {'real bytes':>14} {'peak RSS MiB':>13}")
+    print(f"{'spec':<20} {'seconds':>8} {'cpu s':>8} {'trainable':>13} {'real bytes':>14} {'peak RSS MiB':>13}")
     rows = []
     for path in specs:
         row = apply_row(model, path)
         rows.append(row)
         if "error" in row:
-            print(f"{row['spec']:<20} {row['seconds']:>8.1f}  error: {row['error']}", flush=True)
+            print(f"{row['spec']:<20} {row['seconds']:>8.3f}  error: {row['error']}", flush=True)
             continue
-        print(f"{row['spec']:<20} {row['seconds']:>8.1f} {row['cpu_seconds']:>7.1f} {row['trainable']:>13,} "
+        print(f"{row['spec']:<20} {row['seconds']:>8.3f} {row['cpu_seconds']:>8.3f} {row['trainable']:>13,} "
               f"{row['real_bytes']:>14,} {row['peak_rss_mib']:>13.0f}", flush=True)
     if args.json:
         args.json.write_text(json.dumps({"build_seconds": build_seconds, "start_rss_mib": start_rss,

@@ -66,7 +66,10 @@ class DoRA(LoRA):
     @staticmethod
     def _row_norm(weight: torch.Tensor) -> torch.Tensor:
         """The norm of each output row (channel) over every other axis."""
-        return torch.linalg.norm(weight.flatten(1), dim=1)
+        flat = weight.flatten(1)
+        if flat.is_meta:   # no values (a meta model): the norm's shape and dtype, without running its meta kernel
+            return flat.new_empty(flat.shape[0], dtype=flat.real.dtype if flat.is_complex() else flat.dtype)
+        return torch.linalg.norm(flat, dim=1)
 
     def _dense(self, weight: torch.Tensor) -> torch.Tensor:
         return weight_ops.grouped_to_dense(weight, self.op_args.get("groups", 1)) if self.op_kind == "conv" else weight

@@ -124,7 +124,9 @@ class OFT(_Rotation):
         self.use_cayley_neumann, self.num_cayley_neumann_terms = use_cayley_neumann, num_cayley_neumann_terms
         b = self.block_size
         self.oft_R = nn.Parameter(torch.zeros(1 if block_share else self.r, b * (b - 1) // 2))
-        rows, cols = torch.triu_indices(b, b, 1)
+        # index structure, not values: computed on the CPU (on the meta device triu_indices' kernel costs ~1.5 ms);
+        # the module is moved to the model's device after building
+        rows, cols = torch.triu_indices(b, b, 1, device="cpu")
         self.register_buffer("rows", rows, persistent=False)
         self.register_buffer("cols", cols, persistent=False)
         self._setup_site(site)

@@ -53,11 +53,17 @@ class Fastfood(nn.Module):
         self.d, self.size = d, size
         self.n = 1 << (max(size, d) - 1).bit_length()   # the next power of two ≥ max(D, d)
         g = torch.Generator().manual_seed(seed)
-        self.register_buffer("signs", torch.randint(0, 2, (self.n,), generator=g).float() * 2 - 1, persistent=False)
-        self.register_buffer("permutation", torch.randperm(self.n, generator=g), persistent=False)
+        bits = torch.randint(0, 2, (self.n,), generator=g)
+        permutation = torch.randperm(self.n, generator=g)
         gauss = torch.randn(self.n, generator=g)
+        if gauss.is_meta:   # built without memory (a meta model): no values to compute, materialize draws them
+            signs, normalizer = bits.float(), gauss.new_empty(())
+        else:
+            signs, normalizer = bits.float() * 2 - 1, (size * gauss.pow(2).sum()).rsqrt()
+        self.register_buffer("signs", signs, persistent=False)
+        self.register_buffer("permutation", permutation, persistent=False)
         self.register_buffer("gauss", gauss, persistent=False)
-        self.register_buffer("normalizer", (size * gauss.pow(2).sum()).rsqrt(), persistent=False)
+        self.register_buffer("normalizer", normalizer, persistent=False)
 
     def forward(self, theta: torch.Tensor) -> torch.Tensor:
         """P θ in float32 whatever the model's dtype: the transform sums n terms per entry."""

@@ -5,6 +5,7 @@ undone. Modules come from the registry; nothing here knows any particular method
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import re
@@ -23,6 +24,7 @@ from surgery.modules.base import SiteContext
 from surgery.modules.registry import module_class
 from surgery.rewrite.attention import (attach_intercept, attach_registry, keep_off_fast_path, registry_of,
                                        uses_registry)
+from surgery.rewrite.meta_build import building_on_meta
 from surgery.rewrite.shadow import attach_shadow, check_traced
 from surgery.rewrite.host import (AdapterStore, Gate, Record, WeightSite, attach_weight_site, capture_anchor,
                                   hook_capture, hook_value, input_anchor, install_stack_capture, output_anchor,
@@ -329,16 +331,24 @@ def realize(model: nn.Module, analysis: Analysis, store: AdapterStore, record: R
         return
     if rule.action == "train":
         before = len(record.trained)
-        selection_only = without_gradient(analysis.traced)   # read only to select (top-k indices): no gradient
-        skipped = []
+        chosen = []
         for match in matches:
             for pname, param in _params_of(model, match.site, analysis).items():
                 kind = "bias" if "bias" in pname.rpartition(".")[2].split("_") else "weight"  # in_proj_bias too
                 if "all" in rule.params or kind in rule.params:
-                    if pname in selection_only:
-                        skipped.append(pname)
-                        continue
-                    record.trained.append((param, param.requires_grad))
+                    chosen.append((pname, param))
+        # read only to select (top-k indices): no gradient. Asked of the chosen parameters only (the question is
+        # per parameter; all of a 7B graph's parameters cost 50 ms)
+        wanted = {pname for pname, _ in chosen}
+        traced = analysis.traced
+        selection_only = without_gradient(dataclasses.replace(
+            traced, params={k: v for k, v in traced.params.items() if v in wanted})) if wanted else set()
+        skipped = []
+        for pname, param in chosen:
+            if pname in selection_only:
+                skipped.append(pname)
+                continue
+            record.trained.append((param, param.requires_grad))
         if matches and len(record.trained) == before and rule.expect != "any":
             why = (f"; {', '.join(sorted(set(skipped))[:3])} reach the output only through a selection (top-k "
                    f"indices), so no gradient reaches them" if skipped else "")
@@ -411,13 +421,13 @@ def realize(model: nn.Module, analysis: Analysis, store: AdapterStore, record: R
                 record.undo.append(install_stack_capture(model.get_submodule(owner), owner, store.runtime))
         ctx.shared, ctx.runtime, ctx.adapter = shared, store.runtime, per_adapter
         if ctx.device.type == "meta":   # a model without memory: its adapters are built without memory too
-            with torch.device("meta"):
+            with building_on_meta():
                 module = cls.build(rule.module, ctx, rule.action)
         else:
             module = cls.build(rule.module, ctx, rule.action)
         if ctx.device.type != "meta":
             module.to(device=ctx.device)
-        else:
+        elif not _all_meta(module):   # what a module made on another device explicitly (one walk, not a copy)
             module.to_empty(device="meta")
         if ctx.dtype.is_floating_point:
             dtype = _adapter_dtype(ctx.dtype, rule.action, (extra or {}).get("adapter_dtype"))
@@ -445,6 +455,11 @@ def realize(model: nn.Module, analysis: Analysis, store: AdapterStore, record: R
         if ref is not None and ref.device.type != "meta":
             shared.to(device=ref.device, dtype=ref.dtype)
         modules["shared"] = shared
+
+
+def _all_meta(module: nn.Module) -> bool:
+    """Every parameter and buffer of `module` is on the meta device."""
+    return all(t.is_meta for t in module.parameters()) and all(t.is_meta for t in module.buffers())
 
 
 def _realize_train_rows(model, analysis, store, record, rule, matches, gate):

@@ -23,6 +23,7 @@ from torch import nn
 
 from surgery.errors import LimitError
 from surgery.modules.registry import module_class
+from surgery.rewrite.meta_build import building_on_meta
 
 DEFAULT_FRACTION = 0.25
 ENV = "SURGERY_MEMORY_LIMIT"
@@ -157,7 +158,7 @@ def _estimate(model: nn.Module, analysis, spec, all_matches) -> Estimate:
                     ctx.weight = ctx.weight.detach().to("meta")
                 ctx.extra.update({"calibration": None, "apply_cache": {}})
                 ctx.shared, ctx.runtime, ctx.adapter = shared, runtime, adapter
-                with torch.device("meta"):
+                with building_on_meta():
                     module = cls.build(rule.module, ctx, rule.action)
             except Exception:  # noqa: BLE001 - the real build raises the error the user should see
                 continue
