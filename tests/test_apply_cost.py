@@ -37,7 +37,7 @@ class Ops(TorchDispatchMode):
 
 
 # ops that only compute values: on the meta device each runs a Python meta kernel (0.05-1.5 ms) for nothing
-VALUE_OPS = ("aten.normal_", "aten.normal.", "aten.randn.generator", "aten.rand.generator", "aten.linalg_vector_norm",
+VALUE_OPS = ("aten.normal_", "aten.normal.", "aten.randn", "aten.rand.", "aten.uniform_", "aten.linalg_vector_norm",
              "aten.pow.", "aten.rsqrt", "aten.erfinv_", "aten.triu_indices")
 
 
