@@ -140,3 +140,26 @@ def test_fills_that_would_fail_or_have_values_run_as_before():
     g.manual_seed(0)
     assert torch.equal(real, torch.empty(5).normal_(generator=g))
     assert torch.equal(also_real, torch.randn(5, generator=g))
+
+
+# ------------------------------------------------------------------------------------------ module kinds
+
+def test_each_builtin_kind_is_looked_up_in_its_own_file():
+    from surgery.modules import options, registry
+    assert set(registry.BUILTIN_KINDS) == set(options.BUILTIN)
+    assert set(registry.BUILTIN_KINDS.values()) == set(registry.BUILTIN_MODULES)
+    for kind, file in registry.BUILTIN_KINDS.items():
+        assert registry.kinds()[kind].__module__ == f"surgery.modules.{file}"
+
+
+def test_looking_up_a_kind_imports_its_file_only():
+    """A new process applying LoRA imports lora.py, not every module file (each costs its import, and its
+    compile where no bytecode is cached)."""
+    import subprocess
+    import sys
+    code = ("import sys, surgery; from surgery.modules import registry; registry.module_class('lora'); "
+            "print(sorted(m for m in sys.modules if m.startswith('surgery.modules.') and m[16:] in "
+            "registry.BUILTIN_MODULES))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=str(SPECS.parent)).stdout.split("\n")[-2]
+    assert out == "['surgery.modules.lora']"

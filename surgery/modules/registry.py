@@ -37,7 +37,12 @@ def register(cls):
 
 
 def module_class(kind: str):
-    _ensure_builtins()
+    if kind not in _REGISTRY:
+        if kind in BUILTIN_KINDS:   # the one file that defines it (a new process imports 1 file, not 14)
+            import importlib
+            importlib.import_module(f"surgery.modules.{BUILTIN_KINDS[kind]}")
+        else:
+            _ensure_builtins()
     try:
         return _REGISTRY[kind]
     except KeyError:
@@ -80,6 +85,11 @@ def kinds() -> dict[str, type]:
 # the files of surgery/modules that register the built-in kinds (importing one registers its kinds)
 BUILTIN_MODULES = ("adalora", "attention", "bottleneck", "dora", "ia3", "invertible", "krona", "loha", "lora", "oft",
                    "reft", "said", "sparse", "vera")
+# built-in kind -> the file of BUILTIN_MODULES that registers it (a test checks it against the registry)
+BUILTIN_KINDS = {"adalora": "adalora", "prefix": "attention", "adaption_prompt": "attention", "prompt": "attention",
+                 "bottleneck": "bottleneck", "dora": "dora", "ia3": "ia3", "invertible": "invertible",
+                 "krona": "krona", "loha": "loha", "lora": "lora", "oft": "oft", "boft": "oft", "reft": "reft",
+                 "said": "said", "sparse": "sparse", "vera": "vera"}
 
 
 def _ensure_builtins():
