@@ -93,6 +93,22 @@ def test_train_rule_asks_the_gradient_question_of_its_parameters_only(monkeypatc
     assert trained and all(n.endswith("norm.weight") for n in trained)
 
 
+def test_phm_blocks_on_meta_are_not_initialized_block_by_block(monkeypatch):
+    """Compacter's PHM layers initialize each Kronecker block (xavier per block: 16 calls per adapter); on the
+    meta device there is nothing to draw, and the loop was half of Compacter's apply on the 7B shape."""
+    from surgery.modules.options import PHMOptions
+    from surgery.modules.phm import PHMLayer
+    calls = []
+    for name in ("xavier_uniform_", "xavier_normal_"):
+        original = getattr(nn.init, name)
+        monkeypatch.setattr(nn.init, name, lambda t, *a, _f=original, **k: calls.append(t) or _f(t, *a, **k))
+    with building_on_meta():
+        layer = PHMLayer(64, 8, PHMOptions())
+    assert layer.W_left.is_meta and calls == []
+    PHMLayer(64, 8, PHMOptions())      # with values: every block is drawn
+    assert len(calls) == 2 * 4
+
+
 # ------------------------------------------------------------------------------------ the meta build mode itself
 
 def _fills(t, g):

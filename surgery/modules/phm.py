@@ -101,6 +101,8 @@ class PHMLayer(nn.Module):
         """The init `hypercomplex_nonlinearity` names, per block. (AdapterHub 1.3 applies xavier_normal for any
         value because it tests the string's truth first; this follows the option.)"""
         for tensor in self.blocks():
+            if tensor.is_meta:   # no values to draw (a meta model; surgery.materialize initializes it again)
+                continue
             for block in tensor:
                 if self.w_init in ("glorot-normal", "phm"):
                     nn.init.xavier_normal_(block)
