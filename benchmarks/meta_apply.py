@@ -10,12 +10,13 @@ Each figure is one call in a fresh interpreter with one intra-op thread (benchma
 nothing is cached from an earlier run: `surgery.apply(model, "specs/lora.yaml")` (trace, analysis, match, rewrite)
 against PEFT's `get_peft_model(model, LoraConfig(r=8, lora_alpha=8, target_modules=["q_proj", "v_proj"]))` on the
 same shape (the same sites: checked by count). Time is the process CPU time of that call alone: the imports
-(`surgery.api`, `peft`) and the model's construction are outside it; what a first call imports by itself (torch
-its export machinery on the process's first torch.export, about 0.15 s) is inside. `next`: the same, after one
-apply of the same method to a small model in that process (the second apply in a process). The median over `--repeats` processes per side,
-surgery and PEFT alternating; peak RSS is the process's high-water mark (VmHWM) after the call, and its rise above
-the RSS before the call. The on-disk trace cache is off for these (SURGERY_CACHE=0); `warm` is the 7B apply in
-a process that finds the model's trace in the cache (surgery/trace/cache.py) written by the process before it.
+(`surgery.api`, `peft`), the model's construction and a full garbage collection are before it; what a first call
+imports by itself (torch its export machinery on the process's first torch.export, about 0.15 s) is inside. `next`:
+the same, after one apply of the same method to a small model in that process (the second apply in a process). The
+median over `--repeats` processes per side, surgery and PEFT alternating; peak RSS is the process's high-water mark
+(VmHWM) after the call, and its rise above the RSS before the call. The on-disk trace cache is off for these
+(SURGERY_CACHE=0); `warm` is the 7B apply in a process that finds the model's trace in the cache
+(surgery/trace/cache.py) written by the process before it.
 
 `--sweep`: every shipped spec on the 7B shape, each in its own fresh process (trace included), against PEFT's
 LoRA time of the same run (what `benchmarks/meta_sweep.py` lists in one process, where only the first spec
@@ -105,6 +106,10 @@ def apply_child(shape: str, method: str, spec: str = "specs/lora.yaml", cache_di
     logger = logging.getLogger("surgery")
     logger.addHandler(Collect())
     logger.setLevel(logging.INFO)
+    # a full collection first, in both arms: otherwise one pass of Python's collector over everything torch and
+    # transformers made at import (0.25-0.3 s) lands in whichever timed call happens to cross its threshold
+    import gc
+    gc.collect()
     Path("/proc/self/clear_refs").write_text("5")
     before = _rss_mib("VmRSS")
     wall, cpu = time.perf_counter(), time.process_time()
