@@ -20,25 +20,20 @@ def _floating(node: fx.Node) -> bool:
 
 def without_gradient(traced: Traced) -> set[str]:
     """Qualified names of the parameters the graph reads with no floating-point path to the output (see the
-    module docstring)."""
-    out: set[str] = set()
-    for node in traced.graph.nodes:
-        if node.op != "placeholder" or node.name not in traced.params or not node.users:
-            continue     # unread here (a tied weight is read through its other name): not this function's question
-        seen, frontier, reaches = set(), [node], False
-        while frontier and not reaches:
-            n = frontier.pop()
-            for user in n.users:
-                if user in seen:
-                    continue
-                seen.add(user)
-                if user.op == "output":
-                    reaches = True
-                    break
-                name = getattr(user.target, "__name__", str(user.target)).split(".")[0]
-                if name in STOPS or not _floating(user):
-                    continue
-                frontier.append(user)
-        if not reaches:
-            out.add(traced.params[node.name])
-    return out
+    module docstring). One pass over the graph in reverse: a node reaches the output when one of its users is the
+    output, or is a floating-point value (not a stop) that reaches it."""
+    reaches: set[fx.Node] = set()
+    for node in reversed(traced.graph.nodes):
+        for user in node.users:
+            if user.op == "output" or (user in reaches and _passes(user)):
+                reaches.add(node)
+                break
+    return {traced.params[node.name] for node in traced.graph.nodes
+            # an unread placeholder (a tied weight read through its other name) is not this function's question
+            if node.op == "placeholder" and node.name in traced.params and node.users and node not in reaches}
+
+
+def _passes(node: fx.Node) -> bool:
+    """Whether a gradient flows on through the value `node` makes."""
+    name = getattr(node.target, "__name__", str(node.target)).split(".")[0]
+    return name not in STOPS and _floating(node)
