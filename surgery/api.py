@@ -22,6 +22,7 @@ from surgery.spec import spec_from
 from surgery.spec.models import name_problem
 from surgery.trace import trace
 from surgery.trace.cache import cached_trace
+from surgery.trace.export import NeedsStackTraces
 from surgery.rewrite import trained
 from surgery.rewrite.sites import install_host_check, record_hosts
 from surgery.rewrite.wrappers import unwrapping
@@ -60,23 +61,25 @@ def _fingerprint(model: nn.Module, example_inputs) -> tuple | None:
         return None
 
 
-def _analysis(model: nn.Module, example_inputs) -> Analysis:
+def _analysis(model: nn.Module, example_inputs, stack_traces: bool = False) -> Analysis:
     """Trace and analyze once per model (and per example inputs given). Cached per model (weakly, off the
-    model), and per structure for the process, so a second instance of one architecture is not traced again."""
+    model), and per structure for the process, so a second instance of one architecture is not traced again.
+    `stack_traces`: an analysis whose graph records the nodes' source lines (see `trace`)."""
     store = store_of(model)
     cached = _MODEL_CACHE.get(model)
-    if cached is not None and example_inputs is None:
+    if cached is not None and example_inputs is None and (cached.traced.stack_traces or not stack_traces):
         return cached
     key = _fingerprint(model, example_inputs) if store is None else None
-    if key is not None and key in _STRUCTURE_CACHE:
+    if key is not None and key in _STRUCTURE_CACHE and (_STRUCTURE_CACHE[key].traced.stack_traces or not stack_traces):
         _STRUCTURE_CACHE.move_to_end(key)
         result = _STRUCTURE_CACHE[key]
     elif store is not None:
         # trace the base: adapters off while tracing, so analysis sees the user's model
         with disable(model):
-            result = analyze(trace(model, example_inputs))
+            result = analyze(trace(model, example_inputs, stack_traces=stack_traces))
     else:
-        result = analyze(cached_trace(model, example_inputs, key))   # from the disk cache when traced before
+        # from the disk cache when traced before
+        result = analyze(cached_trace(model, example_inputs, key, stack_traces=stack_traces))
         if key is not None:
             _STRUCTURE_CACHE[key] = result
             while len(_STRUCTURE_CACHE) > 8:
@@ -125,6 +128,36 @@ def apply(model: nn.Module, spec: Any, *, example_inputs=None, name: str | None 
     if store is not None and name in store.records:
         raise SurgeryError(f"an adapter named {name!r} is already applied; remove it first or choose another name")
     analysis = _analysis(model, example_inputs)
+    rng = _rng_states(model)
+    try:
+        return _apply_rules(model, spec, name, analysis, calibration, adapter_dtype, memory_limit)
+    except NeedsStackTraces:
+        # a site the model computes with a torch-level call no module boundary carries: the call is found by its
+        # source line, which the first trace did not record. The model is back as it was, and so are the random
+        # states the adapters built so far drew from: the adapters are those a first attempt would have made
+        _set_rng_states(rng)
+        analysis = _analysis(model, example_inputs, stack_traces=True)
+        return _apply_rules(model, spec, name, analysis, calibration, adapter_dtype, memory_limit)
+
+
+def _rng_states(model: nn.Module) -> list:
+    """The states of the generators building adapters for `model` may draw from: the CPU's and its devices'."""
+    devices = {t.device for t in model.parameters() if t.device.type == "cuda"}
+    return [(None, torch.random.get_rng_state())] + [(d, torch.cuda.get_rng_state(d)) for d in devices]
+
+
+def _set_rng_states(states: list) -> None:
+    for device, state in states:
+        if device is None:
+            torch.random.set_rng_state(state)
+        else:
+            torch.cuda.set_rng_state(state, device)
+
+
+def _apply_rules(model: nn.Module, spec, name: str, analysis: Analysis, calibration, adapter_dtype,
+                 memory_limit) -> nn.Module:
+    """apply's work once the analysis exists: match, check the budget, realize every rule, or undo it all."""
+    store = store_of(model)
     all_matches = match_spec(spec, analysis)
     budget.check(model, analysis, spec, all_matches, memory_limit)   # before anything is allocated
     snapshot = _snapshot(model)
@@ -158,7 +191,7 @@ def apply(model: nn.Module, spec: Any, *, example_inputs=None, name: str | None 
         if created_store:
             store.uninstall()
             delattr(model, "surgery_adapters")
-        if isinstance(exc, SurgeryError) or not isinstance(exc, Exception):
+        if isinstance(exc, (SurgeryError, NeedsStackTraces)) or not isinstance(exc, Exception):
             raise
         raise RewriteError(f"rewrite failed: {type(exc).__name__}: {exc}") from exc
     pause_inactive(store)   # an adapter applied while others are chosen by set_active is inactive: it waits

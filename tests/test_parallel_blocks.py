@@ -186,7 +186,7 @@ def test_intercepted_add_is_found_by_its_line_and_order():
     torch.manual_seed(0)
     net = Net().eval()
     x = torch.randn(2, 5, 16)
-    analysis = _analysis(net, {"x": x})
+    analysis = _analysis(net, {"x": x}, stack_traces=True)   # source lines: what an intercept needs
     node = _branch_node(analysis, "blocks.1")
     anchor = functional_anchor(node)
     assert anchor is not None and anchor.module == "blocks.1" and anchor.op.endswith(".add") and anchor.index == 0
@@ -209,7 +209,7 @@ def test_intercepted_call_with_another_shape_is_refused_at_run_time():
     torch.manual_seed(0)
     net = Net().eval()
     x = torch.randn(2, 5, 16)
-    anchor = functional_anchor(_branch_node(_analysis(net, {"x": x}), "blocks.0"))
+    anchor = functional_anchor(_branch_node(_analysis(net, {"x": x}, stack_traces=True), "blocks.0"))
     wrong = FunctionalAnchor(**{**anchor.__dict__, "shape": (3, 99)})
     store = store_of(net, create=True)
     hook_value(net, wrong, _double, Gate(store.runtime, "default"))

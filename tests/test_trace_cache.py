@@ -42,9 +42,9 @@ def traces(monkeypatch):
     calls = []
     real = surgery.trace.trace
 
-    def counted(model, example_inputs=None):
+    def counted(model, example_inputs=None, **kwargs):
         calls.append(type(model).__name__)
-        return real(model, example_inputs)
+        return real(model, example_inputs, **kwargs)
     monkeypatch.setattr(surgery.trace, "trace", counted)
     return calls
 

@@ -27,7 +27,7 @@ from surgery.rewrite.experts import attach_grouped, grouped_functions, grouped_i
 from surgery.errors import RewriteError
 from surgery.modules import columns as cols
 from surgery.modules.columns import Columns
-from surgery.trace.export import Boundary
+from surgery.trace.export import Boundary, NeedsStackTraces
 
 STATE_ATTR = "surgery_adapters"
 
@@ -330,7 +330,7 @@ def value_anchor(analysis: Analysis, value: fx.Node) -> Boundary:
         if anchor is not None:
             break
     if anchor is None:
-        anchor = functional_anchor(value)
+        anchor = _functional_anchor(analysis, value)
     if anchor is None:
         raise RewriteError(
             f"the value of node {value.name} ({op_name(value)} in {stack_paths(value)[-1:] or ['<root>']}) is not "
@@ -345,7 +345,7 @@ def capture_anchor(analysis: Analysis, value: fx.Node):
     for candidate in tokenwise_chain(value):
         for b in analysis.boundaries(candidate):
             return b
-    anchor = functional_anchor(value)
+    anchor = _functional_anchor(analysis, value)
     if anchor is None:
         raise RewriteError(f"the value of node {value.name} is not at any module boundary, so it cannot be read")
     return anchor
@@ -458,6 +458,13 @@ def torch_call_anchor(value: fx.Node) -> FunctionalAnchor | None:
     """The torch-level call in a module's forward producing `value` (see surgery/rewrite/torchcalls.py)."""
     site = torch_call_site(value)
     return FunctionalAnchor(**site) if site is not None else None
+
+
+def _functional_anchor(analysis: Analysis, value: fx.Node) -> FunctionalAnchor | None:
+    """functional_anchor; NeedsStackTraces where it would read source lines the graph was traced without."""
+    if op_name(value) not in INTERCEPTABLE and not analysis.traced.stack_traces:
+        raise NeedsStackTraces(value.name)
+    return functional_anchor(value)
 
 
 def functional_anchor(value: fx.Node) -> FunctionalAnchor | None:

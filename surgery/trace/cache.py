@@ -42,7 +42,7 @@ from torch import fx, nn
 
 from surgery.trace.export import Boundary, Traced
 
-FORMAT = 2
+FORMAT = 3
 MAGIC = b"surgery-trace"
 MAX_ENTRIES = 64
 # node metadata torch.export writes that surgery never reads (tensor_meta repeats `val`); every other key is
@@ -142,14 +142,20 @@ def _versions() -> dict:
     return versions
 
 
-def entry_key(model: nn.Module, fingerprint) -> str:
+def entry_key(model: nn.Module, fingerprint, stack_traces: bool = False) -> str:
     """The entry's name: SHA-256 of what the traced graph depends on (module docstring). Unserializable when a
     module class has no source file."""
+    return entry_keys(model, fingerprint)[stack_traces]
+
+
+def entry_keys(model: nn.Module, fingerprint) -> tuple[str, str]:
+    """The names of the entries without and with the nodes' source lines (`stack_traces`)."""
     config = getattr(model, "config", None)
     parts = {"format": FORMAT, "fingerprint": repr(fingerprint), "versions": _versions(),
              "sources": _class_sources(model),
              "attention": repr(getattr(config, "_attn_implementation", None))}
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=repr).encode()).hexdigest()
+    return tuple(hashlib.sha256(json.dumps({**parts, "stack_traces": flag}, sort_keys=True,
+                                           default=repr).encode()).hexdigest() for flag in (False, True))
 
 
 # ------------------------------------------------------------------------------------------------ values
@@ -270,7 +276,7 @@ def _resolve(target):
 
 # ------------------------------------------------------------------------------------------------ Traced
 
-_FIELDS = {"graph", "boundaries", "params", "buffers", "calls", "module_types", "constants"}
+_FIELDS = {"graph", "boundaries", "params", "buffers", "calls", "module_types", "constants", "stack_traces"}
 
 
 def encode(traced: Traced) -> dict:
@@ -289,6 +295,7 @@ def encode(traced: Traced) -> dict:
         "module_types": {k: f"{t.__module__}.{t.__qualname__}" for k, t in traced.module_types.items()},
         "constants": {k: [str(t.dtype).removeprefix("torch."), list(t.shape), t.tolist()]
                       for k, t in traced.constants.items()},
+        "stack_traces": traced.stack_traces,
     }
 
 
@@ -319,7 +326,8 @@ def decode(data: dict, model: nn.Module) -> Traced:
     constants = {k: torch.tensor(values, dtype=_torch_attr("dtype", dtype)).reshape(shape)
                  for k, (dtype, shape, values) in data["constants"].items()}
     return Traced(graph=graph, boundaries=boundaries, params=dict(data["params"]), buffers=dict(data["buffers"]),
-                  calls=dict(data["calls"]), module_types=module_types, constants=constants)
+                  calls=dict(data["calls"]), module_types=module_types, constants=constants,
+                  stack_traces=bool(data["stack_traces"]))
 
 
 # ------------------------------------------------------------------------------------------------ files
@@ -407,23 +415,29 @@ class _suppress_os_error:
         return kind is not None and issubclass(kind, OSError)
 
 
-def cached_trace(model: nn.Module, example_inputs, fingerprint) -> Traced:
-    """`surgery.trace.trace(model, example_inputs)`, read from the cache when an entry for this model exists and
-    written to it when not (`fingerprint`: the structure fingerprint; None, or the cache off, traces)."""
+def cached_trace(model: nn.Module, example_inputs, fingerprint, stack_traces: bool = False) -> Traced:
+    """`surgery.trace.trace(model, example_inputs, stack_traces=...)`, read from the cache when an entry for this
+    model exists and written to it when not (`fingerprint`: the structure fingerprint; None, or the cache off,
+    traces). A graph with the nodes' source lines answers for one without: once a model needed them (a rewrite
+    raised NeedsStackTraces), its entry with them replaces the one without."""
     from surgery import trace as stage2
     if fingerprint is None or not enabled():
-        return stage2.trace(model, example_inputs)
+        return stage2.trace(model, example_inputs, stack_traces=stack_traces)
     try:
-        key = entry_key(model, fingerprint)
+        plain, with_lines = entry_keys(model, fingerprint)
     except Unserializable as exc:
         logger.debug("trace cache: not used (%s)", exc)
-        return stage2.trace(model, example_inputs)
+        return stage2.trace(model, example_inputs, stack_traces=stack_traces)
     from surgery.progress import stage
-    if _path(key).is_file():
-        with stage(f"trace {type(model).__name__}: read from the cache {_path(key)}"):
-            traced = read(key, model)
-        if traced is not None:
-            return traced
-    traced = stage2.trace(model, example_inputs)
-    write(key, traced)
+    for key, lines in ((with_lines, True), (plain, False)) if not stack_traces else ((with_lines, True),):
+        if _path(key).is_file():
+            with stage(f"trace {type(model).__name__}: read from the cache {_path(key)}"):
+                traced = read(key, model)
+            if traced is not None and traced.stack_traces == lines:
+                return traced
+    traced = stage2.trace(model, example_inputs, stack_traces=stack_traces)
+    write(with_lines if stack_traces else plain, traced)
+    if stack_traces:
+        with _suppress_os_error():
+            _path(plain).unlink()
     return traced

@@ -56,6 +56,12 @@ class Traced:
     calls: dict[str, int]                           # module path -> how many times it was called
     module_types: dict[str, type]
     constants: dict[str, torch.Tensor] = field(default_factory=dict)   # placeholder name -> lifted constant
+    stack_traces: bool = True    # nodes carry `stack_trace` (torch.export recorded their source lines)
+
+
+class NeedsStackTraces(Exception):
+    """Raised by a rewrite that needs the nodes' source lines (surgery/rewrite/torchcalls.py) of a graph traced
+    without them: `surgery.apply` traces again with them and starts over. Never reaches the user."""
 
 
 def _is_marked(t) -> bool:
@@ -249,16 +255,18 @@ def _split_inputs(example_inputs) -> tuple[tuple, dict]:
 FULL_TRACE_ENV = "SURGERY_FULL_TRACE"
 
 
-def trace(model: nn.Module, example_inputs=None, *, full: bool | None = None) -> Traced:
+def trace(model: nn.Module, example_inputs=None, *, full: bool | None = None, stack_traces: bool = False) -> Traced:
     """Export `model` with marks and return the canonical graph. The model is not changed, and neither is the
     user's random state (tracing runs the forward: dropout, random example inputs).
 
     Repeated layers are exported once per kind and unrolled (surgery/trace/unroll.py): the graph is the one a full
-    export gives. `full=True`, or the environment variable `SURGERY_FULL_TRACE=1`, exports every layer."""
+    export gives. `full=True`, or the environment variable `SURGERY_FULL_TRACE=1`, exports every layer.
+    `stack_traces`: record each node's source lines (`meta["stack_trace"]`, about a quarter of the export's time),
+    which only the interception of torch-level calls reads (a rewrite that needs them raises NeedsStackTraces)."""
     if full is None:
         full = os.environ.get(FULL_TRACE_ENV, "") not in ("", "0")
     with torch.random.fork_rng(devices=_rng_devices(model)):
-        return _trace(model, example_inputs, full)
+        return _trace(model, example_inputs, full, stack_traces)
 
 
 def _rng_devices(model: nn.Module) -> list:
@@ -268,23 +276,27 @@ def _rng_devices(model: nn.Module) -> list:
     return sorted({d.index or 0 for d in devices if d.type == "cuda"})
 
 
-def _export_marked(model: nn.Module, args, kwargs, what: str):
-    """torch.export of `model` with its module marks: (program, calls)."""
+def _export_marked(model: nn.Module, args, kwargs, what: str, stack_traces: bool = True):
+    """torch.export of `model` with its module marks: (program, calls). Without `stack_traces` the nodes get no
+    `stack_trace` (recording them is about a quarter of the export's time; only torch-call intercepts read them)."""
     calls: dict[str, int] = defaultdict(int)
     was_training = model.training
     handles = _install_marks(model, calls)
+    emitting = torch.fx.config.do_not_emit_stack_traces
     try:
         model.eval()
+        torch.fx.config.do_not_emit_stack_traces = emitting or not stack_traces
         with stage(f"trace {type(model).__name__} ({what})"), quiet_libraries(), torch.no_grad():
             program = torch.export.export(model, args, kwargs, strict=False)
     finally:
+        torch.fx.config.do_not_emit_stack_traces = emitting
         for h in handles:
             h.remove()
         model.train(was_training)
     return program, calls
 
 
-def _unrolled(model: nn.Module, args, kwargs):
+def _unrolled(model: nn.Module, args, kwargs, stack_traces: bool = True):
     """The graph of `model` from an export of one layer per kind (surgery/trace/unroll.py): (graph, params,
     buffers, calls, constants, marks), or None where the model's layers are not truncated or do not check out."""
     try:
@@ -296,7 +308,7 @@ def _unrolled(model: nn.Module, args, kwargs):
         return None
     try:
         with unroll.truncated(stacks):
-            program, calls = _export_marked(model, args, kwargs, "torch.export, one layer per kind")
+            program, calls = _export_marked(model, args, kwargs, "torch.export, one layer per kind", stack_traces)
     except Exception:  # noqa: BLE001 - a model that needs all its layers: the full export says what fails
         return None
     signature = program.graph_signature
@@ -322,15 +334,15 @@ def _unrolled(model: nn.Module, args, kwargs):
     return graph, params, buffers, calls, values, marks
 
 
-def _trace(model: nn.Module, example_inputs, full: bool = False) -> Traced:
+def _trace(model: nn.Module, example_inputs, full: bool = False, stack_traces: bool = True) -> Traced:
     if example_inputs is None:
         example_inputs = derive_example_inputs(model)
     args, kwargs = _split_inputs(example_inputs)
     kwargs = _without_cache(model, kwargs)
-    result = None if full else _unrolled(model, args, kwargs)
+    result = None if full else _unrolled(model, args, kwargs, stack_traces)
     if result is None:
         try:
-            program, calls = _export_marked(model, args, kwargs, "torch.export")
+            program, calls = _export_marked(model, args, kwargs, "torch.export", stack_traces)
         except Exception as exc:  # noqa: BLE001 - any tracer failure becomes one clear error
             raise SurgeryError(f"torch.export could not trace {type(model).__name__}: {type(exc).__name__}: {exc}") from exc
         signature = program.graph_signature
@@ -362,7 +374,7 @@ def _trace(model: nn.Module, example_inputs, full: bool = False) -> Traced:
         bs.sort(key=lambda b: -len(b.module))
     module_types = {name: type(m) for name, m in model.named_modules()}
     traced = Traced(graph=graph, boundaries=dict(boundaries), params=params, buffers=buffers, calls=dict(calls),
-                    module_types=module_types)
+                    module_types=module_types, stack_traces=stack_traces)
     traced.constants = {ph: value.detach().clone() for ph, value in constants.items()
                         if isinstance(value, torch.Tensor) and value.numel() <= 4096}
     return traced
