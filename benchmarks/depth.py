@@ -60,6 +60,7 @@ def child(name: str) -> dict:
     """One model shape in this (fresh) process."""
     warnings.filterwarnings("ignore")
     sys.path.insert(0, str(ROOT))
+    os.environ["SURGERY_CACHE"] = "0"     # every apply traces (the on-disk cache would answer the later ones)
     import torch
     torch.set_num_threads(1)
     from peft import LoraConfig, get_peft_model

@@ -25,7 +25,9 @@ size) is not cached: it is traced each time, as without the cache.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
 import hashlib
 import inspect
 import json
@@ -360,7 +362,8 @@ def read(key: str, model: nn.Module) -> Traced | None:
             raise Corrupt("another format or key")
         if header.get("size") != len(payload) or header.get("sha256") != hashlib.sha256(payload).hexdigest():
             raise Corrupt("truncated or altered (size or SHA-256 mismatch)")
-        traced = decode(json.loads(zlib.decompress(payload)), model)
+        with _collection_paused():
+            traced = decode(json.loads(zlib.decompress(payload)), model)
     except Exception as exc:  # noqa: BLE001 - whatever is wrong with the file, it is not trusted
         logger.info("trace cache: %s is unusable (%s): deleted, tracing again", path, exc)
         with _suppress_os_error():
@@ -405,6 +408,21 @@ def _trim(directory: Path) -> None:
     for old in entries[MAX_ENTRIES:] + stale:
         with _suppress_os_error():
             old.unlink()
+
+
+@contextlib.contextmanager
+def _collection_paused():
+    """Python's cyclic garbage collector off while a trace is decoded, as it was after: the decoded JSON tree
+    (hundreds of thousands of short-lived containers) would otherwise outlive the collector's young passes, be
+    promoted, and trigger a full collection of every object in the process (about 0.3 s with torch and
+    transformers imported) for garbage reference counting frees anyway."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 class _suppress_os_error:
