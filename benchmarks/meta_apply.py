@@ -90,8 +90,7 @@ def apply_child(shape: str, method: str, spec: str = "specs/lora.yaml", cache_di
     import logging
     import surgery
     import surgery.api  # noqa: F401 - `surgery.apply` imports its module on first use: an import, outside the clock
-    if method == "peft":
-        import peft
+    import peft     # in both arms: the same objects in the process (a full collection's cost and threshold)
     if after_one:
         if method == "surgery":
             surgery.apply(_small_llama(), spec)
