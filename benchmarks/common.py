@@ -132,6 +132,26 @@ def op_counts(fn: Callable[[], object]) -> Counter:
     return Counter({e.key: e.count for e in prof.key_averages() if e.key.startswith("aten::")})
 
 
+def python_calls(fn: Callable[[], object]) -> int:
+    """How many Python-level calls (Python functions and builtins called from Python) one call of `fn` makes,
+    counted with sys.setprofile: the interpreter work of a step, deterministic and independent of machine load
+    (the load-independent figure for per-call overhead on small, overhead-bound models)."""
+    count = 0
+
+    def profiler(frame, event, arg):
+        nonlocal count
+        if event == "call" or event == "c_call":
+            count += 1
+
+    previous = sys.getprofile()
+    sys.setprofile(profiler)
+    try:
+        fn()
+    finally:
+        sys.setprofile(previous)
+    return count - 1     # less the call of fn itself
+
+
 def op_difference(a: Counter, b: Counter) -> dict:
     """{"a_ops": n, "b_ops": m, "diff": {op: count in a - count in b}} for the ops whose counts differ."""
     diff = {op: a[op] - b[op] for op in sorted(set(a) | set(b)) if a[op] != b[op]}

@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import surgery  # noqa: E402
-from benchmarks.common import interleaved, op_counts, op_difference  # noqa: E402
+from benchmarks.common import interleaved, op_counts, op_difference, python_calls  # noqa: E402
 from reference import HoulsbyMiniGPT  # noqa: E402  (tests/, put on sys.path by benchmarks.common)
 from surgery.example_models import minigpt  # noqa: E402
 
@@ -75,8 +75,9 @@ def houlsby_train_step(size: str, *, warmup: int = 3, repeats: int = 12, device=
     steps = {"surgery": trainer(model, ids), "reference": trainer(reference, ids)}
     timing = interleaved(steps, warmup=warmup, repeats=repeats, device=device)
     ops = op_difference(op_counts(steps["surgery"]), op_counts(steps["reference"]))
+    calls = {k: python_calls(fn) for k, fn in steps.items()}
     return {"size": size, **SIZES[size], "trainable": trainable[0], "max_abs_difference": error,
-            **timing.summary("surgery", "reference"), "ops_per_step": ops}
+            **timing.summary("surgery", "reference"), "ops_per_step": ops, "python_calls_per_step": calls}
 
 
 def main(argv=None):
@@ -94,7 +95,8 @@ def main(argv=None):
     for r in rows:
         s = r["seconds"]
         print(f"{r['size']:7} surgery {s['surgery'] * 1e3:8.2f} ms  reference {s['reference'] * 1e3:8.2f} ms  "
-              f"ratio {r['ratio']:.3f}x (IQR {r['ratio_iqr'][0]:.3f}-{r['ratio_iqr'][1]:.3f})")
+              f"ratio {r['ratio']:.3f}x (IQR {r['ratio_iqr'][0]:.3f}-{r['ratio_iqr'][1]:.3f})  Python calls per step "
+              f"{r['python_calls_per_step']['surgery']} vs {r['python_calls_per_step']['reference']}")
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=2) + "\n")
 

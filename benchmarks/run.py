@@ -118,7 +118,7 @@ def group_houlsby_train(args):
     rows = [("train step Houlsby", f"MiniGPT {r['size']} (hidden {r['hidden_dim']}, {r['n_layers']} layers, "
              f"{r['batch']}x{r['seq']}): surgery / hand-written",
              _ratio_cell(r["seconds"], "surgery", "reference", r["ratio"], r["ratio_iqr"]) + "; "
-             + _ops_cell(r["ops_per_step"]),
+             + _ops_cell(r["ops_per_step"]) + "; Python calls {surgery} vs {reference}".format(**r["python_calls_per_step"]),
              "<= 1.05x", _verdict(r["ratio"], GOALS["houlsby_vs_reference"], r["ratio_iqr"])) for r in results]
     return results, rows
 
