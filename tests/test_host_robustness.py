@@ -542,3 +542,25 @@ def test_a_replaced_ancestor_of_an_adapted_module_is_found_too():
     model.model.layers[1] = copy.deepcopy(make_llama(hidden=64).model.layers[1])
     with pytest.raises(surgery.SurgeryError, match=r"model\.layers\.1\.self_attn\.q_proj was replaced"):
         model(input_ids=token_ids(1, 4))
+
+
+def test_the_host_check_follows_the_modules_not_the_recorded_ancestors():
+    """check_hosts tests the parent -> child links recorded at apply first (each shared prefix once); a changed
+    link falls back to walking each host's path, so a new container holding the same adapted modules runs
+    (their hooks still run), and a replaced adapted module is still caught, whichever ancestor changed."""
+    from surgery.example_models import GPTBlock, minigpt
+    model = minigpt(vocab_size=50, hidden_dim=32, n_layers=2, n_heads=2, seq_len=8, dropout=0.0)
+    ids = model.example_inputs()[0]
+    surgery.apply(model, SPECS / "houlsby.yaml", example_inputs=(ids,))
+    perturb(model, 0.3)
+    with torch.no_grad():
+        expected = model(ids)
+        old = model.blocks[0]
+        new = GPTBlock(32, 2)                 # a new block around the same adapted modules
+        for name in ("attn", "ln1", "ffn", "ln2"):
+            setattr(new, name, getattr(old, name))
+        model.blocks[0] = new
+        torch.testing.assert_close(model(ids), expected, rtol=0, atol=0)
+        model.blocks[1].ffn = GPTBlock(32, 2).ffn     # a new FFN: its adapted Linear with it
+        with pytest.raises(surgery.SurgeryError, match=r"blocks\.1\.ffn\.3 was replaced"):
+            model(ids)

@@ -231,6 +231,11 @@ class BottleneckAdapter(nn.Module):
 
     def forward(self, hidden: torch.Tensor, residual_input: torch.Tensor | None = None, norm=None) -> torch.Tensor:
         if self.mode == "insert":
+            if (self.unit_scaling and self.ln_before is None and self.drop_path is None and self.dropout is None
+                    and self.gate is None and self.ln_after is None):
+                # the plain adapter (Houlsby, Pfeiffer): adapter() and bottleneck() in one frame, the same ops
+                out = self.up(self.act(self.down(hidden)))
+                return out + hidden if self.residual else out
             return self.adapter(hidden, hidden if self.residual else None)
         if self.mode == "branch":
             return self.adapter(hidden, None)

@@ -97,7 +97,8 @@ class Gate:
         self.runtime, self.name = runtime, name
 
     def __call__(self) -> bool:
-        return self.runtime.on(self.name)
+        runtime = self.runtime     # RuntimeState.on, inlined: this runs at every hooked call
+        return not runtime.disabled and (runtime.active is None or self.name in runtime.active)
 
 
 class Dispatcher:
@@ -138,6 +139,8 @@ class Dispatcher:
         return compose.run(mixed.composition(runtime), by_name, list(by_name), value, args, fusions)
 
     def _post(self, mod, args, out):
+        if not self.loc:     # the output itself
+            return self.run(out, args, mod)
         return _set(out, self.loc, self.run(_get(out, self.loc), args, mod))
 
     def _pre(self, mod, args, kwargs):
@@ -869,19 +872,26 @@ def cache_state(values) -> tuple[int, bool]:
     return 0, True
 
 
-def _bound_call(signature, args: tuple, kwargs: dict) -> dict:
-    """The root call's inputs by the forward's parameter names (positional ones included)."""
+def _positional(signature) -> tuple[str, ...]:
+    """The names of the forward's leading parameters that a positional argument binds to."""
+    names = []
+    for name, parameter in (signature.parameters.items() if signature is not None else ()):
+        if parameter.kind not in (parameter.POSITIONAL_ONLY, parameter.POSITIONAL_OR_KEYWORD):
+            break
+        names.append(name)
+    return tuple(names)
+
+
+def _bound_call(signature, args: tuple, kwargs: dict, positional: tuple[str, ...] | None = None) -> dict:
+    """The root call's inputs by the forward's parameter names (positional ones included). `positional`:
+    _positional(signature), when the caller has it already."""
     if signature is None:
         return dict(kwargs)
     if not kwargs:   # the common call, model(ids): the leading positional parameters, without binding
-        named = {}
-        for (name, parameter), value in zip(signature.parameters.items(), args):
-            if parameter.kind not in (parameter.POSITIONAL_ONLY, parameter.POSITIONAL_OR_KEYWORD):
-                break
-            named[name] = value
-        else:
-            if len(named) == len(args):
-                return named
+        if positional is None:
+            positional = _positional(signature)
+        if len(args) <= len(positional):
+            return dict(zip(positional, args))
     try:
         bound = signature.bind_partial(*args, **kwargs)
     except TypeError:
@@ -902,27 +912,31 @@ def install_call_capture(model: nn.Module, runtime: RuntimeState) -> Callable[[]
         signature = inspect.signature(model.forward)
     except (TypeError, ValueError):
         signature = None
-    handle = model.register_forward_pre_hook(functools.partial(_capture_call, runtime, signature), with_kwargs=True,
-                                             prepend=True)
+    handle = model.register_forward_pre_hook(functools.partial(_capture_call, runtime, signature, _positional(signature)),
+                                             with_kwargs=True, prepend=True)
     return handle.remove
 
 
-def _capture_call(runtime: RuntimeState, signature, mod, args, kwargs):
-    """The root pre-hook of install_call_capture (a partial of this function: the model deep-copies and pickles)."""
+def _capture_call(runtime: RuntimeState, signature, positional: tuple[str, ...], mod, args, kwargs):
+    """The root pre-hook of install_call_capture (a partial of this function: the model deep-copies and pickles).
+    It runs at every forward: thread-local state is reached directly, not through RuntimeState's properties."""
     if isinstance(runtime.composition, compose.Parallel) and not runtime.disabled:
         copies = len(runtime.composition.children)
         args = tuple(_replicate(a, copies) for a in args)
         kwargs = {k: _replicate(v, copies) for k, v in kwargs.items()}
-    named = _bound_call(signature, args, kwargs)
+    named = _bound_call(signature, args, kwargs, positional)
     mask = named.get("attention_mask")
     call = {"attention_mask": mask if isinstance(mask, torch.Tensor) else None}
     call["cache_length"], call["cache_counted"] = cache_state(named.values())
     call["cached"] = call["cache_length"] > 0
     first = args[0] if args else named.get("input_ids", named.get("inputs_embeds"))
     call["input"] = first if isinstance(first, torch.Tensor) else None
-    runtime.call = call
-    runtime.slots.clear()
-    runtime.calls.clear()
+    local = runtime._local
+    local.call = call
+    for name in ("slots", "calls"):     # what the previous call captured and counted
+        held = getattr(local, name, None)
+        if held:
+            held.clear()
     return args, kwargs
 
 

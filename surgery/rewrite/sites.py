@@ -37,21 +37,35 @@ def record_hosts(model: nn.Module, store) -> None:
             if child is not None and name != "surgery_adapters" and not parent_path.startswith("surgery_adapters") \
                     and _carries(child):
                 hosts.append((f"{parent_path}.{name}" if parent_path else name, child))
-    store.__dict__["hosts"] = hosts
-
-
-def _at(model: nn.Module, path: str):
-    module = model
-    for name in path.split("."):
-        module = module._modules.get(name) if module is not None else None
-    return module
+    # the parent -> child links on the hosts' paths, each once (the root's parent recorded as None: the model
+    # checked): when every link still holds, every host is still at its path (check_hosts' quick test)
+    links, seen = [], set()
+    for path, child in hosts:
+        parent, module = None, model
+        for name in path.split("."):
+            module, key = module._modules.get(name), (id(parent), name)
+            if key not in seen:
+                seen.add(key)
+                links.append((parent, name, module))
+            parent = module
+    store.__dict__["hosts"], store.__dict__["host_links"] = hosts, links
 
 
 def check_hosts(model: nn.Module, store, doing: str) -> None:
     """Raise if a module that carries adapters was replaced (or deleted, or moved with a replaced ancestor)
     since apply."""
-    for path, child in store.__dict__.get("hosts", ()):
-        if _at(model, path) is not child:
+    links = store.__dict__.get("host_links")
+    if links is not None:    # runs at every root forward: the links first, each shared prefix once
+        for parent, name, child in links:
+            if (model if parent is None else parent)._modules.get(name) is not child:
+                break
+        else:
+            return
+    for path, child in store.__dict__.get("hosts", ()):    # a link changed: is each host still at its path?
+        module = model
+        for name in path.split("."):
+            module = module._modules.get(name) if module is not None else None
+        if module is not child:
             raise RewriteError(
                 f"{path} was replaced after its adapters were applied (e.g. by resize_token_embeddings), so its "
                 f"adapters no longer run; refusing to {doing}. Remove the adapters and apply them again to the "
