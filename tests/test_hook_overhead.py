@@ -61,7 +61,7 @@ def test_a_hooked_forward_makes_few_python_calls_beyond_the_hand_written_model()
     """Python calls per no-grad forward (sys.setprofile), Houlsby on MiniGPT against tests/reference.py's
     hand-written model on its own copy of the base: the load-independent figure of the hook overhead
     (issue 20). 118 more calls before the gate was inlined, the plain bottleneck ran in one frame and the
-    root hooks were cut down; 81 now, about 45 of them torch's _call_impl path for the 5 hooked modules."""
+    root hooks were cut down; 81 now, about 50 of them torch's _call_impl path for the 5 hooked modules."""
     import copy
     import sys
 
