@@ -110,11 +110,30 @@ def _hooked(module: nn.Module) -> bool:
             or bool(getattr(module, "parametrizations", None)))
 
 
+def _held(module: nn.Module) -> list:
+    """The plain objects a module holds (a transformers config): neither scalars, tensors nor modules."""
+    return [v for v in vars(module).values()
+            if hasattr(v, "__dict__") and not isinstance(v, (nn.Module, torch.Tensor, type)) and not callable(v)]
+
+
+def _per_layer(obj, n: int) -> dict:
+    """The sequences of plain values of length `n` (one per layer: a config's `layer_types`) that `obj` holds."""
+    out = {}
+    try:
+        fields = vars(obj)
+    except TypeError:
+        return out
+    for k, v in fields.items():
+        if isinstance(v, (list, tuple)) and len(v) == n and all(isinstance(x, SCALARS) for x in v):
+            out[k] = tuple(v)
+    return out
+
+
 def _describe(entry: nn.Module, counts: dict, module_counts: dict) -> tuple | None:
-    """The entry's kind, in one walk of its modules: (module tree, tensors, plain attributes by (module, name)).
-    None (never truncate its stack): a module or tensor reachable twice (shared with another layer or the rest
-    of the model), or a hooked module."""
-    modules, tensors, attrs = [], [], {}
+    """The entry's kind, in one walk of its modules: (module tree, tensors, plain attributes by (module, name),
+    held objects). None (never truncate its stack): a module or tensor reachable twice (shared with another
+    layer or the rest of the model), or a hooked module."""
+    modules, tensors, attrs, held = [], [], {}, {}
     for rel, m in entry.named_modules(remove_duplicate=False):
         if module_counts.get(id(m), 0) != 1 or _hooked(m):
             return None
@@ -130,8 +149,10 @@ def _describe(entry: nn.Module, counts: dict, module_counts: dict) -> tuple | No
                                 bool(t.requires_grad)))
         for k, v in _attributes(m).items():
             attrs[(rel, k)] = v
+        for obj in _held(m):
+            held[id(obj)] = obj
     tensors.sort(key=lambda x: x[0] != "p")     # parameters first, then buffers, each in module order
-    return tuple(modules), tuple(tensors), attrs
+    return tuple(modules), tuple(tensors), attrs, list(held.values())
 
 
 def find_stacks(model: nn.Module) -> list[Stack]:
@@ -166,9 +187,24 @@ def find_stacks(model: nn.Module) -> list[Stack]:
         keys_all = set().union(*attrs)
         # an attribute whose value differs between every two layers (layer_idx) indexes them; others are kinds
         index_like = {k for k in keys_all if len({repr(a.get(k)) for a in attrs}) == len(entries)}
-        kinds = [(s, tuple(sorted((k, repr(v)) for k, v in a.items() if k not in index_like)))
-                 for s, a in zip(structures, attrs)]
         n = len(entries)
+        # a layer may read a per-layer list of an object it holds at forward time
+        # (`config.layer_types[self.layer_idx]`): the entries its index attributes select are part of its kind
+        lists: dict[int, dict] = {}
+        looked = []
+        for d, a in zip(described, attrs):
+            picked = []
+            for obj in d[3]:
+                if id(obj) not in lists:
+                    lists[id(obj)] = _per_layer(obj, n)
+                for field, seq in lists[id(obj)].items():
+                    for k in sorted(index_like, key=repr):
+                        v = a.get(k)
+                        if type(v) is int and 0 <= v < n:
+                            picked.append((field, k, repr(seq[v])))
+            looked.append(tuple(sorted(set(picked))))
+        kinds = [(s, tuple(sorted((k, repr(v)) for k, v in a.items() if k not in index_like)), pick)
+                 for s, a, pick in zip(structures, attrs, looked)]
         taken.append(path)
         numbered: dict = {}
         planned = _plan_prefix([numbered.setdefault(kind, len(numbered)) for kind in kinds])

@@ -1,0 +1,73 @@
+"""Truncate and unroll (surgery/trace/unroll.py) on models the matrix of tests/test_unroll.py does not cover:
+each case is a way a layer's graph can differ from its template's that the unroll must see (and then trace
+that layer, or the whole model), never copy over."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from surgery.analyze import analyze
+from surgery.trace import unroll
+from test_unroll import _graph_rows, _site_rows, _traced_both
+
+IDS = torch.randint(0, 50, (2, 5), generator=torch.Generator().manual_seed(0))
+
+
+class _Config:
+    def __init__(self, layer_types):
+        self.layer_types = list(layer_types)
+        self.num_hidden_layers = len(layer_types)
+
+
+class TypedLayer(nn.Module):
+    """A layer that reads its kind from the config it holds at forward time (`config.layer_types[layer_idx]`),
+    as some remote-code models do: nothing in its module tree or plain attributes tells a local layer from a
+    global one."""
+
+    def __init__(self, config, layer_idx, d=16):
+        super().__init__()
+        self.config, self.layer_idx = config, layer_idx
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+
+    def forward(self, x):
+        s = self.q(x) @ self.k(x).transpose(-1, -2)
+        if self.config.layer_types[self.layer_idx] == "local":
+            n = x.shape[1]
+            s = s.masked_fill(~torch.ones(n, n, dtype=torch.bool).tril().triu(-1), float("-inf"))
+        return x + self.o(s.softmax(-1) @ self.v(x))
+
+
+class Typed(nn.Module):
+    def __init__(self, layer_types, d=16):
+        super().__init__()
+        config = _Config(layer_types)
+        self.embed = nn.Embedding(50, d)
+        self.layers = nn.ModuleList(TypedLayer(config, i, d) for i in range(len(layer_types)))
+        self.head = nn.Linear(d, 50)
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(x)
+
+
+@pytest.mark.parametrize("types", [["local"] * 3 + ["global"] + ["local"] * 4,     # one global in the middle
+                                   ["local"] * 5 + ["global"],                     # the last one differs
+                                   ["local", "global"] * 4])                       # alternating
+def test_layer_kind_read_from_config_at_forward_time(types):
+    torch.manual_seed(0)
+    model = Typed(types).eval()
+    full, fast, _ = _traced_both(model, (IDS,))
+    assert _graph_rows(fast) == _graph_rows(full)
+    assert _site_rows(analyze(fast)) == _site_rows(analyze(full))
+
+
+def test_per_layer_config_lists_set_the_kinds():
+    torch.manual_seed(0)
+    assert [(s.keep, s.start, s.period) for s in unroll.find_stacks(Typed(["local"] * 3 + ["global"] + ["local"] * 4))] \
+        == [(6, 4, 1)]
+    assert [(s.keep, s.period) for s in unroll.find_stacks(Typed(["local", "global"] * 4))] == [(4, 2)]
+    assert unroll.find_stacks(Typed(["local"] * 5 + ["global"])) == []
+    assert [(s.keep, s.period) for s in unroll.find_stacks(Typed(["local"] * 6))] == [(2, 1)]
