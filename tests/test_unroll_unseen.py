@@ -71,3 +71,21 @@ def test_per_layer_config_lists_set_the_kinds():
     assert [(s.keep, s.period) for s in unroll.find_stacks(Typed(["local", "global"] * 4))] == [(4, 2)]
     assert unroll.find_stacks(Typed(["local"] * 5 + ["global"])) == []
     assert [(s.keep, s.period) for s in unroll.find_stacks(Typed(["local"] * 6))] == [(2, 1)]
+
+
+@pytest.mark.slow
+def test_config_runs_fewer_layers_than_the_container():
+    """transformers runs `self.layers[: self.config.num_hidden_layers]`: with a config of fewer layers than the
+    container (a user dropping the top layers by config), the truncated prefix runs whole but the model does not.
+    The graph must hold the layers that run, and no plan may target the ones that do not."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=5,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)
+    model = LlamaForCausalLM(config).eval()
+    model.config.num_hidden_layers = 3
+    full, fast, unrolled = _traced_both(model, {"input_ids": IDS})
+    assert not unrolled
+    assert _graph_rows(fast) == _graph_rows(full)
+    assert len(analyze(fast).blocks) == 3
+

@@ -29,7 +29,7 @@ import contextlib
 import json
 import re
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import fx, nn
@@ -55,6 +55,7 @@ class Stack:
     length: int
     start: int = 0
     period: int = 1
+    slices: list = field(default_factory=list)   # the slices the truncated export's forward took of the container
 
     def entry(self, i: int) -> str:
         return f"{self.path}.{i}" if self.path else str(i)
@@ -217,6 +218,18 @@ def find_stacks(model: nn.Module) -> list[Stack]:
     return stacks
 
 
+def _recording(slices: list) -> type:
+    """A ModuleList class whose slicing is recorded in `slices`: a forward that runs `layers[:k]` (transformers'
+    `self.layers[: self.config.num_hidden_layers]` with a config of fewer layers than the container) runs all of
+    a truncated prefix but not all of the whole stack. A class of its own per export: no state on the user's
+    modules, none shared between exports."""
+    def __getitem__(self, idx):
+        if isinstance(idx, slice):
+            slices.append(idx)
+        return nn.ModuleList.__getitem__(self, idx)
+    return type("ModuleList", (nn.ModuleList,), {"__getitem__": __getitem__, "__module__": nn.ModuleList.__module__})
+
+
 @contextlib.contextmanager
 def truncated(stacks: list[Stack]):
     """Each stack's container replaced by a ModuleList of its first `keep` entries; the user's own container
@@ -224,7 +237,8 @@ def truncated(stacks: list[Stack]):
     done = []
     try:
         for s in stacks:
-            short = nn.ModuleList(list(s.container)[:s.keep])
+            s.slices.clear()
+            short = _recording(s.slices)(list(s.container)[:s.keep])
             short.training = s.container.training
             s.parent._modules[s.attr] = short
             done.append(s)
@@ -281,6 +295,12 @@ def unroll(graph: fx.Graph, stacks: list[Stack], params: dict[str, str], buffers
     in graph order. `params`/`buffers` (placeholder name -> qualified name), `constants` (placeholder name -> the
     export's name of a lifted constant), `values` (placeholder name -> the constant) and `calls` are updated in
     place to the whole model's. Raises Refused when something does not check out."""
+    for s in stacks:
+        whole = range(s.length)
+        for idx in s.slices:
+            if whole[idx] != whole:
+                raise Refused(f"{s.path}: the forward runs {s.path}[{idx.start}:{idx.stop}:{idx.step}] of "
+                              f"{s.length} layers")
     nodes = list(graph.nodes)
     position = {n: i for i, n in enumerate(nodes)}
     tensor_of = {**params, **buffers}
