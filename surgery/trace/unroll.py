@@ -15,8 +15,11 @@ result is the graph a full export gives.
 What is checked, not assumed (any failure: `None`, and the caller exports the whole model):
 - a layer's kind is its module tree (types), its parameters' and buffers' names, shapes and dtypes, and its
   modules' plain attributes (an attribute that differs between every layer, such as `layer_idx`, is an index,
-  not a kind); parameters shared with anything else, hooks, parametrizations or instance-level forwards on a
-  layer keep its stack whole;
+  not a kind), and the entries its index attributes select in per-layer lists of the objects it holds (a
+  config's `layer_types[layer_idx]`, read at forward time by some models); parameters shared with anything
+  else, hooks, parametrizations or instance-level forwards on a layer keep its stack whole;
+- the forward takes only whole slices of a truncated container (`layers[:config.num_hidden_layers]` with
+  fewer layers configured than the container holds runs all of a prefix but not all of the stack);
 - after the export: every kept layer ran exactly once; each stack's layers are contiguous in the graph, in order,
   with nothing else between them; each template and the previous layer of its kind are the same graph (same ops, constants,
   shapes, marks, and inputs corresponding: their own nodes at the same positions, the same shared values, or
