@@ -4,13 +4,12 @@ outputs of lora/houlsby applied under each trace with the same seeded adapter va
 
     python tools/unroll_unseen.py llama 6        # a builder of tests/probe_archs.py or tools/unroll_unseen_models.py
 """
-import sys, os, json, time, copy, logging, traceback
+import sys, os, json, time, copy, logging
 ROOT = str(__import__("pathlib").Path(__file__).resolve().parent.parent)
 sys.path.insert(0, ROOT + "/tools")
 sys.path.insert(0, ROOT + "/tests"); sys.path.insert(0, ROOT)
 os.environ["SURGERY_CACHE"] = "0"
 import torch; torch.set_num_threads(1)
-from torch import nn
 import architectures as A, probe_archs as P
 import test_unroll as U
 import surgery, surgery.api as api

@@ -201,11 +201,11 @@ def find_stacks(model: nn.Module) -> list[Stack]:
             for obj in d[3]:
                 if id(obj) not in lists:
                     lists[id(obj)] = _per_layer(obj, n)
-                for field, seq in lists[id(obj)].items():
+                for name, seq in lists[id(obj)].items():
                     for k in sorted(index_like, key=repr):
                         v = a.get(k)
                         if type(v) is int and 0 <= v < n:
-                            picked.append((field, k, repr(seq[v])))
+                            picked.append((name, k, repr(seq[v])))
             looked.append(tuple(sorted(set(picked))))
         kinds = [(s, tuple(sorted((k, repr(v)) for k, v in a.items() if k not in index_like)), pick)
                  for s, a, pick in zip(structures, attrs, looked)]
