@@ -168,23 +168,23 @@ def unet2d():
     return model, i, _facts("diffusion", len(blocks), blocks, hidden=None, apply_inputs=i, generate=False, biases=True,
                             attention=r"(?i)(attn|attention|to_[qkv]|to_out)")
 
-def sd3():
+def sd3(layers: int = LAYERS):
     from diffusers import SD3Transformer2DModel
     torch.manual_seed(0)
-    model = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
+    model = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=layers, attention_head_dim=8,
                                   num_attention_heads=4, joint_attention_dim=32, caption_projection_dim=32,
                                   pooled_projection_dim=16, out_channels=4, pos_embed_max_size=16).eval()
     g = torch.Generator().manual_seed(1)
     i = {"hidden_states": torch.randn(BATCH, 4, 8, 8, generator=g),
          "encoder_hidden_states": torch.randn(BATCH, 6, 32, generator=g),
          "pooled_projections": torch.randn(BATCH, 16, generator=g), "timestep": torch.tensor([10, 20])}
-    return model, i, _facts("diffusion", LAYERS, _blocks("transformer_blocks"), hidden=32, apply_inputs=i,
+    return model, i, _facts("diffusion", layers, _blocks("transformer_blocks", layers), hidden=32, apply_inputs=i,
                             generate=False, biases=True)
 
-def flux():
+def flux(layers: int = 1):
     from diffusers import FluxTransformer2DModel
     torch.manual_seed(0)
-    model = FluxTransformer2DModel(patch_size=1, in_channels=8, num_layers=1, num_single_layers=1, attention_head_dim=8,
+    model = FluxTransformer2DModel(patch_size=1, in_channels=8, num_layers=layers, num_single_layers=layers, attention_head_dim=8,
                                    num_attention_heads=4, joint_attention_dim=32, pooled_projection_dim=16,
                                    axes_dims_rope=(2, 2, 4)).eval()
     g = torch.Generator().manual_seed(1)
@@ -192,7 +192,8 @@ def flux():
          "encoder_hidden_states": torch.randn(BATCH, 6, 32, generator=g),
          "pooled_projections": torch.randn(BATCH, 16, generator=g), "timestep": torch.tensor([0.5, 0.5]),
          "img_ids": torch.zeros(16, 3), "txt_ids": torch.zeros(6, 3)}
-    return model, i, _facts("diffusion", 2, ["transformer_blocks.0", "single_transformer_blocks.0"], hidden=32,
+    return model, i, _facts("diffusion", 2 * layers, _blocks("transformer_blocks", layers)
+                            + _blocks("single_transformer_blocks", layers), hidden=32,
                             apply_inputs=i, generate=False, biases=True)
 
 def vae():

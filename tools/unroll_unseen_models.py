@@ -176,24 +176,11 @@ def llama_train():
 BUILDERS.update({k: v for k, v in dict(globals()).items() if k in ("gemma3_20", "qwen2_swa", "llama4_text", "cohere2_12", "llama_hidden_states", "llama_train")})
 
 def sd3_6():
-    from diffusers import SD3Transformer2DModel
-    torch.manual_seed(0)
-    model = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=6, attention_head_dim=8,
-                                  num_attention_heads=4, joint_attention_dim=32, caption_projection_dim=32,
-                                  pooled_projection_dim=16, out_channels=4, pos_embed_max_size=16).eval()
-    g = torch.Generator().manual_seed(1)
-    i = {"hidden_states": torch.randn(2, 4, 8, 8, generator=g), "encoder_hidden_states": torch.randn(2, 6, 32, generator=g),
-         "pooled_projections": torch.randn(2, 16, generator=g), "timestep": torch.tensor([10, 20])}
-    return model, i, {"apply_inputs": i}
+    return P.sd3(layers=6)
+
+
 def flux_5():
-    from diffusers import FluxTransformer2DModel
-    torch.manual_seed(0)
-    model = FluxTransformer2DModel(patch_size=1, in_channels=8, num_layers=5, num_single_layers=5, attention_head_dim=8,
-                                   num_attention_heads=4, joint_attention_dim=32, pooled_projection_dim=16,
-                                   axes_dims_rope=(2, 2, 4)).eval()
-    g = torch.Generator().manual_seed(1)
-    i = {"hidden_states": torch.randn(2, 16, 8, generator=g), "encoder_hidden_states": torch.randn(2, 6, 32, generator=g),
-         "pooled_projections": torch.randn(2, 16, generator=g), "timestep": torch.tensor([0.5, 0.5]),
-         "img_ids": torch.zeros(16, 3), "txt_ids": torch.zeros(6, 3)}
-    return model, i, {"apply_inputs": i}
+    return P.flux(layers=5)
+
+
 BUILDERS.update(sd3_6=sd3_6, flux_5=flux_5)
