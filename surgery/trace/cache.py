@@ -42,6 +42,7 @@ from pathlib import Path
 import torch
 from torch import fx, nn
 
+from surgery.trace import unroll
 from surgery.trace.export import Boundary, Traced
 
 FORMAT = 3
@@ -307,7 +308,10 @@ def decode(data: dict, model: nn.Module) -> Traced:
     graph = fx.Graph()
     nodes: dict[str, fx.Node] = {}
     for name, op, target, args, kwargs, meta, _ in data["nodes"]:
-        node = graph.create_node(op, _resolve(target), _dec(args, nodes, fake), _dec(kwargs, nodes, fake), name=name)
+        args, kwargs = _dec(args, nodes, fake), _dec(kwargs, nodes, fake)
+        if not isinstance(args, tuple) or not isinstance(kwargs, dict):
+            raise Corrupt(f"node {name!r} has arguments of another kind")
+        node = unroll.new_node(graph, op, _resolve(target), args, kwargs, name, None)   # as create_node
         if node.name != name:
             raise Corrupt(f"node {name!r} came back as {node.name!r}")
         node.meta.update({k: _dec(v, nodes, fake) for k, v in meta.items()})

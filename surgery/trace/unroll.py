@@ -506,7 +506,7 @@ def _build(nodes, stacks, members, region, params, buffers, calls, param_order, 
             env[n] = value = outside(n.args[0], k)
             marks.append((value, *json.loads(n.args[1])))
         else:
-            c = _node(out, n.op, n.target, _map(n.args, lambda a: outside(a, k)),
+            c = new_node(out, n.op, n.target, _map(n.args, lambda a: outside(a, k)),
                       _map(n.kwargs, lambda a: outside(a, k)), _base_name(n.name), n.type)
             c.meta = n.meta
             env[n] = c
@@ -552,7 +552,7 @@ def _copies(out: fx.Graph, plan, members, env, copy_ph, last_of, outside, calls,
                 current.append(args[0])
                 continue
             kwargs = _map(kwargs, lambda a: resolve(template.slot(a))) if kwargs else kwargs
-            c = _node(out, t.op, t.target, args, kwargs, name, t.type)
+            c = new_node(out, t.op, t.target, args, kwargs, name, t.type)
             meta = c.meta
             meta.update(t.meta)
             if stack is not None:
@@ -607,10 +607,11 @@ class _Template:
         return False, name, side, loc, call
 
 
-def _node(graph: fx.Graph, op: str, target, args: tuple, kwargs: dict, name: str, type_expr) -> fx.Node:
+def new_node(graph: fx.Graph, op: str, target, args: tuple, kwargs: dict, name: str, type_expr) -> fx.Node:
     """`graph.create_node(op, target, args, kwargs, name=name, type_expr=type_expr)` without its scan of the
     arguments for raw SymInts (six times the rest of its cost; these arguments come from an exported graph,
-    where there are none). Where this torch's Graph lacks the parts it uses: create_node itself."""
+    where there are none: the unroll's copies, a trace read back from the cache). Where this torch's Graph lacks
+    the parts it uses: create_node itself."""
     namespace = getattr(graph, "_graph_namespace", None)
     table = getattr(graph, "_find_nodes_lookup_table", None)
     if namespace is None or table is None or not hasattr(graph, "_insert") or graph.owning_module is not None:
