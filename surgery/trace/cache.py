@@ -45,7 +45,7 @@ from torch import fx, nn
 from surgery.trace import unroll
 from surgery.trace.export import Boundary, Traced
 
-FORMAT = 3
+FORMAT = 4
 MAGIC = b"surgery-trace"
 MAX_ENTRIES = 64
 # node metadata torch.export writes that surgery never reads (tensor_meta repeats `val`); every other key is
@@ -288,11 +288,29 @@ def encode(traced: Traced) -> dict:
         if f.name not in _FIELDS and getattr(traced, f.name) not in (None, {}, [], ()):
             raise Unserializable(f"Traced.{f.name}")
     nodes = []
+    stacks: list = []                    # each distinct module stack once: most of an entry's size otherwise
+    stack_at: dict[str, int] = {}
+    by_object: dict[int, int] = {}       # the unroll shares one stack dict among a module's nodes
     for n in traced.graph.nodes:
-        meta = {k: _enc(v) for k, v in n.meta.items() if k not in DROPPED_META}
+        meta = {}
+        for k, v in n.meta.items():
+            if k in DROPPED_META:
+                continue
+            if k == "nn_module_stack" and isinstance(v, dict):
+                index = by_object.get(id(v))
+                if index is None:
+                    encoded = _enc(v)
+                    index = stack_at.setdefault(json.dumps(encoded), len(stacks))
+                    if index == len(stacks):
+                        stacks.append(encoded)
+                    by_object[id(v)] = index
+                meta[k] = {"stack": index}
+            else:
+                meta[k] = _enc(v)
         nodes.append([n.name, n.op, _target(n), _enc(n.args), _enc(n.kwargs), meta, [u.name for u in n.users]])
     return {
         "nodes": nodes,
+        "stacks": stacks,
         "boundaries": [[v.name, [_enc(dataclasses.astuple(b)) for b in bs]] for v, bs in traced.boundaries.items()],
         "params": traced.params, "buffers": traced.buffers, "calls": traced.calls,
         "module_types": {k: f"{t.__module__}.{t.__qualname__}" for k, t in traced.module_types.items()},
@@ -307,6 +325,16 @@ def decode(data: dict, model: nn.Module) -> Traced:
     fake = _FakeTensors()
     graph = fx.Graph()
     nodes: dict[str, fx.Node] = {}
+    stacks: dict[int, dict] = {}
+
+    def stack(ref) -> dict:
+        """A module stack of the entry's table, decoded once and shared by its nodes (as the unroll shares it)."""
+        index = ref.get("stack") if isinstance(ref, dict) and len(ref) == 1 else None
+        if type(index) is not int or not 0 <= index < len(data["stacks"]):
+            raise Corrupt(f"not a module stack reference: {ref!r:.80}")
+        if index not in stacks:
+            stacks[index] = _dec(data["stacks"][index], nodes, fake)
+        return stacks[index]
     for name, op, target, args, kwargs, meta, _ in data["nodes"]:
         args, kwargs = _dec(args, nodes, fake), _dec(kwargs, nodes, fake)
         if not isinstance(args, tuple) or not isinstance(kwargs, dict):
@@ -314,7 +342,8 @@ def decode(data: dict, model: nn.Module) -> Traced:
         node = unroll.new_node(graph, op, _resolve(target), args, kwargs, name, None)   # as create_node
         if node.name != name:
             raise Corrupt(f"node {name!r} came back as {node.name!r}")
-        node.meta.update({k: _dec(v, nodes, fake) for k, v in meta.items()})
+        for k, v in meta.items():
+            node.meta[k] = stack(v) if k == "nn_module_stack" else _dec(v, nodes, fake)
         nodes[name] = node
     for name, *_, users in data["nodes"]:   # the users in their traced order (analysis reads the first ones)
         node = nodes[name]
