@@ -22,7 +22,7 @@ from surgery.spec import spec_from
 from surgery.spec.models import name_problem
 from surgery.trace import trace
 from surgery.trace.cache import cached_trace
-from surgery.trace.export import NeedsStackTraces
+from surgery.trace.export import NeedsStackTraces, rng_devices
 from surgery.rewrite import trained
 from surgery.rewrite.sites import install_host_check, record_hosts
 from surgery.rewrite.wrappers import unwrapping
@@ -142,8 +142,7 @@ def apply(model: nn.Module, spec: Any, *, example_inputs=None, name: str | None 
 
 def _rng_states(model: nn.Module) -> list:
     """The states of the generators building adapters for `model` may draw from: the CPU's and its devices'."""
-    devices = {t.device for t in model.parameters() if t.device.type == "cuda"}
-    return [(None, torch.random.get_rng_state())] + [(d, torch.cuda.get_rng_state(d)) for d in devices]
+    return [(None, torch.random.get_rng_state())] + [(d, torch.cuda.get_rng_state(d)) for d in rng_devices(model)]
 
 
 def _set_rng_states(states: list) -> None:

@@ -82,11 +82,13 @@ def token_ids(batch=2, seq=8, seed=1, vocab=VOCAB):
 
 
 def perturb(model, scale=0.05, seed=0):
-    """Give every adapter parameter non-zero values, so a test can tell a rewrite from a no-op."""
+    """Give every adapter parameter non-zero values, so a test can tell a rewrite from a no-op (floating-point
+    parameters: an index table stays as built)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.surgery_adapters.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * scale)
+            if p.is_floating_point():
+                p.add_(torch.randn(p.shape, generator=g) * scale)
 
 
 def state(model):

@@ -36,6 +36,7 @@ import torch
 import surgery
 from surgery.modules import columns
 from architectures import ARCHITECTURES, kind_of, main_output
+from models import perturb
 
 ROOT = Path(__file__).resolve().parent.parent
 SPECS_DIR = ROOT / "specs"
@@ -380,14 +381,6 @@ def check_generate(model, facts, inputs):
                 raise Wrong(f"generate() step {t}: logits with the KV cache differ from a full forward by {diff:.2e}")
 
 
-def _perturb(model, scale=0.05, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.surgery_adapters.parameters():
-            if p.is_floating_point():
-                p.add_(torch.randn(p.shape, generator=g) * scale)
-
-
 def _hooks_and_flags(model):
     """What a failed apply must leave as it was, besides the weights: hooks, parametrizations, requires_grad, modes."""
     return ([(n, len(m._forward_hooks), len(m._forward_pre_hooks), m.training, hasattr(m, "parametrizations"))
@@ -444,7 +437,7 @@ def run_cell(arch: str, spec_name: str) -> Result:
             raise Wrong(f"not identity at init: differs from the base by {_max_diff(out0, b['out']):.2e}")
         has_adapters = any(True for _ in model.surgery_adapters.parameters())
         if has_adapters:
-            _perturb(model)
+            perturb(model)
         with torch.no_grad():
             out1 = main_output(model, inputs)
             with surgery.disable(model):

@@ -16,6 +16,7 @@ from torch import nn
 
 import surgery
 from architectures import ARCHITECTURES
+from models import perturb
 from surgery.errors import RewriteError
 
 
@@ -34,13 +35,6 @@ def _spec(roles, **module):
                        "module": {"kind": "lora", "r": 4, **module}}]}
 
 
-def _perturb(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.surgery_adapters.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.1)
-
-
 def test_lora_with_dropout_equals_the_weight_path_in_eval_and_drops_in_train():
     """QLoRA's LoRA (dropout 0.1) on q, k, v and the output projection of nn.MultiheadAttention: in eval it equals
     LoRA on the weight with the same A and B; in train each site's dropout sees the attention's own input (q, k
@@ -53,7 +47,7 @@ def test_lora_with_dropout_equals_the_weight_path_in_eval_and_drops_in_train():
     sites = model.surgery_adapters.records["default"].weight_sites
     assert len(sites) == 8 and {s.realized for s in sites} == {"activation"}
     assert {s.realized for s in weight.surgery_adapters.records["default"].weight_sites} == {"weight"}
-    _perturb(model)
+    perturb(model, scale=0.1)
     weight.surgery_adapters.load_state_dict(model.surgery_adapters.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(model(**inputs), weight(**inputs), atol=1e-5, rtol=0)
@@ -98,7 +92,7 @@ def test_unipelt_gate_multiplies_the_lora_delta_and_trains():
     sequence of sigmoid(gate(x)), computed here by hand from the layer's input; the gate gets a gradient."""
     model, inputs, apply_inputs = _encoder()
     surgery.apply(model, "unipelt", example_inputs=apply_inputs)
-    _perturb(model)
+    perturb(model, scale=0.1)
     attn = model.encoder.layers[0].self_attn
     lora = _lora_sites(model, rule="lora")
     q_lora = next(m for k, m in lora.items() if "layers_0" in k and k.endswith("attention_q"))

@@ -69,6 +69,17 @@ def check_rows(model, arch, rows, ids, **kwargs):
         assert ((mixed[i][keep[i]] - base[i][keep[i]]).abs().max() > 1e-3) == (name != "__base__"), (i, name)
 
 
+def check_generate(model, rows, ids):
+    """generate() of the mixed batch (greedy, 4 new tokens) gives each row's tokens of that row alone."""
+    new = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    own = []
+    for i, name in enumerate(rows):
+        with use(model, name):
+            own.append(model.generate(ids[i:i + 1], **new))
+    surgery.set_active(model, surgery.MixedBatch(*rows))
+    assert torch.equal(model.generate(ids, **new), torch.cat(own))
+
+
 LLAMA_ROWS = ["lora", "prefix", "__base__", "prompt10", "sublayer", "prompt_b", "parallel", "prefix"]
 
 
@@ -125,13 +136,7 @@ def test_gated_prefix_llama_adapter_and_mam_rows():
     rows = ["unipelt", "__base__", "llama_adapter", "mam", "unipelt", "llama_adapter"]
     ids = token_ids(len(rows), 7, seed=3)
     check_rows(model, "llama", rows, ids)
-    new = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
-    own = []
-    for i, name in enumerate(rows):
-        with use(model, name):
-            own.append(model.generate(ids[i:i + 1], **new))
-    surgery.set_active(model, surgery.MixedBatch(*rows))
-    assert torch.equal(model.generate(ids, **new), torch.cat(own))
+    check_generate(model, rows, ids)
 
 
 def test_gpt2_prompts_keep_their_learned_positions():
@@ -145,13 +150,7 @@ def test_gpt2_prompts_keep_their_learned_positions():
     rows = ["p6", "__base__", "p3", "lora", "p6"]
     ids = token_ids(len(rows), 7, seed=2)
     check_rows(model, "gpt2", rows, ids)
-    new = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
-    own = []
-    for i, name in enumerate(rows):
-        with use(model, name):
-            own.append(model.generate(ids[i:i + 1], **new))
-    surgery.set_active(model, surgery.MixedBatch(*rows))
-    assert torch.equal(model.generate(ids, **new), torch.cat(own))
+    check_generate(model, rows, ids)
 
 
 def test_functional_dropout_sites_follow_the_composition():

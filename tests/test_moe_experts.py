@@ -16,6 +16,7 @@ import torch
 
 import surgery
 from architectures import mixtral, qwen2_moe
+from models import perturb
 
 ARCHS = {"mixtral": mixtral, "qwen2_moe": qwen2_moe}
 EXPERTS = 4
@@ -52,14 +53,6 @@ def _fold_dense_sites(model, by_hand):
                 weight.copy_(site.adapter.transform_weight(weight))
 
 
-def _perturb(model, seed=0, scale=0.1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.surgery_adapters.parameters():
-            if p.is_floating_point():
-                p.add_(torch.randn(p.shape, generator=g) * scale)
-
-
 @pytest.fixture(params=list(ARCHS))
 def built(request):
     model, inputs, _ = ARCHS[request.param]()
@@ -77,7 +70,7 @@ def test_lora_on_experts_is_each_expert_plus_its_own_low_rank_update(built):
     assert lora.lora_A.shape == (EXPERTS, 4, experts.down_proj.shape[2])
     assert lora.lora_B.shape == (EXPERTS, experts.down_proj.shape[1], 4)
     assert torch.equal(_logits(model, inputs), _logits(base, inputs))     # B = 0: identity at init
-    _perturb(model)
+    perturb(model, scale=0.1)
 
     by_hand = copy.deepcopy(base)
     with torch.no_grad():
@@ -107,7 +100,7 @@ def test_lora_gradients_reach_exactly_the_routed_experts():
     base parameters stay frozen."""
     model, _, _ = mixtral()
     surgery.apply(model, _spec("lora", ["ffn.out"], r=4, alpha=8))
-    _perturb(model)     # B ≠ 0, so A gets a gradient too
+    perturb(model, scale=0.1)     # B ≠ 0, so A gets a gradient too
     routed = {}
     hooks = [layer.mlp.gate.register_forward_hook(
         lambda mod, args, out, i=i: routed.__setitem__(i, set(out[2].flatten().tolist())))
@@ -137,7 +130,7 @@ def test_lora_dropout_on_experts_runs_inside_the_models_grouped_matmul():
     assert {s.realized for s in store_of(model).records["default"].weight_sites} == {"grouped"}
     assert not any(hasattr(e, "parametrizations") for e in _experts(model))
     assert torch.equal(_logits(model, inputs), _logits(base, inputs))
-    _perturb(model)
+    perturb(model, scale=0.1)
     by_hand = copy.deepcopy(base)
     with torch.no_grad():
         for layer, expert in enumerate(_experts(by_hand)):
@@ -194,7 +187,7 @@ def test_ia3_on_experts_scales_each_experts_input_columns(built):
     ia3 = _site(model, 0, "down_proj", "ia3_ffn")
     assert ia3.ia3_l.shape == (EXPERTS, _experts(base)[0].down_proj.shape[2])
     assert torch.equal(_logits(model, inputs), _logits(base, inputs))
-    _perturb(model)
+    perturb(model, scale=0.1)
     by_hand = copy.deepcopy(base)
     with torch.no_grad():
         for layer, expert in enumerate(_experts(by_hand)):
@@ -211,7 +204,7 @@ def test_said_and_sparse_deltas_span_the_whole_expert_tensor(kind, options):
     base = copy.deepcopy(model)
     surgery.apply(model, _spec(kind, ["ffn.out"], **options))
     assert torch.equal(_logits(model, inputs), _logits(base, inputs))
-    _perturb(model)
+    perturb(model, scale=0.1)
     adapter = _site(model, 0, "down_proj")
     weight = _experts(base)[0].down_proj
     delta = adapter.delta_weight()
@@ -234,7 +227,7 @@ def test_experts_adapters_save_and_load(tmp_path):
     model, inputs, _ = mixtral()
     fresh = copy.deepcopy(model)
     surgery.apply(model, _spec("lora", ["ffn.out", "ffn.in"], r=2, alpha=4))
-    _perturb(model)
+    perturb(model, scale=0.1)
     expected = _logits(model, inputs)
     surgery.save(model, tmp_path / "moe")
     loaded = surgery.load(fresh, tmp_path / "moe")
@@ -272,7 +265,7 @@ def test_qwen2_moe_ffn_adapter_sits_once_after_the_combined_moe_output():
     base = copy.deepcopy(model)
     surgery.apply(model, "houlsby")
     assert _ffn_sites(model, "ffn_adapter") == ["model_layers_0_mlp_experts", "model_layers_1_mlp_experts"]
-    _perturb(model)
+    perturb(model, scale=0.1)
     adapters = model.surgery_adapters.adapters["default"]
     by_hand = copy.deepcopy(base)
     for layer, block in enumerate(by_hand.model.layers):
@@ -290,7 +283,7 @@ def test_qwen2_moe_parallel_adapter_adds_to_the_combined_moe_output(spec):
     model, inputs, _ = qwen2_moe()
     surgery.apply(model, spec)
     assert _ffn_sites(model, "ffn_adapter") == ["model_layers_0_mlp_experts", "model_layers_1_mlp_experts"]
-    _perturb(model)
+    perturb(model, scale=0.1)
     block = model.model.layers[1]
     seen = {}
     hooks = [block.post_attention_layernorm.register_forward_pre_hook(lambda m, a: seen.__setitem__("h", a[0])),
@@ -324,7 +317,7 @@ def test_qlora_on_moe_quantizes_the_linears_and_keeps_the_experts_dense():
     quantized = _logits(model, inputs)
     surgery.apply(model, _spec("lora", ["attention.q", "attention.v", "ffn.in", "ffn.out"], r=4, alpha=8))
     assert torch.equal(_logits(model, inputs), quantized)
-    _perturb(model)
+    perturb(model, scale=0.1)
     assert (_logits(model, inputs) - quantized).abs().max() > 1e-3
 
 
@@ -406,7 +399,7 @@ def test_a_parallel_adapter_adds_to_a_branch_that_flattens_its_tokens():
     model = _FlatModel().eval()
     ids = torch.randint(0, 50, (2, 5))
     surgery.apply(model, "parallel", example_inputs=(ids,))
-    _perturb(model)
+    perturb(model, scale=0.1)
     seen = {}
     block = model.blocks[1]
     hooks = [block.ln1.register_forward_hook(lambda m, a, out: seen.__setitem__("h", out)),
@@ -445,7 +438,7 @@ def test_two_expert_loras_stack_and_average(dropout):
     base = copy.deepcopy(model)
     for name in ("a", "b"):
         surgery.apply(model, _spec("lora", ["ffn.out"], r=2, alpha=2, dropout=dropout), name=name)
-    _perturb(model)
+    perturb(model, scale=0.1)
     rules = model.surgery_adapters.adapters
 
     def by_hand(weights):
@@ -479,7 +472,7 @@ def test_expert_loras_compile_with_fullgraph(dropout):
     by identity) and gives the eager output."""
     model, inputs, _ = mixtral()
     surgery.apply(model, _spec("lora", ["ffn.in", "ffn.out"], r=2, alpha=2, dropout=dropout))
-    _perturb(model)
+    perturb(model, scale=0.1)
     eager = _logits(model, inputs)
     with torch.no_grad():
         compiled = torch.compile(model, fullgraph=True)(**inputs).logits
@@ -507,7 +500,7 @@ def test_experts_stored_in_out_transposed_with_biases(dropout):
     spec = _spec("lora", ["ffn.out"], r=2, alpha=4, dropout=dropout)
     spec["rules"][0]["match"]["module"] = "*.mlp.experts"
     surgery.apply(model, spec)
-    _perturb(model)
+    perturb(model, scale=0.1)
     by_hand = copy.deepcopy(base)
     sites = model.surgery_adapters.adapters["default"]["lora"]
     assert {k for k in sites if k.endswith("down_proj")} == {f"model_layers_{i}_mlp_experts__down_proj" for i in (0, 1)}
@@ -529,7 +522,7 @@ def test_adapters_inside_the_grouped_matmul_refuse_to_be_skipped():
     model, inputs, _ = mixtral()
     surgery.apply(model, _spec("lora", ["ffn.out"], r=2, dropout=0.1), name="inside")
     surgery.apply(model, _spec("lora", ["ffn.in"], r=2), name="weight")
-    _perturb(model)
+    perturb(model, scale=0.1)
     expected = _logits(model, inputs)
     model.config._experts_implementation = "batched_mm"
     with pytest.raises(surgery.RewriteError, match="computed its experts another way"):

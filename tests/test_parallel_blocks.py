@@ -19,15 +19,8 @@ from torch import nn
 
 import surgery
 from architectures import ARCHITECTURES
+from models import perturb
 from surgery.errors import RewriteError
-
-
-def _perturb(model, scale=0.05, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.surgery_adapters.parameters():
-            if p.is_floating_point():
-                p.add_(torch.randn(p.shape, generator=g) * scale)
 
 
 def _adapters(model, rule="ffn_adapter"):
@@ -64,7 +57,7 @@ def test_pfeiffer_reads_the_sublayer_sum(arch):
     (ln_f, the last add's only user) for a post-sub-layer norm (it read ln_f(z) and ln_f was applied twice)."""
     model, inputs, facts = ARCHITECTURES[arch]()
     surgery.apply(model, "pfeiffer", example_inputs=facts["apply_inputs"])
-    _perturb(model)
+    perturb(model)
     adapters = _adapters(model)
     assert len(adapters) == facts["num_layers"]
     down_inputs = []
@@ -94,7 +87,7 @@ def test_gptj_adapter_input_is_residual_plus_attention_plus_mlp():
     the block's own modules (AdapterHub's GPTJBlockWithAdapters: the output adapter's input)."""
     model, inputs, facts = ARCHITECTURES["gptj"]()
     surgery.apply(model, "pfeiffer")
-    _perturb(model)
+    perturb(model)
     block = model.transformer.h[0]
     adapter = list(_adapters(model).values())[0]
     got, call = [], {}
@@ -120,7 +113,7 @@ def test_gptj_pfeiffer_generate_equals_full_forwards():
     full forward without it (the intercepted call is found by its line, not by how many adds ran before)."""
     model, inputs, facts = ARCHITECTURES["gptj"]()
     surgery.apply(model, "pfeiffer")
-    _perturb(model)
+    perturb(model)
     prompt = inputs["input_ids"][:, :6]
     with torch.no_grad():
         out = model.generate(input_ids=prompt, max_new_tokens=3, min_new_tokens=3, do_sample=False,
@@ -223,7 +216,7 @@ def test_torch_compile_runs_intercepted_blocks_eagerly():
     with fullgraph it fails rather than compiling the blocks without their adapters."""
     model, inputs, facts = ARCHITECTURES["gptj"]()
     surgery.apply(model, "pfeiffer")
-    _perturb(model)
+    perturb(model)
     with torch.no_grad():
         eager = model(**inputs, use_cache=False).logits
         compiled = torch.compile(model, backend="eager")(**inputs, use_cache=False).logits

@@ -891,6 +891,7 @@ def analyze(traced: Traced) -> Analysis:
             layer = block_index.get((bd.module, bd.call))
             if layer is not None:
                 (ins_of if bd.side == "in" else outs_of)[layer].append((_loc_order(bd.loc), value))
+
     def reaches_output(value, budget=4000) -> bool:
         seen, frontier = set(), [value]
         while frontier and budget > 0:

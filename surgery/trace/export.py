@@ -265,11 +265,11 @@ def trace(model: nn.Module, example_inputs=None, *, full: bool | None = None, st
     which only the interception of torch-level calls reads (a rewrite that needs them raises NeedsStackTraces)."""
     if full is None:
         full = os.environ.get(FULL_TRACE_ENV, "") not in ("", "0")
-    with torch.random.fork_rng(devices=_rng_devices(model)):
+    with torch.random.fork_rng(devices=rng_devices(model)):
         return _trace(model, example_inputs, full, stack_traces)
 
 
-def _rng_devices(model: nn.Module) -> list:
+def rng_devices(model: nn.Module) -> list:
     """The accelerator devices whose RNG a forward of `model` may draw from (fork_rng forks only these)."""
     devices = {t.device for m in model.modules() for table in (m._parameters, m._buffers)
                for t in table.values() if t is not None}
