@@ -152,11 +152,12 @@ def test_prompt_tuning_generates_where_token_ids_are_copied_to_the_tables_device
     """Llama 4 embeds `input_ids.to(embed_tokens.weight.device)`: the token table was not recognized through
     the copy, the prompt went in at the embedding output, and generate()'s explicit position_ids (the caller's
     8, not 8 + 10) crashed the rotary embedding ("size of tensor a (18) must match ... (8)")."""
-    from test_architectures import _perturb, check_generate
+    from models import perturb
+    from test_architectures import check_generate
     model, inputs, facts = _decoder("Llama4TextConfig", "Llama4ForCausalLM", num_key_value_heads=2, head_dim=16,
                                     intermediate_size=64, intermediate_size_mlp=128, num_local_experts=4,
                                     num_experts_per_tok=1, interleave_moe_layer_step=2, attention_chunk_size=4,
                                     no_rope_layers=[1, 0])
     surgery.apply(model, surgery.load_spec("specs/prompt.yaml"))
-    _perturb(model)
+    perturb(model)
     check_generate(model, facts, inputs)       # each step's logits with the KV cache == a full forward
