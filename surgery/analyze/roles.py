@@ -669,12 +669,14 @@ def analyze(traced: Traced) -> Analysis:
         return n in linears
 
     attention = _attention_ops(graph)
-    entries_memo: dict[fx.Node, list[tuple[str, int]]] = {}
+    # per module stack (the nodes of one module call share theirs), not per node
+    entries_memo: dict[int, list[tuple[str, int]]] = {}
 
     def entries_of(node: fx.Node) -> list[tuple[str, int]]:
-        entries = entries_memo.get(node)
+        key = id(node.meta.get("nn_module_stack"))
+        entries = entries_memo.get(key)
         if entries is None:
-            entries = entries_memo[node] = stack_entries(node)
+            entries = entries_memo[key] = stack_entries(node)
         return entries
 
     # Layers: the repeated units of the module tree (a numbered child of a container whose numbered children share
@@ -719,18 +721,18 @@ def analyze(traced: Traced) -> Analysis:
     block_index = {b: i for i, b in enumerate(blocks_at)}
     blocks = [path for path, _ in blocks_at]
     stacks = [path.rpartition(".")[0] for path in blocks]
-    path_layer: dict[tuple, int | None] = {}
+    stack_layer: dict[int, int | None] = {}     # per module stack, as entries_of
 
     def layer_of(node) -> int | None:
-        key = tuple(entries_of(node))
-        if key not in path_layer:
+        key = id(node.meta.get("nn_module_stack"))
+        if key not in stack_layer:
             layer = None
-            for entry in reversed(key):
+            for entry in reversed(entries_of(node)):
                 if entry in block_index:
                     layer = block_index[entry]
                     break
-            path_layer[key] = layer
-        return path_layer[key]
+            stack_layer[key] = layer
+        return stack_layer[key]
 
     role_sites: list[Site] = []
     taken_linear: set[fx.Node] = set()

@@ -92,32 +92,34 @@ def _plain(value) -> bool:
     return isinstance(value, (tuple, list)) and len(value) <= 16 and all(isinstance(v, SCALARS) for v in value)
 
 
-def _attributes(module: nn.Module) -> dict:
-    """A module's plain attributes: scalars, tuples of them, and tensors that are neither parameters nor buffers
-    (an export lifts those as constants: small ones by value)."""
-    out = {}
+# nn.Module's own bookkeeping (parameter/buffer/module tables, hook tables, `training`): no part of a layer's kind
+_MODULE_STATE = frozenset(vars(nn.Module()))
+_HOOK_TABLES = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+def _fields(module: nn.Module) -> tuple[dict, list]:
+    """A module's plain attributes (scalars, tuples of them, and tensors that are neither parameters nor buffers:
+    an export lifts those as constants, small ones by value), and the plain objects it holds (a transformers
+    config): neither scalars, tensors, modules, types nor callables."""
+    attrs, held = {}, []
     for k, v in vars(module).items():
-        if k.startswith("__") or k == "training":
+        if k in _MODULE_STATE or k.startswith("__"):
             continue
         if _plain(v):
-            out[k] = tuple(v) if isinstance(v, list) else v
+            attrs[k] = tuple(v) if isinstance(v, list) else v
         elif isinstance(v, torch.Tensor):
             small = v.numel() <= 4096 and not v.is_meta
-            out[k] = ("tensor", tuple(v.shape), str(v.dtype), v.device.type,
-                      tuple(v.detach().cpu().flatten().tolist()) if small else None)
-    return out
+            attrs[k] = ("tensor", tuple(v.shape), str(v.dtype), v.device.type,
+                        tuple(v.detach().cpu().flatten().tolist()) if small else None)
+        elif hasattr(v, "__dict__") and not isinstance(v, (nn.Module, type)) and not callable(v):
+            held.append(v)
+    return attrs, held
 
 
 def _hooked(module: nn.Module) -> bool:
-    hooks = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
-    return (any(getattr(module, h, None) for h in hooks) or "forward" in vars(module)
-            or bool(getattr(module, "parametrizations", None)))
-
-
-def _held(module: nn.Module) -> list:
-    """The plain objects a module holds (a transformers config): neither scalars, tensors nor modules."""
-    return [v for v in vars(module).values()
-            if hasattr(v, "__dict__") and not isinstance(v, (nn.Module, torch.Tensor, type)) and not callable(v)]
+    state = vars(module)
+    return (any(state.get(h) for h in _HOOK_TABLES) or "forward" in state
+            or bool(state.get("_modules", {}).get("parametrizations")))
 
 
 def _per_layer(obj, n: int) -> dict:
@@ -151,9 +153,10 @@ def _describe(entry: nn.Module, counts: dict, module_counts: dict) -> tuple | No
                     return None
                 tensors.append((kind, prefix + name, tuple(t.shape), str(t.dtype), t.device.type,
                                 bool(t.requires_grad)))
-        for k, v in _attributes(m).items():
+        fields, objects = _fields(m)
+        for k, v in fields.items():
             attrs[(rel, k)] = v
-        for obj in _held(m):
+        for obj in objects:
             held[id(obj)] = obj
     tensors.sort(key=lambda x: x[0] != "p")     # parameters first, then buffers, each in module order
     return tuple(modules), tuple(tensors), attrs, list(held.values())
