@@ -48,11 +48,6 @@ def stack_paths(node: fx.Node) -> list[str]:
     return [path for path, _ in stack.values()]
 
 
-def innermost(node: fx.Node) -> str:
-    paths = stack_paths(node)
-    return paths[-1] if paths else ""
-
-
 @dataclass
 class LinearInfo:
     """A linear-like op reading a parameter: y = x W^T + b (layout out_in) or x W + b (layout in_out)."""
@@ -679,6 +674,10 @@ def analyze(traced: Traced) -> Analysis:
             entries = entries_memo[key] = stack_entries(node)
         return entries
 
+    def innermost(node: fx.Node) -> str:
+        entries = entries_of(node)
+        return entries[-1][0] if entries else ""
+
     # Layers: the repeated units of the module tree (a numbered child of a container whose numbered children share
     # one type) holding the attention ops, one per call (a module called N times is N layers); for a model without
     # attention, the outermost such units holding weight-bearing ops. A layer's stack is its container.
@@ -706,7 +705,12 @@ def analyze(traced: Traced) -> Analysis:
         containers = {path.rpartition(".")[0] for path, _ in blocks_at}
         ordered: list[tuple[str, int]] = []
         seen: set[tuple[str, int]] = set()
+        stacks_seen: set[int] = set()
         for node in nodes:
+            key = id(node.meta.get("nn_module_stack"))
+            if key in stacks_seen:
+                continue
+            stacks_seen.add(key)
             for entry in entries_of(node):
                 parent, _, index = entry[0].rpartition(".")
                 if parent in containers and index.isdigit() and entry not in seen:

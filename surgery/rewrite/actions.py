@@ -98,8 +98,11 @@ def _reference_tensor(model: nn.Module) -> torch.Tensor | None:
     return None
 
 
-def _context(model: nn.Module, analysis: Analysis, match: Match, value: fx.Node, rule: Rule) -> SiteContext:
-    ref = _reference_tensor(model)
+def _context(model: nn.Module, analysis: Analysis, match: Match, value: fx.Node, rule: Rule,
+             ref: torch.Tensor | None = None) -> SiteContext:
+    """What a module is built from at one site. `ref`: the model's first floating-point parameter (its dtype and
+    device are the site's where it reads no weight), found once per rule by the caller, else here."""
+    ref = ref if ref is not None else _reference_tensor(model)
     ctx = SiteContext(dim=_dim(value), layer=match.layer, role=match.role, module=match.module,
                       num_layers=analysis.num_layers, dtype=ref.dtype if ref is not None else torch.float32,
                       device=ref.device if ref is not None else torch.device("cpu"), model=model)
@@ -371,6 +374,7 @@ def realize(model: nn.Module, analysis: Analysis, store: AdapterStore, record: R
     record.undo.append(functools.partial(per_adapter.pop, rule_name))
     captured: set[str] = set()
     combined: set = set()     # MoE outputs already adapted by this rule
+    ref = _reference_tensor(model)
     for match in matches:
         value = _through(_site_value(match.site), rule.through)
         experts_site = _moe_layer_experts(analysis, match) if rule.action in ("insert_after", "parallel") else None
@@ -408,7 +412,7 @@ def realize(model: nn.Module, analysis: Analysis, store: AdapterStore, record: R
             raise RewriteError(f"rule {match.rule!r}: {match.module}'s {match.site.linear.experts} experts are one 3-D "
                                f"parameter ({match.site.linear.weight}) read by a grouped matmul; {rule.module.kind} "
                                f"does not adapt per-expert weights (lora, ia3, said and sparse do)")
-        ctx = _context(model, analysis, match, value, rule)
+        ctx = _context(model, analysis, match, value, rule, ref)
         if packed is not None and rule.action in ("insert_after", "parallel"):
             ctx.dim = cols.width(packed)     # the module sees the site's columns of the packed output only
         ctx.extra.update(extra or {})

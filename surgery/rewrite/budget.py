@@ -147,7 +147,7 @@ def _estimate(model: nn.Module, analysis, spec, all_matches) -> Estimate:
                 inputs = match.site.node.all_input_nodes
                 value = match.site.linear.x if match.site.linear is not None else (inputs[0] if inputs else value)
             try:
-                ctx = _context(model, analysis, match, value, rule)
+                ctx = _context(model, analysis, match, value, rule, ref)
                 shape = (ctx.in_features, ctx.out_features, ctx.experts, ctx.dim, ctx.source_dim, ctx.role, ctx.dtype,
                          ctx.layer if per_layer else None,
                          tuple(sorted((k, v) for k, v in ctx.extra.items() if isinstance(v, (int, str)))))

@@ -535,7 +535,7 @@ def _copies(out: fx.Graph, plan, members, env, copy_ph, last_of, outside, calls,
         new = s.entry(j)
         previous = layer_nodes[j - 1]
         current: list[fx.Node] = []
-        stacks: dict[tuple, dict] = {}
+        stacks: list[dict | None] = [None] * len(template.stacks)
 
         def resolve(slot):
             kind, x = slot
@@ -547,7 +547,7 @@ def _copies(out: fx.Graph, plan, members, env, copy_ph, last_of, outside, calls,
                 return copy_ph[(x, j)]
             return x
         for t, name, args, kwargs, stack, tag in template.recipes:
-            args = tuple(resolve(a) if type(a) is tuple else a for a in args) if type(args) is list \
+            args = tuple([resolve(a) if type(a) is tuple else a for a in args]) if type(args) is list \
                 else _map(args, lambda a: resolve(template.slot(a)))
             if tag is not None:        # a mark: the copy reads its input
                 swapped, module, side, loc, call = tag
@@ -560,9 +560,12 @@ def _copies(out: fx.Graph, plan, members, env, copy_ph, last_of, outside, calls,
             meta.update(t.meta)
             if stack is not None:
                 # one module stack per module of the copy, shared by its nodes as by the template's
-                meta["nn_module_stack"] = stacks.get(stack) or stacks.setdefault(stack, {
-                    (lead + new + key_rest if swapped else key): ((new + path_rest if swapped else path), ty)
-                    for swapped, lead, key_rest, path_rest, key, path, ty in stack})
+                copied = stacks[stack]
+                if copied is None:
+                    copied = stacks[stack] = {
+                        (lead + new + key_rest if swapped else key): ((new + path_rest if swapped else path), ty)
+                        for swapped, lead, key_rest, path_rest, key, path, ty in template.stacks[stack]}
+                meta["nn_module_stack"] = copied
             current.append(c)
         layer_nodes[j] = current
         for m in template.inner:
@@ -585,13 +588,19 @@ class _Template:
         self.outside = outside
         self.inner = [m for m in calls if m == path or m.startswith(path + ".")]
         self.recipes = []
+        self.stacks: list[tuple] = []      # the distinct module stack patterns; a recipe holds its index
+        numbers: dict[tuple, int] = {}
         for n in template:
             flat = type(n.args) is tuple and all(type(a) is fx.Node or isinstance(a, SCALARS) for a in n.args)
             args = [self.slot(a) if type(a) is fx.Node else a for a in n.args] if flat else n.args
             tag = self._tag(n.args[1]) if _is_mark(n) and isinstance(n.args[0], fx.Node) else None
             pattern = _stack_pattern(n.meta.get("nn_module_stack"), path)
-            self.recipes.append((n, _base_name(n.name), args, n.kwargs,
-                                 tuple(pattern) if pattern is not None else None, tag))
+            number = None
+            if pattern is not None:
+                number = numbers.setdefault(tuple(pattern), len(numbers))
+                if number == len(self.stacks):
+                    self.stacks.append(tuple(pattern))
+            self.recipes.append((n, _base_name(n.name), args, n.kwargs, number, tag))
 
     def slot(self, a: fx.Node) -> tuple:
         if a in self.own:
