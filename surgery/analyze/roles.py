@@ -14,8 +14,10 @@ cross-attention.
 """
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import fx
@@ -89,14 +91,32 @@ class Site:
 @dataclass
 class Analysis:
     traced: Traced
-    sites: list[Site]                      # role sites first, then every other call_function node
+    role_sites: list[Site]
     by_role: dict[str, list[Site]]
-    by_op: dict[str, list[Site]]
     blocks: list[str]
     linears: dict[fx.Node, LinearInfo]
     hidden_size: int | None
     stacks: list[str] = field(default_factory=list)       # the stack (container path) of each layer
     block_calls: list[int] = field(default_factory=list)  # which call of the block module each layer is
+    # every call_function node without a role, as a site: built on first use (op patterns, the candidates an
+    # error names), not by every apply
+    generic_sites: Callable[[], list[Site]] = field(default=list, repr=False)
+
+    @functools.cached_property
+    def sites(self) -> list[Site]:
+        """The role sites first, then every other call_function node."""
+        return self.role_sites + self.generic_sites()
+
+    @functools.cached_property
+    def by_op(self) -> dict[str, list[Site]]:
+        """Op name -> the first site of each node computing it."""
+        first_site: dict[fx.Node, Site] = {}
+        for s in self.sites:
+            first_site.setdefault(s.node, s)
+        by_op: dict[str, list[Site]] = defaultdict(list)
+        for s in first_site.values():
+            by_op[s.op].append(s)
+        return dict(by_op)
 
     @property
     def num_layers(self) -> int:
@@ -157,6 +177,12 @@ def _resolve_param(node, traced: Traced) -> tuple[str, tuple[int, int] | None] |
     return None
 
 
+CONV_OPS = {"conv1d", "conv2d", "conv3d", "convolution"}
+GROUPED_MM_OPS = {"grouped_mm_fallback", "_grouped_mm", "grouped_mm"}
+_LINEAR_INFO_OPS = {"linear", "addmm", "mm", "matmul"} | GROUPED_MM_OPS    # the ops _linear_info reads
+_WEIGHT_OP_INFO_OPS = CONV_OPS | {"embedding"}                            # the ops _weight_op_info reads
+
+
 def _linear_info(node: fx.Node, traced: Traced) -> LinearInfo | None:
     op = op_name(node)
     if op == "linear":
@@ -172,7 +198,7 @@ def _linear_info(node: fx.Node, traced: Traced) -> LinearInfo | None:
         if op_name(w) in ("numpy_T", "t") or (op_name(w) == "transpose" and sorted(
                 d % 2 for d in w.args[1:3]) == [0, 1] and len(_shape(w) or ()) == 2):
             w, layout = w.args[0], "out_in"      # x @ W.T on a [out, in] parameter (Falcon's linear)
-    elif op in ("grouped_mm_fallback", "_grouped_mm", "grouped_mm"):
+    elif op in GROUPED_MM_OPS:
         return _experts_info(node, traced)
     else:
         return None
@@ -209,8 +235,6 @@ def _experts_info(node: fx.Node, traced: Traced) -> LinearInfo | None:
                       layout="out_in" if transposed else "in_out", rows=None, bias_rows=None, in_features=in_f,
                       out_features=out_f, experts=experts)
 
-
-CONV_OPS = {"conv1d", "conv2d", "conv3d", "convolution"}
 
 
 def _weight_op_info(node: fx.Node, traced: Traced) -> LinearInfo | None:
@@ -652,13 +676,15 @@ class _Ancestors:
 def analyze(traced: Traced) -> Analysis:
     graph = traced.graph
     nodes = [n for n in graph.nodes if n.op == "call_function"]
+    ops = {n: op_name(n) for n in nodes}
     linears = {}
     for node in nodes:
-        info = _linear_info(node, traced)
+        info = _linear_info(node, traced) if ops[node] in _LINEAR_INFO_OPS else None
         if info is not None:
             linears[node] = info
     # convolutions and embedding lookups: weight-bearing ops a rule may wrap, but not linears for the roles above
-    weight_ops = {n: info for n in nodes if n not in linears and (info := _weight_op_info(n, traced)) is not None}
+    weight_ops = {n: info for n in nodes if n not in linears and ops[n] in _WEIGHT_OP_INFO_OPS
+                  and (info := _weight_op_info(n, traced)) is not None}
 
     def is_linear(n):
         return n in linears
@@ -961,7 +987,7 @@ def analyze(traced: Traced) -> Analysis:
             if b.side == "out":
                 module_output.setdefault(b.module, value)
     for node in nodes:
-        op = op_name(node)
+        op = ops[node]
         if op in NORM_OPS:
             add(node, "norm", layer_of(node))
         elif op == "embedding":
@@ -998,24 +1024,21 @@ def analyze(traced: Traced) -> Analysis:
                 pooled = len(shape) < 3 or not _keeps_rank(info.value, len(shape), head_path)
                 add_linear(info, "head" if pooled else "lm_head", None)
 
-    role_nodes = {id(s.node) for s in role_sites}
-    generic = []
-    for n in nodes:
-        if id(n) not in role_nodes:
-            info = linears.get(n) or weight_ops.get(n)
-            layer = layer_of(n)
-            generic.append(Site(node=n, role=None, layer=layer, module=info.owner if info else innermost(n),
-                                op=op_name(n), linear=info, stack=stacks[layer] if layer is not None else None))
-    sites = role_sites + generic
+    def generic_sites() -> list[Site]:
+        role_nodes = {id(s.node) for s in role_sites}
+        generic = []
+        for n in nodes:
+            if id(n) not in role_nodes:
+                info = linears.get(n) or weight_ops.get(n)
+                layer = layer_of(n)
+                generic.append(Site(node=n, role=None, layer=layer, module=info.owner if info else innermost(n),
+                                    op=ops[n], linear=info, stack=stacks[layer] if layer is not None else None))
+        return generic
+
     by_role: dict[str, list[Site]] = defaultdict(list)
-    by_op: dict[str, list[Site]] = defaultdict(list)
-    for s in sites:
+    for s in role_sites:
         if s.role:
             by_role[s.role].append(s)
-    first_site: dict[fx.Node, Site] = {}
-    for s in sites:
-        first_site.setdefault(s.node, s)
-    for s in first_site.values():
-        by_op[s.op].append(s)
-    return Analysis(traced=traced, sites=sites, by_role=dict(by_role), by_op=dict(by_op), blocks=blocks,
-                    linears=linears, hidden_size=hidden, stacks=stacks, block_calls=[c for _, c in blocks_at])
+    return Analysis(traced=traced, role_sites=role_sites, by_role=dict(by_role), blocks=blocks, linears=linears,
+                    hidden_size=hidden, stacks=stacks, block_calls=[c for _, c in blocks_at],
+                    generic_sites=generic_sites)
