@@ -12,7 +12,8 @@ _REGISTRY: dict[str, type] = {}
 class Options(BaseModel):
     """Base of every module's spec options. Subclasses declare `kind: Literal[...]` and their knobs."""
 
-    model_config = ConfigDict(extra="forbid")
+    # validators built at a kind's first validation, not at import: loading a spec builds its kinds' only
+    model_config = ConfigDict(extra="forbid", defer_build=True)
     supported_actions: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
