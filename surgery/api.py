@@ -165,7 +165,7 @@ def _apply_rules(model: nn.Module, spec, name: str, analysis: Analysis, calibrat
     if created_store:
         store.uninstall = _undo_all(install_call_capture(model, store.runtime), install_host_check(model, store))
         # the user's own requires_grad flags, given back when the last adapter set is removed
-        store.base_flags = [(p, p.requires_grad) for p in model.parameters()]
+        store.base_flags = list(snapshot["requires_grad"].values())
     record = Record(name=name, specs=[spec])
     # one dict for every site of this call: modules compute per-call statistics once (`apply_cache`)
     site_extra = {"calibration": calibration, "apply_cache": {}, "adapter_dtype": adapter_dtype}
@@ -214,8 +214,15 @@ def _checked_name(name: Any) -> str:
 
 
 def _snapshot(model: nn.Module) -> dict:
-    return {"requires_grad": {id(p): (p, p.requires_grad) for p in model.parameters()},
-            "training": {id(m): (m, m.training) for m in model.modules()}}
+    """Every parameter's requires_grad (in `model.parameters()` order) and every module's training flag, in one
+    walk of the module tree."""
+    flags, training = {}, {}
+    for m in model.modules():
+        training[id(m)] = (m, m.training)
+        for p in m._parameters.values():
+            if p is not None and id(p) not in flags:
+                flags[id(p)] = (p, p.requires_grad)
+    return {"requires_grad": flags, "training": training}
 
 
 def _restore(model: nn.Module, snapshot: dict):
