@@ -24,6 +24,7 @@ from surgery.analyze.roles import Analysis, LinearInfo, op_name, stack_entries, 
 from surgery.rewrite import compose, mixed
 from surgery.rewrite.torchcalls import forward_line, torch_call_site, torch_fn_key
 from surgery.rewrite.experts import attach_grouped, grouped_functions, grouped_index
+from surgery.rewrite.sites import check_hosts
 from surgery.errors import RewriteError
 from surgery.modules import columns as cols
 from surgery.modules.columns import Columns
@@ -40,6 +41,9 @@ class RuntimeState:
         self.active: list[str] | None = None   # None: every adapter
         self.composition = None                 # a compose.Block, or None: active adapters stacked
         self.disabled = False
+        # hooks and modules reading this thread's per-call state (call, slots, calls; need_call): while there are
+        # none (Houlsby, LoRA, ...) and no composition splits the batch, the root hook captures nothing
+        self.readers = 0
         # what one call captures is per thread: one model may run in several threads at once
         self._local = threading.local()
 
@@ -88,6 +92,19 @@ class RuntimeState:
 
     def on(self, name: str) -> bool:
         return not self.disabled and (self.active is None or name in self.active)
+
+    def need_call(self) -> Callable[[], None]:
+        """Declare a reader of the per-call state (`call`, `slots`, `calls`): from the next root forward on, the
+        root hook records each call's inputs and clears what the previous call left, until the returned undo
+        (idempotent) runs. A reader that does not declare itself would see an earlier call's state."""
+        self.readers += 1
+        return functools.partial(_release_call, self, [True])
+
+
+def _release_call(runtime: RuntimeState, live: list) -> None:
+    if live[0]:
+        live[0] = False
+        runtime.readers -= 1
 
 
 class Gate:
@@ -165,7 +182,7 @@ def count_calls(module: nn.Module, runtime: RuntimeState) -> Callable[[], None]:
     if entry is None:
         handle = module.register_forward_pre_hook(functools.partial(_count_call, runtime), with_kwargs=True,
                                                   prepend=True)
-        entry = module.__dict__["_surgery_counter"] = [handle, 0]
+        entry = module.__dict__["_surgery_counter"] = [handle, 0, runtime.need_call()]
     entry[1] += 1
     return functools.partial(_uncount_calls, module, entry)
 
@@ -174,6 +191,7 @@ def _uncount_calls(module: nn.Module, entry: list) -> None:
     entry[1] -= 1
     if entry[1] == 0 and module.__dict__.get("_surgery_counter") is entry:
         entry[0].remove()
+        entry[2]()
         del module.__dict__["_surgery_counter"]
 
 
@@ -399,17 +417,24 @@ def hook_capture(model: nn.Module, anchor, runtime: RuntimeState, key: str) -> C
     """Store the value at `anchor` in this thread's `runtime.slots[key]` whenever the module runs (that call of
     it, for a module called several times)."""
     if isinstance(anchor, FunctionalAnchor):
-        return intercept_call(model, anchor, None, functools.partial(_store, runtime, key))
+        return functools.partial(_run_both, intercept_call(model, anchor, None, functools.partial(_store, runtime, key)),
+                                 runtime.need_call())
     module = model.get_submodule(anchor.module)
     if anchor.calls > 1:
-        return dispatch(module, anchor.side, anchor.loc, _Always(runtime),
+        undo = dispatch(module, anchor.side, anchor.loc, _Always(runtime),
                         functools.partial(_store_value, runtime, key), call=anchor.call)
-    if anchor.side == "out":
-        handle = module.register_forward_hook(functools.partial(_capture_out, runtime, key, anchor.loc))
+    elif anchor.side == "out":
+        undo = module.register_forward_hook(functools.partial(_capture_out, runtime, key, anchor.loc)).remove
     else:
-        handle = module.register_forward_pre_hook(functools.partial(_capture_in, runtime, key, anchor.loc),
-                                                  with_kwargs=True)
-    return handle.remove
+        undo = module.register_forward_pre_hook(functools.partial(_capture_in, runtime, key, anchor.loc),
+                                                with_kwargs=True).remove
+    # the slot is read later in the same call: each root call starts with none
+    return functools.partial(_run_both, undo, runtime.need_call())
+
+
+def _run_both(first: Callable[[], None], second: Callable[[], None]) -> None:
+    first()
+    second()
 
 
 class _Always:
@@ -905,21 +930,34 @@ def _bound_call(signature, args: tuple, kwargs: dict, positional: tuple[str, ...
     return named
 
 
-def install_call_capture(model: nn.Module, runtime: RuntimeState) -> Callable[[], None]:
-    """Record the root call's inputs (attention mask, whether a KV cache already holds positions) for
-    modules that depend on them (prompts, interventions at token positions)."""
+def install_root_hook(model: nn.Module, store: "AdapterStore") -> Callable[[], None]:
+    """The model's one root pre-hook (one cold entry per forward: right after a train step's backward and
+    optimizer step each root hook costs its own cache misses, several µs): it checks that every module carrying
+    adapters is still where apply put it (rewrite/sites.py), and, while something reads the per-call state
+    (`RuntimeState.need_call`, or a composition splitting the batch), records the root call's inputs (attention
+    mask, whether a KV cache already holds positions) for the modules that depend on them (prompts,
+    interventions at token positions). Returns its remover."""
     try:
         signature = inspect.signature(model.forward)
     except (TypeError, ValueError):
         signature = None
-    handle = model.register_forward_pre_hook(functools.partial(_capture_call, runtime, signature, _positional(signature)),
-                                             with_kwargs=True, prepend=True)
+    handle = model.register_forward_pre_hook(
+        functools.partial(_root_call, store, store.runtime, signature, _positional(signature)),
+        with_kwargs=True, prepend=True)
     return handle.remove
 
 
+def _root_call(store, runtime: RuntimeState, signature, positional: tuple[str, ...], mod, args, kwargs):
+    """The root pre-hook of install_root_hook (a partial of this function: the model deep-copies and pickles)."""
+    check_hosts(mod, store, "run the forward")
+    if runtime.readers or isinstance(runtime.composition, (compose.Parallel, compose.MixedBatch)):
+        return _capture_call(runtime, signature, positional, mod, args, kwargs)
+    return None
+
+
 def _capture_call(runtime: RuntimeState, signature, positional: tuple[str, ...], mod, args, kwargs):
-    """The root pre-hook of install_call_capture (a partial of this function: the model deep-copies and pickles).
-    It runs at every forward: thread-local state is reached directly, not through RuntimeState's properties."""
+    """Record the root call's inputs for this thread. It runs at every forward of a model with readers:
+    thread-local state is reached directly, not through RuntimeState's properties."""
     if isinstance(runtime.composition, compose.Parallel) and not runtime.disabled:
         copies = len(runtime.composition.children)
         args = tuple(_replicate(a, copies) for a in args)
@@ -952,7 +990,7 @@ def install_stack_capture(module: nn.Module, path: str, runtime: RuntimeState) -
         signature = None
     handle = module.register_forward_pre_hook(functools.partial(_capture_stack, runtime, signature, path),
                                               with_kwargs=True)
-    return handle.remove
+    return functools.partial(_run_both, handle.remove, runtime.need_call())
 
 
 def _capture_stack(runtime: RuntimeState, signature, path: str, mod, args, kwargs):

@@ -72,12 +72,3 @@ def check_hosts(model: nn.Module, store, doing: str) -> None:
                 f"{path} was replaced after its adapters were applied (e.g. by resize_token_embeddings), so its "
                 f"adapters no longer run; refusing to {doing}. Remove the adapters and apply them again to the "
                 f"new module (or change the model before applying)")
-
-
-def _check_hook(store, model, args, kwargs):
-    check_hosts(model, store, "run the forward")
-
-
-def install_host_check(model: nn.Module, store) -> callable:
-    """A root pre-hook checking the hosts at every forward; returns its remover."""
-    return model.register_forward_pre_hook(functools.partial(_check_hook, store), with_kwargs=True).remove
