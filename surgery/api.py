@@ -16,7 +16,7 @@ from surgery.errors import RewriteError, SpecError, SurgeryError
 from surgery.match import Match, match_spec
 from surgery.rewrite import Record, budget, realize, store_of
 from surgery.rewrite.compose import Average, Block, Fuse, MixedBatch, Stack, block_from
-from surgery.rewrite.host import install_root_hook, mark_adapters
+from surgery.rewrite.host import mark_adapters
 from surgery.rewrite.trainable import pause_inactive, resume, settled
 from surgery.spec import spec_from
 from surgery.spec.models import name_problem
@@ -24,7 +24,7 @@ from surgery.trace import trace
 from surgery.trace.cache import cached_trace
 from surgery.trace.export import NeedsStackTraces, rng_devices
 from surgery.rewrite import trained
-from surgery.rewrite.sites import record_hosts
+from surgery.rewrite.sites import install_root_hook, record_hosts
 from surgery.rewrite.wrappers import unwrapping
 
 # model -> its analysis, held weakly and never on the model itself (the analysis holds FakeTensors, which

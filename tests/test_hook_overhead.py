@@ -96,10 +96,9 @@ def test_a_hooked_forward_makes_few_python_calls_beyond_the_hand_written_model()
 
 
 def test_the_root_call_is_captured_only_while_an_adapter_reads_it():
-    """One root pre-hook (the host check and the call capture in one cold entry per forward), and the capture
-    runs only while a hook or module reads the root call (RuntimeState.need_call): a Houlsby-only model records
-    nothing; a ReFT added later (it acts at the first real tokens, found from the attention mask) gets the call
-    from its first forward on; removing it stops the capture again."""
+    """The root call is recorded only while a hook or module reads it (RuntimeState.need_call): a Houlsby-only
+    model has no root pre-hook and records nothing; a ReFT added later (it acts at the first real tokens, found
+    from the attention mask) gets the call from its first forward on; removing it takes the root hook off."""
     from models import make_llama, perturb, token_ids
 
     ids = token_ids(2, 7)
@@ -109,13 +108,13 @@ def test_the_root_call_is_captured_only_while_an_adapter_reads_it():
     surgery.apply(model, "houlsby")
     store = model.surgery_adapters
     local = store.runtime._local.__dict__
-    assert len(model._forward_pre_hooks) == 1
+    assert len(model._forward_pre_hooks) == 0              # nothing reads the call, the tree is as recorded
     with torch.no_grad():
         model(input_ids=ids, attention_mask=mask)
     assert "call" not in local and store.runtime.readers == 0
     surgery.apply(model, "loreft", name="reft")
     perturb(model, 0.5)
-    assert store.runtime.readers > 0
+    assert store.runtime.readers > 0 and len(model._forward_pre_hooks) == 1
     with torch.no_grad():
         both = model(input_ids=ids, attention_mask=mask).logits
         surgery.set_active(model, "default")
@@ -125,7 +124,7 @@ def test_the_root_call_is_captured_only_while_an_adapter_reads_it():
     # the intervention at row 0's first real tokens (3..5) reaches no earlier position (causal); row 1's at 0..2
     assert not changed[0, :3].any() and changed[0, 3:].all() and changed[1].all()
     surgery.remove(model, "reft")
-    assert store.runtime.readers == 0 and len(model._forward_pre_hooks) == 1
+    assert store.runtime.readers == 0 and len(model._forward_pre_hooks) == 0
     local.clear()
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits, houlsby, rtol=0, atol=0)

@@ -24,7 +24,6 @@ from surgery.analyze.roles import Analysis, LinearInfo, op_name, stack_entries, 
 from surgery.rewrite import compose, mixed
 from surgery.rewrite.torchcalls import forward_line, torch_call_site, torch_fn_key
 from surgery.rewrite.experts import attach_grouped, grouped_functions, grouped_index
-from surgery.rewrite.sites import check_hosts
 from surgery.errors import RewriteError
 from surgery.modules import columns as cols
 from surgery.modules.columns import Columns
@@ -44,8 +43,19 @@ class RuntimeState:
         # hooks and modules reading this thread's per-call state (call, slots, calls; need_call): while there are
         # none (Houlsby, LoRA, ...) and no composition splits the batch, the root hook captures nothing
         self.readers = 0
+        self.on_change = None   # called when readers or the composition change (the root hook follows them)
         # what one call captures is per thread: one model may run in several threads at once
         self._local = threading.local()
+
+    def __setattr__(self, name, value):
+        object.__setattr__(self, name, value)
+        if name == "composition":
+            self._changed()
+
+    def _changed(self) -> None:
+        on_change = self.__dict__.get("on_change")
+        if on_change is not None:
+            on_change()
 
     @property
     def slots(self) -> dict[str, torch.Tensor]:
@@ -98,6 +108,8 @@ class RuntimeState:
         root hook records each call's inputs and clears what the previous call left, until the returned undo
         (idempotent) runs. A reader that does not declare itself would see an earlier call's state."""
         self.readers += 1
+        if self.readers == 1:
+            self._changed()
         return functools.partial(_release_call, self, [True])
 
 
@@ -105,6 +117,8 @@ def _release_call(runtime: RuntimeState, live: list) -> None:
     if live[0]:
         live[0] = False
         runtime.readers -= 1
+        if not runtime.readers:
+            runtime._changed()
 
 
 class Gate:
@@ -930,34 +944,12 @@ def _bound_call(signature, args: tuple, kwargs: dict, positional: tuple[str, ...
     return named
 
 
-def install_root_hook(model: nn.Module, store: "AdapterStore") -> Callable[[], None]:
-    """The model's one root pre-hook (one cold entry per forward: right after a train step's backward and
-    optimizer step each root hook costs its own cache misses, several µs): it checks that every module carrying
-    adapters is still where apply put it (rewrite/sites.py), and, while something reads the per-call state
-    (`RuntimeState.need_call`, or a composition splitting the batch), records the root call's inputs (attention
-    mask, whether a KV cache already holds positions) for the modules that depend on them (prompts,
-    interventions at token positions). Returns its remover."""
-    try:
-        signature = inspect.signature(model.forward)
-    except (TypeError, ValueError):
-        signature = None
-    handle = model.register_forward_pre_hook(
-        functools.partial(_root_call, store, store.runtime, signature, _positional(signature)),
-        with_kwargs=True, prepend=True)
-    return handle.remove
-
-
-def _root_call(store, runtime: RuntimeState, signature, positional: tuple[str, ...], mod, args, kwargs):
-    """The root pre-hook of install_root_hook (a partial of this function: the model deep-copies and pickles)."""
-    check_hosts(mod, store, "run the forward")
-    if runtime.readers or isinstance(runtime.composition, (compose.Parallel, compose.MixedBatch)):
-        return _capture_call(runtime, signature, positional, mod, args, kwargs)
-    return None
-
-
 def _capture_call(runtime: RuntimeState, signature, positional: tuple[str, ...], mod, args, kwargs):
-    """Record the root call's inputs for this thread. It runs at every forward of a model with readers:
-    thread-local state is reached directly, not through RuntimeState's properties."""
+    """Record the root call's inputs (attention mask, whether a KV cache already holds positions) for this
+    thread, for the modules that depend on them (prompts, interventions at token positions), and clear what the
+    previous call left; under a Parallel composition, replicate the inputs. Called by the root pre-hook
+    (rewrite/sites.py) while something reads the call: thread-local state is reached directly, not through
+    RuntimeState's properties."""
     if isinstance(runtime.composition, compose.Parallel) and not runtime.disabled:
         copies = len(runtime.composition.children)
         args = tuple(_replicate(a, copies) for a in args)
