@@ -61,8 +61,8 @@ def test_a_hooked_forward_makes_few_python_calls_beyond_the_hand_written_model()
     """Python calls per no-grad forward (sys.setprofile), Houlsby on MiniGPT against tests/reference.py's
     hand-written model on its own copy of the base: the load-independent figure of the hook overhead
     (issue 20). 118 more calls before the gate was inlined, the plain bottleneck ran in one frame and the
-    root hooks were cut down; 81 with two root hooks; 65 now (one root hook, no call capture without a reader),
-    about 50 of them torch's _call_impl path for the 5 hooked modules."""
+    root hooks were cut down; 81 with two root hooks; 47 now (no root hook: nothing reads the call and the tree
+    is as applied), most of them torch's _call_impl path for the 5 hooked modules."""
     import copy
     import sys
 
@@ -92,7 +92,7 @@ def test_a_hooked_forward_makes_few_python_calls_beyond_the_hand_written_model()
     with torch.no_grad():
         torch.testing.assert_close(model(ids), reference(ids))
         extra = calls(lambda: model(ids)) - calls(lambda: reference(ids))
-    assert 0 < extra <= 72, extra
+    assert 0 < extra <= 55, extra
 
 
 def test_the_root_call_is_captured_only_while_an_adapter_reads_it():
