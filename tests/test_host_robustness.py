@@ -667,3 +667,18 @@ def test_copies_watch_their_own_tree(how):
         model(ids)
         with pytest.raises(surgery.SurgeryError, match=r"blocks\.1\.attn was replaced"):
             twin(ids)
+
+
+def test_a_deep_copy_of_an_adapted_layer_does_not_copy_the_model():
+    """The watched `_modules` of a layer (and its hooks' runtime) lead back to the model; a deep copy of the layer
+    alone copies the layer, not the model through them, and an edit of the copy arms nothing."""
+    model, ids = _houlsby_minigpt()
+    surgery.apply(model, SPECS / "parallel.yaml", name="parallel")    # a call reader: the runtime has watchers
+    memo = {}
+    layer = copy.deepcopy(model.blocks[1], memo)
+    assert id(model) not in memo and id(model.surgery_adapters) not in memo
+    hooks = len(model._forward_pre_hooks)
+    layer.attn = torch.nn.MultiheadAttention(32, 2, batch_first=True)
+    assert len(model._forward_pre_hooks) == hooks and not model.surgery_adapters.__dict__["armed"]
+    with torch.no_grad():
+        model(ids)

@@ -16,6 +16,7 @@ delattr before it. The dicts go back to plain ones when the last adapter is remo
 reporting to the copy's own model."""
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 from collections import OrderedDict
@@ -223,11 +224,34 @@ def install_root_hook(model: nn.Module, store) -> Callable[[], None]:
     except (TypeError, ValueError):
         signature = None
     store.__dict__.update(root_call=(signature, _positional(signature)), root_hook=None, armed=False,
-                          tree_changed=functools.partial(_tree_changed, model, store))
-    store.runtime.on_change = functools.partial(_sync_root, model, store)
+                          tree_changed=_OfModel(_tree_changed, model, store))
+    store.runtime.on_change = _OfModel(_sync_root, model, store)
     _relink(model, store)
     _sync_root(model, store)
     return functools.partial(_uninstall_root, model, store)
+
+
+class _OfModel:
+    """fn(model, store) as a watcher: a deep copy of the whole model calls the copy's; a deep copy of a part of
+    it (a layer, whose `_modules` or hooks lead here) calls nothing, and does not copy the whole model with it."""
+
+    __slots__ = ("fn", "model", "store")
+
+    def __init__(self, fn, model, store):
+        self.fn, self.model, self.store = fn, model, store
+
+    def __call__(self):
+        if self.model is not None:
+            self.fn(self.model, self.store)
+
+    def __deepcopy__(self, memo):
+        model = memo.get(id(self.model))
+        if model is None:       # the model itself is not being copied
+            return _OfModel(self.fn, None, None)
+        return _OfModel(self.fn, model, copy.deepcopy(self.store, memo))
+
+    def __reduce__(self):
+        return _OfModel, (self.fn, self.model, self.store)
 
 
 def _uninstall_root(model: nn.Module, store) -> None:
