@@ -431,8 +431,8 @@ def hook_capture(model: nn.Module, anchor, runtime: RuntimeState, key: str) -> C
     """Store the value at `anchor` in this thread's `runtime.slots[key]` whenever the module runs (that call of
     it, for a module called several times)."""
     if isinstance(anchor, FunctionalAnchor):
-        return functools.partial(_run_both, intercept_call(model, anchor, None, functools.partial(_store, runtime, key)),
-                                 runtime.need_call())
+        undo = intercept_call(model, anchor, None, functools.partial(_store, runtime, key))
+        return functools.partial(_run_both, undo, runtime.need_call())
     module = model.get_submodule(anchor.module)
     if anchor.calls > 1:
         undo = dispatch(module, anchor.side, anchor.loc, _Always(runtime),
