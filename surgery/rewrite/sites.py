@@ -233,7 +233,9 @@ def install_root_hook(model: nn.Module, store) -> Callable[[], None]:
 
 class _OfModel:
     """fn(model, store) as a watcher: a deep copy of the whole model calls the copy's; a deep copy of a part of
-    it (a layer, whose `_modules` or hooks lead here) calls nothing, and does not copy the whole model with it."""
+    it (a layer, whose `_modules` or hooks lead here) calls nothing, and does not copy the whole model with it.
+    A pickle cannot tell the two apart: pickling a part of an adapted model alone carries the model with it
+    (pickle the model, or a state_dict)."""
 
     __slots__ = ("fn", "model", "store")
 
