@@ -58,9 +58,10 @@ def main(argv=None):
     parser.add_argument("--by-function", action="store_true", help="bytecodes per function, surgery - reference")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    steps, forwards = {}, {}
+    steps, forwards, root_hooks = {}, {}, 0
     for k in range(args.pairs):
         model, reference, ids = build_pair("small")
+        root_hooks = len(model._forward_pre_hooks)   # surgery's root pre-hooks: none unless something needs one
         for name, m in ((f"S{k}", model), (f"R{k}", reference)):
             steps[name], forwards[name] = trainer(m, ids), (lambda m=m, ids=ids: m(ids))
     for name in ("S0", "R0"):
@@ -70,7 +71,7 @@ def main(argv=None):
     step = {name: executed(steps[name]) for name in ("S0", "R0")}
     print(f"per no-grad forward: bytecodes {fwd['S0'][0]} vs {fwd['R0'][0]}, Python calls {fwd['S0'][1]} vs "
           f"{fwd['R0'][1]}; per train step: bytecodes {step['S0'][0]} vs {step['R0'][0]}, Python calls "
-          f"{step['S0'][1]} vs {step['R0'][1]} (surgery vs hand-written)")
+          f"{step['S0'][1]} vs {step['R0'][1]} (surgery vs hand-written); root pre-hooks {root_hooks}")
     if args.by_function:
         a, b = fwd["S0"][2], fwd["R0"][2]
         for key in sorted(set(a) | set(b), key=lambda k: b[k] - a[k]):

@@ -16,7 +16,7 @@ from surgery.errors import RewriteError, SpecError, SurgeryError
 from surgery.match import Match, match_spec
 from surgery.rewrite import Record, budget, realize, store_of
 from surgery.rewrite.compose import Average, Block, Fuse, MixedBatch, Stack, block_from
-from surgery.rewrite.host import install_call_capture, mark_adapters
+from surgery.rewrite.host import mark_adapters
 from surgery.rewrite.trainable import pause_inactive, resume, settled
 from surgery.spec import spec_from
 from surgery.spec.models import name_problem
@@ -24,7 +24,7 @@ from surgery.trace import trace
 from surgery.trace.cache import cached_trace
 from surgery.trace.export import NeedsStackTraces, rng_devices
 from surgery.rewrite import trained
-from surgery.rewrite.sites import install_host_check, record_hosts
+from surgery.rewrite.sites import install_root_hook, record_hosts
 from surgery.rewrite.wrappers import unwrapping
 
 # model -> its analysis, held weakly and never on the model itself (the analysis holds FakeTensors, which
@@ -163,7 +163,7 @@ def _apply_rules(model: nn.Module, spec, name: str, analysis: Analysis, calibrat
     created_store = store is None
     store = store_of(model, create=True)
     if created_store:
-        store.uninstall = _undo_all(install_call_capture(model, store.runtime), install_host_check(model, store))
+        store.uninstall = install_root_hook(model, store)
         # the user's own requires_grad flags, given back when the last adapter set is removed
         store.base_flags = list(snapshot["requires_grad"].values())
     record = Record(name=name, specs=[spec])
@@ -195,15 +195,6 @@ def _apply_rules(model: nn.Module, spec, name: str, analysis: Analysis, calibrat
         raise RewriteError(f"rewrite failed: {type(exc).__name__}: {exc}") from exc
     pause_inactive(store)   # an adapter applied while others are chosen by set_active is inactive: it waits
     return model
-
-
-def _undo_all(*undos):
-    return functools.partial(_run_all, undos)
-
-
-def _run_all(undos):
-    for undo in undos:
-        undo()
 
 
 def _checked_name(name: Any) -> str:

@@ -3,6 +3,7 @@ pickle / torch.save, seeded initialization, plain models without example inputs,
 modules replaced after apply, and PEFT configs surgery does not implement."""
 from __future__ import annotations
 
+import collections
 import copy
 import io
 import pickle
@@ -564,3 +565,120 @@ def test_the_host_check_follows_the_modules_not_the_recorded_ancestors():
         model.blocks[1].ffn = GPTBlock(32, 2).ffn     # a new FFN: its adapted Linear with it
         with pytest.raises(surgery.SurgeryError, match=r"blocks\.1\.ffn\.3 was replaced"):
             model(ids)
+
+
+def _houlsby_minigpt():
+    from surgery.example_models import minigpt
+    model = minigpt(vocab_size=50, hidden_dim=32, n_layers=3, n_heads=2, seq_len=8, dropout=0.0)
+    ids = model.example_inputs()[0]
+    surgery.apply(model, SPECS / "houlsby.yaml", example_inputs=(ids,))
+    perturb(model, 0.3)
+    return model, ids
+
+
+def _edits():
+    """Ways to put a new module where an adapted one was, each (description, edit of a Houlsby MiniGPT)."""
+    from surgery.example_models import GPTBlock
+
+    def setitem(m):
+        m.blocks[1] = GPTBlock(32, 2)
+
+    def private(m):
+        m.blocks._modules["1"] = GPTBlock(32, 2)
+
+    def delete(m):
+        del m.blocks[0]                      # the later layers move up: each path holds another layer now
+
+    def insert(m):
+        m.blocks.insert(1, GPTBlock(32, 2))
+
+    def pop(m):
+        m.blocks.pop(2)
+
+    def sequential(m):
+        m.blocks[2].ffn[3] = torch.nn.Linear(128, 32)
+
+    def setattr_(m):
+        m.blocks[0].attn = torch.nn.MultiheadAttention(32, 2, batch_first=True)
+
+    def add_module(m):
+        m.blocks[0].add_module("ffn", torch.nn.Sequential(*list(m.blocks[0].ffn)[:3], torch.nn.Linear(128, 32)))
+
+    def root(m):
+        m.blocks = torch.nn.Sequential(*[GPTBlock(32, 2) for _ in range(3)])
+
+    return [setitem, private, delete, insert, pop, sequential, setattr_, add_module, root]
+
+
+@pytest.mark.parametrize("edit", _edits(), ids=lambda e: e.__name__)
+def test_a_model_whose_tree_stays_as_applied_runs_without_a_root_hook_and_any_edit_is_still_caught(edit):
+    """Houlsby on MiniGPT reads nothing of the root call, so while the module tree on the adapted modules' paths
+    is as apply left it the model has no root pre-hook at all (issue 20: a root hook costs microseconds of cold
+    cache per train step); any edit of that tree arms the check, and the next forward raises, naming a replaced
+    module, as it did when every forward checked."""
+    model, ids = _houlsby_minigpt()
+    assert len(model._forward_pre_hooks) == 0
+    with torch.no_grad():
+        model(ids)
+    edit(model)
+    with pytest.raises(surgery.SurgeryError, match="was replaced after its adapters were applied"):
+        model(ids)
+    with pytest.raises(surgery.SurgeryError, match="was replaced"):   # and again: it stays armed
+        model(ids)
+    surgery.remove(model)
+    assert all(type(m._modules) in (dict, collections.OrderedDict) for m in model.modules())
+    assert len(model._forward_pre_hooks) == 0
+    model(ids)
+
+
+def test_an_edit_that_keeps_the_adapted_modules_in_place_is_checked_once():
+    """A new container around the same adapted modules passes the check at the next forward; the root hook then
+    goes again, and the new container is watched like the old one."""
+    from surgery.example_models import GPTBlock
+    model, ids = _houlsby_minigpt()
+    with torch.no_grad():
+        expected = model(ids)
+        old = model.blocks[0]
+        new = GPTBlock(32, 2)
+        for name in ("attn", "ln1", "ffn", "ln2"):
+            setattr(new, name, getattr(old, name))
+        model.blocks[0] = new
+        assert len(model._forward_pre_hooks) == 1            # armed
+        torch.testing.assert_close(model(ids), expected, rtol=0, atol=0)
+        assert len(model._forward_pre_hooks) == 0            # checked: in place
+        old.attn = torch.nn.MultiheadAttention(32, 2, batch_first=True)   # the old container: no longer watched
+        assert len(model._forward_pre_hooks) == 0
+        new.attn = torch.nn.MultiheadAttention(32, 2, batch_first=True)
+        with pytest.raises(surgery.SurgeryError, match=r"blocks\.0\.attn was replaced"):
+            model(ids)
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_copies_watch_their_own_tree(how):
+    """A deep copy or an unpickled model has no root hook either, and an edit of one arms that one only."""
+    from surgery.example_models import GPTBlock
+    model, ids = _houlsby_minigpt()
+    twin = copy.deepcopy(model) if how == "deepcopy" else pickle.loads(pickle.dumps(model))
+    assert len(twin._forward_pre_hooks) == 0
+    with torch.no_grad():
+        torch.testing.assert_close(twin(ids), model(ids), rtol=0, atol=0)
+        twin.blocks[1] = GPTBlock(32, 2)
+        assert len(model._forward_pre_hooks) == 0
+        model(ids)
+        with pytest.raises(surgery.SurgeryError, match=r"blocks\.1\.attn was replaced"):
+            twin(ids)
+
+
+def test_a_deep_copy_of_an_adapted_layer_does_not_copy_the_model():
+    """The watched `_modules` of a layer (and its hooks' runtime) lead back to the model; a deep copy of the layer
+    alone copies the layer, not the model through them, and an edit of the copy arms nothing."""
+    model, ids = _houlsby_minigpt()
+    surgery.apply(model, SPECS / "parallel.yaml", name="parallel")    # a call reader: the runtime has watchers
+    memo = {}
+    layer = copy.deepcopy(model.blocks[1], memo)
+    assert id(model) not in memo and id(model.surgery_adapters) not in memo
+    hooks = len(model._forward_pre_hooks)
+    layer.attn = torch.nn.MultiheadAttention(32, 2, batch_first=True)
+    assert len(model._forward_pre_hooks) == hooks and not model.surgery_adapters.__dict__["armed"]
+    with torch.no_grad():
+        model(ids)

@@ -423,6 +423,8 @@ def realize(model: nn.Module, analysis: Analysis, store: AdapterStore, record: R
             if owner not in captured:
                 captured.add(owner)
                 record.undo.append(install_stack_capture(model.get_submodule(owner), owner, store.runtime))
+        if getattr(cls, "input_positions", False):
+            record.undo.append(store.runtime.need_call())   # it reads the root call's mask and cache length
         ctx.shared, ctx.runtime, ctx.adapter = shared, store.runtime, per_adapter
         if ctx.device.type == "meta":   # a model without memory: its adapters are built without memory too
             with building_on_meta():
@@ -789,6 +791,7 @@ def _realize_prepend(model, analysis, store, record, match, value, module, gate)
     KV cache the positions are added on the first call only; later calls only extend the mask.
     """
     runtime = store.runtime
+    record.undo.append(runtime.need_call())   # the hooks below read the root call (runtime.call)
     length = module.length
     # a head reading per-position values (an LM head); a classifier on a pooled vector has no positions to drop
     heads = [h for h in analysis.by_role.get("lm_head", [])

@@ -40,8 +40,22 @@ class RuntimeState:
         self.active: list[str] | None = None   # None: every adapter
         self.composition = None                 # a compose.Block, or None: active adapters stacked
         self.disabled = False
+        # hooks and modules reading this thread's per-call state (call, slots, calls; need_call): while there are
+        # none (Houlsby, LoRA, ...) and no composition splits the batch, the root hook captures nothing
+        self.readers = 0
+        self.on_change = None   # called when readers or the composition change (the root hook follows them)
         # what one call captures is per thread: one model may run in several threads at once
         self._local = threading.local()
+
+    def __setattr__(self, name, value):
+        object.__setattr__(self, name, value)
+        if name == "composition":
+            self._changed()
+
+    def _changed(self) -> None:
+        on_change = self.__dict__.get("on_change")
+        if on_change is not None:
+            on_change()
 
     @property
     def slots(self) -> dict[str, torch.Tensor]:
@@ -88,6 +102,23 @@ class RuntimeState:
 
     def on(self, name: str) -> bool:
         return not self.disabled and (self.active is None or name in self.active)
+
+    def need_call(self) -> Callable[[], None]:
+        """Declare a reader of the per-call state (`call`, `slots`, `calls`): from the next root forward on, the
+        root hook records each call's inputs and clears what the previous call left, until the returned undo
+        (idempotent) runs. A reader that does not declare itself would see an earlier call's state."""
+        self.readers += 1
+        if self.readers == 1:
+            self._changed()
+        return functools.partial(_release_call, self, [True])
+
+
+def _release_call(runtime: RuntimeState, live: list) -> None:
+    if live[0]:
+        live[0] = False
+        runtime.readers -= 1
+        if not runtime.readers:
+            runtime._changed()
 
 
 class Gate:
@@ -165,7 +196,7 @@ def count_calls(module: nn.Module, runtime: RuntimeState) -> Callable[[], None]:
     if entry is None:
         handle = module.register_forward_pre_hook(functools.partial(_count_call, runtime), with_kwargs=True,
                                                   prepend=True)
-        entry = module.__dict__["_surgery_counter"] = [handle, 0]
+        entry = module.__dict__["_surgery_counter"] = [handle, 0, runtime.need_call()]
     entry[1] += 1
     return functools.partial(_uncount_calls, module, entry)
 
@@ -174,6 +205,7 @@ def _uncount_calls(module: nn.Module, entry: list) -> None:
     entry[1] -= 1
     if entry[1] == 0 and module.__dict__.get("_surgery_counter") is entry:
         entry[0].remove()
+        entry[2]()
         del module.__dict__["_surgery_counter"]
 
 
@@ -399,17 +431,24 @@ def hook_capture(model: nn.Module, anchor, runtime: RuntimeState, key: str) -> C
     """Store the value at `anchor` in this thread's `runtime.slots[key]` whenever the module runs (that call of
     it, for a module called several times)."""
     if isinstance(anchor, FunctionalAnchor):
-        return intercept_call(model, anchor, None, functools.partial(_store, runtime, key))
+        undo = intercept_call(model, anchor, None, functools.partial(_store, runtime, key))
+        return functools.partial(_run_both, undo, runtime.need_call())
     module = model.get_submodule(anchor.module)
     if anchor.calls > 1:
-        return dispatch(module, anchor.side, anchor.loc, _Always(runtime),
+        undo = dispatch(module, anchor.side, anchor.loc, _Always(runtime),
                         functools.partial(_store_value, runtime, key), call=anchor.call)
-    if anchor.side == "out":
-        handle = module.register_forward_hook(functools.partial(_capture_out, runtime, key, anchor.loc))
+    elif anchor.side == "out":
+        undo = module.register_forward_hook(functools.partial(_capture_out, runtime, key, anchor.loc)).remove
     else:
-        handle = module.register_forward_pre_hook(functools.partial(_capture_in, runtime, key, anchor.loc),
-                                                  with_kwargs=True)
-    return handle.remove
+        undo = module.register_forward_pre_hook(functools.partial(_capture_in, runtime, key, anchor.loc),
+                                                with_kwargs=True).remove
+    # the slot is read later in the same call: each root call starts with none
+    return functools.partial(_run_both, undo, runtime.need_call())
+
+
+def _run_both(first: Callable[[], None], second: Callable[[], None]) -> None:
+    first()
+    second()
 
 
 class _Always:
@@ -905,21 +944,12 @@ def _bound_call(signature, args: tuple, kwargs: dict, positional: tuple[str, ...
     return named
 
 
-def install_call_capture(model: nn.Module, runtime: RuntimeState) -> Callable[[], None]:
-    """Record the root call's inputs (attention mask, whether a KV cache already holds positions) for
-    modules that depend on them (prompts, interventions at token positions)."""
-    try:
-        signature = inspect.signature(model.forward)
-    except (TypeError, ValueError):
-        signature = None
-    handle = model.register_forward_pre_hook(functools.partial(_capture_call, runtime, signature, _positional(signature)),
-                                             with_kwargs=True, prepend=True)
-    return handle.remove
-
-
 def _capture_call(runtime: RuntimeState, signature, positional: tuple[str, ...], mod, args, kwargs):
-    """The root pre-hook of install_call_capture (a partial of this function: the model deep-copies and pickles).
-    It runs at every forward: thread-local state is reached directly, not through RuntimeState's properties."""
+    """Record the root call's inputs (attention mask, whether a KV cache already holds positions) for this
+    thread, for the modules that depend on them (prompts, interventions at token positions), and clear what the
+    previous call left; under a Parallel composition, replicate the inputs. Called by the root pre-hook
+    (rewrite/sites.py) while something reads the call: thread-local state is reached directly, not through
+    RuntimeState's properties."""
     if isinstance(runtime.composition, compose.Parallel) and not runtime.disabled:
         copies = len(runtime.composition.children)
         args = tuple(_replicate(a, copies) for a in args)
@@ -952,7 +982,7 @@ def install_stack_capture(module: nn.Module, path: str, runtime: RuntimeState) -
         signature = None
     handle = module.register_forward_pre_hook(functools.partial(_capture_stack, runtime, signature, path),
                                               with_kwargs=True)
-    return handle.remove
+    return functools.partial(_run_both, handle.remove, runtime.need_call())
 
 
 def _capture_stack(runtime: RuntimeState, signature, path: str, mod, args, kwargs):

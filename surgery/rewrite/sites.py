@@ -1,16 +1,33 @@
 """Modules replaced after apply: a host module that carries adapters (hooks, a parametrization, a routed
 forward) and is later swapped for another one (`resize_token_embeddings`, a user's `model.lm_head = ...`) takes
-its adapters with it. Surgery remembers where each such module sits (its path) and checks, at
-every root forward and before merge/save/export, that it still sits there; if not, it raises, naming the
-module, instead of running, merging or saving without the adapter."""
+its adapters with it. Surgery remembers where each such module sits (its path) and checks, at the first root
+forward after the module tree on those paths changed and before merge/save/export, that it still sits there; if
+not, it raises, naming the module, instead of running, merging or saving without the adapter.
+
+A change is seen where it happens: the `_modules` dict of every module on a host's path (the root included) is
+replaced at record time by a dict of the same kind that reports its changes (a child set, deleted or replaced:
+setattr, delattr, add_module, ModuleList/ModuleDict/Sequential edits, `_modules[name] = ...`); a report arms
+the model's one root pre-hook (`install_root_hook`), which checks the hosts at the next forward, records the
+links again when they are all in place, and takes itself off when nothing else needs it (it also records the
+root call while a hook or module reads it: `RuntimeState.need_call`). So a model whose tree stays as recorded
+runs with no root hook at all (issue 20: each root hook costs several µs of cold cache after a train step).
+What such a dict cannot see: `_modules` itself reassigned (`module._modules = {...}`, private) without a
+delattr before it. The dicts go back to plain ones when the last adapter is removed; copies and pickles keep
+reporting to the copy's own model."""
 from __future__ import annotations
 
+import copy
 import functools
+import inspect
+from collections import OrderedDict
+from typing import Callable
 
 from torch import nn
 from torch.nn.utils import parametrize
 
 from surgery.errors import RewriteError
+from surgery.rewrite import compose
+from surgery.rewrite.host import _capture_call, _positional
 
 
 def _carries(module: nn.Module) -> bool:
@@ -37,8 +54,13 @@ def record_hosts(model: nn.Module, store) -> None:
             if child is not None and name != "surgery_adapters" and not parent_path.startswith("surgery_adapters") \
                     and _carries(child):
                 hosts.append((f"{parent_path}.{name}" if parent_path else name, child))
-    # the parent -> child links on the hosts' paths, each once (the root's parent recorded as None: the model
-    # checked): while every link holds, every host is still at its path (check_hosts' quick test, at every forward)
+    store.__dict__["hosts"] = hosts
+    _relink(model, store)
+
+
+def _links(model: nn.Module, hosts: list) -> list:
+    """The parent -> child links on the hosts' paths, each once (the root's parent recorded as None: the model
+    checked): while every link holds, every host is still at its path (check_hosts' quick test)."""
     links, seen = [], set()
     for path, child in hosts:
         parent, module = None, model
@@ -48,7 +70,7 @@ def record_hosts(model: nn.Module, store) -> None:
                 seen.add(key)
                 links.append((parent, name, module))
             parent = module
-    store.__dict__["hosts"], store.__dict__["host_links"] = hosts, links
+    return links
 
 
 def check_hosts(model: nn.Module, store, doing: str) -> None:
@@ -74,10 +96,203 @@ def check_hosts(model: nn.Module, store, doing: str) -> None:
                 f"new module (or change the model before applying)")
 
 
-def _check_hook(store, model, args, kwargs):
-    check_hosts(model, store, "run the forward")
+# ---------------------------------------------------------------- watching the module tree
+
+class _Watching:
+    """A `_modules` dict that calls its watchers after every change of its children (see the module docstring).
+    Reads are the base dict's own (C) methods; copies and pickles are rebuilt without calling the watchers."""
+
+    __slots__ = ()
+
+    def _report(self):
+        for watcher in tuple(getattr(self, "_surgery_watchers", ())):
+            watcher()
+
+    def __setitem__(self, key, value):
+        super().__setitem__(key, value)
+        self._report()
+
+    def __delitem__(self, key):
+        super().__delitem__(key)
+        self._report()
+
+    def pop(self, *args):
+        try:
+            return super().pop(*args)
+        finally:
+            self._report()
+
+    def popitem(self, *args):
+        try:
+            return super().popitem(*args)
+        finally:
+            self._report()
+
+    def clear(self):
+        super().clear()
+        self._report()
+
+    def update(self, *args, **kwargs):
+        try:
+            super().update(*args, **kwargs)
+        finally:
+            self._report()
+
+    def setdefault(self, key, default=None):
+        try:
+            return super().setdefault(key, default)
+        finally:
+            self._report()
+
+    def __ior__(self, other):
+        self.update(other)
+        return self
+
+    def __reduce_ex__(self, protocol):
+        return _rebuild, (type(self), list(self.items()), list(getattr(self, "_surgery_watchers", ())))
+
+    def copy(self):   # a plain copy (DataParallel's replicas copy `_modules`): reports to nobody
+        return _PLAIN[type(self)](self)
 
 
-def install_host_check(model: nn.Module, store) -> callable:
-    """A root pre-hook checking the hosts at every forward; returns its remover."""
-    return model.register_forward_pre_hook(functools.partial(_check_hook, store), with_kwargs=True).remove
+class _WatchedDict(_Watching, dict):
+    __slots__ = ("_surgery_watchers",)
+
+
+class _WatchedOrderedDict(_Watching, OrderedDict):
+    __slots__ = ("_surgery_watchers",)
+
+
+_PLAIN = {_WatchedDict: dict, _WatchedOrderedDict: OrderedDict}
+
+
+def _rebuild(cls, items, watchers):
+    watched = cls()
+    watched.update(items)           # no watchers yet: nothing reported
+    watched._surgery_watchers = watchers
+    return watched
+
+
+def _watch(parent: nn.Module, watcher: Callable[[], None]):
+    modules = parent.__dict__.get("_modules")
+    if not isinstance(modules, _Watching):
+        modules = (_WatchedOrderedDict if isinstance(modules, OrderedDict) else _WatchedDict)(modules or {})
+        modules._surgery_watchers = []
+        parent.__dict__["_modules"] = modules
+    if not any(w is watcher for w in modules._surgery_watchers):
+        modules._surgery_watchers.append(watcher)
+    return modules
+
+
+def _unwatch(parent: nn.Module, modules, watcher: Callable[[], None]) -> None:
+    watchers = getattr(modules, "_surgery_watchers", [])
+    watchers[:] = [w for w in watchers if w is not watcher]
+    if not watchers and parent.__dict__.get("_modules") is modules:
+        parent.__dict__["_modules"] = _PLAIN[type(modules)](modules)
+
+
+def _relink(model: nn.Module, store) -> None:
+    """Record the links to the hosts (each at its path now) and watch the `_modules` of every module on them
+    (and no others)."""
+    store.__dict__["host_links"] = _links(model, store.__dict__.get("hosts", ()))
+    watcher = store.__dict__.get("tree_changed")
+    if watcher is None:     # no root hook installed (yet): nothing to arm
+        return
+    parents = {}
+    for parent, _, _ in store.__dict__.get("host_links", ()):
+        parent = model if parent is None else parent
+        parents[id(parent)] = parent
+    watched = [(parent, _watch(parent, watcher)) for parent in parents.values()]
+    kept = {id(modules) for _, modules in watched}
+    for parent, modules in store.__dict__.get("watched", ()):
+        if id(modules) not in kept:
+            _unwatch(parent, modules, watcher)
+    store.__dict__["watched"] = watched
+    store.__dict__["armed"] = False
+    _sync_root(model, store)
+
+
+# ---------------------------------------------------------------- the root pre-hook
+
+def install_root_hook(model: nn.Module, store) -> Callable[[], None]:
+    """Manage the model's one root pre-hook (one cold entry per forward where there is one): it exists while
+    the module tree on the hosts' paths may have changed since it was recorded (it then checks the hosts), or
+    while something reads the root call (`RuntimeState.need_call`, or a Parallel/MixedBatch composition: it
+    records the call, host.py's `_capture_call`). Returns the remover of the hook and of the watching."""
+    try:
+        signature = inspect.signature(model.forward)
+    except (TypeError, ValueError):
+        signature = None
+    store.__dict__.update(root_call=(signature, _positional(signature)), root_hook=None, armed=False,
+                          tree_changed=_OfModel(_tree_changed, model, store))
+    store.runtime.on_change = _OfModel(_sync_root, model, store)
+    _relink(model, store)
+    _sync_root(model, store)
+    return functools.partial(_uninstall_root, model, store)
+
+
+class _OfModel:
+    """fn(model, store) as a watcher: a deep copy of the whole model calls the copy's; a deep copy of a part of
+    it (a layer, whose `_modules` or hooks lead here) calls nothing, and does not copy the whole model with it.
+    A pickle cannot tell the two apart: pickling a part of an adapted model alone carries the model with it
+    (pickle the model, or a state_dict)."""
+
+    __slots__ = ("fn", "model", "store")
+
+    def __init__(self, fn, model, store):
+        self.fn, self.model, self.store = fn, model, store
+
+    def __call__(self):
+        if self.model is not None:
+            self.fn(self.model, self.store)
+
+    def __deepcopy__(self, memo):
+        model = memo.get(id(self.model))
+        if model is None:       # the model itself is not being copied
+            return _OfModel(self.fn, None, None)
+        return _OfModel(self.fn, model, copy.deepcopy(self.store, memo))
+
+    def __reduce__(self):
+        return _OfModel, (self.fn, self.model, self.store)
+
+
+def _uninstall_root(model: nn.Module, store) -> None:
+    store.runtime.on_change = None
+    watcher = store.__dict__.pop("tree_changed", None)
+    for parent, modules in store.__dict__.pop("watched", ()):
+        _unwatch(parent, modules, watcher)
+    handle = store.__dict__.pop("root_hook", None)
+    if handle is not None:
+        handle.remove()
+
+
+def _tree_changed(model: nn.Module, store) -> None:
+    store.__dict__["armed"] = True
+    _sync_root(model, store)
+
+
+def _sync_root(model: nn.Module, store) -> None:
+    """Install the root pre-hook where something needs it, take it off where nothing does."""
+    if "root_call" not in store.__dict__:   # being copied or unpickled: the copy's state is complete later
+        return
+    runtime = store.runtime
+    wanted = store.__dict__.get("armed") or runtime.readers or \
+        isinstance(runtime.composition, (compose.Parallel, compose.MixedBatch))
+    handle = store.__dict__.get("root_hook")
+    if wanted and handle is None:
+        signature, positional = store.__dict__["root_call"]
+        store.__dict__["root_hook"] = model.register_forward_pre_hook(
+            functools.partial(_root_call, store, runtime, signature, positional), with_kwargs=True, prepend=True)
+    elif not wanted and handle is not None:
+        store.__dict__["root_hook"] = None
+        handle.remove()
+
+
+def _root_call(store, runtime, signature, positional: tuple[str, ...], mod, args, kwargs):
+    """The root pre-hook (a partial of this function: the model deep-copies and pickles)."""
+    if store.__dict__.get("armed"):
+        check_hosts(mod, store, "run the forward")    # raises, and stays armed, while a host is missing
+        _relink(mod, store)                            # all in place: watch the tree as it is now
+    if runtime.readers or isinstance(runtime.composition, (compose.Parallel, compose.MixedBatch)):
+        return _capture_call(runtime, signature, positional, mod, args, kwargs)
+    return None
