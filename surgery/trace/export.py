@@ -7,6 +7,7 @@ output. That is what lets a rewrite found on the graph be realized on the host m
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import os
@@ -21,14 +22,24 @@ from surgery.progress import logger, quiet_libraries, stage
 from surgery.trace import unroll
 
 
-@torch.library.custom_op("surgery::mark", mutates_args=())
-def _mark(x: torch.Tensor, tag: str) -> torch.Tensor:
+# `surgery::mark(x, tag)`: an identity (a copy) carrying a module boundary's tag; it lives only inside an export.
+# A plain torch.library op, not `torch.library.custom_op`: the latter adds a Python autograd layer to every call
+# (about a tenth of a mark's cost while tracing), and tracing runs under no_grad, where that layer does nothing.
+_LIBRARY = torch.library.Library("surgery", "FRAGMENT")    # noqa: SLF001 - kept alive: the op lives as long as it
+_LIBRARY.define("mark(Tensor x, str tag) -> Tensor")
+
+
+def _mark_impl(x: torch.Tensor, tag: str) -> torch.Tensor:
     return x.clone()
 
 
-@_mark.register_fake
-def _(x, tag):
+def _mark_fake(x: torch.Tensor, tag: str) -> torch.Tensor:
     return torch.empty_like(x)
+
+
+_LIBRARY.impl("mark", _mark_impl, "CompositeExplicitAutograd")
+torch.library.register_fake("surgery::mark", _mark_fake, lib=_LIBRARY)
+_mark = torch.ops.surgery.mark.default
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,6 +287,19 @@ def rng_devices(model: nn.Module) -> list:
     return sorted({d.index or 0 for d in devices if d.type == "cuda"})
 
 
+def _lazy_graph_modules():
+    """Graph modules made while exporting generate their Python code only when run or printed: torch.export
+    regenerates the code of the whole graph after each of its passes (about a sixth of the export of a two-layer
+    LLaMA), and surgery reads the graph, never that code (the ExportedProgram's own module is still compiled).
+    The graph is the same either way. torch's switch for this (what torch.compile uses) is private: where this torch
+    lacks it, a no-op."""
+    try:
+        from torch.fx._lazy_graph_module import _use_lazy_graph_module
+        return _use_lazy_graph_module(True)
+    except (ImportError, AttributeError, TypeError):
+        return contextlib.nullcontext()
+
+
 def _export_marked(model: nn.Module, args, kwargs, what: str, stack_traces: bool = True):
     """torch.export of `model` with its module marks: (program, calls). Without `stack_traces` the nodes get no
     `stack_trace` (recording them is about a quarter of the export's time; only torch-call intercepts read them)."""
@@ -286,7 +310,8 @@ def _export_marked(model: nn.Module, args, kwargs, what: str, stack_traces: bool
     try:
         model.eval()
         torch.fx.config.do_not_emit_stack_traces = emitting or not stack_traces
-        with stage(f"trace {type(model).__name__} ({what})"), quiet_libraries(), torch.no_grad():
+        with stage(f"trace {type(model).__name__} ({what})"), quiet_libraries(), torch.no_grad(), \
+                _lazy_graph_modules():
             program = torch.export.export(model, args, kwargs, strict=False)
     finally:
         torch.fx.config.do_not_emit_stack_traces = emitting
