@@ -22,24 +22,14 @@ from surgery.progress import logger, quiet_libraries, stage
 from surgery.trace import unroll
 
 
-# `surgery::mark(x, tag)`: an identity (a copy) carrying a module boundary's tag; it lives only inside an export.
-# A plain torch.library op, not `torch.library.custom_op`: the latter adds a Python autograd layer to every call
-# (about a tenth of a mark's cost while tracing), and tracing runs under no_grad, where that layer does nothing.
-_LIBRARY = torch.library.Library("surgery", "FRAGMENT")    # noqa: SLF001 - kept alive: the op lives as long as it
-_LIBRARY.define("mark(Tensor x, str tag) -> Tensor")
-
-
-def _mark_impl(x: torch.Tensor, tag: str) -> torch.Tensor:
+@torch.library.custom_op("surgery::mark", mutates_args=())
+def _mark(x: torch.Tensor, tag: str) -> torch.Tensor:
     return x.clone()
 
 
-def _mark_fake(x: torch.Tensor, tag: str) -> torch.Tensor:
+@_mark.register_fake
+def _(x, tag):
     return torch.empty_like(x)
-
-
-_LIBRARY.impl("mark", _mark_impl, "CompositeExplicitAutograd")
-torch.library.register_fake("surgery::mark", _mark_fake, lib=_LIBRARY)
-_mark = torch.ops.surgery.mark.default
 
 
 @dataclass(frozen=True, slots=True)
