@@ -282,7 +282,8 @@ def _lazy_graph_modules():
     regenerates the code of the whole graph after each of its passes (about a sixth of the export of a two-layer
     LLaMA), and surgery reads the graph, never that code (the ExportedProgram's own module is still compiled).
     The graph is the same either way. torch's switch for this (what torch.compile uses) is private: where this torch
-    lacks it, a no-op."""
+    lacks it, a no-op. It is torch's process-wide flag for the duration of the export, restored after it (a graph
+    module another thread makes meanwhile is lazy too: it generates its code when first run)."""
     try:
         from torch.fx._lazy_graph_module import _use_lazy_graph_module
         return _use_lazy_graph_module(True)
