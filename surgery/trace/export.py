@@ -7,6 +7,7 @@ output. That is what lets a rewrite found on the graph be realized on the host m
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import os
@@ -276,6 +277,20 @@ def rng_devices(model: nn.Module) -> list:
     return sorted({d.index or 0 for d in devices if d.type == "cuda"})
 
 
+def _lazy_graph_modules():
+    """Graph modules made while exporting generate their Python code only when run or printed: torch.export
+    regenerates the code of the whole graph after each of its passes (about a sixth of the export of a two-layer
+    LLaMA), and surgery reads the graph, never that code (the ExportedProgram's own module is still compiled).
+    The graph is the same either way. torch's switch for this (what torch.compile uses) is private: where this torch
+    lacks it, a no-op. It is torch's process-wide flag for the duration of the export, restored after it (a graph
+    module another thread makes meanwhile is lazy too: it generates its code when first run)."""
+    try:
+        from torch.fx._lazy_graph_module import _use_lazy_graph_module
+        return _use_lazy_graph_module(True)
+    except (ImportError, AttributeError, TypeError):
+        return contextlib.nullcontext()
+
+
 def _export_marked(model: nn.Module, args, kwargs, what: str, stack_traces: bool = True):
     """torch.export of `model` with its module marks: (program, calls). Without `stack_traces` the nodes get no
     `stack_trace` (recording them is about a quarter of the export's time; only torch-call intercepts read them)."""
@@ -286,7 +301,8 @@ def _export_marked(model: nn.Module, args, kwargs, what: str, stack_traces: bool
     try:
         model.eval()
         torch.fx.config.do_not_emit_stack_traces = emitting or not stack_traces
-        with stage(f"trace {type(model).__name__} ({what})"), quiet_libraries(), torch.no_grad():
+        with stage(f"trace {type(model).__name__} ({what})"), quiet_libraries(), torch.no_grad(), \
+                _lazy_graph_modules():
             program = torch.export.export(model, args, kwargs, strict=False)
     finally:
         torch.fx.config.do_not_emit_stack_traces = emitting
