@@ -54,6 +54,11 @@ def record_hosts(model: nn.Module, store) -> None:
             if child is not None and name != "surgery_adapters" and not parent_path.startswith("surgery_adapters") \
                     and _carries(child):
                 hosts.append((f"{parent_path}.{name}" if parent_path else name, child))
+    # a host replaced since the last record whose adapters are still on it (not removed) stays recorded at its
+    # path: applying or removing another adapter set must not forget it (the next forward still raises)
+    found = {id(child) for _, child in hosts}
+    hosts += [(path, child) for path, child in store.__dict__.get("hosts", ())
+              if id(child) not in found and _carries(child)]
     store.__dict__["hosts"] = hosts
     _relink(model, store)
 
@@ -64,13 +69,29 @@ def _links(model: nn.Module, hosts: list) -> list:
     links, seen = [], set()
     for path, child in hosts:
         parent, module = None, model
-        for name in path.split("."):
-            module, key = module._modules.get(name), (id(parent), name)
+        names = path.split(".")
+        for i, name in enumerate(names):
+            module = module._modules.get(name)
+            # the last link is to the host itself, which a replaced host (still recorded) no longer satisfies
+            target = child if i == len(names) - 1 else module
+            key = (id(parent), name, id(target))
             if key not in seen:
                 seen.add(key)
-                links.append((parent, name, module))
+                links.append((parent, name, target))
+            if module is None:      # a replaced host's path that no longer exists: that link is broken
+                break
             parent = module
     return links
+
+
+def _links_hold(model: nn.Module, links) -> bool:
+    """A link to None is a path that no longer exists (a deleted layer above a replaced host): broken. A plain
+    loop of common bytecodes: right after a train step's backward and optimizer step (cold caches) it costs half
+    of what the same test in map/all/operator.is_ chains costs (12 vs 24 us on MiniGPT)."""
+    for parent, name, child in links:
+        if child is None or (model if parent is None else parent)._modules.get(name) is not child:
+            return False
+    return True
 
 
 def check_hosts(model: nn.Module, store, doing: str) -> None:
@@ -78,12 +99,7 @@ def check_hosts(model: nn.Module, store, doing: str) -> None:
     since apply."""
     links = store.__dict__.get("host_links")
     if links is not None:
-        # a plain loop of common bytecodes: right after a train step's backward and optimizer step (cold caches)
-        # it costs half of what the same test in map/all/operator.is_ chains costs (12 vs 24 us on MiniGPT)
-        for parent, name, child in links:
-            if (model if parent is None else parent)._modules.get(name) is not child:
-                break
-        else:
+        if _links_hold(model, links):
             return
     for path, child in store.__dict__.get("hosts", ()):    # a link changed: is each host still at its path?
         module = model
@@ -194,7 +210,7 @@ def _unwatch(parent: nn.Module, modules, watcher: Callable[[], None]) -> None:
 def _relink(model: nn.Module, store) -> None:
     """Record the links to the hosts (each at its path now) and watch the `_modules` of every module on them
     (and no others)."""
-    store.__dict__["host_links"] = _links(model, store.__dict__.get("hosts", ()))
+    links = store.__dict__["host_links"] = _links(model, store.__dict__.get("hosts", ()))
     watcher = store.__dict__.get("tree_changed")
     if watcher is None:     # no root hook installed (yet): nothing to arm
         return
@@ -208,7 +224,7 @@ def _relink(model: nn.Module, store) -> None:
         if id(modules) not in kept:
             _unwatch(parent, modules, watcher)
     store.__dict__["watched"] = watched
-    store.__dict__["armed"] = False
+    store.__dict__["armed"] = not _links_hold(model, links)   # a replaced host still recorded: check again
     _sync_root(model, store)
 
 

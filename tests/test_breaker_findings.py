@@ -1,0 +1,76 @@
+"""Findings of a user trying to break the watched module tree (surgery/rewrite/sites.py) and the lazy analysis
+sites: each test is one kind of defect. A strict xfail is a defect still open (its reason says where)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import surgery
+from models import make_llama, perturb, token_ids
+
+LORA_QV = "lora"        # specs/lora.yaml: q and v projections of every layer
+
+
+def _adapted():
+    model = make_llama().eval()
+    surgery.apply(model, LORA_QV)
+    perturb(model)
+    return model
+
+
+def _replace_v_proj(model):
+    """Replace layer 1's adapted v_proj by a plain copy of its base weights (what a user's `layer.v_proj =
+    nn.Linear(...)` or a quantization pass does): the adapter is gone from the forward."""
+    old = model.model.layers[1].self_attn.v_proj
+    new = nn.Linear(old.in_features, old.out_features, bias=old.bias is not None)
+    new.load_state_dict(old.state_dict())
+    model.model.layers[1].self_attn.v_proj = new
+    return old
+
+
+# ---------------------------------------------------------------- a replaced host forgotten by a later record
+
+@pytest.mark.parametrize("then", ["apply_houlsby", "apply_prompt", "remove_other"])
+def test_a_replaced_host_is_not_forgotten_by_applying_or_removing_another_adapter(then):
+    """A host replaced after apply, then another adapter set applied (or another one removed): the re-record of
+    the hosts after that apply/remove used to take the tree as it is, forgetting the replaced host, so the
+    forward ran without its adapter, silently."""
+    model, ids = _adapted(), token_ids()
+    if then == "remove_other":
+        surgery.apply(model, "houlsby", name="other")
+    _replace_v_proj(model)
+    if then == "apply_houlsby":
+        surgery.apply(model, "houlsby", name="other")
+    elif then == "apply_prompt":
+        surgery.apply(model, "prompt", name="other")
+    else:
+        surgery.remove(model, "other")
+    with pytest.raises(surgery.RewriteError, match=r"model\.layers\.1\.self_attn\.v_proj was replaced"):
+        model(input_ids=ids)
+    with pytest.raises(surgery.RewriteError, match=r"v_proj was replaced"):
+        surgery.merge(model)
+
+
+def test_a_replaced_host_still_raises_after_its_new_module_is_adapted_by_another_set():
+    """The new module at the replaced host's path adapted by a second set: the first set's adapter there is still
+    lost, so the forward raises until that set is removed (then it runs, with the second set's adapter)."""
+    model, ids = _adapted(), token_ids()
+    _replace_v_proj(model)
+    surgery.apply(model, LORA_QV, name="second")
+    with pytest.raises(surgery.RewriteError, match=r"v_proj was replaced"):
+        model(input_ids=ids)
+    surgery.remove(model, "default")
+    model(input_ids=ids)
+    assert len(model._forward_pre_hooks) == 0          # nothing armed once every host is in place
+
+
+def test_a_deleted_layer_stays_missing_after_another_apply_and_comes_back():
+    model, ids = _adapted(), token_ids()
+    layer = model.model.layers[1]
+    del model.model.layers[1]
+    surgery.apply(model, "prompt", name="other")       # a rule with no per-layer site: applies to what is there
+    with pytest.raises(surgery.RewriteError, match=r"model\.layers\.1\.self_attn\.(q|v)_proj was replaced"):
+        model(input_ids=ids)
+    model.model.layers.append(layer)
+    model(input_ids=ids)
