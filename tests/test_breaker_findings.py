@@ -74,3 +74,27 @@ def test_a_deleted_layer_stays_missing_after_another_apply_and_comes_back():
         model(input_ids=ids)
     model.model.layers.append(layer)
     model(input_ids=ids)
+
+
+# ---------------------------------------------------------------- a part of the model called directly
+
+def test_a_replaced_host_raises_when_an_inner_module_is_called_directly():
+    """`model.model(...)` (hidden states of a causal LM, an encoder alone) after a host under it was replaced:
+    only the root forward checked, so the inner call ran without the adapter. An edit outside that part (the LM
+    head) does not stop it, and once the host is back it runs."""
+    model, ids = _adapted(), token_ids()
+    with torch.no_grad():
+        ref = model.model(input_ids=ids).last_hidden_state
+    old = _replace_v_proj(model)
+    with pytest.raises(surgery.RewriteError, match=r"model\.layers\.1\.self_attn\.v_proj was replaced"):
+        model.model(input_ids=ids)
+    with pytest.raises(surgery.RewriteError, match=r"v_proj was replaced"):
+        model.model.layers[1](torch.zeros(2, 8, 64), position_embeddings=model.model.rotary_emb(
+            torch.zeros(2, 8, 64), torch.arange(8)[None]))
+    model.model.layers[1].self_attn.v_proj = old
+    model.lm_head = nn.Linear(64, model.lm_head.out_features, bias=False)     # unrelated to the hosts
+    with torch.no_grad():
+        assert torch.equal(model.model(input_ids=ids).last_hidden_state, ref)
+        model(input_ids=ids)
+    assert len(model._forward_pre_hooks) == 0
+    assert all(len(m._forward_pre_hooks) == 0 for m in (model.model, model.model.layers, model.model.layers[1]))

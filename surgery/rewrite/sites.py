@@ -9,7 +9,9 @@ replaced at record time by a dict of the same kind that reports its changes (a c
 setattr, delattr, add_module, ModuleList/ModuleDict/Sequential edits, `_modules[name] = ...`); a report arms
 the model's one root pre-hook (`install_root_hook`), which checks the hosts at the next forward, records the
 links again when they are all in place, and takes itself off when nothing else needs it (it also records the
-root call while a hook or module reads it: `RuntimeState.need_call`). So a model whose tree stays as recorded
+root call while a hook or module reads it: `RuntimeState.need_call`). While armed, every module on the hosts'
+paths has a pre-hook too (`_PartCheck`): a part called alone checks the hosts under it. A replaced host stays
+recorded (a later apply or remove of another set does not forget it) until its own adapters are removed. So a model whose tree stays as recorded
 runs with no root hook at all (issue 20: each root hook costs several µs of cold cache after a train step).
 What such a dict cannot see: `_modules` itself reassigned (`module._modules = {...}`, private) without a
 delattr before it. The dicts go back to plain ones when the last adapter is removed; copies and pickles keep
@@ -106,10 +108,14 @@ def check_hosts(model: nn.Module, store, doing: str) -> None:
         for name in path.split("."):
             module = module._modules.get(name) if module is not None else None
         if module is not child:
-            raise RewriteError(
-                f"{path} was replaced after its adapters were applied (e.g. by resize_token_embeddings), so its "
-                f"adapters no longer run; refusing to {doing}. Remove the adapters and apply them again to the "
-                f"new module (or change the model before applying)")
+            raise _replaced(path, doing)
+
+
+def _replaced(path: str, doing: str) -> RewriteError:
+    return RewriteError(
+        f"{path} was replaced after its adapters were applied (e.g. by resize_token_embeddings), so its "
+        f"adapters no longer run; refusing to {doing}. Remove the adapters and apply them again to the "
+        f"new module (or change the model before applying)")
 
 
 # ---------------------------------------------------------------- watching the module tree
@@ -219,6 +225,18 @@ def _relink(model: nn.Module, store) -> None:
         parent = model if parent is None else parent
         parents[id(parent)] = parent
     watched = [(parent, _watch(parent, watcher)) for parent in parents.values()]
+    # the path of each module on the hosts' paths but the root: called directly (`model.model(...)`, a T5's
+    # encoder), it checks the hosts under it while the tree may have changed (`_PartCheck`)
+    paths = {}
+    for path, _ in store.__dict__.get("hosts", ()):
+        module, prefix = model, ""
+        for name in path.split(".")[:-1]:
+            module = module._modules.get(name)
+            if module is None:
+                break
+            prefix = f"{prefix}.{name}" if prefix else name
+            paths.setdefault(id(module), (module, prefix))
+    store.__dict__["parts"] = list(paths.values())
     kept = {id(modules) for _, modules in watched}
     for parent, modules in store.__dict__.get("watched", ()):
         if id(modules) not in kept:
@@ -272,8 +290,42 @@ class _OfModel:
         return _OfModel, (self.fn, self.model, self.store)
 
 
+class _PartCheck:
+    """The pre-hook of a module on the hosts' paths while the tree may have changed: a forward of that module
+    alone (`model.model(...)`, `model.get_encoder()(...)`) raises if a host under it was replaced, as the root's
+    does. A deep copy of a part alone (not of the whole model) checks nothing, as `_OfModel`."""
+
+    __slots__ = ("model", "store", "path")
+
+    def __init__(self, model, store, path: str):
+        self.model, self.store, self.path = model, store, path
+
+    def __call__(self, module, args):
+        if self.store is None or not self.store.__dict__.get("armed"):
+            return
+        prefix = self.path + "."
+        for path, child in self.store.__dict__.get("hosts", ()):
+            if path.startswith(prefix):
+                found = module
+                for name in path[len(prefix):].split("."):
+                    found = found._modules.get(name) if found is not None else None
+                if found is not child:
+                    raise _replaced(path, "run the forward")
+
+    def __deepcopy__(self, memo):
+        model = memo.get(id(self.model))
+        if model is None:
+            return _PartCheck(None, None, self.path)
+        return _PartCheck(model, copy.deepcopy(self.store, memo), self.path)
+
+    def __reduce__(self):
+        return _PartCheck, (self.model, self.store, self.path)
+
+
 def _uninstall_root(model: nn.Module, store) -> None:
     store.runtime.on_change = None
+    for handle in store.__dict__.pop("part_hooks", None) or ():
+        handle.remove()
     watcher = store.__dict__.pop("tree_changed", None)
     for parent, modules in store.__dict__.pop("watched", ()):
         _unwatch(parent, modules, watcher)
@@ -302,6 +354,16 @@ def _sync_root(model: nn.Module, store) -> None:
     elif not wanted and handle is not None:
         store.__dict__["root_hook"] = None
         handle.remove()
+    # while armed, each module on the hosts' paths checks the hosts under it when called without the root
+    armed, handles = store.__dict__.get("armed"), store.__dict__.get("part_hooks")
+    if armed and handles is None:
+        store.__dict__["part_hooks"] = [
+            part.register_forward_pre_hook(_PartCheck(model, store, path), prepend=True)
+            for part, path in store.__dict__.get("parts", ())]
+    elif not armed and handles is not None:
+        store.__dict__["part_hooks"] = None
+        for handle in handles:
+            handle.remove()
 
 
 def _root_call(store, runtime, signature, positional: tuple[str, ...], mod, args, kwargs):
