@@ -2,6 +2,7 @@
 sites: each test is one kind of defect. A strict xfail is a defect still open (its reason says where)."""
 from __future__ import annotations
 
+import copy
 import re
 
 import pytest
@@ -148,3 +149,38 @@ def test_an_unknown_op_name_is_answered_with_the_nearest_op_names(typo, near):
     with pytest.raises(surgery.MatchError) as info:
         surgery.plan(make_llama(), spec)
     assert re.search(rf"\b{near}\b", str(info.value).split("without `op`")[0]), str(info.value)
+
+
+# ---------------------------------------------------------------- DataParallel's replicas after an edit
+
+def _replicate_on_cpu(monkeypatch, model, n=2):
+    """torch.nn.parallel.replicate as DataParallel calls it at every forward, with the tensors' broadcast to
+    devices replaced by views on the CPU (the module tree, hooks and dicts are replicated by torch's own code)."""
+    import importlib
+    rep = importlib.import_module("torch.nn.parallel.replicate")
+    monkeypatch.setattr(rep, "_broadcast_coalesced_reshape", lambda tensors, devices, detach=False: [
+        [t.detach() if detach else t.view_as(t) for t in tensors] for _ in devices])
+    monkeypatch.setattr(rep, "_get_device_index", lambda x, optional=False: x)
+    return rep.replicate(model, list(range(n)))
+
+
+def test_dataparallel_replicas_run_after_an_unrelated_edit_and_refuse_a_replaced_host(monkeypatch):
+    """After an edit on a watched path that replaces no host, the check ran in each replica against the
+    replica's own copies of the hosts (never the recorded ones), so every DataParallel forward raised, and
+    the original model, which DataParallel never calls, stayed armed. The replicas check the model they
+    were made from: they run, and a replaced host still raises."""
+    model, ids = make_llama().eval(), token_ids()
+    surgery.apply(model, "houlsby")
+    perturb(model)
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+        model.model.norm = copy.deepcopy(model.model.norm)    # not a host: nothing lost
+        for replica in _replicate_on_cpu(monkeypatch, model):
+            torch.testing.assert_close(replica(input_ids=ids).logits, ref, rtol=0, atol=1e-6)
+        mlp = model.model.layers[1].mlp
+        model.model.layers[1].mlp = type(mlp)(model.config)   # a host of the FFN adapter
+        for replica in _replicate_on_cpu(monkeypatch, model):
+            with pytest.raises(surgery.RewriteError, match=r"model\.layers\.1\.mlp.* was replaced"):
+                replica(input_ids=ids)
+            with pytest.raises(surgery.RewriteError, match=r"model\.layers\.1\.mlp.* was replaced"):
+                replica.model(input_ids=ids)

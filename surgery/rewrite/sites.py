@@ -293,12 +293,14 @@ class _OfModel:
 class _PartCheck:
     """The pre-hook of a module on the hosts' paths while the tree may have changed: a forward of that module
     alone (`model.model(...)`, `model.get_encoder()(...)`) raises if a host under it was replaced, as the root's
-    does. A deep copy of a part alone (not of the whole model) checks nothing, as `_OfModel`."""
+    does. It checks the part it was installed on, also when called on a DataParallel replica of it (whose
+    children are the replica's copies, never the recorded hosts). A deep copy of a part alone (not of the whole
+    model) checks nothing, as `_OfModel`."""
 
-    __slots__ = ("model", "store", "path")
+    __slots__ = ("model", "store", "path", "part")
 
-    def __init__(self, model, store, path: str):
-        self.model, self.store, self.path = model, store, path
+    def __init__(self, model, store, path: str, part):
+        self.model, self.store, self.path, self.part = model, store, path, part
 
     def __call__(self, module, args):
         if self.store is None or not self.store.__dict__.get("armed"):
@@ -306,7 +308,7 @@ class _PartCheck:
         prefix = self.path + "."
         for path, child in self.store.__dict__.get("hosts", ()):
             if path.startswith(prefix):
-                found = module
+                found = self.part
                 for name in path[len(prefix):].split("."):
                     found = found._modules.get(name) if found is not None else None
                 if found is not child:
@@ -315,11 +317,11 @@ class _PartCheck:
     def __deepcopy__(self, memo):
         model = memo.get(id(self.model))
         if model is None:
-            return _PartCheck(None, None, self.path)
-        return _PartCheck(model, copy.deepcopy(self.store, memo), self.path)
+            return _PartCheck(None, None, self.path, None)
+        return _PartCheck(model, copy.deepcopy(self.store, memo), self.path, copy.deepcopy(self.part, memo))
 
     def __reduce__(self):
-        return _PartCheck, (self.model, self.store, self.path)
+        return _PartCheck, (self.model, self.store, self.path, self.part)
 
 
 def _uninstall_root(model: nn.Module, store) -> None:
@@ -358,7 +360,7 @@ def _sync_root(model: nn.Module, store) -> None:
     armed, handles = store.__dict__.get("armed"), store.__dict__.get("part_hooks")
     if armed and handles is None:
         store.__dict__["part_hooks"] = [
-            part.register_forward_pre_hook(_PartCheck(model, store, path), prepend=True)
+            part.register_forward_pre_hook(_PartCheck(model, store, path, part), prepend=True)
             for part, path in store.__dict__.get("parts", ())]
     elif not armed and handles is not None:
         store.__dict__["part_hooks"] = None
@@ -369,8 +371,12 @@ def _sync_root(model: nn.Module, store) -> None:
 def _root_call(store, runtime, signature, positional: tuple[str, ...], mod, args, kwargs):
     """The root pre-hook (a partial of this function: the model deep-copies and pickles)."""
     if store.__dict__.get("armed"):
-        check_hosts(mod, store, "run the forward")    # raises, and stays armed, while a host is missing
-        _relink(mod, store)                            # all in place: watch the tree as it is now
+        # the model the store belongs to: `mod` itself, or the model a DataParallel replica `mod` was made from
+        # (whose children are the replica's copies, never the recorded hosts)
+        model = getattr(store.__dict__.get("tree_changed"), "model", None)
+        model = mod if model is None else model
+        check_hosts(model, store, "run the forward")    # raises, and stays armed, while a host is missing
+        _relink(model, store)                            # all in place: watch the tree as it is now
     if runtime.readers or isinstance(runtime.composition, (compose.Parallel, compose.MixedBatch)):
         return _capture_call(runtime, signature, positional, mod, args, kwargs)
     return None
