@@ -184,3 +184,18 @@ def test_dataparallel_replicas_run_after_an_unrelated_edit_and_refuse_a_replaced
                 replica(input_ids=ids)
             with pytest.raises(surgery.RewriteError, match=r"model\.layers\.1\.mlp.* was replaced"):
                 replica.model(input_ids=ids)
+
+
+@pytest.mark.xfail(strict=True, reason="compose.run raises a ValueError (not a SurgeryError) at the forward when a "
+                   "MixedBatch site's value flattens batch and positions (OPT's FFN output, [batch*seq, hidden]); "
+                   "set_active accepts the block")
+def test_mixed_batch_on_a_flattened_site_is_a_surgery_error():
+    from transformers import OPTConfig, OPTForCausalLM
+    torch.manual_seed(0)
+    model = OPTForCausalLM(OPTConfig(vocab_size=120, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
+                                     num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=32))
+    surgery.apply(model, "houlsby", name="a")
+    surgery.apply(model, "houlsby", name="b")
+    with pytest.raises(surgery.SurgeryError, match="MixedBatch"):
+        surgery.set_active(model, surgery.MixedBatch("a", "b"))
+        model(input_ids=token_ids())
