@@ -243,6 +243,8 @@ def _relink(model: nn.Module, store) -> None:
             _unwatch(parent, modules, watcher)
     store.__dict__["watched"] = watched
     store.__dict__["armed"] = not _links_hold(model, links)   # a replaced host still recorded: check again
+    for handle in store.__dict__.pop("part_hooks", None) or ():  # on the parts as they are now, if armed
+        handle.remove()
     _sync_root(model, store)
 
 
