@@ -230,3 +230,16 @@ def test_reft_on_the_base_model_called_alone_reads_that_calls_mask():
         padded = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
         alone = model.model(input_ids=ids[:1, 3:]).last_hidden_state
     torch.testing.assert_close(padded[0, 3:], alone[0], rtol=0, atol=1e-5)
+
+
+# ---------------------------------------------------------------- what counts as a host
+
+def test_a_module_whose_forward_the_user_patched_is_no_host():
+    """A forward in a module's `__dict__` that is not surgery's (a user's wrapper, accelerate's hooks) made the
+    module a host: replacing it later (resize_token_embeddings) raised although no adapter was there."""
+    model, ids = make_llama().eval(), token_ids()
+    inner = model.lm_head.forward
+    model.lm_head.forward = lambda x: inner(x)           # e.g. logging, or accelerate's device hooks
+    surgery.apply(model, LORA_QV)
+    model.resize_token_embeddings(model.config.vocab_size + 8, mean_resizing=False)
+    assert model(input_ids=ids).logits.shape[-1] == model.config.vocab_size

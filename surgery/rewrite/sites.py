@@ -33,8 +33,10 @@ from surgery.rewrite.host import _capture_call, _positional
 
 
 def _carries(module: nn.Module) -> bool:
-    """Whether `module` holds any surgery state: hooks of surgery's, a surgery parametrization, a routed forward."""
-    if any(key.startswith("_surgery") for key in module.__dict__) or "forward" in module.__dict__:
+    """Whether `module` holds any surgery state: hooks of surgery's (not the tree checks of this module), a surgery
+    parametrization, a routed forward (not a forward of the user's or another library's, e.g. accelerate's)."""
+    if any(key.startswith("_surgery") for key in module.__dict__) or \
+            type(module.__dict__.get("forward")).__module__.startswith("surgery."):
         return True
     if parametrize.is_parametrized(module):
         for plist in module.parametrizations.values():
@@ -43,7 +45,7 @@ def _carries(module: nn.Module) -> bool:
     for hooks in (module._forward_hooks, module._forward_pre_hooks):
         for hook in hooks.values():
             fn = hook.func if isinstance(hook, functools.partial) else getattr(hook, "__func__", hook)
-            if getattr(fn, "__module__", "").startswith("surgery."):
+            if getattr(fn, "__module__", "").startswith("surgery.") and not isinstance(fn, _PartCheck):
                 return True
     return False
 
