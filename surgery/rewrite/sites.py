@@ -13,9 +13,9 @@ root call while a hook or module reads it: `RuntimeState.need_call`). While arme
 paths has a pre-hook too (`_PartCheck`): a part called alone checks the hosts under it. A replaced host stays
 recorded (a later apply or remove of another set does not forget it) until its own adapters are removed. So a
 model whose tree stays as recorded runs with no root hook at all (issue 20: each root hook costs several µs of
-cold cache after a train step). What such a dict cannot see: `_modules` itself reassigned (`module._modules = {...}`, private) without a
-delattr before it. The dicts go back to plain ones when the last adapter is removed; copies and pickles keep
-reporting to the copy's own model."""
+cold cache after a train step). What such a dict cannot see: `_modules` itself reassigned (`module._modules =
+{...}`, private) without a delattr before it. The dicts go back to plain ones when the last adapter is removed;
+copies and pickles keep reporting to the copy's own model."""
 from __future__ import annotations
 
 import copy
