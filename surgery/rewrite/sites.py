@@ -9,11 +9,13 @@ replaced at record time by a dict of the same kind that reports its changes (a c
 setattr, delattr, add_module, ModuleList/ModuleDict/Sequential edits, `_modules[name] = ...`); a report arms
 the model's one root pre-hook (`install_root_hook`), which checks the hosts at the next forward, records the
 links again when they are all in place, and takes itself off when nothing else needs it (it also records the
-root call while a hook or module reads it: `RuntimeState.need_call`). So a model whose tree stays as recorded
-runs with no root hook at all (issue 20: each root hook costs several µs of cold cache after a train step).
-What such a dict cannot see: `_modules` itself reassigned (`module._modules = {...}`, private) without a
-delattr before it. The dicts go back to plain ones when the last adapter is removed; copies and pickles keep
-reporting to the copy's own model."""
+root call while a hook or module reads it: `RuntimeState.need_call`). While armed, every module on the hosts'
+paths has a pre-hook too (`_PartCheck`): a part called alone checks the hosts under it. A replaced host stays
+recorded (a later apply or remove of another set does not forget it) until its own adapters are removed. So a
+model whose tree stays as recorded runs with no root hook at all (issue 20: each root hook costs several µs of
+cold cache after a train step). What such a dict cannot see: `_modules` itself reassigned (`module._modules =
+{...}`, private) without a delattr before it. The dicts go back to plain ones when the last adapter is removed;
+copies and pickles keep reporting to the copy's own model."""
 from __future__ import annotations
 
 import copy
@@ -31,8 +33,10 @@ from surgery.rewrite.host import _capture_call, _positional
 
 
 def _carries(module: nn.Module) -> bool:
-    """Whether `module` holds any surgery state: hooks of surgery's, a surgery parametrization, a routed forward."""
-    if any(key.startswith("_surgery") for key in module.__dict__) or "forward" in module.__dict__:
+    """Whether `module` holds any surgery state: hooks of surgery's (not the tree checks of this module), a surgery
+    parametrization, a routed forward (not a forward of the user's or another library's, e.g. accelerate's)."""
+    if any(key.startswith("_surgery") for key in module.__dict__) or \
+            type(module.__dict__.get("forward")).__module__.startswith("surgery."):
         return True
     if parametrize.is_parametrized(module):
         for plist in module.parametrizations.values():
@@ -41,7 +45,7 @@ def _carries(module: nn.Module) -> bool:
     for hooks in (module._forward_hooks, module._forward_pre_hooks):
         for hook in hooks.values():
             fn = hook.func if isinstance(hook, functools.partial) else getattr(hook, "__func__", hook)
-            if getattr(fn, "__module__", "").startswith("surgery."):
+            if getattr(fn, "__module__", "").startswith("surgery.") and not isinstance(fn, _PartCheck):
                 return True
     return False
 
@@ -54,6 +58,11 @@ def record_hosts(model: nn.Module, store) -> None:
             if child is not None and name != "surgery_adapters" and not parent_path.startswith("surgery_adapters") \
                     and _carries(child):
                 hosts.append((f"{parent_path}.{name}" if parent_path else name, child))
+    # a host replaced since the last record whose adapters are still on it (not removed) stays recorded at its
+    # path: applying or removing another adapter set must not forget it (the next forward still raises)
+    found = {id(child) for _, child in hosts}
+    hosts += [(path, child) for path, child in store.__dict__.get("hosts", ())
+              if id(child) not in found and _carries(child)]
     store.__dict__["hosts"] = hosts
     _relink(model, store)
 
@@ -64,13 +73,29 @@ def _links(model: nn.Module, hosts: list) -> list:
     links, seen = [], set()
     for path, child in hosts:
         parent, module = None, model
-        for name in path.split("."):
-            module, key = module._modules.get(name), (id(parent), name)
+        names = path.split(".")
+        for i, name in enumerate(names):
+            module = module._modules.get(name)
+            # the last link is to the host itself, which a replaced host (still recorded) no longer satisfies
+            target = child if i == len(names) - 1 else module
+            key = (id(parent), name, id(target))
             if key not in seen:
                 seen.add(key)
-                links.append((parent, name, module))
+                links.append((parent, name, target))
+            if module is None:      # a replaced host's path that no longer exists: that link is broken
+                break
             parent = module
     return links
+
+
+def _links_hold(model: nn.Module, links) -> bool:
+    """A link to None is a path that no longer exists (a deleted layer above a replaced host): broken. A plain
+    loop of common bytecodes: right after a train step's backward and optimizer step (cold caches) it costs half
+    of what the same test in map/all/operator.is_ chains costs (12 vs 24 us on MiniGPT)."""
+    for parent, name, child in links:
+        if child is None or (model if parent is None else parent)._modules.get(name) is not child:
+            return False
+    return True
 
 
 def check_hosts(model: nn.Module, store, doing: str) -> None:
@@ -78,22 +103,21 @@ def check_hosts(model: nn.Module, store, doing: str) -> None:
     since apply."""
     links = store.__dict__.get("host_links")
     if links is not None:
-        # a plain loop of common bytecodes: right after a train step's backward and optimizer step (cold caches)
-        # it costs half of what the same test in map/all/operator.is_ chains costs (12 vs 24 us on MiniGPT)
-        for parent, name, child in links:
-            if (model if parent is None else parent)._modules.get(name) is not child:
-                break
-        else:
+        if _links_hold(model, links):
             return
     for path, child in store.__dict__.get("hosts", ()):    # a link changed: is each host still at its path?
         module = model
         for name in path.split("."):
             module = module._modules.get(name) if module is not None else None
         if module is not child:
-            raise RewriteError(
-                f"{path} was replaced after its adapters were applied (e.g. by resize_token_embeddings), so its "
-                f"adapters no longer run; refusing to {doing}. Remove the adapters and apply them again to the "
-                f"new module (or change the model before applying)")
+            raise _replaced(path, doing)
+
+
+def _replaced(path: str, doing: str) -> RewriteError:
+    return RewriteError(
+        f"{path} was replaced after its adapters were applied (e.g. by resize_token_embeddings), so its "
+        f"adapters no longer run; refusing to {doing}. Remove the adapters and apply them again to the "
+        f"new module (or change the model before applying)")
 
 
 # ---------------------------------------------------------------- watching the module tree
@@ -194,7 +218,7 @@ def _unwatch(parent: nn.Module, modules, watcher: Callable[[], None]) -> None:
 def _relink(model: nn.Module, store) -> None:
     """Record the links to the hosts (each at its path now) and watch the `_modules` of every module on them
     (and no others)."""
-    store.__dict__["host_links"] = _links(model, store.__dict__.get("hosts", ()))
+    links = store.__dict__["host_links"] = _links(model, store.__dict__.get("hosts", ()))
     watcher = store.__dict__.get("tree_changed")
     if watcher is None:     # no root hook installed (yet): nothing to arm
         return
@@ -203,12 +227,26 @@ def _relink(model: nn.Module, store) -> None:
         parent = model if parent is None else parent
         parents[id(parent)] = parent
     watched = [(parent, _watch(parent, watcher)) for parent in parents.values()]
+    # the path of each module on the hosts' paths but the root: called directly (`model.model(...)`, a T5's
+    # encoder), it checks the hosts under it while the tree may have changed (`_PartCheck`)
+    paths = {}
+    for path, _ in store.__dict__.get("hosts", ()):
+        module, prefix = model, ""
+        for name in path.split(".")[:-1]:
+            module = module._modules.get(name)
+            if module is None:
+                break
+            prefix = f"{prefix}.{name}" if prefix else name
+            paths.setdefault(id(module), (module, prefix))
+    store.__dict__["parts"] = list(paths.values())
     kept = {id(modules) for _, modules in watched}
     for parent, modules in store.__dict__.get("watched", ()):
         if id(modules) not in kept:
             _unwatch(parent, modules, watcher)
     store.__dict__["watched"] = watched
-    store.__dict__["armed"] = False
+    store.__dict__["armed"] = not _links_hold(model, links)   # a replaced host still recorded: check again
+    for handle in store.__dict__.pop("part_hooks", None) or ():  # on the parts as they are now, if armed
+        handle.remove()
     _sync_root(model, store)
 
 
@@ -256,8 +294,44 @@ class _OfModel:
         return _OfModel, (self.fn, self.model, self.store)
 
 
+class _PartCheck:
+    """The pre-hook of a module on the hosts' paths while the tree may have changed: a forward of that module
+    alone (`model.model(...)`, `model.get_encoder()(...)`) raises if a host under it was replaced, as the root's
+    does. It checks the part it was installed on, also when called on a DataParallel replica of it (whose
+    children are the replica's copies, never the recorded hosts). A deep copy of a part alone (not of the whole
+    model) checks nothing, as `_OfModel`."""
+
+    __slots__ = ("model", "store", "path", "part")
+
+    def __init__(self, model, store, path: str, part):
+        self.model, self.store, self.path, self.part = model, store, path, part
+
+    def __call__(self, module, args):
+        if self.store is None or not self.store.__dict__.get("armed"):
+            return
+        prefix = self.path + "."
+        for path, child in self.store.__dict__.get("hosts", ()):
+            if path.startswith(prefix):
+                found = self.part
+                for name in path[len(prefix):].split("."):
+                    found = found._modules.get(name) if found is not None else None
+                if found is not child:
+                    raise _replaced(path, "run the forward")
+
+    def __deepcopy__(self, memo):
+        model = memo.get(id(self.model))
+        if model is None:
+            return _PartCheck(None, None, self.path, None)
+        return _PartCheck(model, copy.deepcopy(self.store, memo), self.path, copy.deepcopy(self.part, memo))
+
+    def __reduce__(self):
+        return _PartCheck, (self.model, self.store, self.path, self.part)
+
+
 def _uninstall_root(model: nn.Module, store) -> None:
     store.runtime.on_change = None
+    for handle in store.__dict__.pop("part_hooks", None) or ():
+        handle.remove()
     watcher = store.__dict__.pop("tree_changed", None)
     for parent, modules in store.__dict__.pop("watched", ()):
         _unwatch(parent, modules, watcher)
@@ -286,13 +360,27 @@ def _sync_root(model: nn.Module, store) -> None:
     elif not wanted and handle is not None:
         store.__dict__["root_hook"] = None
         handle.remove()
+    # while armed, each module on the hosts' paths checks the hosts under it when called without the root
+    armed, handles = store.__dict__.get("armed"), store.__dict__.get("part_hooks")
+    if armed and handles is None:
+        store.__dict__["part_hooks"] = [
+            part.register_forward_pre_hook(_PartCheck(model, store, path, part), prepend=True)
+            for part, path in store.__dict__.get("parts", ())]
+    elif not armed and handles is not None:
+        store.__dict__["part_hooks"] = None
+        for handle in handles:
+            handle.remove()
 
 
 def _root_call(store, runtime, signature, positional: tuple[str, ...], mod, args, kwargs):
     """The root pre-hook (a partial of this function: the model deep-copies and pickles)."""
     if store.__dict__.get("armed"):
-        check_hosts(mod, store, "run the forward")    # raises, and stays armed, while a host is missing
-        _relink(mod, store)                            # all in place: watch the tree as it is now
+        # the model the store belongs to: `mod` itself, or the model a DataParallel replica `mod` was made from
+        # (whose children are the replica's copies, never the recorded hosts)
+        model = getattr(store.__dict__.get("tree_changed"), "model", None)
+        model = mod if model is None else model
+        check_hosts(model, store, "run the forward")    # raises, and stays armed, while a host is missing
+        _relink(model, store)                            # all in place: watch the tree as it is now
     if runtime.readers or isinstance(runtime.composition, (compose.Parallel, compose.MixedBatch)):
         return _capture_call(runtime, signature, positional, mod, args, kwargs)
     return None
