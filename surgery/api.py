@@ -10,6 +10,7 @@ from typing import Any, Iterable
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from surgery.analyze import Analysis, analyze
 from surgery.errors import RewriteError, SpecError, SurgeryError
@@ -24,12 +25,13 @@ from surgery.trace import trace
 from surgery.trace.cache import cached_trace
 from surgery.trace.export import NeedsStackTraces, rng_devices
 from surgery.rewrite import trained
-from surgery.rewrite.sites import install_root_hook, record_hosts
+from surgery.rewrite.sites import check_hosts, install_root_hook, record_hosts
 from surgery.rewrite.wrappers import unwrapping
 
-# model -> its analysis, held weakly and never on the model itself (the analysis holds FakeTensors, which
-# break copy.deepcopy and pickle): a cache only, a copy of the model simply traces again
-_MODEL_CACHE: "weakref.WeakKeyDictionary[nn.Module, Analysis]" = weakref.WeakKeyDictionary()
+# model -> (its structure when analyzed, its analysis), held weakly and never on the model itself (the analysis
+# holds FakeTensors, which break copy.deepcopy and pickle): a cache only, a copy of the model simply traces again,
+# and so does a model whose structure changed since (a layer added, an embedding resized)
+_MODEL_CACHE: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, Analysis]]" = weakref.WeakKeyDictionary()
 
 
 _STRUCTURE_CACHE: "OrderedDict[tuple, Analysis]" = OrderedDict()
@@ -61,19 +63,45 @@ def _fingerprint(model: nn.Module, example_inputs) -> tuple | None:
         return None
 
 
+def _base_structure(model: nn.Module) -> tuple:
+    """What the analysis of `model` depends on and surgery itself does not change: module paths and classes (the
+    class a parametrization wraps), parameter and buffer names, shapes and dtypes, with surgery's adapter store
+    and the parametrizations' containers left out. A model's cached analysis is used while this is unchanged."""
+    modules, tensors = [], []
+    for path, m in model.named_modules():
+        if path.partition(".")[0] == "surgery_adapters" or "parametrizations" in path.split("."):
+            continue
+        parametrized = parametrize.is_parametrized(m)
+        modules.append((path, type(m).__bases__[0] if parametrized else type(m)))
+        prefix = path + "." if path else ""
+        for table in (m._parameters, m._buffers):
+            for name, t in table.items():
+                if t is not None:
+                    tensors.append((prefix + name, tuple(t.shape), t.dtype))
+        if parametrized:
+            for name, plist in m.parametrizations.items():
+                tensors.append((prefix + name, tuple(plist.original.shape), plist.original.dtype))
+    return tuple(modules), tuple(tensors)
+
+
 def _analysis(model: nn.Module, example_inputs, stack_traces: bool = False) -> Analysis:
     """Trace and analyze once per model (and per example inputs given). Cached per model (weakly, off the
-    model), and per structure for the process, so a second instance of one architecture is not traced again.
-    `stack_traces`: an analysis whose graph records the nodes' source lines (see `trace`)."""
+    model) while its structure stays as analyzed, and per structure for the process, so a second instance of one
+    architecture is not traced again. `stack_traces`: an analysis whose graph records the nodes' source lines
+    (see `trace`)."""
     store = store_of(model)
+    structure = _base_structure(model)
     cached = _MODEL_CACHE.get(model)
-    if cached is not None and example_inputs is None and (cached.traced.stack_traces or not stack_traces):
-        return cached
+    if cached is not None and example_inputs is None and cached[0] == structure and \
+            (cached[1].traced.stack_traces or not stack_traces):
+        return cached[1]
     key = _fingerprint(model, example_inputs) if store is None else None
     if key is not None and key in _STRUCTURE_CACHE and (_STRUCTURE_CACHE[key].traced.stack_traces or not stack_traces):
         _STRUCTURE_CACHE.move_to_end(key)
         result = _STRUCTURE_CACHE[key]
     elif store is not None:
+        # a module whose adapters run no more (replaced, deleted) is an error here, not inside the trace
+        check_hosts(model, store, "analyze the model again")
         # trace the base: adapters off while tracing, so analysis sees the user's model
         with disable(model):
             result = analyze(trace(model, example_inputs, stack_traces=stack_traces))
@@ -84,7 +112,7 @@ def _analysis(model: nn.Module, example_inputs, stack_traces: bool = False) -> A
             _STRUCTURE_CACHE[key] = result
             while len(_STRUCTURE_CACHE) > 8:
                 _STRUCTURE_CACHE.popitem(last=False)
-    _MODEL_CACHE[model] = result
+    _MODEL_CACHE[model] = (structure, result)
     return result
 
 

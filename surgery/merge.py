@@ -42,7 +42,7 @@ from surgery.modules import columns as cols
 from surgery.modules.base import WeightAdapter, is_weight_adapter_part
 from surgery.rewrite.compose import Average, Block, Stack
 from surgery.rewrite.host import WeightSite, attach_weight_site, store_of
-from surgery.rewrite.sites import check_hosts
+from surgery.rewrite.sites import check_hosts, record_hosts
 from surgery.rewrite.wrappers import unwrapping
 from surgery.rewrite.trainable import settled
 
@@ -505,8 +505,11 @@ def unmerge(model: nn.Module, name: str | None = None) -> list[str]:
     states = _states(store) if store is not None else {}
     if not states:
         raise SurgeryError("nothing is merged")
+    check_hosts(model, store, "unmerge")      # a merged module replaced since: its base weights are not there
     with settled(store):
-        return _unmerge(store, states, name)
+        names = _unmerge(store, states, name)
+    record_hosts(model, store)                # the hosts carry their adapters again
+    return names
 
 
 def _unmerge(store, states: dict, name: str | None) -> list[str]:

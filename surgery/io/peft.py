@@ -36,6 +36,7 @@ from surgery.modules.dora import DoRA
 from surgery.modules.ia3 import IA3
 from surgery.modules.lora import LoRA
 from surgery.rewrite.host import store_of
+from surgery.rewrite.sites import check_hosts
 from surgery.rewrite.wrappers import unwrapping
 
 CONFIG_FILE = "adapter_config.json"
@@ -434,6 +435,7 @@ def to_peft(model: nn.Module, out_dir, *, name: str | None = None, example_input
         name = next(iter(store.records))
     if name not in store.records:
         raise SurgeryError(f"no adapter named {name!r}; adapters: {sorted(store.records)}")
+    check_hosts(model, store, "write a PEFT checkpoint")   # adapters the model no longer runs are not written
     record = store.records[name]
     wrapped = {id(s.adapter) for s in record.weight_sites}
     others = [f"{rule}/{key}" for rule, modules in store.adapters[name].items()
