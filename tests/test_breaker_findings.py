@@ -152,8 +152,6 @@ def test_to_peft_refuses_a_replaced_host(tmp_path):
         surgery.to_peft(model, tmp_path / "peft")
 
 
-@pytest.mark.xfail(strict=True, reason="match/pattern._nearest has no hint for an op name the model has no op of: "
-                   "it says what matches without `op` (every site), never the op names near the one given")
 @pytest.mark.parametrize("typo, near", [("addd", "add"), ("Linear", "linear")])
 def test_an_unknown_op_name_is_answered_with_the_nearest_op_names(typo, near):
     spec = {"version": 1, "name": "x", "rules": [{"name": "x", "match": {"op": typo}, "action": "insert_after",

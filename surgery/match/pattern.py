@@ -207,6 +207,15 @@ def _nearest(pattern: Pattern, analysis: Analysis) -> str:
         near = nearest_modules(glob, pool)
         hints.append(f"no module{' of role ' + repr(pattern.role) if role_sites else ''} matches {glob!r}"
                      + (f"; nearest module names: {', '.join(near)}" if near else ""))
+    ops = sorted(analysis.by_op)
+    by_lower = {op.lower(): op for op in ops}
+    for op in _as_list(pattern.op):
+        if op not in analysis.by_op:
+            # an op name the model computes nowhere: a typo (`addd`) or another spelling (`Linear`, `aten.add`)
+            near = [by_lower[m] for m in difflib.get_close_matches(str(op).lower().rpartition(".")[2], list(by_lower),
+                                                                   n=3, cutoff=0.6)]
+            hints.append(f"no op named {op!r} runs in this model"
+                         + (f"; nearest op names: {', '.join(near)}" if near else f"; its ops: {', '.join(ops[:12])}"))
     for drop in ("layers", "module", "op", "inputs"):
         if drop == "module" and unmatched and len(unmatched) == len(globs) and not role_sites:
             continue   # every site of every role: not a hint
