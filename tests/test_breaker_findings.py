@@ -196,9 +196,6 @@ def test_dataparallel_replicas_run_after_an_unrelated_edit_and_refuse_a_replaced
                 replica.model(input_ids=ids)
 
 
-@pytest.mark.xfail(strict=True, reason="compose.run raises a ValueError (not a SurgeryError) at the forward when a "
-                   "MixedBatch site's value flattens batch and positions (OPT's FFN output, [batch*seq, hidden]); "
-                   "set_active accepts the block")
 def test_mixed_batch_on_a_flattened_site_is_a_surgery_error():
     from transformers import OPTConfig, OPTForCausalLM
     torch.manual_seed(0)

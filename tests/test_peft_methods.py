@@ -512,5 +512,5 @@ def test_mixed_batch_refuses_what_does_not_act_per_row():
     with pytest.raises(surgery.SurgeryError, match="no adapter named 'x'"):
         surgery.set_active(model, surgery.MixedBatch("a", "x"))
     surgery.set_active(model, surgery.MixedBatch("a", "__base__"))
-    with pytest.raises(ValueError, match="MixedBatch names 2 rows but the batch has 3"):
+    with pytest.raises(surgery.RewriteError, match="MixedBatch names 2 rows but the batch has 3"):
         run("llama", model, token_ids(3, 5))

@@ -11,6 +11,8 @@ from typing import Union
 
 import torch
 
+from surgery.errors import RewriteError
+
 Child = Union[str, "Block"]
 
 
@@ -181,13 +183,13 @@ def run(block: Child | None, by_name: dict[str, list], order: list[str], value: 
     if isinstance(block, (BatchSplit, Parallel)):
         sizes = list(block.batch_sizes) if isinstance(block, BatchSplit) else [value.shape[0] // len(kids)] * len(kids)
         if sum(sizes) != value.shape[0]:
-            raise ValueError(f"{type(block).__name__} splits {sum(sizes)} rows but the batch has {value.shape[0]}")
+            raise RewriteError(f"{type(block).__name__} splits {sum(sizes)} rows but the batch has {value.shape[0]}")
         parts = torch.split(value, sizes, dim=0)
         return torch.cat([run(c, by_name, order, p, _rows(args, sizes, i), fusions)
                           for i, (c, p) in enumerate(zip(kids, parts))], dim=0)
     if isinstance(block, MixedBatch):
         if value.shape[0] != len(block.children):
-            raise ValueError(f"MixedBatch names {len(block.children)} rows but the batch has {value.shape[0]} "
+            raise RewriteError(f"MixedBatch names {len(block.children)} rows but the batch has {value.shape[0]} "
                              f"(beam search and num_return_sequences expand the batch: name the expanded rows; a "
                              f"site whose value flattens batch and positions, as OPT's FFN [batch·seq, hidden], "
                              f"cannot be routed by row)")
