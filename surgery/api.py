@@ -78,9 +78,12 @@ def _base_structure(model: nn.Module) -> tuple:
             for name, t in table.items():
                 if t is not None:
                     tensors.append((prefix + name, tuple(t.shape), t.dtype))
-        if parametrized:
+        if parametrized:      # the tensors a parametrization keeps (`original`; weight_norm's original0/1)
             for name, plist in m.parametrizations.items():
-                tensors.append((prefix + name, tuple(plist.original.shape), plist.original.dtype))
+                for key, t in plist._parameters.items():
+                    if t is not None:
+                        tensors.append((prefix + name if key == "original" else f"{prefix}{name}:{key}",
+                                        tuple(t.shape), t.dtype))
     return tuple(modules), tuple(tensors)
 
 
