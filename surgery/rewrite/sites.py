@@ -1,8 +1,8 @@
 """Modules replaced after apply: a host module that carries adapters (hooks, a parametrization, a routed
 forward) and is later swapped for another one (`resize_token_embeddings`, a user's `model.lm_head = ...`) takes
 its adapters with it. Surgery remembers where each such module sits (its path) and checks, at the first root
-forward after the module tree on those paths changed and before merge/save/export, that it still sits there; if
-not, it raises, naming the module, instead of running, merging or saving without the adapter.
+forward after the module tree on those paths changed and before merge/unmerge/save/to_peft/export, that it still
+sits there; if not, it raises, naming the module, instead of running, merging or saving without the adapter.
 
 A change is seen where it happens: the `_modules` dict of every module on a host's path (the root included) is
 replaced at record time by a dict of the same kind that reports its changes (a child set, deleted or replaced:
