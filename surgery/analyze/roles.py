@@ -236,7 +236,6 @@ def _experts_info(node: fx.Node, traced: Traced) -> LinearInfo | None:
                       out_features=out_f, experts=experts)
 
 
-
 def _weight_op_info(node: fx.Node, traced: Traced) -> LinearInfo | None:
     """A convolution (not transposed) or an embedding lookup reading a parameter, as a weight-bearing op.
 
