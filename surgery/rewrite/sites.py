@@ -106,11 +106,17 @@ def check_hosts(model: nn.Module, store, doing: str) -> None:
         if _links_hold(model, links):
             return
     for path, child in store.__dict__.get("hosts", ()):    # a link changed: is each host still at its path?
-        module = model
-        for name in path.split("."):
-            module = module._modules.get(name) if module is not None else None
-        if module is not child:
+        if _module_at(model, path) is not child:
             raise _replaced(path, doing)
+
+
+def _module_at(root: nn.Module | None, path: str) -> nn.Module | None:
+    """The module at dotted `path` under `root` through the `_modules` tables (no `__getattr__`), None where the
+    path no longer exists."""
+    module = root
+    for name in path.split("."):
+        module = module._modules.get(name) if module is not None else None
+    return module
 
 
 def _replaced(path: str, doing: str) -> RewriteError:
@@ -311,12 +317,8 @@ class _PartCheck:
             return
         prefix = self.path + "."
         for path, child in self.store.__dict__.get("hosts", ()):
-            if path.startswith(prefix):
-                found = self.part
-                for name in path[len(prefix):].split("."):
-                    found = found._modules.get(name) if found is not None else None
-                if found is not child:
-                    raise _replaced(path, "run the forward")
+            if path.startswith(prefix) and _module_at(self.part, path[len(prefix):]) is not child:
+                raise _replaced(path, "run the forward")
 
     def __deepcopy__(self, memo):
         model = memo.get(id(self.model))
