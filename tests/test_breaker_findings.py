@@ -208,10 +208,11 @@ def test_mixed_batch_on_a_flattened_site_is_a_surgery_error():
         model(input_ids=token_ids())
 
 
-@pytest.mark.xfail(strict=True, reason="ReFT's positions come from the root call's attention_mask (the root "
-                   "pre-hook's capture, rewrite/host.py _capture_call); a forward of the base model alone "
-                   "(`model.model(...)`) is not captured, so a left-padded row is intervened on its padding")
+# ---------------------------------------------------------------- a call that starts below the root
+
 def test_reft_on_the_base_model_called_alone_reads_that_calls_mask():
+    """ReFT's positions come from the call's attention mask. The base model called alone (`model.model(...)`)
+    read the mask the last root call had left (none here), so a left-padded row was intervened on its padding."""
     model = make_llama().eval()
     surgery.apply(model, "loreft")
     perturb(model, 0.3)
@@ -245,3 +246,25 @@ def test_a_host_re_attached_by_unmerge_is_watched_again():
     _replace_v_proj(model)
     with pytest.raises(surgery.RewriteError, match=r"v_proj was replaced"):
         model(input_ids=ids)
+
+
+def test_a_shared_layer_counts_its_calls_from_zero_in_a_base_model_called_alone():
+    """ALBERT runs one layer module at every depth; an adapter there is per call (Houlsby on call k adapts depth
+    k). The count of calls was reset by the root call only: the base model called alone (`model.albert(...)`)
+    counted on from the last call, so its adapters at depth k never ran (each call's output differed)."""
+    from transformers import AlbertConfig, AlbertForMaskedLM
+    torch.manual_seed(0)
+    model = AlbertForMaskedLM(AlbertConfig(vocab_size=100, embedding_size=32, hidden_size=64, num_hidden_layers=3,
+                                           num_attention_heads=4, intermediate_size=128)).eval()
+    surgery.apply(model, "houlsby")
+    perturb(model, 0.3)
+    ids = token_ids(2, 8, vocab=100)
+    with torch.no_grad():
+        through_root = model(input_ids=ids, output_hidden_states=True).hidden_states[-1]
+        alone = [model.albert(input_ids=ids).last_hidden_state for _ in range(2)]
+        plain = copy.deepcopy(model)
+        surgery.remove(plain)
+        base = plain.albert(input_ids=ids).last_hidden_state
+    assert (through_root - base).abs().max() > 1e-2          # the adapters change the output
+    for out in alone:
+        torch.testing.assert_close(out, through_root, rtol=0, atol=1e-5)

@@ -235,24 +235,30 @@ def _relink(model: nn.Module, store) -> None:
     watched = [(parent, _watch(parent, watcher)) for parent in parents.values()]
     # the path of each module on the hosts' paths but the root: called directly (`model.model(...)`, a T5's
     # encoder), it checks the hosts under it while the tree may have changed (`_PartCheck`)
-    paths = {}
+    paths, entries = {}, {}
     for path, _ in store.__dict__.get("hosts", ()):
-        module, prefix = model, ""
+        module, prefix, repeated = model, "", False
         for name in path.split(".")[:-1]:
-            module = module._modules.get(name)
+            parent, module = module, module._modules.get(name)
             if module is None:
                 break
             prefix = f"{prefix}.{name}" if prefix else name
             paths.setdefault(id(module), (module, prefix))
+            # a call can start here (`model.model(...)`, an encoder run by generate()): not inside a layer stack
+            repeated = repeated or isinstance(parent, _CONTAINERS)
+            if not repeated and not isinstance(module, (nn.ModuleList, nn.ModuleDict)):
+                entries.setdefault(id(module), module)
     store.__dict__["parts"] = list(paths.values())
+    store.__dict__["entries"] = list(entries.values())
     kept = {id(modules) for _, modules in watched}
     for parent, modules in store.__dict__.get("watched", ()):
         if id(modules) not in kept:
             _unwatch(parent, modules, watcher)
     store.__dict__["watched"] = watched
     store.__dict__["armed"] = not _links_hold(model, links)   # a replaced host still recorded: check again
-    for handle in store.__dict__.pop("part_hooks", None) or ():  # on the parts as they are now, if armed
-        handle.remove()
+    for key in ("part_hooks", "entry_hooks"):     # on the parts as they are now, where wanted
+        for handle in store.__dict__.pop(key, None) or ():
+            handle.remove()
     _sync_root(model, store)
 
 
@@ -332,8 +338,9 @@ class _PartCheck:
 
 def _uninstall_root(model: nn.Module, store) -> None:
     store.runtime.on_change = None
-    for handle in store.__dict__.pop("part_hooks", None) or ():
-        handle.remove()
+    for key in ("part_hooks", "entry_hooks"):
+        for handle in store.__dict__.pop(key, None) or ():
+            handle.remove()
     watcher = store.__dict__.pop("tree_changed", None)
     for parent, modules in store.__dict__.pop("watched", ()):
         _unwatch(parent, modules, watcher)
@@ -352,8 +359,8 @@ def _sync_root(model: nn.Module, store) -> None:
     if "root_call" not in store.__dict__:   # being copied or unpickled: the copy's state is complete later
         return
     runtime = store.runtime
-    wanted = store.__dict__.get("armed") or runtime.readers or \
-        isinstance(runtime.composition, (compose.Parallel, compose.MixedBatch))
+    reading = bool(runtime.readers) or isinstance(runtime.composition, (compose.Parallel, compose.MixedBatch))
+    wanted = store.__dict__.get("armed") or reading
     handle = store.__dict__.get("root_hook")
     if wanted and handle is None:
         signature, positional = store.__dict__["root_call"]
@@ -362,6 +369,14 @@ def _sync_root(model: nn.Module, store) -> None:
     elif not wanted and handle is not None:
         store.__dict__["root_hook"] = None
         handle.remove()
+    # while something reads the call, a call of a part alone starts a call as the root's does (`_CallEntry`)
+    entry_hooks = store.__dict__.get("entry_hooks")
+    if reading and entry_hooks is None:
+        store.__dict__["entry_hooks"] = _install_entries(model, store, runtime)
+    elif not reading and entry_hooks is not None:
+        store.__dict__["entry_hooks"] = None
+        for handle in entry_hooks:
+            handle.remove()
     # while armed, each module on the hosts' paths checks the hosts under it when called without the root
     armed, handles = store.__dict__.get("armed"), store.__dict__.get("part_hooks")
     if armed and handles is None:
@@ -384,5 +399,61 @@ def _root_call(store, runtime, signature, positional: tuple[str, ...], mod, args
         check_hosts(model, store, "run the forward")    # raises, and stays armed, while a host is missing
         _relink(model, store)                            # all in place: watch the tree as it is now
     if runtime.readers or isinstance(runtime.composition, (compose.Parallel, compose.MixedBatch)):
-        return _capture_call(runtime, signature, positional, mod, args, kwargs)
+        return _enter_call(runtime, signature, positional, mod, args, kwargs)
     return None
+
+
+# ---------------------------------------------------------------- where a call starts
+
+_CONTAINERS = (nn.ModuleList, nn.ModuleDict, nn.Sequential)
+
+
+def _enter_call(runtime, signature, positional, mod, args, kwargs):
+    """A forward of the root or of a part (`_CallEntry`) begins: the outermost one in this thread records its
+    inputs and clears what the previous call left (`_capture_call`); one nested in it (the base model inside
+    the LM's forward) leaves them (an encoder's 4-D mask is no input positions). `_leave_call` ends it."""
+    local = runtime._local.__dict__
+    depth = local.get("depth", 0)
+    local["depth"] = depth + 1
+    if depth:
+        return None
+    return _capture_call(runtime, signature, positional, mod, args, kwargs)
+
+
+def _leave_call(runtime, mod, args, out):
+    """The forward hook (always called, also when the forward raises) that ends `_enter_call`'s call."""
+    local = runtime._local.__dict__
+    local["depth"] = max(local.get("depth", 0) - 1, 0)
+
+
+class _CallEntry:
+    """The pre-hook of the root (after `_root_call`'s check) and of each part a call can start at, while something
+    reads the per-call state: a part called alone (`model.model(ids, attention_mask=...)`, ALBERT's
+    `model.albert(...)`) then reads its own call's mask and counts its own repeated calls from zero, not what the
+    last root call left. Deep-copies and pickles with the model (its state is the signature and the runtime)."""
+
+    __slots__ = ("runtime", "signature", "positional")
+
+    def __init__(self, runtime, signature):
+        self.runtime, self.signature, self.positional = runtime, signature, _positional(signature)
+
+    def __call__(self, mod, args, kwargs):
+        return _enter_call(self.runtime, self.signature, self.positional, mod, args, kwargs)
+
+    def __reduce__(self):
+        return _CallEntry, (self.runtime, self.signature)
+
+
+def _install_entries(model: nn.Module, store, runtime) -> list:
+    """The root's `_leave_call` and each entry part's `_CallEntry` and `_leave_call` (see `_enter_call`)."""
+    leave = functools.partial(_leave_call, runtime)
+    handles = [model.register_forward_hook(leave, always_call=True)]
+    for part in store.__dict__.get("entries", ()):
+        try:
+            signature = inspect.signature(part.forward)
+        except (TypeError, ValueError):
+            signature = None
+        handles.append(part.register_forward_pre_hook(_CallEntry(runtime, signature), with_kwargs=True,
+                                                      prepend=True))
+        handles.append(part.register_forward_hook(leave, always_call=True))
+    return handles
