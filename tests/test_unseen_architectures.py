@@ -147,18 +147,18 @@ def test_ffn_adapters_alone_act_under_eager_attention():
     assert _scaled_output_change(model, inputs, "ffn_adapter") > 1e-4
 
 
-@pytest.mark.xfail(strict=True, reason="Speech2Text's encoder and decoder are not told apart as stacks: layers are "
-                   "numbered 0..3 with no stack, and decoder layer 1's encoder_attn is attention.op while layer 0's "
-                   "is cross_attention.op (analyze: stacks/cross-attention from the encoder's conv-subsampled input)")
-def test_speech2text_decoder_cross_attention_is_cross_attention_in_every_layer():
-    model, _, apply_inputs = _speech2text()
+@pytest.mark.xfail(strict=True, reason="with eager attention (the softmax computed by the module), the last decoder "
+                   "layer's cross-attention is attention.op, not cross_attention.op (layer 0's is right): a prefix "
+                   "spec adds self-attention prefixes to it and decoder layer 1 has two attention.op sites "
+                   "(analyze/roles.py: keys from another stack); BART with attn_implementation='eager', Speech2Text")
+@pytest.mark.parametrize("build", [_bart_eager, _speech2text], ids=["bart_eager", "speech2text"])
+def test_every_decoder_layers_cross_attention_is_cross_attention_under_eager_attention(build):
+    model, _, apply_inputs = build()
     spec = {"rules": [{"name": "op", "match": {"role": ["attention.op", "cross_attention.op"]}, "action": "attend",
                        "module": {"kind": "prefix", "prefix_length": 2}, "expect": "any"}]}
-    rows = surgery.plan(model, spec, example_inputs=apply_inputs)
-    roles = {r.module: r.role for r in rows}
-    assert roles["model.decoder.layers.0.encoder_attn"] == roles["model.decoder.layers.1.encoder_attn"] \
-        == "cross_attention.op", roles
-    assert {getattr(r, "stack", None) for r in rows} == {"encoder", "decoder"}, [(r.module, r.stack) for r in rows]
+    roles = {r.module: r.role for r in surgery.plan(model, spec, example_inputs=apply_inputs)}
+    assert [roles[f"model.decoder.layers.{i}.encoder_attn"] for i in range(LAYERS)] == ["cross_attention.op"] * LAYERS, \
+        roles
 
 
 @pytest.mark.xfail(strict=True, reason="UniPELT's prefix gate reads the attention module's first 3-D input as wide "
