@@ -22,6 +22,7 @@ from torch import nn
 
 from surgery.errors import RewriteError
 from surgery.rewrite import mixed
+from surgery.rewrite.host import HostCode
 
 
 def extend_mask(mask, prefix: int, query: torch.Tensor, key: torch.Tensor, causal: bool):
@@ -98,6 +99,7 @@ class RegistryAttention:
         causal = kwargs.get("is_causal")
         causal = getattr(module, "is_causal", True) if causal is None else causal
         batch = query.shape[0]
+        host_call = HostCode()    # the model's attention as the host's own call (its F.dropout), once
 
         def make_attend(rows):   # the model's attention on `rows` (None: all) of a mixed-adapter batch
             row_mask = attention_mask if rows is None else mixed.take(attention_mask, rows, batch)
@@ -108,7 +110,7 @@ class RegistryAttention:
                 extra = {**row_kwargs, "is_causal": False if prefix else row_kwargs.get("is_causal")}
                 if prefix:
                     extra = {name: _extend_scores(value, prefix, k, key.shape[-2]) for name, value in extra.items()}
-                out, _ = base(module, q, k, v, mask, **extra)
+                out, _ = host_call(base, module, q, k, v, mask, **extra)
                 return out
             return attend
         return mixed.attention(entries, make_attend, query, key, value, chain), None

@@ -567,6 +567,29 @@ def _run_pending(block, pending: dict, value):
 _ADAPTER_DEPTH = threading.local()   # per thread: how many adapter modules are running (their calls are not the host's)
 
 
+class HostCode:
+    """Host code an adapter calls back (the model's own attention function an attention adapter runs with its
+    keys added) runs as the host's: functional intercepts count its calls, as the trace did. Only `first` of
+    the calls through one instance counts (LLaMA-Adapter attends twice, a mixed batch once per group of rows:
+    the host's one call is the first; the others are the adapter's own, as an adapter module's calls are)."""
+
+    __slots__ = ("counted",)
+
+    def __init__(self):
+        self.counted = False
+
+    def __call__(self, fn, *args, **kwargs):
+        if self.counted:
+            return fn(*args, **kwargs)
+        self.counted = True
+        depth = getattr(_ADAPTER_DEPTH, "depth", 0)
+        _ADAPTER_DEPTH.depth = 0
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _ADAPTER_DEPTH.depth = depth
+
+
 def _enter_adapter(module, args):
     _ADAPTER_DEPTH.depth = getattr(_ADAPTER_DEPTH, "depth", 0) + 1
 
