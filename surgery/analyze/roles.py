@@ -656,19 +656,21 @@ class _Ancestors:
     """The first `limit` nodes a depth-first walk up from `value` visits, walked only as far as membership tests
     need: `x in ancestors` answers as the whole set would."""
 
-    def __init__(self, value: fx.Node, limit: int):
+    def __init__(self, value: fx.Node, limit: int, stop: frozenset = frozenset()):
         self.seen: set[fx.Node] = set()
         self.frontier = [value]
         self.limit = limit
+        self.stop = stop        # nodes walked to but not through
 
     def __contains__(self, x) -> bool:
-        seen, frontier = self.seen, self.frontier
+        seen, frontier, stop = self.seen, self.frontier, self.stop
         while x not in seen and frontier and len(seen) < self.limit:
             node = frontier.pop()
             if node in seen or not isinstance(node, fx.Node):
                 continue
             seen.add(node)
-            frontier.extend(node.all_input_nodes)
+            if node not in stop:
+                frontier.extend(node.all_input_nodes)
         return x in seen
 
 
@@ -775,8 +777,8 @@ def analyze(traced: Traced) -> Analysis:
         taken_linear.add(info.node)
         add(info.node, role, layer, module=info.owner, linear=info, **extra)
 
-    def ancestors(value: fx.Node, limit: int = 400) -> "_Ancestors":
-        return _Ancestors(value, limit)
+    def ancestors(value: fx.Node, limit: int = 400, stop: frozenset = frozenset()) -> "_Ancestors":
+        return _Ancestors(value, limit, stop)
 
     def close_sublayer(branch_value, prefix, layer):
         """The residual add closing a sub-layer: the first add downstream of the branch whose other operand is a
@@ -837,6 +839,7 @@ def analyze(traced: Traced) -> Analysis:
             add(residual, f"{prefix}.residual", layer, extra_of=add_node.name)
 
     hidden = None
+    attention_nodes = frozenset(op_node for op_node, _, _, _ in attention)
     for op_node, q, k, v in attention:
         layer = layer_of(op_node)
         srcs = {}
@@ -846,12 +849,14 @@ def analyze(traced: Traced) -> Analysis:
         q_src, k_src = srcs["q"], srcs["k"]
         # cross-attention: keys computed from another value than the queries (the encoder's output), not one
         # computed from the other on the way (Segformer/PVT: keys from a strided conv and norm of the queries'
-        # hidden state; Funnel: queries from the pooled hidden state of the keys): still self-attention
+        # hidden state; Funnel: queries from the pooled hidden state of the keys): still self-attention. The
+        # walk up does not pass an attention op: a later decoder layer's queries come from the encoder's output
+        # too, through the cross-attention of the layers before
         cross = False
         if q_src is not None and k_src is not None and q_src is not k_src:
             q_in, k_in = _base_value(linears[q_src].x), _base_value(linears[k_src].x)
-            cross = (q_in is not k_in and q_in not in ancestors(linears[k_src].x, limit=64)
-                     and k_in not in ancestors(linears[q_src].x, limit=64))
+            cross = (q_in is not k_in and q_in not in ancestors(linears[k_src].x, 64, attention_nodes)
+                     and k_in not in ancestors(linears[q_src].x, 64, attention_nodes))
         prefix = "cross_attention" if cross else "attention"
         add(op_node, f"{prefix}.op", layer, q=q, k=k, v=v)
         # one projection feeding several operands is packed (GPT-2's c_attn, Falcon's query_key_value): a qkv site,
