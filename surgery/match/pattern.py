@@ -326,6 +326,8 @@ def _check_expect(rule: Rule, name: str, matches: list[Match], analysis: Analysi
     if not matches:
         raise MatchError(f"rule {name!r}{where} matched no site: pattern ({_describe(rule.match)}). "
                          f"Nearest: {_nearest(rule.match, analysis)}")
+    if expect is None or expect == "every_layer":
+        _check_operands(rule, name, where, matches, analysis)
     if expect == "every_layer":
         wanted = pattern_layers(rule.match, analysis.num_layers, analysis.stacks) or set(range(analysis.num_layers))
         roles = _as_list(rule.match.role) if rule.match.role is not None else []
@@ -346,6 +348,28 @@ def _check_expect(rule: Rule, name: str, matches: list[Match], analysis: Analysi
         without = f"; no site in layers {missing}" if missing else ""
         raise MatchError(f"rule {name!r}{where} expects {expect} site(s) but matched {len(matches)}: "
                          f"pattern ({_describe(rule.match)}); matched layers {matched}{without}")
+
+
+def _check_operands(rule: Rule, name: str, where: str, matches: list[Match], analysis: Analysis) -> None:
+    """Every attention op has queries, keys and values: a q, k or v role of the rule's list that a layer's
+    attention has no site for (no one projection computes it: JetMoe's queries are experts' weights, DeepSeek's
+    MLA keys join two projections' columns) is refused, not dropped while the rule's other roles match there
+    (LoRA [q, v] adapting v alone). Roles a layer may lack (ffn.gate in an ungated FFN) are not checked."""
+    roles = _as_list(rule.match.role) if rule.match.role is not None else []
+    if len(roles) < 2:
+        return
+    wanted = pattern_layers(rule.match, analysis.num_layers, analysis.stacks) or set(range(analysis.num_layers))
+    for role in roles:
+        family, _, operand = role.rpartition(".")
+        if operand not in ("q", "k", "v") or family not in ("attention", "cross_attention"):
+            continue
+        having = {s.layer for s in analysis.by_role.get(f"{family}.op", []) if s.layer in wanted}
+        lacking = sorted(having - {m.layer for m in matches if m.role == role})
+        if lacking:
+            raise MatchError(
+                f"rule {name!r}{where}: {role} has no site in layers {lacking}, whose attention ops have it (no one "
+                f"projection computes it there; `surgery inspect` shows the roles), while the rule's other roles "
+                f"matched. Drop {role} from the list, or set `expect: any` to adapt what matches")
 
 
 def match_spec(spec: Spec, analysis: Analysis) -> list[list[Match]]:
