@@ -268,3 +268,31 @@ def test_a_shared_layer_counts_its_calls_from_zero_in_a_base_model_called_alone(
     assert (through_root - base).abs().max() > 1e-2          # the adapters change the output
     for out in alone:
         torch.testing.assert_close(out, through_root, rtol=0, atol=1e-5)
+
+
+FLAT_PREFIX = {"rules": [{"name": "prefix", "match": {"role": "attention.op"}, "action": "attend",
+                          "module": {"kind": "prefix", "prefix_length": 4, "flat": True}, "expect": "every_layer"}]}
+
+
+@pytest.mark.parametrize("spec", [FLAT_PREFIX, "unipelt"], ids=["prefix", "unipelt"])
+def test_a_shared_layers_attention_adapter_runs_in_its_own_call_only(spec):
+    """ALBERT's one attention module runs at every depth, with one prefix per depth. Every depth's prefix ran in
+    every call (chained: depth 0 attended to both depths' prefixes), and UniPELT's gate of depth 1 read its input
+    from call 0. Now depth k's adapter runs in call k only: changing depth 1's prefix leaves the first call's
+    output as it was."""
+    from transformers import AlbertConfig, AlbertModel
+    torch.manual_seed(0)
+    model = AlbertModel(AlbertConfig(vocab_size=100, embedding_size=32, hidden_size=64, num_hidden_layers=2,
+                                     num_attention_heads=4, intermediate_size=128)).eval()
+    surgery.apply(model, spec)
+    perturb(model, 0.3)
+    ids = token_ids(2, 8, vocab=100)
+    with torch.no_grad():
+        before = model(input_ids=ids, output_hidden_states=True).hidden_states
+        depth1 = [p for n, p in model.surgery_adapters.named_parameters() if "call1" in n and "prefix" in n]
+        assert depth1
+        for p in depth1:
+            p.add_(1.0)
+        after = model(input_ids=ids, output_hidden_states=True).hidden_states
+    torch.testing.assert_close(after[1], before[1], rtol=0, atol=1e-6)    # call 0's output
+    assert (after[2] - before[2]).abs().max() > 1e-3                        # call 1's

@@ -83,8 +83,14 @@ class PrefixTuning(nn.Module):
         if not options.flat:
             act = {"tanh": nn.Tanh, "relu": nn.ReLU, "gelu": nn.GELU}[options.non_linearity]()
             if "prefix_mlp" not in site.shared:
-                site.shared["prefix_mlp"] = PrefixMLP(options.prefix_length, site.extra["hidden"],
-                                                      options.bottleneck_size, 2 * sum(widths), act)
+                # the MLP's embedding is as wide as the model (PEFT: token_dim = hidden_size), else as what
+                # enters the attention (a model with no attention output projection to read the width from)
+                width = site.extra["hidden"] or site.extra.get("input_dim")
+                if not width:
+                    raise RewriteError(f"prefix tuning's MLP embeds the prefixes at the model's width, which "
+                                       f"surgery cannot tell at {site.module}; use `flat: true`")
+                site.shared["prefix_mlp"] = PrefixMLP(options.prefix_length, width, options.bottleneck_size,
+                                                      2 * sum(widths), act)
             mlp = site.shared["prefix_mlp"]
         layer = site.layer or 0
         return cls(options.prefix_length, kv_heads, head_dim, site.layer, mlp=mlp, dropout=options.dropout,

@@ -26,8 +26,8 @@ from surgery.rewrite.attention import (attach_intercept, attach_registry, keep_o
                                        uses_registry)
 from surgery.rewrite.meta_build import building_on_meta
 from surgery.rewrite.shadow import attach_shadow, check_traced
-from surgery.rewrite.host import (AdapterStore, Gate, Record, WeightSite, attach_weight_site, capture_anchor,
-                                  hook_capture, hook_value, input_anchor, install_stack_capture, output_anchor,
+from surgery.rewrite.host import (AdapterStore, CallGate, Gate, Record, WeightSite, attach_weight_site, capture_anchor,
+                                  count_calls, hook_capture, hook_value, input_anchor, install_stack_capture, output_anchor,
                                   value_anchor, wrap_weight)
 from surgery.spec.models import Rule
 
@@ -159,9 +159,12 @@ def _attention_facts(model, analysis: Analysis, match: Match) -> dict:
                     facts["k_in"] = info.in_features    # what the key projection reads (a stage's own width)
     # the width of the hidden state entering the attention module (a UNet's resolutions differ from layer to
     # layer), and every layer's key width (a prefix MLP shared by layers of several widths lays them end to end)
-    entering = _module_input_value(analysis, match.module)
+    entering = _module_input_value(analysis, match.module, match.site.extra.get("q"))
     facts["input_dim"] = int(entering.meta["val"].shape[-1]) if entering is not None else analysis.hidden_size
     facts["kv_widths"] = _kv_widths(analysis, match.role)
+    width = facts["kv_widths"].get(match.layer)
+    if width and width % head_dim == 0:     # KV heads as the key projection's width says (also where its
+        facts["kv_heads"] = width // head_dim   # columns are permuted on the way: JetMoe's kv_proj)
     return facts
 
 
@@ -563,10 +566,14 @@ def _realize_one(model, analysis, store, record, rule, match, value, module, key
             raise RewriteError(f"rule {match.rule!r}: attend needs the attention op (role attention.op)")
         host = model.get_submodule(match.module)
         adapter = module
+        if analysis.traced.calls.get(match.module, 1) > 1:
+            # a module called several times (ALBERT's shared layer): this site's adapter runs in its own call only
+            gate = CallGate(store.runtime, gate.name, host, _call_of(match))
+            record.undo.append(count_calls(host, store.runtime))
         if getattr(module, "needs_attention_input", False):
             # the module reads the attention module's input (a gate): capture it for this call
             slot = f"{record.name}/{match.rule}/{key}/input"
-            anchor = _module_input(analysis, match.module)
+            anchor = _module_input(analysis, match.module, match.site.extra.get("q"))
             record.undo.append(hook_capture(model, anchor, store.runtime, slot))
             adapter = functools.partial(_with_attention_input, module, store.runtime, slot, record.name)
         registry = registry_of(model)
@@ -754,26 +761,36 @@ class _Replaced:
         return type(self.host).forward(self.host, *args, **kwargs)
 
 
-def _hidden_inputs(analysis: Analysis, module: str) -> list:
-    """(value, boundary) of a module's 3-D inputs, those as wide as the hidden state first (BLOOM's attention
-    also takes ALiBi, [batch * heads, 1, keys])."""
+def _hidden_inputs(analysis: Analysis, module: str, reads: fx.Node | None = None) -> list:
+    """(value, boundary) of a module's 3-D inputs: first those `reads` (an attention op's queries) is computed
+    from, by data flow (BLOOM's and MPT's attention also take ALiBi, [batch * heads, 1, keys] or [heads, 1,
+    keys], as wide as the hidden state where the context length is), then those as wide as the hidden state."""
     found = [(value, b) for value, bounds in analysis.traced.boundaries.items() for b in bounds
              if b.module == module and b.side == "in" and isinstance(value.meta.get("val"), torch.Tensor)
              and value.meta["val"].dim() == 3]
-    return sorted(found, key=lambda vb: vb[0].meta["val"].shape[-1] != analysis.hidden_size)
+    upstream: set = set()
+    if isinstance(reads, fx.Node) and len(found) > 1:
+        frontier, wanted = [reads], {value for value, _ in found}
+        while frontier and not wanted <= upstream and len(upstream) < 4096:
+            node = frontier.pop()
+            if node not in upstream:
+                upstream.add(node)
+                if node not in wanted:     # the module's inputs: the walk stays inside the module
+                    frontier.extend(node.all_input_nodes)
+    return sorted(found, key=lambda vb: (vb[0] not in upstream, vb[0].meta["val"].shape[-1] != analysis.hidden_size))
 
 
-def _module_input(analysis: Analysis, module: str):
-    """The first hidden-state input ([batch, seq, dim]) of a module."""
-    found = _hidden_inputs(analysis, module)
+def _module_input(analysis: Analysis, module: str, reads: fx.Node | None = None):
+    """The first hidden-state input ([batch, seq, dim]) of a module (see `_hidden_inputs`)."""
+    found = _hidden_inputs(analysis, module, reads)
     if found:
         return found[0][1]
     raise RewriteError(f"cannot find the hidden-state input of {module}")
 
 
-def _module_input_value(analysis: Analysis, module: str):
+def _module_input_value(analysis: Analysis, module: str, reads: fx.Node | None = None):
     """The graph value of `_module_input`, or None."""
-    found = _hidden_inputs(analysis, module)
+    found = _hidden_inputs(analysis, module, reads)
     return found[0][0] if found else None
 
 

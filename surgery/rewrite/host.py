@@ -132,6 +132,18 @@ class Gate:
         return not runtime.disabled and (runtime.active is None or self.name in runtime.active)
 
 
+class CallGate(Gate):
+    """A Gate on only during one call of a module called several times per forward (ALBERT's shared layer: an
+    attention adapter of depth k runs in the k-th call, not in every call). Needs `count_calls(module)`."""
+
+    def __init__(self, runtime: RuntimeState, name: str, module: nn.Module, call: int):
+        super().__init__(runtime, name)
+        self.module, self.call = module, call      # (a deep copy of the model maps it to the copy's module)
+
+    def __call__(self) -> bool:
+        return super().__call__() and self.runtime.calls.get(id(self.module), 0) - 1 == self.call
+
+
 class Dispatcher:
     """The one hook at a module boundary (a side and a location): runs the active adapters' functions there,
     combined as the runtime's composition says."""
