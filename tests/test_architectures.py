@@ -14,7 +14,9 @@ Each cell applies the spec to a fresh copy of a tiny random-weight model and che
 - no role on an op of the wrong kind: `ffn.out`/`attention.output` write the hidden width, FFN roles sit on no
   attention module and no MoE router, attention projections sit on attention modules;
 - for decoders and encoder-decoders, on GENERATE_SPECS: each step's logits of generate() with the KV cache equal a
-  full forward without the cache.
+  full forward without the cache;
+- an adapter acts where it sits: with the last layer's adapter parameters moved, every earlier layer's output is
+  as it was (ALBERT's shared layer once ran every depth's prefix in every call).
 
 A cell's outcome is `ok`, `refused` (a SurgeryError), `crash` (any other exception, or a RewriteError wrapping
 one: "rewrite failed: ...") or `wrong` (a check failed). REFUSALS lists the refusals that are right (the method
@@ -381,6 +383,50 @@ def check_generate(model, facts, inputs):
                 raise Wrong(f"generate() step {t}: logits with the KV cache differ from a full forward by {diff:.2e}")
 
 
+def _first_tensor(out):
+    if isinstance(out, torch.Tensor):
+        return out
+    values = out.values() if isinstance(out, dict) else out if isinstance(out, (tuple, list)) else ()
+    return next((v for v in values if isinstance(v, torch.Tensor)), None)
+
+
+def check_layer_locality(model, facts, inputs):
+    """Move the adapter parameters of the last layer's sites (named after its block path; of a shared layer, its
+    last call's): every earlier layer's output (each call's, in order) stays as it was. Last, as it changes them."""
+    blocks = facts["blocks"]
+    last = len(blocks) - 1
+    path = re.sub(r"[^0-9A-Za-z_]", "_", blocks[last])
+    shared = blocks.count(blocks[last]) > 1
+    own = re.compile(rf"(^|\.){re.escape(path)}(_[^0-9]|\.|$)" + (rf".*__call{last}(_|\.|$)" if shared else ""))
+    moved = [p for n, p in model.surgery_adapters.named_parameters() if own.search(n)]
+    if not moved:
+        return
+    outputs, handles = [], []
+    for block in dict.fromkeys(blocks):
+        handles.append(model.get_submodule(block).register_forward_hook(
+            lambda mod, args, out, block=block: outputs.append((block, _first_tensor(out)))))
+    try:
+        with torch.no_grad():
+            main_output(model, inputs)
+            before, outputs[:] = list(outputs), []
+            g = torch.Generator().manual_seed(3)
+            for p in moved:
+                p.add_(torch.randn(p.shape, generator=g).to(p.dtype) * 0.1)
+            main_output(model, inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    calls = 0
+    for (block, a), (_, b) in zip(before, outputs):
+        if block == blocks[last]:
+            calls += 1
+            if not shared or calls > last:
+                continue
+        if a is not None and b is not None and a.shape == b.shape and _max_diff(a, b) > ATOL:
+            raise Wrong(f"moving the last layer's adapters ({len(moved)} parameters) changed the output of "
+                        f"{block}{f' (call {calls - 1})' if shared else ''} by {_max_diff(a, b):.2e}")
+
+
 def _hooks_and_flags(model):
     """What a failed apply must leave as it was, besides the weights: hooks, parametrizations, requires_grad, modes."""
     return ([(n, len(m._forward_hooks), len(m._forward_pre_hooks), m.training, hasattr(m, "parametrizations"))
@@ -449,6 +495,7 @@ def run_cell(arch: str, spec_name: str) -> Result:
         check_gradients(model, spec, matches, inputs)
         if facts["generate"] and spec_name in GENERATE_SPECS and generate_works(arch):
             check_generate(model, facts, inputs)
+        check_layer_locality(model, facts, inputs)
     except Wrong as exc:
         return Result("wrong", str(exc))
     except Exception as exc:  # noqa: BLE001

@@ -58,7 +58,8 @@ def render() -> str:
         "by `tests/test_architectures.py`: apply succeeds or refuses with a `SurgeryError` that leaves the model "
         "unchanged; identity at init where the method says so; with the adapters perturbed, the output changes and "
         "`surgery.disable` gives the base output; gradients only on what the spec trains; every layer has its "
-        "sites; no role on an op of the wrong kind; and for decoders and encoder-decoders, generate() with the KV "
+        "sites; no role on an op of the wrong kind; the last layer's adapters change no earlier layer's output; "
+        "and for decoders and encoder-decoders, generate() with the KV "
         f"cache equals full forwards at each step (specs {', '.join(sorted(matrix.GENERATE_SPECS))}).",
         "",
         "`ok`: every check passes. `refused`: the method needs what the model lacks, and the message says so "
