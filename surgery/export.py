@@ -93,7 +93,9 @@ class Prepared:
         tensor_kwargs = {k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
         fixed = {k: v for k, v in kwargs.items() if not isinstance(v, torch.Tensor)}
         self.names = _positional_names(model, len(args)) + list(tensor_kwargs)
-        self.tensors = tuple(args) + tuple(tensor_kwargs.values())
+        # contiguous: torch.export guards on the example's strides, so a sliced example (`ids[:, :n]`) gave a
+        # program that refuses ordinary (contiguous) inputs
+        self.tensors = tuple(t.contiguous() for t in tuple(args) + tuple(tensor_kwargs.values()))
         self.module = TensorModule(model, len(args), list(tensor_kwargs), fixed)
         self.axes = dynamic_axes if dynamic_axes is not None else {
             name: _default_axes(t) for name, t in zip(self.names, self.tensors)}
@@ -266,9 +268,23 @@ def _to_onnx(prepared: Prepared, path: Path) -> None:
 
 
 def _to_torchscript(prepared: Prepared, path: Path) -> None:
-    with _quiet():
-        traced = torch.jit.trace(prepared.module, prepared.tensors, strict=False, check_trace=False)
-        torch.jit.save(traced, str(path))
+    # torch.jit.trace names the traced forward's arguments after the forward's signature; the wrapper's
+    # `*tensors` has none, so they would be named after whatever local variable first held each tensor inside
+    # the model ("input", "input0"): give the forward the inputs' names for the trace
+    module = prepared.module
+    names = prepared.names
+    if all(n.isidentifier() for n in names) and len(set(names)) == len(names):
+        def forward(*tensors):
+            return TensorModule.forward(module, *tensors)
+        forward.__signature__ = inspect.Signature(
+            [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in names])
+        module.forward = forward
+    try:
+        with _quiet():
+            traced = torch.jit.trace(module, prepared.tensors, strict=False, check_trace=False)
+            torch.jit.save(traced, str(path))
+    finally:
+        module.__dict__.pop("forward", None)
 
 
 def _to_pt2(prepared: Prepared, path: Path) -> None:

@@ -109,3 +109,41 @@ def test_a_second_adapter_set_on_a_parametrized_weight_survives_the_life_cycle(s
             surgery.remove(model, "b")
             assert set(model.state_dict()) == keys
             assert_close(model(*ids), base, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------- export: what the exported file takes
+
+def test_torchscript_export_takes_the_models_input_names(tmp_path):
+    """README: exported inputs keep the model's names. torch.jit.trace named the wrapper's `*tensors` after the
+    local variable that first held each tensor inside the model (Qwen2, LLaMA, DistilBERT: `input`; BART's
+    decoder ids: `input0`), so calling the loaded module by the model's names failed (surgery/export.py)."""
+    model = make_qwen2()
+    surgery.apply(model, "lora")
+    perturb(model, scale=0.2)
+    ids = token_ids(batch=2, seq=8)
+    mask = torch.ones_like(ids)
+    path = surgery.export(model, tmp_path / "m.pt", example_inputs={"input_ids": ids, "attention_mask": mask},
+                          format="torchscript")
+    loaded = torch.jit.load(str(path))
+    assert [a.name for a in loaded.forward.schema.arguments[1:]] == ["input_ids", "attention_mask"]
+    ids = token_ids(batch=3, seq=11, seed=4)
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+    assert_close(loaded(input_ids=ids, attention_mask=torch.ones_like(ids)), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_pt2_export_of_a_sliced_example_input(tmp_path):
+    """An example cut from a longer batch (`ids[:, :8]`, not contiguous) made torch.export guard on its strides:
+    the program refused the contiguous inputs of the verification ('NoneType' object has no attribute 'size')
+    and export failed (surgery/export.py: the example tensors are now made contiguous)."""
+    model = make_qwen2()
+    surgery.apply(model, "lora")
+    perturb(model, scale=0.2)
+    ids = token_ids(batch=2, seq=16)[:, :8]
+    assert not ids.is_contiguous()
+    path = surgery.export(model, tmp_path / "m.pt2", example_inputs={"input_ids": ids, "attention_mask":
+                                                                       torch.ones_like(ids)}, format="pt2")
+    ids = token_ids(batch=3, seq=20, seed=4)[:, :11]
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+    assert_close(torch.export.load(str(path)).module()(ids, torch.ones_like(ids)), expected, rtol=1e-5, atol=1e-5)
