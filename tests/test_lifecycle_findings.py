@@ -147,3 +147,24 @@ def test_pt2_export_of_a_sliced_example_input(tmp_path):
     with torch.no_grad():
         expected = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
     assert_close(torch.export.load(str(path)).module()(ids, torch.ones_like(ids)), expected, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- save/load: a file altered after save
+
+def test_a_tensors_file_altered_after_save_is_refused(tmp_path):
+    """One byte of a saved tensor's data changed (a bad copy, a disk error, an edit): safetensors checks only the
+    header, so load used to put the altered value into the model without a word. The manifest now records the
+    file's SHA-256 and load checks it (surgery/io/checkpoint.py)."""
+    model = make_qwen2()
+    surgery.apply(model, "lora")
+    perturb(model, scale=0.2)
+    surgery.save(model, tmp_path)
+    data = bytearray((tmp_path / "adapters.safetensors").read_bytes())
+    data[-3] ^= 0x40   # inside the last tensor's values, past the header
+    (tmp_path / "adapters.safetensors").write_bytes(bytes(data))
+    fresh = make_qwen2()
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(surgery.CheckpointError, match="SHA-256"):
+        surgery.load(fresh, tmp_path)
+    after = fresh.state_dict()
+    assert set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)

@@ -7,8 +7,9 @@ A saved directory holds
   base parameter a `train` rule selected keyed `<adapter>/trained/<parameter>` (e.g.
   `default/trained/model.norm.weight`). No other base weight is written, and nothing is pickled.
 - `<adapter>.spec.yaml`: the spec applied under each adapter name (a spec file `surgery.load_spec` reads).
-- `manifest.json`: the format version, the adapters in the order they were applied, and a fingerprint of the
-  base model (its parameter names and shapes), so `load` can tell a base that does not fit before changing it.
+- `manifest.json`: the format version, the adapters in the order they were applied, the tensors file's SHA-256
+  (`load` refuses a file whose bytes changed), and a fingerprint of the base model (its parameter names and
+  shapes), so `load` can tell a base that does not fit before changing it.
 
 `load` re-applies each spec under its name and copies the tensors in; on any failure the model is left as it
 was (the adapters it applied are removed, trained base weights restored).
@@ -231,9 +232,14 @@ def save(model: nn.Module, directory: str | os.PathLike) -> Path:
 
 def _write_all(directory: Path, tensors, aliases, adapters, spec_texts, store, model) -> None:
     from safetensors.torch import save_file
+    digest = {}
+
+    def write_tensors(p: Path) -> None:
+        save_file(tensors, str(p), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
+        digest["sha256"] = _sha256(p)   # of the bytes written, before the rename puts them in place
+
     # tensors first, then the specs, the manifest last: a directory whose manifest is new is complete
-    _write_atomic(directory / ADAPTERS_FILE,
-                  lambda p: save_file(tensors, str(p), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)}))
+    _write_atomic(directory / ADAPTERS_FILE, write_tensors)
     for filename, text in spec_texts.items():
         _write_atomic(directory / filename, lambda p, text=text: p.write_text(text))
     manifest = {
@@ -242,7 +248,7 @@ def _write_all(directory: Path, tensors, aliases, adapters, spec_texts, store, m
         "adapters": adapters,
         "active": store.runtime.active,
         "tensors": {"file": ADAPTERS_FILE, "count": len(tensors), "aliases": aliases,
-                    "numel": sum(t.numel() for t in tensors.values())},
+                    "numel": sum(t.numel() for t in tensors.values()), "sha256": digest["sha256"]},
         "base": fingerprint(model),
     }
     text = re.sub(r"\[[\d,\s]*\]", lambda m: json.dumps(json.loads(m.group())), json.dumps(manifest, indent=1))
@@ -300,6 +306,9 @@ def _check_manifest_types(path: Path, manifest: dict) -> None:
         raise bad("tensors", "a mapping", tensors)
     if not isinstance(tensors.get("file", ADAPTERS_FILE), str):
         raise bad("tensors.file", "a file name", tensors.get("file"))
+    digest = tensors.get("sha256")
+    if digest is not None and not (isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest)):
+        raise bad("tensors.sha256", "a SHA-256 as 64 lowercase hex digits", digest)
     aliases = tensors.get("aliases", {})
     if not isinstance(aliases, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in aliases.items()):
         raise bad("tensors.aliases", "a mapping of tensor names to tensor names", aliases)
@@ -333,11 +342,25 @@ def _inside(directory: Path, name: str, what: str) -> Path:
     return target
 
 
-def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _read_tensors(path: Path, sha256: str | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of `path`; when the manifest recorded the file's SHA-256 (surgery.save does), the file must
+    have it: a byte changed in a tensor's data is not seen by safetensors' own header checks."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
     try:
-        return load_file(str(path))
+        tensors = load_file(str(path))
+        if sha256 is not None and _sha256(path) != sha256:
+            raise CheckpointError(f"{path} is not the file surgery.save wrote: altered, truncated or corrupt (its "
+                                  f"SHA-256 differs from the one {MANIFEST_FILE} records)")
+        return tensors
     except FileNotFoundError:
         raise CheckpointError(f"{path} is missing") from None
     except (SafetensorError, OSError, ValueError) as exc:
@@ -411,7 +434,8 @@ def load(base_model: nn.Module, directory: str | os.PathLike, example_inputs: An
         spec_path = _inside(directory, entry["spec"], f"{directory / MANIFEST_FILE}: spec")
         specs.append((entry["name"], load_spec(spec_path)))   # a SpecError names the file, line and column
     saved = _read_tensors(_inside(directory, manifest.get("tensors", {}).get("file", ADAPTERS_FILE),
-                                  f"{directory / MANIFEST_FILE}: tensors.file"))
+                                  f"{directory / MANIFEST_FILE}: tensors.file"),
+                          manifest.get("tensors", {}).get("sha256"))
     aliases = manifest.get("tensors", {}).get("aliases", {})
     if strict:
         check_fits(manifest, base_model)
