@@ -168,3 +168,29 @@ def test_a_tensors_file_altered_after_save_is_refused(tmp_path):
         surgery.load(fresh, tmp_path)
     after = fresh.state_dict()
     assert set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)
+
+
+# ---------------------------------------------------------------- save/load: the active composition
+
+@pytest.mark.parametrize("block", [
+    surgery.Average("a", "b", weights=[0.7, 0.3]),
+    surgery.BatchSplit("a", "b", batch_sizes=[1, 3]),
+], ids=["average", "batch_split"])
+def test_save_keeps_the_active_composition(tmp_path, block):
+    """The manifest's `active` held only the active names, so a model saved under Average(a, b, weights) loaded
+    as a Stack of a and b (0.13 off on the logits), BatchSplit(a, b) as a Stack too: load gave other outputs
+    without a word. Save now writes the block (surgery/io/checkpoint.py)."""
+    model = make_qwen2()
+    surgery.apply(model, "houlsby", name="a")
+    perturb(model, scale=0.2, seed=1)
+    surgery.apply(model, "pfeiffer", name="b")
+    perturb(model, scale=0.2, seed=2)
+    surgery.set_active(model, block)
+    ids = token_ids(batch=4)
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    surgery.save(model, tmp_path)
+    fresh = make_qwen2()
+    surgery.load(fresh, tmp_path)
+    with torch.no_grad():
+        assert_close(fresh(input_ids=ids).logits, expected, rtol=1e-6, atol=1e-6)

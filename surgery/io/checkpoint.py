@@ -230,6 +230,31 @@ def save(model: nn.Module, directory: str | os.PathLike) -> Path:
     return directory
 
 
+def _block_data(block) -> Any:
+    """A composition as the data `set_active` (and a spec's `compose:`) reads: {average: [a, b], weights: [...]}.
+    Average's weights are written as they act (already normalized), with normalize_weights false."""
+    from surgery.rewrite.compose import BLOCKS, Average
+    if isinstance(block, str):
+        return block
+    kind = next(k for k, cls in BLOCKS.items() if type(block) is cls)
+    data = {kind: [_block_data(c) for c in block.children]}
+    for key, value in vars(block).items():
+        if key != "children" and not key.startswith("_"):
+            data[key] = list(value) if isinstance(value, tuple) else value
+    if isinstance(block, Average):
+        data["normalize_weights"] = False
+    return data
+
+
+def _active_data(runtime) -> Any:
+    """What is active: null (every adapter), the names, or the composition block when one is set (the names
+    alone would load as a Stack: an Average's weights, a BatchSplit's sizes would be lost)."""
+    from surgery.rewrite.compose import Block
+    if isinstance(runtime.composition, Block):
+        return _block_data(runtime.composition)
+    return runtime.active
+
+
 def _write_all(directory: Path, tensors, aliases, adapters, spec_texts, store, model) -> None:
     from safetensors.torch import save_file
     digest = {}
@@ -246,7 +271,7 @@ def _write_all(directory: Path, tensors, aliases, adapters, spec_texts, store, m
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "adapters": adapters,
-        "active": store.runtime.active,
+        "active": _active_data(store.runtime),
         "tensors": {"file": ADAPTERS_FILE, "count": len(tensors), "aliases": aliases,
                     "numel": sum(t.numel() for t in tensors.values()), "sha256": digest["sha256"]},
         "base": fingerprint(model),
