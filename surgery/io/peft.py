@@ -130,6 +130,39 @@ def _read(peft_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return config, load_file(str(weights_path))
 
 
+BASE_LAYER = ".base_layer.weight"
+
+
+def _drop_saved_base_layers(tensors: dict[str, torch.Tensor], model: nn.Module, peft_dir: Path) -> dict:
+    """PEFT saves the whole weight of an adapted embedding or LM head (`save_embedding_layers="auto"`, whenever
+    `target_modules` names `embed_tokens` or `lm_head`) as `<module>.base_layer.weight`, and its loader copies it
+    into the base. Such a tensor equal to this model's weight (after a cast to its dtype) changes nothing and
+    is dropped; one that differs (a resized or trained vocabulary) is a base weight surgery does not write:
+    PeftFormatError naming it."""
+    kept = {}
+    for key, tensor in tensors.items():
+        if not (key.startswith(PREFIX) and key.endswith(BASE_LAYER)):
+            kept[key] = tensor
+            continue
+        path = key[len(PREFIX):-len(BASE_LAYER)]
+        try:
+            weight = model.get_submodule(path).weight
+        except AttributeError:
+            kept[key] = tensor      # no such module here: reported as an unknown tensor below
+            continue
+        if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != tuple(tensor.shape):
+            shape = list(weight.shape) if isinstance(weight, torch.Tensor) else None
+            raise PeftFormatError(f"{peft_dir}: {key} is {path}'s whole weight as PEFT saved it "
+                                  f"(save_embedding_layers), of shape {list(tensor.shape)}, but this model's is "
+                                  f"{shape}: resize the base model's vocabulary and load that weight into it first")
+        if not torch.equal(tensor.to(device=weight.device, dtype=weight.dtype), weight.detach()):
+            raise PeftFormatError(f"{peft_dir}: {key} is {path}'s whole weight as PEFT saved it "
+                                  f"(save_embedding_layers), and it differs from this model's: a trained or "
+                                  f"resized base weight, which from_peft does not write; load it into the base "
+                                  f"model first")
+    return kept
+
+
 def _tensors_by_module(tensors: dict[str, torch.Tensor], suffixes: dict[str, str], peft_dir: Path) -> dict:
     """{module path: {our name: tensor}} from PEFT's keys."""
     by_module: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
@@ -277,6 +310,7 @@ def from_peft(model: nn.Module, peft_dir, *, name: str = "default", example_inpu
     """
     peft_dir = Path(peft_dir)
     config, tensors = _read(peft_dir)
+    tensors = _drop_saved_base_layers(tensors, model, peft_dir)
     peft_type = str(config.get("peft_type", "")).upper()
     dora = bool(config.get("use_dora", False))
     if peft_type == "LORA":
