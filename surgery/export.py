@@ -12,6 +12,7 @@ import contextlib
 import inspect
 import io
 import os
+import re
 import shutil
 import warnings
 from collections.abc import Mapping
@@ -228,7 +229,47 @@ def export(model: nn.Module, path: str | os.PathLike, *, example_inputs: Any = N
     if format not in FORMATS:
         raise ExportError(f"format must be one of {', '.join(FORMATS)}, not {format!r}")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir():
+        raise ExportError(f"{path} is a directory; export writes a file (e.g. {path / ('model.' + format)})")
+    created = _make_parent(path)
+    try:
+        return _export(model, path, example_inputs, format, merge, dynamic_axes, verify)
+    except BaseException:
+        for directory in created:     # a failed export leaves no directory it made
+            with contextlib.suppress(OSError):
+                directory.rmdir()
+        raise
+
+
+def _make_parent(path: Path) -> list[Path]:
+    """Create `path`'s missing parent directories; return them, innermost first. ExportError when one cannot
+    be made (a file stands where a directory should be, no permission)."""
+    missing = [d for d in path.parent.absolute().parents][::-1] + [path.parent.absolute()]
+    missing = [d for d in missing if not d.exists()]
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ExportError(f"cannot create the directory {path.parent} for {path.name}: "
+                          f"{exc.strerror or exc}") from None
+    return missing[::-1]
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _one_line(exc: BaseException) -> str:
+    """`Type: first line` of an exception and of its innermost cause (torch.onnx's errors run to dozens of
+    lines with terminal colours; the full chain stays on the raised error's __cause__)."""
+    def line(e: BaseException) -> str:
+        text = _ANSI.sub("", str(e)).strip().splitlines()
+        return f"{type(e).__name__}: {text[0][:500] if text else ''}"
+    root = exc
+    while root.__cause__ is not None and root.__cause__ is not root:
+        root = root.__cause__
+    return line(exc) if root is exc else f"{line(exc)} (caused by {line(root)})"
+
+
+def _export(model, path: Path, example_inputs, format: str, merge: bool, dynamic_axes, verify: bool) -> Path:
     with stage(f"export {type(model).__name__} as {format} to {path}"), _exporting(model, merge):
         prepared = Prepared(model, example_inputs, dynamic_axes)
         staging = path.parent / f".{path.name}.partial"   # the file keeps its name (ONNX external data refer to it)
@@ -246,8 +287,7 @@ def export(model: nn.Module, path: str | os.PathLike, *, example_inputs: Any = N
         except SurgeryError:
             raise
         except Exception as exc:  # noqa: BLE001 - any exporter failure becomes one clear error
-            raise ExportError(f"{format} export of {type(model).__name__} failed: {type(exc).__name__}: "
-                              f"{str(exc)[:2000]}") from exc
+            raise ExportError(f"{format} export of {type(model).__name__} failed: {_one_line(exc)}") from exc
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return path
