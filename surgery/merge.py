@@ -205,12 +205,25 @@ class _RowsCopy:
         return self.index.numel() * self.index.element_size() + self.values.numel() * self.values.element_size()
 
 
+def _run_inverse(inverse, merged: torch.Tensor) -> torch.Tensor:
+    """The adapter's inverse of the fold; in float32 for a half-precision weight whose inverse has no kernel in
+    that dtype (OFT's and BOFT's solve: torch has no LU for bfloat16/float16 on the CPU), so merge (and export,
+    which merges) of a half-precision model works. What unmerge keeps is checked against the original either way."""
+    try:
+        return inverse(merged)
+    except NotImplementedError:
+        if merged.dtype not in (torch.float16, torch.bfloat16):
+            raise
+        restored = inverse(merged.float())
+        return None if restored is None else restored.to(merged.dtype)
+
+
 def _keep(orig: torch.Tensor, merged: torch.Tensor, inverse, exact: bool, rows=None) -> tuple[str, object]:
     """What restores `orig` from `merged`: the inverse alone, the inverse plus a residual, or a copy (of the
     covered `rows` only, when the adapter changes only those)."""
     if rows is not None:
         return "rows", _RowsCopy(rows.clone(), orig[rows].clone())
-    restored = inverse(merged) if inverse is not None else None
+    restored = _run_inverse(inverse, merged) if inverse is not None else None
     if restored is None:
         return "copy", orig
     if exact:
@@ -257,7 +270,7 @@ def _unfold(folded: _Folded) -> None:
         return
     inverse = site.adapter.inverse_bias if folded.is_bias else site.adapter.inverse_weight
     with _adapter_values(site.adapter, folded.adapter_state):
-        restored = inverse(part.read())
+        restored = _run_inverse(inverse, part.read())
     if folded.mode == "residual":
         residual = folded.kept
         restored = restored + residual.values.to(restored.dtype)

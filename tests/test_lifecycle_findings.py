@@ -367,3 +367,25 @@ def test_loreft_exports_to_onnx(tmp_path):
     perturb(model, scale=0.2)
     ids = token_ids()
     surgery.export(model, tmp_path / "m.onnx", example_inputs={"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+
+
+# ---------------------------------------------------------------- merge of a half-precision model
+
+@pytest.mark.parametrize("spec", ["oft", "boft"])
+def test_merge_and_unmerge_of_a_bfloat16_rotation_adapter(spec):
+    """OFT/BOFT on a bfloat16 (or float16) base: merge (and export, which merges by default) failed ('lu_cpu'
+    not implemented for 'BFloat16': the inverse unmerge keeps is a solve, which torch has no half-precision LU
+    for on the CPU). surgery/merge.py runs that inverse in float32 for such weights; unmerge stays bit-exact."""
+    model = make_qwen2().to(torch.bfloat16)
+    surgery.apply(model, spec)
+    perturb(model, scale=0.2)
+    ids = token_ids()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        unmerged = model(input_ids=ids).logits
+        surgery.merge(model)
+        merged = model(input_ids=ids).logits
+        surgery.unmerge(model)
+    assert_close(merged.float(), unmerged.float(), rtol=0, atol=2e-2)   # bfloat16's rounding of the folded weight
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
