@@ -389,3 +389,44 @@ def test_merge_and_unmerge_of_a_bfloat16_rotation_adapter(spec):
     assert_close(merged.float(), unmerged.float(), rtol=0, atol=2e-2)   # bfloat16's rounding of the folded weight
     after = model.state_dict()
     assert all(torch.equal(after[k], v) for k, v in before.items())
+
+
+# ---------------------------------------------------------------- PEFT directories: bad input is a SurgeryError
+
+@pytest.mark.parametrize("edit", [
+    lambda d: (d / "adapter_model.safetensors").write_bytes((d / "adapter_model.safetensors").read_bytes()[:-50]),
+    lambda d: _edit_config(d, lambda c: c.update(target_modules=5)),
+    lambda d: _edit_config(d, lambda c: c.update(lora_alpha=None)),
+    lambda d: _edit_config(d, lambda c: c.update(rank_pattern=[1])),
+    lambda d: (d / "adapter_config.json").write_text("[1, 2]"),
+], ids=["truncated", "target_modules", "lora_alpha", "rank_pattern", "not_an_object"])
+def test_a_broken_peft_directory_is_a_surgery_error(tmp_path, edit):
+    """from_peft of a truncated adapter_model.safetensors raised safetensors' own SafetensorError, and config
+    fields of another type (written by hand or another tool) TypeError/AttributeError from deep inside the
+    reader; now each is a PeftFormatError naming the file and field (surgery/io/peft.py)."""
+    model = make_qwen2()
+    surgery.apply(model, "lora")
+    surgery.to_peft(model, tmp_path)
+    edit(tmp_path)
+    fresh = make_qwen2()
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(surgery.SurgeryError):
+        surgery.from_peft(fresh, tmp_path)
+    assert all(torch.equal(v, before[k]) for k, v in fresh.state_dict().items())
+
+
+def test_to_peft_into_a_file_is_a_surgery_error(tmp_path):
+    """to_peft(model, path) where path (or a parent) is a file raised FileExistsError/NotADirectoryError."""
+    model = make_qwen2()
+    surgery.apply(model, "lora")
+    (tmp_path / "a_file").write_text("")
+    for target in (tmp_path / "a_file", tmp_path / "a_file" / "sub"):
+        with pytest.raises(surgery.SurgeryError, match="cannot write the PEFT directory"):
+            surgery.to_peft(model, target)
+
+
+def _edit_config(directory, edit):
+    import json
+    config = json.loads((directory / "adapter_config.json").read_text())
+    edit(config)
+    (directory / "adapter_config.json").write_text(json.dumps(config))

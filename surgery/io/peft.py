@@ -127,7 +127,58 @@ def _read(peft_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
         config = json.loads(config_path.read_text())
     except json.JSONDecodeError as exc:
         raise PeftFormatError(f"{config_path}: not valid JSON: {exc}") from None
-    return config, load_file(str(weights_path))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PeftFormatError(f"{config_path}: cannot be read: {exc}") from None
+    if not isinstance(config, dict):
+        raise PeftFormatError(f"{config_path}: not a PEFT config (a JSON object), but a {type(config).__name__}")
+    _check_config_types(config, config_path)
+    from safetensors import SafetensorError
+    try:
+        return config, load_file(str(weights_path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise PeftFormatError(f"{weights_path} is not a complete safetensors file (truncated or corrupt): "
+                              f"{exc}") from None
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_names(value) -> bool:
+    return isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))
+
+
+# the type of every config field the readers use (a value of another type, e.g. written by hand, is refused by
+# name instead of failing deep inside with a TypeError); None is allowed where PEFT allows it
+_CONFIG_TYPES = {
+    "r": ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+    "lora_alpha": ("a number", _is_number),
+    "alpha": ("a number", _is_number),
+    "lora_dropout": ("a number", _is_number),
+    "target_modules": ("null, a regex or a list of module names", lambda v: v is None or _is_names(v)),
+    "exclude_modules": ("null, a regex or a list of module names", lambda v: v is None or _is_names(v)),
+    "feedforward_modules": ("null, a regex or a list of module names", lambda v: v is None or _is_names(v)),
+    "layers_pattern": ("null, a name or a list of names", lambda v: v is None or _is_names(v)),
+    "layers_to_transform": ("null, a layer index or a list of them", lambda v: v is None or (
+        isinstance(v, int) and not isinstance(v, bool)) or (isinstance(v, list) and all(
+            isinstance(i, int) and not isinstance(i, bool) for i in v))),
+    # AdaLoRA's rank_pattern maps names to masks (lists of booleans)
+    "rank_pattern": ("null or a mapping of patterns to ranks", lambda v: v is None or (isinstance(v, dict) and all(
+        isinstance(k, str) and ((isinstance(r, int) and not isinstance(r, bool)) or isinstance(r, list))
+        for k, r in v.items()))),
+    "alpha_pattern": ("null or a mapping of patterns to numbers", lambda v: v is None or (isinstance(v, dict) and all(
+        isinstance(k, str) and _is_number(a) for k, a in v.items()))),
+    "use_dora": ("true or false", lambda v: isinstance(v, bool)),
+    "use_rslora": ("true or false", lambda v: isinstance(v, bool)),
+    "peft_type": ("a name", lambda v: isinstance(v, str)),
+}
+
+
+def _check_config_types(config: dict, path: Path) -> None:
+    for field, (expected, ok) in _CONFIG_TYPES.items():
+        if field in config and not ok(config[field]):
+            raise PeftFormatError(f"{path}: `{field}` must be {expected}, not {type(config[field]).__name__} "
+                                  f"{config[field]!r:.80}")
 
 
 BASE_LAYER = ".base_layer.weight"
@@ -545,10 +596,13 @@ def to_peft(model: nn.Module, out_dir, *, name: str | None = None, example_input
     config.update({"task_type": None, "inference_mode": True,
                    "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None})
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(out_dir / WEIGHTS_FILE),
-              metadata={"format": "pt"})
-    (out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(out_dir / WEIGHTS_FILE),
+                  metadata={"format": "pt"})
+        (out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    except OSError as exc:
+        raise SurgeryError(f"cannot write the PEFT directory {out_dir}: {exc.strerror or exc}") from None
     return out_dir
 
 
