@@ -199,6 +199,11 @@ def save(model: nn.Module, directory: str | os.PathLike) -> Path:
         check_hosts(model, store, "save")
     live = surgery_tensors(model)
     tensors, aliases = _dedupe(live)
+    specless = [name for name, record in store.records.items() if not record.specs]
+    if specless:   # add_fusion's sets: no spec load could re-apply
+        raise CheckpointError(f"adapter {specless[0]!r} has no spec to save (an AdapterFusion made by add_fusion): "
+                              f"save cannot write it yet; remove it (surgery.remove(model, {specless[0]!r})) to "
+                              f"save the fused adapters, and call add_fusion again after load")
     directory = Path(directory)
     _prepare_directory(directory)
 
