@@ -30,6 +30,7 @@ from surgery.modules.options import AdaLoRAOptions  # noqa: F401  (defined witho
 @register
 class AdaLoRA(WeightAdapter):
     Options = AdaLoRAOptions
+    stacks_on_activations = True     # adds f(x) to the op's output
 
     def __init__(self, in_features: int, out_features: int, options: AdaLoRAOptions | None = None):
         super().__init__()

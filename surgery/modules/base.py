@@ -54,6 +54,9 @@ class WeightAdapter(nn.Module):
     op_kinds: tuple[str, ...] = ("linear",)   # weight-bearing op kinds it computes right (conv, embedding: opt in)
     activation_only: bool = False   # True when the adapted op is no op of the base kind (no weight path, no merge)
     supports_experts: bool = False  # True when it adapts a 3-D (experts, out, in) weight per expert
+    # True when on activations it adds f(x) to the op's output or scales that output (LoRA, LoHa, IA3 on the output):
+    # stacked with others at one op it then computes what their weights compose to (rewrite/actions.py)
+    stacks_on_activations: bool = False
 
     def adapt_input(self, x: torch.Tensor) -> torch.Tensor:
         return x

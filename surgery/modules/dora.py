@@ -30,6 +30,7 @@ from surgery.modules.options import DoRAOptions  # noqa: F401  (defined without 
 @register
 class DoRA(LoRA):
     Options = DoRAOptions
+    stacks_on_activations = False    # renormalizes the base weight: an earlier adapter's change is unseen
     inverse_weight = None   # the row norms make W' non-invertible from W' alone: merge keeps a copy for unmerge
     supports_experts = False   # LoRA's per-expert factors, but no per-expert magnitude yet
 

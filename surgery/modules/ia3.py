@@ -41,6 +41,7 @@ class IA3(WeightAdapter):
             raise RewriteError("IA3 cannot scale an embedding's input (token ids); use scale: output")
         self.scale_input = scale_input
         self.adapts_input = scale_input
+        self.stacks_on_activations = not scale_input   # scales the output; an input scale is seen by all
         self.op_kind, self.op_args = op_kind, dict(op_args or {})
         self.experts = experts
         self.ia3_l = nn.Parameter(torch.ones(experts, size) if experts else torch.ones(size))

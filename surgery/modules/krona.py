@@ -31,6 +31,7 @@ def near_sqrt_divisor(n: int) -> int:
 @register
 class KronA(WeightAdapter):
     Options = KronAOptions
+    stacks_on_activations = True     # adds f(x) to the op's output
 
     def __init__(self, in_features: int, out_features: int, a_out: int, a_in: int, scale: float = 1.0):
         super().__init__()

@@ -26,6 +26,7 @@ from surgery.modules.options import LoHaOptions  # noqa: F401  (defined without 
 @register
 class LoHa(WeightAdapter):
     Options = LoHaOptions
+    stacks_on_activations = True     # adds f(x) to the op's output
 
     def __init__(self, in_features: int, out_features: int, r: int = 8, alpha: float = 8,
                  rank_dropout: float = 0.0, module_dropout: float = 0.0):

@@ -91,6 +91,7 @@ def warn_rank(r: int, site: SiteContext, kind: str) -> None:
 @register
 class LoRA(WeightAdapter):
     Options = LoRAOptions
+    stacks_on_activations = True     # adds f(x) to the op's output
     op_kinds = ("linear", "conv", "embedding")
     supports_experts = True
 

@@ -83,6 +83,7 @@ class Subspace(nn.Module):
 @register
 class IntrinsicSAID(WeightAdapter):
     Options = SAIDOptions
+    stacks_on_activations = True     # adds f(x) to the op's output
     supports_experts = True
 
     def __init__(self, out_features: int, in_features: int, subspace: Subspace, seed: int, experts: int | None = None):

@@ -33,6 +33,7 @@ def site_seed(seed: int, site: SiteContext) -> int:
 @register
 class SparseDelta(WeightAdapter):
     Options = SparseOptions
+    stacks_on_activations = True     # adds f(x) to the op's output
     supports_experts = True
 
     def __init__(self, out_features: int, in_features: int, indices: torch.Tensor, experts: int | None = None):

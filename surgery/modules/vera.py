@@ -58,6 +58,7 @@ class VeRAProjection(nn.Module):
 @register
 class VeRA(WeightAdapter):
     Options = VeRAOptions
+    stacks_on_activations = True     # adds f(x) to the op's output
 
     def __init__(self, in_features: int, out_features: int, projection: VeRAProjection, dropout: float = 0.0,
                  d_initial: float = 0.1):

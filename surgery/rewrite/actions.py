@@ -516,6 +516,34 @@ def _realize_train_rows(model, analysis, store, record, rule, matches, gate):
                            f"{'/'.join(rule.params)} parameter to select rows of")
 
 
+def _stacks(adapter) -> bool:
+    """Whether a wrap adapter on activations composes with others at its op as merge folds them: it adds f(x) to
+    the op's output or scales the output (WeightAdapter.stacks_on_activations)."""
+    return bool(getattr(adapter, "stacks_on_activations", False))
+
+
+def _check_stacked(store, record, site) -> None:
+    """Several wraps of one op on activations compute T_b(T_a(W)), what merge folds and `realize: weight`
+    computes, only where each adds to the output or scales it: DoRA renormalizes the base weight (not the one
+    an earlier adapter made), OFT/BOFT rotate the op's input (which every adapter at the op then reads), a row
+    selection replaces rows. Such a stack on activations is refused, not computed as another function."""
+    if site.realized != "activation":
+        return
+    for other_record in store.records.values() if record.name in store.records else [*store.records.values(), record]:
+        for other in other_record.weight_sites:
+            if other is site or other.owner is not site.owner or other.realized != "activation" or not other.attached:
+                continue
+            if other.packed is not None and site.packed is not None and other.packed != site.packed:
+                continue     # other output columns of a packed projection (q's and v's): no overlap
+            if not (_stacks(other.adapter) and _stacks(site.adapter)):
+                first, second = type(other.adapter).__name__, type(site.adapter).__name__
+                raise RewriteError(
+                    f"{site.owner_path} already carries {first} of adapter {other_record.name!r} on its activations; "
+                    f"{second} of {record.name!r} on top would not compute what merge folds ({first} then "
+                    f"{second} on the weight). Apply both with `realize: weight` (their weights compose exactly), "
+                    f"or adapt another op")
+
+
 def _realize_one(model, analysis, store, record, rule, match, value, module, key, gate):
     action = rule.action
     packed = match.site.extra.get("packed") if match.site.linear is not None else None
@@ -555,6 +583,7 @@ def _realize_one(model, analysis, store, record, rule, match, value, module, key
                            match.rule, key, gate, rule.realize)
         record.weight_sites.append(site)
         record.undo.append(site.detach)
+        _check_stacked(store, record, site)
     elif action == "replace":
         host = model.get_submodule(match.module)
         if "forward" in host.__dict__:
