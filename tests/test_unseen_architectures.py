@@ -324,18 +324,48 @@ class _ResNetish(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
-@pytest.mark.xfail(strict=True, reason="a ModuleList of identical residual conv blocks (the README's definition of "
-                   "layers) gets no block roles without an attention op (Mamba's blocks do): top_layers, LoReFT "
-                   "are refused with 'Nearest: roles present in this model:' and an empty list (analyze/roles.py "
-                   "block roles; match's nearest-candidates message)")
 def test_top_layers_on_a_plain_residual_conv_net():
+    """A ModuleList of identical residual conv blocks without attention or linears has layers (block roles, as
+    Mamba's blocks): top_layers trains the last block alone (gradients); the base output is unchanged."""
     torch.manual_seed(0)
     model = _ResNetish().eval()
-    x = {"x": torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))}
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
     spec = {"rules": [{"name": "top", "match": {"role": "block.output", "layers": -1}, "action": "train",
                        "params": ["all"], "expect": "every_layer"}]}
-    rows = surgery.plan(model, spec, example_inputs=x)
+    rows = surgery.plan(model, spec, example_inputs={"x": x})
     assert {r.module for r in rows} == {"layers.1"}, [(r.module, r.layer) for r in rows]
+    with torch.no_grad():
+        base = model(x)
+    surgery.apply(model, spec, example_inputs={"x": x})
+    model(x).square().sum().backward()
+    with torch.no_grad():
+        assert (model(x) - base).abs().max().item() == 0.0
+    got = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    wanted = {n for n, _ in model.named_parameters() if n.startswith("layers.1.")}
+    assert got == wanted and wanted, sorted(got)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == wanted
+
+
+def test_reft_on_a_conv_nets_blocks_is_refused_as_feature_maps_and_no_roles_names_what_is_there():
+    """ReFT on the conv blocks' outputs: feature maps [batch, channels, h, w], no token positions (refused, the
+    model untouched). A model with no role at all (an nn.Sequential) is told its modules and ops, not an empty
+    list of roles."""
+    torch.manual_seed(0)
+    model = _ResNetish().eval()
+    x = {"x": torch.randn(2, 3, 16, 16)}
+    before = {n: p.detach().clone() for n, p in model.state_dict().items()}
+    with pytest.raises(surgery.RewriteError, match=r"reft intervenes at positions of a token sequence.*"
+                                                   r"\[2, 16, 16, 16\] \(a feature map\)"):
+        surgery.apply(model, "loreft", example_inputs=x)
+    assert all(torch.equal(before[n], t) for n, t in model.state_dict().items()) and len(before) == len(
+        model.state_dict())
+    with pytest.raises(surgery.MatchError, match=r"no attention op.*nearest alternative: module globs on the "
+                                                 r"convolutions of its layers, e\.g\. layers\.\*\.conv1, layers\.\*\.conv2"):
+        surgery.plan(model, "lora", example_inputs=x)
+    plain = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 14 * 14, 10)).eval()
+    with pytest.raises(surgery.MatchError, match=r"Nearest: no roles in this model .*weight-bearing modules .*"
+                                                 r"0 \(conv\), 3 \(linear\); its ops .*conv2d, flatten, linear, relu$"):
+        surgery.plan(plain, "top_layers", example_inputs=(torch.randn(2, 3, 16, 16),))
 
 
 def test_lora_by_module_glob_on_a_plain_conv_net_merges():

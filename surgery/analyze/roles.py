@@ -745,7 +745,8 @@ def analyze(traced: Traced) -> Analysis:
                     ordered.append(entry)
         blocks_at = ordered + [b for b in blocks_at if b not in seen]
     if not attention:
-        for node in linears:
+        # linears, convolutions, embedding lookups: a plain residual conv stack's blocks are layers too
+        for node in (n for n in nodes if n in linears or n in weight_ops):
             units = [e for e in entries_of(node) if is_unit(e[0])]
             if units and units[0] not in blocks_at:
                 blocks_at.append(units[0])
