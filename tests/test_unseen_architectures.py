@@ -276,19 +276,68 @@ def test_lora_dropout_on_a_linear_computed_as_matmul_plus_bias():
         assert (model(input_ids=ids).logits - base).abs().max().item() < 1e-5
 
 
-@pytest.mark.xfail(strict=True, reason="XGLM's eager attention clamps the scores with torch.max(scores, finfo.min) "
-                   "before the softmax; the shadow replay (rewrite/shadow.py) does not know 'max' and refuses "
-                   "prefix, LLaMA-Adapter, MAM and UniPELT (ShadowError) on a model that has plain softmax attention")
+def _prefix_cache(model, batch):
+    """The prefix adapters' keys and values of every layer in a DynamicCache, [batch, heads, P, head_dim]."""
+    from transformers import DynamicCache
+    adapters = [m for m in model.modules() if type(m).__name__ == "PrefixTuning"]
+    cache = DynamicCache(config=model.config)
+    for layer, adapter in enumerate(sorted(adapters, key=lambda a: a.layer)):
+        flat = adapter.prefixes()
+        width = flat.shape[1] // 2
+
+        def heads(x):
+            return x.view(x.shape[0], adapter.kv_heads, -1).transpose(0, 1)[None].expand(batch, -1, -1, -1)
+        cache.update(heads(flat[:, :width]), heads(flat[:, width:]), layer)
+    return cache, adapters[0].length
+
+
 def test_prefix_on_scores_clamped_by_max():
+    """XGLM's eager attention clamps the scores with torch.max(scores, finfo.min) before the softmax: the shadow
+    replay keeps an elementwise bound whose other operand is a scalar. Prefix equals XGLM itself with the prefix
+    keys and values given as its KV cache (positions from 0); generate() with the cache == full forwards."""
     model = _xglm()
+    ids = _ids()
+    with torch.no_grad():
+        base = model(input_ids=ids).logits
     surgery.apply(model, "prefix")
     perturb(model)
-    ids = _ids()
     with torch.no_grad():
         out = model(input_ids=ids).logits
         with surgery.disable(model):
-            base = model(input_ids=ids).logits
-    assert (out - base).abs().max().item() > 1e-6
+            assert (model(input_ids=ids).logits - base).abs().max().item() == 0.0
+            cache, length = _prefix_cache(model, ids.shape[0])
+            want = model(input_ids=ids, past_key_values=cache, position_ids=torch.arange(ids.shape[1])[None],
+                         attention_mask=torch.ones(ids.shape[0], length + ids.shape[1], dtype=torch.long)).logits
+    assert (out - base).abs().max().item() > 1e-3
+    assert (out - want).abs().max().item() < 1e-5, (out - want).abs().max().item()
+    _check_generate(model, ids[:, :4])
+
+
+def _check_generate(model, prompt, new=3):
+    with torch.no_grad():
+        got = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new,
+                             min_new_tokens=new, do_sample=False, output_logits=True, return_dict_in_generate=True)
+        for t, logits in enumerate(got.logits):
+            ref = model(input_ids=got.sequences[:, :prompt.shape[1] + t], use_cache=False).logits[:, -1]
+            assert (logits - ref).abs().max().item() < 1e-4, t
+
+
+def test_llama_adapter_on_scores_clamped_by_max():
+    """LLaMA-Adapter on XGLM: identity at init (zero gate), acts once the gate is set, generate() == full forwards."""
+    model = _xglm()
+    ids = _ids()
+    with torch.no_grad():
+        base = model(input_ids=ids).logits
+    surgery.apply(model, "llama_adapter")
+    with torch.no_grad():
+        assert (model(input_ids=ids).logits - base).abs().max().item() < 1e-6
+    perturb(model)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("adaption_gate"):
+                p.fill_(0.7)
+        assert (model(input_ids=ids).logits - base).abs().max().item() > 1e-3
+    _check_generate(model, ids[:, :4])
 
 
 @pytest.mark.xfail(strict=True, reason="DBRX's experts loop over nonzero() of the routing (data-dependent); "
