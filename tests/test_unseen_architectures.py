@@ -61,9 +61,16 @@ def _mpt(max_seq_len=64):
 
 
 def _falcon_with_biases():
-    # Falcon-RW's layout: sequential attention and MLP, ALiBi, biases on every FalconLinear
-    return _decoder("FalconConfig", "FalconForCausalLM", "transformer.h", new_decoder_architecture=False,
-                    multi_query=False, parallel_attn=False, bias=True, alibi=True)[0]
+    # Falcon-RW's layout: sequential attention and MLP, ALiBi, biases on every FalconLinear (initialized to zero
+    # by transformers: set, so that whether a method changes them shows)
+    model = _decoder("FalconConfig", "FalconForCausalLM", "transformer.h", new_decoder_architecture=False,
+                     multi_query=False, parallel_attn=False, bias=True, alibi=True)[0]
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias") and ".h." in name and "layernorm" not in name:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    return model
 
 
 def _jetmoe():
@@ -259,21 +266,78 @@ def test_mla_value_columns_are_v_heads_of_kv_b_proj():
         assert "8:24" in str(packed) and "80:96" in str(packed), packed
 
 
-@pytest.mark.xfail(strict=True, reason="a FalconLinear with a bias computes x @ W.T + b, not one linear op, so "
-                   "LoRA is realized on the weight (a parametrization) and LoRA dropout / UniPELT's gate are refused "
-                   "('needs the activation path'); the module's output is W x + b, so the adapter on its input and "
-                   "output is exact (rewrite: where the activation path is decided)")
+def _lora_qv(realize="auto", dropout=0.0, kind="lora", **extra):
+    return {"rules": [{"name": "w", "match": {"role": ["attention.q", "attention.v"]}, "action": "wrap",
+                       "module": {"kind": kind, **({"r": 4, "dropout": dropout} if kind == "lora" else {}), **extra},
+                       "realize": realize, "expect": "every_layer"}]}
+
+
 def test_lora_dropout_on_a_linear_computed_as_matmul_plus_bias():
+    """A FalconLinear with a bias computes x @ W.T + b: the module's own bias added to the product is the linear's
+    bias, and the module's output its result, so LoRA with dropout (activation path) applies."""
     model = _falcon_with_biases()
-    spec = {"rules": [{"name": "lora", "match": {"role": ["attention.q", "attention.v"]}, "action": "wrap",
-                       "module": {"kind": "lora", "r": 4, "dropout": 0.1}, "expect": "every_layer"}]}
     ids = _ids()
     with torch.no_grad():
         base = model(input_ids=ids).logits
-    surgery.apply(model, spec)
+    surgery.apply(model, _lora_qv(dropout=0.1))
     model.eval()
     with torch.no_grad():
         assert (model(input_ids=ids).logits - base).abs().max().item() < 1e-5
+    perturb(model)
+    model.train()       # the dropout acts on the adapter's input: two passes differ, the base's output does not
+    with torch.no_grad():
+        assert (model(input_ids=ids).logits - model(input_ids=ids).logits).abs().max().item() > 1e-6
+
+
+@pytest.mark.parametrize("kind", ["lora", "ia3"])
+def test_matmul_plus_bias_linear_activation_equals_weight_and_merges(kind):
+    """On the activation path (hooks on the FalconLinear's output, bias included) and on the weight (a
+    parametrization of W, and of b where the method changes it: IA3 scales the whole output, as PEFT's does)
+    the same adapter weights give the same logits; merged == unmerged."""
+    from models import perturb as _perturb
+    outs = {}
+    for realize in ("activation", "weight"):
+        model = _falcon_with_biases()
+        surgery.apply(model, _lora_qv(realize, kind=kind))
+        torch.manual_seed(3)
+        _perturb(model)
+        if realize == "activation":
+            state = {k: v.clone() for k, v in model.state_dict().items() if "surgery_adapters" in k}
+        else:
+            model.load_state_dict({**model.state_dict(), **state})
+        with torch.no_grad():
+            outs[realize] = model(input_ids=_ids()).logits
+    base = _falcon_with_biases()
+    with torch.no_grad():
+        plain = base(input_ids=_ids()).logits
+        assert (outs["activation"] - plain).abs().max().item() > 1e-3
+        assert (outs["activation"] - outs["weight"]).abs().max().item() < 1e-6
+        surgery.merge(model)
+        assert (model(input_ids=_ids()).logits - outs["weight"]).abs().max().item() < 1e-5
+
+
+def test_ia3_on_the_weight_of_a_matmul_plus_bias_linear_scales_its_bias():
+    """IA3 on k and v scales the projection's whole output, (W x + b) * l, as PEFT's IA3 does; on the weight that
+    is W and b (the bias was left unscaled when the bias add was not seen as the linear's)."""
+    model, base = _falcon_with_biases(), _falcon_with_biases()
+    surgery.apply(model, _lora_qv("weight", kind="ia3"))
+    perturb(model)
+    qkv, ref = model.transformer.h[0].self_attention.query_key_value, base.transformer.h[0].self_attention.query_key_value
+    x = torch.randn(2, 5, HIDDEN, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        scale = (qkv.weight / ref.weight)[:, 0]     # l on the k and v rows, 1 on q's
+        assert ((scale - 1).abs() > 1e-4).sum() == 2 * HIDDEN
+        assert (qkv(x) - ref(x) * scale).abs().max().item() < 1e-6
+
+
+def test_unipelt_on_a_matmul_plus_bias_linear():
+    """UniPELT's gated LoRA reads its gate from the projection's input (activation path): it applies, and its
+    LoRA changes the output once trained."""
+    model = _falcon_with_biases()
+    surgery.apply(model, "unipelt")
+    perturb(model)
+    assert _scaled_output_change(model, {"input_ids": _ids()}, ".lora.") > 1e-4
+    assert {type(m).__name__ for m in model.surgery_adapters.modules()} >= {"LoRA"}
 
 
 def _prefix_cache(model, batch):
