@@ -334,6 +334,28 @@ def test_ia3_on_the_weight_of_a_matmul_plus_bias_linear_scales_its_bias():
         assert (qkv(x) - ref(x) * scale).abs().max().item() < 1e-6
 
 
+def test_adapter_after_a_matmul_plus_bias_projection_reads_its_output_with_the_bias():
+    """insert_after on attention.output: the adapter reads what the projection module returns, W x + b (it read
+    x @ W.T, the bias added after it, when the product alone was the linear's value)."""
+    model, base = _falcon_with_biases(), _falcon_with_biases()
+    spec = {"rules": [{"name": "a", "match": {"role": "attention.output"}, "action": "insert_after",
+                       "module": {"kind": "bottleneck", "reduction_factor": 8}, "expect": "every_layer"}]}
+    surgery.apply(model, spec)
+    seen, want = [], []
+    adapters = [m for m in model.surgery_adapters.modules() if type(m).__name__ == "BottleneckAdapter"]
+    assert len(adapters) == LAYERS
+    handles = [a.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach())) for a in adapters]
+    handles += [base.transformer.h[i].self_attention.dense.register_forward_hook(
+        lambda m, args, out: want.append(out.detach())) for i in range(LAYERS)]
+    with torch.no_grad():
+        model(input_ids=_ids())
+        base(input_ids=_ids())
+    for h in handles:
+        h.remove()
+    assert len(seen) == len(want) == LAYERS
+    assert (seen[0] - want[0]).abs().max().item() < 1e-6       # the first layer's input is the base's
+
+
 def test_unipelt_on_a_matmul_plus_bias_linear():
     """UniPELT's gated LoRA reads its gate from the projection's input (activation path): it applies, and its
     LoRA changes the output once trained."""
