@@ -406,8 +406,20 @@ class ShadowMode(torch.overrides.TorchFunctionMode):
         """Walk back from a product's operand through layout and scalar ops to the first value in
         [batch, heads, positions, head_dim]; return it and the chain [(node, axis of its output)] from it."""
         tensor, chain_, node = operand, [], self.producers.get(id(operand))
+        # the first [batch, positions, heads, head_dim] value on the way (Funnel's k_head, read by einsum
+        # 'bind,bjnd->bnij'): where no [batch, heads, positions, head_dim] one comes before the projection, the
+        # adapters see it with the heads first, and their keys go back to its layout
+        heads_second = None
         while not (tensor.dim() == 4 and axis == 2):
+            if heads_second is None and tensor.dim() == 4 and axis == 1:
+                heads_second = (tensor, len(chain_))
             if node is None or node.name not in _LAYOUT | _SCALAR:
+                if heads_second is not None:
+                    tensor, kept = heads_second
+                    canonical = tensor.transpose(1, 2)
+                    chain_ = chain_[:kept] + [(_Node(torch.transpose, (canonical, 1, 2), {}, tensor, {}, -1), 1,
+                                               canonical)]
+                    return canonical, chain_[::-1]
                 op = node.name if node is not None else "a value made outside the module's forward"
                 raise _refuse(self.module_name, f"the {what}s reach the attention product through {op!r} before "
                                                 f"any [batch, heads, positions, head_dim] value")
