@@ -13,7 +13,7 @@ attention, no token positions for ReFT or prompts; its residual blocks are layer
 LoRA by module glob). transformers initializes FalconLinear's biases to zero: the Falcon tests here set them, or
 a method that leaves a bias out (IA3 did) looks right. Not covered here: LED and DBRX do not trace
 (data-dependent shapes), ProphetNet's n-gram attention refuses attention adapters at the first forward, not at
-apply (Funnel's kind in the matrix), MobileViT's tiny config outputs zeros (no oracle).
+apply (its keys reach the product through a torch.stack of the n-gram streams), MobileViT's tiny config outputs zeros (no oracle).
 """
 from __future__ import annotations
 
