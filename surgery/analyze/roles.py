@@ -233,7 +233,7 @@ def _own_bias(value: fx.Node, wref: tuple, out_features: int, traced: Traced):
     other = add.args[1] if add.args[0] is value else add.args[0] if add.args[1] is value else None
     bref = _resolve_param(other, traced) if isinstance(other, fx.Node) else None
     if bref is None or _shape(other) != (out_features,) or _shape(add) != _shape(value) \
-            or bref[0].rpartition(".")[0] != wref[0].rpartition(".")[0] or (bref[1] is None) != (wref[1] is None):
+            or bref[0].rpartition(".")[0] != wref[0].rpartition(".")[0] or bref[1] != wref[1]:
         return None
     return bref, add
 
