@@ -171,10 +171,6 @@ XFAIL: dict[tuple[str, str], tuple[str, str]] = {
     ('minimax', 'prefix'): ('refused', "linear attention (no softmax) not recognized: no attention roles in a hybrid model's linear-attention layers"),
     ('minimax', 'unipelt'): ('refused', "linear attention (no softmax) not recognized: no attention roles in a hybrid model's linear-attention layers"),
     ('minimax', 'vera'): ('refused', "linear attention (no softmax) not recognized: no attention roles in a hybrid model's linear-attention layers"),
-    ("funnel", "llama_adapter"): ("crash", "attention adapters refused at the first forward, not at apply (Funnel's relative attention)"),
-    ("funnel", "mam"): ("crash", "attention adapters refused at the first forward, not at apply (Funnel's relative attention)"),
-    ("funnel", "prefix"): ("crash", "attention adapters refused at the first forward, not at apply (Funnel's relative attention)"),
-    ("funnel", "unipelt"): ("crash", "attention adapters refused at the first forward, not at apply (Funnel's relative attention)"),
     ("flux", "prompt"): ("refused", "refused as a UNet's stacks: the single-stream blocks join the text tokens to the image sequence"),
 }
 

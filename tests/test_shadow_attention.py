@@ -202,6 +202,28 @@ class _EinsumAttention(_Attention):
         return self.o(torch.einsum("bhij,bhjd->bihd", probs, v).reshape(b, n, -1))
 
 
+class _PositionsFirstAttention(_Attention):
+    """Funnel's layout: q, k, v stay [batch, positions, heads, head_dim], read by einsum ('bind,bjnd->bnij'),
+    a relative-position-like term of the scores' shape from the queries alone, and the additive mask."""
+
+    def __init__(self):
+        super().__init__()
+        self.r = nn.Parameter(torch.randn(16, 16) * 0.3)
+
+    def forward(self, x, mask, prefix=None):
+        b, n = x.shape[:2]
+        q, k, v = (f(x).view(b, n, self.heads, self.head_dim) for f in (self.q, self.k, self.v))
+        position = torch.einsum("bind,ij->bni", q, self.r[:n, :n]).unsqueeze(-1) * self.r[:n, :n]
+        if prefix is not None:
+            pk, pv = (p.transpose(1, 2) for p in prefix)
+            k, v = torch.cat([pk, k], 1), torch.cat([pv, v], 1)
+            mask = torch.cat([mask.new_zeros(*mask.shape[:-1], pk.shape[1]), mask], -1)
+            position = torch.cat([position.new_zeros(*position.shape[:-1], pk.shape[1]), position], -1)
+        scores = torch.einsum("bind,bjnd->bnij", q * self.head_dim ** -0.5, k) + position + mask
+        probs = self.drop(torch.softmax(scores, dim=-1))
+        return self.o(torch.einsum("bnij,bjnd->bind", probs, v).reshape(b, n, -1))
+
+
 class _Block(nn.Module):
     def __init__(self, attention=_Attention):
         super().__init__()
@@ -233,8 +255,8 @@ def _heads(flat, batch, heads=4):
     return flat.view(flat.shape[0], heads, -1).transpose(0, 1).unsqueeze(0).expand(batch, -1, -1, -1)
 
 
-@pytest.mark.parametrize("attention", [_Attention, _FoldedAttention, _EinsumAttention],
-                         ids=["matmul", "folded-bmm", "einsum"])
+@pytest.mark.parametrize("attention", [_Attention, _FoldedAttention, _EinsumAttention, _PositionsFirstAttention],
+                         ids=["matmul", "folded-bmm", "einsum", "positions-first"])
 def test_custom_attention_prefix_equals_concatenation(attention):
     torch.manual_seed(0)
     model = _Model(attention).eval()

@@ -214,9 +214,28 @@ def _linear_info(node: fx.Node, traced: Traced) -> LinearInfo | None:
     users = list(node.users)
     if layout == "in_out" and len(users) == 1 and op_name(users[0]) in ("view", "_unsafe_view", "reshape"):
         value = users[0]
+    if bref is None and op in ("mm", "matmul"):
+        # x @ W.T + b (Falcon's FalconLinear with a bias): the module's own bias vector added to the product alone
+        # is the linear's bias, and the sum its result (what the module returns, what IA3 scales)
+        bref, value = _own_bias(value, wref, out_f, traced) or (None, value)
     return LinearInfo(node=node, value=value, x=x, weight=wref[0], bias=bref[0] if bref else None,
                       layout=layout, rows=wref[1], bias_rows=bref[1] if bref else None,
                       in_features=in_f, out_features=out_f)
+
+
+def _own_bias(value: fx.Node, wref: tuple, out_features: int, traced: Traced):
+    """(bias reference, the sum) when the product's one use adds a [out_features] parameter of the weight's own
+    module (and of the same rows, for a packed weight); else None."""
+    users = list(value.users)
+    if len(users) != 1 or op_name(users[0]) != "add" or len(users[0].args) != 2:
+        return None
+    add = users[0]
+    other = add.args[1] if add.args[0] is value else add.args[0] if add.args[1] is value else None
+    bref = _resolve_param(other, traced) if isinstance(other, fx.Node) else None
+    if bref is None or _shape(other) != (out_features,) or _shape(add) != _shape(value) \
+            or bref[0].rpartition(".")[0] != wref[0].rpartition(".")[0] or bref[1] != wref[1]:
+        return None
+    return bref, add
 
 
 def _experts_info(node: fx.Node, traced: Traced) -> LinearInfo | None:
@@ -745,7 +764,8 @@ def analyze(traced: Traced) -> Analysis:
                     ordered.append(entry)
         blocks_at = ordered + [b for b in blocks_at if b not in seen]
     if not attention:
-        for node in linears:
+        # linears, convolutions, embedding lookups: a plain residual conv stack's blocks are layers too
+        for node in (n for n in nodes if n in linears or n in weight_ops):
             units = [e for e in entries_of(node) if is_unit(e[0])]
             if units and units[0] not in blocks_at:
                 blocks_at.append(units[0])

@@ -230,13 +230,28 @@ def _nearest(pattern: Pattern, analysis: Analysis) -> str:
         hints.insert(0, no_attention)
     if not hints:
         present = sorted(r for r in analysis.by_role)
-        hints.append(f"roles present in this model: {', '.join(present)}")
+        hints.append(f"roles present in this model: {', '.join(present)}" if present else _no_roles_hint(analysis))
     return "; ".join(hints)
+
+
+def _no_roles_hint(analysis: Analysis) -> str:
+    """For a model in which the analysis found no role at all (no attention op, no repeated layers: a plain
+    `nn.Sequential` of different modules): what it has instead, its weight-bearing modules and its ops, the
+    things a `module:` or `op:` pattern can name."""
+    weighted = list(dict.fromkeys(f"{s.module} ({s.linear.kind})" for s in analysis.sites
+                                  if s.linear is not None and s.module))
+    ops = sorted(analysis.by_op)
+    listed = (f"its weight-bearing modules (match them by `module:`): {', '.join(weighted[:8])}"
+              + (f" and {len(weighted) - 8} more" if len(weighted) > 8 else "")) if weighted else ""
+    return ("no roles in this model (no attention op, no repeated layers: a ModuleList of identical blocks); "
+            + (listed + "; " if listed else "") + f"its ops (match them by `op:`): {', '.join(ops[:12])}"
+            + (f" and {len(ops) - 12} more" if len(ops) > 12 else ""))
 
 
 def _no_attention_hint(pattern: Pattern | None, analysis: Analysis, roles: list[str] | None = None) -> str | None:
     """For attention roles, or the residual around an FFN, on a model without any attention op (a state-space
-    model): say so, and name the nearest alternative, module globs on the linears of its layers."""
+    model, a residual conv stack): say so, and name the nearest alternative, module globs on the linears of its
+    layers (its convolutions where they have no linear)."""
     roles = roles if roles is not None else _as_list(pattern.role)
     attention = [r for r in roles if r.split(".")[0] in ("attention", "cross_attention")]
     residual = [r for r in roles if r in ("ffn.residual", "ffn.residual_add") and not analysis.by_role.get(r)]
@@ -244,18 +259,21 @@ def _no_attention_hint(pattern: Pattern | None, analysis: Analysis, roles: list[
             analysis.by_role.get("cross_attention.op"):
         return None
     order = {n: i for i, n in enumerate(analysis.traced.graph.nodes)}
-    globs = []
+    globs, linears = [], []
     if analysis.blocks:
         block = analysis.blocks[0]
         container = block.rpartition(".")[0]
-        linears = sorted((s for s in analysis.sites if s.layer == 0 and s.linear is not None
-                          and s.linear.kind == "linear" and s.module.startswith(block + ".")),
-                         key=lambda s: order.get(s.node, 0))
+        weighted = sorted((s for s in analysis.sites if s.layer == 0 and s.linear is not None
+                           and s.linear.kind in ("linear", "conv") and s.module.startswith(block + ".")),
+                          key=lambda s: order.get(s.node, 0))
+        # the linears, or a conv stack's convolutions where its layers have none
+        linears = [s for s in weighted if s.linear.kind == "linear"] or weighted
         for site in linears:
             glob = f"{container}.*{site.module[len(block):]}" if container else f"*{site.module[len(block):]}"
             if glob not in globs:
                 globs.append(glob)
-    alternative = (f"; nearest alternative: module globs on the linears of its layers, e.g. "
+    what_ops = "linears" if all(s.linear.kind == "linear" for s in linears) else "convolutions"
+    alternative = (f"; nearest alternative: module globs on the {what_ops} of its layers, e.g. "
                    f"{', '.join(globs[:6])}") if globs else ""
     if attention:
         what = f"so no site has the role {' or '.join(attention)}"

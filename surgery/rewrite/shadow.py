@@ -56,9 +56,12 @@ _SCALAR = {"div", "mul"}
 # score arithmetic the replay understands (elementwise, key axis last)
 _ADDITIVE = {"add", "sub", "rsub"}
 _MULTIPLICATIVE = {"mul", "div"}
-_SCORE_OPS = _ADDITIVE | _MULTIPLICATIVE | {"where", "masked_fill", "tanh", "clamp", "clip", "neg", "to", "float",
-                                            "half", "bfloat16", "double", "type", "type_as", "contiguous", "clone",
-                                            "view", "reshape", "detach"}
+# elementwise bounds whose other operand is a scalar or broadcasts over the keys (XGLM's
+# torch.max(scores, finfo.min)); torch.max/min only in their two-tensor form (not a reduction over an axis)
+_BOUNDS = {"maximum", "minimum", "fmax", "fmin", "clamp_min", "clamp_max", "max", "min"}
+_SCORE_OPS = _ADDITIVE | _MULTIPLICATIVE | _BOUNDS | {"where", "masked_fill", "tanh", "clamp", "clip", "neg", "to",
+                                                      "float", "half", "bfloat16", "double", "type", "type_as",
+                                                      "contiguous", "clone", "view", "reshape", "detach"}
 # ops from the softmax to the probabilities' product
 _PROB_OPS = {"to", "float", "half", "bfloat16", "double", "type", "type_as", "contiguous", "clone", "view",
              "reshape", "dropout", "mul", "div", "detach"}
@@ -179,6 +182,12 @@ def _einsum(args) -> tuple[str, list, str] | None:
         return None
     inputs, output = spec.split("->")
     return inputs.split(","), operands, output
+
+
+def _elementwise_bound(node: "_Node") -> bool:
+    """torch.max/min of two tensors (the elementwise maximum/minimum), not a reduction along an axis."""
+    other = node.args[1] if len(node.args) > 1 else node.kwargs.get("other")
+    return isinstance(other, torch.Tensor) and not {"dim", "keepdim"} & set(node.kwargs)
 
 
 class ShadowError(RewriteError):
@@ -387,7 +396,7 @@ class ShadowMode(torch.overrides.TorchFunctionMode):
             if not any(id(p) in on_path for p in node.inputs.values()):
                 continue     # a co-operand computed after the product (e.g. from its shape): not score arithmetic
             on_path.add(id(node))
-            if node.name not in _SCORE_OPS:
+            if node.name not in _SCORE_OPS or (node.name in ("max", "min") and not _elementwise_bound(node)):
                 raise _refuse(self.module_name, f"the op {node.name!r} between the score product and the softmax "
                                                 f"is not one the replay understands")
             program.append(node)
@@ -397,8 +406,20 @@ class ShadowMode(torch.overrides.TorchFunctionMode):
         """Walk back from a product's operand through layout and scalar ops to the first value in
         [batch, heads, positions, head_dim]; return it and the chain [(node, axis of its output)] from it."""
         tensor, chain_, node = operand, [], self.producers.get(id(operand))
+        # the first [batch, positions, heads, head_dim] value on the way (Funnel's k_head, read by einsum
+        # 'bind,bjnd->bnij'): where no [batch, heads, positions, head_dim] one comes before the projection, the
+        # adapters see it with the heads first, and their keys go back to its layout
+        heads_second = None
         while not (tensor.dim() == 4 and axis == 2):
+            if heads_second is None and tensor.dim() == 4 and axis == 1:
+                heads_second = (tensor, len(chain_))
             if node is None or node.name not in _LAYOUT | _SCALAR:
+                if heads_second is not None:
+                    tensor, kept = heads_second
+                    canonical = tensor.transpose(1, 2)
+                    chain_ = chain_[:kept] + [(_Node(torch.transpose, (canonical, 1, 2), {}, tensor, {}, -1), 1,
+                                               canonical)]
+                    return canonical, chain_[::-1]
                 op = node.name if node is not None else "a value made outside the module's forward"
                 raise _refuse(self.module_name, f"the {what}s reach the attention product through {op!r} before "
                                                 f"any [batch, heads, positions, head_dim] value")
@@ -621,7 +642,8 @@ def attach_shadow(module: nn.Module, adapter: Callable, gate: Callable[[], bool]
 # ---------------------------------------------------------------- at apply: the traced attention op
 
 # the traced (aten) names of what the replay follows
-_TRACED_SCORE_OPS = _SCORE_OPS | {"_to_copy", "_unsafe_view", "alias", "lift_fresh_copy", "masked_fill_", "copy"}
+_TRACED_SCORE_OPS = (_SCORE_OPS - {"max", "min"}) | {"_to_copy", "_unsafe_view", "alias", "lift_fresh_copy",
+                                                      "masked_fill_", "copy"}
 _TRACED_PROB_OPS = _PROB_OPS | {"_to_copy", "_unsafe_view", "alias", "native_dropout", "getitem", "expand"}
 
 
@@ -629,6 +651,11 @@ def _traced_name(node) -> str:
     from surgery.analyze import roles
     name = roles.op_name(node)
     return name[:-1] if name.endswith("_") and not name.startswith("_") else name
+
+
+def _traced_bound(node) -> bool:
+    """aten.max.other / aten.min.other: torch.max/min of two tensors, elementwise (not max.dim, a reduction)."""
+    return _traced_name(node) in ("max", "min") and getattr(node.target, "_overloadname", None) == "other"
 
 
 def check_traced(out_node, module: str) -> None:
@@ -661,6 +688,6 @@ def check_traced(out_node, module: str) -> None:
     for n in out_node.graph.nodes:
         if n in ancestors and n is not product and any(a in on_path for a in n.all_input_nodes):
             on_path.add(n)
-            if _traced_name(n) not in _TRACED_SCORE_OPS:
+            if _traced_name(n) not in _TRACED_SCORE_OPS and not _traced_bound(n):
                 raise _refuse(module, f"the op {_traced_name(n)!r} between the score product and the softmax is not "
                                       f"one the replay understands")
