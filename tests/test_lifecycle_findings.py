@@ -240,16 +240,12 @@ def test_from_peft_reads_a_lora_on_the_lm_head(tmp_path):
     assert all(torch.equal(v, before[k]) for k, v in other.state_dict().items())
 
 
-@pytest.mark.xfail(strict=True, reason="surgery/match or analyze: a `module:` match on an embedding whose output is "
-                                       "also layer 0's residual input (LLaMA family, OPT, T5) gets the node's "
-                                       "attention.residual site, which carries no weight-op info: wrap refuses "
-                                       "it, and from_peft (io/peft.py _weight_sites plans by module) refuses every "
-                                       "PEFT LoRA on embed_tokens")
 @pytest.mark.parametrize("how", ["spec", "from_peft"])
 def test_lora_on_embed_tokens_by_module_name(tmp_path, how):
-    """README: LoRA wraps an embedding by `op:`, `module:` or `role: embedding`. On Qwen2 `role: embedding`
-    works, `module: model.embed_tokens` is a RewriteError ('embedding (attention.residual) is not one'), and so
-    from_peft of PEFT's LoRA on embed_tokens is a PeftFormatError ('do not map to one weight-bearing op')."""
+    """README: LoRA wraps an embedding by `op:`, `module:` or `role: embedding`. A module or op pattern matches
+    one site per value, the embedding's output was its first role's (attention.residual: layer 0's residual
+    input), so `module: model.embed_tokens` was a RewriteError and from_peft of PEFT's LoRA on embed_tokens a
+    PeftFormatError. Now the value's site with the weight-bearing op (analyze/roles.py Analysis.by_op)."""
     ids = token_ids()
     if how == "spec":
         by_role = make_qwen2()

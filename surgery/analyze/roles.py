@@ -109,10 +109,14 @@ class Analysis:
 
     @functools.cached_property
     def by_op(self) -> dict[str, list[Site]]:
-        """Op name -> the first site of each node computing it."""
+        """Op name -> one site per node computing it: its site with the weight-bearing op's facts where it has one
+        (an embedding's output that is also layer 0's residual input is the embedding a module or op pattern
+        wraps), else its first."""
         first_site: dict[fx.Node, Site] = {}
         for s in self.sites:
-            first_site.setdefault(s.node, s)
+            held = first_site.get(s.node)
+            if held is None or (held.linear is None and s.linear is not None):
+                first_site[s.node] = s
         by_op: dict[str, list[Site]] = defaultdict(list)
         for s in first_site.values():
             by_op[s.op].append(s)
