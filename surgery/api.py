@@ -433,12 +433,21 @@ def eject(model: nn.Module, name: str | None = None) -> nn.Module:
         raise SurgeryError("this model has no adapters")
     names = [name] if name else list(store.adapters.keys())
     for adapter_name in names:
-        for rule_modules in store.adapters[adapter_name].values():
+        ejected = set()
+        for rule_name, rule_modules in store.adapters[adapter_name].items():
             for key, module in list(rule_modules.items()):
                 if hasattr(module, "eject"):
                     module.eject()
+                    ejected.add(rule_name)
             if "shared" in rule_modules and all(hasattr(m, "eject") for k, m in rule_modules.items() if k != "shared"):
                 del rule_modules["shared"]
+        record = store.records.get(adapter_name)
+        if record is not None and ejected:
+            # the spec `save` writes says what the modules are now (flat prefixes), so `load` builds those
+            record.specs = [spec.model_copy(update={"rules": [
+                rule.model_copy(update={"module": rule.module.model_copy(update={"flat": True})})
+                if (rule.name or f"rule{i}") in ejected and hasattr(rule.module, "flat") else rule
+                for i, rule in enumerate(spec.rules)]}) for spec in record.specs]
     return model
 
 

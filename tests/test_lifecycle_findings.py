@@ -268,13 +268,10 @@ def test_lora_on_embed_tokens_by_module_name(tmp_path, how):
 
 # ---------------------------------------------------------------- save after eject
 
-@pytest.mark.xfail(strict=True, reason="surgery/api.py eject replaces prefix tuning's MLP by flat prefixes but "
-                                       "leaves the adapter record's spec at flat: false; save writes that spec, so "
-                                       "load re-applies the MLP and finds the saved flat prefixes do not fit")
 def test_a_model_saved_after_eject_loads(tmp_path):
     """README: `surgery.eject` removes prefix tuning's MLP for good (same outputs, fewer parameters). The
-    directory `save` writes afterwards is refused by `load` (CheckpointError: 'default/p/shared/prefix_mlp/...
-    not in the file'), so the ejected model cannot be shipped."""
+    directory `save` wrote afterwards was refused by `load` (CheckpointError: 'default/p/shared/prefix_mlp/...
+    not in the file'): the saved spec still said `flat: false`. eject now records `flat: true`."""
     model = make_qwen2()
     surgery.apply(model, {"version": 1, "rules": [{"name": "p", "match": {"role": "attention.op"}, "action": "attend",
                                                    "module": {"kind": "prefix", "prefix_length": 4, "flat": False,
