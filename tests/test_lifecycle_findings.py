@@ -79,7 +79,8 @@ def _minigpt_two_sets():
     IA3 (k, v) applied as a second set lands on that same weight."""
     model = make_minigpt().eval()
     ids = model.example_inputs()
-    base = model(*ids).detach()
+    with torch.no_grad():       # as the checks run (nn.MultiheadAttention's fast path differs by ~1e-7)
+        base = model(*ids)
     surgery.apply(model, "lora", example_inputs=ids, name="a")
     perturb(model, scale=0.2, seed=1)
     surgery.apply(model, "ia3", example_inputs=ids, name="b")
@@ -87,14 +88,12 @@ def _minigpt_two_sets():
     return model, ids, base
 
 
-@pytest.mark.xfail(strict=True, reason="surgery/trace+analyze: on a model whose weight an earlier set "
-                                       "parametrized, the traced weight is blocks.N.attn.parametrizations."
-                                       "in_proj_weight.original and the site's module the ParametrizationList, so "
-                                       "rewrite nests a parametrization on the first set's: save records "
-                                       "'original' as a base parameter (load refuses), remove/merge of the first "
-                                       "set breaks the forward, removing both leaves a parametrization")
 @pytest.mark.parametrize("step", ["save_load", "remove_first", "merge_first", "remove_both"])
 def test_a_second_adapter_set_on_a_parametrized_weight_survives_the_life_cycle(step):
+    """The export names a weight an earlier set parametrized `attn.parametrizations.in_proj_weight.original`: the
+    second set's op was read as the parametrization list's (save recorded 'original' as a base parameter and load
+    refused; removing or merging the first set broke the forward; removing both left a parametrization and a raw
+    NotImplementedError). The op's module is now `attn`, its weight `in_proj_weight` (analyze/roles.py)."""
     model, ids, base = _minigpt_two_sets()
     with torch.no_grad():
         both = model(*ids)

@@ -15,6 +15,7 @@ cross-attention.
 from __future__ import annotations
 
 import functools
+import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Callable
@@ -138,6 +139,18 @@ def _shape(node) -> tuple | None:
     return tuple(val.shape) if isinstance(val, torch.Tensor) else None
 
 
+_PARAMETRIZED = re.compile(r"(?:(.*)\.)?parametrizations\.([^.]+)\.original")
+
+
+def _unparametrized(name: str) -> str:
+    """A parametrized weight's name as its module's attribute: `attn.parametrizations.in_proj_weight.original`
+    (what the export names the parameter under a parametrization, e.g. an earlier adapter set's on a weight it
+    adapts) is `attn.in_proj_weight`, so the op's module is `attn`, not the parametrization list. (A user's
+    weight_norm keeps original0/original1: no single original weight.)"""
+    m = _PARAMETRIZED.fullmatch(name)
+    return name if m is None else (f"{m.group(1)}.{m.group(2)}" if m.group(1) else m.group(2))
+
+
 def _resolve_param(node, traced: Traced) -> tuple[str, tuple[int, int] | None] | None:
     """Follow a weight argument back to its parameter, tracking a row slice (chunk/split/slice on dim 0)."""
     rows = None
@@ -146,7 +159,7 @@ def _resolve_param(node, traced: Traced) -> tuple[str, tuple[int, int] | None] |
             return None
         if node.op == "placeholder":
             name = traced.params.get(node.name)
-            return (name, rows) if name else None
+            return (_unparametrized(name), rows) if name else None
         op = op_name(node)
         if op == "getitem" and isinstance(node.args[0], fx.Node):
             parent, index = node.args[0], node.args[1]
@@ -254,7 +267,7 @@ def _experts_info(node: fx.Node, traced: Traced) -> LinearInfo | None:
         return None
     experts, a, b = shape
     out_f, in_f = (a, b) if transposed else (b, a)
-    return LinearInfo(node=node, value=node, x=node.args[0], weight=traced.params[source.name], bias=None,
+    return LinearInfo(node=node, value=node, x=node.args[0], weight=_unparametrized(traced.params[source.name]), bias=None,
                       layout="out_in" if transposed else "in_out", rows=None, bias_rows=None, in_features=in_f,
                       out_features=out_f, experts=experts)
 
