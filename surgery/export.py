@@ -21,6 +21,7 @@ from typing import Any, Iterator
 
 import torch
 from torch import fx, nn
+from torch.nn.utils import parametrize
 
 import surgery.api as api
 from surgery.analyze import analyze
@@ -301,7 +302,13 @@ def _export_program(prepared: Prepared) -> torch.export.ExportedProgram:
 
 def _to_onnx(prepared: Prepared, path: Path) -> None:
     large = sum(p.numel() * p.element_size() for p in prepared.module.parameters()) > 1_500_000_000
-    with _quiet():
+    # parametrized weights computed once, before the trace, and exported as the tensors they are: ONNX has no
+    # function for some parametrizations' ops (LoReFT's orthonormal R is a QR)
+    with _quiet(), parametrize.cached():
+        for module in prepared.module.modules():
+            if parametrize.is_parametrized(module):
+                for name in module.parametrizations:
+                    getattr(module, name)
         torch.onnx.export(prepared.module, prepared.tensors, str(path), input_names=prepared.names,
                           output_names=prepared.output_names, dynamic_shapes=prepared.dynamic_shapes(False),
                           dynamo=True, external_data=large, verbose=False)

@@ -358,11 +358,9 @@ def test_a_failed_export_is_one_line_and_leaves_no_directory(tmp_path):
         surgery.export(model, tmp_path / "a_file" / "m.pt2", example_inputs=(torch.randn(8, 8),), format="pt2")
 
 
-@pytest.mark.xfail(strict=True, reason="surgery/modules/reft.py: LoReFT's Orthonormal parametrization runs "
-                                       "torch.linalg.qr in every forward, which ONNX has no function for; for "
-                                       "export (eval) R could be computed once, e.g. under parametrize.cached()")
 def test_loreft_exports_to_onnx(tmp_path):
-    """pt2 and TorchScript export LoReFT; ONNX fails ('No ONNX function found for aten.linalg_qr')."""
+    """pt2 and TorchScript exported LoReFT; ONNX failed ('No ONNX function found for aten.linalg_qr'): the
+    orthonormal R is now computed once before the ONNX trace (parametrize.cached) and exported as a tensor."""
     pytest.importorskip("onnxruntime")
     model = make_qwen2()
     surgery.apply(model, "loreft")
