@@ -369,7 +369,7 @@ def add_fusion(model: nn.Module, adapters: list[str], *, name: str, dropout: flo
     _checked_name(name)
     resume(store)   # the fused adapters' own flags are what the fusion records (set_active pauses again)
     dim = _analysis(model, None).hidden_size
-    record = Record(name=name)
+    record = Record(name=name, fusion={"adapters": list(adapters), "dropout": dropout})
     modules = nn.ModuleDict()
     store.adapters[name] = nn.ModuleDict({"fusion": modules})
     record.undo.append(functools.partial(store.adapters.pop, name))
@@ -395,6 +395,7 @@ def add_fusion(model: nn.Module, adapters: list[str], *, name: str, dropout: flo
             p.requires_grad_(False)
     for p in modules.parameters():
         p.requires_grad_(True)
+    modules.train(model.training)     # new modules follow the model's mode (no fusion dropout in eval)
     store.records[name] = record
     set_active(model, Fuse(*adapters, name=name))
     return model

@@ -28,7 +28,7 @@ import torch
 import yaml
 from torch import nn
 
-from surgery.api import apply, remove, set_active
+from surgery.api import add_fusion, apply, remove, set_active
 from surgery.errors import SurgeryError
 from surgery.rewrite.host import STATE_ATTR, store_of
 from surgery.spec import Spec, load_spec
@@ -199,16 +199,19 @@ def save(model: nn.Module, directory: str | os.PathLike) -> Path:
         check_hosts(model, store, "save")
     live = surgery_tensors(model)
     tensors, aliases = _dedupe(live)
-    specless = [name for name, record in store.records.items() if not record.specs]
-    if specless:   # add_fusion's sets: no spec load could re-apply
-        raise CheckpointError(f"adapter {specless[0]!r} has no spec to save (an AdapterFusion made by add_fusion): "
-                              f"save cannot write it yet; remove it (surgery.remove(model, {specless[0]!r})) to "
-                              f"save the fused adapters, and call add_fusion again after load")
+    specless = [name for name, record in store.records.items() if not record.specs and record.fusion is None]
+    if specless:
+        raise CheckpointError(f"adapter {specless[0]!r} has no spec to save: load could not re-create it")
     directory = Path(directory)
     _prepare_directory(directory)
 
     adapters, used, spec_texts = [], set(), {}
     for name, record in store.records.items():
+        if record.fusion is not None:     # add_fusion's set: re-made by add_fusion at load, then its tensors
+            prefix = f"{name}/"
+            adapters.append({"name": name, "fusion": dict(record.fusion),
+                             "tensors": sum(1 for k in live if k.startswith(prefix))})
+            continue
         spec = _combined_spec(list(record.specs))
         data = _spec_data(spec)
         try:
@@ -308,11 +311,13 @@ def read_manifest(directory: str | os.PathLike) -> dict:
         raise CheckpointError(f"{path}: format_version {version!r} is not one this surgery reads "
                               f"(it reads {FORMAT_VERSION}); save it again with a matching surgery version")
     adapters = manifest.get("adapters")
-    if not isinstance(adapters, list) or not all(isinstance(a, dict) and "name" in a and "spec" in a for a in adapters):
-        raise CheckpointError(f"{path}: `adapters` must be a list of {{name, spec}} entries")
+    if not isinstance(adapters, list) or not all(isinstance(a, dict) and "name" in a and ("spec" in a or "fusion" in a)
+                                                 for a in adapters):
+        raise CheckpointError(f"{path}: `adapters` must be a list of {{name, spec}} (or {{name, fusion}}) entries")
     _check_manifest_types(path, manifest)
     for i, entry in enumerate(adapters):
-        _inside(Path(directory), entry["spec"], f"{path}: adapters[{i}].spec")
+        if "spec" in entry:
+            _inside(Path(directory), entry["spec"], f"{path}: adapters[{i}].spec")
     _inside(Path(directory), manifest.get("tensors", {}).get("file", ADAPTERS_FILE), f"{path}: tensors.file")
     return manifest
 
@@ -323,14 +328,21 @@ def _check_manifest_types(path: Path, manifest: dict) -> None:
 
     names = set()
     for i, entry in enumerate(manifest["adapters"]):
-        name, spec = entry["name"], entry["spec"]
+        name, spec = entry["name"], entry.get("spec")
         if not isinstance(name, str) or name_problem(name, "adapter name"):
             raise bad(f"adapters[{i}].name", "an adapter name (" + NAME_RULE + ")", name)
         if name in names:
             raise CheckpointError(f"{path}: two adapters named {name!r}")
-        names.add(name)
-        if not isinstance(spec, str) or not spec:
+        if "fusion" in entry:
+            fusion = entry["fusion"]
+            if not (isinstance(fusion, dict) and isinstance(fusion.get("adapters"), list)
+                    and all(isinstance(a, str) and a in names for a in fusion["adapters"])
+                    and isinstance(fusion.get("dropout", 0.0), (int, float))
+                    and not isinstance(fusion.get("dropout", 0.0), bool)):
+                raise bad(f"adapters[{i}].fusion", "{adapters: [names saved before it], dropout: a number}", fusion)
+        elif not isinstance(spec, str) or not spec:
             raise bad(f"adapters[{i}].spec", "a file name", spec)
+        names.add(name)
     tensors = manifest.get("tensors", {})
     if not isinstance(tensors, dict):
         raise bad("tensors", "a mapping", tensors)
@@ -461,6 +473,9 @@ def load(base_model: nn.Module, directory: str | os.PathLike, example_inputs: An
     manifest = read_manifest(directory)
     specs = []
     for entry in manifest["adapters"]:
+        if "fusion" in entry:    # made again by add_fusion over the sets before it
+            specs.append((entry["name"], entry["fusion"]))
+            continue
         spec_path = _inside(directory, entry["spec"], f"{directory / MANIFEST_FILE}: spec")
         specs.append((entry["name"], load_spec(spec_path)))   # a SpecError names the file, line and column
     saved = _read_tensors(_inside(directory, manifest.get("tensors", {}).get("file", ADAPTERS_FILE),
@@ -481,7 +496,10 @@ def load(base_model: nn.Module, directory: str | os.PathLike, example_inputs: An
     modes = [(m, m.training) for m in base_model.modules()]
     try:
         for name, spec in specs:
-            apply(base_model, spec, example_inputs=example_inputs, name=name)
+            if isinstance(spec, dict):
+                add_fusion(base_model, list(spec["adapters"]), name=name, dropout=float(spec.get("dropout", 0.0)))
+            else:
+                apply(base_model, spec, example_inputs=example_inputs, name=name)
             applied.append(name)
             store_of(base_model).adapters[name].train(base_model.training)   # new modules follow the model's mode
         prefixes = tuple(f"{name}/" for name in applied)   # adapters the model had before are not in the file

@@ -272,6 +272,7 @@ class Record:
     trained: list[tuple[nn.Parameter, bool]] = field(default_factory=list)
     frozen: list[tuple[nn.Parameter, bool]] = field(default_factory=list)   # other adapters this one froze
     specs: list = field(default_factory=list)
+    fusion: dict | None = None    # an AdapterFusion's set (add_fusion): {adapters: [...], dropout}
 
     def rollback(self):
         while self.undo:
