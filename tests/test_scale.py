@@ -58,12 +58,16 @@ def test_lora_and_houlsby_on_a_7b_shape_on_the_meta_device():
 
 # ---------------------------------------------------------------------------------------------- materialize
 
-SPECS_APPLIED = [("lora", "lora.yaml"), ("dora", "dora.yaml"), ("houlsby", "houlsby.yaml"), ("prefix", "prefix.yaml")]
+# DoRA on k and the attention output: stacked on LoRA's q and v it would not compose as merge folds (refused)
+DORA_K_O = {"version": 1, "rules": [{"name": "dora", "match": {"role": ["attention.k", "attention.output"]},
+                                     "action": "wrap", "module": {"kind": "dora", "r": 8, "alpha": 8},
+                                     "expect": "every_layer"}]}
+SPECS_APPLIED = [("lora", "lora.yaml"), ("dora", DORA_K_O), ("houlsby", "houlsby.yaml"), ("prefix", "prefix.yaml")]
 
 
 def apply_all(model):
     for name, spec in SPECS_APPLIED:
-        surgery.apply(model, SPECS / spec, name=name)
+        surgery.apply(model, SPECS / spec if isinstance(spec, str) else spec, name=name)
     surgery.set_active(model, ["lora", "dora", "houlsby"])
 
 
@@ -180,7 +184,7 @@ def test_failure_while_rebuilding_the_adapters_restores_the_meta_model(pretraine
     path = pretrained[1]
     meta = meta_twin(pretrained[2])
     apply_all(meta)
-    surgery.apply(meta, {"rules": [{"match": {"role": "attention.k"}, "action": "wrap",
+    surgery.apply(meta, {"rules": [{"match": {"role": "ffn.out"}, "action": "wrap",
                                     "module": {"kind": "test_trap_lora"}}]}, name="trap")
     before = meta_state(meta)
     trap["build"] = 1              # materialize builds one trap site, then the second fails; the rollback builds again

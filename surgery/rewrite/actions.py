@@ -533,6 +533,8 @@ def _check_stacked(store, record, site) -> None:
         for other in other_record.weight_sites:
             if other is site or other.owner is not site.owner or other.realized != "activation" or not other.attached:
                 continue
+            if other.call != site.call:
+                continue     # other calls of a module called several times (ALBERT's shared layer): other sites
             if other.packed is not None and site.packed is not None and other.packed != site.packed:
                 continue     # other output columns of a packed projection (q's and v's): no overlap
             if not (_stacks(other.adapter) and _stacks(site.adapter)):
