@@ -529,7 +529,10 @@ def _check_stacked(store, record, site) -> None:
     selection replaces rows. Such a stack on activations is refused, not computed as another function."""
     if site.realized != "activation":
         return
-    for other_record in store.records.values() if record.name in store.records else [*store.records.values(), record]:
+    records = list(store.records.values())
+    if not any(r is record for r in records):   # the set being applied (in the store once it is complete)
+        records.append(record)
+    for other_record in records:
         for other in other_record.weight_sites:
             if other is site or other.owner is not site.owner or other.realized != "activation" or not other.attached:
                 continue
