@@ -199,6 +199,37 @@ def test_an_op_pattern_wraps_every_linear():
     assert len(list(model.surgery_adapters.parameters())) == 6
 
 
+class _ReflectConvNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv_in = nn.Conv2d(3, 8, 1)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, padding_mode="reflect"), nn.GELU())
+                                    for _ in range(2))
+
+    def forward(self, x):
+        x = self.conv_in(x)
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "a `module:` pattern on a conv whose forward pads first (padding_mode reflect/circular/replicate: F.pad then "
+    "conv2d inside Conv2d.forward) resolves to the module's first op, the pad, and wrap refuses 'pad (pad) is not "
+    "one'; with `op: conv2d` added the same rule applies and is exact (merged == unmerged, equal to "
+    "conv2d(pad(x), W + BA)). The module-to-site choice (surgery/match/pattern.py, module patterns; "
+    "Analysis.by_op's first-site fallback) should take the module's weight-bearing op"))
+def test_a_module_glob_wraps_a_reflect_padded_conv():
+    torch.manual_seed(0)
+    model = _ReflectConvNet().eval()
+    x = {"x": torch.randn(2, 3, 8, 8)}
+    base = copy.deepcopy(model)
+    surgery.apply(model, _lora({"module": "blocks.*.0"}), example_inputs=x)
+    perturb(model, scale=0.2)
+    with torch.no_grad():
+        assert (model(**x) - base(**x)).abs().max() > 1e-4
+
+
 # ---------------------------------------------------------------- a host the forward stops calling
 
 class _FusableAttention(nn.Module):
