@@ -24,6 +24,7 @@ from surgery.spec.models import name_problem
 from surgery.trace import trace
 from surgery.trace.cache import cached_trace
 from surgery.trace.export import NeedsStackTraces, rng_devices
+from surgery.trace.unroll import plain_attributes
 from surgery.rewrite import trained
 from surgery.rewrite.sites import check_hosts, install_root_hook, record_hosts
 from surgery.rewrite.wrappers import unwrapping
@@ -39,7 +40,8 @@ _STRUCTURE_CACHE: "OrderedDict[tuple, Analysis]" = OrderedDict()
 
 def _fingerprint(model: nn.Module, example_inputs) -> tuple | None:
     """What the traced graph depends on: the class, its config, the parameter/buffer names, shapes, dtypes and
-    device, the module tree, and the example inputs' structure. Two models equal in all of these (e.g. two fresh
+    device, the module tree and each module's plain attributes (a flag or stride its constructor took), and the
+    example inputs' structure. Two models equal in all of these (e.g. two fresh
     instances of one architecture) have the same analysis: it names parameters, never holds them."""
     try:
         config = getattr(model, "config", None)
@@ -48,7 +50,7 @@ def _fingerprint(model: nn.Module, example_inputs) -> tuple | None:
         config_repr = (config_repr, getattr(config, "_attn_implementation", None))
         tensors = tuple((n, tuple(t.shape), str(t.dtype), t.device.type)
                         for n, t in list(model.named_parameters()) + list(model.named_buffers()))
-        modules = tuple((n, type(m).__qualname__) for n, m in model.named_modules())
+        modules = tuple((n, type(m).__qualname__, plain_attributes(m)) for n, m in model.named_modules())
 
         def shape(x):
             if isinstance(x, torch.Tensor):
@@ -72,7 +74,7 @@ def _base_structure(model: nn.Module) -> tuple:
         if path.partition(".")[0] == "surgery_adapters" or "parametrizations" in path.split("."):
             continue
         parametrized = parametrize.is_parametrized(m)
-        modules.append((path, type(m).__bases__[0] if parametrized else type(m)))
+        modules.append((path, type(m).__bases__[0] if parametrized else type(m), plain_attributes(m)))
         prefix = path + "." if path else ""
         for table in (m._parameters, m._buffers):
             for name, t in table.items():

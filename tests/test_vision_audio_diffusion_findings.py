@@ -112,13 +112,6 @@ def _ffn_net(gated: bool):
     return FlagNet()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the process-wide analysis cache (surgery/api.py `_fingerprint` -> `_STRUCTURE_CACHE`, and the disk cache "
-    "keyed by the same fingerprint) keys a model by class, config, parameter shapes and module tree; a plain "
-    "model's behaviour-changing attributes (a flag, a conv's stride/padding_mode) are in none of them, so a "
-    "second instance built with other arguments gets the first one's graph: here LoRA lands on an FFN gate the "
-    "ungated model never calls (the adapters change nothing); a stride-2 conv after a reflect-padded twin is "
-    "refused with 'pad is not one'"))
 def test_a_second_instance_with_other_constructor_arguments_is_analyzed_as_itself(monkeypatch):
     monkeypatch.setenv("SURGERY_CACHE", "0")         # the in-process cache alone shows it
     x = {"x": torch.randn(2, 5, 4)}

@@ -116,6 +116,15 @@ def _fields(module: nn.Module) -> tuple[dict, list]:
     return attrs, held
 
 
+def plain_attributes(module: nn.Module) -> tuple:
+    """A module's public plain attributes (scalars and short tuples of them: a conv's stride, a flag a constructor
+    took) as sorted (name, value) pairs: what can change the traced graph between two instances with the same
+    classes, config and tensors. Private ones are bookkeeping (nn.Module's, transformers' `_is_hf_initialized`,
+    surgery's marks, a conv's padding derived from its public one)."""
+    return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in vars(module).items()
+                        if not k.startswith("_") and k != "training" and _plain(v)))
+
+
 def _hooked(module: nn.Module) -> bool:
     state = vars(module)
     return (any(state.get(h) for h in _HOOK_TABLES) or "forward" in state
