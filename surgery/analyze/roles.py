@@ -36,6 +36,7 @@ ROTARY_LIKE = {"mul", "add", "cat", "neg", "sub", "stack", "float", "type"}
 LINEAR_OPS = {"linear", "addmm", "mm", "matmul", "bmm"}
 NORM_OPS = {"layer_norm", "rms_norm", "group_norm", "native_layer_norm"}
 QK_NORM = NORM_OPS | {"mean", "pow", "rsqrt", "sqrt", "var_mean", "sub"}   # per-head q/k norms (QK-norm)
+_OPERAND_PATH = VIEW_LIKE | ROTARY_LIKE | QK_NORM | {"div", "index"}   # from an attention operand up to its projection
 
 
 def op_name(node: fx.Node) -> str:
@@ -329,6 +330,32 @@ def _walk_back(start, stop, allowed: set[str], limit: int = 64) -> list[fx.Node]
                 nxt.extend(a for a in node.all_input_nodes if a.op != "placeholder")
         frontier = nxt
     return found
+
+
+def _cat_along_positions(node: fx.Node) -> bool:
+    """A `cat` of whole sequences end to end: along a dimension other than the last (features: rotary halves,
+    MLA's rope and no-rope parts of a key)."""
+    if op_name(node) != "cat":
+        return False
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    val = node.meta.get("val")
+    ndim = val.dim() if isinstance(val, torch.Tensor) else None
+    return isinstance(dim, int) and ndim is not None and dim % ndim != ndim - 1
+
+
+def _stream_sources(arg, is_linear, linears) -> list[fx.Node]:
+    """The projections of an attention operand laid end to end along the positions from several streams (joint
+    attention: SD3's and Flux's image and text streams), one per stream module; [] for any other operand."""
+    cats = _walk_back(arg, _cat_along_positions, _OPERAND_PATH - {"cat"}, 64)
+    if len(cats) != 1:
+        return []
+    found = []
+    for part in cats[0].args[0] if isinstance(cats[0].args[0], (list, tuple)) else ():
+        hits = _walk_back(part, is_linear, _OPERAND_PATH, 64)
+        if hits and hits[0] not in found:
+            found.append(hits[0])
+    owners = {linears[h].owner for h in found}
+    return found if len(found) > 1 and len(owners) == len(found) else []
 
 
 def _walk_forward(start, stop, allowed: set[str], limit: int = 64) -> list[fx.Node]:
@@ -879,10 +906,11 @@ def analyze(traced: Traced) -> Analysis:
     attention_nodes = frozenset(op_node for op_node, _, _, _ in attention)
     for op_node, q, k, v in attention:
         layer = layer_of(op_node)
-        srcs = {}
+        srcs, streams = {}, {}
         for role, arg in (("q", q), ("k", k), ("v", v)):
-            hits = _walk_back(arg, is_linear, VIEW_LIKE | ROTARY_LIKE | QK_NORM | {"div", "index"}, 64)
+            hits = _walk_back(arg, is_linear, _OPERAND_PATH, 64)
             srcs[role] = hits[0] if hits else None
+            streams[role] = _stream_sources(arg, is_linear, linears)
         q_src, k_src = srcs["q"], srcs["k"]
         # cross-attention: keys computed from another value than the queries (the encoder's output), not one
         # computed from the other on the way (Segformer/PVT: keys from a strided conv and norm of the queries'
@@ -919,6 +947,13 @@ def analyze(traced: Traced) -> Analysis:
             add(info.node, f"{prefix}.{role}", layer, module=info.owner, linear=info, packed=cols,
                 **({"interleaved": True} if isinstance(cols, Columns) else {}),
                 **({} if in_order else {"permuted": True}))
+        # joint attention (SD3, Flux): each stream's own q, k and v projections, laid end to end along the
+        # positions before the op, are that operand's (the walk above reached one stream's only)
+        for role, sources in streams.items():
+            for src in sources:
+                info = linears[src]
+                if src is not srcs[role] and info.out_features <= _operand_width(operands[role], info):
+                    add_linear(info, f"{prefix}.{role}", layer)
         outs = _walk_forward(op_node, is_linear, VIEW_LIKE, 32)
         # joint attention (SD3, Flux): one op over two streams laid end to end, its output split back, each part
         # through its stream's own output projection; every one is an attention output
