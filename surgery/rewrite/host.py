@@ -261,6 +261,11 @@ class AdapterStore(nn.Module):
         self.runtime = RuntimeState()
         self.records: dict[str, "Record"] = {}
 
+    def forward(self, x):
+        """The identity: a root that calls every child in order (an nn.Sequential model) passes through the store,
+        which its adapters' hooks and modules act from, not as a step of the model."""
+        return x
+
 
 @dataclass
 class Record:
