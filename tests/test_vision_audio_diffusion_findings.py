@@ -141,12 +141,9 @@ class _SeqConvNet(nn.Module):
         return x
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a Conv2d that is the only child of a layer's nn.Sequential is unknown to `module:` patterns ('no module "
-    "matches blocks.*.0; nearest: blocks.0') although it exists; the same model with nn.Linear applies. The conv's "
-    "boundary seems merged into its container's when both carry the same value (surgery/trace/export.py boundary "
-    "marks or the matcher's module index, surgery/match)"))
 def test_a_module_glob_finds_a_conv_that_is_its_sequentials_only_child():
+    """A conv whose output is its layer's block output had that role's site only (no conv facts): a module glob
+    found no weight-bearing op there ('no module matches'). Its role-less site with the conv's facts now."""
     torch.manual_seed(0)
     model = _SeqConvNet().eval()
     x = {"x": torch.randn(2, 3, 8, 8)}
@@ -172,13 +169,10 @@ class _MLPStack(nn.Module):
         return x
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "an `op:` pattern alone picks, for a linear/conv node that carries another role and no weight-bearing role "
-    "facts, its first site (Analysis.by_op in surgery/analyze/roles.py keeps the first site when none has "
-    "`.linear`), so wrap refuses 'linear (ffn.act) is not one' although the op IS a linear; on real models "
-    "{op: linear} is refused on SD3 and Swin ('linear_4 (attention.residual) is not one'), while "
-    "UNet2DCondition and ViT apply"))
 def test_an_op_pattern_wraps_every_linear():
+    """`{op: linear}` matched, for a linear whose output carries another role (ffn.act, attention.residual) and
+    no weight-bearing role, that role's site, which wrap refused ('linear (ffn.act) is not one'; SD3, Swin). Such
+    a node also has a role-less site with the op's facts now, which op and module patterns take."""
     torch.manual_seed(0)
     model = _MLPStack().eval()
     x = {"x": torch.randn(2, 4)}

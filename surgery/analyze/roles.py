@@ -1101,7 +1101,11 @@ def analyze(traced: Traced) -> Analysis:
                 add_linear(info, "head" if pooled else "lm_head", None)
 
     def generic_sites() -> list[Site]:
-        role_nodes = {id(s.node) for s in role_sites}
+        # nodes with a role site, but a weight-bearing op's node none of whose role sites carries its facts (a
+        # linear whose output is read as ffn.act or a residual) get one role-less site with them: what an `op:`
+        # or `module:` pattern wraps (Analysis.by_op prefers it)
+        role_nodes = {id(s.node) for s in role_sites if s.linear is not None or (
+            s.node not in linears and s.node not in weight_ops)}
         generic = []
         for n in nodes:
             if id(n) not in role_nodes:
