@@ -196,13 +196,9 @@ class _ReflectConvNet(nn.Module):
         return x
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a `module:` pattern on a conv whose forward pads first (padding_mode reflect/circular/replicate: F.pad then "
-    "conv2d inside Conv2d.forward) resolves to the module's first op, the pad, and wrap refuses 'pad (pad) is not "
-    "one'; with `op: conv2d` added the same rule applies and is exact (merged == unmerged, equal to "
-    "conv2d(pad(x), W + BA)). The module-to-site choice (surgery/match/pattern.py, module patterns; "
-    "Analysis.by_op's first-site fallback) should take the module's weight-bearing op"))
 def test_a_module_glob_wraps_a_reflect_padded_conv():
+    """A conv with padding_mode reflect pads inside its forward: a `module:` pattern for wrap matched the pad too,
+    and wrap refused it ('pad is not one'). For wrap a module pattern means the modules' weight-bearing ops."""
     torch.manual_seed(0)
     model = _ReflectConvNet().eval()
     x = {"x": torch.randn(2, 3, 8, 8)}

@@ -306,6 +306,11 @@ def _first_by_layer(found: list[tuple[Site, dict]]) -> dict:
 def match_rule(rule: Rule, index: int, analysis: Analysis, spec_name: str | None = None) -> list[Match]:
     name = rule.name or f"rule{index}"
     found = find(rule.match, analysis)
+    if rule.action == "wrap" and rule.match.role is None and rule.match.op is None:
+        # a module pattern for wrap means the modules' weight-bearing ops: a conv padding its input first
+        # (padding_mode reflect) also computes a pad, which is no site to wrap
+        weighted = {site.module for site, _ in found if site.linear is not None}
+        found = [(site, b) for site, b in found if site.linear is not None or site.module not in weighted]
     sources = find(rule.from_, analysis) if rule.from_ is not None else None
     sources_by_layer = _first_by_layer(sources) if sources is not None else None
     sources_in_layer: dict = {}
