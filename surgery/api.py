@@ -38,11 +38,12 @@ _MODEL_CACHE: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, Analysis]]" = w
 _STRUCTURE_CACHE: "OrderedDict[tuple, Analysis]" = OrderedDict()
 
 
-def _fingerprint(model: nn.Module, example_inputs) -> tuple | None:
+def _fingerprint(model: nn.Module, example_inputs, structure: tuple | None = None) -> tuple | None:
     """What the traced graph depends on: the class, its config, the parameter/buffer names, shapes, dtypes and
     device, the module tree and each module's plain attributes (a flag or stride its constructor took), and the
     example inputs' structure. Two models equal in all of these (e.g. two fresh
-    instances of one architecture) have the same analysis: it names parameters, never holds them."""
+    instances of one architecture) have the same analysis: it names parameters, never holds them. `structure`:
+    `_base_structure(model)` when the caller has it (its module part is this one's, walked once)."""
     try:
         config = getattr(model, "config", None)
         config_repr = config.to_json_string(use_diff=False) if hasattr(config, "to_json_string") else repr(config)
@@ -50,7 +51,8 @@ def _fingerprint(model: nn.Module, example_inputs) -> tuple | None:
         config_repr = (config_repr, getattr(config, "_attn_implementation", None))
         tensors = tuple((n, tuple(t.shape), str(t.dtype), t.device.type)
                         for n, t in list(model.named_parameters()) + list(model.named_buffers()))
-        modules = tuple((n, type(m).__qualname__, plain_attributes(m)) for n, m in model.named_modules())
+        modules = (tuple((path, cls.__qualname__, attrs) for path, cls, attrs in structure[0]) if structure
+                   else tuple((n, type(m).__qualname__, plain_attributes(m)) for n, m in model.named_modules()))
 
         def shape(x):
             if isinstance(x, torch.Tensor):
@@ -100,7 +102,7 @@ def _analysis(model: nn.Module, example_inputs, stack_traces: bool = False) -> A
     if cached is not None and example_inputs is None and cached[0] == structure and \
             (cached[1].traced.stack_traces or not stack_traces):
         return cached[1]
-    key = _fingerprint(model, example_inputs) if store is None else None
+    key = _fingerprint(model, example_inputs, structure) if store is None else None
     if key is not None and key in _STRUCTURE_CACHE and (_STRUCTURE_CACHE[key].traced.stack_traces or not stack_traces):
         _STRUCTURE_CACHE.move_to_end(key)
         result = _STRUCTURE_CACHE[key]
