@@ -910,7 +910,8 @@ def analyze(traced: Traced) -> Analysis:
         for role, arg in (("q", q), ("k", k), ("v", v)):
             hits = _walk_back(arg, is_linear, _OPERAND_PATH, 64)
             srcs[role] = hits[0] if hits else None
-            streams[role] = _stream_sources(arg, is_linear, linears)
+            # several projections reach the operand: a joint attention's streams, or parts of one operand
+            streams[role] = _stream_sources(arg, is_linear, linears) if len(set(hits)) > 1 else []
         q_src, k_src = srcs["q"], srcs["k"]
         # cross-attention: keys computed from another value than the queries (the encoder's output), not one
         # computed from the other on the way (Segformer/PVT: keys from a strided conv and norm of the queries'
