@@ -514,9 +514,16 @@ def test_lora_by_module_glob_on_a_plain_conv_net_merges():
     x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
     spec = {"rules": [{"name": "conv", "match": {"module": "layers.*.conv*"}, "action": "wrap",
                        "module": {"kind": "lora", "r": 2}, "expect": 4}]}
+    _assert_identity_then_merges(model, spec, {"x": x})
+
+
+
+def _assert_identity_then_merges(model, spec, inputs: dict):
+    """LoRA `spec` is the identity at init; perturbed it acts, and merged equals unmerged."""
+    (x,) = inputs.values()
     with torch.no_grad():
         base = model(x)
-    surgery.apply(model, spec, example_inputs={"x": x})
+    surgery.apply(model, spec, example_inputs=inputs)
     with torch.no_grad():
         assert (model(x) - base).abs().max().item() < 1e-6
         perturb(model)
@@ -524,7 +531,6 @@ def test_lora_by_module_glob_on_a_plain_conv_net_merges():
         surgery.merge(model)
         assert (model(x) - unmerged).abs().max().item() < 1e-5
         assert (unmerged - base).abs().max().item() > 1e-4
-
 
 # ---------------------------------------------------------------- cells that hold
 
@@ -567,13 +573,4 @@ def test_hand_written_fused_qkv_lora_is_q_and_v_thirds_and_merges():
     got = sorted((r.layer, r.role, r.module, str(r.site.extra.get("packed"))) for r in rows)
     assert got == sorted([(i, "attention.q", f"blocks.{i}.qkv", "(0, 64)") for i in range(LAYERS)]
                          + [(i, "attention.v", f"blocks.{i}.qkv", "(128, 192)") for i in range(LAYERS)]), got
-    with torch.no_grad():
-        base = model(ids)
-    surgery.apply(model, "lora", example_inputs={"idx": ids})
-    with torch.no_grad():
-        assert (model(ids) - base).abs().max().item() < 1e-6
-        perturb(model)
-        unmerged = model(ids)
-        surgery.merge(model)
-        assert (model(ids) - unmerged).abs().max().item() < 1e-5
-        assert (unmerged - base).abs().max().item() > 1e-4
+    _assert_identity_then_merges(model, "lora", {"idx": ids})

@@ -715,7 +715,7 @@ def _keeps_rank(value: fx.Node, rank: int, allowed: set[str], limit: int = 32) -
     return False
 
 
-class _Ancestors:
+class Ancestors:
     """The first `limit` nodes a depth-first walk up from `value` visits, walked only as far as membership tests
     need: `x in ancestors` answers as the whole set would."""
 
@@ -841,8 +841,8 @@ def analyze(traced: Traced) -> Analysis:
         taken_linear.add(info.node)
         add(info.node, role, layer, module=info.owner, linear=info, **extra)
 
-    def ancestors(value: fx.Node, limit: int = 400, stop: frozenset = frozenset()) -> "_Ancestors":
-        return _Ancestors(value, limit, stop)
+    def ancestors(value: fx.Node, limit: int = 400, stop: frozenset = frozenset()) -> "Ancestors":
+        return Ancestors(value, limit, stop)
 
     def close_sublayer(branch_value, prefix, layer):
         """The residual add closing a sub-layer: the first add downstream of the branch whose other operand is a

@@ -15,7 +15,7 @@ from torch import fx, nn
 from torch.nn.utils import parametrize
 
 from surgery.analyze.gradients import without_gradient
-from surgery.analyze.roles import SDPA_OPS, Analysis, Site, op_name, stack_entries
+from surgery.analyze.roles import SDPA_OPS, Analysis, Ancestors, Site, op_name, stack_entries
 from surgery.errors import RewriteError
 from surgery.match.pattern import Match
 from surgery.rewrite import compose, mixed
@@ -802,15 +802,9 @@ def _hidden_inputs(analysis: Analysis, module: str, reads: fx.Node | None = None
     found = [(value, b) for value, bounds in analysis.traced.boundaries.items() for b in bounds
              if b.module == module and b.side == "in" and isinstance(value.meta.get("val"), torch.Tensor)
              and value.meta["val"].dim() == 3]
-    upstream: set = set()
-    if isinstance(reads, fx.Node) and len(found) > 1:
-        frontier, wanted = [reads], {value for value, _ in found}
-        while frontier and not wanted <= upstream and len(upstream) < 4096:
-            node = frontier.pop()
-            if node not in upstream:
-                upstream.add(node)
-                if node not in wanted:     # the module's inputs: the walk stays inside the module
-                    frontier.extend(node.all_input_nodes)
+    # walked up from `reads` to the module's inputs, not past them: the walk stays inside the module
+    upstream = (Ancestors(reads, 4096, frozenset(v for v, _ in found))
+                if isinstance(reads, fx.Node) and len(found) > 1 else ())
     return sorted(found, key=lambda vb: (vb[0] not in upstream, vb[0].meta["val"].shape[-1] != analysis.hidden_size))
 
 
