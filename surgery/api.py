@@ -43,16 +43,17 @@ def _fingerprint(model: nn.Module, example_inputs, structure: tuple | None = Non
     device, the module tree and each module's plain attributes (a flag or stride its constructor took), and the
     example inputs' structure. Two models equal in all of these (e.g. two fresh
     instances of one architecture) have the same analysis: it names parameters, never holds them. `structure`:
-    `_base_structure(model)` when the caller has it (its module part is this one's, walked once)."""
+    `_base_structure(model, devices)` and those devices when the caller has them (one walk of the model)."""
     try:
         config = getattr(model, "config", None)
         config_repr = config.to_json_string(use_diff=False) if hasattr(config, "to_json_string") else repr(config)
         # the attention implementation (eager or sdpa) changes the graph but is no key of the config's JSON
         config_repr = (config_repr, getattr(config, "_attn_implementation", None))
-        tensors = tuple((n, tuple(t.shape), str(t.dtype), t.device.type)
-                        for n, t in list(model.named_parameters()) + list(model.named_buffers()))
-        modules = (tuple((path, cls.__qualname__, attrs) for path, cls, attrs in structure[0]) if structure
-                   else tuple((n, type(m).__qualname__, plain_attributes(m)) for n, m in model.named_modules()))
+        if structure is None:
+            structure = _base_structure(model, devices := [])
+            structure = (*structure, tuple(devices))
+        modules = tuple((path, cls.__qualname__, attrs) for path, cls, attrs in structure[0])
+        tensors = tuple((n, shape, str(dtype), device) for (n, shape, dtype), device in zip(structure[1], structure[2]))
 
         def shape(x):
             if isinstance(x, torch.Tensor):
@@ -67,10 +68,11 @@ def _fingerprint(model: nn.Module, example_inputs, structure: tuple | None = Non
         return None
 
 
-def _base_structure(model: nn.Module) -> tuple:
+def _base_structure(model: nn.Module, devices: list | None = None) -> tuple:
     """What the analysis of `model` depends on and surgery itself does not change: module paths and classes (the
     class a parametrization wraps), parameter and buffer names, shapes and dtypes, with surgery's adapter store
-    and the parametrizations' containers left out. A model's cached analysis is used while this is unchanged."""
+    and the parametrizations' containers left out. A model's cached analysis is used while this is unchanged.
+    `devices`: a list to receive each of those tensors' device type, in the same order (for the fingerprint)."""
     modules, tensors = [], []
     for path, m in model.named_modules():
         if path.partition(".")[0] == "surgery_adapters" or "parametrizations" in path.split("."):
@@ -82,12 +84,16 @@ def _base_structure(model: nn.Module) -> tuple:
             for name, t in table.items():
                 if t is not None:
                     tensors.append((prefix + name, tuple(t.shape), t.dtype))
+                    if devices is not None:
+                        devices.append(t.device.type)
         if parametrized:      # the tensors a parametrization keeps (`original`; weight_norm's original0/1)
             for name, plist in m.parametrizations.items():
                 for key, t in plist._parameters.items():
                     if t is not None:
                         tensors.append((prefix + name if key == "original" else f"{prefix}{name}:{key}",
                                         tuple(t.shape), t.dtype))
+                        if devices is not None:
+                            devices.append(t.device.type)
     return tuple(modules), tuple(tensors)
 
 
@@ -97,12 +103,12 @@ def _analysis(model: nn.Module, example_inputs, stack_traces: bool = False) -> A
     architecture is not traced again. `stack_traces`: an analysis whose graph records the nodes' source lines
     (see `trace`)."""
     store = store_of(model)
-    structure = _base_structure(model)
+    structure = _base_structure(model, devices := [])
     cached = _MODEL_CACHE.get(model)
     if cached is not None and example_inputs is None and cached[0] == structure and \
             (cached[1].traced.stack_traces or not stack_traces):
         return cached[1]
-    key = _fingerprint(model, example_inputs, structure) if store is None else None
+    key = _fingerprint(model, example_inputs, (*structure, tuple(devices))) if store is None else None
     if key is not None and key in _STRUCTURE_CACHE and (_STRUCTURE_CACHE[key].traced.stack_traces or not stack_traces):
         _STRUCTURE_CACHE.move_to_end(key)
         result = _STRUCTURE_CACHE[key]

@@ -6,7 +6,9 @@ already (torch's one-time imports are not in the count). The export is of a two-
 so what each extra layer adds is the unrolled copy of its graph, its analysis, its two LoRA sites and the walks
 over its modules. Before the copy recipes, the create_node-free copy, the analysis' linear scans and the mark
 elision a layer cost about 33,000 calls; after them about 16,000; now (a layer's kind read without nn.Module's own
-bookkeeping, the analysis memoized per module stack, sites of role-less nodes built on first use) about 11,300.
+bookkeeping, the analysis memoized per module stack, sites of role-less nodes built on first use) about 11,300;
+with one walk of the model for its structure and fingerprint, no walk for CUDA generators on a model without
+CUDA, and an order check of the unrolled graph in place of `Graph.lint`: about 10,700.
 """
 from __future__ import annotations
 

@@ -300,3 +300,23 @@ def test_full_trace_forced(monkeypatch):
     RUNS.clear()
     trace(model, (IDS,))
     assert RUNS == list(range(6))
+
+
+def test_a_copy_read_before_its_definition_is_refused():
+    """The unrolled graph's order check (in place of Graph.lint): a node reading a later node, or a node of
+    another graph, refuses the unroll (the caller then exports the whole model)."""
+    graph = fx.Graph()
+    x = graph.placeholder("x")
+    later = graph.call_function(torch.neg, (x,))
+    with graph.inserting_before(later):
+        early = graph.call_function(torch.relu, (x,))
+    graph.output(early)
+    unroll._check_order(graph)               # well formed
+    early.args = (later,)                   # reads a node defined after it
+    with pytest.raises(unroll.Refused, match="before it is defined"):
+        unroll._check_order(graph)
+    other = fx.Graph()
+    foreign = other.placeholder("y")
+    early.args = (foreign,)
+    with pytest.raises(unroll.Refused):
+        unroll._check_order(graph)

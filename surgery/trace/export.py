@@ -271,7 +271,10 @@ def trace(model: nn.Module, example_inputs=None, *, full: bool | None = None, st
 
 
 def rng_devices(model: nn.Module) -> list:
-    """The accelerator devices whose RNG a forward of `model` may draw from (fork_rng forks only these)."""
+    """The accelerator devices whose RNG a forward of `model` may draw from (fork_rng forks only these). Without
+    a CUDA context in this process no tensor can be on a CUDA device: no walk of the model's tensors then."""
+    if not torch.cuda.is_initialized():
+        return []
     devices = {t.device for m in model.modules() for table in (m._parameters, m._buffers)
                for t in table.values() if t is not None}
     return sorted({d.index or 0 for d in devices if d.type == "cuda"})
