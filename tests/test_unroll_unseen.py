@@ -149,7 +149,6 @@ class LastByIndexModel(nn.Module):
         return x
 
 
-@pytest.mark.xfail(strict=True, reason="engine gap: a copied layer's inputs, calls and branches are never observed")
 @pytest.mark.parametrize("model", [lambda: ParentChooses(["full"] * 3 + ["local"] * 3),
                                    lambda: ParentChooses(["full"] * 6, exit_at=3),
                                    lambda: LastByIndexModel()], ids=["parent_list", "early_exit", "index_branch"])

@@ -294,12 +294,15 @@ def _lazy_graph_modules():
         return contextlib.nullcontext()
 
 
-def _export_marked(model: nn.Module, args, kwargs, what: str, stack_traces: bool = True):
+def _export_marked(model: nn.Module, args, kwargs, what: str, stack_traces: bool = True, watch=None):
     """torch.export of `model` with its module marks: (program, calls). Without `stack_traces` the nodes get no
-    `stack_trace` (recording them is about a quarter of the export's time; only torch-call intercepts read them)."""
+    `stack_trace` (recording them is about a quarter of the export's time; only torch-call intercepts read them).
+    `watch`: a function installing more hooks after the marks' (returns their handles)."""
     calls: dict[str, int] = defaultdict(int)
     was_training = model.training
     handles = _install_marks(model, calls)
+    if watch is not None:
+        handles += watch()
     emitting = torch.fx.config.do_not_emit_stack_traces
     try:
         model.eval()
@@ -327,8 +330,11 @@ def _unrolled(model: nn.Module, args, kwargs, stack_traces: bool = True):
         return None
     try:
         with unroll.truncated(stacks):
-            program, calls = _export_marked(model, args, kwargs, "torch.export, one layer per kind", stack_traces)
-    except Exception:  # noqa: BLE001 - a model that needs all its layers: the full export says what fails
+            program, calls = _export_marked(model, args, kwargs, "torch.export, one layer per kind", stack_traces,
+                                            watch=lambda: unroll.watch_layers(stacks))
+        unroll.check_watched(stacks)
+    except Exception as exc:  # noqa: BLE001 - a model that needs all its layers: the full export says what fails
+        logger.debug("layers exported whole: %s: %s", type(exc).__name__, exc)
         return None
     signature = program.graph_signature
     params, buffers = dict(signature.inputs_to_parameters), dict(signature.inputs_to_buffers)

@@ -14,10 +14,19 @@ result is the graph a full export gives.
 
 What is checked, not assumed (any failure: `None`, and the caller exports the whole model):
 - a layer's kind is its module tree (types), its parameters' and buffers' names, shapes and dtypes, and its
-  modules' plain attributes (an attribute that differs between every layer, such as `layer_idx`, is an index,
-  not a kind), and the entries its index attributes select in per-layer lists of the objects it holds (a
-  config's `layer_types[layer_idx]`, read at forward time by some models); parameters shared with anything
-  else, hooks, parametrizations or instance-level forwards on a layer keep its stack whole;
+  modules' attributes: plain values, enum members, small dicts, tensors, functions and classes by identity, and
+  the fields of objects it holds where layers hold different ones (an attribute that differs between every
+  layer, such as `layer_idx`, is an index, not a kind), and the entries its index attributes select in
+  per-layer lists of the objects it holds (a config's `layer_types[layer_idx]`, read at forward time by some
+  models); parameters shared with anything else, hooks, parametrizations or instance-level forwards on a layer
+  keep its stack whole;
+- while the prefix is exported, the container's length, iteration and indexing are the whole stack's: layers
+  from `keep` on are stand-ins that run nothing and return their template's output, so the forward's loop
+  runs to its end and each missing layer's call is observed: it is called once, in order, with no op traced
+  between those calls, and with its template's arguments (the same shared values, the previous layer's output
+  where the template got its predecessor's); reading an attribute of a stand-in other than a plain value
+  stops the truncated export (`self.layers[-1].norm`). A kept layer's index attributes are ints that note
+  being computed with: a forward that reads its index (`if self.layer_idx == n - 1`) is exported whole;
 - the forward takes only whole slices of a truncated container (`layers[:config.num_hidden_layers]` with
   fewer layers configured than the container holds runs all of a prefix but not all of the stack);
 - after the export: every kept layer ran exactly once; each stack's layers are contiguous in the graph, in order,
@@ -29,6 +38,9 @@ What is checked, not assumed (any failure: `None`, and the caller exports the wh
 from __future__ import annotations
 
 import contextlib
+import enum
+import functools
+import inspect
 import json
 import re
 from collections import defaultdict
@@ -37,6 +49,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx, nn
 from torch.fx.immutable_collections import immutable_dict
+from torch.utils._pytree import tree_flatten
 
 SCALARS = (int, float, str, bool, type(None), torch.dtype)
 _SCALAR_TYPES = frozenset(SCALARS)
@@ -59,6 +72,8 @@ class Stack:
     start: int = 0
     period: int = 1
     slices: list = field(default_factory=list)   # the slices the truncated export's forward took of the container
+    index_attrs: list = field(default_factory=list)   # (module path in the layer, name) of its index attributes
+    watch: "_Watch | None" = None                 # what the export saw of the layers it did not run
 
     def entry(self, i: int) -> str:
         return f"{self.path}.{i}" if self.path else str(i)
@@ -98,22 +113,93 @@ _HOOK_TABLES = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_bac
 
 
 def _fields(module: nn.Module) -> tuple[dict, list]:
-    """A module's plain attributes (scalars, tuples of them, and tensors that are neither parameters nor buffers:
-    an export lifts those as constants, small ones by value), and the plain objects it holds (a transformers
-    config): neither scalars, tensors, modules, types nor callables."""
+    """A module's attributes that can make its forward differ from another instance's, as comparable values:
+    plain ones (scalars, tuples of them, enum members), tensors that are neither parameters nor buffers (an
+    export lifts those as constants, small ones by value), small dicts of plain values, callables and classes
+    by identity (`self.score_fn = qk`: one function object per kind of layer) and the objects it holds (a
+    config) as `Held` (compared by identity here; `find_stacks` compares their fields where layers hold
+    different ones). Also the held objects themselves (for their per-layer lists)."""
     attrs, held = {}, []
     for k, v in vars(module).items():
         if k in _MODULE_STATE or k.startswith("__"):
             continue
-        if _plain(v):
-            attrs[k] = tuple(v) if isinstance(v, list) else v
-        elif isinstance(v, torch.Tensor):
-            small = v.numel() <= 4096 and not v.is_meta
-            attrs[k] = ("tensor", tuple(v.shape), str(v.dtype), v.device.type,
-                        tuple(v.detach().cpu().flatten().tolist()) if small else None)
-        elif hasattr(v, "__dict__") and not isinstance(v, (nn.Module, type)) and not callable(v):
+        value = _attribute_value(v)
+        if value is _SKIP:
+            continue
+        attrs[k] = value
+        if isinstance(value, Held):
             held.append(v)
     return attrs, held
+
+
+class Held:
+    """An object a module holds, compared by identity (its fields are compared where layers hold different
+    objects: `find_stacks`)."""
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj):
+        self.obj = obj
+
+    def __eq__(self, other):
+        return isinstance(other, Held) and other.obj is self.obj
+
+    def __hash__(self):
+        return id(self.obj)
+
+    def __repr__(self):
+        return f"<held {type(self.obj).__qualname__} {id(self.obj):#x}>"
+
+
+_SKIP = object()
+
+
+def _attribute_value(v, depth: int = 0):
+    """`v` as a comparable value for a layer's kind (see `_fields`), or _SKIP (a module: part of the tree)."""
+    if _plain(v) or isinstance(v, enum.Enum):
+        return tuple(v) if isinstance(v, list) else v
+    if isinstance(v, torch.Tensor):
+        small = v.numel() <= 4096 and not v.is_meta
+        return ("tensor", tuple(v.shape), str(v.dtype), v.device.type,
+                tuple(v.detach().cpu().flatten().tolist()) if small else None)
+    if isinstance(v, nn.Module):
+        return _SKIP
+    if isinstance(v, dict) and len(v) <= 64 and all(_plain(x) or isinstance(x, enum.Enum) for x in v) \
+            and all(_plain(x) or isinstance(x, enum.Enum) for x in v.values()):
+        return ("dict", tuple(sorted(((repr(a), repr(b)) for a, b in v.items()))))
+    if isinstance(v, functools.partial):
+        return ("partial", _attribute_value(v.func, depth + 1), tuple(repr(_attribute_value(a, depth + 1))
+                                                                      for a in v.args),
+                tuple(sorted((key, repr(_attribute_value(a, depth + 1))) for key, a in v.keywords.items())))
+    if isinstance(v, type) or (callable(v) and not hasattr(v, "__dict__")) or inspect.isroutine(v):
+        # a function, a builtin, a class; a bound method by its function and its object's class
+        func = getattr(v, "__func__", v)
+        owner = getattr(v, "__self__", None)
+        return ("callable", id(func), getattr(func, "__qualname__", type(func).__qualname__),
+                None if owner is None or inspect.ismodule(owner) else type(owner).__qualname__)
+    if hasattr(v, "__dict__") or hasattr(v, "__slots__"):
+        return Held(v)
+    return ("object", type(v).__qualname__, id(v))
+
+
+def _held_fields(obj, limit: int = 256) -> dict | None:
+    """An object's attributes as comparable values (see `_attribute_value`; a held object inside it by
+    identity), or None where it has more than `limit` or none can be read."""
+    try:
+        fields = vars(obj)
+    except TypeError:
+        slots = [name for klass in type(obj).__mro__ for name in getattr(klass, "__slots__", ())]
+        fields = {name: getattr(obj, name) for name in slots if hasattr(obj, name)}
+    if len(fields) > limit:
+        return None
+    out = {}
+    for k, v in fields.items():
+        if k.startswith("__"):
+            continue
+        value = _attribute_value(v, 1)
+        if value is not _SKIP:
+            out[k] = value
+    return out
 
 
 def plain_attributes(module: nn.Module) -> tuple:
@@ -171,6 +257,40 @@ def _describe(entry: nn.Module, counts: dict, module_counts: dict) -> tuple | No
     return tuple(modules), tuple(tensors), attrs, list(held.values())
 
 
+def _expand_held(attrs: list[dict], depth: int = 3) -> None:
+    """Where layers hold different objects at one attribute (a per-layer copy of a config with one field
+    changed), compare those objects' fields instead of their identities: each such attribute is replaced, in
+    place, by one entry per field (`cfg.swap`), down to `depth` levels. An object whose fields cannot be read
+    stays compared by identity."""
+    memo: dict[int, dict | None] = {}
+    for _ in range(depth):
+        keys = set().union(*attrs)
+        differing = []
+        for key in keys:
+            values = [a.get(key) for a in attrs]
+            if any(isinstance(v, Held) for v in values) and \
+                    len({("held", id(v.obj)) if isinstance(v, Held) else repr(v) for v in values}) > 1:
+                differing.append(key)
+        if not differing:
+            return
+        for key in differing:
+            rel, name = key
+            for a in attrs:
+                v = a.get(key)
+                if not isinstance(v, Held):
+                    continue
+                if id(v.obj) not in memo:
+                    memo[id(v.obj)] = _held_fields(v.obj)
+                fields = memo[id(v.obj)]
+                if fields is None:
+                    a[key] = ("object", type(v.obj).__qualname__, id(v.obj))
+                    continue
+                del a[key]
+                a[(rel, f"{name}.{{fields}}")] = tuple(sorted(fields))
+                for f, fv in fields.items():
+                    a[(rel, f"{name}.{f}")] = fv
+
+
 def find_stacks(model: nn.Module) -> list[Stack]:
     """The outermost layer containers worth truncating, with their prefix length."""
     counts: dict[int, int] = defaultdict(int)           # how many places hold each tensor, and each module
@@ -200,6 +320,7 @@ def find_stacks(model: nn.Module) -> list[Stack]:
             continue
         structures = [d[:2] for d in described]
         attrs = [d[2] for d in described]
+        _expand_held(attrs)
         keys_all = set().union(*attrs)
         # an attribute whose value differs between every two layers (layer_idx) indexes them; others are kinds
         index_like = {k for k in keys_all if len({repr(a.get(k)) for a in attrs}) == len(entries)}
@@ -229,38 +350,236 @@ def find_stacks(model: nn.Module) -> list[Stack]:
         keep, start, period = planned
         parent_path, _, attr = path.rpartition(".")
         stacks.append(Stack(path=path, parent=model.get_submodule(parent_path), attr=attr, container=module,
-                            keep=keep, length=n, start=start, period=period))
+                            keep=keep, length=n, start=start, period=period,
+                            index_attrs=sorted(k for k in index_like if "." not in k[1]
+                                               and all(type(a.get(k)) is int for a in attrs))))
     return stacks
 
 
-def _recording(slices: list) -> type:
-    """A ModuleList class whose slicing is recorded in `slices`: a forward that runs `layers[:k]` (transformers'
-    `self.layers[: self.config.num_hidden_layers]` with a config of fewer layers than the container) runs all of
-    a truncated prefix but not all of the whole stack. A class of its own per export: no state on the user's
+class Refused(Exception):
+    """The truncated graph does not check out: export the whole model instead."""
+
+
+_INT_METHODS = ("__eq__", "__ne__", "__lt__", "__le__", "__gt__", "__ge__", "__hash__", "__bool__", "__index__",
+                "__int__", "__float__", "__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__",
+                "__truediv__", "__rtruediv__", "__floordiv__", "__rfloordiv__", "__mod__", "__rmod__", "__divmod__",
+                "__rdivmod__", "__pow__", "__rpow__", "__neg__", "__pos__", "__abs__", "__invert__", "__and__",
+                "__rand__", "__or__", "__ror__", "__xor__", "__rxor__", "__lshift__", "__rlshift__", "__rshift__",
+                "__rrshift__", "__str__", "__repr__", "__format__", "__round__", "__trunc__", "__floor__",
+                "__ceil__")
+
+
+def _watched_index(value: int, used: list, where: str) -> int:
+    """`value` as an int that notes `where` in `used` whenever the forward computes with it (compares, hashes,
+    formats, does arithmetic): a layer whose forward reads its index (`if self.layer_idx >= k`) may compute
+    something else in the layers the export does not run. Passing it along unread notes nothing."""
+    def method(name):
+        base = getattr(int, name)
+
+        def read(self, *args):
+            used.append(where)
+            return base(value, *args)
+        read.__name__ = name
+        return read
+    return type("int", (int,), {name: method(name) for name in _INT_METHODS})(value)
+
+
+class _StandIn:
+    """Layer j >= keep of a truncated stack while the export runs: the forward's loop calls it in the layer's
+    place. It runs nothing and returns what its template returned; the watch compares the call with the
+    template's (same shared values, the previous layer's output in the same places). Reading an attribute the
+    layer holds as a plain value answers it (`decoder_layer.attention_type`); anything else stops the export
+    (the whole model is exported instead)."""
+
+    def __init__(self, watch: "_Watch", j: int, layer: nn.Module):
+        self._watch, self._j, self._layer = watch, j, layer
+
+    @property
+    def __class__(self):       # isinstance(layer, DecoderLayer) in a forward's loop holds, as for the layer
+        return type(self._layer)
+
+    def __call__(self, *args, **kwargs):
+        return self._watch.stand_in_called(self._j, args, kwargs)
+
+    def __getattr__(self, name):
+        value = vars(self._layer).get(name, _SKIP)
+        if value is not _SKIP and (_plain(value) or isinstance(value, enum.Enum)):
+            return value
+        raise _NotRun(f"the forward reads {name!r} of {self._watch.stack.entry(self._j)}, which the truncated "
+                      f"export does not run")
+
+
+class _NotRun(Refused):
+    pass
+
+
+def _graph_size() -> int | None:
+    """How many nodes the graph being traced has now (None outside a trace)."""
+    try:
+        from torch.fx.experimental.proxy_tensor import get_proxy_mode
+        mode = get_proxy_mode()
+        return len(mode.tracer.graph.nodes) if mode is not None else None
+    except Exception:  # noqa: BLE001 - a torch without it: the caller refuses
+        return None
+
+
+class _Watch:
+    """What one export shows of a truncated stack beyond the layers it runs: how the forward calls the stand-ins
+    of layers keep..length-1 (each once, in order, right after the prefix, with no op traced between them,
+    with the arguments its template got: the same shared values and the previous layer's output where the
+    template got its predecessor's), and whether a kept layer's forward read its index attribute."""
+
+    def __init__(self, stack: Stack):
+        self.stack = stack
+        self.calls: dict[int, tuple] = {}        # kept layer -> (leaves, spec) of the arguments its caller passed
+        self.outputs: dict[int, object] = {}     # kept layer -> the output its caller received
+        self.out_ids: dict[int, dict] = {}       # kept layer -> {id(tensor leaf of its output): position}
+        self.after_prefix: int | None = None     # graph size when the last kept layer returned
+        self.next = stack.keep                   # the stand-in expected next
+        self.used: list[str] = []                # index attributes the forward computed with
+        self.problems: list[str] = []
+
+    def install(self) -> list:
+        """Hooks on the kept layers (after surgery's marks: the output seen is the one the caller receives; the
+        arguments before them: the ones the caller passed)."""
+        handles = []
+        for i, layer in enumerate(list(self.stack.container)[:self.stack.keep]):
+            def pre(module, args, kwargs, i=i):
+                self.calls[i] = tree_flatten((args, kwargs))
+
+            def post(module, args, kwargs, out, i=i):
+                self.outputs[i] = out
+                self.out_ids[i] = {id(x): p for p, x in enumerate(tree_flatten(out)[0])
+                                   if isinstance(x, torch.Tensor)}
+                if i == self.stack.keep - 1:
+                    self.after_prefix = _graph_size()
+            handles.append(layer.register_forward_pre_hook(pre, with_kwargs=True, prepend=True))
+            handles.append(layer.register_forward_hook(post, with_kwargs=True))
+        return handles
+
+    def stand_in_called(self, j: int, args, kwargs):
+        s = self.stack
+        t = s.template(j)
+        if j != self.next:
+            self.problems.append(f"{s.entry(j)} called where {s.entry(self.next)} was due")
+        self.next = j + 1
+        if t not in self.calls or s.keep - 1 not in self.outputs:
+            self.problems.append(f"{s.entry(j)} called before the layers of the prefix")
+            raise _NotRun(self.problems[-1])
+        size = _graph_size()
+        if size is None or size != self.after_prefix:
+            self.problems.append(f"ops run between the layers of {s.path} after the prefix")
+        leaves, spec = tree_flatten((args, kwargs))
+        t_leaves, t_spec = self.calls[t]
+        if spec != t_spec:
+            self.problems.append(f"{s.entry(j)} is called with other arguments than {s.entry(t)}")
+        else:
+            before_t = self.out_ids.get(t - 1, {})
+            before_j = tree_flatten(self.outputs[s.template(j - 1) if j - 1 >= s.keep else j - 1])[0]
+            for a, b in zip(leaves, t_leaves):
+                if not _corresponds(a, b, before_t, before_j):
+                    self.problems.append(f"{s.entry(j)} gets another argument than {s.entry(t)}")
+                    break
+        return self.outputs[t]
+
+    def check(self) -> None:
+        """Raise Refused where the export saw a stack's layers differ from their copies."""
+        s = self.stack
+        if self.next != s.length and not self.problems:
+            self.problems.append(f"the forward ran {self.next} of the {s.length} layers of {s.path}")
+        if self.used:
+            self.problems.append(f"the forward computes with {self.used[0]}, an attribute that differs in every "
+                                 f"layer")
+        if self.problems:
+            raise Refused(self.problems[0])
+
+
+def _corresponds(a, b, before_t: dict, before_j: list) -> bool:
+    """Argument leaf `a` of a stand-in's call against `b`, its template's: where `b` is (a tensor of) the
+    template's predecessor's output, `a` is the same part of the stand-in's predecessor's output; any other
+    tensor is the very same value; anything else equal."""
+    if isinstance(b, torch.Tensor):
+        position = before_t.get(id(b))
+        if position is not None:
+            return position < len(before_j) and a is before_j[position]
+        return a is b
+    if type(a) is not type(b):
+        return False
+    try:
+        return a is b or bool(a == b)
+    except Exception:  # noqa: BLE001 - an object without a plain equality: only itself
+        return False
+
+
+def _container(s: Stack, watch: _Watch) -> type:
+    """A ModuleList class holding a stack's kept layers whose length, iteration and indexing are the whole
+    stack's, layers keep.. as stand-ins; its slicing is recorded in `s.slices` (transformers'
+    `self.layers[: self.config.num_hidden_layers]`). A class of its own per export: no state on the user's
     modules, none shared between exports."""
+    stand_ins = [_StandIn(watch, j, s.container[j]) for j in range(s.keep, s.length)]
+
+    def whole(self) -> list:
+        return list(self._modules.values()) + stand_ins
+
     def __getitem__(self, idx):
         if isinstance(idx, slice):
-            slices.append(idx)
-        return nn.ModuleList.__getitem__(self, idx)
-    return type("ModuleList", (nn.ModuleList,), {"__getitem__": __getitem__, "__module__": nn.ModuleList.__module__})
+            s.slices.append(idx)
+        return whole(self)[idx]
+
+    def __iter__(self):
+        return iter(whole(self))
+
+    def __len__(self):
+        return s.length
+    return type("ModuleList", (nn.ModuleList,), {"__getitem__": __getitem__, "__iter__": __iter__,
+                                                  "__len__": __len__, "__module__": nn.ModuleList.__module__})
 
 
 @contextlib.contextmanager
 def truncated(stacks: list[Stack]):
-    """Each stack's container replaced by a ModuleList of its first `keep` entries; the user's own container
-    objects are put back however the block ends (an error, Ctrl-C)."""
-    done = []
+    """Each stack's container replaced by one holding its first `keep` entries and stand-ins for the others
+    (`_Container`), the kept layers' index attributes by ints that note being computed with; the user's own
+    container objects and attributes are put back however the block ends (an error, Ctrl-C). After the
+    export, `check_watched(stacks)` says whether the rest of each stack was called as its copies will be."""
+    done, swapped = [], []
     try:
         for s in stacks:
             s.slices.clear()
-            short = _recording(s.slices)(list(s.container)[:s.keep])
+            s.watch = _Watch(s)
+            short = _container(s, s.watch)()
+            for i in range(s.keep):      # its own keys: ModuleList's extend numbers from len(), the whole length
+                short._modules[str(i)] = s.container[i]
             short.training = s.container.training
             s.parent._modules[s.attr] = short
             done.append(s)
+            for i in range(s.keep):
+                layer = s.container[i]
+                for rel, name in s.index_attrs:
+                    module = layer.get_submodule(rel) if rel else layer
+                    value = vars(module)[name]
+                    swapped.append((module, name, value))
+                    module.__dict__[name] = _watched_index(value, s.watch.used, f"{s.entry(i)}"
+                                                           f"{'.' + rel if rel else ''}.{name}")
         yield
     finally:
+        for module, name, value in reversed(swapped):
+            module.__dict__[name] = value
         for s in done:
             s.parent._modules[s.attr] = s.container
+
+
+def watch_layers(stacks: list[Stack]) -> list:
+    """The hooks that watch each stack's kept layers (install after the module marks)."""
+    return [h for s in stacks if s.watch is not None for h in s.watch.install()]
+
+
+def check_watched(stacks: list[Stack]) -> None:
+    """Refused where an export under `truncated` saw a stack's other layers called otherwise than their copies
+    will be, or a kept layer compute with its index."""
+    for s in stacks:
+        if s.watch is None:
+            raise Refused(f"{s.path} was not watched")
+        s.watch.check()
 
 
 # ------------------------------------------------------------------------------------------------- the graph
@@ -297,9 +616,6 @@ def _val_key(val):
         return tuple(_val_key(v) for v in val)
     return type(val).__name__
 
-
-class Refused(Exception):
-    """The truncated graph does not check out: export the whole model instead."""
 
 
 def unroll(graph: fx.Graph, stacks: list[Stack], params: dict[str, str], buffers: dict[str, str],
@@ -399,10 +715,18 @@ def _build(nodes, stacks, members, region, params, buffers, calls, param_order, 
         for a in n.all_input_nodes:
             if a.op == "placeholder" and a not in first_use:
                 first_use[a] = (order[n], 0, 0)
+    tensor_phs = [n for n in nodes if n.op == "placeholder" and n.name in tensor_of]
     for k, s, end in plans:
         for j in range(s.keep, s.length):
             new, old = s.entry(j), s.entry(s.template(j))
             template = members[(k, s.template(j))]
+            # every parameter and buffer of the template has its copy, read or not (a full export lists
+            # them all: Longformer's global q/k/v, which no op reads without a global attention mask)
+            for a in tensor_phs:
+                qual = _swap(tensor_of[a.name], old, new)
+                if qual != tensor_of[a.name]:
+                    new_ph[(a, j)] = [f"{'p' if a.name in params else 'b'}_{_sanitize(qual)}", qual,
+                                      "p" if a.name in params else "b"]
             for i, t in enumerate(template):
                 for a in t.all_input_nodes:
                     if a.op != "placeholder" or (a, j) in new_ph:
