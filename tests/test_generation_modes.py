@@ -241,14 +241,16 @@ def test_beam_search_equals_beams_of_full_forwards(spec_name, arch, hosts):
         assert torch.equal(out.sequences, beam_without_cache(model, x, 3, NEW))
 
 
-@pytest.mark.parametrize("spec_name,arch,assistant", [
-    ("prefix", "llama", "model"), ("prompt", "qwen2", "model"), ("mam", "gpt2", "lookup"),
+@pytest.mark.parametrize("spec_name,arch,assistant,length", [
+    ("prefix", "llama", "model", 7), ("prompt", "qwen2", "model", 7), ("mam", "gpt2", "lookup", 7),
+    ("prompt", "llama", "lookup", 7),
     # a 2-token prompt: the drafted tokens are among ReFT's first 3 intervened positions, and rejected drafts
     # are cropped from the cache
-    ("loreft", "gpt2", "model"), ("loreft", "llama", "lookup"), ("llama_adapter", "llama", "adapted")])
-def test_assisted_generation_equals_greedy_without_cache(spec_name, arch, assistant, hosts):
-    x = ids(1, 2 if spec_name == "loreft" else 7, seed=5)
-    x = torch.cat([x, x, x], dim=1)       # repeats: prompt lookup drafts from them
+    ("loreft", "gpt2", "model", 2), ("loreft", "llama", "adapted", 2), ("llama_adapter", "llama", "adapted", 7)])
+def test_assisted_generation_equals_greedy_without_cache(spec_name, arch, assistant, length, hosts):
+    x = ids(1, length, seed=5)
+    if assistant == "lookup":
+        x = torch.cat([x, x, x], dim=1)       # repeats: prompt lookup drafts from them
     with applied(hosts(arch), spec_name) as model:
         if assistant == "lookup":
             how = dict(prompt_lookup_num_tokens=3)
