@@ -184,6 +184,14 @@ def assert_adapters_act(model, inputs):
         assert (generate(model, **inputs).logits[0] - base).abs().max() > 1e-3, "the adapters change nothing"
 
 
+def two_adapters(spec_name):
+    model = make("llama")
+    surgery.apply(model, small(spec_name), name="a")
+    surgery.apply(model, small(spec_name), name="b")
+    perturb(model, 0.3)
+    return model
+
+
 def beam_without_cache(model, x, beams, steps):
     """Beam search by full forwards of every beam (no EOS, so no length effects): the `beams` best sequences, best
     first. transformers' beam search keeps the same beams (top `beams` of beams x vocab by summed log-probs)."""
@@ -376,6 +384,30 @@ def test_mixed_batch_with_expanded_rows_is_refused_for_hooked_sites():
         generate(model, **prompt_inputs("llama", batch=2), num_beams=2)
 
 
+@pytest.mark.parametrize("spec_name", ["prefix", "prompt", "lora"])
+def test_mixed_batch_with_named_beam_rows(spec_name):
+    """Beam search with a MixedBatch naming the expanded rows (rows x beams): each prompt's beams equal that
+    prompt alone with its adapter, and the cache changes nothing."""
+    model = two_adapters(spec_name)
+    inputs = prompt_inputs("llama", batch=2, pad=2, seed=2)
+    alone = []
+    for row, name in enumerate(["a", "b"]):
+        surgery.set_active(model, name)
+        alone.append(generate(model, **{k: v[row:row + 1] for k, v in inputs.items()}, num_beams=2).sequences)
+    surgery.set_active(model, surgery.MixedBatch("a", "a", "b", "b"))
+    out = against_no_cache(model, **inputs, num_beams=2)
+    assert torch.equal(out.sequences, torch.cat(alone))
+
+
+@pytest.mark.parametrize("spec_name,arch", [("llama_adapter", "llama"), ("houlsby", "gpt2"), ("lora", "gemma"),
+                                            ("prefix", "mistral")])
+def test_static_cache(spec_name, arch, hosts):
+    """A static cache where it holds: Mistral's sliding window passes a mask at prefill, so prefix tuning holds
+    there (the prefix kind below is the mask-less prefill)."""
+    with applied(hosts(arch), spec_name) as model:
+        against_no_cache(model, **prompt_inputs(arch), cache_implementation="static")
+
+
 # ---------------------------------------------------------------- known defects (strict xfails)
 
 @pytest.mark.xfail(strict=True, reason="attend with a static cache: at prefill transformers passes no mask (SDPA's "
@@ -486,14 +518,6 @@ def test_mixed_batch_reft_rows_generate_as_alone_with_left_padding(names, beams)
         alone.append(generate(model, **{k: v[row:row + 1] for k, v in inputs.items()}, num_beams=beams).sequences)
     surgery.set_active(model, surgery.MixedBatch(*names))     # beams: the expanded rows named
     assert torch.equal(generate(model, **inputs, num_beams=beams).sequences, torch.cat(alone))
-
-
-def two_adapters(spec_name):
-    model = make("llama")
-    surgery.apply(model, small(spec_name), name="a")
-    surgery.apply(model, small(spec_name), name="b")
-    perturb(model, 0.3)
-    return model
 
 
 @pytest.mark.xfail(strict=True, reason="Parallel replicates the batch inside the model (n x batch logit rows), which "
