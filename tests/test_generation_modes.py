@@ -4,8 +4,10 @@ search a decode by repeated full forwards.
 
 Modes: beam search (the cache reordered between steps, batch x beams rows), `num_return_sequences` (the prompt
 batch expanded), seeded sampling with `top_k`, beam sampling, assisted generation (an assistant model, prompt
-lookup), a static cache, Mistral's sliding window, left-padded batches, a cache passed back in to continue, and
-encoder-decoders (T5, BART, Whisper) with beams. Adapters whose state depends on the call or on positions
+lookup), a static cache, chunked prefill, Mistral's sliding window, left-padded batches, a cache passed back in
+to continue, MixedBatch with named beam rows, and encoder-decoders (T5, BART, Whisper) with beams; no state
+leaking between calls or copies, generate() after a training step, after `surgery.eject` and after
+`surgery.merge`. Adapters whose state depends on the call or on positions
 (prefix tuning, LLaMA-Adapter, LoReFT, MAM, prompt tuning) and controls (LoRA, IA3, Houlsby, parallel).
 Contrastive search, DoLa and group/constrained beam search moved out of transformers 5 (hub `custom_generate`
 repositories, not reachable offline) and are not covered.
