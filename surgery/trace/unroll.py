@@ -15,18 +15,19 @@ result is the graph a full export gives.
 What is checked, not assumed (any failure: `None`, and the caller exports the whole model):
 - a layer's kind is its module tree (types), its parameters' and buffers' names, shapes and dtypes, and its
   modules' attributes: plain values, enum members, small dicts, tensors, functions and classes by identity, and
-  the fields of objects it holds where layers hold different ones (an attribute that differs between every
+  the fields of objects it holds where layers hold different ones (a number that differs between every
   layer, such as `layer_idx`, is an index, not a kind), and the entries its index attributes select in
   per-layer lists of the objects it holds (a config's `layer_types[layer_idx]`, read at forward time by some
-  models); parameters shared with anything else, hooks, parametrizations or instance-level forwards on a layer
-  keep its stack whole;
+  models); parameters shared with anything else, hooks (torch's global module hooks: every stack),
+  parametrizations or instance-level forwards on a layer keep its stack whole;
 - while the prefix is exported, the container's length, iteration and indexing are the whole stack's: layers
   from `keep` on are stand-ins that run nothing and return their template's output, so the forward's loop
   runs to its end and each missing layer's call is observed: it is called once, in order, with no op traced
   between those calls, and with its template's arguments (the same shared values, the previous layer's output
   where the template got its predecessor's); reading an attribute of a stand-in other than a plain value
-  stops the truncated export (`self.layers[-1].norm`). A kept layer's index attributes are ints that note
-  being computed with: a forward that reads its index (`if self.layer_idx == n - 1`) is exported whole;
+  stops the truncated export (`self.layers[-1].norm`). A kept layer's index attributes note being computed
+  with: a forward that reads its index (`if self.layer_idx == n - 1`) or branches on a per-layer number is
+  exported whole;
 - the forward takes only whole slices of a truncated container (`layers[:config.num_hidden_layers]` with
   fewer layers configured than the container holds runs all of a prefix but not all of the stack);
 - after the export: every kept layer ran exactly once; each stack's layers are contiguous in the graph, in order,
@@ -291,8 +292,21 @@ def _expand_held(attrs: list[dict], depth: int = 3) -> None:
                     a[(rel, f"{name}.{f}")] = fv
 
 
+def _global_hooks() -> bool:
+    """Whether torch's process-wide module hooks are set (`register_module_forward_hook`, as profilers and
+    activation tools install): they run on every module call, the layers the export does not run included,
+    and may treat each layer differently."""
+    from torch.nn.modules import module as torch_module
+    return any(getattr(torch_module, name, None) for name in (
+        "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+        "_global_backward_pre_hooks", "_global_forward_hooks_always_called"))
+
+
 def find_stacks(model: nn.Module) -> list[Stack]:
-    """The outermost layer containers worth truncating, with their prefix length."""
+    """The outermost layer containers worth truncating, with their prefix length (none while torch's global
+    module hooks are set)."""
+    if _global_hooks():
+        return []
     counts: dict[int, int] = defaultdict(int)           # how many places hold each tensor, and each module
     module_counts: dict[int, int] = defaultdict(int)
     for _, m in model.named_modules(remove_duplicate=False):
@@ -322,8 +336,10 @@ def find_stacks(model: nn.Module) -> list[Stack]:
         attrs = [d[2] for d in described]
         _expand_held(attrs)
         keys_all = set().union(*attrs)
-        # an attribute whose value differs between every two layers (layer_idx) indexes them; others are kinds
-        index_like = {k for k in keys_all if len({repr(a.get(k)) for a in attrs}) == len(entries)}
+        # a number that differs between every two layers (layer_idx, a per-layer scale) indexes them, and the
+        # export watches whether a forward computes with it (`_watched`); other attributes are kinds
+        index_like = {k for k in keys_all if len({repr(a.get(k)) for a in attrs}) == len(entries)
+                      and "." not in k[1] and all(type(a.get(k)) in (int, float) for a in attrs)}
         n = len(entries)
         # a layer may read a per-layer list of an object it holds at forward time
         # (`config.layer_types[self.layer_idx]`): the entries its index attributes select are part of its kind
@@ -351,8 +367,7 @@ def find_stacks(model: nn.Module) -> list[Stack]:
         parent_path, _, attr = path.rpartition(".")
         stacks.append(Stack(path=path, parent=model.get_submodule(parent_path), attr=attr, container=module,
                             keep=keep, length=n, start=start, period=period,
-                            index_attrs=sorted(k for k in index_like if "." not in k[1]
-                                               and all(type(a.get(k)) is int for a in attrs))))
+                            index_attrs=sorted(index_like)))
     return stacks
 
 
@@ -360,7 +375,7 @@ class Refused(Exception):
     """The truncated graph does not check out: export the whole model instead."""
 
 
-_INT_METHODS = ("__eq__", "__ne__", "__lt__", "__le__", "__gt__", "__ge__", "__hash__", "__bool__", "__index__",
+_NUMBER_METHODS = ("__eq__", "__ne__", "__lt__", "__le__", "__gt__", "__ge__", "__hash__", "__bool__", "__index__",
                 "__int__", "__float__", "__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__",
                 "__truediv__", "__rtruediv__", "__floordiv__", "__rfloordiv__", "__mod__", "__rmod__", "__divmod__",
                 "__rdivmod__", "__pow__", "__rpow__", "__neg__", "__pos__", "__abs__", "__invert__", "__and__",
@@ -369,19 +384,22 @@ _INT_METHODS = ("__eq__", "__ne__", "__lt__", "__le__", "__gt__", "__ge__", "__h
                 "__ceil__")
 
 
-def _watched_index(value: int, used: list, where: str) -> int:
-    """`value` as an int that notes `where` in `used` whenever the forward computes with it (compares, hashes,
-    formats, does arithmetic): a layer whose forward reads its index (`if self.layer_idx >= k`) may compute
-    something else in the layers the export does not run. Passing it along unread notes nothing."""
+def _watched(value: int | float, used: list, where: str) -> int | float:
+    """`value` (an int or a float) as one that notes `where` in `used` whenever the forward computes with it
+    (compares, hashes, formats, does arithmetic): a layer whose forward reads its index (`if self.layer_idx >=
+    k`) may compute something else in the layers the export does not run. Passing it along notes nothing."""
+    kind = type(value)
+
     def method(name):
-        base = getattr(int, name)
+        base = getattr(kind, name)
 
         def read(self, *args):
             used.append(where)
             return base(value, *args)
         read.__name__ = name
         return read
-    return type("int", (int,), {name: method(name) for name in _INT_METHODS})(value)
+    return type(kind.__name__, (kind,), {name: method(name) for name in _NUMBER_METHODS
+                                         if hasattr(kind, name)})(value)
 
 
 class _StandIn:
@@ -558,8 +576,8 @@ def truncated(stacks: list[Stack]):
                     module = layer.get_submodule(rel) if rel else layer
                     value = vars(module)[name]
                     swapped.append((module, name, value))
-                    module.__dict__[name] = _watched_index(value, s.watch.used, f"{s.entry(i)}"
-                                                           f"{'.' + rel if rel else ''}.{name}")
+                    module.__dict__[name] = _watched(value, s.watch.used, f"{s.entry(i)}"
+                                                     f"{'.' + rel if rel else ''}.{name}")
         yield
     finally:
         for module, name, value in reversed(swapped):
