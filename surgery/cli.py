@@ -20,7 +20,8 @@ from surgery.errors import MatchError, SpecError, SurgeryError
 from surgery.progress import logger as progress_logger
 from surgery.progress import quiet_libraries, stage
 
-MODEL_HELP = "package.module:factory_or_class (called with no arguments) or a transformers model directory"
+MODEL_HELP = ("package.module:factory_or_class or path/to/file.py:factory_or_class (called with no arguments), or a "
+              "transformers model directory")
 EXIT_INVALID, EXIT_USAGE = 1, 2
 
 
@@ -36,7 +37,9 @@ def load_model(ref: str):
     if not isinstance(ref, str) or not ref.strip():
         raise UsageError(f"--model/MODEL is empty: give {MODEL_HELP}")
     if ":" in ref and not Path(ref).exists():
-        module_name, _, attr = ref.partition(":")
+        module_name, _, attr = ref.rpartition(":")
+        if module_name.endswith(".py") and attr.isidentifier():   # a file: path/to/model.py:factory
+            return _from_example(ref, _call_factory(ref, _import_file(ref, Path(module_name)), attr))
         if not module_name or module_name.startswith(".") or not attr.isidentifier():
             raise UsageError(f"MODEL {ref!r}: expected package.module:factory_or_class (an absolute module name and "
                              f"a Python name), or a model directory")
@@ -52,29 +55,71 @@ def load_model(ref: str):
         except Exception as exc:  # noqa: BLE001 - the user's module raised at import
             raise SurgeryError(f"cannot load model {ref!r}: importing {module_name} raised "
                                f"{type(exc).__name__}: {exc}") from None
-        factory = getattr(module, attr, None)
-        if not callable(factory):
-            raise SurgeryError(f"cannot load model {ref!r}: module {module_name!r} has no callable {attr!r}")
-        try:
-            model = factory()
-        except Exception as exc:  # the user's factory: report, do not crash
-            raise SurgeryError(f"cannot load model {ref!r}: {attr}() raised {type(exc).__name__}: {exc}") from None
-        import torch
-        if not isinstance(model, torch.nn.Module):
-            raise SurgeryError(f"cannot load model {ref!r}: {attr}() returned {type(model).__name__}, not a "
-                               f"torch.nn.Module")
-        example = None
-        if callable(getattr(model, "example_inputs", None)):
-            try:
-                example = model.example_inputs()
-            except Exception as exc:  # noqa: BLE001
-                raise SurgeryError(f"cannot load model {ref!r}: its example_inputs() raised "
-                                   f"{type(exc).__name__}: {exc}") from None
-        return model, example
+        return _from_example(ref, _call_factory(ref, module, attr))
     path = Path(ref)
     if path.is_dir():
         return _load_pretrained(path), None
-    raise SurgeryError(f"MODEL must be package.module:factory_or_class or a model directory, not {ref!r}")
+    raise SurgeryError(f"MODEL must be package.module:factory_or_class or a model directory (or "
+                       f"path/to/file.py:factory_or_class), not {ref!r}")
+
+
+def _import_file(ref: str, path: Path):
+    """The module of a Python file named on the command line, imported as a script's would be: its directory
+    first on sys.path (for its own imports), under its file name's stem (so its classes have a source file, which
+    the trace cache's key reads)."""
+    import importlib.util
+    if not path.is_file():
+        raise SurgeryError(f"cannot load model {ref!r}: no file {path}")
+    name = path.stem if path.stem.isidentifier() else "surgery_model"
+    loaded = sys.modules.get(name)
+    if loaded is not None and Path(getattr(loaded, "__file__", "") or "").resolve() == path.resolve():
+        return loaded
+    if loaded is not None:
+        name = f"surgery_model_{name}"   # the stem names another module (`test.py`): keep that one
+    directory = str(path.resolve().parent)
+    if directory not in sys.path:
+        sys.path.insert(0, directory)
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as exc:
+        del sys.modules[name]
+        raise SurgeryError(f"cannot load model {ref!r}: {exc.filename}:{exc.lineno}: syntax error: "
+                           f"{exc.msg}") from None
+    except Exception as exc:  # noqa: BLE001 - the user's module raised at import
+        del sys.modules[name]
+        raise SurgeryError(f"cannot load model {ref!r}: importing {path} raised {type(exc).__name__}: "
+                           f"{exc}") from None
+    return module
+
+
+def _call_factory(ref: str, module, attr: str):
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise SurgeryError(f"cannot load model {ref!r}: module {module.__name__!r} has no callable {attr!r}")
+    try:
+        model = factory()
+    except Exception as exc:  # the user's factory: report, do not crash
+        raise SurgeryError(f"cannot load model {ref!r}: {attr}() raised {type(exc).__name__}: {exc}") from None
+    import torch
+    if not isinstance(model, torch.nn.Module):
+        raise SurgeryError(f"cannot load model {ref!r}: {attr}() returned {type(model).__name__}, not a "
+                           f"torch.nn.Module")
+    return model
+
+
+def _from_example(ref: str, model):
+    """(model, example inputs): the example from the model's `example_inputs()` when it has one."""
+    example = None
+    if callable(getattr(model, "example_inputs", None)):
+        try:
+            example = model.example_inputs()
+        except Exception as exc:  # noqa: BLE001
+            raise SurgeryError(f"cannot load model {ref!r}: its example_inputs() raised "
+                               f"{type(exc).__name__}: {exc}") from None
+    return model, example
 
 
 def _load_pretrained(path: Path):

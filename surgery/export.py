@@ -30,7 +30,7 @@ from surgery.errors import SurgeryError
 from surgery.progress import quiet_libraries, stage
 from surgery.rewrite.host import STATE_ATTR, _WeightParam, store_of
 from surgery.trace import trace
-from surgery.trace.export import _split_inputs, default_example_inputs
+from surgery.trace.export import _split_inputs, derive_example_inputs, rng_devices
 from surgery.rewrite.wrappers import unwrapping
 
 FORMATS = ("onnx", "torchscript", "pt2")
@@ -82,10 +82,9 @@ class Prepared:
     """The wrapper, its example tensors, their names and dynamic axes, and the output names."""
 
     def __init__(self, model: nn.Module, example_inputs: Any, dynamic_axes: dict | None):
-        if example_inputs is None:
-            example_inputs = default_example_inputs(model)
-            if example_inputs is None:
-                raise ExportError("example_inputs are required to export a model without a transformers config")
+        if example_inputs is None:   # derived as for tracing (README: API), the model's RNG untouched
+            with torch.random.fork_rng(devices=rng_devices(model)):
+                example_inputs = derive_example_inputs(model)
         args, kwargs = _split_inputs(example_inputs)
         if any(not isinstance(a, torch.Tensor) for a in args):
             raise ExportError("positional example inputs must be tensors; pass other arguments as keywords")

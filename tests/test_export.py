@@ -177,8 +177,15 @@ def test_bad_export_arguments(tmp_path):
     with pytest.raises(ExportError, match="not inputs"):
         surgery.export(model, tmp_path / "m.pt2", example_inputs=model.example_inputs(), format="pt2",
                        dynamic_axes={"input_ids": {0: "batch"}})
-    with pytest.raises(ExportError, match="example_inputs are required"):
-        surgery.export(model, tmp_path / "m.pt2", format="pt2")
+    class TwoInputs(torch.nn.Module):   # nothing to derive both inputs from (a model's example_inputs() or
+        def __init__(self):             # one input an nn.Embedding or nn.Linear takes would do: README, API)
+            super().__init__()
+            self.proj = torch.nn.Linear(4, 4)
+
+        def forward(self, x, y):
+            return self.proj(x) + y
+    with pytest.raises(surgery.SurgeryError, match="example_inputs are required.*needs 2 arguments"):
+        surgery.export(TwoInputs(), tmp_path / "m.pt2", format="pt2")
     assert list(tmp_path.iterdir()) == []
 
 
