@@ -152,17 +152,34 @@ SPEC_SUFFIXES = (".yaml", ".yml", ".json")
 
 
 def _spec_files(arguments: list[str]) -> list[str]:
-    """The files named, with a directory standing for every YAML/JSON file under it."""
+    """The files named, with a directory standing for every YAML/JSON file under it (hidden files and
+    directories, such as .git or .github, and virtual environments, left out) and a pattern no shell expanded
+    (quoted, or on Windows: `specs/*.yaml`, `specs/**/*.yaml`) for the files it matches."""
+    import glob
     files = []
     for argument in arguments:
         path = Path(argument)
         if path.is_dir():
-            files += sorted(str(p) for p in path.rglob("*") if p.suffix in SPEC_SUFFIXES and p.is_file())
+            files += _files_under(path)
+        elif not path.exists() and glob.has_magic(argument):
+            matched = sorted(glob.glob(argument, recursive=True))
+            if not matched:
+                raise UsageError(f"no file matches {argument!r}")
+            files += [f for m in matched for f in (_files_under(Path(m)) if Path(m).is_dir() else [m])]
         else:
             files.append(argument)
     if not files:
         raise UsageError(f"no spec files ({', '.join(SPEC_SUFFIXES)}) in {', '.join(arguments)}: nothing to check")
     return files
+
+
+def _files_under(directory: Path) -> list[str]:
+    found = []
+    for root, dirs, names in os.walk(directory):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not (Path(root, d) / "pyvenv.cfg").exists())
+        found += [str(Path(root, n)) for n in names
+                  if not n.startswith(".") and Path(n).suffix in SPEC_SUFFIXES]
+    return sorted(found)
 
 
 def cmd_validate(args) -> int:

@@ -189,3 +189,71 @@ def test_export_derives_example_inputs_as_tracing_does(tmp_path):
         path = surgery.export(model, tmp_path / f"{type(model).__name__}.pt", format="torchscript")
         assert torch.equal(torch.random.get_rng_state(), state)   # the user's RNG untouched
         assert Path(path).is_file()
+
+
+# --- `surgery validate` on what a new user points it at ----------------------------------------------------------
+
+def test_a_huge_file_is_refused_before_parsing(tmp_path):
+    """A 2 MB file (thousands of rules, or a weights file named by mistake) took 11 s of CPU to be refused as
+    'more than 100000 values (aliases expanding?)'; it is refused from its size, without reading it all."""
+    huge = tmp_path / "huge.yaml"
+    huge.write_text("version: 1\nrules:\n" + "".join(
+        f"  - name: r{i}\n    match: {{role: attention.q}}\n    action: wrap\n    module: {{kind: lora, r: 8}}\n"
+        for i in range(20000)))
+    proc = surgery("validate", str(huge), "/dev/zero", cwd=tmp_path, timeout=30)
+    assert proc.returncode == 1
+    assert f"{huge}: not a spec: the file is too large ({huge.stat().st_size:,} bytes; a spec is at most 512 KiB)" \
+        in proc.stdout
+    assert "/dev/zero: not a spec: the file is too large (more than 512 KiB" in proc.stdout
+
+
+def test_a_directory_leaves_out_hidden_files_and_virtual_environments(tmp_path):
+    """`surgery validate .` in a project checked .git, .github workflows, .pre-commit-hooks.yaml and every JSON
+    file of a virtual environment in it as specs."""
+    (tmp_path / "specs").mkdir()
+    (tmp_path / "specs" / "lora.yaml").write_text(LORA)
+    for hidden in (".github/workflows/ci.yaml", ".pre-commit-config.yaml", "specs/.draft.yaml",
+                   "venv/lib/python3/site-packages/pkg/config.json"):
+        (tmp_path / hidden).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / hidden).write_text("on: push\n")
+    (tmp_path / "venv" / "pyvenv.cfg").write_text("home = /usr/bin\n")
+    proc = surgery("validate", ".", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.splitlines() == ["specs/lora.yaml: ok (1 rule)"]
+
+
+def test_a_pattern_no_shell_expanded(tmp_path):
+    """Quoted, or typed in Windows' cmd.exe, `specs/*.yaml` reached surgery as is: 'cannot read spec: No such
+    file or directory'. It stands for the files it matches; one that matches nothing is a usage error (exit 2)."""
+    (tmp_path / "specs" / "more").mkdir(parents=True)
+    (tmp_path / "specs" / "a.yaml").write_text(LORA)
+    (tmp_path / "specs" / "more" / "b.yaml").write_text(TYPO)
+    proc = surgery("validate", "specs/*.yaml", cwd=tmp_path)
+    assert proc.returncode == 0 and proc.stdout.splitlines() == ["specs/a.yaml: ok (1 rule)"], proc.stdout
+    proc = surgery("validate", "specs/**/*.yaml", cwd=tmp_path)
+    assert proc.returncode == 1 and "specs/more/b.yaml:4:13: rules.0.match.role" in proc.stdout
+    proc = surgery("validate", "configs/*.yaml", cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.strip() == "error: no file matches 'configs/*.yaml'"
+
+
+def test_another_file_format_is_named_as_such(tmp_path):
+    """A JSON or YAML file of another kind (package.json, a CI workflow) got one 'unknown key' line per key; it
+    gets one line saying it is not a spec. A misspelt spec key still gets its 'did you mean'."""
+    (tmp_path / "package.json").write_text('{"name": "x", "scripts": {}, "dependencies": {}}\n')
+    (tmp_path / "rule.yaml").write_text("rule:\n  - name: a\n")
+    proc = surgery("validate", "package.json", "rule.yaml", cwd=tmp_path)
+    assert proc.returncode == 1
+    assert proc.stdout.splitlines() == [
+        "package.json:1:1: not a spec: it has no `rules`, `compose` or `include` (its keys: name, scripts, "
+        "dependencies); a spec is a mapping with a `rules` list",
+        "rule.yaml:1:1: rule: unknown key 'rule' (did you mean 'rules'?)"]
+
+
+def test_an_unclosed_bracket_is_reported_where_it_opens(tmp_path):
+    """PyYAML notices a missing `}` on a later line; the message names the line where the mapping started."""
+    (tmp_path / "open.yaml").write_text("version: 1\nrules:\n  - name: a\n    match: {role: attention.q\n"
+                                        "    action: wrap\n")
+    proc = surgery("validate", "open.yaml", cwd=tmp_path)
+    assert proc.returncode == 1
+    assert proc.stdout.strip() == ("open.yaml:5:11: YAML syntax error: while parsing a flow mapping that starts at "
+                                   "line 4, column 12; expected ',' or '}', but got ':'")

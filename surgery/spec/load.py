@@ -24,6 +24,7 @@ _MAX_VALUES = 100_000   # bounds alias expansion ("billion laughs")
 MAX_NESTING = 32        # mappings/lists inside each other; a spec needs about 8
 MAX_INCLUDE_DEPTH = 16  # include chains (a includes b includes c ...)
 MAX_INCLUDED_FILES = 256  # distinct files one spec may pull in through includes
+MAX_SPEC_BYTES = 512 * 1024   # a spec is a few KB; parsing 512 KiB of YAML takes about 2.5 s of CPU
 
 
 def _short_tag(tag: str) -> str:
@@ -44,8 +45,12 @@ def _compose(text: str, file: str) -> tuple[Any, Positions, list[SpecError]]:
         raise SpecError(f"character {exc.character!r} is not allowed in a spec ({exc.reason})", file=file,
                         line=line, column=column) from None
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        what = "; ".join(filter(None, (getattr(exc, "context", None), getattr(exc, "problem", None)))) or str(exc)
+        mark, context = getattr(exc, "problem_mark", None), getattr(exc, "context", None)
+        opened = getattr(exc, "context_mark", None)
+        if context and context.startswith("while") and opened is not None and mark is not None \
+                and opened.line != mark.line:
+            context += f" that starts at line {opened.line + 1}, column {opened.column + 1}"   # an unclosed { or [
+        what = "; ".join(filter(None, (context, getattr(exc, "problem", None)))) or str(exc)
         raise SpecError(f"YAML syntax error: {what}", file=file,
                         line=mark.line + 1 if mark else None, column=mark.column + 1 if mark else None) from None
     except RecursionError:   # a backstop: _check_nesting refuses deep nesting first
@@ -271,6 +276,14 @@ def _validate(data: Any, file: str, positions: Positions, problems: list[SpecErr
     if not isinstance(data, dict):
         add((), "a spec is a mapping with a `rules` list")
         raise fail()
+    known = [f.alias or n for n, f in Spec.model_fields.items()]
+    content = ("rules", "compose", "include")   # what a spec does is in one of these
+    if (any(key not in known for key in data)
+            and not any(isinstance(key, str) and (key in content or _near(key, content)) for key in data)):
+        keys = [str(k) for k in data]   # another file format altogether (package.json, a CI workflow)
+        add((), f"not a spec: it has no `rules`, `compose` or `include` (its keys: {', '.join(keys[:4])}"
+                f"{', ...' if len(keys) > 4 else ''}); a spec is a mapping with a `rules` list")
+        raise fail()
     rules = data.get("rules") if isinstance(data.get("rules"), list) else []
 
     # Module options first: a rule's `module` is checked against its kind's Options, with paths into it.
@@ -362,10 +375,21 @@ class _Includes:
 
 
 def _read(path: Path) -> str:
+    """The file's text; at most MAX_SPEC_BYTES are read (a weights file or a device named by mistake is refused
+    without reading it all)."""
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as f:
+            data = f.read(MAX_SPEC_BYTES + 1)
     except OSError as exc:
         raise SpecError(f"cannot read spec: {exc.strerror or exc}", file=str(path)) from None
+    if len(data) > MAX_SPEC_BYTES:
+        try:
+            size = os.stat(path).st_size
+        except OSError:
+            size = 0
+        size = f"{size:,} bytes" if size > MAX_SPEC_BYTES else f"more than {MAX_SPEC_BYTES // 1024} KiB"
+        raise SpecError(f"not a spec: the file is too large ({size}; a spec is at most {MAX_SPEC_BYTES // 1024} KiB)",
+                        file=str(path)) from None
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
