@@ -257,3 +257,40 @@ def test_an_unclosed_bracket_is_reported_where_it_opens(tmp_path):
     assert proc.returncode == 1
     assert proc.stdout.strip() == ("open.yaml:5:11: YAML syntax error: while parsing a flow mapping that starts at "
                                    "line 4, column 12; expected ',' or '}', but got ':'")
+
+
+def test_a_composition_is_checked_without_a_model(tmp_path):
+    """`surgery validate` said ok to compositions that apply fails on (weights not one per adapter, a misspelt
+    option) or silently ignores (a stack takes no weights: the adapters ran in sequence, not averaged)."""
+    cases = {
+        "{stack: [a, b], weights: [0.1, 0.9]}": "stack: unknown option 'weights' (stack takes no options)",
+        "{average: [a, b], weigths: [0.1, 0.9]}": "average: unknown option 'weigths' (average takes weights, "
+                                                  "normalize_weights) (did you mean 'weights'?)",
+        "{average: [a, b], weights: [0.7]}": "weights: one per adapter of the average (2), not [0.7]",
+        "{average: [a, {parallel: [b, c], name: x}]}": "average.1: parallel: unknown option 'name'",
+        "{batch_split: [a, b]}": "batch_split: needs batch_sizes",
+        "{fusion: [a, b]}": "(did you mean 'fuse'?)",
+    }
+    for i, (compose, message) in enumerate(cases.items()):
+        (tmp_path / f"c{i}.yaml").write_text(f"version: 1\ncompose: {compose}\n")
+    (tmp_path / "good.yaml").write_text("version: 1\ncompose: {average: [a, {stack: [b, c]}], weights: [0.7, 0.3], "
+                                        "normalize_weights: false}\n")
+    proc = surgery("validate", *(f"c{i}.yaml" for i in range(len(cases))), "good.yaml", cwd=tmp_path)
+    lines = proc.stdout.splitlines()
+    assert proc.returncode == 1 and len(lines) == len(cases) + 1, proc.stdout
+    for i, message in enumerate(cases.values()):
+        assert lines[i].startswith(f"c{i}.yaml:2:1: compose: ") and message in lines[i], (lines[i], message)
+    assert lines[-1] == "good.yaml: ok (0 rules)"
+
+
+def test_the_composition_options_are_the_blocks_arguments():
+    """spec validation (no torch) keeps a table of each block's options: it is the blocks' keyword arguments."""
+    import inspect
+
+    from surgery.rewrite import compose
+    from surgery.spec.models import BLOCK_OPTIONS, BLOCK_REQUIRED, BLOCKS
+    assert tuple(BLOCK_OPTIONS) == BLOCKS == tuple(compose.BLOCKS)
+    for kind, cls in compose.BLOCKS.items():
+        keywords = {n: p for n, p in inspect.signature(cls.__init__).parameters.items() if p.kind is p.KEYWORD_ONLY}
+        assert set(BLOCK_OPTIONS[kind]) == set(keywords), kind
+        assert set(BLOCK_REQUIRED.get(kind, ())) == {n for n, p in keywords.items() if p.default is p.empty}, kind

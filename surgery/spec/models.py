@@ -40,6 +40,10 @@ ROLES = (
 )
 
 BLOCKS = ("stack", "average", "batch_split", "split", "parallel", "fuse", "mixed_batch")   # composition blocks (rewrite/compose.py)
+# each block's options (the keyword arguments of its class in rewrite/compose.py) and which are required
+BLOCK_OPTIONS = {"stack": (), "average": ("weights", "normalize_weights"), "batch_split": ("batch_sizes",),
+                 "split": ("splits",), "parallel": (), "fuse": ("name",), "mixed_batch": ()}
+BLOCK_REQUIRED = {"batch_split": ("batch_sizes",), "split": ("splits",)}
 ACTIONS = ("insert_after", "insert_before", "parallel", "sublayer", "wrap", "replace", "attend", "prepend", "train")
 
 # What each action does, for docs/spec.md and the JSON Schema (a test checks every action has an entry).
@@ -312,16 +316,7 @@ class Spec(BaseModel):
     @field_validator("compose")
     @classmethod
     def _known_block(cls, value):
-        if isinstance(value, dict):
-            kinds = [k for k in value if k in BLOCKS]
-            if len(kinds) != 1:
-                raise ValueError(f"a composition names exactly one of {', '.join(BLOCKS)}")
-            from surgery.modules.values import float_problem
-            for key in ("weights", "batch_sizes"):
-                if key in value:
-                    problem = float_problem(value[key]) or _bool_in(value[key])
-                    if problem:
-                        raise ValueError(f"{key}: {problem}")
+        _check_block(value)
         return value
 
     @model_validator(mode="after")
@@ -340,3 +335,46 @@ class Spec(BaseModel):
     def origin_of(self, rule: Rule):
         """Where `rule` (one of this spec's rule objects) was written: a loader RuleOrigin, or None."""
         return next((origin for r, origin in self._origins if r is rule), None)
+
+
+def _check_block(value, where: str = "") -> None:
+    """A composition: an adapter name, or one block ({average: [a, b], weights: [...]}) whose children are
+    compositions, with only that block's options (a stray `weights` on a stack was ignored), the required ones
+    present and `weights` one per child. Raises ValueError naming the block's path (`average.1`)."""
+    import difflib
+    if isinstance(value, str) or value is None and not where:
+        return
+    if not isinstance(value, dict):
+        raise ValueError(f"{where}a composition is an adapter name or a mapping like {{average: [a, b]}}, "
+                         f"not {value!r}")
+    kinds = [k for k in value if k in BLOCKS]
+    if len(kinds) != 1:
+        near = [n for k in value for n in difflib.get_close_matches(str(k), BLOCKS, n=1)]
+        hint = f" (did you mean {near[0]!r}?)" if near and not kinds else ""
+        raise ValueError(f"{where}a composition names exactly one of {', '.join(BLOCKS)}{hint}")
+    kind = kinds[0]
+    children = value[kind]
+    if not isinstance(children, list) or not children:
+        raise ValueError(f"{where}{kind}: a non-empty list of adapter names or blocks, not {children!r}")
+    for i, child in enumerate(children):
+        _check_block(child, f"{where}{kind}.{i}: ")
+    allowed = BLOCK_OPTIONS[kind]
+    for key in value:
+        if key != kind and key not in allowed:
+            near = difflib.get_close_matches(str(key), allowed, n=1)
+            takes = f"takes {', '.join(allowed)}" if allowed else "takes no options"
+            raise ValueError(f"{where}{kind}: unknown option {key!r} ({kind} {takes})"
+                             + (f" (did you mean {near[0]!r}?)" if near else ""))
+    for key in BLOCK_REQUIRED.get(kind, ()):
+        if key not in value:
+            raise ValueError(f"{where}{kind}: needs {key} (one per adapter)")
+    from surgery.modules.values import float_problem
+    for key in ("weights", "batch_sizes", "splits"):
+        if key in value:
+            problem = float_problem(value[key]) or _bool_in(value[key])
+            if problem:
+                raise ValueError(f"{where}{key}: {problem}")
+    if "weights" in value and (not isinstance(value["weights"], list) or len(value["weights"]) != len(children)):
+        raise ValueError(f"{where}weights: one per adapter of the {kind} ({len(children)}), not {value['weights']!r}")
+    if "normalize_weights" in value and not isinstance(value["normalize_weights"], bool):
+        raise ValueError(f"{where}normalize_weights: true or false, not {value['normalize_weights']!r}")
