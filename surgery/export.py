@@ -24,7 +24,6 @@ from torch import fx, nn
 from torch.nn.utils import parametrize
 
 import surgery.api as api
-from surgery.analyze import analyze
 from surgery.analyze.roles import op_name, stack_paths
 from surgery.errors import SurgeryError
 from surgery.progress import quiet_libraries, stage
@@ -470,9 +469,8 @@ def _weight_site(node: fx.Node) -> str | None:
 
 def layer_graphs(model: nn.Module, example_inputs: Any = None, layer: int = 0):
     """(before, after, block path): one layer of the base graph and of the rewritten graph, as networkx graphs."""
-    with api.disable(model):
-        base = trace(model, example_inputs)
-    blocks = analyze(base).blocks
+    analysis = api._analysis(model, example_inputs)   # the base's, as apply analyzed it (or the trace cache)
+    base, blocks = analysis.traced, analysis.blocks
     if not blocks:
         raise SurgeryError(f"{type(model).__name__} has no layers (repeated blocks holding an attention op) to draw")
     if not -len(blocks) <= layer < len(blocks):

@@ -160,9 +160,9 @@ def test_the_trace_cache_across_commands(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="surgery.draw (export.layer_graphs) traces the base model again with "
-                                       "trace(), not the cached trace the other commands read (README: trace cache)")
 def test_draw_reads_the_base_model_from_the_cache(tmp_path):
+    """`surgery draw` traced the base model again with trace() (adapters disabled) instead of reading the
+    analysis apply made (from the trace cache): only the rewritten model is traced."""
     pytest.importorskip("matplotlib")
     project = _project(tmp_path)
     env = {"SURGERY_CACHE": "1", "SURGERY_CACHE_DIR": str(tmp_path / "cache")}
