@@ -69,7 +69,7 @@ def _import_file(ref: str, path: Path):
     the trace cache's key reads)."""
     import importlib.util
     if not path.is_file():
-        raise SurgeryError(f"cannot load model {ref!r}: no file {path}")
+        raise SurgeryError(f"cannot load {ref!r}: no file {path}")
     name = path.stem if path.stem.isidentifier() else "surgery_model"
     loaded = sys.modules.get(name)
     if loaded is not None and Path(getattr(loaded, "__file__", "") or "").resolve() == path.resolve():
@@ -86,13 +86,30 @@ def _import_file(ref: str, path: Path):
         spec.loader.exec_module(module)
     except SyntaxError as exc:
         del sys.modules[name]
-        raise SurgeryError(f"cannot load model {ref!r}: {exc.filename}:{exc.lineno}: syntax error: "
+        raise SurgeryError(f"cannot load {ref!r}: {exc.filename}:{exc.lineno}: syntax error: "
                            f"{exc.msg}") from None
     except Exception as exc:  # noqa: BLE001 - the user's module raised at import
         del sys.modules[name]
-        raise SurgeryError(f"cannot load model {ref!r}: importing {path} raised {type(exc).__name__}: "
+        raise SurgeryError(f"cannot load {ref!r}: importing {path} raised {type(exc).__name__}: "
                            f"{exc}") from None
     return module
+
+
+def _import_module(ref: str):
+    """`surgery validate --import`: a Python module (package.module or path/to/file.py) that registers module
+    kinds (surgery.register_module) when imported."""
+    if ref.endswith(".py"):
+        return _import_file(ref, Path(ref))
+    if not ref or ref.startswith(".") or not all(part.isidentifier() for part in ref.split(".")):
+        raise UsageError(f"--import {ref!r}: expected package.module or path/to/file.py")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        return importlib.import_module(ref)
+    except ImportError as exc:
+        raise SurgeryError(f"cannot import {ref!r}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - the user's module raised at import
+        raise SurgeryError(f"cannot import {ref!r}: importing it raised {type(exc).__name__}: {exc}") from None
 
 
 def _call_factory(ref: str, module, attr: str):
@@ -185,22 +202,31 @@ def _files_under(directory: Path) -> list[str]:
 def cmd_validate(args) -> int:
     """Every problem of every file, one line each; with --model also every rule's matches and the rewrite."""
     from surgery.spec.load import load_spec_with_origins
+    files = _spec_files(args.files)
+    if args.model is not None and not args.model.strip():
+        raise UsageError(f"--model is empty: give {MODEL_HELP}")
+    for module in args.imports or ():   # module kinds registered from Python, before any spec names them
+        _import_module(module)
+    model_error = model = example = None
+    if args.model:   # before the specs: importing the model's module registers the module kinds it defines
+        try:
+            model, example = load_model(args.model)
+        except UsageError:
+            raise
+        except SurgeryError as exc:   # the model, not a spec: no file line to point at
+            model_error = exc
     problems: list[SpecError] = []
     failed: set[str] = set()
     loaded = []
-    for file in _spec_files(args.files):
+    for file in files:
         try:
             loaded.append((file, *load_spec_with_origins(file)))
         except SpecError as exc:
             problems.extend(_problems(exc))
             failed.add(file)
-    model_error = None
     counts: dict[str, list[tuple[str, int]]] = {}
-    if args.model is not None and not args.model.strip():
-        raise UsageError(f"--model is empty: give {MODEL_HELP}")
-    if args.model and loaded:
+    if model is not None and loaded:
         try:
-            model, example = load_model(args.model)
             for file, spec, origins in loaded:
                 with stage(f"validate {file} on {args.model}"):
                     found = _check_on_model(model, example, file, spec, origins, args.model,
@@ -407,7 +433,11 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Print every problem as file:line:col: key.path: message; exit 1 on any.")
     p.add_argument("files", nargs="+", metavar="FILE", help="YAML or JSON spec files")
     p.add_argument("--model", help="also check on this model that every rule matches and each spec applies: "
-                                    + MODEL_HELP)
+                                    + MODEL_HELP + " (its module is imported first: module kinds it registers "
+                                    "are known)")
+    p.add_argument("--import", dest="imports", action="append", metavar="MODULE",
+                   help="import this Python module (package.module or path/to/file.py) first, for the module kinds "
+                        "it registers with surgery.register_module; repeatable")
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("schema", help="print the JSON Schema of the spec format (as in surgery.schema.json)")

@@ -294,3 +294,41 @@ def test_the_composition_options_are_the_blocks_arguments():
         keywords = {n: p for n, p in inspect.signature(cls.__init__).parameters.items() if p.kind is p.KEYWORD_ONLY}
         assert set(BLOCK_OPTIONS[kind]) == set(keywords), kind
         assert set(BLOCK_REQUIRED.get(kind, ())) == {n for n, p in keywords.items() if p.default is p.empty}, kind
+
+
+KINDS = NET + '''
+
+from typing import Literal
+
+import surgery
+from surgery.modules.lora import LoRA
+
+
+class MyLoRAOptions(LoRA.Options):
+    kind: Literal["my_lora"] = "my_lora"
+
+
+@surgery.register_module
+class MyLoRA(LoRA):
+    """LoRA under a kind of the user's own."""
+    Options = MyLoRAOptions
+'''
+
+
+@pytest.mark.slow
+def test_module_kinds_registered_by_the_users_code(tmp_path):
+    """`surgery inspect kinds.py:tiny --spec my.yaml` applied a kind the model's module registers, but `surgery
+    validate my.yaml --model kinds.py:tiny` refused it as unknown (the specs were read before the model's module
+    was imported), and without a model there was no way to name the module that registers it."""
+    (tmp_path / "kinds.py").write_text(KINDS)
+    (tmp_path / "my.yaml").write_text(LORA.replace("kind: lora", "kind: my_lora"))
+    env = {"SURGERY_CACHE": "0"}
+    plain = surgery("validate", "my.yaml", cwd=tmp_path, env=env)
+    assert plain.returncode == 1 and "unknown module kind 'my_lora'" in plain.stdout
+    proc = surgery("validate", "my.yaml", "--import", "kinds", cwd=tmp_path, env=env)
+    assert proc.returncode == 0 and proc.stdout.strip() == "my.yaml: ok (1 rule)", proc.stdout + proc.stderr
+    proc = surgery("validate", "my.yaml", "--model", "kinds.py:tiny", "-q", cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.strip() == "my.yaml: ok (1 rule on kinds.py:tiny; sites: a 2)"
+    proc = surgery("validate", "my.yaml", "--import", "no_such_module", cwd=tmp_path, env=env)
+    assert proc.returncode == 1 and "error: cannot import 'no_such_module': No module named" in proc.stderr
