@@ -187,7 +187,10 @@ def _spec_files(arguments: list[str]) -> list[str]:
             files.append(argument)
     if not files:
         raise UsageError(f"no spec files ({', '.join(SPEC_SUFFIXES)}) in {', '.join(arguments)}: nothing to check")
-    return files
+    unique: dict[str, str] = {}
+    for f in files:   # each file once (named and in a directory named too), as first named
+        unique.setdefault(os.path.normpath(f), f)
+    return list(unique.values())
 
 
 def _files_under(directory: Path) -> list[str]:

@@ -220,6 +220,8 @@ def test_a_directory_leaves_out_hidden_files_and_virtual_environments(tmp_path):
     proc = surgery("validate", ".", cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.splitlines() == ["specs/lora.yaml: ok (1 rule)"]
+    proc = surgery("validate", "specs/lora.yaml", "specs", "./specs/lora.yaml", cwd=tmp_path)   # once each
+    assert proc.returncode == 0 and proc.stdout.splitlines() == ["specs/lora.yaml: ok (1 rule)"], proc.stdout
 
 
 def test_a_pattern_no_shell_expanded(tmp_path):
