@@ -486,10 +486,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=20, help="training steps on a copy task (default: 20)")
     p.set_defaults(func=cmd_demo)
 
+    for p in sub.choices.values():
+        for action in p._actions:   # an option given twice is an error, not the last one silently
+            if type(action) is argparse._StoreAction and action.option_strings:
+                action.__class__ = _StoreOnce
     for p in sub.choices.values():   # -q after the command too; progress logging around every command
         p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help=QUIET_HELP)
         p.set_defaults(func=_logging_progress(p.get_default("func")))
     return parser
+
+
+class _StoreOnce(argparse._StoreAction):
+    """`--spec a --spec b` applied b alone; one value per option."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        given = namespace.__dict__.setdefault("_given", set())
+        if self.dest in given:
+            parser.error(f"{option_string} given twice ({getattr(namespace, self.dest)!r}, then {values!r}): it "
+                         f"takes one value")
+        given.add(self.dest)
+        super().__call__(parser, namespace, values, option_string)
 
 
 def _spec_or_adapters(p: argparse.ArgumentParser) -> None:

@@ -334,3 +334,10 @@ def test_module_kinds_registered_by_the_users_code(tmp_path):
     assert proc.stdout.strip() == "my.yaml: ok (1 rule on kinds.py:tiny; sites: a 2)"
     proc = surgery("validate", "my.yaml", "--import", "no_such_module", cwd=tmp_path, env=env)
     assert proc.returncode == 1 and "error: cannot import 'no_such_module': No module named" in proc.stderr
+
+
+def test_an_option_given_twice_is_a_usage_error(tmp_path):
+    """`surgery inspect MODEL --spec lora --spec houlsby` applied houlsby alone, silently."""
+    proc = surgery("inspect", "surgery.example_models:minigpt", "--spec", "lora", "--spec", "houlsby", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "surgery inspect: error: --spec given twice ('lora', then 'houlsby'): it takes one value" in proc.stderr
