@@ -341,3 +341,15 @@ def test_an_option_given_twice_is_a_usage_error(tmp_path):
     proc = surgery("inspect", "surgery.example_models:minigpt", "--spec", "lora", "--spec", "houlsby", cwd=tmp_path)
     assert proc.returncode == 2
     assert "surgery inspect: error: --spec given twice ('lora', then 'houlsby'): it takes one value" in proc.stderr
+
+
+def test_a_yaml_boolean_where_a_string_goes_says_to_quote_it(tmp_path):
+    """`name: yes` or `role: on` is a boolean to YAML: 'input should be a valid string' did not say why."""
+    (tmp_path / "yes.yaml").write_text("version: 1\nrules:\n  - name: yes\n    match: {role: on}\n    action: wrap\n"
+                                       "    module: {kind: lora, r: 8}\n")
+    proc = surgery("validate", "yes.yaml", cwd=tmp_path)
+    hint = "(YAML reads an unquoted yes, no, on, off, true or false as a boolean: quote it)"
+    assert proc.returncode == 1
+    assert proc.stdout.splitlines() == [
+        f"yes.yaml:3:5: rules.0.name: input should be a valid string {hint}",
+        f"yes.yaml:4:13: rules.0.match.role: input should be a valid string or a valid list (got True) {hint}"]

@@ -215,7 +215,12 @@ def _message(err: dict, data: Any, path: tuple) -> str:
     if kind == "literal_error" and isinstance(err.get("input"), str):
         msg = f"{err['input']!r} is not allowed: {msg}"
         msg += _near(err["input"], re.findall(r"'([^']*)'", err["ctx"]["expected"]))
+    if kind in ("string_type", "literal_error") and isinstance(err.get("input"), bool):
+        msg += _YAML_BOOLEAN
     return msg
+
+
+_YAML_BOOLEAN = " (YAML reads an unquoted yes, no, on, off, true or false as a boolean: quote it)"
 
 
 def _union_message(errors: list[dict]) -> str:
@@ -226,7 +231,8 @@ def _union_message(errors: list[dict]) -> str:
         if text not in kinds:
             kinds.append(text)
     got = errors[0].get("input")
-    return f"input should be {' or '.join(kinds)} (got {got!r})"
+    return f"input should be {' or '.join(kinds)} (got {got!r})" + (_YAML_BOOLEAN if isinstance(got, bool) and
+                                                                     "a valid string" in kinds else "")
 
 
 def _problems_from(exc: ValidationError, data: Any, base: tuple = ()) -> list[tuple[tuple, str]]:
