@@ -42,8 +42,8 @@ def test_the_default_pre_commit_hook_installs_nothing():
     assert "torch" in isolated["description"]
 
 
-@pytest.mark.skipif(shutil.which("pre-commit") is None or shutil.which("git") is None,
-                    reason="needs pre-commit and git")
+@pytest.mark.skipif(shutil.which("pre-commit") is None or shutil.which("git") is None
+                    or not (ROOT / ".git").exists(), reason="needs pre-commit, git and a git checkout")
 def test_pre_commit_runs_the_hook_from_this_repository(tmp_path):
     """`pre-commit try-repo` of this checkout on a project with a good and a broken spec: the hook runs the
     `surgery` on PATH (here a shim for this checkout), fails on the broken spec and names its line."""
