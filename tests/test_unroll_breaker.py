@@ -169,6 +169,29 @@ def test_unread_parameters_of_copied_layers_are_in_the_tables():
     assert list(fast.params.items()) == list(full.params.items())
 
 
+class Windowed(Attention):
+    """Each layer its own attention window (a per-layer `attention_window` list): distinct in every layer, as an
+    index is, but a window wider than the sequence adds no mask, so the prefix's layers look alike."""
+
+    def __init__(self, window):
+        super().__init__()
+        self.window = window
+
+    def forward(self, x, scale=1.0):
+        s = qk(self.q(x), self.k(x))
+        n = x.shape[1]
+        if self.window < n:
+            s = s.masked_fill(~torch.ones(n, n, dtype=torch.bool).triu(-self.window).tril(self.window), -1e4)
+        return x + self.o(s.softmax(-1) @ self.v(x))
+
+
+@pytest.mark.xfail(strict=True, reason="unroll.find_stacks: an attribute distinct in every layer is taken for an "
+                   "index and left out of the kind, but a per-layer window (64, 32, ..., 1) is a kind")
+def test_a_per_layer_value_distinct_in_every_layer_is_not_an_index():
+    torch.manual_seed(0)
+    _same_sites(Stack(Windowed(w) for w in [64, 32, 16, 8, 4, 2, 1, 0]))
+
+
 # ------------------------------------------------ held: the prefix check sees these
 
 class ByParent(Stack):
@@ -192,14 +215,42 @@ class ByParent(Stack):
         elif self.how == "by_index":
             for i, layer in enumerate(layers):
                 x = layer(x) * (i + 1)
+        elif self.how.startswith("order"):     # out of order after the prefix, or inside it
+            for i in ([0, 1, 2, 3, 4, 5, 7, 6] if self.how == "order_tail" else [1, 0, 2, 3, 4, 5, 6, 7]):
+                x = layers[i](x)
+        elif self.how.startswith("first"):     # `for i in range(config.n)`: fewer layers than the container
+            for i in range(1 if self.how == "first_1" else 6):
+                x = layers[i](x)
+        elif self.how == "twice":
+            for layer in list(layers) * 2:
+                x = layer(x)
         return x
 
 
 @pytest.mark.parametrize("how,unrolled", [("reversed", False), ("range_len", True), ("last_of_loop", True),
-                                          ("by_index", False)])
+                                          ("by_index", False), ("order_tail", False), ("order_head", False),
+                                          ("first_1", False), ("first_6", False), ("twice", False)])
 def test_parent_loops_that_hold(how, unrolled):
     torch.manual_seed(0)
     assert _same_sites(ByParent(how)) == unrolled
+
+
+class Stages(nn.Module):
+    """Stacks inside a list too short to truncate (two stages of six layers): each stage's stack on its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.stages = nn.ModuleList(Stack(Attention() for _ in range(6)) for _ in range(2))
+
+    def forward(self, x):
+        for stage in self.stages:
+            x = stage(x)
+        return x
+
+
+def test_stacks_inside_stages_unroll_each():
+    torch.manual_seed(0)
+    assert _same_sites(Stages())
 
 
 # ------------------------------------------------ the disk cache: what the key must see (cache.py)
@@ -334,6 +385,7 @@ def test_a_changed_forward_in_the_same_process(how, package, monkeypatch):
     assert rows(changed()) == expected
 
 
+@pytest.mark.slow
 def test_the_key_is_the_same_in_every_process(package):
     """The code part of the key is a digest of code objects, not of their marshalled form (whose
     back-references follow reference counts): the same model gives one key in two processes."""
