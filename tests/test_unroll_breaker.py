@@ -437,3 +437,40 @@ def test_the_experts_implementation_is_part_of_the_key(cache_on, monkeypatch):
     expected = truth(_mixtral("batched_mm"), monkeypatch, "ia3", IDS)
     assert expected != before
     assert rows(_mixtral("batched_mm"), "ia3", IDS) == expected
+
+
+def _registered_attention(swap):
+    """A user's attention function for transformers' AttentionInterface: eager attention, with the query and key
+    exchanged when `swap` (what editing its file between two runs does)."""
+    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        groups = query.shape[1] // key.shape[1]
+        key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
+        if swap:
+            query, key = key, query
+        weights = (query @ key.transpose(-1, -2) * scaling).softmax(-1)
+        return (weights @ value).transpose(1, 2).contiguous(), weights
+    return attention
+
+
+@pytest.mark.slow
+def test_a_registered_attention_function_is_part_of_the_key(cache_on, monkeypatch):
+    """`AttentionInterface.register("mine", f)` with `config._attn_implementation = "mine"`: the forward reaches f
+    through transformers' ALL_ATTENTION_FUNCTIONS. A new process whose f differs must not read the old entry."""
+    from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    def llama():
+        torch.manual_seed(0)
+        config = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)
+        config._attn_implementation = "brk_registered"
+        return LlamaForCausalLM(config).eval()
+
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS._global_mapping, "brk_registered", _registered_attention(False))
+    assert isinstance(ALL_ATTENTION_FUNCTIONS, AttentionInterface)
+    before = rows(llama(), "lora", IDS)
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS._global_mapping, "brk_registered", _registered_attention(True))
+    new_process(monkeypatch)
+    expected = truth(llama(), monkeypatch, "lora", IDS)
+    assert expected != before
+    assert rows(llama(), "lora", IDS) == expected

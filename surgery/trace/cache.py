@@ -29,6 +29,7 @@ size) is not cached: it is traced each time, as without the cache.
 """
 from __future__ import annotations
 
+import collections.abc
 import contextlib
 import dataclasses
 import enum
@@ -166,6 +167,7 @@ def _names(code) -> set[str]:
 # how far the code walk follows a forward's callees (methods, module functions, functions of imported modules):
 # a forward, what it calls, and what those call
 CODE_DEPTH = 3
+MAPPING_LIMIT = 64     # a mapping of functions a forward names is walked when it holds at most this many entries
 
 
 class _CodeWalk:
@@ -174,8 +176,9 @@ class _CodeWalk:
     it imports that the code names, functions held in closures, and the callables a module instance holds
     (an activation function, an instance-level forward). A class-level patch (`LlamaMLP.forward = f`), a patched
     helper (`modeling_llama.apply_rotary_pos_emb = g`) or an edited file elsewhere changes it; the files beside
-    each class cover the rest. A Python function is its code's digest, its plain defaults and closure values; a
-    builtin its module and name."""
+    each class cover the rest; so does a function the code picks from a mapping it names (a registry of attention
+    functions). A Python function is its code's digest, its plain defaults and closure values; a builtin its
+    module and name."""
 
     def __init__(self):
         self.digest = hashlib.sha256()
@@ -223,6 +226,14 @@ class _CodeWalk:
                 elif isinstance(value, (types.FunctionType, types.MethodType, staticmethod, classmethod,
                                         functools.partial)):
                     self.add(f"{label}>{where}.{name}", value, depth - 1, owner if where == "self" else None)
+                elif isinstance(value, collections.abc.Mapping) and where == "global":
+                    # a registry of functions the forward picks from (transformers' ALL_ATTENTION_FUNCTIONS, where
+                    # a user's `AttentionInterface.register("mine", f)` lands)
+                    with contextlib.suppress(Exception):
+                        if len(value) <= MAPPING_LIMIT:
+                            for key, member in sorted(value.items(), key=lambda kv: repr(kv[0])):
+                                if isinstance(member, (types.FunctionType, functools.partial)):
+                                    self.add(f"{label}>{name}[{key!r}]", member, depth - 1)
 
     def hexdigest(self) -> str:
         return self.digest.hexdigest()
