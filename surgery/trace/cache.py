@@ -174,7 +174,8 @@ class _CodeWalk:
     """The identity of the code a model's forward runs, as it is in this process: each module class's `forward`
     and, up to CODE_DEPTH calls away, the methods of its class, the functions of its module and of the modules
     it imports that the code names, functions held in closures, and the callables a module instance holds
-    (an activation function, an instance-level forward). A class-level patch (`LlamaMLP.forward = f`), a patched
+    (an activation function, an instance-level forward), the plain module-level values the code names (a flag),
+    and torch's global forward hooks. A class-level patch (`LlamaMLP.forward = f`), a patched
     helper (`modeling_llama.apply_rotary_pos_emb = g`) or an edited file elsewhere changes it; the files beside
     each class cover the rest; so does a function the code picks from a mapping it names (a registry of attention
     functions). A Python function is its code's digest, its plain defaults and closure values; a builtin its
@@ -226,6 +227,8 @@ class _CodeWalk:
                 elif isinstance(value, (types.FunctionType, types.MethodType, staticmethod, classmethod,
                                         functools.partial)):
                     self.add(f"{label}>{where}.{name}", value, depth - 1, owner if where == "self" else None)
+                elif where == "global" and unroll._plain(value):     # a module-level flag a forward reads
+                    self.digest.update(f"{label}>{name}={_plain_repr(value)}\n".encode())
                 elif isinstance(value, collections.abc.Mapping) and where == "global":
                     # a registry of functions the forward picks from (transformers' ALL_ATTENTION_FUNCTIONS, where
                     # a user's `AttentionInterface.register("mine", f)` lands)
@@ -279,6 +282,15 @@ def _code_and_state(model: nn.Module) -> tuple[str, list]:
                 walk.add(f"{path}:{k}", v, owner=type(module))
             elif k.startswith("_") and unroll._plain(v):
                 private.append((path, k, _plain_repr(v)))
+    # torch's global module hooks run in every module's call (the forward ones change the traced graph)
+    from torch.nn.modules import module as torch_module
+    for table in ("_global_forward_pre_hooks", "_global_forward_hooks", "_global_forward_hooks_with_kwargs",
+                  "_global_forward_hooks_always_called"):
+        for i, hook in enumerate(getattr(torch_module, table, {}).values()):
+            if callable(hook):
+                walk.add(f"{table}:{i}", hook)
+            else:
+                walk.digest.update(f"{table}:{i}={_plain_repr(hook)}\n".encode())
     configs, stack = [], [("", getattr(model, "config", None))]
     while stack:
         where, config = stack.pop()
