@@ -399,6 +399,21 @@ def test_a_changed_forward_finds_no_stale_entry(how, package, cache_on, monkeypa
     assert rows(changed()) == expected
 
 
+@pytest.mark.parametrize("kind", ["enum", "object"])
+def test_a_non_plain_attribute_is_part_of_the_key(kind, cache_on, monkeypatch):
+    """Two models of one class that differ in an enum attribute or in a field of an object each layer holds (the
+    structure fingerprint sees public plain attributes only): the second must not read the first's entry."""
+    make = {"enum": lambda swap: ByEnum(Order.KQ if swap else Order.QK), "object": ByObject}[kind]
+    torch.manual_seed(0)
+    before = rows(Stack(make(False) for _ in range(3)))
+    new_process(monkeypatch)
+    torch.manual_seed(0)
+    expected = truth(Stack(make(True) for _ in range(3)), monkeypatch)
+    assert expected != before
+    torch.manual_seed(0)
+    assert rows(Stack(make(True) for _ in range(3))) == expected
+
+
 def test_a_global_hook_changes_the_key(cache_on, global_hook, monkeypatch):
     """A global forward hook changes the traced graph: an entry traced without it must not answer with it."""
     from surgery.trace import cache, trace

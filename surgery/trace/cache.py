@@ -257,12 +257,14 @@ def _plain_repr(value) -> str:
 
 
 def _code_and_state(model: nn.Module) -> tuple[str, list]:
-    """(the digest of the code the model's forward runs (`_CodeWalk`), each module's private plain attributes
-    and the private plain values of its config and sub-configs): what changes a traced graph and the structure
-    fingerprint leaves out (a flag a constructor kept as `self._causal`; transformers' `_experts_implementation`,
-    which picks the experts' kernels)."""
+    """(the digest of the code the model's forward runs (`_CodeWalk`), each module's private plain attributes,
+    enum attributes and the plain fields of the objects it holds, and the private plain values of the config and
+    its sub-configs): what changes a traced graph and the structure fingerprint leaves out (a flag a constructor
+    kept as `self._causal` or as an enum; a per-layer copy of a config with one field changed; transformers'
+    `_experts_implementation`, which picks the experts' kernels)."""
     walk = _CodeWalk()
     private = []
+    objects: dict[int, int] = {}      # an object modules hold (a config) -> its number; its state listed once
     classes = set()
     for path, module in model.named_modules():
         for cls in type(module).__mro__:
@@ -280,8 +282,18 @@ def _code_and_state(model: nn.Module) -> tuple[str, list]:
                 continue
             if callable(v):
                 walk.add(f"{path}:{k}", v, owner=type(module))
-            elif k.startswith("_") and unroll._plain(v):
+            elif unroll._plain(v):
+                if k.startswith("_"):      # the public ones are in the fingerprint
+                    private.append((path, k, _plain_repr(v)))
+            elif isinstance(v, enum.Enum):
                 private.append((path, k, _plain_repr(v)))
+            elif hasattr(v, "__dict__"):
+                # a held object (a per-layer copy of a config, a namespace of options): its plain fields
+                number = objects.get(id(v))
+                if number is None:
+                    number = objects[id(v)] = len(objects)
+                    private.append((f"#{number}", type(v).__qualname__, _fields_of(v)))
+                private.append((path, k, f"#{number}"))
     # torch's global module hooks run in every module's call (the forward ones change the traced graph)
     from torch.nn.modules import module as torch_module
     for table in ("_global_forward_pre_hooks", "_global_forward_hooks", "_global_forward_hooks_with_kwargs",
@@ -305,6 +317,17 @@ def _code_and_state(model: nn.Module) -> tuple[str, list]:
 
 
 _MODULE_STATE = frozenset(vars(nn.Module()))
+
+
+def _fields_of(obj) -> str:
+    """An object's public plain and enum fields, one level deep, as text (private ones may be a hash that differs in
+    every process: transformers' GenerationConfig `_original_object_hash`)."""
+    try:
+        fields = vars(obj)
+    except TypeError:
+        return ""
+    return ";".join(f"{k}={_plain_repr(v)}" for k, v in sorted(fields.items())
+                    if not k.startswith("_") and (unroll._plain(v) or isinstance(v, enum.Enum)))
 
 
 def _versions() -> dict:
