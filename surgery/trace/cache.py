@@ -247,6 +247,8 @@ def _plain_repr(value) -> str:
     (whose repr may hold an address that differs in every process)."""
     if value is None or isinstance(value, (bool, int, float, str, torch.dtype)):
         return repr(value)
+    if isinstance(value, (tuple, list, dict)) and len(value) > 64:     # a table, not a setting: its size only
+        return f"<{type(value).__name__} of {len(value)}>"
     if isinstance(value, (tuple, list)):
         return type(value).__name__ + "(" + ",".join(_plain_repr(v) for v in value) + ")"
     if isinstance(value, dict):
