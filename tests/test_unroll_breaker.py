@@ -464,6 +464,20 @@ def test_a_cache_directory_that_cannot_be_one(where, tmp_path, monkeypatch):
     assert (tmp_path / "f").read_text() == "not a directory"
 
 
+def test_a_cache_directory_that_cannot_be_written(cache_on, monkeypatch):
+    """A read-only cache (the suite runs as root, where permissions do not bite: the write fails as it would):
+    the plan as without the cache, no error, nothing left behind."""
+    from surgery.trace import cache
+
+    def refused(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(cache.tempfile, "mkstemp", refused)
+    torch.manual_seed(0)
+    model = Stack(Attention() for _ in range(3))
+    assert rows(model) == truth(model, monkeypatch)
+    assert list(cache_on.glob("*")) == []
+
+
 # ------------------------------------------------ transformers: a config value the fingerprint leaves out
 
 def _mixtral(experts):
