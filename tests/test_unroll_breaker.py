@@ -2,9 +2,9 @@
 cache (surgery/trace/cache.py): the plan (every site, its role and layer) is exactly a full trace's, and a
 stale entry is never trusted. Each case is compared with the truth: a full trace with the cache off.
 
-Strict xfails are defects still open (the reason names the cause); the passing cases are defects fixed here or
-cases that held and are worth keeping. What tests/test_unroll.py, test_unroll_unseen.py and test_trace_cache.py
-already cover is not repeated.
+Strict xfails are defects still open (the reason names the cause); the passing cases are defects fixed (the
+unroll's on main since 968d65e/bbf4a7a, the disk cache's key here) or cases that held and are worth keeping.
+What tests/test_unroll.py, test_unroll_unseen.py and test_trace_cache.py already cover is not repeated.
 """
 from __future__ import annotations
 
@@ -118,9 +118,6 @@ KINDS = {
 }
 
 
-@pytest.mark.xfail(strict=True, reason="unroll.find_stacks/_fields: a layer's kind omits attribute values that "
-                   "are not plain (a function, an enum, a held object's fields), so layers that differ only there "
-                   "are copies of the prefix's")
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_layers_differing_in_a_non_plain_attribute(kind):
     torch.manual_seed(0)
@@ -146,8 +143,6 @@ class ByDepth(Stack):
         return self.layers[-1].norm(x) if self.how == "last" else x
 
 
-@pytest.mark.xfail(strict=True, reason="unroll.truncated: the forward sees the prefix's len() and [-1] (only "
-                   "slices are recorded), so the depth-scaled constant or the last layer's module is the prefix's")
 @pytest.mark.parametrize("how", ["len", "last"])
 def test_the_forward_reads_the_containers_length(how):
     torch.manual_seed(0)
@@ -160,8 +155,6 @@ class Unused(Attention):
         self.spare = nn.Parameter(torch.zeros(D))      # read only on a path the trace does not take
 
 
-@pytest.mark.xfail(strict=True, reason="unroll._build: copied layers get placeholders only for what the template "
-                   "reads; a parameter no op reads (Longformer's global q/k/v without a global mask) is missing")
 def test_unread_parameters_of_copied_layers_are_in_the_tables():
     torch.manual_seed(0)
     full, fast, unrolled = _traced_both(Stack(Unused() for _ in range(6)).eval(), (X,))
@@ -185,8 +178,6 @@ class Windowed(Attention):
         return x + self.o(s.softmax(-1) @ self.v(x))
 
 
-@pytest.mark.xfail(strict=True, reason="unroll.find_stacks: an attribute distinct in every layer is taken for an "
-                   "index and left out of the kind, but a per-layer window (64, 32, ..., 1) is a kind")
 def test_a_per_layer_value_distinct_in_every_layer_is_not_an_index():
     torch.manual_seed(0)
     _same_sites(Stack(Windowed(w) for w in [64, 32, 16, 8, 4, 2, 1, 0]))
@@ -205,8 +196,6 @@ def global_hook():
     handle.remove()
 
 
-@pytest.mark.xfail(strict=True, reason="unroll._hooked sees a layer's own hook tables, not torch's global module "
-                   "hooks: a global hook acting on a layer past the prefix is not in its copy")
 def test_a_global_hook_on_a_layer_past_the_prefix(global_hook):
     torch.manual_seed(0)
     model = Stack(Attention() for _ in range(8))
