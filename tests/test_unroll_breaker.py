@@ -9,6 +9,7 @@ What tests/test_unroll.py, test_unroll_unseen.py and test_trace_cache.py already
 from __future__ import annotations
 
 import collections
+import dataclasses
 import enum
 import importlib
 import math
@@ -201,6 +202,87 @@ def test_a_global_hook_on_a_layer_past_the_prefix(global_hook):
     model = Stack(Attention() for _ in range(8))
     global_hook.append(model.layers[6])
     _same_sites(model)
+
+
+# ------------------------------------------------ state outside a layer's attributes and arguments (unroll.py)
+
+class Counted(Attention):
+    """Counts its calls on an object every layer shares (a step counter, a context object): the layer called
+    seventh and later swaps q and k. The stand-ins of the truncated export never count."""
+
+    def __init__(self, shared):
+        super().__init__()
+        self.shared = shared
+
+    def forward(self, x, scale=1.0):
+        self.shared.n += 1
+        s = (kq if self.shared.n > 6 else qk)(self.q(x), self.k(x))
+        return x + self.o(s.softmax(-1) @ self.v(x))
+
+
+class CountedStack(Stack):
+    def forward(self, x):
+        self.layers[0].shared.n = 0
+        return super().forward(x)
+
+
+CURRENT_LAYER = [0]     # module-level state a parent loop sets (Megatron-style global context)
+
+
+class ReadsGlobal(Attention):
+    def forward(self, x, scale=1.0):
+        s = (kq if CURRENT_LAYER[0] >= 6 else qk)(self.q(x), self.k(x))
+        return x + self.o(s.softmax(-1) @ self.v(x))
+
+
+class SetsGlobal(Stack):
+    def forward(self, x):
+        for i, layer in enumerate(self.layers):
+            CURRENT_LAYER[0] = i
+            x = layer(x)
+        return x
+
+
+STATE = {
+    "shared_counter": lambda: CountedStack(Counted(shared) for shared in [types.SimpleNamespace(n=0)] * 8),
+    "global_set_by_parent": lambda: SetsGlobal(ReadsGlobal() for _ in range(8)),
+}
+
+
+@pytest.mark.xfail(strict=True, reason="unroll._Watch compares a stand-in's arguments and the layer's attributes; "
+                   "Python state outside both (an object all layers share and the forward mutates, a module-level "
+                   "value the parent loop sets) changes between calls unseen")
+@pytest.mark.parametrize("how", list(STATE))
+def test_python_state_that_changes_between_layer_calls(how):
+    torch.manual_seed(0)
+    _same_sites(STATE[how]())
+
+
+@dataclasses.dataclass
+class Options:
+    """Per-call options whose equality leaves a field out (`compare=False`): equal, yet not the same."""
+    name: str = "attention"
+    swap: bool = dataclasses.field(default=False, compare=False)
+
+
+class TakesOptions(Attention):
+    def forward(self, x, options):
+        s = (kq if options.swap else qk)(self.q(x), self.k(x))
+        return x + self.o(s.softmax(-1) @ self.v(x))
+
+
+class PassesOptions(Stack):
+    def forward(self, x):
+        for i, layer in enumerate(self.layers):
+            x = layer(x, Options(swap=i >= 6))
+        return x
+
+
+@pytest.mark.xfail(strict=True, reason="unroll._corresponds takes a non-tensor argument equal to the template's "
+                   "(`==`) for the same; an object whose equality ignores a field the forward reads passes")
+def test_an_argument_equal_to_the_templates_but_not_the_same():
+    torch.manual_seed(0)
+    _same_sites(PassesOptions(TakesOptions() for _ in range(8)))
 
 
 # ------------------------------------------------ held: the prefix check sees these
