@@ -485,6 +485,34 @@ def test_a_non_plain_attribute_is_part_of_the_key(kind, cache_on, monkeypatch):
     assert rows(Stack(make(True) for _ in range(3))) == expected
 
 
+class Kernel:
+    """A helper object a layer holds and calls (`self.kernel.scores(q, k)`): not a module, not a function."""
+
+    def scores(self, q, k):
+        return qk(q, k)
+
+
+class HoldsKernel(Attention):
+    def __init__(self):
+        super().__init__()
+        self.kernel = Kernel()
+
+    def forward(self, x, scale=1.0):
+        return x + self.o(self.kernel.scores(self.q(x), self.k(x)).softmax(-1) @ self.v(x))
+
+
+def test_a_patched_method_of_a_held_object_changes_the_key(cache_on, monkeypatch):
+    torch.manual_seed(0)
+    before = rows(Stack(HoldsKernel() for _ in range(3)))
+    monkeypatch.setattr(Kernel, "scores", lambda self, q, k: kq(q, k))
+    new_process(monkeypatch)
+    torch.manual_seed(0)
+    expected = truth(Stack(HoldsKernel() for _ in range(3)), monkeypatch)
+    assert expected != before
+    torch.manual_seed(0)
+    assert rows(Stack(HoldsKernel() for _ in range(3))) == expected
+
+
 def test_a_global_hook_changes_the_key(cache_on, global_hook, monkeypatch):
     """A global forward hook changes the traced graph: an entry traced without it must not answer with it."""
     from surgery.trace import cache, trace

@@ -155,13 +155,19 @@ def _code_digest(code) -> str:
     return hit[1]
 
 
-def _names(code) -> set[str]:
+_CODE_NAMES: dict[int, tuple] = {}       # id(code object) -> (the code object, its names)
+
+
+def _names(code) -> frozenset[str]:
     """The global and attribute names a code object and the code objects nested in it read."""
-    names = set(code.co_names)
-    for const in code.co_consts:
-        if isinstance(const, types.CodeType):
-            names |= _names(const)
-    return names
+    hit = _CODE_NAMES.get(id(code))
+    if hit is None or hit[0] is not code:
+        names = set(code.co_names)
+        for const in code.co_consts:
+            if isinstance(const, types.CodeType):
+                names |= _names(const)
+        hit = _CODE_NAMES[id(code)] = (code, frozenset(names))
+    return hit[1]
 
 
 # how far the code walk follows a forward's callees (methods, module functions, functions of imported modules):
@@ -174,7 +180,8 @@ class _CodeWalk:
     """The identity of the code a model's forward runs, as it is in this process: each module class's `forward`
     and, up to CODE_DEPTH calls away, the methods of its class, the functions of its module and of the modules
     it imports that the code names, functions held in closures, and the callables a module instance holds
-    (an activation function, an instance-level forward), the plain module-level values the code names (a flag),
+    (an activation function, an instance-level forward) and the methods it names of the objects a module holds
+    (`self.kernel.run(q, k)`), the plain module-level values the code names (a flag),
     and torch's global forward hooks. A class-level patch (`LlamaMLP.forward = f`), a patched
     helper (`modeling_llama.apply_rotary_pos_emb = g`) or an edited file elsewhere changes it; the files beside
     each class cover the rest; so does a function the code picks from a mapping it names (a registry of attention
@@ -184,6 +191,7 @@ class _CodeWalk:
     def __init__(self):
         self.digest = hashlib.sha256()
         self.seen: set[int] = set()
+        self.names: set[str] = set()       # every name the walked code reads (methods of held objects: by these)
 
     def add(self, label: str, fn, depth: int = CODE_DEPTH, owner=None) -> None:
         if isinstance(fn, (staticmethod, classmethod)):
@@ -212,9 +220,10 @@ class _CodeWalk:
                 self.add(f"{label}/closure{i}", value, depth, owner)
             else:
                 self.digest.update(f"{label}/closure{i}:{_plain_repr(value)}\n".encode())
+        names = _names(code)
+        self.names |= names
         if depth <= 0:
             return
-        names = _names(code)
         namespace = getattr(fn, "__globals__", {})
         for name in sorted(names):
             for where, value in (("self", getattr(owner, name, None) if owner is not None else None),
@@ -267,6 +276,7 @@ def _code_and_state(model: nn.Module) -> tuple[str, list]:
     walk = _CodeWalk()
     private = []
     objects: dict[int, int] = {}      # an object modules hold (a config) -> its number; its state listed once
+    held = []
     classes = set()
     for path, module in model.named_modules():
         for cls in type(module).__mro__:
@@ -295,7 +305,18 @@ def _code_and_state(model: nn.Module) -> tuple[str, list]:
                 if number is None:
                     number = objects[id(v)] = len(objects)
                     private.append((f"#{number}", type(v).__qualname__, _fields_of(v)))
+                    held.append(v)
                 private.append((path, k, f"#{number}"))
+    # the methods (and properties) of held objects' classes that the walked code names (`self.kernel.run(q, k)`)
+    for number, obj in enumerate(held):
+        for cls in type(obj).__mro__[:-1]:
+            for name in sorted(walk.names.intersection(vars(cls))):
+                member = vars(cls)[name]
+                if isinstance(member, property):
+                    member = member.fget
+                if isinstance(member, (types.FunctionType, staticmethod, classmethod)):
+                    walk.add(f"#{number}:{cls.__module__}.{cls.__qualname__}.{name}", member, 1,
+                             owner=type(obj))
     # torch's global module hooks run in every module's call (the forward ones change the traced graph)
     from torch.nn.modules import module as torch_module
     for table in ("_global_forward_pre_hooks", "_global_forward_hooks", "_global_forward_hooks_with_kwargs",
