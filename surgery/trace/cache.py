@@ -146,8 +146,7 @@ def _code_digest(code) -> str:
         digest = hashlib.sha256()
         for part in (code.co_code, code.co_linetable if hasattr(code, "co_linetable") else code.co_lnotab):
             digest.update(len(part).to_bytes(8, "little") + part)
-        consts = [("code", _code_digest(c)) if isinstance(c, types.CodeType) else (type(c).__name__, repr(c))
-                  for c in code.co_consts]
+        consts = [_const_repr(c) for c in code.co_consts]
         digest.update(repr((consts, code.co_names, code.co_varnames, code.co_freevars, code.co_cellvars,
                             code.co_filename, code.co_firstlineno, getattr(code, "co_qualname", code.co_name),
                             code.co_flags, code.co_argcount, code.co_kwonlyargcount)).encode())
@@ -156,6 +155,18 @@ def _code_digest(code) -> str:
 
 
 _CODE_NAMES: dict[int, tuple] = {}       # id(code object) -> (the code object, its names)
+
+
+def _const_repr(c) -> str:
+    """A code constant as text the same in every process: nested code by digest, a frozenset (`x in {"a", "b"}`)
+    by its sorted elements (its repr follows the string hash seed)."""
+    if isinstance(c, types.CodeType):
+        return "code:" + _code_digest(c)
+    if isinstance(c, (frozenset, set)):
+        return type(c).__name__ + "{" + ",".join(sorted(_const_repr(x) for x in c)) + "}"
+    if isinstance(c, tuple):
+        return "(" + ",".join(_const_repr(x) for x in c) + ")"
+    return type(c).__name__ + ":" + repr(c)
 
 
 def _names(code) -> frozenset[str]:
