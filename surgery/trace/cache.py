@@ -10,9 +10,11 @@ The key is a SHA-256 over everything the traced graph depends on: the model's st
 process cache uses: class, config, parameter and buffer names/shapes/dtypes/devices, module tree, example inputs'
 structure), the config's attention implementation and every other private plain value of the config and its
 sub-configs (transformers' `_experts_implementation`), each module's private plain attributes (a constructor flag
-kept as `self._causal`), the code the forward runs as this process has it (`_CodeWalk`: each module class's
-`forward` and, a few calls deep, the methods, module functions and imported modules' functions it names, so a
-class-level patch, a patched helper or an edited helper file elsewhere changes the key), the contents of the
+kept as `self._causal`), enum attributes and the public plain fields of the objects it holds, the code the forward
+runs as this process has it (`_CodeWalk`: each module class's `forward` and, a few calls deep, the methods, module
+functions, imported modules' functions, registered functions, held objects' methods and module-level flags it
+names, the callables a module holds, torch's global forward hooks; so a class-level patch, a patched helper or
+an edited helper file elsewhere changes the key), the contents of the
 Python files beside the source file of every module class in the model (its own file and the helpers next to
 it) and of surgery's own package, and the surgery, torch, transformers and Python versions. A model whose
 class is defined where no source file can be read (a notebook cell, `python -c`) is not cached.
