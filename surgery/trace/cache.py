@@ -8,9 +8,15 @@ the cache off: nothing is read or written.
 
 The key is a SHA-256 over everything the traced graph depends on: the model's structure fingerprint (the one the
 process cache uses: class, config, parameter and buffer names/shapes/dtypes/devices, module tree, example inputs'
-structure), the config's attention implementation, the contents of the Python files beside the source file of
-every module class in the model (its own file and the helpers next to it) and of surgery's own package, and the
-surgery, torch, transformers and Python versions. A model whose
+structure), the config's attention implementation and every other private plain value of the config and its
+sub-configs (transformers' `_experts_implementation`), each module's private plain attributes (a constructor flag
+kept as `self._causal`), enum attributes and the public plain fields of the objects it holds, the code the forward
+runs as this process has it (`_CodeWalk`: each module class's `forward` and, a few calls deep, the methods, module
+functions, imported modules' functions, registered functions, held objects' methods and module-level flags it
+names, the callables a module holds, torch's global forward hooks; so a class-level patch, a patched helper or
+an edited helper file elsewhere changes the key), the contents of the
+Python files beside the source file of every module class in the model (its own file and the helpers next to
+it) and of surgery's own package, and the surgery, torch, transformers and Python versions. A model whose
 class is defined where no source file can be read (a notebook cell, `python -c`) is not cached.
 
 A file is trusted only if its header names this format and key and the SHA-256 of its payload matches; a file
@@ -25,8 +31,11 @@ size) is not cached: it is traced each time, as without the cache.
 """
 from __future__ import annotations
 
+import collections.abc
 import contextlib
 import dataclasses
+import enum
+import functools
 import gc
 import hashlib
 import inspect
@@ -36,6 +45,7 @@ import operator
 import os
 import sys
 import tempfile
+import types
 import zlib
 from pathlib import Path
 
@@ -126,6 +136,236 @@ def _class_sources(model: nn.Module) -> list[tuple[str, str]]:
     return sorted(out.items())
 
 
+_CODE_DIGESTS: dict[int, tuple] = {}     # id(code object) -> (the code object, kept alive so the id stays its, digest)
+
+
+def _code_digest(code) -> str:
+    """SHA-256 of a code object: its bytecode, constants (nested code by digest), names, file name, first line
+    and line table, so the same source in the same file gives the same digest in every process (`marshal` does
+    not: its back-references follow reference counts)."""
+    hit = _CODE_DIGESTS.get(id(code))
+    if hit is None or hit[0] is not code:
+        digest = hashlib.sha256()
+        for part in (code.co_code, code.co_linetable if hasattr(code, "co_linetable") else code.co_lnotab):
+            digest.update(len(part).to_bytes(8, "little") + part)
+        consts = [_const_repr(c) for c in code.co_consts]
+        digest.update(repr((consts, code.co_names, code.co_varnames, code.co_freevars, code.co_cellvars,
+                            code.co_filename, code.co_firstlineno, getattr(code, "co_qualname", code.co_name),
+                            code.co_flags, code.co_argcount, code.co_kwonlyargcount)).encode())
+        hit = _CODE_DIGESTS[id(code)] = (code, digest.hexdigest())
+    return hit[1]
+
+
+_CODE_NAMES: dict[int, tuple] = {}       # id(code object) -> (the code object, its names)
+
+
+def _const_repr(c) -> str:
+    """A code constant as text the same in every process: nested code by digest, a frozenset (`x in {"a", "b"}`)
+    by its sorted elements (its repr follows the string hash seed)."""
+    if isinstance(c, types.CodeType):
+        return "code:" + _code_digest(c)
+    if isinstance(c, (frozenset, set)):
+        return type(c).__name__ + "{" + ",".join(sorted(_const_repr(x) for x in c)) + "}"
+    if isinstance(c, tuple):
+        return "(" + ",".join(_const_repr(x) for x in c) + ")"
+    return type(c).__name__ + ":" + repr(c)
+
+
+def _names(code) -> frozenset[str]:
+    """The global and attribute names a code object and the code objects nested in it read."""
+    hit = _CODE_NAMES.get(id(code))
+    if hit is None or hit[0] is not code:
+        names = set(code.co_names)
+        for const in code.co_consts:
+            if isinstance(const, types.CodeType):
+                names |= _names(const)
+        hit = _CODE_NAMES[id(code)] = (code, frozenset(names))
+    return hit[1]
+
+
+# how far the code walk follows a forward's callees (methods, module functions, functions of imported modules):
+# a forward, what it calls, and what those call
+CODE_DEPTH = 3
+MAPPING_LIMIT = 64     # a mapping of functions a forward names is walked when it holds at most this many entries
+
+
+class _CodeWalk:
+    """The identity of the code a model's forward runs, as it is in this process: each module class's `forward`
+    and, up to CODE_DEPTH calls away, the methods of its class, the functions of its module and of the modules
+    it imports that the code names, functions held in closures, and the callables a module instance holds
+    (an activation function, an instance-level forward) and the methods it names of the objects a module holds
+    (`self.kernel.run(q, k)`), the plain module-level values the code names (a flag),
+    and torch's global forward hooks. A class-level patch (`LlamaMLP.forward = f`), a patched
+    helper (`modeling_llama.apply_rotary_pos_emb = g`) or an edited file elsewhere changes it; the files beside
+    each class cover the rest; so does a function the code picks from a mapping it names (a registry of attention
+    functions). A Python function is its code's digest, its plain defaults and closure values; a builtin its
+    module and name."""
+
+    def __init__(self):
+        self.digest = hashlib.sha256()
+        self.seen: set[int] = set()
+        self.names: set[str] = set()       # every name the walked code reads (methods of held objects: by these)
+
+    def add(self, label: str, fn, depth: int = CODE_DEPTH, owner=None) -> None:
+        if isinstance(fn, (staticmethod, classmethod)):
+            fn = fn.__func__
+        if isinstance(fn, types.MethodType):
+            owner, fn = type(fn.__self__) if not isinstance(fn.__self__, type) else fn.__self__, fn.__func__
+        if isinstance(fn, functools.partial):
+            self.digest.update(f"{label}:partial:{_plain_repr(fn.args)}:{_plain_repr(fn.keywords)}\n".encode())
+            fn = fn.func
+        if id(fn) in self.seen:
+            return
+        self.seen.add(id(fn))
+        code = getattr(fn, "__code__", None)
+        if not isinstance(code, types.CodeType):
+            name = getattr(fn, "__qualname__", None) or type(fn).__qualname__
+            self.digest.update(f"{label}:{getattr(fn, '__module__', None)}.{name}\n".encode())
+            return
+        self.digest.update(f"{label}:{_code_digest(code)}:{_plain_repr(fn.__defaults__)}:"
+                           f"{_plain_repr(fn.__kwdefaults__)}\n".encode())
+        for i, cell in enumerate(fn.__closure__ or ()):
+            try:
+                value = cell.cell_contents
+            except ValueError:          # an empty cell
+                continue
+            if callable(value) and not isinstance(value, type):
+                self.add(f"{label}/closure{i}", value, depth, owner)
+            else:
+                self.digest.update(f"{label}/closure{i}:{_plain_repr(value)}\n".encode())
+        names = _names(code)
+        self.names |= names
+        if depth <= 0:
+            return
+        namespace = getattr(fn, "__globals__", {})
+        for name in sorted(names):
+            for where, value in (("self", getattr(owner, name, None) if owner is not None else None),
+                                 ("global", namespace.get(name))):
+                if isinstance(value, types.ModuleType):
+                    for attr in sorted(names):
+                        member = getattr(value, attr, None)
+                        if isinstance(member, types.FunctionType):
+                            self.add(f"{label}>{name}.{attr}", member, depth - 1)
+                elif isinstance(value, (types.FunctionType, types.MethodType, staticmethod, classmethod,
+                                        functools.partial)):
+                    self.add(f"{label}>{where}.{name}", value, depth - 1, owner if where == "self" else None)
+                elif where == "global" and unroll._plain(value):     # a module-level flag a forward reads
+                    self.digest.update(f"{label}>{name}={_plain_repr(value)}\n".encode())
+                elif isinstance(value, collections.abc.Mapping) and where == "global":
+                    # a registry of functions the forward picks from (transformers' ALL_ATTENTION_FUNCTIONS, where
+                    # a user's `AttentionInterface.register("mine", f)` lands)
+                    with contextlib.suppress(Exception):
+                        if len(value) <= MAPPING_LIMIT:
+                            for key, member in sorted(value.items(), key=lambda kv: repr(kv[0])):
+                                if isinstance(member, (types.FunctionType, functools.partial)):
+                                    self.add(f"{label}>{name}[{key!r}]", member, depth - 1)
+
+    def hexdigest(self) -> str:
+        return self.digest.hexdigest()
+
+
+def _plain_repr(value) -> str:
+    """repr of plain data (scalars, strings, dtypes and containers of them); the type's name for anything else
+    (whose repr may hold an address that differs in every process)."""
+    if value is None or isinstance(value, (bool, int, float, str, torch.dtype)):
+        return repr(value)
+    if isinstance(value, (tuple, list, dict)) and len(value) > 64:     # a table, not a setting: its size only
+        return f"<{type(value).__name__} of {len(value)}>"
+    if isinstance(value, (tuple, list)):
+        return type(value).__name__ + "(" + ",".join(_plain_repr(v) for v in value) + ")"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{_plain_repr(k)}:{_plain_repr(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, enum.Enum):
+        return f"{type(value).__module__}.{type(value).__qualname__}.{value.name}"
+    return f"<{type(value).__module__}.{type(value).__qualname__}>"
+
+
+def _code_and_state(model: nn.Module) -> tuple[str, list]:
+    """(the digest of the code the model's forward runs (`_CodeWalk`), each module's private plain attributes,
+    enum attributes and the plain fields of the objects it holds, and the private plain values of the config and
+    its sub-configs): what changes a traced graph and the structure fingerprint leaves out (a flag a constructor
+    kept as `self._causal` or as an enum; a per-layer copy of a config with one field changed; transformers'
+    `_experts_implementation`, which picks the experts' kernels)."""
+    walk = _CodeWalk()
+    private = []
+    objects: dict[int, int] = {}      # an object modules hold (a config) -> its number; its state listed once
+    held = []
+    classes = set()
+    for path, module in model.named_modules():
+        for cls in type(module).__mro__:
+            if cls is nn.Module or cls is object:
+                break
+            if cls not in classes:
+                classes.add(cls)
+                forward = cls.__dict__.get("forward")
+                if forward is not None:
+                    walk.add(f"{cls.__module__}.{cls.__qualname__}.forward", forward, owner=type(module))
+        for k, v in vars(module).items():
+            if k in _MODULE_STATE:
+                continue
+            if isinstance(v, (nn.Module, torch.Tensor, type)):
+                continue
+            if callable(v):
+                walk.add(f"{path}:{k}", v, owner=type(module))
+            elif unroll._plain(v):
+                if k.startswith("_"):      # the public ones are in the fingerprint
+                    private.append((path, k, _plain_repr(v)))
+            elif isinstance(v, enum.Enum):
+                private.append((path, k, _plain_repr(v)))
+            elif hasattr(v, "__dict__"):
+                # a held object (a per-layer copy of a config, a namespace of options): its plain fields
+                number = objects.get(id(v))
+                if number is None:
+                    number = objects[id(v)] = len(objects)
+                    private.append((f"#{number}", type(v).__qualname__, _fields_of(v)))
+                    held.append(v)
+                private.append((path, k, f"#{number}"))
+    # the methods (and properties) of held objects' classes that the walked code names (`self.kernel.run(q, k)`)
+    for number, obj in enumerate(held):
+        for cls in type(obj).__mro__[:-1]:
+            for name in sorted(walk.names.intersection(vars(cls))):
+                member = vars(cls)[name]
+                if isinstance(member, property):
+                    member = member.fget
+                if isinstance(member, (types.FunctionType, staticmethod, classmethod)):
+                    walk.add(f"#{number}:{cls.__module__}.{cls.__qualname__}.{name}", member, 1,
+                             owner=type(obj))
+    # torch's global module hooks run in every module's call (the forward ones change the traced graph)
+    from torch.nn.modules import module as torch_module
+    for table in ("_global_forward_pre_hooks", "_global_forward_hooks", "_global_forward_hooks_with_kwargs",
+                  "_global_forward_hooks_always_called"):
+        for i, hook in enumerate(getattr(torch_module, table, {}).values()):
+            if callable(hook):
+                walk.add(f"{table}:{i}", hook)
+            else:
+                walk.digest.update(f"{table}:{i}={_plain_repr(hook)}\n".encode())
+    configs, stack = [], [("", getattr(model, "config", None))]
+    while stack:
+        where, config = stack.pop()
+        if config is None or not hasattr(config, "to_json_string"):
+            continue
+        for k, v in vars(config).items():
+            if hasattr(v, "to_json_string"):
+                stack.append((f"{where}.{k}", v))
+            elif k.startswith("_") and unroll._plain(v):
+                configs.append((where, k, _plain_repr(v)))
+    return walk.hexdigest(), private + sorted(configs)
+
+
+_MODULE_STATE = frozenset(vars(nn.Module()))
+
+
+def _fields_of(obj) -> str:
+    """An object's public plain and enum fields, one level deep, as text (private ones may be a hash that differs in
+    every process: transformers' GenerationConfig `_original_object_hash`)."""
+    try:
+        fields = vars(obj)
+    except TypeError:
+        return ""
+    return ";".join(f"{k}={_plain_repr(v)}" for k, v in sorted(fields.items())
+                    if not k.startswith("_") and (unroll._plain(v) or isinstance(v, enum.Enum)))
+
+
 def _versions() -> dict:
     from importlib import metadata
     versions = {"python": list(sys.version_info[:3]), "torch": torch.__version__}
@@ -154,8 +394,9 @@ def entry_key(model: nn.Module, fingerprint, stack_traces: bool = False) -> str:
 def entry_keys(model: nn.Module, fingerprint) -> tuple[str, str]:
     """The names of the entries without and with the nodes' source lines (`stack_traces`)."""
     config = getattr(model, "config", None)
+    code, private = _code_and_state(model)
     parts = {"format": FORMAT, "fingerprint": repr(fingerprint), "versions": _versions(),
-             "sources": _class_sources(model),
+             "sources": _class_sources(model), "code": code, "private": private,
              "attention": repr(getattr(config, "_attn_implementation", None))}
     return tuple(hashlib.sha256(json.dumps({**parts, "stack_traces": flag}, sort_keys=True,
                                            default=repr).encode()).hexdigest() for flag in (False, True))
