@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections import OrderedDict
+from collections.abc import Mapping
 import re
 import weakref
 from typing import Any, Iterable
@@ -22,7 +23,7 @@ from surgery.rewrite.trainable import pause_inactive, resume, settled
 from surgery.spec import spec_from
 from surgery.spec.models import name_problem
 from surgery.trace import trace
-from surgery.trace.cache import cached_trace
+from surgery.trace.cache import cached_trace, code_and_state
 from surgery.trace.export import NeedsStackTraces, rng_devices
 from surgery.trace.unroll import plain_attributes
 from surgery.rewrite import trained
@@ -38,15 +39,20 @@ _MODEL_CACHE: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, Analysis]]" = w
 _STRUCTURE_CACHE: "OrderedDict[tuple, Analysis]" = OrderedDict()
 
 
-def _fingerprint(model: nn.Module, example_inputs, structure: tuple | None = None) -> tuple | None:
+def _fingerprint(model: nn.Module, example_inputs, structure: tuple | None = None,
+                 state: tuple | None = None) -> tuple | None:
     """What the traced graph depends on: the class, its config, the parameter/buffer names, shapes, dtypes and
     device, the module tree and each module's plain attributes (a flag or stride its constructor took), and the
     example inputs' structure. Two models equal in all of these (e.g. two fresh
     instances of one architecture) have the same analysis: it names parameters, never holds them. `structure`:
-    `_base_structure(model, devices)` and those devices when the caller has them (one walk of the model)."""
+    `_base_structure(model, devices)` and those devices when the caller has them (one walk of the model).
+    `state`: `code_and_state(model)` (surgery/trace/cache.py: the code the forward runs as this process has it,
+    private attributes and held objects' fields) when the caller has it: a class-level patch of a forward or a
+    private constructor flag is another model, in this process as on disk."""
     try:
         config = getattr(model, "config", None)
-        config_repr = config.to_json_string(use_diff=False) if hasattr(config, "to_json_string") else repr(config)
+        config_repr = config.to_json_string(use_diff=False) if hasattr(config, "to_json_string") else \
+            _config_repr(config)
         # the attention implementation (eager or sdpa) changes the graph but is no key of the config's JSON
         config_repr = (config_repr, getattr(config, "_attn_implementation", None))
         if structure is None:
@@ -63,9 +69,27 @@ def _fingerprint(model: nn.Module, example_inputs, structure: tuple | None = Non
             if isinstance(x, (list, tuple)):
                 return tuple(shape(v) for v in x)
             return repr(x)
-        return (type(model).__module__, type(model).__qualname__, config_repr, tensors, modules, shape(example_inputs))
+        if state is None:
+            state = code_and_state(model)
+        return (type(model).__module__, type(model).__qualname__, config_repr, tensors, modules, shape(example_inputs),
+                state[0], tuple(map(tuple, state[1])))
     except Exception:  # noqa: BLE001 - an unhashable corner case only costs a re-trace
         return None
+
+
+def _config_repr(config) -> str:
+    """A config without transformers' JSON form (a diffusers FrozenDict) as text that is the same in every
+    process: its keys in order, and a private entry's collection of names sorted (diffusers'
+    `_use_default_values` is built from a set: its order differs between processes)."""
+    if not isinstance(config, Mapping):
+        return repr(config)
+
+    def value(key, v):
+        if str(key).startswith("_") and isinstance(v, (list, tuple, set, frozenset)) \
+                and all(isinstance(x, str) for x in v):
+            return repr(sorted(v))
+        return repr(v)
+    return repr(sorted((str(k), value(k, v)) for k, v in config.items()))
 
 
 def _base_structure(model: nn.Module, devices: list | None = None) -> tuple:
@@ -108,7 +132,14 @@ def _analysis(model: nn.Module, example_inputs, stack_traces: bool = False) -> A
     if cached is not None and example_inputs is None and cached[0] == structure and \
             (cached[1].traced.stack_traces or not stack_traces):
         return cached[1]
-    key = _fingerprint(model, example_inputs, (*structure, tuple(devices))) if store is None else None
+    state = None
+    if store is None:
+        try:
+            state = code_and_state(model)
+        except Exception:  # noqa: BLE001 - code the walk cannot read: no cache answers for this model
+            state = None
+    key = _fingerprint(model, example_inputs, (*structure, tuple(devices)), state) \
+        if store is None and state is not None else None
     if key is not None and key in _STRUCTURE_CACHE and (_STRUCTURE_CACHE[key].traced.stack_traces or not stack_traces):
         _STRUCTURE_CACHE.move_to_end(key)
         result = _STRUCTURE_CACHE[key]
@@ -120,7 +151,7 @@ def _analysis(model: nn.Module, example_inputs, stack_traces: bool = False) -> A
             result = analyze(trace(model, example_inputs, stack_traces=stack_traces))
     else:
         # from the disk cache when traced before
-        result = analyze(cached_trace(model, example_inputs, key, stack_traces=stack_traces))
+        result = analyze(cached_trace(model, example_inputs, key, stack_traces=stack_traces, state=state))
         if key is not None:
             _STRUCTURE_CACHE[key] = result
             while len(_STRUCTURE_CACHE) > 8:

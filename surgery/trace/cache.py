@@ -280,7 +280,7 @@ def _plain_repr(value) -> str:
     return f"<{type(value).__module__}.{type(value).__qualname__}>"
 
 
-def _code_and_state(model: nn.Module) -> tuple[str, list]:
+def code_and_state(model: nn.Module) -> tuple[str, list]:
     """(the digest of the code the model's forward runs (`_CodeWalk`), each module's private plain attributes,
     enum attributes and the plain fields of the objects it holds, and the private plain values of the config and
     its sub-configs): what changes a traced graph and the structure fingerprint leaves out (a flag a constructor
@@ -391,10 +391,11 @@ def entry_key(model: nn.Module, fingerprint, stack_traces: bool = False) -> str:
     return entry_keys(model, fingerprint)[stack_traces]
 
 
-def entry_keys(model: nn.Module, fingerprint) -> tuple[str, str]:
-    """The names of the entries without and with the nodes' source lines (`stack_traces`)."""
+def entry_keys(model: nn.Module, fingerprint, state: tuple | None = None) -> tuple[str, str]:
+    """The names of the entries without and with the nodes' source lines (`stack_traces`). `state`:
+    `code_and_state(model)` when the caller has it."""
     config = getattr(model, "config", None)
-    code, private = _code_and_state(model)
+    code, private = state if state is not None else code_and_state(model)
     parts = {"format": FORMAT, "fingerprint": repr(fingerprint), "versions": _versions(),
              "sources": _class_sources(model), "code": code, "private": private,
              "attention": repr(getattr(config, "_attn_implementation", None))}
@@ -707,7 +708,8 @@ class _suppress_os_error:
         return kind is not None and issubclass(kind, OSError)
 
 
-def cached_trace(model: nn.Module, example_inputs, fingerprint, stack_traces: bool = False) -> Traced:
+def cached_trace(model: nn.Module, example_inputs, fingerprint, stack_traces: bool = False,
+                 state: tuple | None = None) -> Traced:
     """`surgery.trace.trace(model, example_inputs, stack_traces=...)`, read from the cache when an entry for this
     model exists and written to it when not (`fingerprint`: the structure fingerprint; None, or the cache off,
     traces). A graph with the nodes' source lines answers for one without: once a model needed them (a rewrite
@@ -716,7 +718,7 @@ def cached_trace(model: nn.Module, example_inputs, fingerprint, stack_traces: bo
     if fingerprint is None or not enabled():
         return stage2.trace(model, example_inputs, stack_traces=stack_traces)
     try:
-        plain, with_lines = entry_keys(model, fingerprint)
+        plain, with_lines = entry_keys(model, fingerprint, state)
     except Unserializable as exc:
         logger.debug("trace cache: not used (%s)", exc)
         return stage2.trace(model, example_inputs, stack_traces=stack_traces)

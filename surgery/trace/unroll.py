@@ -74,6 +74,7 @@ class Stack:
     period: int = 1
     slices: list = field(default_factory=list)   # the slices the truncated export's forward took of the container
     index_attrs: list = field(default_factory=list)   # (module path in the layer, name) of its index attributes
+    held: list = field(default_factory=list)          # the objects its layers hold (a config): watched for changes
     watch: "_Watch | None" = None                 # what the export saw of the layers it did not run
 
     def entry(self, i: int) -> str:
@@ -367,7 +368,8 @@ def find_stacks(model: nn.Module) -> list[Stack]:
         parent_path, _, attr = path.rpartition(".")
         stacks.append(Stack(path=path, parent=model.get_submodule(parent_path), attr=attr, container=module,
                             keep=keep, length=n, start=start, period=period,
-                            index_attrs=sorted(index_like)))
+                            index_attrs=sorted(index_like),
+                            held=list({id(o): o for d in described for o in d[3]}.values())))
     return stacks
 
 
@@ -456,6 +458,9 @@ class _Watch:
         self.next = stack.keep                   # the stand-in expected next
         self.used: list[str] = []                # index attributes the forward computed with
         self.problems: list[str] = []
+        # the fields of the objects the layers hold, before the export: a forward that changes one (a call
+        # counter all layers share) computes something else in each call
+        self.held = [(obj, _held_fields(obj)) for obj in stack.held]
 
     def install(self) -> list:
         """Hooks on the kept layers (after surgery's marks: the output seen is the one the caller receives; the
@@ -508,6 +513,9 @@ class _Watch:
         if self.used:
             self.problems.append(f"the forward computes with {self.used[0]}, an attribute that differs in every "
                                  f"layer")
+        for obj, before in self.held:
+            if _held_fields(obj) != before:
+                self.problems.append(f"the forward changes a {type(obj).__qualname__} the layers of {s.path} hold")
         if self.problems:
             raise Refused(self.problems[0])
 
@@ -515,7 +523,7 @@ class _Watch:
 def _corresponds(a, b, before_t: dict, before_j: list) -> bool:
     """Argument leaf `a` of a stand-in's call against `b`, its template's: where `b` is (a tensor of) the
     template's predecessor's output, `a` is the same part of the stand-in's predecessor's output; any other
-    tensor is the very same value; anything else equal."""
+    tensor or object is the very same one; a plain value (a number, a string, a flag) equal."""
     if isinstance(b, torch.Tensor):
         position = before_t.get(id(b))
         if position is not None:
@@ -523,10 +531,9 @@ def _corresponds(a, b, before_t: dict, before_j: list) -> bool:
         return a is b
     if type(a) is not type(b):
         return False
-    try:
-        return a is b or bool(a == b)
-    except Exception:  # noqa: BLE001 - an object without a plain equality: only itself
-        return False
+    if not (_plain(b) or isinstance(b, (enum.Enum, torch.device))):
+        return a is b          # an object's equality may leave out what the forward reads: only itself
+    return a == b
 
 
 def _container(s: Stack, watch: _Watch) -> type:
