@@ -412,9 +412,6 @@ def test_static_cache(spec_name, arch, hosts):
 
 # ---------------------------------------------------------------- known defects (strict xfails)
 
-@pytest.mark.xfail(strict=True, reason="attend with a static cache: at prefill transformers passes no mask (SDPA's "
-                   "is_causal, top-left over the cache's empty slots) and extend_mask builds a bottom-right causal "
-                   "body, so queries see the static cache's empty slots (surgery/rewrite/attention.py extend_mask)")
 @pytest.mark.parametrize("spec_name,arch", [("prefix", "llama"), ("mam", "gpt2")])
 def test_prefix_with_a_static_cache(spec_name, arch, hosts):
     with applied(hosts(arch), spec_name) as model:
