@@ -491,20 +491,13 @@ def test_output_attentions_with_attention_adapters(spec_name):
                 torch.testing.assert_close(probs.sum(-1), torch.ones_like(probs.sum(-1)))
 
 
-@pytest.mark.xfail(strict=True, reason="with a static cache generate() passes a 4-D [batch, 1, q, max_cache_len] mask; "
-                   "the call's recorded attention_mask (read by ReFT to find the first real tokens) is only "
-                   "understood 2-D, so a left-padded row is intervened at its padding (surgery/rewrite/host.py "
-                   "root pre-hook; prompt tuning's _prepend_root extends only 2-D masks likewise)")
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
 def test_reft_with_a_static_cache_and_left_padding(arch, hosts):
     with applied(hosts(arch), "loreft") as model:
         against_no_cache(model, **prompt_inputs(arch, batch=2, pad=3), cache_implementation="static")
 
 
-@pytest.mark.xfail(strict=True, reason="MixedBatch hands each ReFT adapter its rows only, but the call's attention "
-                   "mask has every row: surgery/modules/reft.py drops a mask whose batch differs, so a left-padded "
-                   "row is intervened at its padding (also in a plain forward)")
-@pytest.mark.parametrize("names,beams", [(("a", "b"), 1), (("a", "a", "b", "b"), 2)])
+@pytest.mark.parametrize("names,beams", [(("a", "b"), 1), (("a", "a", "b", "b"), 2), ("split", 1)])
 def test_mixed_batch_reft_rows_generate_as_alone_with_left_padding(names, beams):
     model = make("llama")
     surgery.apply(model, small("loreft"), name="a")
@@ -515,7 +508,10 @@ def test_mixed_batch_reft_rows_generate_as_alone_with_left_padding(names, beams)
     for row, name in enumerate(["a", "b"]):
         surgery.set_active(model, name)
         alone.append(generate(model, **{k: v[row:row + 1] for k, v in inputs.items()}, num_beams=beams).sequences)
-    surgery.set_active(model, surgery.MixedBatch(*names))     # beams: the expanded rows named
+    if names == "split":     # BatchSplit hands each adapter its rows the same way
+        surgery.set_active(model, surgery.BatchSplit("a", "b", batch_sizes=[1, 1]))
+    else:
+        surgery.set_active(model, surgery.MixedBatch(*names))     # beams: the expanded rows named
     assert torch.equal(generate(model, **inputs, num_beams=beams).sequences, torch.cat(alone))
 
 

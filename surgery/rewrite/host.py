@@ -997,7 +997,9 @@ def _capture_call(runtime: RuntimeState, signature, positional: tuple[str, ...],
         kwargs = {k: _replicate(v, copies) for k, v in kwargs.items()}
     named = _bound_call(signature, args, kwargs, positional)
     mask = named.get("attention_mask")
-    call = {"attention_mask": mask if isinstance(mask, torch.Tensor) else None}
+    # a tensor, or transformers' masks per layer type ({"full_attention": [batch, 1, q, k], ...}, generate()
+    # with a static cache): modules reading positions (ReFT) recognize the padding from either
+    call = {"attention_mask": mask if isinstance(mask, (torch.Tensor, dict)) else None}
     call["cache_length"], call["cache_counted"] = cache_state(named.values())
     call["cached"] = call["cache_length"] > 0
     first = args[0] if args else named.get("input_ids", named.get("inputs_embeds"))
@@ -1031,7 +1033,7 @@ def _capture_stack(runtime: RuntimeState, signature, path: str, mod, args, kwarg
     mask = named.get("attention_mask")
     length, counted = cache_state(named.values())
     runtime.call.setdefault("stacks", {})[path] = {
-        "attention_mask": mask if isinstance(mask, torch.Tensor) else None, "cache_length": length,
+        "attention_mask": mask if isinstance(mask, (torch.Tensor, dict)) else None, "cache_length": length,
         "cache_counted": counted, "cached": length > 0}
 
 
