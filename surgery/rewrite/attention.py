@@ -120,6 +120,7 @@ class RegistryAttention:
         causal = getattr(module, "is_causal", True) if causal is None else causal
         batch = query.shape[0]
         host_call = HostCode()    # the model's attention as the host's own call (its F.dropout), once
+        maps = []                 # (rows, attention weights) of the calls over the host's own keys
 
         def make_attend(rows):   # the model's attention on `rows` (None: all) of a mixed-adapter batch
             row_mask = attention_mask if rows is None else mixed.take(attention_mask, rows, batch)
@@ -134,10 +135,37 @@ class RegistryAttention:
                 extra = {**row_kwargs, "is_causal": False if prefix else row_kwargs.get("is_causal")}
                 if prefix:
                     extra = {name: _extend_scores(value, prefix, k, key.shape[-2]) for name, value in extra.items()}
-                out, _ = host_call(base, module, q, k, v, mask, **extra)
+                out, weights = host_call(base, module, q, k, v, mask, **extra)
+                if isinstance(weights, torch.Tensor) and k.shape[-2] > prefix:   # not over added keys alone
+                    maps.append((rows, weights))
                 return out
             return attend
-        return mixed.attention(entries, make_attend, query, key, value, chain), None
+        out = mixed.attention(entries, make_attend, query, key, value, chain)
+        return out, _attention_maps(maps, batch)
+
+
+def _attention_maps(maps: list, batch: int):
+    """The attention weights the host's function returns (eager: [batch, heads, q, keys]; sdpa: None), as the
+    model would give them with the adapters: over the keys its own attention saw, added prefix columns first
+    (as PEFT's prefix tuning gives them). Per group of rows (a MixedBatch), the call over the most keys (the
+    one with every prefix); groups whose prefixes differ in length get zero columns on the left (keys that
+    row does not have). LLaMA-Adapter's separate attention over its prompts alone is not among them (as PEFT's
+    adaption prompt returns the layer's own weights). None when the function gave none."""
+    if not maps:
+        return None
+    best: dict = {}
+    for rows, weights in maps:
+        key = id(rows) if rows is not None else None
+        if key not in best or weights.shape[-1] > best[key][1].shape[-1]:
+            best[key] = (rows, weights)
+    parts = list(best.values())
+    if len(parts) == 1 and parts[0][0] is None:
+        return parts[0][1]
+    width = max(w.shape[-1] for _, w in parts)
+    parts = [(rows, F.pad(w, (width - w.shape[-1], 0)) if w.shape[-1] < width else w) for rows, w in parts]
+    if sum(len(range(batch)[r]) if isinstance(r, slice) else len(r) for r, _ in parts) != batch:
+        return None
+    return mixed.place(parts, batch)
 
 
 def _extend_scores(value, prefix: int, key: torch.Tensor, original: int):

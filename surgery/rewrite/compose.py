@@ -185,6 +185,9 @@ def run(block: Child | None, by_name: dict[str, list], order: list[str], value: 
         sizes = list(block.batch_sizes) if isinstance(block, BatchSplit) else [value.shape[0] // len(kids)] * len(kids)
         if sum(sizes) != value.shape[0]:
             raise RewriteError(f"{type(block).__name__} splits {sum(sizes)} rows but the batch has {value.shape[0]}")
+        if isinstance(block, BatchSplit):    # functions on the whole batch (prompts dropped) first, as MixedBatch
+            for fn in by_name.get(MixedBatch.WHOLE, ()):
+                value = fn(value, args)
         parts = torch.split(value, sizes, dim=0)
         outs = []
         for i, (c, p) in enumerate(zip(kids, parts)):
@@ -230,6 +233,12 @@ def run(block: Child | None, by_name: dict[str, list], order: list[str], value: 
         fusion = fusions.get(block.name)
         if fusion is None:   # no fusion module at this site (an adapter is missing here): average
             return sum(outputs) / len(outputs)
+        width = getattr(getattr(fusion, "query", None), "in_features", None)
+        if width is not None and width != value.shape[-1]:
+            raise RewriteError(f"Fuse {block.name!r}: its fusion modules attend over adapter outputs of the model's "
+                               f"width ({width}), but the fused adapters act here on values of width "
+                               f"{value.shape[-1]} (adapters on projections, as LoRA's, rather than on the hidden "
+                               f"states); fuse bottleneck adapters, or use Average")
         return fusion(value, outputs)
     raise TypeError(f"unknown composition block {block!r}")
 
