@@ -462,6 +462,21 @@ def test_prompt_continues_from_the_returned_cache(arch, length, hosts):
         continue_from_returned_cache(model, length)
 
 
+@pytest.mark.parametrize("spec_name", ["prompt", "prefix", "loreft"])
+def test_padded_batch_continues_from_the_returned_cache(spec_name, hosts):
+    """A left-padded batch continued from its returned cache (the mask over the whole conversation locates the
+    tokens generate() feeds again: P of them for prompt tuning)."""
+    with applied(hosts("llama"), spec_name) as model:
+        x = prompt_inputs("llama", batch=2, pad=3, seed=3)
+        first = generate(model, **x, max_new_tokens=4)
+        seq = first.sequences
+        mask = torch.cat([x["attention_mask"], torch.ones(2, 4, dtype=torch.long)], dim=1)
+        out = generate(model, input_ids=seq, attention_mask=mask, past_key_values=first.past_key_values,
+                       max_new_tokens=5)
+        truth = generate(model, input_ids=seq, attention_mask=mask, max_new_tokens=5, use_cache=False)
+        assert_same(out, truth, "a padded batch continued from the returned cache")
+
+
 @pytest.mark.parametrize("spec_name", ["prefix", "llama_adapter"])
 def test_output_attentions_with_attention_adapters(spec_name):
     model = make("llama")
