@@ -18,9 +18,9 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from surgery.modules.base import SiteContext
-from surgery.rewrite import compose
 from surgery.modules.registry import Options, register
 from surgery.modules.options import ReftOptions  # noqa: F401  (defined without torch: spec validation)
+from surgery.rewrite import compose
 
 
 class Orthonormal(nn.Module):

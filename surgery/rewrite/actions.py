@@ -1079,8 +1079,9 @@ def _refuse_unsupported_prompts(runtime, mod, kwargs) -> None:
                            f"the sequence, which {type(composition).__name__} cannot combine (every prompt would "
                            f"be prepended to every row); use Stack, or MixedBatch/BatchSplit for one prompt per row")
     mask = kwargs.get("attention_mask")
+    # a compilable cache sized in positions (a recurrent model's state layers, `is_linear`, hold no positions)
     static = [v for v in kwargs.values() if callable(getattr(v, "get_seq_length", None))
-              and getattr(v, "is_compileable", False)]
+              and getattr(v, "is_compileable", False) and not all(getattr(v, "is_linear", None) or [False])]
     if static or isinstance(mask, dict) or (isinstance(mask, torch.Tensor) and mask.dim() == 4):
         total = sum(m.length for m in live)
         raise RewriteError(f"prompt tuning ({total} prompt positions) with a static KV cache or a 4-D attention "

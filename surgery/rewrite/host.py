@@ -993,7 +993,8 @@ def _capture_call(runtime: RuntimeState, signature, positional: tuple[str, ...],
     RuntimeState's properties."""
     if isinstance(runtime.composition, compose.Parallel) and not runtime.disabled:
         copies = len(runtime.composition.children)
-        if any(cache_state([v])[0] or callable(getattr(v, "get_seq_length", None)) for v in kwargs.values()):
+        if any(cache_state([v])[0] or callable(getattr(v, "get_seq_length", None))
+               for v in (*args, *kwargs.values())):
             raise RewriteError(f"Parallel replicates the batch inside the model ({copies} x batch output rows), "
                                f"which a KV cache passed in (generate()) cannot follow; generate with each adapter "
                                f"active alone (set_active(name)), or call the model without a cache")
