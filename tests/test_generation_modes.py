@@ -12,7 +12,7 @@ leaking between calls or copies, generate() after a training step, after `surger
 Contrastive search, DoLa and group/constrained beam search moved out of transformers 5 (hub `custom_generate`
 repositories, not reachable offline) and are not covered.
 
-Known defects run as strict xfails with a one-line diagnosis (the engine fix is the lead's). UniPELT's gates
+The last section holds defects found by a breaker session, fixed or refused with a SurgeryError. UniPELT's gates
 (averaged over the whole call) are a known, documented difference under the cache (tests/test_host_api.py).
 """
 from __future__ import annotations
@@ -410,19 +410,14 @@ def test_static_cache(spec_name, arch, hosts):
         against_no_cache(model, **prompt_inputs(arch), cache_implementation="static")
 
 
-# ---------------------------------------------------------------- known defects (strict xfails)
+# ---------------------------------------------------------------- former defects: fixed, or refused clearly
 
-@pytest.mark.xfail(strict=True, reason="attend with a static cache: at prefill transformers passes no mask (SDPA's "
-                   "is_causal, top-left over the cache's empty slots) and extend_mask builds a bottom-right causal "
-                   "body, so queries see the static cache's empty slots (surgery/rewrite/attention.py extend_mask)")
 @pytest.mark.parametrize("spec_name,arch", [("prefix", "llama"), ("mam", "gpt2")])
 def test_prefix_with_a_static_cache(spec_name, arch, hosts):
     with applied(hosts(arch), spec_name) as model:
         against_no_cache(model, **prompt_inputs(arch), cache_implementation="static")
 
 
-@pytest.mark.xfail(strict=True, reason="prompt tuning with a static cache sized by generate() for the tokens alone: "
-                   "the P prompt positions overflow it (IndexError/RuntimeError from transformers, no SurgeryError)")
 @pytest.mark.parametrize("arch", ["llama", "mistral"])
 def test_prompt_with_a_static_cache_works_or_is_refused(arch, hosts):
     with applied(hosts(arch), "prompt") as model:
@@ -432,20 +427,18 @@ def test_prompt_with_a_static_cache_works_or_is_refused(arch, hosts):
             assert "static" in str(refusal) or "cache" in str(refusal)
 
 
-@pytest.mark.xfail(strict=True, reason="MixedBatch over attention/prompt adapters refuses an expanded batch with a "
-                   "plain ValueError, not a SurgeryError (surgery/rewrite/mixed.py check_rows)")
+@pytest.mark.parametrize("block", ["mixed", "split"])
 @pytest.mark.parametrize("spec_name", ["prefix", "prompt"])
-def test_mixed_batch_with_expanded_rows_is_refused_for_attention_and_prompts(spec_name):
+def test_mixed_batch_with_expanded_rows_is_refused_for_attention_and_prompts(spec_name, block):
     model = make("llama")
     surgery.apply(model, small(spec_name), name="a")
     surgery.apply(model, small(spec_name), name="b")
-    surgery.set_active(model, surgery.MixedBatch("a", "b"))
+    surgery.set_active(model, surgery.MixedBatch("a", "b") if block == "mixed" else
+                       surgery.BatchSplit("a", "b", batch_sizes=[1, 1]))
     with pytest.raises(surgery.SurgeryError, match="expand the batch"):
         generate(model, **prompt_inputs("llama", batch=2), num_beams=2)
 
 
-@pytest.mark.xfail(strict=True, reason="BatchSplit over attend/prepend adapters runs every adapter on every row (a "
-                   "Stack): surgery/rewrite/mixed.py handles only MixedBatch; with beams nothing refuses either")
 @pytest.mark.parametrize("spec_name", ["prefix", "prompt"])
 def test_batch_split_rows_generate_as_each_adapter_alone(spec_name):
     model = make("llama")
@@ -461,10 +454,6 @@ def test_batch_split_rows_generate_as_each_adapter_alone(spec_name):
     assert torch.equal(generate(model, **inputs).sequences, torch.cat(alone))
 
 
-@pytest.mark.xfail(strict=True, reason="prompt tuning keeps its P positions in the KV cache, so generate()'s "
-                   "`input_ids.shape[1] - cache.get_seq_length()` (the tokens still to feed) is off by P when a "
-                   "returned cache is passed back: cached tokens are fed again (surgery/rewrite/actions.py "
-                   "_prepend_root sees them as new)")
 @pytest.mark.parametrize("arch,length", [("llama", 7), ("gpt2", 12)])
 def test_prompt_continues_from_the_returned_cache(arch, length, hosts):
     """Prompt + 4 generated tokens != P (10) tokens: re-fed tokens change the logits (at exactly P tokens the
@@ -473,9 +462,21 @@ def test_prompt_continues_from_the_returned_cache(arch, length, hosts):
         continue_from_returned_cache(model, length)
 
 
-@pytest.mark.xfail(strict=True, reason="attend through transformers' attention registry returns None attention "
-                   "weights, so output_attentions=True (eager) silently gives no maps: surgery/rewrite/attention.py "
-                   "RegistryAttention.__call__ returns (out, None)")
+@pytest.mark.parametrize("spec_name", ["prompt", "prefix", "loreft"])
+def test_padded_batch_continues_from_the_returned_cache(spec_name, hosts):
+    """A left-padded batch continued from its returned cache (the mask over the whole conversation locates the
+    tokens generate() feeds again: P of them for prompt tuning)."""
+    with applied(hosts("llama"), spec_name) as model:
+        x = prompt_inputs("llama", batch=2, pad=3, seed=3)
+        first = generate(model, **x, max_new_tokens=4)
+        seq = first.sequences
+        mask = torch.cat([x["attention_mask"], torch.ones(2, 4, dtype=torch.long)], dim=1)
+        out = generate(model, input_ids=seq, attention_mask=mask, past_key_values=first.past_key_values,
+                       max_new_tokens=5)
+        truth = generate(model, input_ids=seq, attention_mask=mask, max_new_tokens=5, use_cache=False)
+        assert_same(out, truth, "a padded batch continued from the returned cache")
+
+
 @pytest.mark.parametrize("spec_name", ["prefix", "llama_adapter"])
 def test_output_attentions_with_attention_adapters(spec_name):
     model = make("llama")
@@ -488,26 +489,24 @@ def test_output_attentions_with_attention_adapters(spec_name):
             out = generate(model, **x, max_new_tokens=2, output_attentions=True)
         except surgery.SurgeryError:
             return                        # a clear refusal is acceptable
-        for step in out.attentions:       # the base model gives one [batch, heads, q, keys] map per layer
+        # prefix tuning's maps cover its P prefix keys first (as PEFT's), LLaMA-Adapter's the layer's own keys
+        added = next((m.length for m in model.modules() if type(m).__name__ == "PrefixTuning"), 0)
+        for step, base_step in zip(out.attentions, base.attentions):   # one [batch, heads, q, keys] map per layer
             assert len(step) == LAYERS, f"{len(step)} attention maps for {LAYERS} layers"
-            for probs in step:
+            for probs, base_probs in zip(step, base_step):
                 torch.testing.assert_close(probs.sum(-1), torch.ones_like(probs.sum(-1)))
+                assert probs.shape == base_probs.shape[:-1] + (base_probs.shape[-1] + added,)
+        if not added:    # the first layer's input is the base model's: its own attention's maps are the base's
+            torch.testing.assert_close(out.attentions[0][0], base.attentions[0][0])
 
 
-@pytest.mark.xfail(strict=True, reason="with a static cache generate() passes a 4-D [batch, 1, q, max_cache_len] mask; "
-                   "the call's recorded attention_mask (read by ReFT to find the first real tokens) is only "
-                   "understood 2-D, so a left-padded row is intervened at its padding (surgery/rewrite/host.py "
-                   "root pre-hook; prompt tuning's _prepend_root extends only 2-D masks likewise)")
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
 def test_reft_with_a_static_cache_and_left_padding(arch, hosts):
     with applied(hosts(arch), "loreft") as model:
         against_no_cache(model, **prompt_inputs(arch, batch=2, pad=3), cache_implementation="static")
 
 
-@pytest.mark.xfail(strict=True, reason="MixedBatch hands each ReFT adapter its rows only, but the call's attention "
-                   "mask has every row: surgery/modules/reft.py drops a mask whose batch differs, so a left-padded "
-                   "row is intervened at its padding (also in a plain forward)")
-@pytest.mark.parametrize("names,beams", [(("a", "b"), 1), (("a", "a", "b", "b"), 2)])
+@pytest.mark.parametrize("names,beams", [(("a", "b"), 1), (("a", "a", "b", "b"), 2), ("split", 1)])
 def test_mixed_batch_reft_rows_generate_as_alone_with_left_padding(names, beams):
     model = make("llama")
     surgery.apply(model, small("loreft"), name="a")
@@ -518,13 +517,13 @@ def test_mixed_batch_reft_rows_generate_as_alone_with_left_padding(names, beams)
     for row, name in enumerate(["a", "b"]):
         surgery.set_active(model, name)
         alone.append(generate(model, **{k: v[row:row + 1] for k, v in inputs.items()}, num_beams=beams).sequences)
-    surgery.set_active(model, surgery.MixedBatch(*names))     # beams: the expanded rows named
+    if names == "split":     # BatchSplit hands each adapter its rows the same way
+        surgery.set_active(model, surgery.BatchSplit("a", "b", batch_sizes=[1, 1]))
+    else:
+        surgery.set_active(model, surgery.MixedBatch(*names))     # beams: the expanded rows named
     assert torch.equal(generate(model, **inputs, num_beams=beams).sequences, torch.cat(alone))
 
 
-@pytest.mark.xfail(strict=True, reason="Parallel replicates the batch inside the model (n x batch logit rows), which "
-                   "generate() cannot consume: a raw RuntimeError from transformers (beam reshape, or greedy's "
-                   "token concat) instead of AdapterHub's parallel generation or a SurgeryError")
 def test_parallel_composition_generates_or_is_refused():
     model = two_adapters("houlsby")
     surgery.set_active(model, surgery.Parallel("a", "b"))
@@ -535,17 +534,21 @@ def test_parallel_composition_generates_or_is_refused():
     assert out.sequences.shape[0] == 4      # AdapterHub: one output row per adapter and input row
 
 
-@pytest.mark.xfail(strict=True, reason="compositions surgery does not support fail at the first forward with raw "
-                   "errors instead of a SurgeryError at set_active/add_fusion: Average and Fuse of two prompts "
-                   "prepend both (17 vs 27 positions), Fuse of LoRA adapters multiplies mismatched shapes")
-@pytest.mark.parametrize("spec_name,block", [("prompt", "average"), ("prompt", "fuse"), ("lora", "fuse")])
+@pytest.mark.parametrize("spec_name,block", [("prompt", "average"), ("prompt", "fuse"), ("lora", "fuse"),
+                                             ("prompt", "parallel")])
 def test_unsupported_compositions_are_refused_not_crashing(spec_name, block):
+    """Refused with a SurgeryError (at the first forward, before the model runs): prompts of the same length
+    would otherwise be prepended both, a Stack whatever the block says."""
     model = two_adapters(spec_name)
-    try:
+    x = prompt_inputs("llama", batch=2)
+    with torch.no_grad():
+        before = model(**x).logits
+    with pytest.raises(surgery.SurgeryError):
         if block == "fuse":
             surgery.add_fusion(model, ["a", "b"], name="fusion")
         else:
-            surgery.set_active(model, surgery.Average("a", "b"))
-        generate(model, **prompt_inputs("llama", batch=2), max_new_tokens=2)
-    except surgery.SurgeryError:
-        return
+            surgery.set_active(model, surgery.Average("a", "b") if block == "average" else surgery.Parallel("a", "b"))
+        generate(model, **x, max_new_tokens=2)
+    surgery.set_active(model, surgery.Stack("a", "b"))
+    with torch.no_grad():
+        assert torch.equal(model(**x).logits, before), "the refusal changed the model"

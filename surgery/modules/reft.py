@@ -20,6 +20,7 @@ from torch.nn.utils import parametrize
 from surgery.modules.base import SiteContext
 from surgery.modules.registry import Options, register
 from surgery.modules.options import ReftOptions  # noqa: F401  (defined without torch: spec validation)
+from surgery.rewrite import compose
 
 
 class Orthonormal(nn.Module):
@@ -99,6 +100,11 @@ class ReftIntervention(nn.Module):
         mask, past = call.get("attention_mask"), int(call.get("cache_length") or 0)
         batch, seq = hidden.shape[:2]
         counted = call.get("cache_counted", True)
+        mask = token_mask(mask, past + seq) if counted else mask
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[0] != batch:
+            # a composition (MixedBatch, BatchSplit) runs this adapter on some rows of the call: theirs of the mask
+            rows = compose.rows_of_call(mask.shape[0], mask.device)
+            mask = mask[rows] if rows is not None and rows.numel() == batch else mask
         if not (isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[0] == batch):
             mask = None
         elif counted and mask.shape[1] != past + seq:
@@ -131,3 +137,26 @@ class ReftIntervention(nn.Module):
             unit = self.units[0] if (self.tied and self.prefix_positions) else self.units[-1]
             out = torch.where(last[..., None], unit(hidden), out)
         return out
+
+
+def token_mask(mask, length: int):
+    """The call's attention mask as [batch, length] (1 = a real token) over the `length` positions so far, when it
+    is given per key instead: a 4-D mask [batch, 1 or heads, q, k] (bool True = attend, or additive float, 0 =
+    attend), or transformers' masks per layer type ({"full_attention": ..., "sliding_attention": ...}), as
+    generate() passes with a static cache. A key column is a real token when some query attends to it (padding
+    is hidden from every query; a static cache's empty slots from every query by causality), provided the
+    columns are the positions (k >= `length`: a full-attention layout; a sliding window's ring buffer is not, and
+    gives None). Anything else is returned unchanged."""
+    if isinstance(mask, dict):
+        tensors = [mask.get("full_attention")] + [m for m in mask.values()]
+        mask = next((m for m in tensors if isinstance(m, torch.Tensor) and m.dim() == 4 and m.shape[-1] >= length),
+                    None)
+    if not (isinstance(mask, torch.Tensor) and mask.dim() == 4):
+        return mask
+    if mask.shape[-1] < length:
+        return None
+    if mask.dtype == torch.bool:
+        seen = mask
+    else:   # additive: hidden keys carry the dtype's minimum (or -inf)
+        seen = mask > torch.finfo(mask.dtype).min / 2
+    return seen[..., :length].any(dim=-2).any(dim=1).to(torch.long)

@@ -916,7 +916,7 @@ class _MixedGate:
         self.runtime = runtime
 
     def __call__(self) -> bool:
-        return not self.runtime.disabled and isinstance(self.runtime.composition, compose.MixedBatch)
+        return not self.runtime.disabled and mixed.row_block(self.runtime.composition) is not None
 
 
 def _forget_prompt(host, entry) -> None:
@@ -936,8 +936,8 @@ def _prepend_encoder(module, length, table, gate, mod, args, kwargs):
     call already did (generate() calls the encoder directly, with the caller's mask)."""
     if not gate():
         return None
-    if isinstance(gate.runtime.composition, compose.MixedBatch):
-        raise RewriteError("MixedBatch: prompts at an encoder-decoder's encoder are not routed per row (the encoder "
+    if mixed.row_block(gate.runtime.composition) is not None:
+        raise RewriteError("MixedBatch/BatchSplit: prompts at an encoder-decoder's encoder are not routed per row (the encoder "
                            "runs apart from the root call under generate()); run the prompt rows separately")
     kwargs = dict(kwargs)
     if args and isinstance(args[0], torch.Tensor) and not args[0].is_floating_point():
@@ -1030,9 +1030,13 @@ def _strip(runtime, flag, length, hidden):
 def _prepend_root(module, runtime, flag, length, table, gate, mod, args, kwargs):
     if not gate():
         return None
-    if isinstance(runtime.composition, compose.MixedBatch) and not runtime.disabled:
-        return _prepend_mixed(runtime, table, runtime.composition, mod, args, kwargs)
+    _refuse_unsupported_prompts(runtime, mod, kwargs)
+    rows = None if runtime.disabled else mixed.row_block(runtime.composition)
+    if rows is not None:     # one adapter per row (MixedBatch, or a BatchSplit of adapter names)
+        return _prepend_mixed(runtime, table, rows, mod, args, kwargs)
     kwargs = dict(kwargs)
+    if runtime.call.get("cached") and runtime.call.get("cache_counted", True):
+        args, kwargs = _skip_cached_tokens(runtime, mod, args, kwargs)
     if table is not None and not runtime.call.get("cached"):
         if args and isinstance(args[0], torch.Tensor) and not args[0].is_floating_point():
             ids, args = args[0], (None,) + tuple(args[1:])   # token ids given positionally
@@ -1055,6 +1059,83 @@ def _prepend_root(module, runtime, flag, length, table, gate, mod, args, kwargs)
     mask = kwargs.get("attention_mask")
     if isinstance(mask, torch.Tensor) and mask.dim() == 2:
         kwargs["attention_mask"] = torch.cat([mask.new_ones(mask.shape[0], length), mask], dim=1)
+    return args, kwargs
+
+
+def _refuse_unsupported_prompts(runtime, mod, kwargs) -> None:
+    """Prompt tuning adds positions to the sequence; refused (RewriteError, before the model runs) where that
+    cannot be done right:
+
+    - a composition that would combine prompts other than by stacking or by row (Average, Fuse, Split, Parallel:
+      every live prompt would be prepended to every row, a Stack whatever the block says);
+    - a compilable (static) KV cache or a mask given per key ([batch, 1, q, k], or masks per layer type), as
+      generate(cache_implementation="static") passes: the cache is sized, and the mask built, for the tokens
+      alone, without the P prompt positions, and a mask per key cannot be extended by them here."""
+    composition = runtime.composition
+    live = [m for g, m in mod.__dict__.get(mixed.PROMPTS_ATTR, ()) if g()]
+    if composition is not None and not isinstance(composition, (str, compose.Stack)) and \
+            mixed.row_block(composition) is None:
+        raise RewriteError(f"{type(composition).__name__} over prompt tuning adapters: prompts add positions to "
+                           f"the sequence, which {type(composition).__name__} cannot combine (every prompt would "
+                           f"be prepended to every row); use Stack, or MixedBatch/BatchSplit for one prompt per row")
+    mask = kwargs.get("attention_mask")
+    # a compilable cache sized in positions (a recurrent model's state layers, `is_linear`, hold no positions)
+    static = [v for v in kwargs.values() if callable(getattr(v, "get_seq_length", None))
+              and getattr(v, "is_compileable", False) and not all(getattr(v, "is_linear", None) or [False])]
+    if static or isinstance(mask, dict) or (isinstance(mask, torch.Tensor) and mask.dim() == 4):
+        total = sum(m.length for m in live)
+        raise RewriteError(f"prompt tuning ({total} prompt positions) with a static KV cache or a 4-D attention "
+                           f"mask: generate(cache_implementation='static') sizes the cache and builds the mask for "
+                           f"the tokens alone, without the prompt positions; use the default dynamic cache")
+
+
+def _skip_cached_tokens(runtime, mod, args, kwargs):
+    """A call continuing a KV cache that already holds some of the tokens it feeds: drop those tokens.
+
+    The cache holds the P prompt positions besides the tokens, so generate() given a returned cache back
+    (`input_ids` = the whole conversation) counts `input_ids.shape[1] - cache.get_seq_length()` tokens still
+    to feed, P too few, and feeds P tokens the cache already holds again. The tokens the cache holds are its
+    length less the live prompts' (every prompt adapter of this host); where the fed tokens start is told by
+    the 2-D attention mask (its columns: every token so far) or, without one, by the position ids (no padding:
+    a token's position is its column). The first prompt hook of the call does this once. Feeding nothing new
+    is refused (RewriteError)."""
+    if runtime.call.get("prompt_cache_checked"):
+        return args, kwargs
+    runtime.call["prompt_cache_checked"] = True
+    positional = bool(args) and isinstance(args[0], torch.Tensor) and not args[0].is_floating_point()
+    ids = args[0] if positional else kwargs.get("input_ids")
+    first = ids if isinstance(ids, torch.Tensor) else kwargs.get("inputs_embeds")
+    if not isinstance(first, torch.Tensor) or first.dim() < 2:
+        return args, kwargs
+    prompts = sum(m.length for g, m in mod.__dict__.get(mixed.PROMPTS_ATTR, ()) if g())
+    held = int(runtime.call.get("cache_length") or 0) - prompts
+    seq = first.shape[1]
+    mask, positions = kwargs.get("attention_mask"), kwargs.get("position_ids")
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+        start = mask.shape[1] - seq
+    elif isinstance(positions, torch.Tensor) and positions.dim() == 2 and positions.shape[-1] == seq:
+        start = int(positions[:, 0].max())
+    else:
+        return args, kwargs
+    again = held - start
+    if again <= 0:
+        return args, kwargs
+    if again >= seq:
+        raise RewriteError(f"prompt tuning: the KV cache already holds every token this call feeds ({held} tokens "
+                           f"after the {prompts} prompt positions, {seq} fed from position {start}): generate() "
+                           f"counts the prompt positions as tokens when given a returned cache; pass only the new "
+                           f"tokens with an attention mask over the whole conversation")
+    if ids is first:
+        if positional:
+            args = (ids[:, again:],) + tuple(args[1:])
+        else:
+            kwargs["input_ids"] = ids[:, again:]
+    else:
+        kwargs["inputs_embeds"] = first[:, again:]
+    for key in ("position_ids", "token_type_ids"):
+        extra = kwargs.get(key)
+        if isinstance(extra, torch.Tensor) and extra.shape[-1] == seq:
+            kwargs[key] = extra[..., again:]
     return args, kwargs
 
 

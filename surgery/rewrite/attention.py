@@ -25,29 +25,49 @@ from surgery.rewrite import mixed
 from surgery.rewrite.host import HostCode
 
 
-def extend_mask(mask, prefix: int, query: torch.Tensor, key: torch.Tensor, causal: bool):
+def extend_mask(mask, prefix: int, query: torch.Tensor, key: torch.Tensor, causal: bool, align: str = "top_left"):
     """The mask for keys [prefix columns, original keys]: the prefix is visible to every query.
 
-    `mask` is None (then causal or full over the original keys), a bool mask (True = attend) or an additive
-    float mask, broadcastable to [batch, heads, q, k_original].
+    `mask` is None (then the mask the host's attention function implies without one, see `implicit_mask`: causal
+    with `align` when `causal`, else full), a bool mask (True = attend) or an additive float mask, broadcastable
+    to [batch, heads, q, k_original].
     """
     q_len, k_len = query.shape[-2], key.shape[-2] - prefix
     if k_len <= 0:   # attention over added keys alone (with an outer adapter's prefix counted in: all visible)
         return torch.ones(1, 1, q_len, key.shape[-2], dtype=torch.bool, device=query.device)
     if mask is None:
-        if causal and q_len > 1:
-            offset = k_len - q_len
-            rows = torch.arange(q_len, device=query.device)[:, None]
-            cols = torch.arange(k_len, device=query.device)[None, :]
-            body = cols <= rows + offset
-        else:
-            body = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device)
-        mask = body[None, None]
+        mask = implicit_mask(q_len, k_len, causal, align, query.device)[None, None]
     if mask.dtype == torch.bool:
         pad = torch.ones(*mask.shape[:-1], prefix, dtype=torch.bool, device=mask.device)
     else:
         pad = torch.zeros(*mask.shape[:-1], prefix, dtype=mask.dtype, device=mask.device)
     return torch.cat([pad, mask], dim=-1)
+
+
+def implicit_mask(q_len: int, k_len: int, causal: bool, align: str, device) -> torch.Tensor:
+    """[q, k] bool: what an attention function computes over k keys when given no mask. Not `causal`: every key.
+    Causal "top_left" (torch's `scaled_dot_product_attention(is_causal=True)`, `torch.ones(L, S).tril()`): query i
+    sees keys 0..i, whatever k is; with a static cache transformers passes no mask at prefill and the keys after
+    the q prompt positions are the cache's empty slots, hidden this way. Causal "bottom_right" (flash-attention
+    >= 2.1): query i sees keys 0..i + k - q, the queries being the last q of the keys."""
+    if not causal:
+        return torch.ones(q_len, k_len, dtype=torch.bool, device=device)
+    offset = k_len - q_len if align == "bottom_right" else 0
+    rows = torch.arange(q_len, device=device)[:, None]
+    cols = torch.arange(k_len, device=device)[None, :]
+    return cols <= rows + offset
+
+
+def registry_causality(original: str, q_len: int, causal: bool) -> tuple[bool, str]:
+    """(whether, aligned how) transformers' attention function `original` masks causally when the model passes
+    `attention_mask=None`: "sdpa" (transformers/integrations/sdpa_attention.py) uses SDPA's top-left `is_causal`
+    for q > 1 only (a single query sees every key); "flash_attention_*" the kernel's bottom-right causal for
+    q > 1; "eager" and "flex_attention" add no mask at all (their `is_causal` is unused)."""
+    if original in ("eager", "flex_attention") or original.endswith("_eager"):
+        return False, "top_left"
+    if "flash" in original:
+        return causal and q_len > 1, "bottom_right"
+    return causal and q_len > 1, "top_left"
 
 
 def chain(adapters: list, base: Callable) -> Callable:
@@ -100,20 +120,52 @@ class RegistryAttention:
         causal = getattr(module, "is_causal", True) if causal is None else causal
         batch = query.shape[0]
         host_call = HostCode()    # the model's attention as the host's own call (its F.dropout), once
+        maps = []                 # (rows, attention weights) of the calls over the host's own keys
 
         def make_attend(rows):   # the model's attention on `rows` (None: all) of a mixed-adapter batch
             row_mask = attention_mask if rows is None else mixed.take(attention_mask, rows, batch)
             row_kwargs = kwargs if rows is None else {n: mixed.take(v, rows, batch) for n, v in kwargs.items()}
 
             def attend(q, k, v, prefix=0):
-                mask = extend_mask(row_mask, prefix, q, k, causal) if prefix else row_mask
+                if prefix:
+                    implied, align = registry_causality(self.original, q.shape[-2], causal)
+                    mask = extend_mask(row_mask, prefix, q, k, implied, align)
+                else:
+                    mask = row_mask
                 extra = {**row_kwargs, "is_causal": False if prefix else row_kwargs.get("is_causal")}
                 if prefix:
                     extra = {name: _extend_scores(value, prefix, k, key.shape[-2]) for name, value in extra.items()}
-                out, _ = host_call(base, module, q, k, v, mask, **extra)
+                out, weights = host_call(base, module, q, k, v, mask, **extra)
+                if isinstance(weights, torch.Tensor) and k.shape[-2] > prefix:   # not over added keys alone
+                    maps.append((rows, weights))
                 return out
             return attend
-        return mixed.attention(entries, make_attend, query, key, value, chain), None
+        out = mixed.attention(entries, make_attend, query, key, value, chain)
+        return out, _attention_maps(maps, batch)
+
+
+def _attention_maps(maps: list, batch: int):
+    """The attention weights the host's function returns (eager: [batch, heads, q, keys]; sdpa: None), as the
+    model would give them with the adapters: over the keys its own attention saw, added prefix columns first
+    (as PEFT's prefix tuning gives them). Per group of rows (a MixedBatch), the call over the most keys (the
+    one with every prefix); groups whose prefixes differ in length get zero columns on the left (keys that
+    row does not have). LLaMA-Adapter's separate attention over its prompts alone is not among them (as PEFT's
+    adaption prompt returns the layer's own weights). None when the function gave none."""
+    if not maps:
+        return None
+    best: dict = {}
+    for rows, weights in maps:
+        key = id(rows) if rows is not None else None
+        if key not in best or weights.shape[-1] > best[key][1].shape[-1]:
+            best[key] = (rows, weights)
+    parts = list(best.values())
+    if len(parts) == 1 and parts[0][0] is None:
+        return parts[0][1]
+    width = max(w.shape[-1] for _, w in parts)
+    parts = [(rows, F.pad(w, (width - w.shape[-1], 0)) if w.shape[-1] < width else w) for rows, w in parts]
+    if sum(len(range(batch)[r]) if isinstance(r, slice) else len(r) for r, _ in parts) != batch:
+        return None
+    return mixed.place(parts, batch)
 
 
 def _extend_scores(value, prefix: int, key: torch.Tensor, original: int):

@@ -993,11 +993,18 @@ def _capture_call(runtime: RuntimeState, signature, positional: tuple[str, ...],
     RuntimeState's properties."""
     if isinstance(runtime.composition, compose.Parallel) and not runtime.disabled:
         copies = len(runtime.composition.children)
+        if any(cache_state([v])[0] or callable(getattr(v, "get_seq_length", None))
+               for v in (*args, *kwargs.values())):
+            raise RewriteError(f"Parallel replicates the batch inside the model ({copies} x batch output rows), "
+                               f"which a KV cache passed in (generate()) cannot follow; generate with each adapter "
+                               f"active alone (set_active(name)), or call the model without a cache")
         args = tuple(_replicate(a, copies) for a in args)
         kwargs = {k: _replicate(v, copies) for k, v in kwargs.items()}
     named = _bound_call(signature, args, kwargs, positional)
     mask = named.get("attention_mask")
-    call = {"attention_mask": mask if isinstance(mask, torch.Tensor) else None}
+    # a tensor, or transformers' masks per layer type ({"full_attention": [batch, 1, q, k], ...}, generate()
+    # with a static cache): modules reading positions (ReFT) recognize the padding from either
+    call = {"attention_mask": mask if isinstance(mask, (torch.Tensor, dict)) else None}
     call["cache_length"], call["cache_counted"] = cache_state(named.values())
     call["cached"] = call["cache_length"] > 0
     first = args[0] if args else named.get("input_ids", named.get("inputs_embeds"))
@@ -1031,7 +1038,7 @@ def _capture_stack(runtime: RuntimeState, signature, path: str, mod, args, kwarg
     mask = named.get("attention_mask")
     length, counted = cache_state(named.values())
     runtime.call.setdefault("stacks", {})[path] = {
-        "attention_mask": mask if isinstance(mask, torch.Tensor) else None, "cache_length": length,
+        "attention_mask": mask if isinstance(mask, (torch.Tensor, dict)) else None, "cache_length": length,
         "cache_counted": counted, "cached": length > 0}
 
 

@@ -21,23 +21,46 @@ from typing import Callable
 import torch
 
 from surgery.errors import RewriteError
-from surgery.rewrite.compose import MixedBatch
+from surgery.rewrite.compose import BatchSplit, MixedBatch
+
+
+def row_block(composition) -> MixedBatch | None:
+    """The composition as one adapter per row, where it hands adapters batch rows: a MixedBatch itself, or a
+    BatchSplit of adapter names as the MixedBatch naming each row's adapter (`BatchSplit("a", "b",
+    batch_sizes=[1, 2])` = `MixedBatch("a", "b", "b")`, cached on the block); else None. A BatchSplit of nested
+    blocks is refused (RewriteError): attention and prompt adapters route rows to adapter names only."""
+    if isinstance(composition, MixedBatch):
+        return composition
+    if not isinstance(composition, BatchSplit):
+        return None
+    if not all(isinstance(c, str) for c in composition.children):
+        raise RewriteError(f"BatchSplit over attention or prompt adapters (prefix tuning, LLaMA-Adapter, prompt "
+                           f"tuning) routes rows to adapter names only, not to nested blocks: "
+                           f"{composition.children!r}")
+    rows = composition.__dict__.get("_rows")
+    if rows is None:
+        names = [n for n, size in zip(composition.children, composition.batch_sizes) for _ in range(size)]
+        rows = MixedBatch(*names) if names else None
+        object.__setattr__(composition, "_rows", rows)
+    return rows
 
 
 def block_of(entries) -> MixedBatch | None:
-    """The active MixedBatch when the live entries' gates say one is active, else None."""
+    """The active composition as one adapter per row (`row_block`) when the live entries' gates say one is
+    active, else None."""
     for _, gate in entries:
         runtime = getattr(gate, "runtime", None)
-        if runtime is not None and not runtime.disabled and isinstance(runtime.composition, MixedBatch):
-            return runtime.composition
+        if runtime is not None and not runtime.disabled:
+            return row_block(runtime.composition)
         return None
     return None
 
 
 def check_rows(block: MixedBatch, batch: int) -> None:
     if batch != len(block.children):
-        raise ValueError(f"MixedBatch names {len(block.children)} rows but the batch has {batch} "
-                         f"(beam search and num_return_sequences expand the batch: name the expanded rows)")
+        raise RewriteError(f"MixedBatch names {len(block.children)} rows but the batch has {batch} (beam search and "
+                           f"num_return_sequences expand the batch: name the expanded rows; a BatchSplit's "
+                           f"batch_sizes count the expanded rows likewise)")
 
 
 def take(value, rows, batch: int):
@@ -106,7 +129,7 @@ def composition(runtime):
     """What a hooked site combines now: the runtime's composition, or, inside an attention adapter's own calls
     of host modules under a MixedBatch, that adapter alone."""
     block = runtime.composition
-    if isinstance(block, MixedBatch) and runtime.call.get(ONLY) is not None:
+    if isinstance(block, (MixedBatch, BatchSplit)) and runtime.call.get(ONLY) is not None:
         return runtime.call[ONLY]
     return block
 
