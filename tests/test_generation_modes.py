@@ -552,3 +552,16 @@ def test_unsupported_compositions_are_refused_not_crashing(spec_name, block):
     surgery.set_active(model, surgery.Stack("a", "b"))
     with torch.no_grad():
         assert torch.equal(model(**x).logits, before), "the refusal changed the model"
+
+
+def test_prompt_with_a_cache_cut_short_of_its_tokens_is_refused(hosts):
+    """A cache cut to an absolute length in tokens that does not count the P prompt positions (what transformers
+    5.6's assisted generation and prompt lookup do between steps) misses tokens the next call's positions say it
+    holds: a clear refusal, not logits computed without them."""
+    with applied(hosts("llama"), "prompt") as model:
+        x = ids(1, 7, seed=3)
+        out = model(input_ids=x, attention_mask=torch.ones_like(x), use_cache=True)
+        cache = out.past_key_values
+        cache.crop(-(cache.get_seq_length() - (x.shape[1] - 1)))   # to 6 entries, as if it held no prompt
+        with pytest.raises(surgery.SurgeryError, match="missing from the cache"):
+            model(input_ids=x[:, -1:], attention_mask=torch.ones_like(x), past_key_values=cache, use_cache=True)

@@ -1118,7 +1118,14 @@ def _skip_cached_tokens(runtime, mod, args, kwargs):
     else:
         return args, kwargs
     again = held - start
-    if again <= 0:
+    if again < 0:
+        raise RewriteError(f"prompt tuning: the KV cache holds {held} tokens after the {prompts} prompt positions, "
+                           f"but this call feeds tokens from position {start}: {-again} tokens are missing from "
+                           f"the cache, which was cut to a length in tokens that did not count the prompt "
+                           f"positions (as transformers 5.6's assisted generation and prompt lookup crop it); "
+                           f"generate without an assistant or prompt lookup there, or with a transformers that "
+                           f"crops by a number of tokens (5.24 does)")
+    if again == 0:
         return args, kwargs
     if again >= seq:
         raise RewriteError(f"prompt tuning: the KV cache already holds every token this call feeds ({held} tokens "
