@@ -27,6 +27,8 @@ from surgery.trace.cache import cached_trace, code_and_state
 from surgery.trace.export import NeedsStackTraces, rng_devices
 from surgery.trace.unroll import plain_attributes
 from surgery.rewrite import trained
+from surgery.rewrite.mixed import row_block
+from surgery.modules.attention import PromptTuning
 from surgery.rewrite.sites import check_hosts, install_root_hook, record_hosts
 from surgery.rewrite.wrappers import unwrapping
 
@@ -365,6 +367,13 @@ def set_active(model: nn.Module, names: "str | Iterable[str] | Block | dict | No
                                    f"where tokens are sorted by expert: use Stack or an Average of adapter names")
     if isinstance(block, MixedBatch):
         _check_per_row(store, block)
+    if isinstance(block, Block) and not isinstance(block, Stack) and row_block(block) is None:
+        prompts = [n for n in block.names() if any(isinstance(m, PromptTuning) for m in store.adapters[n].modules())]
+        if prompts:
+            raise SurgeryError(f"{type(block).__name__} over prompt tuning adapter {prompts[0]!r}: prompts add "
+                               f"positions to the sequence, which {type(block).__name__} cannot combine (every "
+                               f"prompt would be prepended to every row); use Stack, or MixedBatch/BatchSplit for "
+                               f"one prompt per row")
     resume(store)
     store.runtime.active = names
     store.runtime.composition = block if isinstance(block, Block) else None

@@ -565,3 +565,20 @@ def test_prompt_with_a_cache_cut_short_of_its_tokens_is_refused(hosts):
         cache.crop(-(cache.get_seq_length() - (x.shape[1] - 1)))   # to 6 entries, as if it held no prompt
         with pytest.raises(surgery.SurgeryError, match="missing from the cache"):
             model(input_ids=x[:, -1:], attention_mask=torch.ones_like(x), past_key_values=cache, use_cache=True)
+
+
+@pytest.mark.parametrize("block", ["average", "parallel", "split"])
+def test_a_composition_over_prompts_is_refused_when_chosen(block):
+    """set_active itself refuses Average/Parallel/Split over prompt tuning adapters (no forward needed), and what
+    was active stays so."""
+    model = two_adapters("prompt")
+    x = prompt_inputs("llama", batch=2)
+    surgery.set_active(model, surgery.Stack("a", "b"))
+    with torch.no_grad():
+        before = model(**x).logits
+    chosen = {"average": surgery.Average("a", "b"), "parallel": surgery.Parallel("a", "b"),
+              "split": surgery.Split("a", "b", splits=[1, 1])}[block]
+    with pytest.raises(surgery.SurgeryError, match="prompt tuning adapter 'a'"):
+        surgery.set_active(model, chosen)
+    with torch.no_grad():
+        assert torch.equal(model(**x).logits, before)
