@@ -1,8 +1,10 @@
 """Real architectures for tests: the seed's MiniGPT, BERT, GPT-2 and LLaMA from small configs, the real MiniLM."""
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
+from pathlib import Path
 
 import torch
 
@@ -124,3 +126,22 @@ def lm_losses(model, ids, steps, lr=1e-2, optimizer=torch.optim.Adam):
         opt.step()
         losses.append(loss.item())
     return losses
+
+
+SPECS = Path(__file__).resolve().parent.parent / "specs"
+
+
+@contextlib.contextmanager
+def applied(model, spec, scale=0.3, **kwargs):
+    """The spec (a shipped spec's name, a path or a Spec) applied with perturbed (non-identity) adapter weights
+    for the block; removed after it."""
+    import surgery
+    surgery.apply(model, SPECS / f"{spec}.yaml" if isinstance(spec, str) else spec, **kwargs)
+    try:
+        model.eval()
+        if any(True for _ in model.surgery_adapters.parameters()):
+            perturb(model, scale)
+        yield model
+    finally:
+        surgery.remove(model)
+        model.eval()

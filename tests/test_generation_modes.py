@@ -17,7 +17,6 @@ The last section holds defects found by a breaker session, fixed or refused with
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 
 import pytest
@@ -25,7 +24,7 @@ import torch
 from conftest import SPECS
 
 import surgery
-from models import perturb
+from models import applied, perturb
 
 V, D, LAYERS = 100, 64, 2
 NEW = 8
@@ -100,20 +99,6 @@ def hosts():
 def small(spec_name: str):
     """The shipped spec's path."""
     return SPECS / f"{spec_name}.yaml"
-
-
-@contextlib.contextmanager
-def applied(model, spec, scale=0.3, **kwargs):
-    """The spec applied with perturbed (non-identity) adapter weights; removed after the block."""
-    surgery.apply(model, spec if not isinstance(spec, str) else small(spec), **kwargs)
-    try:
-        model.eval()
-        if any(True for _ in model.surgery_adapters.parameters()):
-            perturb(model, scale)
-        yield model
-    finally:
-        surgery.remove(model)
-        model.eval()
 
 
 def adapted(arch, spec, scale=0.3):

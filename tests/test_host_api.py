@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from conftest import SPECS
 
 import surgery
-from models import VOCAB, make_bert, make_gpt2, make_llama, perturb, token_ids
+from models import VOCAB, applied, make_bert, make_gpt2, make_llama, perturb, token_ids
 
 HIDDEN = 128        # Compacter's PHM layers need a bottleneck (d / 32) divisible by phm_dim 4
 LAYERS = 2
@@ -78,20 +78,6 @@ def hosts():
             built[arch] = model
         return built[arch]
     return get
-
-
-@contextlib.contextmanager
-def applied(model, spec_name, scale=0.3):
-    """The spec applied with perturbed adapter weights for the block; removed after it."""
-    surgery.apply(model, SPECS / f"{spec_name}.yaml")
-    try:
-        model.eval()
-        if any(True for _ in model.surgery_adapters.parameters()):
-            perturb(model, scale)
-        yield model
-    finally:
-        surgery.remove(model)
-        model.eval()
 
 
 def greedy_without_cache(model, ids: torch.Tensor, steps: int, with_logits: bool = False):
