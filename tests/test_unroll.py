@@ -320,3 +320,35 @@ def test_a_copy_read_before_its_definition_is_refused():
     early.args = (foreign,)
     with pytest.raises(unroll.Refused):
         unroll._check_order(graph)
+
+
+class _AsksLayers(nn.Module):
+    """A parent loop that asks each layer for attributes it may lack (`hasattr`) and reads a class constant."""
+
+    class Layer(nn.Module):
+        scale = 2.0
+
+        def __init__(self, d=16):
+            super().__init__()
+            self.f = nn.Linear(d, d)
+
+        def forward(self, x, scale, sliding):
+            return x + self.f(x) * (scale / 2 if sliding else scale)
+
+    def __init__(self, n=6):
+        super().__init__()
+        self.layers = nn.ModuleList(self.Layer() for _ in range(n))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x, layer.scale, hasattr(layer, "is_sliding"))
+        return x
+
+
+def test_a_parent_asking_layers_for_attributes_still_unrolls():
+    """`hasattr(layer, name)` on a layer after the prefix answers as the layer would (False), and a plain class
+    attribute is read: the stack still unrolls, to the full export's graph."""
+    torch.manual_seed(0)
+    full, fast, unrolled = _traced_both(_AsksLayers().eval(), (torch.randn(2, 5, 16),))
+    assert unrolled
+    assert _graph_rows(fast) == _graph_rows(full)

@@ -422,8 +422,8 @@ class _StandIn:
         return self._watch.stand_in_called(self._j, args, kwargs)
 
     def __getattr__(self, name):
-        value = vars(self._layer).get(name, _SKIP)
-        if value is not _SKIP and (_plain(value) or isinstance(value, enum.Enum)):
+        value = getattr(self._layer, name)       # an AttributeError as the layer's own (`hasattr` answers False)
+        if _plain(value) or isinstance(value, enum.Enum):
             return value
         raise _NotRun(f"the forward reads {name!r} of {self._watch.stack.entry(self._j)}, which the truncated "
                       f"export does not run")
