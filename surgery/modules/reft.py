@@ -20,7 +20,7 @@ from torch.nn.utils import parametrize
 from surgery.modules.base import SiteContext
 from surgery.modules.registry import Options, register
 from surgery.modules.options import ReftOptions  # noqa: F401  (defined without torch: spec validation)
-from surgery.rewrite import compose
+from surgery.modules.call_rows import rows_of_call
 
 
 class Orthonormal(nn.Module):
@@ -103,7 +103,7 @@ class ReftIntervention(nn.Module):
         mask = token_mask(mask, past + seq) if counted else mask
         if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[0] != batch:
             # a composition (MixedBatch, BatchSplit) runs this adapter on some rows of the call: theirs of the mask
-            rows = compose.rows_of_call(mask.shape[0], mask.device)
+            rows = rows_of_call(mask.shape[0], mask.device)
             mask = mask[rows] if rows is not None and rows.numel() == batch else mask
         if not (isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[0] == batch):
             mask = None

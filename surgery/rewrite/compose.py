@@ -6,13 +6,13 @@ active adapters run one after another in the order they were applied (a Stack).
 """
 from __future__ import annotations
 
-import contextvars
 from dataclasses import dataclass
 from typing import Union
 
 import torch
 
 from surgery.errors import RewriteError
+from surgery.modules.call_rows import running_rows
 
 Child = Union[str, "Block"]
 
@@ -191,7 +191,7 @@ def run(block: Child | None, by_name: dict[str, list], order: list[str], value: 
         parts = torch.split(value, sizes, dim=0)
         outs = []
         for i, (c, p) in enumerate(zip(kids, parts)):
-            with _running_rows(slice(sum(sizes[:i]), sum(sizes[:i + 1])), value.shape[0]):
+            with running_rows(slice(sum(sizes[:i]), sum(sizes[:i + 1])), value.shape[0]):
                 outs.append(run(c, by_name, order, p, _rows(args, sizes, i), fusions))
         return torch.cat(outs, dim=0)
     if isinstance(block, MixedBatch):
@@ -204,7 +204,7 @@ def run(block: Child | None, by_name: dict[str, list], order: list[str], value: 
             value = fn(value, args)
         parts = []
         for name, rows in block.groups(value.device):
-            with _running_rows(rows, value.shape[0]):
+            with running_rows(rows, value.shape[0]):
                 parts.append((rows, run(name, by_name, order, value[rows], _select(args, rows), fusions)))
         if all(isinstance(rows, slice) for rows, _ in parts):     # rows grouped by adapter: one concatenation
             pieces, position = [], 0
@@ -241,43 +241,6 @@ def run(block: Child | None, by_name: dict[str, list], order: list[str], value: 
                                f"states); fuse bottleneck adapters, or use Average")
         return fusion(value, outputs)
     raise TypeError(f"unknown composition block {block!r}")
-
-
-# the rows of the call's batch that the adapters running now see (MixedBatch, BatchSplit, Parallel hand each
-# adapter its rows): per thread and per task, set around each child's run and reset after it
-_ROWS: contextvars.ContextVar = contextvars.ContextVar("surgery_rows", default=None)
-
-
-class _running_rows:
-    """While a child runs on `rows` of a value of `batch` rows (nested blocks select within their parent's)."""
-
-    def __init__(self, rows, batch: int):
-        self.rows, self.batch = rows, batch
-
-    def __enter__(self):
-        self.outer = _ROWS.get()
-        self.token = _ROWS.set(self)
-
-    def __exit__(self, *exc):
-        _ROWS.reset(self.token)
-
-    def index(self, device) -> torch.Tensor:
-        """The rows as indices into the outermost batch."""
-        own = torch.arange(self.batch, device=device)[self.rows]
-        return own if self.outer is None else self.outer.index(device)[own]
-
-    def outermost_batch(self) -> int:
-        return self.batch if self.outer is None else self.outer.outermost_batch()
-
-
-def rows_of_call(batch: int, device) -> torch.Tensor | None:
-    """The rows of a call-level value with `batch` rows (the root call's attention mask) that the adapter
-    running now sees, when a composition handed it part of the batch; None outside such a part, or when the
-    batch is not the one the composition split."""
-    current = _ROWS.get()
-    if current is None or current.outermost_batch() != batch:
-        return None
-    return current.index(device)
 
 
 def average_weight(block, name: str) -> float | None:
