@@ -251,7 +251,7 @@ class _CodeWalk:
                     self.add(f"{label}>{where}.{name}", value, depth - 1, owner if where == "self" else None)
                 elif where == "global" and unroll._plain(value):     # a module-level flag a forward reads
                     self.digest.update(f"{label}>{name}={_plain_repr(value)}\n".encode())
-                elif isinstance(value, collections.abc.Mapping) and where == "global":
+                elif where == "global" and hasattr(value, "items") and isinstance(value, collections.abc.Mapping):
                     # a registry of functions the forward picks from (transformers' ALL_ATTENTION_FUNCTIONS, where
                     # a user's `AttentionInterface.register("mine", f)` lands)
                     with contextlib.suppress(Exception):

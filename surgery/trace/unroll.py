@@ -266,7 +266,7 @@ def _expand_held(attrs: list[dict], depth: int = 3) -> None:
     stays compared by identity."""
     memo: dict[int, dict | None] = {}
     for _ in range(depth):
-        keys = set().union(*attrs)
+        keys = {k for a in attrs for k, v in a.items() if type(v) is Held}
         differing = []
         for key in keys:
             values = [a.get(key) for a in attrs]
