@@ -24,10 +24,11 @@ What is checked, not assumed (any failure: `None`, and the caller exports the wh
   from `keep` on are stand-ins that run nothing and return their template's output, so the forward's loop
   runs to its end and each missing layer's call is observed: it is called once, in order, with no op traced
   between those calls, and with its template's arguments (the same shared values, the previous layer's output
-  where the template got its predecessor's); reading an attribute of a stand-in other than a plain value
-  stops the truncated export (`self.layers[-1].norm`). A kept layer's index attributes note being computed
-  with: a forward that reads its index (`if self.layer_idx == n - 1`) or branches on a per-layer number is
-  exported whole;
+  where the template got its predecessor's); reading an attribute of a stand-in other than a plain value, or
+  setting one, stops the truncated export (`self.layers[-1].norm`). A kept layer's index attributes are
+  objects that note being read as numbers, by Python or C code: a forward that reads its index (`if
+  self.layer_idx == n - 1`, `types[self.layer_idx]`) or a per-layer number is exported whole; so is one that
+  changes an object the layers hold;
 - the forward takes only whole slices of a truncated container (`layers[:config.num_hidden_layers]` with
   fewer layers configured than the container holds runs all of a prefix but not all of the stack);
 - after the export: every kept layer ran exactly once; each stack's layers are contiguous in the graph, in order,
@@ -131,6 +132,12 @@ def _fields(module: nn.Module) -> tuple[dict, list]:
         attrs[k] = value
         if isinstance(value, Held):
             held.append(v)
+        owner = getattr(v, "__self__", None)
+        if inspect.ismethod(v) and not isinstance(owner, (nn.Module, type)) and hasattr(owner, "__dict__"):
+            # a bound method of an object of the layer's own (`self.pick = Chooser(...).pick`): that object's
+            # fields are part of the kind, as a held object's
+            attrs[f"{k}.__self__"] = Held(owner)
+            held.append(owner)
     return attrs, held
 
 
@@ -386,10 +393,14 @@ _NUMBER_METHODS = ("__eq__", "__ne__", "__lt__", "__le__", "__gt__", "__ge__", "
                 "__ceil__")
 
 
-def _watched(value: int | float, used: list, where: str) -> int | float:
-    """`value` (an int or a float) as one that notes `where` in `used` whenever the forward computes with it
-    (compares, hashes, formats, does arithmetic): a layer whose forward reads its index (`if self.layer_idx >=
-    k`) may compute something else in the layers the export does not run. Passing it along notes nothing."""
+def _watched(value: int | float, used: list, where: str):
+    """`value` (an int or a float) as an object that notes `where` in `used` whenever anything reads it as a
+    number: Python code comparing, hashing, formatting or computing with it, and C code too (a sequence
+    subscript `seq[self.layer_idx]` and `"%d" % idx` call `__index__`/`__int__`; torch calls them or refuses the
+    object, and a refusal exports the whole model): a layer whose forward reads its index (`if self.layer_idx >=
+    k`, `types[self.layer_idx]`) may compute something else in the layers the export does not run. Not an int
+    subclass on purpose: C code reads an int subclass's value without calling any of its methods. Passing it
+    along unread notes nothing."""
     kind = type(value)
 
     def method(name):
@@ -397,11 +408,16 @@ def _watched(value: int | float, used: list, where: str) -> int | float:
 
         def read(self, *args):
             used.append(where)
+            args = tuple(a._value if type(a) is watched else a for a in args)
             return base(value, *args)
         read.__name__ = name
         return read
-    return type(kind.__name__, (kind,), {name: method(name) for name in _NUMBER_METHODS
-                                         if hasattr(kind, name)})(value)
+    body = {name: method(name) for name in _NUMBER_METHODS if hasattr(kind, name)}
+    body.update(__slots__=("_value",), __module__=__name__)
+    watched = type(f"watched_{kind.__name__}", (), body)
+    obj = watched()
+    obj._value = value
+    return obj
 
 
 class _StandIn:
@@ -420,6 +436,17 @@ class _StandIn:
 
     def __call__(self, *args, **kwargs):
         return self._watch.stand_in_called(self._j, args, kwargs)
+
+    def __setattr__(self, name, value):
+        if name in ("_watch", "_j", "_layer"):
+            object.__setattr__(self, name, value)
+            return
+        raise _NotRun(f"the forward sets {name!r} on {self._watch.stack.entry(self._j)}, which the truncated "
+                      f"export does not run")
+
+    def __delattr__(self, name):
+        raise _NotRun(f"the forward deletes {name!r} of {self._watch.stack.entry(self._j)}, which the truncated "
+                      f"export does not run")
 
     def __getattr__(self, name):
         value = getattr(self._layer, name)       # an AttributeError as the layer's own (`hasattr` answers False)
