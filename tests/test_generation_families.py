@@ -125,11 +125,12 @@ def against_no_cache(model, seed=None, **kwargs):
     return out
 
 
-def continue_from_returned_cache(model, length=7):
-    """4 tokens, then 5 more from the returned cache and without a cache (the whole conversation, all-ones mask)."""
+def continue_from_returned_cache(model, length=7, turn=0):
+    """4 tokens, then 5 more from the returned cache and without a cache (the whole conversation, all-ones mask;
+    `turn` more tokens appended first: a user's next message)."""
     x = inputs(1, length, 0, seed=3)
     first = generate(model, **x, max_new_tokens=4)
-    seq = first.sequences
+    seq = torch.cat([first.sequences, inputs(1, turn, 0, seed=9)["input_ids"]], dim=1)
     out = generate(model, input_ids=seq, attention_mask=torch.ones_like(seq), past_key_values=first.past_key_values,
                    max_new_tokens=5)
     truth = generate(model, input_ids=seq, attention_mask=torch.ones_like(seq), max_new_tokens=5, use_cache=False)
@@ -173,11 +174,12 @@ def test_generation_with_cache_equals_without(spec_name, arch, implementation, m
         assert out.sequences.shape == (batch * options.get("num_return_sequences", 1), 7 + NEW)
 
 
-@pytest.mark.parametrize("spec_name,arch", [("prompt", "gptj"), ("prompt", "mpt"), ("prompt", "gemma2"),
-                                            ("loreft", "falcon"), ("prefix", "opt"), ("llama_adapter", "phi")])
-def test_continue_from_the_returned_cache(spec_name, arch, hosts):
+@pytest.mark.parametrize("spec_name,arch,turn", [("prompt", "gptj", 0), ("prompt", "mpt", 3), ("prompt", "gemma2", 3),
+                                                 ("loreft", "falcon", 0), ("prefix", "opt", 3),
+                                                 ("llama_adapter", "phi", 0)])
+def test_continue_from_the_returned_cache(spec_name, arch, turn, hosts):
     with applied(hosts(arch), spec_name) as model:
-        continue_from_returned_cache(model)
+        continue_from_returned_cache(model, turn=turn)
 
 
 @pytest.mark.parametrize("spec_name,arch", [("prefix", "gemma2"), ("prefix", "phi3"), ("prompt", "opt"),
@@ -233,9 +235,11 @@ def test_reft_static_cache_left_padding_with_a_2d_mask_longer_than_the_tokens(ho
                    "attention mask and an ALiBi model (BLOOM) has no position ids, so where the fed tokens start is "
                    "unknown and the tokens the returned cache already holds are fed again (a key twice): silently "
                    "wrong scores instead of dropped tokens or a refusal")
-def test_prompt_continues_from_the_returned_cache_without_position_ids(hosts):
+@pytest.mark.parametrize("turn", [0, 3])
+def test_prompt_continues_from_the_returned_cache_without_position_ids(turn, hosts):
+    """BLOOM continued from its returned cache: the conversation so far, then with a new user turn of 3 tokens."""
     with applied(hosts("bloom"), "prompt") as model:
-        continue_from_returned_cache(model)
+        continue_from_returned_cache(model, turn=turn)
 
 
 @pytest.mark.xfail(strict=True, reason="surgery/rewrite/attention.py intercepted attention (_RoutedAttention / "
@@ -265,3 +269,43 @@ def test_reft_first_positions_of_a_left_padded_row_after_cached_padding(how, hos
             against_no_cache(model, **inputs(2, 7, 3), prefill_chunk_size=2)
         else:                             # 1 real token: the first 2 decoding steps are among the first 3 positions
             against_no_cache(model, **inputs(2, 7, 6))
+
+
+@pytest.mark.xfail(strict=True, reason="surgery/rewrite/attention.py intercepted attention (_RoutedAttention / "
+                   "attach_intercept; BLOOM and MPT compute their softmax themselves): a MixedBatch (or BatchSplit) "
+                   "of prefix-tuning adapters prepends every adapter's prefix to every row, a Stack (the logits "
+                   "equal Stack('a', 'b')'s), instead of each row's own adapter's or a refusal")
+@pytest.mark.parametrize("block", ["mixed", "split"])
+@pytest.mark.parametrize("arch", ["bloom", "mpt"])
+def test_mixed_batch_prefix_rows_on_an_intercepted_attention(arch, block):
+    model = make(arch)
+    surgery.apply(model, SPECS / "prefix.yaml", name="a")
+    surgery.apply(model, SPECS / "prefix.yaml", name="b")
+    perturb(model, 0.3)
+    x = inputs(2, 7, 0, seed=2)
+    alone = []
+    with torch.no_grad():
+        for row, name in enumerate("ab"):
+            surgery.set_active(model, name)
+            alone.append(model(**{k: v[row:row + 1] for k, v in x.items()}).logits)
+        surgery.set_active(model, surgery.MixedBatch("a", "b") if block == "mixed" else
+                           surgery.BatchSplit("a", "b", batch_sizes=[1, 1]))
+        mixed = model(**x).logits
+    torch.testing.assert_close(mixed, torch.cat(alone), atol=1e-5, rtol=1e-5)
+
+
+def test_mixed_batch_prefix_rows_on_a_registry_attention():
+    """The control: OPT's attention goes through transformers' registry; each row gets its own adapter's prefix."""
+    model = make("opt")
+    surgery.apply(model, SPECS / "prefix.yaml", name="a")
+    surgery.apply(model, SPECS / "prefix.yaml", name="b")
+    perturb(model, 0.3)
+    x = inputs(2, 7, 3, seed=2)
+    with torch.no_grad():
+        alone = []
+        for row, name in enumerate("ab"):
+            surgery.set_active(model, name)
+            alone.append(model(**x).logits[row:row + 1])
+        surgery.set_active(model, surgery.MixedBatch("a", "b"))
+        torch.testing.assert_close(model(**x).logits, torch.cat(alone), atol=1e-5, rtol=1e-5)
+    against_no_cache(model, **x, num_beams=1)
