@@ -152,7 +152,8 @@ MODES = {
 # layers), norms (Gemma's, OLMo 2's after-branch norms, Cohere's parallel block) and multipliers (Granite)
 CELLS = [
     ("prefix", "phi", "sdpa", "padded"), ("prefix", "gpt_neox", "eager", "beam"),
-    ("prefix", "bloom", "eager", "padded"), ("prefix", "gemma2", "eager", "static"), ("prefix", "olmo2", "sdpa", "sample"),
+    ("prefix", "bloom", "eager", "padded"), ("prefix", "gemma2", "eager", "static"),
+    ("prefix", "olmo2", "sdpa", "sample"),
     ("prefix", "starcoder2", "sdpa", "beam"), ("prefix", "falcon", "sdpa", "static"),
     ("mam", "opt", "sdpa", "beam"), ("mam", "granite", "eager", "padded"), ("mam", "cohere", "sdpa", "static"),
     ("prompt", "gptj", "sdpa", "beam"), ("prompt", "falcon", "sdpa", "padded"), ("prompt", "qwen3", "eager", "sample"),
