@@ -247,7 +247,7 @@ def _describe(entry: nn.Module, counts: dict, module_counts: dict) -> tuple | No
     for rel, m in entry.named_modules(remove_duplicate=False):
         if module_counts.get(id(m), 0) != 1 or _hooked(m):
             return None
-        modules.append((rel, type(m).__module__, type(m).__qualname__))
+        modules.append((rel, type(m)))      # the class itself: a factory's classes share a name, not a forward
         prefix = rel + "." if rel else ""
         for kind, table in (("p", m._parameters), ("b", m._buffers)):
             for name, t in table.items():
@@ -413,7 +413,10 @@ def _watched(value: int | float, used: list, where: str):
         read.__name__ = name
         return read
     body = {name: method(name) for name in _NUMBER_METHODS if hasattr(kind, name)}
-    body.update(__slots__=("_value",), __module__=__name__)
+
+    def type_read(self):      # isinstance(idx, int) holds as for the number; what the code then does with it notes
+        return kind
+    body.update(__slots__=("_value",), __module__=__name__, __class__=property(type_read))
     watched = type(f"watched_{kind.__name__}", (), body)
     obj = watched()
     obj._value = value
@@ -488,6 +491,7 @@ class _Watch:
         # the fields of the objects the layers hold, before the export: a forward that changes one (a call
         # counter all layers share) computes something else in each call
         self.held = [(obj, _held_fields(obj)) for obj in stack.held]
+        self.fields: dict[int, list] = {}       # kept layer -> the fields of the argument objects at its call
 
     def install(self) -> list:
         """Hooks on the kept layers (after surgery's marks: the output seen is the one the caller receives; the
@@ -496,6 +500,7 @@ class _Watch:
         for i, layer in enumerate(list(self.stack.container)[:self.stack.keep]):
             def pre(module, args, kwargs, i=i):
                 self.calls[i] = tree_flatten((args, kwargs))
+                self.fields[i] = [_object_fields(x) for x in self.calls[i][0]]
 
             def post(module, args, kwargs, out, i=i):
                 self.outputs[i] = out
@@ -526,8 +531,8 @@ class _Watch:
         else:
             before_t = self.out_ids.get(t - 1, {})
             before_j = tree_flatten(self.outputs[s.template(j - 1) if j - 1 >= s.keep else j - 1])[0]
-            for a, b in zip(leaves, t_leaves):
-                if not _corresponds(a, b, before_t, before_j):
+            for a, b, fields in zip(leaves, t_leaves, self.fields[t]):
+                if not _corresponds(a, b, before_t, before_j) or _object_fields(a) != fields:
                     self.problems.append(f"{s.entry(j)} gets another argument than {s.entry(t)}")
                     break
         return self.outputs[t]
@@ -545,6 +550,14 @@ class _Watch:
                 self.problems.append(f"the forward changes a {type(obj).__qualname__} the layers of {s.path} hold")
         if self.problems:
             raise Refused(self.problems[0])
+
+
+def _object_fields(x):
+    """An argument object's fields as they are now (None for tensors and plain values): the same object passed
+    to every layer may have been changed by the forward between two calls."""
+    if isinstance(x, torch.Tensor) or _plain(x) or isinstance(x, enum.Enum) or not hasattr(x, "__dict__"):
+        return None
+    return _held_fields(x)
 
 
 def _corresponds(a, b, before_t: dict, before_j: list) -> bool:
