@@ -523,6 +523,14 @@ class Loop(Stack):
             for _ in range(2):
                 for layer in self.layers:
                     x = layer(x)
+        elif how in ("no_grad_upper_layers", "autocast_upper_layers"):
+            for i, layer in enumerate(self.layers):
+                if i < 4:
+                    x = layer(x)
+                    continue
+                with (torch.no_grad() if how == "no_grad_upper_layers" else
+                      torch.autocast("cpu", dtype=torch.bfloat16)):
+                    x = layer(x)
         elif how == "sum_of_all_states":
             states = [x]
             for layer in self.layers:
@@ -555,6 +563,8 @@ LOOPS = {
     "first_then_rest": (Attn, False, r"runs layers\[1:None:None\] of 6 layers"),
     "two_passes": (Attn, False, "layers.2 called where layers.6 was due"),
     "sum_of_all_states": (Attn, False, "of another layer"),
+    "no_grad_upper_layers": (Attn, False, "ops run between the layers of layers after the prefix"),
+    "autocast_upper_layers": (Attn, False, "ops run between the layers of layers after the prefix"),
 }
 
 
