@@ -9,8 +9,8 @@ mlp_only_layers, first_k_dense_replace, no_rope_layer_interval, sliding_window_p
 `expected` says whether it unrolls, and where it does not, the reason the debug log gives
 ("layers exported whole: <reason>"), or None where `find_stacks` finds nothing worth truncating.
 
-Strict xfails are SILENT defects (the truncated trace gives another plan than the full one); the reason names the
-cause.
+Strict xfails are SILENT defects still open (the truncated trace gives another plan than the full one); the reason
+names the cause. The SILENT cases marked "fixed in <commit>" failed on the commit named before it.
 """
 from __future__ import annotations
 
@@ -294,7 +294,7 @@ def _same(model, x=X):
     return unrolled
 
 
-# --- SILENT: a layer's index read by C code. find_stacks makes an attribute that differs in every layer
+# --- SILENT on 6843a8a, fixed in 7da5189: a layer's index read by C code. find_stacks makes an attribute that differs in every layer
 # (`layer_idx`) an index, and `truncated` swaps it for `_watched(...)`, an int subclass whose Python methods note
 # being computed with. C code reads an int subclass's value without calling any of them: a sequence subscript
 # (`seq[self.layer_idx]`: PyNumber_Index returns an int subclass as is), `operator.getitem`, `torch.tensor(idx)`,
@@ -402,11 +402,6 @@ READ_BY_C = {
 }
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="SILENT: unroll.py `_watched` is an int subclass: C code (sequence "
-                   "subscripts, torch.tensor, %-format, tensor slices) reads its value without calling the methods "
-                   "that note it, and `find_stacks`' `_per_layer` sees only a held object's direct length-n scalar "
-                   "lists: a layer past the prefix that reads another entry is copied from its template")
 @pytest.mark.parametrize("how", list(READ_BY_C))
 def test_index_read_by_c_code(how):
     torch.manual_seed(0)
@@ -599,7 +594,7 @@ def test_hf_gradient_checkpointing_layers_in_training():
     assert _graph_rows(fast) == _graph_rows(full)
 
 
-# --- SILENT: the parent sets an attribute of a layer before calling it (`layer.swapped = i == 4`; older code sets
+# --- SILENT on 6843a8a, fixed in 7da5189: the parent sets an attribute of a layer before calling it (`layer.swapped = i == 4`; older code sets
 # `layer.attn_mask`, `layer.use_cache` so). `_StandIn` has no `__setattr__`: the value lands on the stand-in,
 # nothing compares it with what its template was given, and layer 4 is copied from layer 1.
 
@@ -629,17 +624,13 @@ class SetsAttribute(Stack):
         return x
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="SILENT: unroll.py `_StandIn` takes attribute assignments on itself unwatched "
-                   "(no __setattr__): a value the parent's loop sets on a layer past the prefix is never compared "
-                   "with its template's")
 @pytest.mark.parametrize("how", ["assign", "setattr"])
 def test_parent_sets_a_layer_attribute(how):
     torch.manual_seed(0)
     _same(SetsAttribute(how))
 
 
-# --- SILENT: a layer holds a bound method of an object of its own (`self.pick = Chooser(i == 4).pick`).
+# --- SILENT on 6843a8a, fixed in 7da5189: a layer holds a bound method of an object of its own (`self.pick = Chooser(i == 4).pick`).
 # `_attribute_value` compares a bound method by its function and its object's CLASS, so layers whose objects
 # differ in state are one kind; layer 4 is copied from layer 1.
 
@@ -661,9 +652,6 @@ class Picks(nn.Module):
         return x + self.o(s.softmax(-1) @ self.v(x))
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="SILENT: unroll.py `_attribute_value` compares a bound method by its function and its "
-                   "object's class, not the object's fields: per-layer objects that differ are one kind")
 def test_a_bound_method_of_a_per_layer_object():
     torch.manual_seed(0)
     model = Stack(Picks)
