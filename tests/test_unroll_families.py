@@ -294,14 +294,14 @@ def _same(model, x=X):
     return unrolled
 
 
-# --- SILENT on 6843a8a, fixed in 7da5189: a layer's index read by C code. find_stacks makes an attribute that differs in every layer
-# (`layer_idx`) an index, and `truncated` swaps it for `_watched(...)`, an int subclass whose Python methods note
-# being computed with. C code reads an int subclass's value without calling any of them: a sequence subscript
-# (`seq[self.layer_idx]`: PyNumber_Index returns an int subclass as is), `operator.getitem`, `torch.tensor(idx)`,
-# `"%d" % idx`, a tensor slice `x[:, :self.window]`. Only a held object's own per-layer list of exactly one scalar
-# per layer (`config.layer_types`, `_per_layer`) is looked at; any other sequence (the layer's own tuple, a
-# module-level list, a nested config, a list of n + 1 or of tuples) is read unseen, and layer 4 is copied from
-# layer 1 although it computes `kq`, not `qk`: q and k are swapped in the plan.
+# --- SILENT on 6843a8a, fixed in 7da5189: a layer's index read by C code. find_stacks makes an attribute that differs
+# in every layer (`layer_idx`) an index, and `truncated` swaps it for `_watched(...)`, an int subclass whose Python
+# methods note being computed with. C code reads an int subclass's value without calling any of them: a sequence
+# subscript (`seq[self.layer_idx]`: PyNumber_Index returns an int subclass as is), `operator.getitem`,
+# `torch.tensor(idx)`, `"%d" % idx`, a tensor slice `x[:, :self.window]`. Only a held object's own per-layer list of
+# exactly one scalar per layer (`config.layer_types`, `_per_layer`) is looked at; any other sequence (the layer's own
+# tuple, a module-level list, a nested config, a list of n + 1 or of tuples) is read unseen, and layer 4 is copied
+# from layer 1 although it computes `kq`, not `qk`: q and k are swapped in the plan.
 
 TYPES = ("a",) * 4 + ("b", "a")
 
@@ -594,9 +594,9 @@ def test_hf_gradient_checkpointing_layers_in_training():
     assert _graph_rows(fast) == _graph_rows(full)
 
 
-# --- SILENT on 6843a8a, fixed in 7da5189: the parent sets an attribute of a layer before calling it (`layer.swapped = i == 4`; older code sets
-# `layer.attn_mask`, `layer.use_cache` so). `_StandIn` has no `__setattr__`: the value lands on the stand-in,
-# nothing compares it with what its template was given, and layer 4 is copied from layer 1.
+# --- SILENT on 6843a8a, fixed in 7da5189: the parent sets an attribute of a layer before calling it (`layer.swapped =
+# i == 4`; older code sets `layer.attn_mask`, `layer.use_cache` so). `_StandIn` has no `__setattr__`: the value lands
+# on the stand-in, nothing compares it with what its template was given, and layer 4 is copied from layer 1.
 
 class Swappable(nn.Module):
     def __init__(self):
@@ -630,9 +630,9 @@ def test_parent_sets_a_layer_attribute(how):
     _same(SetsAttribute(how))
 
 
-# --- SILENT on 6843a8a, fixed in 7da5189: a layer holds a bound method of an object of its own (`self.pick = Chooser(i == 4).pick`).
-# `_attribute_value` compares a bound method by its function and its object's CLASS, so layers whose objects
-# differ in state are one kind; layer 4 is copied from layer 1.
+# --- SILENT on 6843a8a, fixed in 7da5189: a layer holds a bound method of an object of its own (`self.pick =
+# Chooser(i == 4).pick`). `_attribute_value` compares a bound method by its function and its object's CLASS, so layers
+# whose objects differ in state are one kind; layer 4 is copied from layer 1.
 
 class Chooser:
     def __init__(self, swapped):
