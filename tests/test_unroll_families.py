@@ -710,3 +710,34 @@ class SetsContext(nn.Module):
 def test_state_the_parent_sets_and_resets_around_the_loop(how):
     torch.manual_seed(0)
     _same(SetsContext(how))
+
+
+# --- SILENT on 7da5189: a type check of the index. `_watched` is no int subclass now (so C code calls its
+# `__index__`), and a type check reads nothing: `isinstance(self.layer_idx, int)`, `type(...) is int` and
+# `numbers.Integral` answer False for it without a note, so the kept layers take the branch for "no index" and
+# layer 4 is copied from layer 1 (its guarded comparison never runs in the truncated export).
+
+SPECIAL = (4,)
+
+
+def _isinstance_guard(layer):
+    return "b" if isinstance(layer.layer_idx, int) and layer.layer_idx in SPECIAL else "a"
+
+
+def _type_is_guard(layer):
+    return "b" if type(layer.layer_idx) is int and layer.layer_idx == 4 else "a"
+
+
+def _integral_guard(layer):
+    import numbers
+    return "b" if isinstance(layer.layer_idx, numbers.Integral) and layer.layer_idx == 4 else "a"
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="SILENT: unroll.py `_watched` returns an object of its own class: a type check "
+                   "(isinstance(idx, int), type(idx) is int, numbers.Integral) is False for it and notes no read")
+@pytest.mark.parametrize("kind", [_isinstance_guard, _type_is_guard, _integral_guard],
+                         ids=["isinstance_int", "type_is_int", "numbers_integral"])
+def test_a_type_check_of_the_index(kind):
+    torch.manual_seed(0)
+    _same(_indexed(kind))
