@@ -526,6 +526,13 @@ class Loop(Stack):
                 with (torch.no_grad() if how == "no_grad_upper_layers" else
                       torch.autocast("cpu", dtype=torch.bfloat16)):
                     x = layer(x)
+        elif how in ("list_copy", "children", "range_len", "negative_index"):
+            n_layers = len(self.layers)
+            layers = {"list_copy": lambda: list(self.layers), "children": lambda: self.layers.children(),
+                      "range_len": lambda: [self.layers[i] for i in range(n_layers)],
+                      "negative_index": lambda: [self.layers[i - n_layers] for i in range(n_layers)]}[how]()
+            for layer in layers:
+                x = layer(x)
         elif how == "sum_of_all_states":
             states = [x]
             for layer in self.layers:
@@ -558,6 +565,11 @@ LOOPS = {
     "first_then_rest": (Attn, False, r"runs layers\[1:None:None\] of 6 layers"),
     "two_passes": (Attn, False, "layers.2 called where layers.6 was due"),
     "sum_of_all_states": (Attn, False, "of another layer"),
+    "list_copy": (Attn, True, None),
+    "range_len": (Attn, True, None),
+    "negative_index": (Attn, True, None),
+    # SLOW: `children()` walks the truncated container's own modules, the prefix only
+    "children": (Attn, False, "the forward ran 2 of the 6 layers of layers"),
     "no_grad_upper_layers": (Attn, False, "ops run between the layers of layers after the prefix"),
     "autocast_upper_layers": (Attn, False, "ops run between the layers of layers after the prefix"),
 }
