@@ -352,3 +352,46 @@ def test_a_parent_asking_layers_for_attributes_still_unrolls():
     full, fast, unrolled = _traced_both(_AsksLayers().eval(), (torch.randn(2, 5, 16),))
     assert unrolled
     assert _graph_rows(fast) == _graph_rows(full)
+
+
+class _SharesState(nn.Module):
+    """A parent that sets a dict its layers hold before each call (and a list it appends to)."""
+
+    class Layer(nn.Module):
+        def __init__(self, state, d=16):
+            super().__init__()
+            self.state, self.f = state, nn.Linear(d, d)
+
+        def forward(self, x):
+            return x + self.f(x) * (2.0 if self.state["current"] == 4 else 1.0)
+
+    def __init__(self, n=6):
+        super().__init__()
+        self.state, self.seen = {"current": None}, []
+        self.layers = nn.ModuleList(self.Layer(self.state) for _ in range(n))
+
+    def forward(self, x):
+        for i, layer in enumerate(self.layers):
+            self.state["current"] = i
+            self.seen.append(i)
+            x = layer(x)
+        self.state["current"] = None
+        return x
+
+
+def test_tracing_keeps_what_the_modules_share():
+    """torch.export puts copies of the dicts and lists modules hold back after tracing: the parent's state and
+    its layers' were then separate objects, and the traced model computed something else afterwards. Tracing
+    (every apply) gives each module its own object back, with its contents before the trace."""
+    torch.manual_seed(0)
+    model = _SharesState().eval()
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        before = model(x)
+    model.seen.clear()
+    full, fast, _ = _traced_both(model, (x,))
+    assert all(layer.state is model.state for layer in model.layers)
+    assert model.state == {"current": None} and model.seen == []
+    with torch.no_grad():
+        assert torch.equal(model(x), before)
+    assert _graph_rows(fast) == _graph_rows(full)

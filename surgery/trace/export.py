@@ -8,6 +8,7 @@ output. That is what lets a rewrite found on the graph be realized on the host m
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import json
 import os
@@ -300,6 +301,7 @@ def _export_marked(model: nn.Module, args, kwargs, what: str, stack_traces: bool
     `watch`: a function installing more hooks after the marks' (returns their handles)."""
     calls: dict[str, int] = defaultdict(int)
     was_training = model.training
+    containers = _containers(model)
     handles = _install_marks(model, calls)
     if watch is not None:
         handles += watch()
@@ -315,7 +317,33 @@ def _export_marked(model: nn.Module, args, kwargs, what: str, stack_traces: bool
         for h in handles:
             h.remove()
         model.train(was_training)
+        _put_back(containers)
     return program, calls
+
+
+_MODULE_STATE = frozenset(vars(nn.Module()))
+
+
+def _containers(model: nn.Module) -> list:
+    """The dicts, lists and sets the model's modules hold as attributes, with their contents: torch.export puts
+    copies of them back after tracing, which unshares a dict that several modules hold (a state the parent sets
+    and the layers read): `_put_back` gives each module its own object again, with the contents it had."""
+    out = []
+    for module in model.modules():
+        for key, value in vars(module).items():
+            if key not in _MODULE_STATE and isinstance(value, (dict, list, set)):
+                out.append((module, key, value, copy.copy(value)))
+    return out
+
+
+def _put_back(containers: list) -> None:
+    for module, key, obj, content in containers:
+        if isinstance(obj, list):
+            obj[:] = content
+        else:
+            obj.clear()
+            obj.update(content)
+        module.__dict__[key] = obj
 
 
 def _unrolled(model: nn.Module, args, kwargs, stack_traces: bool = True):

@@ -130,7 +130,7 @@ def _fields(module: nn.Module) -> tuple[dict, list]:
         if value is _SKIP:
             continue
         attrs[k] = value
-        if isinstance(value, Held):
+        if isinstance(value, Held) or isinstance(v, (dict, list)):
             held.append(v)
         owner = getattr(v, "__self__", None)
         if inspect.ismethod(v) and not isinstance(owner, (nn.Module, type)) and hasattr(owner, "__dict__"):
@@ -161,6 +161,7 @@ class Held:
 
 
 _SKIP = object()
+_PLAIN_TENSORS = (torch.Tensor, nn.Parameter)
 
 
 def _attribute_value(v, depth: int = 0):
@@ -256,7 +257,7 @@ def _describe(entry: nn.Module, counts: dict, module_counts: dict) -> tuple | No
                 if counts.get(id(t), 0) != 1:
                     return None
                 tensors.append((kind, prefix + name, tuple(t.shape), str(t.dtype), t.device.type,
-                                bool(t.requires_grad)))
+                                bool(t.requires_grad), type(t) if type(t) not in _PLAIN_TENSORS else None))
         fields, objects = _fields(m)
         for k, v in fields.items():
             attrs[(rel, k)] = v
@@ -490,7 +491,8 @@ class _Watch:
         self.problems: list[str] = []
         # the fields of the objects the layers hold, before the export: a forward that changes one (a call
         # counter all layers share) computes something else in each call
-        self.held = [(obj, _held_fields(obj)) for obj in stack.held]
+        self.held = [(obj, _held_fields(obj)) for obj in stack.held if not isinstance(obj, (dict, list))]
+        self.state_at: dict[int, tuple] = {}     # kept layer -> what the objects its layers hold hold, at its call
         self.fields: dict[int, list] = {}       # kept layer -> the fields of the argument objects at its call
 
     def install(self) -> list:
@@ -501,6 +503,7 @@ class _Watch:
             def pre(module, args, kwargs, i=i):
                 self.calls[i] = tree_flatten((args, kwargs))
                 self.fields[i] = [_object_fields(x) for x in self.calls[i][0]]
+                self.state_at[i] = _held_state(self.stack.held)
 
             def post(module, args, kwargs, out, i=i):
                 self.outputs[i] = out
@@ -524,6 +527,8 @@ class _Watch:
         size = _graph_size()
         if size is None or size != self.after_prefix:
             self.problems.append(f"ops run between the layers of {s.path} after the prefix")
+        if _held_state(s.held) != self.state_at[t]:
+            self.problems.append(f"the objects the layers of {s.path} hold are changed between their calls")
         leaves, spec = tree_flatten((args, kwargs))
         t_leaves, t_spec = self.calls[t]
         if spec != t_spec:
@@ -550,6 +555,15 @@ class _Watch:
                 self.problems.append(f"the forward changes a {type(obj).__qualname__} the layers of {s.path} hold")
         if self.problems:
             raise Refused(self.problems[0])
+
+
+def _held_state(objects: list) -> tuple:
+    """What the objects layers hold hold now, by identity (a field set to another value is another object; small
+    ints and interned strings are one object per value): cheap enough to take at every layer's call."""
+    return tuple(tuple(map(id, obj.values())) + tuple(obj) if isinstance(obj, dict)
+                 else tuple(map(id, obj)) if isinstance(obj, list)
+                 else tuple(map(id, vars(obj).values())) if hasattr(obj, "__dict__") else ()
+                 for obj in objects)
 
 
 def _object_fields(x):
