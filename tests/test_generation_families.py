@@ -224,10 +224,6 @@ def test_output_attentions_of_an_intercepted_attention_is_refused(hosts):
 
 # ---------------------------------------------------------------- defects found (strict xfails: fixed when they pass)
 
-@pytest.mark.xfail(strict=True, reason="surgery/modules/reft.py ReftIntervention._positions: with a static cache "
-                   "BLOOM's generate() passes a 2-D mask as long as the cache (8 columns for 7 tokens); a 2-D mask "
-                   "longer than past + seq is dropped (mask = None -> all ones), so the padded row's first 3 "
-                   "positions (padding) are intervened instead of its first 3 real tokens")
 def test_reft_static_cache_left_padding_with_a_2d_mask_longer_than_the_tokens(hosts):
     with applied(hosts("bloom"), "loreft") as model:
         against_no_cache(model, **inputs(2, 7, 3), cache_implementation="static")
@@ -260,10 +256,6 @@ def test_prefix_attention_maps_of_an_alibi_model_cover_the_prefix(hosts):
         assert maps.shape[-1] == base.shape[-1] + length, f"maps over {maps.shape[-1]} keys, prefix {length}"
 
 
-@pytest.mark.xfail(strict=True, reason="surgery/modules/reft.py ReftIntervention.forward: the early exit `past >= "
-                   "prefix_positions` counts the cache's positions, left padding included, not the row's real tokens: "
-                   "a left-padded row whose first 3 real tokens come after 3 cached positions is not intervened "
-                   "(prefill in chunks; a prompt with fewer real tokens than prefix_positions, then decoding)")
 @pytest.mark.parametrize("how", ["chunked_prefill", "short_padded_prompt"])
 def test_reft_first_positions_of_a_left_padded_row_after_cached_padding(how, hosts):
     with applied(hosts("gptj", "sdpa"), "loreft") as model:
@@ -273,10 +265,6 @@ def test_reft_first_positions_of_a_left_padded_row_after_cached_padding(how, hos
             against_no_cache(model, **inputs(2, 7, 6))
 
 
-@pytest.mark.xfail(strict=True, reason="surgery/rewrite/attention.py intercepted attention (_RoutedAttention / "
-                   "attach_intercept; BLOOM and MPT compute their softmax themselves): a MixedBatch (or BatchSplit) "
-                   "of prefix-tuning adapters prepends every adapter's prefix to every row, a Stack (the logits "
-                   "equal Stack('a', 'b')'s), instead of each row's own adapter's or a refusal")
 @pytest.mark.parametrize("block", ["mixed", "split"])
 @pytest.mark.parametrize("arch", ["bloom", "mpt"])
 def test_mixed_batch_prefix_rows_on_an_intercepted_attention(arch, block):
@@ -292,7 +280,11 @@ def test_mixed_batch_prefix_rows_on_an_intercepted_attention(arch, block):
             alone.append(model(**{k: v[row:row + 1] for k, v in x.items()}).logits)
         surgery.set_active(model, surgery.MixedBatch("a", "b") if block == "mixed" else
                            surgery.BatchSplit("a", "b", batch_sizes=[1, 1]))
-        mixed = model(**x).logits
+        try:
+            mixed = model(**x).logits
+        except surgery.SurgeryError as exc:      # a clear refusal is acceptable: not a Stack
+            assert "not routed per row" in str(exc)
+            return
     torch.testing.assert_close(mixed, torch.cat(alone), atol=1e-5, rtol=1e-5)
 
 
@@ -313,10 +305,6 @@ def test_mixed_batch_prefix_rows_on_a_registry_attention():
     against_no_cache(model, **x, num_beams=1)
 
 
-@pytest.mark.xfail(strict=True, reason="surgery/rewrite/attention.py attach_registry / RegistryAttention: apply routes "
-                   "the attention through a registered 'surgery_sdpa' function named in config._attn_implementation; "
-                   "model.set_attn_implementation('eager') afterwards (to get output_attentions) replaces it, and the "
-                   "attention adapters silently stop acting (the logits equal the base model's)")
 @pytest.mark.parametrize("spec_name", ["prefix", "llama_adapter"])
 def test_attention_adapters_survive_a_switch_of_attention_implementation(spec_name):
     model = make("phi3", "sdpa")
@@ -334,18 +322,17 @@ def test_attention_adapters_survive_a_switch_of_attention_implementation(spec_na
     torch.testing.assert_close(after, before, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.xfail(strict=True, reason="surgery/rewrite/actions.py _skip_cached_tokens, in the assistant's first "
-                   "generate() (candidate_generator.get_candidates -> _prefill): a prompt-tuned assistant (the "
-                   "adapted model assisting itself, a copy) is refused with 'the KV cache holds -3 tokens after the "
-                   "10 prompt positions ... (5.24 does)' under transformers 5.24, a negative count and a "
-                   "contradiction; a base assistant works, and drafts change no output of assisted decoding")
 @pytest.mark.parametrize("arch", ["phi", "gemma2"])
 def test_prompt_tuned_model_assisting_itself(arch, hosts):
     import copy
     with applied(hosts(arch), "prompt") as model:
         x = inputs(1, 7, 0, seed=5)
-        assert_same(generate(model, **x, assistant_model=copy.deepcopy(model)),
-                    generate(model, **x, use_cache=False), "assisted by an adapted copy vs use_cache=False")
+        try:
+            out = generate(model, **x, assistant_model=copy.deepcopy(model))
+        except surgery.SurgeryError as exc:      # the assistant's cache is cut short of its prompt: said so
+            assert "as the assistant" in str(exc) and "-" not in str(exc).split("holds")[1].split("entries")[0]
+            return
+        assert_same(out, generate(model, **x, use_cache=False), "assisted by an adapted copy vs use_cache=False")
 
 
 @pytest.mark.parametrize("spec_name,arch", [("prompt", "gemma2"), ("prefix", "falcon"), ("loreft", "starcoder2")])

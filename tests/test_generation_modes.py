@@ -548,7 +548,7 @@ def test_prompt_with_a_cache_cut_short_of_its_tokens_is_refused(hosts):
         out = model(input_ids=x, attention_mask=torch.ones_like(x), use_cache=True)
         cache = out.past_key_values
         cache.crop(-(cache.get_seq_length() - (x.shape[1] - 1)))   # to 6 entries, as if it held no prompt
-        with pytest.raises(surgery.SurgeryError, match="missing from the cache"):
+        with pytest.raises(surgery.SurgeryError, match="are missing, cut from the cache"):
             model(input_ids=x[:, -1:], attention_mask=torch.ones_like(x), past_key_values=cache, use_cache=True)
 
 

@@ -107,7 +107,11 @@ class ReftIntervention(nn.Module):
             mask = mask[rows] if rows is not None and rows.numel() == batch else mask
         if not (isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[0] == batch):
             mask = None
-        elif counted and mask.shape[1] != past + seq:
+        elif counted and mask.shape[1] > past + seq:
+            # as long as a static cache (BLOOM's generate()): the columns are positions, those after the call's
+            # tokens the cache's empty slots
+            mask = mask[:, :past + seq]
+        elif counted and mask.shape[1] < past + seq:
             mask = None
         elif not counted:
             # a recurrent cache holds a state, not a count: the mask, covering the cached positions, counts them
@@ -126,10 +130,9 @@ class ReftIntervention(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         call = self._call()
-        past = int(call.get("cache_length") or 0)
-        if past and past >= self.prefix_positions:     # a decoding step past the first positions
-            return hidden
         first, last = self._positions(hidden, call)
+        if not (first.any() or last.any()):     # a decoding step past every row's first real tokens
+            return hidden
         out = hidden
         if self.prefix_positions:
             out = torch.where(first[..., None], self.units[0](hidden), out)

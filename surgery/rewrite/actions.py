@@ -1119,12 +1119,12 @@ def _skip_cached_tokens(runtime, mod, args, kwargs):
         return args, kwargs
     again = held - start
     if again < 0:
-        raise RewriteError(f"prompt tuning: the KV cache holds {held} tokens after the {prompts} prompt positions, "
-                           f"but this call feeds tokens from position {start}: {-again} tokens are missing from "
-                           f"the cache, which was cut to a length in tokens that did not count the prompt "
-                           f"positions (as transformers 5.6's assisted generation and prompt lookup crop it); "
-                           f"generate without an assistant or prompt lookup there, or with a transformers that "
-                           f"crops by a number of tokens (5.24 does)")
+        raise RewriteError(f"prompt tuning: the KV cache holds {held + prompts} entries, but this call's positions "
+                           f"say {start} tokens came before it, besides the {prompts} prompt positions: "
+                           f"{-again} are missing, cut from the cache to a length that did not count the prompt "
+                           f"positions (assisted generation and prompt lookup crop so: transformers 5.6 for the "
+                           f"model itself, and for an adapted model used as the assistant); generate without an "
+                           f"assistant or prompt lookup, or with the base model (no adapters) as the assistant")
     if again == 0:
         return args, kwargs
     if again >= seq:

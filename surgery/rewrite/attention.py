@@ -234,10 +234,33 @@ def attach_registry(model: nn.Module, registry: RegistryAttention, module: nn.Mo
                            f"its keys and values; adapters on projections and blocks apply")
     registry.base_for(module)
     entry = (adapter, gate)
+    if not module.__dict__.get(_SITES_ATTR) and getattr(module, "config", None) is not None:
+        module.__dict__[_SWITCH_CHECK] = module.register_forward_pre_hook(_RoutedThroughRegistry(registry.name))
     module.__dict__.setdefault(_SITES_ATTR, []).append(entry)
     if model.config._attn_implementation != registry.name:
         model.set_attn_implementation(registry.name)
     return functools.partial(_detach_registry, model, registry, module, entry)
+
+
+_SWITCH_CHECK = "_surgery_registry_check"
+
+
+class _RoutedThroughRegistry:
+    """A pre-hook of an attention module whose adapters run in surgery's registered attention function: the
+    model's attention implementation switched after apply (`model.set_attn_implementation("eager")` to get
+    `output_attentions`) would run the module without them, silently: refused instead."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __call__(self, module, args):
+        current = getattr(module.config, "_attn_implementation", None)
+        if current != self.name:
+            raise RewriteError(f"{type(module).__name__}'s attention adapters (prefix tuning, LLaMA-Adapter) run in "
+                               f"the attention function surgery registered ({self.name!r}), but the model's "
+                               f"attention implementation is now {current!r} (set_attn_implementation after "
+                               f"apply): they would not run. Choose the implementation before surgery.apply, or "
+                               f"set it back with model.set_attn_implementation({self.name!r})")
 
 
 def _detach_registry(model: nn.Module, registry: RegistryAttention, module: nn.Module, entry: tuple) -> None:
@@ -246,6 +269,9 @@ def _detach_registry(model: nn.Module, registry: RegistryAttention, module: nn.M
         entries.remove(entry)
     if not entries:
         module.__dict__.pop(_SITES_ATTR, None)
+        check = module.__dict__.pop(_SWITCH_CHECK, None)
+        if check is not None:
+            check.remove()
     if not any(m.__dict__.get(_SITES_ATTR) for m in model.modules()):
         model.set_attn_implementation(registry.original)
         model.__dict__.pop("_surgery_attention", None)

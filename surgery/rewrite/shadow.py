@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from surgery.errors import RewriteError
+from surgery.rewrite import mixed
 from surgery.rewrite.attention import chain, wrap_forward
 from surgery.rewrite.host import _ADAPTER_DEPTH
 
@@ -611,9 +612,16 @@ class _Replay:
 
 def _shadow_forward(self, *args, **kwargs):
     """The module's own forward, inside a mode that realizes the active attention adapters on its attention."""
-    active = [adapter for adapter, on in self.__dict__[_SHADOW_ATTR] if on()]
-    if not active:
+    entries = [(adapter, on) for adapter, on in self.__dict__[_SHADOW_ATTR] if on()]
+    if not entries:
         return type(self).forward(self, *args, **kwargs)
+    if mixed.block_of(entries) is not None:
+        # the replay prepends every live adapter's keys to every row: per-row routing (MixedBatch, a BatchSplit
+        # of names) would silently be a Stack here
+        raise _refuse(type(self).__name__, "a MixedBatch or BatchSplit of attention adapters is not routed per row "
+                                           "on an attention the model computes itself (its own softmax); run one "
+                                           "adapter per call (set_active) or use Stack")
+    active = [adapter for adapter, _ in entries]
     mode = ShadowMode(active, type(self).__name__)
     with mode:
         out = type(self).forward(self, *args, **kwargs)
