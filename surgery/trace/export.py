@@ -338,11 +338,17 @@ def _containers(model: nn.Module) -> list:
 
 def _put_back(containers: list) -> None:
     for module, key, obj, content in containers:
-        if isinstance(obj, list):
-            obj[:] = content
-        else:
-            obj.clear()
-            obj.update(content)
+        try:
+            changed = bool(obj != content)     # the same objects inside compare equal without their __eq__
+        except Exception:  # noqa: BLE001 - values without a truth value (tensors the forward replaced)
+            changed = True
+        if changed:      # the forward changed it while tracing (a FrozenDict, which cannot change, did not)
+            with contextlib.suppress(Exception):
+                if isinstance(obj, list):
+                    obj[:] = content
+                else:
+                    obj.clear()
+                    obj.update(content)
         module.__dict__[key] = obj
 
 
