@@ -130,9 +130,12 @@ class ReftIntervention(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         call = self._call()
-        first, last = self._positions(hidden, call)
-        if not (first.any() or last.any()):     # a decoding step past every row's first real tokens
+        past = int(call.get("cache_length") or 0)
+        if past and past >= self.prefix_positions and not isinstance(call.get("attention_mask"), (torch.Tensor, dict)):
+            # a decoding step past the first positions; with a mask, a left-padded row's first real tokens may
+            # come after `past` positions: the selections below say (without a branch on tensor values)
             return hidden
+        first, last = self._positions(hidden, call)
         out = hidden
         if self.prefix_positions:
             out = torch.where(first[..., None], self.units[0](hidden), out)
