@@ -14,6 +14,16 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 os.environ.setdefault("SURGERY_CACHE", "0")
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models (token-by-token decoding above all): one intra-op thread is several times faster than two on a
+    busy machine. A test module opts in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def specs_dir():
     return SPECS

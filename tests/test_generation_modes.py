@@ -31,12 +31,7 @@ NEW = 8
 SLIDING = 4        # Mistral's window, shorter than prompt + NEW
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make(arch: str):
