@@ -161,9 +161,6 @@ FAMILIES = {
                        use_mamba_kernels=False, **MAMBA), HYBRID_INDEX, []),
     "bamba": (_decoder("Bamba", num_hidden_layers=12, attn_layer_indices=[3, 7], mamba_n_heads=4, mamba_d_head=16,
                        mamba_n_groups=1, mamba_chunk_size=4, **MAMBA), HYBRID_INDEX, []),
-    "qwen3_next": (_decoder("Qwen3Next", num_hidden_layers=12, shared_expert_intermediate_size=32,
-                            linear_num_value_heads=2, linear_num_key_heads=1, linear_key_head_dim=16,
-                            linear_value_head_dim=16, **MOE), HYBRID_INDEX, []),
     "gemma3n_text": (lambda: _hf("Gemma3nForCausalLM", "Gemma3nTextConfig", **_c(
         num_hidden_layers=8, sliding_window=4, layer_types=["sliding_attention", "full_attention"] * 4,
         hidden_size_per_layer_input=8, vocab_size_per_layer_input=V, num_kv_shared_layers=0, laurel_rank=4,
