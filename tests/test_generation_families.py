@@ -14,7 +14,6 @@ and apply refuses it (no attention op in the graph: a MatchError naming the patt
 """
 from __future__ import annotations
 
-import contextlib
 
 import pytest
 import torch
@@ -22,7 +21,7 @@ from conftest import SPECS
 
 import architectures as A
 import surgery
-from models import perturb
+from models import applied, perturb
 
 NEW = 6
 
@@ -62,19 +61,6 @@ def hosts():
             built[arch, implementation] = make(arch, implementation)
         return built[arch, implementation]
     return get
-
-
-@contextlib.contextmanager
-def applied(model, spec_name, scale=0.3):
-    """The shipped spec applied with perturbed (non-identity) adapter weights; removed after the block."""
-    surgery.apply(model, SPECS / f"{spec_name}.yaml")
-    try:
-        model.eval()
-        perturb(model, scale)
-        yield model
-    finally:
-        surgery.remove(model)
-        model.eval()
 
 
 def inputs(batch=2, length=7, pad=3, seed=1):

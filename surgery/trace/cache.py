@@ -301,7 +301,7 @@ def code_and_state(model: nn.Module) -> tuple[str, list]:
                 if forward is not None:
                     walk.add(f"{cls.__module__}.{cls.__qualname__}.forward", forward, owner=type(module))
         for k, v in vars(module).items():
-            if k in _MODULE_STATE:
+            if k in unroll.MODULE_STATE:
                 continue
             if isinstance(v, (nn.Module, torch.Tensor, type)):
                 continue
@@ -351,8 +351,6 @@ def code_and_state(model: nn.Module) -> tuple[str, list]:
                 configs.append((where, k, _plain_repr(v)))
     return walk.hexdigest(), private + sorted(configs)
 
-
-_MODULE_STATE = frozenset(vars(nn.Module()))
 
 
 def _fields_of(obj) -> str:

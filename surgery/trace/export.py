@@ -321,8 +321,6 @@ def _export_marked(model: nn.Module, args, kwargs, what: str, stack_traces: bool
     return program, calls
 
 
-_MODULE_STATE = frozenset(vars(nn.Module()))
-
 
 def _containers(model: nn.Module) -> list:
     """The dicts, lists and sets the model's modules hold as attributes, with their contents: torch.export puts
@@ -331,7 +329,7 @@ def _containers(model: nn.Module) -> list:
     out = []
     for module in model.modules():
         for key, value in vars(module).items():
-            if key not in _MODULE_STATE and isinstance(value, (dict, list, set)):
+            if key not in unroll.MODULE_STATE and isinstance(value, (dict, list, set)):
                 out.append((module, key, value, copy.copy(value)))
     return out
 

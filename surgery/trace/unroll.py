@@ -110,8 +110,9 @@ def _plain(value) -> bool:
     return isinstance(value, (tuple, list)) and len(value) <= 16 and all(isinstance(v, SCALARS) for v in value)
 
 
-# nn.Module's own bookkeeping (parameter/buffer/module tables, hook tables, `training`): no part of a layer's kind
-_MODULE_STATE = frozenset(vars(nn.Module()))
+# nn.Module's own bookkeeping (parameter/buffer/module tables, hook tables, `training`): no part of a layer's kind,
+# of the trace cache's key, nor what tracing puts back (export.py)
+MODULE_STATE = frozenset(vars(nn.Module()))
 _HOOK_TABLES = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 
 
@@ -124,7 +125,7 @@ def _fields(module: nn.Module) -> tuple[dict, list]:
     different ones). Also the held objects themselves (for their per-layer lists)."""
     attrs, held = {}, []
     for k, v in vars(module).items():
-        if k in _MODULE_STATE or k.startswith("__"):
+        if k in MODULE_STATE or k.startswith("__"):
             continue
         value = _attribute_value(v)
         if value is _SKIP:
